@@ -1,0 +1,476 @@
+"""Configuration: one frozen dataclass per `pipeline.toml` table.
+
+Defaults live only in the packaged `pipeline.toml`; the dataclasses declare names, types and
+cross-field rules. `load_config` reads the defaults, overlays a user file, then explicit updates
+(CLI flags) and `--set section.key=value` overrides, and reports every problem at once::
+
+    cfg = load_config("my.toml", overrides=["store.frames=full"])
+    cfg.store.frames  # "full"
+
+Optional values are "" in TOML (empty = not set).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+from whistle_pipeline.errors import WhistleError
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("pipeline.toml")
+
+
+class ConfigError(WhistleError):
+    """Every problem found in a configuration, reported together."""
+
+    def __init__(self, problems: Sequence[str], source: str):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration ({source}):\n{lines}")
+
+
+def _in_range(name: str, value: float, low: float | None = None, high: float | None = None) -> list[str]:
+    if low is not None and value < low:
+        return [f"{name} = {value!r} is below its minimum {low}"]
+    if high is not None and value > high:
+        return [f"{name} = {value!r} is above its maximum {high}"]
+    return []
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    name_or_path: str
+    revision: str
+    device: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    attn_implementation: Literal["sdpa", "eager"]
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.name_or_path:
+            out.append("teacher.name_or_path is empty: give a hub name or a local Whisper folder")
+        device_kind = self.device.split(":")[0]
+        if device_kind not in ("auto", "cpu", "cuda", "mps", "xpu"):
+            out.append(f"teacher.device = {self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+        return out
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: Literal["auto", "hf", "hf_disk", "manifest", "common_voice"]
+    path: str
+    subset: str
+    split: str
+    audio_column: str
+    text_column: str
+    id_column: str
+    language_column: str
+    language: str
+    max_clips: int
+
+    def problems(self) -> list[str]:
+        out = _in_range("data.max_clips", self.max_clips, 0)
+        if not self.language and not self.language_column:
+            out.append("data.language is empty and data.language_column is not set: every row needs a language")
+        return out
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str
+    frames: Literal["speech", "full"]
+    speech_margin_frames: int
+    shard_size: int
+    chunk_frames: int
+    codec: Literal["blosc-lz4", "blosc-zstd", "none"]
+    compression_level: int
+    bitround_keepbits: int
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.path:
+            out.append("store.path is empty: give a folder or an fsspec URL for the feature store")
+        out += _in_range("store.speech_margin_frames", self.speech_margin_frames, 0, 100)
+        out += _in_range("store.shard_size", self.shard_size, 1)
+        out += _in_range("store.chunk_frames", self.chunk_frames, 16)
+        out += _in_range("store.compression_level", self.compression_level, 1, 9)
+        out += _in_range("store.bitround_keepbits", self.bitround_keepbits, 0, 9)
+        if self.bitround_keepbits and self.codec == "none":
+            out.append("store.bitround_keepbits > 0 needs a compressing codec: BitRound only helps a compressor")
+        return out
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    batch_size: int
+    num_workers: int
+    prefetch_factor: int
+    write_threads: int
+    write_queue: int
+    augment: Literal["none", "telephone"]
+    strict: bool
+    overwrite: bool
+    progress: bool
+
+    def problems(self) -> list[str]:
+        return (
+            _in_range("precompute.batch_size", self.batch_size, 1)
+            + _in_range("precompute.num_workers", self.num_workers, 0)
+            + _in_range("precompute.prefetch_factor", self.prefetch_factor, 1)
+            + _in_range("precompute.write_threads", self.write_threads, 1)
+            + _in_range("precompute.write_queue", self.write_queue, 1)
+        )
+
+
+@dataclass(frozen=True)
+class TLEConfig:
+    hidden_size: int
+    text_layers: int
+    frame_layers: int
+    num_heads: int
+    ffn_multiplier: int
+    latent_size: int
+    conv_kernel: int
+    conv_layers: int
+    dropout: float
+
+    def problems(self) -> list[str]:
+        out = (
+            _in_range("tle.hidden_size", self.hidden_size, 8)
+            + _in_range("tle.num_heads", self.num_heads, 1)
+            + _in_range("tle.text_layers", self.text_layers, 1)
+            + _in_range("tle.frame_layers", self.frame_layers, 0)
+            + _in_range("tle.ffn_multiplier", self.ffn_multiplier, 1)
+            + _in_range("tle.latent_size", self.latent_size, 1)
+            + _in_range("tle.conv_layers", self.conv_layers, 0)
+            + _in_range("tle.dropout", self.dropout, 0.0, 0.9)
+        )
+        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
+            out.append(f"tle.hidden_size = {self.hidden_size} is not divisible by tle.num_heads = {self.num_heads}")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            out.append(f"tle.conv_kernel = {self.conv_kernel} must be odd and positive (frames stay aligned)")
+        return out
+
+
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainTLEConfig:
+    output_dir: str
+    steps: int
+    batch_size: int
+    grad_accum: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    mixed_precision: MixedPrecision
+    mse_weight: float
+    cosine_weight: float
+    length_weight: float
+    kl_beta: float
+    kl_anneal_steps: int
+    free_bits: float
+    decoder_ce_weight: float
+    decoder_ce_start: int
+    val_fraction: float
+    val_every: int
+    checkpoint_every: int
+    log_every: int
+    shuffle_buffer: int
+    num_workers: int
+    seed: int
+
+    def problems(self) -> list[str]:
+        out = (
+            _in_range("train_tle.steps", self.steps, 1)
+            + _in_range("train_tle.batch_size", self.batch_size, 1)
+            + _in_range("train_tle.grad_accum", self.grad_accum, 1)
+            + _in_range("train_tle.learning_rate", self.learning_rate, 0.0)
+            + _in_range("train_tle.warmup_steps", self.warmup_steps, 0)
+            + _in_range("train_tle.grad_clip", self.grad_clip, 0.0)
+            + _in_range("train_tle.kl_anneal_steps", self.kl_anneal_steps, 0)
+            + _in_range("train_tle.free_bits", self.free_bits, 0.0)
+            + _in_range("train_tle.decoder_ce_start", self.decoder_ce_start, 0)
+            + _in_range("train_tle.val_fraction", self.val_fraction, 0.0, 0.5)
+            + _in_range("train_tle.val_every", self.val_every, 1)
+            + _in_range("train_tle.checkpoint_every", self.checkpoint_every, 1)
+            + _in_range("train_tle.log_every", self.log_every, 1)
+            + _in_range("train_tle.shuffle_buffer", self.shuffle_buffer, 1)
+            + _in_range("train_tle.num_workers", self.num_workers, 0)
+        )
+        for name in ("mse_weight", "cosine_weight", "length_weight", "kl_beta", "decoder_ce_weight"):
+            out += _in_range(f"train_tle.{name}", getattr(self, name), 0.0)
+        if self.warmup_steps >= self.steps:
+            out.append(f"train_tle.warmup_steps = {self.warmup_steps} must be below train_tle.steps = {self.steps}")
+        if self.mse_weight == 0 and self.cosine_weight == 0:
+            out.append("train_tle.mse_weight and cosine_weight are both 0: the TLE needs a regression anchor")
+        return out
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    tle_path: str
+    text: str
+    text_column: str
+    language: str
+    audio_store: str
+    tts_store: str
+    audio_ratio: float
+    output_dir: str
+    steps: int
+    batch_size: int
+    grad_accum: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    mixed_precision: MixedPrecision
+    label_smoothing: float
+    train_embeddings: bool
+    val_audio: str
+    val_every: int
+    checkpoint_every: int
+    log_every: int
+    seed: int
+
+    def problems(self) -> list[str]:
+        out = (
+            _in_range("finetune.audio_ratio", self.audio_ratio, 0.0, 1.0)
+            + _in_range("finetune.steps", self.steps, 1)
+            + _in_range("finetune.batch_size", self.batch_size, 1)
+            + _in_range("finetune.grad_accum", self.grad_accum, 1)
+            + _in_range("finetune.learning_rate", self.learning_rate, 0.0)
+            + _in_range("finetune.warmup_steps", self.warmup_steps, 0)
+            + _in_range("finetune.grad_clip", self.grad_clip, 0.0)
+            + _in_range("finetune.label_smoothing", self.label_smoothing, 0.0, 0.5)
+            + _in_range("finetune.val_every", self.val_every, 1)
+            + _in_range("finetune.checkpoint_every", self.checkpoint_every, 1)
+            + _in_range("finetune.log_every", self.log_every, 1)
+        )
+        if self.warmup_steps >= self.steps:
+            out.append(f"finetune.warmup_steps = {self.warmup_steps} must be below finetune.steps = {self.steps}")
+        return out
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    models: list[str]
+    sets: list[str]
+    batch_size: int
+    num_beams: int
+    max_new_tokens: int
+    output_dir: str
+    write_diffs: bool
+
+    def problems(self) -> list[str]:
+        return (
+            _in_range("evaluate.batch_size", self.batch_size, 1)
+            + _in_range("evaluate.num_beams", self.num_beams, 1)
+            + _in_range("evaluate.max_new_tokens", self.max_new_tokens, 1, 444)
+        )
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    teacher: TeacherConfig
+    data: DataConfig
+    store: StoreConfig
+    precompute: PrecomputeConfig
+    tle: TLEConfig
+    train_tle: TrainTLEConfig
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig
+
+    def problems(self) -> list[str]:
+        """Rules that span sections."""
+        out = []
+        if self.finetune.audio_store and self.finetune.audio_store == self.finetune.tts_store:
+            out.append("finetune.audio_store and finetune.tts_store name the same store: give it once")
+        return out
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML that `load_config` reads back to an equal object."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+    def save(self, directory: str | Path, name: str = "config.toml") -> Path:
+        """Write the resolved configuration beside a stage's outputs."""
+        path = Path(directory) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_toml(), encoding="utf-8")
+        return path
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(PipelineConfig)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(annotation, str(annotation))
+
+
+def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """(ok, value converted to the annotation) — ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return value in typing.get_args(annotation), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item_type,) = typing.get_args(annotation)
+        converted = [_coerce(v, item_type) for v in value]
+        return all(ok for ok, _ in converted), [v for _, v in converted]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            ok, converted = _coerce(value, option)
+            if ok:
+                return True, converted
+        return False, value
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported config annotation {annotation!r}")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value); value is read as TOML, else taken as a plain string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError([f"--set {text!r} is not of the form section.key=value (e.g. store.frames=full)"], "--set")
+    target, raw = text.split("=", 1)
+    section, key = target.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"configuration file {path} does not exist"], str(path)) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"{path} is not valid TOML: {err}"], str(path)) from None
+
+
+def _suggest(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _merge(
+    base: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str, problems: list[str]
+) -> None:
+    """Overlay `layer` on `base` in place, recording unknown sections/keys with a suggestion."""
+    for section, values in layer.items():
+        if section not in SECTIONS:
+            problems.append(f"{origin}: unknown section [{section}]{_suggest(section, list(SECTIONS))}")
+            continue
+        if not isinstance(values, Mapping):
+            problems.append(f"{origin}: [{section}] must be a table of keys, got {values!r}")
+            continue
+        known = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        for key, value in values.items():
+            if key not in known:
+                problems.append(f"{origin}: unknown key {section}.{key}{_suggest(key, known)}")
+            else:
+                base.setdefault(section, {})[key] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    updates: Mapping[str, Mapping[str, Any]] | None = None,
+) -> PipelineConfig:
+    """Defaults, then the file at `path`, then `updates` (CLI flags), then `--set` overrides.
+
+    Raises ConfigError listing every unknown key, missing key, wrong type and broken rule.
+    """
+    problems: list[str] = []
+    values: dict[str, dict[str, Any]] = {}
+    _merge(values, _read_toml(DEFAULT_CONFIG_PATH), str(DEFAULT_CONFIG_PATH), problems)
+    source = str(DEFAULT_CONFIG_PATH)
+    if path is not None:
+        source = str(path)
+        _merge(values, _read_toml(Path(path)), str(path), problems)
+    if updates:
+        _merge(values, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in updates.items()},
+               "command-line option", problems)
+    parsed: dict[str, dict[str, Any]] = {}
+    for text in overrides:
+        try:
+            section, key, value = parse_override(text)
+        except ConfigError as err:
+            problems += err.problems
+            continue
+        parsed.setdefault(section, {})[key] = value
+    _merge(values, parsed, "--set", problems)
+
+    sections = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        given = values.get(section, {})
+        kwargs, ok = {}, True
+        for field in dataclasses.fields(cls):
+            if field.name not in given:
+                problems.append(f"{section}.{field.name} is missing (it has no default outside pipeline.toml)")
+                ok = False
+                continue
+            good, converted = _coerce(given[field.name], hints[field.name])
+            if not good:
+                problems.append(
+                    f"{section}.{field.name} = {given[field.name]!r} should be {_type_name(hints[field.name])}"
+                )
+                ok = False
+            kwargs[field.name] = converted
+        if ok:
+            sections[section] = cls(**kwargs)
+            problems += sections[section].problems()
+    if len(sections) == len(SECTIONS):
+        config = PipelineConfig(**sections)
+        problems += config.problems()
+    if problems:
+        raise ConfigError(problems, source)
+    return config
