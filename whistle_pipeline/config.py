@@ -429,8 +429,9 @@ def load_config(
     Raises ConfigError listing every unknown key, missing key, wrong type and broken rule.
     """
     problems: list[str] = []
-    values: dict[str, dict[str, Any]] = {}
-    _merge(values, _read_toml(DEFAULT_CONFIG_PATH), str(DEFAULT_CONFIG_PATH), problems)
+    defaults: dict[str, dict[str, Any]] = {}
+    _merge(defaults, _read_toml(DEFAULT_CONFIG_PATH), str(DEFAULT_CONFIG_PATH), problems)
+    values = {section: dict(keys) for section, keys in defaults.items()}
     source = str(DEFAULT_CONFIG_PATH)
     if path is not None:
         source = str(path)
@@ -464,10 +465,14 @@ def load_config(
                     f"{section}.{field.name} = {given[field.name]!r} should be {_type_name(hints[field.name])}"
                 )
                 ok = False
+                # Check the section's rules with the default in its place, so their problems are reported too.
+                converted = _coerce(defaults.get(section, {}).get(field.name), hints[field.name])[1]
             kwargs[field.name] = converted
         if ok:
             sections[section] = cls(**kwargs)
             problems += sections[section].problems()
+        elif len(kwargs) == len(hints):
+            problems += cls(**kwargs).problems()
     if len(sections) == len(SECTIONS):
         config = PipelineConfig(**sections)
         problems += config.problems()
