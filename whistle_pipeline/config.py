@@ -224,10 +224,13 @@ class FinetuneConfig:
     tle_path: str
     text: str
     text_column: str
+    text_split: str
     language: str
+    language_column: str
     audio_store: str
     tts_store: str
     audio_ratio: float
+    tts_ratio: float
     output_dir: str
     steps: int
     batch_size: int
@@ -240,27 +243,49 @@ class FinetuneConfig:
     label_smoothing: float
     train_embeddings: bool
     val_audio: str
+    val_fraction: float
     val_every: int
+    select_best: bool
     checkpoint_every: int
+    keep_checkpoints: int
     log_every: int
     seed: int
+    progress: bool
+
+    @property
+    def text_ratio(self) -> float:
+        """Fraction of examples that are target-domain text through the TLE."""
+        return 1.0 - self.audio_ratio - self.tts_ratio
 
     def problems(self) -> list[str]:
+        """Rules on the values alone; which inputs must be given follows from the ratios and is checked by
+        `stages.finetune.check_inputs` (the defaults name no store, so it cannot be a rule here)."""
         out = (
             _in_range("finetune.audio_ratio", self.audio_ratio, 0.0, 1.0)
+            + _in_range("finetune.tts_ratio", self.tts_ratio, 0.0, 1.0)
             + _in_range("finetune.steps", self.steps, 1)
             + _in_range("finetune.batch_size", self.batch_size, 1)
             + _in_range("finetune.grad_accum", self.grad_accum, 1)
             + _in_range("finetune.learning_rate", self.learning_rate, 0.0)
             + _in_range("finetune.warmup_steps", self.warmup_steps, 0)
+            + _in_range("finetune.weight_decay", self.weight_decay, 0.0)
             + _in_range("finetune.grad_clip", self.grad_clip, 0.0)
             + _in_range("finetune.label_smoothing", self.label_smoothing, 0.0, 0.5)
+            + _in_range("finetune.val_fraction", self.val_fraction, 0.0, 0.5)
             + _in_range("finetune.val_every", self.val_every, 1)
             + _in_range("finetune.checkpoint_every", self.checkpoint_every, 1)
+            + _in_range("finetune.keep_checkpoints", self.keep_checkpoints, 1)
             + _in_range("finetune.log_every", self.log_every, 1)
         )
+        if self.audio_ratio + self.tts_ratio > 1.0 + 1e-9:
+            out.append(
+                f"finetune.audio_ratio + finetune.tts_ratio = {self.audio_ratio + self.tts_ratio:g} exceeds 1: "
+                "they are fractions of one batch (the rest is text through the TLE)"
+            )
         if self.warmup_steps >= self.steps:
             out.append(f"finetune.warmup_steps = {self.warmup_steps} must be below finetune.steps = {self.steps}")
+        if not self.language and not self.language_column:
+            out.append("finetune.language is empty and finetune.language_column is not set: every row needs a language")
         return out
 
 
@@ -268,17 +293,21 @@ class FinetuneConfig:
 class EvaluateConfig:
     models: list[str]
     sets: list[str]
+    max_clips: int
     batch_size: int
     num_beams: int
     max_new_tokens: int
     output_dir: str
     write_diffs: bool
+    outliers: int
 
     def problems(self) -> list[str]:
         return (
-            _in_range("evaluate.batch_size", self.batch_size, 1)
+            _in_range("evaluate.max_clips", self.max_clips, 0)
+            + _in_range("evaluate.batch_size", self.batch_size, 1)
             + _in_range("evaluate.num_beams", self.num_beams, 1)
             + _in_range("evaluate.max_new_tokens", self.max_new_tokens, 1, 444)
+            + _in_range("evaluate.outliers", self.outliers, 0)
         )
 
 
