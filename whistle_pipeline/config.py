@@ -244,6 +244,7 @@ class FinetuneConfig:
     train_embeddings: bool
     val_audio: str
     val_fraction: float
+    val_size: int
     val_every: int
     select_best: bool
     checkpoint_every: int
@@ -272,6 +273,7 @@ class FinetuneConfig:
             + _in_range("finetune.grad_clip", self.grad_clip, 0.0)
             + _in_range("finetune.label_smoothing", self.label_smoothing, 0.0, 0.5)
             + _in_range("finetune.val_fraction", self.val_fraction, 0.0, 0.5)
+            + _in_range("finetune.val_size", self.val_size, 1)
             + _in_range("finetune.val_every", self.val_every, 1)
             + _in_range("finetune.checkpoint_every", self.checkpoint_every, 1)
             + _in_range("finetune.keep_checkpoints", self.keep_checkpoints, 1)
