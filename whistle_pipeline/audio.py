@@ -1,0 +1,111 @@
+"""Audio I/O: decode any file soundfile reads, downmix, resample to the teacher's rate; augmentation.
+
+Whisper's audio geometry, derived once. These are the values every released Whisper uses; the
+pipeline itself reads them from the teacher's config (`whistle_pipeline.teacher.TeacherGeometry`)
+and these constants serve code that has no teacher at hand (synthesis, tests)::
+
+    audio = load_audio("clip.mp3", SAMPLE_RATE)   # float32 mono at 16 kHz, any input rate / channels
+
+Decoding uses soundfile (libsndfile >= 1.1 reads WAV, FLAC, OGG/Vorbis/Opus and MP3) and
+resampling soxr — never torchcodec or ffmpeg, so workers need no system codecs.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Callable
+
+import numpy as np
+import soundfile
+import soxr
+
+from whistle_pipeline.errors import WhistleError
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
+assert N_SAMPLES % HOP_LENGTH == 0, "a window must hold a whole number of hops"
+
+TELEPHONE_RATE = 8000  # narrowband telephony (G.711)
+TELEPHONE_BAND_HZ = (300.0, 3400.0)  # ITU-T G.712 pass band
+MU_LAW_MU = 255  # G.711 mu-law, 8-bit codes
+
+
+class AudioError(WhistleError):
+    """A clip that cannot be used. `reason` ("kind: detail") is what a store records as its reject reason."""
+
+    def __init__(self, reason: str, name: str):
+        self.reason = reason
+        super().__init__(f"cannot use audio {name}: {reason}")
+
+
+AudioSource = str | os.PathLike | bytes
+
+
+def load_audio(
+    source: AudioSource, sample_rate: int, *, max_seconds: float | None = None, name: str | None = None
+) -> np.ndarray:
+    """Decode `source` (a file path or the encoded bytes of a file) to float32 mono at `sample_rate`.
+
+    Integer PCM is scaled to [-1, 1); channels are averaged; other rates are resampled with soxr (HQ).
+    Raises AudioError (naming the file, or `name` for bytes) when the file is missing or cannot be
+    decoded, is empty, holds NaN/inf samples, or is longer than `max_seconds` (checked before decoding).
+    """
+    name = name or (f"<{len(source)} bytes>" if isinstance(source, bytes) else os.fspath(source))
+    if not isinstance(source, bytes) and not os.path.isfile(source):
+        raise AudioError(f"audio not found: {name}", name)
+    try:
+        with soundfile.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as handle:
+            rate = handle.samplerate
+            if max_seconds is not None and handle.frames > max_seconds * rate:
+                raise AudioError(f"too long: {handle.frames / rate:.1f} s, the window is {max_seconds:g} s", name)
+            samples = handle.read(dtype="float32", always_2d=True)  # (N, C)
+    except soundfile.LibsndfileError as err:
+        raise AudioError(f"undecodable audio: {err.error_string}", name) from err
+    except (RuntimeError, TypeError, ValueError) as err:  # truncated or malformed streams fail while reading
+        raise AudioError(f"undecodable audio: {err}", name) from err
+    if samples.shape[0] == 0:
+        raise AudioError("empty audio: 0 samples", name)
+    audio = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]  # (N,)
+    if not np.isfinite(audio).all():
+        raise AudioError("non-finite audio: NaN or infinite samples", name)
+    if rate != sample_rate:
+        audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def telephone(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Narrowband telephone channel: 8 kHz, 300-3400 Hz band, 8-bit mu-law codes, back to `sample_rate`.
+
+    Deterministic (no random parameters), so a resumed run gives the same states as a clean one.
+    """
+    narrow = soxr.resample(audio, sample_rate, TELEPHONE_RATE, quality="HQ")  # (N8,) anti-aliased to 4 kHz
+    spectrum = np.fft.rfft(narrow)
+    freqs = np.fft.rfftfreq(narrow.shape[0], d=1.0 / TELEPHONE_RATE)
+    low, high = TELEPHONE_BAND_HZ
+    spectrum[(freqs < low) | (freqs > high)] = 0.0
+    band = np.fft.irfft(spectrum, n=narrow.shape[0])
+    band = np.clip(band, -1.0, 1.0)
+    # mu-law companding, quantised to the 256 codes of G.711, then expanded again
+    compressed = np.sign(band) * np.log1p(MU_LAW_MU * np.abs(band)) / np.log1p(MU_LAW_MU)
+    codes = np.round((compressed + 1.0) / 2.0 * MU_LAW_MU)
+    decoded = codes / MU_LAW_MU * 2.0 - 1.0
+    expanded = np.sign(decoded) * np.expm1(np.abs(decoded) * np.log1p(MU_LAW_MU)) / MU_LAW_MU
+    wide = soxr.resample(expanded.astype(np.float32), TELEPHONE_RATE, sample_rate, quality="HQ")
+    # the round trip through 8 kHz may gain or lose a sample: keep the clip's length (and duration)
+    wide = np.pad(wide[: audio.shape[0]], (0, max(0, audio.shape[0] - wide.shape[0])))
+    return np.ascontiguousarray(wide, dtype=np.float32)
+
+
+AUGMENTATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray] | None] = {"none": None, "telephone": telephone}
+
+
+def augment(audio: np.ndarray, sample_rate: int, kind: str) -> np.ndarray:
+    """Apply the augmentation named `kind` ("none" returns `audio` unchanged)."""
+    if kind not in AUGMENTATIONS:
+        raise WhistleError(f"unknown augmentation {kind!r}: use one of {', '.join(AUGMENTATIONS)}")
+    transform = AUGMENTATIONS[kind]
+    return audio if transform is None else transform(audio, sample_rate)

@@ -1,0 +1,250 @@
+"""The frozen Whisper teacher: its geometry, its encoder alone, and log-mel features in torch.
+
+    encoder, geometry = load_encoder("openai/whisper-large-v3", "main", "cuda", torch.bfloat16)
+    states = teacher_states(encoder, audio, geometry)   # (B, N) 16 kHz -> (B, 1500, 1280)
+    n = speech_frames(audio_samples, geometry, margin=2) # frames covering the clip
+
+Geometry is read from the checkpoint (config.json + preprocessor_config.json), never assumed:
+80 mel bins before large-v3 and 128 after, d_model 384..1280. Only the encoder's weights are
+loaded: the decoder (half of the parameters) is never instantiated.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import WhisperConfig, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from whistle_pipeline.errors import WhistleError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TeacherGeometry:
+    """Audio and frame geometry of a Whisper checkpoint (values for large-v3 in comments)."""
+
+    sample_rate: int  # 16000 Hz
+    n_fft: int  # 400 samples per STFT window
+    hop_length: int  # 160 samples between mel frames
+    n_mels: int  # 128 (80 before large-v3)
+    max_frames: int  # 1500 encoder frames per 30 s window
+    frames_per_second: int  # 50
+    samples_per_frame: int  # 320 = hop_length * the conv stack's stride of 2
+    d_model: int  # 1280
+
+    @classmethod
+    def from_pretrained(cls, config: WhisperConfig, features: WhisperFeatureExtractor) -> "TeacherGeometry":
+        """Derive the geometry from a model config and its feature extractor, checking they agree."""
+        mel_frames = features.n_samples // features.hop_length  # 3000
+        problems = []
+        if features.feature_size != config.num_mel_bins:
+            problems.append(f"the feature extractor makes {features.feature_size} mel bins, "
+                            f"the encoder expects {config.num_mel_bins}")
+        if mel_frames % config.max_source_positions:
+            problems.append(f"{mel_frames} mel frames per window do not divide into "
+                            f"{config.max_source_positions} encoder frames")
+        samples_per_frame = features.n_samples // config.max_source_positions
+        if features.n_samples % config.max_source_positions or features.sampling_rate % samples_per_frame:
+            problems.append(f"{features.n_samples} samples per window and {features.sampling_rate} Hz do not give a "
+                            f"whole number of samples per encoder frame and frames per second")
+        if problems:
+            raise WhistleError("the Whisper checkpoint is inconsistent: " + "; ".join(problems))
+        return cls(
+            sample_rate=features.sampling_rate,
+            n_fft=features.n_fft,
+            hop_length=features.hop_length,
+            n_mels=config.num_mel_bins,
+            max_frames=config.max_source_positions,
+            frames_per_second=features.sampling_rate // samples_per_frame,
+            samples_per_frame=samples_per_frame,
+            d_model=config.d_model,
+        )
+
+    @classmethod
+    def from_config(cls, config: WhisperConfig) -> "TeacherGeometry":
+        """The geometry of a model whose feature extractor is Whisper's standard one for its mel bins."""
+        return cls.from_pretrained(config, WhisperFeatureExtractor(feature_size=config.num_mel_bins))
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in one input window (480000 = 30 s)."""
+        return self.max_frames * self.samples_per_frame
+
+    @property
+    def mel_frames(self) -> int:
+        """Mel frames in one input window (3000)."""
+        return self.n_samples // self.hop_length
+
+    @property
+    def window_seconds(self) -> float:
+        return self.n_samples / self.sample_rate
+
+    def teacher_info(self, name_or_path: str, revision: str):
+        """The store's record of this teacher (`store.TeacherInfo`), the same from every stage.
+
+        A local folder is recorded by its absolute path (revision ""), a hub name with the commit
+        `revision` resolves to, so a store refuses states of other weights.
+        """
+        from store import TeacherInfo
+
+        local = os.path.isdir(name_or_path)
+        return TeacherInfo(
+            name_or_path=os.path.abspath(name_or_path) if local else name_or_path,
+            revision=resolve_revision(name_or_path, revision),
+            d_model=self.d_model,
+            n_mels=self.n_mels,
+            sample_rate=self.sample_rate,
+            samples_per_frame=self.samples_per_frame,
+            frames_per_second=self.frames_per_second,
+            max_frames=self.max_frames,
+        )
+
+
+class TeacherEncoder(WhisperEncoder):
+    """Whisper's encoder, loadable from a full Whisper checkpoint: the decoder's weights are skipped."""
+
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)decoder\.", r"^proj_out\."]
+
+
+# A full checkpoint names encoder weights model.encoder.* (WhisperForConditionalGeneration) or encoder.*
+# (WhisperModel); a saved encoder has no prefix.
+_ENCODER_KEYS = {r"^(model\.)?encoder\.": ""}
+
+
+def resolve_revision(name_or_path: str, revision: str) -> str:
+    """The revision to record for a checkpoint: the hub commit `revision` points to ("" for a local folder).
+
+    Falls back to `revision` itself when the hub cannot be asked (offline); loading then uses the cache.
+    """
+    if os.path.isdir(name_or_path):
+        return ""
+    from transformers.utils.hub import resolve_revision as hub_resolve
+
+    resolved = hub_resolve(name_or_path, revision or None)
+    return getattr(resolved, "resolved", None) or resolved or revision
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`teacher.dtype` -> torch dtype. "auto": bfloat16 on GPUs that have it, else float16; float32 on CPU."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        log.info("this GPU has no bfloat16: the encoder runs in float16")
+        return torch.float16
+    return torch.float32
+
+
+def load_encoder(
+    name_or_path: str,
+    revision: str = "main",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = "auto",
+    attn: str = "sdpa",
+) -> tuple[TeacherEncoder, TeacherGeometry]:
+    """Load only the encoder of a Whisper checkpoint (hub name or folder), frozen, in eval mode, on `device`.
+
+    `revision` (branch, tag or commit) applies to hub names. Geometry comes from config.json and
+    preprocessor_config.json; a checkpoint without the latter gets Whisper's standard extractor for its
+    mel bins (logged). Raises WhistleError when the checkpoint cannot be read or holds no encoder.
+    """
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    revision = resolve_revision(name_or_path, revision) or None  # one commit for config, extractor and weights
+    try:
+        config = WhisperConfig.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as err:
+        raise WhistleError(
+            f"cannot read a Whisper config from {name_or_path!r} (revision {revision}): {err}. Give a hub name "
+            "such as openai/whisper-large-v3 or a folder written by save_pretrained / `whistle import-ct2`."
+        ) from err
+    if config.model_type != "whisper":
+        raise WhistleError(f"{name_or_path!r} is a {config.model_type!r} model, not Whisper")
+    try:
+        features = WhisperFeatureExtractor.from_pretrained(name_or_path, revision=revision)
+    except OSError:
+        log.warning("%s has no preprocessor_config.json: using Whisper's standard %d-bin feature extractor",
+                    name_or_path, config.num_mel_bins)
+        features = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    geometry = TeacherGeometry.from_pretrained(config, features)
+    try:
+        encoder, info = TeacherEncoder.from_pretrained(
+            name_or_path, revision=revision, config=config, dtype=dtype, attn_implementation=attn,
+            key_mapping=_ENCODER_KEYS, output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights of other shapes than the config's
+        raise WhistleError(f"cannot load the Whisper encoder from {name_or_path!r}: {err}") from err
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise WhistleError(
+            f"{name_or_path!r} holds no complete Whisper encoder: {len(missing)} weight(s) missing "
+            f"(e.g. {', '.join(missing[:3])}). Point teacher.name_or_path at a full Whisper checkpoint."
+        )
+    encoder.requires_grad_(False)
+    return encoder.to(device).eval(), geometry
+
+
+class LogMel(nn.Module):
+    """Whisper's log-mel spectrogram in torch, batched, on any device (== WhisperFeatureExtractor within 1e-4).
+
+    forward: audio (B, n_samples) float32 -> (B, n_mels, mel_frames) float32
+    """
+
+    def __init__(self, geometry: TeacherGeometry):
+        super().__init__()
+        self.n_fft = geometry.n_fft
+        self.hop_length = geometry.hop_length
+        # the filters of transformers' own extractor, so both paths share one definition of the mel scale
+        extractor = WhisperFeatureExtractor(
+            feature_size=geometry.n_mels, sampling_rate=geometry.sample_rate, hop_length=geometry.hop_length,
+            n_fft=geometry.n_fft, chunk_length=round(geometry.window_seconds),
+        )
+        filters = torch.from_numpy(np.asarray(extractor.mel_filters, dtype=np.float32)).T  # (n_mels, n_freq)
+        self.register_buffer("filters", filters.contiguous(), persistent=False)
+        self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)  # periodic, as numpy's
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        stft = torch.stft(audio, self.n_fft, self.hop_length, window=self.window, return_complex=True)  # (B, F, M+1)
+        power = stft[..., :-1].abs().square()  # (B, F, M): Whisper drops the last frame
+        mel = self.filters @ power  # (B, n_mels, M)
+        log_spec = mel.clamp(min=1e-10).log10()
+        # dynamic range of 8 (80 dB) below each clip's own peak, then Whisper's fixed scaling
+        peak = log_spec.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+        log_spec = torch.maximum(log_spec, peak - 8.0)
+        return (log_spec + 4.0) / 4.0
+
+
+@functools.lru_cache(maxsize=8)
+def _log_mel(geometry: TeacherGeometry, device: torch.device) -> LogMel:
+    return LogMel(geometry).to(device)
+
+
+@torch.inference_mode()
+def teacher_states(encoder: WhisperEncoder, audio: torch.Tensor, geometry: TeacherGeometry | None = None) -> torch.Tensor:
+    """Encoder states of 16 kHz clips: audio (B, N <= n_samples) float -> (B, max_frames, d_model).
+
+    Clips shorter than the window are zero-padded to it, as Whisper does. `geometry` defaults to the
+    encoder config's with Whisper's standard feature extractor.
+    """
+    geometry = geometry or TeacherGeometry.from_config(encoder.config)
+    device = next(encoder.parameters()).device
+    if audio.shape[-1] > geometry.n_samples:
+        raise WhistleError(f"audio of {audio.shape[-1]} samples is longer than the {geometry.n_samples}-sample window")
+    audio = audio.to(device, torch.float32)
+    audio = nn.functional.pad(audio, (0, geometry.n_samples - audio.shape[-1]))  # (B, n_samples)
+    features = _log_mel(geometry, device)(audio)  # (B, n_mels, mel_frames)
+    return encoder(features.to(encoder.dtype)).last_hidden_state  # (B, max_frames, d_model)
+
+
+def speech_frames(n_samples: int, geometry: TeacherGeometry, margin: int) -> int:
+    """Encoder frames that cover a clip of `n_samples` samples, plus `margin` frames, capped at the window."""
+    return min(geometry.max_frames, math.ceil(n_samples / geometry.samples_per_frame) + margin)
