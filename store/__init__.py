@@ -1,0 +1,24 @@
+"""The whistle feature store: teacher states in a Zarr v3 group (format: see store/format.py).
+
+A leaf package: it depends on zarr, numcodecs and numpy only. The torch dataset lives in
+`store.dataset` and is not imported here, so that reading a store never imports torch.
+"""
+from store.format import FORMAT_VERSION, StoreError, StoreSpec, TeacherInfo
+from store.inspect import Fault, StoreReport, inspect_store
+from store.reader import StoreReader, Utterance
+from store.writer import ShardRecord, ShardWriter, StoreWriter
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Fault",
+    "ShardRecord",
+    "ShardWriter",
+    "StoreError",
+    "StoreReader",
+    "StoreReport",
+    "StoreSpec",
+    "StoreWriter",
+    "TeacherInfo",
+    "Utterance",
+    "inspect_store",
+]

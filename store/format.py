@@ -1,0 +1,327 @@
+"""The whistle feature store, format 1: what is on disk, and how to open it.
+
+A store is a Zarr v3 group, a local folder or any fsspec URL (``s3://bucket/store``,
+``gs://...``, ``memory://...``). Every record in it is JSON or a typed array; nothing is pickled.
+Teacher states are the frozen Whisper encoder's outputs, ``max_frames`` (1500) frames of
+``d_model`` channels per 30 s window, 50 frames per second.
+
+Layout::
+
+    STORE/zarr.json             attrs.whistle = {
+                                  "format": 1,
+                                  "teacher": {name_or_path, revision, d_model, n_mels, sample_rate,
+                                              samples_per_frame, frames_per_second, max_frames},
+                                  "frames": "speech" | "full",  "speech_margin_frames": int,
+                                  "dtype": "float16",  "codec": "blosc-lz4" | "blosc-zstd" | "none",
+                                  "compression_level": int,  "bitround_keepbits": int (0 = lossless),
+                                  "chunk_frames": int,  "shard_size": int,
+                                  "dataset_fingerprint": str,  "augment": str,
+                                  "created_by", "created_at", "updated_by", "updated_at"}
+    STORE/<name>.json           run records (e.g. precompute.json), plain JSON
+    STORE/shards/00000/zarr.json   attrs: n, n_frames, audio_seconds, rejects [{id, reason}],
+                                   written_by, written_at, and "complete": true, set LAST
+      states        (n_frames, d_model) float16. One Zarr shard object per array (sharding codec),
+                    inner chunks of `chunk_frames` rows: BitRound (optional, lossy) -> bytes ->
+                    Blosc (lz4/zstd, byte shuffle; or nothing) -> crc32c. The checksum makes any
+                    damaged byte a read error instead of silently wrong states.
+      offsets       (n + 1,) int64: utterance i is states[offsets[i]:offsets[i + 1]]
+      speech_frames (n,) int32: frames that cover the audio (+ margin); in speech mode the number
+                    of rows stored, in full mode where the speech ends inside the stored window
+      ids, text, language   (n,) variable-length UTF-8 strings (Zarr "string", vlen-utf8 codec)
+      duration      (n,) float32 seconds of audio
+      tail_sum      (max_frames, d_model) float64: sum over utterances of the states at each
+                    absolute window position p >= speech_frames (the encoder's answer to padding)
+      tail_count    (max_frames,) int64: how many utterances contributed to each position
+      stat_sum, stat_sqsum   (d_model,) float64: per-channel sums of speech frames and of squares
+      stat_count    (1,) int64: speech frames summed
+    STORE/cache/<key>/          the reduction of the complete shards (tail template, mean, std),
+                                keyed by the set of complete shards; only ever a cache
+
+Frame policies: ``speech`` (default) keeps only the speech frames of each utterance; the frames
+after them are nearly the same for every clip and are replaced by the per-position mean over all
+utterances (the *tail template*) whenever a full window is needed. ``full`` keeps all
+``max_frames`` frames of every window.
+
+Protocol (what lets any number of processes write one store with no locks):
+
+- Shard k holds source rows [k * shard_size, (k + 1) * shard_size); process r of W writes the
+  shards with k % W == r. One process writes a shard group, and every array in it is written whole
+  in one call (zarr-python rewrites a whole shard object on any partial write).
+- A shard is invisible to readers until its attrs say ``complete: true``; that attribute is
+  written in the shard's last write. A rerun deletes incomplete shards and skips complete ones.
+  No rename is needed, so the protocol works on object stores.
+- Readers check ``format`` and refuse any other number; they refuse a store whose teacher differs
+  from the one they are given.
+- Rejected inputs are listed per shard as {id, reason}. A reason reads "kind: detail"; reports
+  group rejects by the kind (the text before the first colon).
+
+Format history: 1 (this one) — first release.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import zarr
+from zarr.abc.store import Store
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
+from zarr.errors import ZarrUserWarning
+from zarr.storage import FsspecStore, LocalStore
+
+FORMAT_VERSION = 1
+STATES_DTYPE = "float16"
+FRAME_POLICIES = ("speech", "full")
+CODECS = ("blosc-lz4", "blosc-zstd", "none")
+MAX_BITROUND_KEEPBITS = 9  # float16 has 10 mantissa bits; keeping all 10 is no rounding at all
+SHARDS_GROUP = "shards"
+CACHE_GROUP = "cache"
+ATTRS_KEY = "whistle"
+
+# BitRound is a numcodecs codec that zarr-python (not the Zarr v3 spec) knows; zarr warns on every
+# construction, including each time such an array is opened. We chose it knowingly (opt-in only).
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=ZarrUserWarning)
+
+
+class StoreError(Exception):
+    """A user-facing store problem: what is wrong, where, and what to do. The CLI prints it."""
+
+
+def whistle_version() -> str:
+    """The installed whistle version (store/ is a leaf and cannot import whistle_pipeline)."""
+    try:
+        return importlib.metadata.version("whistle")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """Identity and geometry of the Whisper encoder whose states a store holds."""
+
+    name_or_path: str
+    revision: str
+    d_model: int  # channels per frame, 1280 for large-v3
+    n_mels: int  # 128 for large-v3, 80 before
+    sample_rate: int  # 16000
+    samples_per_frame: int  # 320 = hop 160 x conv stride 2
+    frames_per_second: int  # 50 = sample_rate / samples_per_frame
+    max_frames: int  # 1500 encoder frames per 30 s window
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TeacherInfo:
+        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)})
+
+    def differences(self, other: TeacherInfo) -> list[str]:
+        """One line per field that differs: "d_model: 384 (store) vs 1280 (given)"."""
+        return [
+            f"teacher.{field.name}: {getattr(self, field.name)!r} (store) vs {getattr(other, field.name)!r} (given)"
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) != getattr(other, field.name)
+        ]
+
+    def problems(self) -> list[str]:
+        out = [
+            f"teacher.{name} must be a positive integer, got {getattr(self, name)!r}"
+            for name in ("d_model", "n_mels", "sample_rate", "samples_per_frame", "frames_per_second", "max_frames")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0
+        ]
+        if not out and self.frames_per_second * self.samples_per_frame != self.sample_rate:
+            out.append(
+                f"teacher geometry is inconsistent: frames_per_second {self.frames_per_second} x samples_per_frame "
+                f"{self.samples_per_frame} != sample_rate {self.sample_rate}"
+            )
+        return out
+
+
+# The fields that decide what a store's states mean; a writer may only add shards to a store whose
+# spec agrees on all of them (codec and chunking may differ without changing any value read back).
+IDENTITY_FIELDS = ("frames", "speech_margin_frames", "shard_size", "dataset_fingerprint", "augment")
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """How a store is laid out: the teacher, the frame policy, sharding and compression."""
+
+    teacher: TeacherInfo
+    frames: Literal["speech", "full"]
+    speech_margin_frames: int
+    shard_size: int  # source rows per shard
+    chunk_frames: int  # rows per inner Zarr chunk (the unit read for a frame range)
+    codec: str  # one of CODECS
+    compression_level: int  # Blosc level 1-9
+    bitround_keepbits: int  # 0 = lossless; 1-9 = float16 mantissa bits kept (lossy)
+    dataset_fingerprint: str
+    augment: str
+
+    def problems(self) -> list[str]:
+        """Every rule the spec breaks, one message each (empty when valid)."""
+        out = list(self.teacher.problems())
+        if self.frames not in FRAME_POLICIES:
+            out.append(f"frames must be one of {', '.join(FRAME_POLICIES)}, got {self.frames!r}")
+        if self.speech_margin_frames < 0:
+            out.append(f"speech_margin_frames must be >= 0, got {self.speech_margin_frames}")
+        if self.shard_size < 1:
+            out.append(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.chunk_frames < 1:
+            out.append(f"chunk_frames must be >= 1, got {self.chunk_frames}")
+        if self.codec not in CODECS:
+            out.append(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.codec != "none" and not 1 <= self.compression_level <= 9:
+            out.append(f"compression_level must be 1-9 for {self.codec}, got {self.compression_level}")
+        if not 0 <= self.bitround_keepbits <= MAX_BITROUND_KEEPBITS:
+            out.append(f"bitround_keepbits must be 0 (off) to {MAX_BITROUND_KEEPBITS}, got {self.bitround_keepbits}")
+        return out
+
+    def differences(self, other: StoreSpec) -> list[str]:
+        """The identity fields (teacher included) on which `other` disagrees with this (stored) spec."""
+        out = self.teacher.differences(other.teacher)
+        out += [
+            f"{name}: {getattr(self, name)!r} (store) vs {getattr(other, name)!r} (given)"
+            for name in IDENTITY_FIELDS
+            if getattr(self, name) != getattr(other, name)
+        ]
+        return out
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The store root's `whistle` attribute (without the version stamps)."""
+        attrs = {"format": FORMAT_VERSION, "dtype": STATES_DTYPE, **dataclasses.asdict(self)}
+        attrs["teacher"] = self.teacher.to_dict()
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], url: str) -> StoreSpec:
+        """Parse the root `whistle` attribute, refusing unknown formats and damaged metadata."""
+        version = attrs.get("format")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"store {url} has format {version!r}, but this whistle ({whistle_version()}) reads format "
+                f"{FORMAT_VERSION} only. Use the whistle version that wrote it (created_by: "
+                f"{attrs.get('created_by', 'unknown')}), or precompute the store again."
+            )
+        if attrs.get("dtype") != STATES_DTYPE:
+            raise StoreError(f"store {url} holds {attrs.get('dtype')!r} states; format 1 stores float16 only")
+        try:
+            teacher = TeacherInfo.from_dict(attrs["teacher"])
+            fields = {f.name: attrs[f.name] for f in dataclasses.fields(cls) if f.name != "teacher"}
+        except (KeyError, TypeError) as err:
+            raise StoreError(
+                f"store {url} has damaged root metadata (zarr.json attributes.whistle lacks {err}); "
+                "precompute the store again"
+            ) from err
+        return cls(teacher=teacher, **fields)
+
+
+def states_codecs(spec: StoreSpec) -> dict[str, Any]:
+    """Zarr `filters` and `compressors` for the states array of a shard (inner-chunk codecs)."""
+    filters = []
+    if spec.bitround_keepbits:
+        from zarr.codecs.numcodecs import BitRound
+
+        filters.append(BitRound(keepbits=spec.bitround_keepbits))
+    compressors: list[Any] = []
+    if spec.codec.startswith("blosc-"):
+        compressors.append(BloscCodec(cname=spec.codec.removeprefix("blosc-"), clevel=spec.compression_level,
+                                      shuffle="shuffle", typesize=2))
+    compressors.append(Crc32cCodec())
+    return {"filters": filters, "compressors": compressors}
+
+
+def url_text(url: str | os.PathLike | Store) -> str:
+    """How to name a store in messages."""
+    return repr(url) if isinstance(url, Store) else os.fspath(url)
+
+
+def open_zarr_store(url: str | os.PathLike | Store, *, read_only: bool) -> Store:
+    """A zarr Store for a local path, a file:// URL or any fsspec URL (s3://, gs://, memory://, ...)."""
+    if isinstance(url, Store):
+        return url.with_read_only(read_only) if url.read_only != read_only else url
+    text = os.fspath(url)
+    if "://" in text and not text.startswith("file://"):
+        try:
+            return FsspecStore.from_url(text, read_only=read_only)
+        except (ImportError, ValueError) as err:
+            raise StoreError(f"cannot open store URL {text}: {err} (is the fsspec backend for it installed?)") from err
+    return LocalStore(text.removeprefix("file://"), read_only=read_only)
+
+
+def run_sync(coroutine: Any) -> Any:
+    """Run a zarr Store coroutine on zarr's own event loop (the one its fsspec filesystems live on)."""
+    return sync(coroutine)
+
+
+def is_empty(store: Store) -> bool:
+    """True when nothing at all is stored at the store's location."""
+    try:
+        return run_sync(store.is_empty(""))
+    except FileNotFoundError:
+        return True
+
+
+def open_root(store: Store, url: str) -> tuple[zarr.Group, dict[str, Any]]:
+    """The root group and its raw `whistle` attributes; StoreError when missing or not a whistle store."""
+    if is_empty(store):
+        raise StoreError(
+            f"no whistle store at {url} (nothing is there). Check the path, or create the store with "
+            "`whistle precompute`."
+        )
+    try:
+        root = zarr.open_group(store, mode="r" if store.read_only else "r+")
+    except Exception as err:  # GroupNotFoundError, ContainsArrayError, malformed JSON, ...
+        raise StoreError(
+            f"{url} is not a whistle store: it holds no readable Zarr v3 group ({type(err).__name__}: {err})"
+        ) from err
+    attrs = root.attrs.asdict()
+    if not isinstance(attrs.get(ATTRS_KEY), dict):
+        raise StoreError(f"{url} is a Zarr group but not a whistle store (its zarr.json has no '{ATTRS_KEY}' attributes)")
+    return root, attrs[ATTRS_KEY]
+
+
+def shard_attrs(root: zarr.Group) -> dict[int, dict[str, Any]]:
+    """Attributes of every shard group, complete or not, by shard index."""
+    try:
+        shards = root[SHARDS_GROUP]
+    except KeyError:
+        return {}
+    return {int(name): group.attrs.asdict() for name, group in shards.groups() if name.isdigit()}
+
+
+def shard_name(index: int) -> str:
+    """Zero-padded folder name of shard `index` (00042); wider once past 99999."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"{index:05d}"
+
+
+def read_json(store: Store, key: str) -> dict[str, Any] | None:
+    """A JSON object stored under `key`, or None when there is none."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    buffer = run_sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buffer is None else json.loads(buffer.to_bytes())
+
+
+def write_json(store: Store, key: str, data: dict[str, Any]) -> None:
+    """Store a JSON object under `key` in one write."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    payload = json.dumps(data, indent=2, ensure_ascii=False).encode()
+    run_sync(store.set(key, default_buffer_prototype().buffer.from_bytes(payload)))
+
+
+def version_stamp(prefix: str) -> dict[str, str]:
+    """{"<prefix>_by": "whistle 0.1.0", "<prefix>_at": ISO time} for root and shard attrs."""
+    return {f"{prefix}_by": f"whistle {whistle_version()}", f"{prefix}_at": _now()}

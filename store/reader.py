@@ -1,0 +1,429 @@
+"""Reading a feature store: utterances, frame ranges, whole shards, the tail template and statistics.
+
+    reader = StoreReader("whistle-store", expect_teacher=geometry.teacher_info(name, revision))
+    for shard in reader.shards():                      # complete shards only
+        for utt in reader.iter_shard(shard):           # reads each array of the shard once
+            window = reader.full_window(utt.states)    # (max_frames, D): speech + tail template
+    mean, std = reader.statistics()                    # per channel, over all speech frames
+
+The reader sees the shards that were complete when it was opened (`refresh()` looks again), so all
+ranks of a training run agree on one list while precompute may still be adding shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+
+from store.format import (
+    CACHE_GROUP,
+    SHARDS_GROUP,
+    StoreError,
+    StoreSpec,
+    TeacherInfo,
+    open_root,
+    open_zarr_store,
+    read_json,
+    run_sync,
+    shard_attrs,
+    shard_name,
+    url_text,
+    version_stamp,
+)
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_BYTES = 64 * 2**20  # iter_shard reads the states in blocks of about this size
+STD_FLOOR = 1e-6  # statistics() floors the std so that a dead channel never divides by zero
+INDEX_CACHE_SHARDS = 8  # shard indexes (offsets, ids, text, ...) kept in memory
+REDUCE_THREADS = 8  # shards read at once when reducing the template (I/O bound)
+INDEX_ARRAYS = ("offsets", "speech_frames", "ids", "text", "language", "duration")
+SHARD_ARRAYS = INDEX_ARRAYS + ("states", "tail_sum", "tail_count", "stat_sum", "stat_sqsum", "stat_count")
+
+
+class DamagedShardError(StoreError):
+    """A complete shard that cannot be read back; says how to repair it."""
+
+    def __init__(self, url: str, shard: int, detail: str) -> None:
+        self.shard, self.detail = shard, detail
+        name = shard_name(shard)
+        super().__init__(
+            f"shard {name} of store {url} is damaged: {detail}. Delete {url}/{SHARDS_GROUP}/{name} and run "
+            "`whistle precompute` on this store again to recompute it (`whistle inspect-store --check` lists "
+            "every damaged shard)."
+        )
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One stored utterance; `states` are the stored frames (speech frames in speech mode)."""
+
+    id: str
+    text: str
+    language: str
+    duration: float  # seconds of audio
+    states: np.ndarray  # (T, D) float16
+    shard: int
+    index: int  # position within the shard
+    speech_frames: int  # frames covering the audio (+ margin); == T in speech mode
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The small arrays of one shard, read once, plus a handle on its states."""
+
+    offsets: np.ndarray  # (n + 1,) int64
+    speech_frames: np.ndarray  # (n,) int32
+    ids: list[str]
+    texts: list[str]
+    languages: list[str]
+    durations: np.ndarray  # (n,) float32
+    states: zarr.Array  # (n_frames, D) float16, not read yet
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def index_problems(index: ShardIndex, attrs: dict[str, Any], spec: StoreSpec) -> list[str]:
+    """What is inconsistent in a shard's index, its states' shape and its attrs (empty when sound)."""
+    n, n_frames = attrs.get("n"), attrs.get("n_frames")
+    d_model, max_frames = spec.teacher.d_model, spec.teacher.max_frames
+    offsets, speech_frames = index.offsets, index.speech_frames
+    out = []
+    if offsets.shape != (n + 1,):
+        return [f"offsets has shape {offsets.shape}, attrs say n={n} (expected ({n + 1},))"]
+    lengths = np.diff(offsets)
+    if offsets[0] != 0 or (lengths <= 0).any():
+        out.append(f"offsets are not strictly increasing from 0 (first {offsets[:3].tolist()}...)")
+    if offsets[-1] != n_frames:
+        out.append(f"offsets end at {int(offsets[-1])}, attrs say n_frames={n_frames}")
+    if index.states.shape != (n_frames, d_model):
+        out.append(f"states has shape {index.states.shape}, expected ({n_frames}, {d_model})")
+    if index.states.dtype != np.float16:
+        out.append(f"states has dtype {index.states.dtype}, expected float16")
+    for name, values in (("speech_frames", speech_frames), ("ids", index.ids), ("text", index.texts),
+                         ("language", index.languages), ("duration", index.durations)):
+        if len(values) != n:
+            out.append(f"{name} has {len(values)} entries, attrs say n={n}")
+    if out:
+        return out
+    if spec.frames == "speech" and not np.array_equal(lengths, speech_frames):
+        out.append("stored frames per utterance differ from speech_frames")
+    if spec.frames == "full" and ((lengths != max_frames).any() or (speech_frames < 1).any()
+                                  or (speech_frames > max_frames).any()):
+        out.append(f"full-frames shard has windows that are not {max_frames} frames, or bad speech_frames")
+    if not (np.isfinite(index.durations).all() and (index.durations > 0).all()):
+        out.append("duration has non-positive or non-finite entries")
+    return out
+
+
+class StoreReader:
+    """Read access to a whistle store (a local path, an fsspec URL, or a zarr Store)."""
+
+    def __init__(self, url: str | os.PathLike | Store, expect_teacher: TeacherInfo | None = None) -> None:
+        self.url = url_text(url)
+        self.store = open_zarr_store(url, read_only=True)
+        self.root, self.attrs = open_root(self.store, self.url)
+        self.spec = StoreSpec.from_attrs(self.attrs, self.url)
+        if expect_teacher is not None:
+            differences = self.spec.teacher.differences(expect_teacher)
+            if differences:
+                raise StoreError(
+                    f"store {self.url} holds the states of another teacher than the one given:\n  - "
+                    + "\n  - ".join(differences)
+                    + "\nUse the [teacher] settings the store was precomputed with, or precompute a store for "
+                    "this teacher."
+                )
+        self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
+        self._id_index: dict[str, tuple[int, int]] | None = None
+        self._reduction: dict[str, np.ndarray] | None = None
+        self.refresh()
+
+    @property
+    def teacher(self) -> TeacherInfo:
+        return self.spec.teacher
+
+    def refresh(self) -> None:
+        """Look again for shards completed since the reader was opened."""
+        self._shard_attrs = shard_attrs(self.root)
+        self._complete = sorted(k for k, attrs in self._shard_attrs.items() if attrs.get("complete") is True)
+        self._reduction = None
+        self._id_index = None
+
+    def shards(self) -> list[int]:
+        """Indices of the complete shards, ascending."""
+        return list(self._complete)
+
+    def incomplete_shards(self) -> list[int]:
+        """Shards being written, or left by a crashed run (invisible to everything else)."""
+        return sorted(k for k, attrs in self._shard_attrs.items() if attrs.get("complete") is not True)
+
+    def shard_attrs(self, shard: int) -> dict[str, Any]:
+        """A shard's attributes: n, n_frames, audio_seconds, rejects [{id, reason}], complete, ..."""
+        if shard not in self._shard_attrs:
+            raise KeyError(f"store {self.url} has no shard {shard_name(shard)}")
+        return dict(self._shard_attrs[shard])
+
+    def __len__(self) -> int:
+        """Utterances in the complete shards."""
+        return sum(self._shard_attrs[k]["n"] for k in self._complete)
+
+    def record(self, name: str) -> dict[str, Any] | None:
+        """A JSON run record stored by `StoreWriter.write_record`, or None."""
+        return read_json(self.store, name)
+
+    # --- one shard -------------------------------------------------------------------------------
+
+    def damaged(self, shard: int, detail: str) -> DamagedShardError:
+        return DamagedShardError(self.url, shard, detail)
+
+    def index(self, shard: int) -> ShardIndex:
+        """The small arrays of a complete shard (cached for the last few shards)."""
+        if shard in self._indexes:
+            self._indexes.move_to_end(shard)
+            return self._indexes[shard]
+        if shard not in self._complete:
+            raise StoreError(f"shard {shard_name(shard)} is not a complete shard of store {self.url} "
+                             f"({len(self._complete)} complete shards)")
+        group_path = f"{SHARDS_GROUP}/{shard_name(shard)}"
+        try:
+            group = self.root[group_path]
+            missing = missing_objects(self.store, group, group_path, INDEX_ARRAYS + ("states",))
+            if missing:
+                raise self.damaged(shard, f"objects missing from the store: {', '.join(missing)}")
+            index = ShardIndex(
+                offsets=group["offsets"][...], speech_frames=group["speech_frames"][...],
+                ids=group["ids"][...].tolist(), texts=group["text"][...].tolist(),
+                languages=group["language"][...].tolist(), durations=group["duration"][...],
+                states=group["states"],
+            )
+        except DamagedShardError:
+            raise
+        except Exception as err:
+            raise self.damaged(shard, f"{type(err).__name__}: {err}") from err
+        problems = index_problems(index, self._shard_attrs[shard], self.spec)
+        if problems:
+            raise self.damaged(shard, "; ".join(problems))
+        self._indexes[shard] = index
+        if len(self._indexes) > INDEX_CACHE_SHARDS:
+            self._indexes.popitem(last=False)
+        return index
+
+    def read_rows(self, shard: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a shard's states (only the chunks they touch are read): (stop - start, D)."""
+        index = self.index(shard)
+        try:
+            return index.states[start:stop]
+        except Exception as err:
+            hint = " - the shard object is corrupt or truncated" if "checksum" in str(err) else ""
+            raise self.damaged(shard, f"reading states rows {start}:{stop} failed ({type(err).__name__}: {err}{hint})") from err
+
+    def _utterance(self, shard: int, index: ShardIndex, i: int, states: np.ndarray) -> Utterance:
+        return Utterance(index.ids[i], index.texts[i], index.languages[i], float(index.durations[i]), states,
+                         shard, i, int(index.speech_frames[i]))
+
+    def _check_position(self, shard: int, index: ShardIndex, i: int) -> None:
+        if not 0 <= i < len(index):
+            raise IndexError(f"shard {shard_name(shard)} of {self.url} has {len(index)} utterances, asked for #{i}")
+
+    def utterance(self, shard: int, i: int) -> Utterance:
+        """Utterance `i` of `shard`, reading only the chunks that hold its frames."""
+        index = self.index(shard)
+        self._check_position(shard, index, i)
+        states = self.read_rows(shard, int(index.offsets[i]), int(index.offsets[i + 1]))  # (T, D)
+        return self._utterance(shard, index, i, states)
+
+    def frames(self, shard: int, i: int, start: int, stop: int) -> np.ndarray:
+        """Frames [start, stop) of utterance `i` of `shard`, (stop - start, D) float16, a partial read."""
+        index = self.index(shard)
+        self._check_position(shard, index, i)
+        first, n_frames = int(index.offsets[i]), int(index.offsets[i + 1] - index.offsets[i])
+        if not 0 <= start <= stop <= n_frames:
+            raise IndexError(f"frames {start}:{stop} are outside utterance {index.ids[i]!r}, which has {n_frames}")
+        return self.read_rows(shard, first + start, first + stop)
+
+    def iter_shard(self, shard: int, start: int = 0, stop: int | None = None,
+                   keep: Callable[[str], bool] | None = None) -> Iterator[Utterance]:
+        """Utterances start..stop-1 of a shard in order, reading each states chunk once.
+
+        The states are read in blocks of ~64 MiB aligned to the inner chunks, so memory stays
+        bounded however large the shard is. `keep(id)` False skips an utterance.
+        """
+        index = self.index(shard)
+        stop = len(index) if stop is None else stop
+        if not 0 <= start <= stop <= len(index):
+            raise IndexError(f"utterances {start}:{stop} are outside shard {shard_name(shard)} ({len(index)})")
+        if start == stop:
+            return
+        offsets = index.offsets
+        chunk = index.states.chunks[0]
+        d_model = self.spec.teacher.d_model
+        block_rows = max(chunk, READ_BLOCK_BYTES // (2 * d_model) // chunk * chunk)
+        last_row = int(offsets[stop])
+        block_start = block_stop = int(offsets[start])
+        block = np.zeros((0, d_model), np.float16)  # rows [block_start, block_stop)
+        for i in range(start, stop):
+            first, end = int(offsets[i]), int(offsets[i + 1])
+            if end > block_stop:
+                # Later reads start at a chunk boundary, so every chunk is decoded once.
+                read_stop = min(last_row, -(-max(end, block_stop + block_rows) // chunk) * chunk)
+                block = np.concatenate([block[first - block_start:], self.read_rows(shard, block_stop, read_stop)])
+                block_start, block_stop = first, read_stop
+            if keep is not None and not keep(index.ids[i]):
+                continue
+            states = block[first - block_start:end - block_start].copy()  # (T, D); a view would pin the block
+            yield self._utterance(shard, index, i, states)
+
+    def find(self, utt_id: str) -> tuple[int, int]:
+        """(shard, position) of an utterance id (the first time this is called, reads every ids array)."""
+        if self._id_index is None:
+            self._id_index = {}
+            for shard in self._complete:
+                try:
+                    ids = self.root[f"{SHARDS_GROUP}/{shard_name(shard)}/ids"][...].tolist()
+                except Exception as err:
+                    raise self.damaged(shard, f"ids unreadable ({type(err).__name__}: {err})") from err
+                for i, found in enumerate(ids):
+                    self._id_index.setdefault(found, (shard, i))
+        if utt_id not in self._id_index:
+            raise StoreError(f"no utterance {utt_id!r} in the {len(self._complete)} complete shards of {self.url}")
+        return self._id_index[utt_id]
+
+    # --- the reduction over complete shards ------------------------------------------------------
+
+    def tail_template(self) -> np.ndarray:
+        """(max_frames, D) float32: the mean teacher state at each window position after the speech.
+
+        Position p averages every utterance whose speech ends at or before p. Positions no
+        utterance reached (a prefix: earlier than the shortest utterance's end) repeat the first
+        observed position, the encoder's answer to padding right after speech; with no tail
+        frames at all, every position holds the per-channel mean.
+        """
+        return self._reduce()["tail_template"]
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and std (D,) float32 over every speech frame (std floored at 1e-6)."""
+        reduction = self._reduce()
+        return reduction["mean"], reduction["std"]
+
+    def tail_counts(self) -> np.ndarray:
+        """(max_frames,) int64: utterances that contributed to each template position."""
+        return self._reduce()["tail_count"]
+
+    def full_window(self, states: np.ndarray) -> np.ndarray:
+        """(max_frames, D) float32: `states` (T, D) followed by tail_template()[T:]."""
+        template = self.tail_template()
+        n_frames = len(states)
+        if n_frames > len(template):
+            raise ValueError(f"states have {n_frames} frames, more than the {len(template)}-frame window")
+        window = np.empty_like(template)  # (M, D)
+        window[:n_frames] = states
+        window[n_frames:] = template[n_frames:]
+        return window
+
+    def _reduction_key(self) -> str:
+        shards = [[k, self._shard_attrs[k]["n"], self._shard_attrs[k]["n_frames"]] for k in self._complete]
+        return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+
+    def _reduce(self) -> dict[str, np.ndarray]:
+        if self._reduction is not None:
+            return self._reduction
+        if not self._complete:
+            raise StoreError(f"store {self.url} has no complete shards yet: there is no tail template or statistics")
+        key = self._reduction_key()
+        reduction = self._read_cache(key)
+        if reduction is None:
+            reduction = self._compute_reduction()
+            self._write_cache(key, reduction)
+        for array in reduction.values():
+            array.flags.writeable = False  # shared by every caller
+        self._reduction = reduction
+        return reduction
+
+    def _shard_sums(self, shard: int) -> tuple[np.ndarray, ...]:
+        group_path = f"{SHARDS_GROUP}/{shard_name(shard)}"
+        try:
+            group = self.root[group_path]
+            return tuple(group[name][...] for name in ("tail_sum", "tail_count", "stat_sum", "stat_sqsum", "stat_count"))
+        except Exception as err:
+            raise self.damaged(shard, f"its sums are unreadable ({type(err).__name__}: {err})") from err
+
+    def _compute_reduction(self) -> dict[str, np.ndarray]:
+        teacher = self.spec.teacher
+        tail_sum = np.zeros((teacher.max_frames, teacher.d_model), np.float64)  # (M, D)
+        tail_count = np.zeros(teacher.max_frames, np.int64)  # (M,)
+        stat_sum = np.zeros(teacher.d_model, np.float64)  # (D,)
+        stat_sqsum = np.zeros(teacher.d_model, np.float64)  # (D,)
+        stat_count = 0
+        with ThreadPoolExecutor(REDUCE_THREADS) as pool:
+            for sums in pool.map(self._shard_sums, self._complete):  # summed in shard order: reproducible
+                tail_sum += sums[0]
+                tail_count += sums[1]
+                stat_sum += sums[2]
+                stat_sqsum += sums[3]
+                stat_count += int(sums[4][0])
+        if stat_count == 0:
+            raise StoreError(f"store {self.url} has complete shards but no utterances: nothing to reduce")
+        mean = stat_sum / stat_count  # (D,)
+        std = np.sqrt(np.maximum(stat_sqsum / stat_count - mean**2, 0.0))  # (D,)
+        seen = tail_count > 0
+        template = np.empty_like(tail_sum)  # (M, D)
+        template[seen] = tail_sum[seen] / tail_count[seen, None]
+        if seen.any():
+            # Counts only grow with p (an utterance contributes to every p >= its end), so unseen
+            # positions form a prefix; each takes the first seen position after it.
+            first_seen = int(np.argmax(seen))
+            template[~seen] = template[first_seen]
+        else:
+            template[:] = mean
+        return {
+            "tail_template": template.astype(np.float32),
+            "tail_count": tail_count,
+            "mean": mean.astype(np.float32),
+            "std": np.maximum(std, STD_FLOOR).astype(np.float32),
+        }
+
+    def _read_cache(self, key: str) -> dict[str, np.ndarray] | None:
+        try:
+            group = self.root[f"{CACHE_GROUP}/{key}"]
+            if group.attrs.get("complete") is not True:
+                return None
+            return {name: group[name][...] for name in ("tail_template", "tail_count", "mean", "std")}
+        except Exception as err:  # no cache yet, or one being replaced: compute instead
+            log.debug("no usable reduction cache %s in %s: %s", key, self.url, err)
+            return None
+
+    def _write_cache(self, key: str, reduction: dict[str, np.ndarray]) -> None:
+        """Keep the reduction in the store for the next reader; a read-only store just goes without."""
+        try:
+            writable = self.store.with_read_only(False)
+            cache = zarr.open_group(writable, path=CACHE_GROUP, mode="a")
+            for stale in list(cache.group_keys()):
+                if stale != key:
+                    run_sync(writable.delete_dir(f"{CACHE_GROUP}/{stale}"))
+            group = cache.create_group(key, overwrite=True, attributes={"complete": False})
+            for name, array in reduction.items():
+                group.create_array(name, data=array, chunks=array.shape)
+            group.update_attributes({"complete": True, "shards": self._complete, **version_stamp("written")})
+        except Exception as err:
+            log.info("could not cache the tail template in %s (%s); it is recomputed next time", self.url, err)
+
+
+def missing_objects(store: Store, group: zarr.Group, group_path: str, names: tuple[str, ...]) -> list[str]:
+    """Arrays among `names` whose one stored object is absent (zarr would silently read zeros)."""
+    missing = []
+    for name in names:
+        array = group[name]
+        if array.size and not run_sync(store.exists(f"{group_path}/{name}/{array.metadata.encode_chunk_key((0,) * array.ndim)}")):
+            missing.append(name)
+    return missing

@@ -1,0 +1,342 @@
+"""Writing a feature store: `StoreWriter` opens or creates it, `ShardWriter` fills one shard.
+
+    writer = StoreWriter.open("whistle-store", spec)
+    for k in my_shards:                         # k % world_size == rank
+        if k in writer.complete_shards():
+            continue                            # resume: complete shards are kept
+        shard = writer.shard(k)                 # drops an incomplete shard k left by a crash
+        for row in rows_of_shard(k):
+            shard.add(row.id, row.text, row.language, row.duration, speech_states, tail=tail_states)
+        record = shard.close()                  # may run on a thread pool: Blosc releases the GIL
+
+A shard buffers its utterances in memory and writes every array whole when it closes (zarr-python
+rewrites a whole shard object on any partial write), then marks itself complete in its last write.
+While it closes, a shard holds about three times its raw size (buffers, joined states, compressed).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.errors import ContainsGroupError
+
+from store.format import (
+    ATTRS_KEY,
+    SHARDS_GROUP,
+    StoreError,
+    StoreSpec,
+    TeacherInfo,
+    is_empty,
+    open_root,
+    open_zarr_store,
+    run_sync,
+    shard_attrs,
+    shard_name,
+    states_codecs,
+    url_text,
+    version_stamp,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = re.compile(r"^[A-Za-z0-9_.-]+\.json$")
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What `ShardWriter.close` wrote: enough to report progress and find the shard again."""
+
+    index: int
+    n: int  # utterances stored
+    n_frames: int  # rows of `states`
+    n_rejects: int
+    nbytes: int  # bytes the shard occupies in the store
+    audio_seconds: float
+
+
+class StoreWriter:
+    """One process's handle on a store it adds shards to (see `open`)."""
+
+    def __init__(self, store: Store, root: zarr.Group, spec: StoreSpec, url: str) -> None:
+        self.store = store
+        self.root = root
+        self.spec = spec  # the store's own spec (its codec wins over a requested one on reopen)
+        self.url = url
+
+    @classmethod
+    def open(cls, url: str | os.PathLike | Store, spec: StoreSpec, overwrite: bool = False) -> StoreWriter:
+        """Create the store at `url`, or open the existing one if its spec agrees with `spec`.
+
+        Refuses (StoreError) a store whose teacher, frame policy, margin, shard size, dataset
+        fingerprint or augmentation differ, listing each difference. `overwrite=True` deletes an
+        existing whistle store first (only one process may do that); anything that is not a
+        whistle store is never deleted.
+        """
+        text = url_text(url)
+        problems = spec.problems()
+        if problems:
+            raise StoreError(f"cannot write store {text}, its spec is invalid:\n  - " + "\n  - ".join(problems))
+        store = open_zarr_store(url, read_only=False)
+        if overwrite and not is_empty(store):
+            try:
+                open_root(store, text)
+            except StoreError as err:
+                raise StoreError(f"{err}. overwrite only replaces whistle stores: nothing was deleted; "
+                                 "choose another store path") from err
+            log.info("overwrite: deleting the existing store %s", text)
+            run_sync(store.clear())
+        if is_empty(store):
+            root = cls._create(store, spec, text)
+        else:
+            root, stored = cls._reopen(store, spec, text)
+            spec = stored
+        root.require_group(SHARDS_GROUP)
+        return cls(store, root, spec, text)
+
+    @staticmethod
+    def _create(store: Store, spec: StoreSpec, url: str) -> zarr.Group:
+        attrs = {**spec.to_attrs(), **version_stamp("created"), **version_stamp("updated")}
+        try:
+            # The attributes go into the group's first and only zarr.json write, so another rank
+            # opening the store at the same moment never sees a group without them.
+            root = zarr.create_group(store, attributes={ATTRS_KEY: attrs}, overwrite=False)
+        except ContainsGroupError:
+            return StoreWriter._reopen(store, spec, url)[0]  # another rank created it just now
+        log.info("created store %s (format %d, %s frames)", url, attrs["format"], spec.frames)
+        return root
+
+    @staticmethod
+    def _reopen(store: Store, spec: StoreSpec, url: str) -> tuple[zarr.Group, StoreSpec]:
+        root, attrs = open_root(store, url)
+        stored = StoreSpec.from_attrs(attrs, url)
+        differences = stored.differences(spec)
+        if differences:
+            raise StoreError(
+                f"store {url} was written with a different spec:\n  - " + "\n  - ".join(differences)
+                + "\nUse a new store path, or --overwrite to replace this store."
+            )
+        for name in ("codec", "compression_level", "bitround_keepbits", "chunk_frames"):
+            if getattr(stored, name) != getattr(spec, name):
+                log.warning("store %s keeps its %s=%r (requested %r applies to new stores only)",
+                            url, name, getattr(stored, name), getattr(spec, name))
+        root.update_attributes({ATTRS_KEY: {**attrs, **version_stamp("updated")}})
+        return root, stored
+
+    @property
+    def teacher(self) -> TeacherInfo:
+        return self.spec.teacher
+
+    def complete_shards(self) -> set[int]:
+        """Indices of the shards marked complete (they are skipped on resume)."""
+        return {index for index, attrs in shard_attrs(self.root).items() if attrs.get("complete") is True}
+
+    def shard(self, index: int) -> ShardWriter:
+        """A writer for shard `index`, replacing an incomplete shard `index` left by an earlier run."""
+        name = shard_name(index)
+        existing = shard_attrs(self.root).get(index)
+        if existing is not None:
+            if existing.get("complete") is True:
+                raise StoreError(f"shard {name} of store {self.url} is already complete; skip it "
+                                 "(see StoreWriter.complete_shards())")
+            log.info("deleting incomplete shard %s of %s (it will be written again)", name, self.url)
+            run_sync(self.store.delete_dir(f"{SHARDS_GROUP}/{name}"))
+        return ShardWriter(self, index)
+
+    def write_record(self, name: str, data: dict[str, Any]) -> None:
+        """Store a JSON run record (e.g. "precompute.json") in the store root, replacing an older one."""
+        if not RECORD_NAME.match(name) or name == "zarr.json":
+            raise ValueError(f"record name must look like 'precompute.json' (letters, digits, ._-), got {name!r}")
+        write_json(self.store, name, data)
+
+
+class ShardWriter:
+    """Buffers one shard's utterances and writes them whole on `close()`.
+
+    Use it as a context manager (closes on success; if the block raises, the partial shard is
+    deleted and nothing is marked complete), or call `close()` yourself, from any thread.
+    """
+
+    def __init__(self, writer: StoreWriter, index: int) -> None:
+        self.writer = writer
+        self.spec = writer.spec
+        self.index = index
+        self.name = shard_name(index)
+        teacher = self.spec.teacher
+        self.max_frames, self.d_model = teacher.max_frames, teacher.d_model
+        self._states: list[np.ndarray] = []  # each (T, D) float16
+        self._speech_frames: list[int] = []
+        self._ids: list[str] = []
+        self._texts: list[str] = []
+        self._languages: list[str] = []
+        self._durations: list[float] = []
+        self._seen: set[str] = set()
+        self._rejects: list[dict[str, str]] = []
+        self._tail_sum = np.zeros((self.max_frames, self.d_model), np.float64)  # (M, D)
+        self._tail_count = np.zeros(self.max_frames, np.int64)  # (M,)
+        self._stat_sum = np.zeros(self.d_model, np.float64)  # (D,)
+        self._stat_sqsum = np.zeros(self.d_model, np.float64)  # (D,)
+        self._stat_count = 0
+        self._record: ShardRecord | None = None
+        # Created now (incomplete) so that inspect-store shows shards in progress.
+        self._group = writer.root.require_group(SHARDS_GROUP).create_group(
+            self.name, attributes={"complete": False, **version_stamp("started")}
+        )
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._record is None:
+            self._states.clear()
+            run_sync(self.writer.store.delete_dir(f"{SHARDS_GROUP}/{self.name}"))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, id: str, text: str, language: str, duration_s: float, states: np.ndarray,
+            tail: np.ndarray | None = None, *, speech_frames: int | None = None) -> bool:
+        """Add one utterance; returns False when it was recorded as a reject instead.
+
+        speech mode: `states` (T, D) float16 are the speech frames, `tail` (max_frames - T, D)
+        float16 the rest of the window (None only when T == max_frames).
+        full mode: `states` (max_frames, D) float16, `tail` None; `speech_frames` (where the speech
+        ends) defaults to ceil(duration_s * sample_rate / samples_per_frame) + margin, capped.
+        Non-finite states become a reject ("non-finite states: ..."), never stored.
+        """
+        if self._record is not None:
+            raise RuntimeError(f"shard {self.name} is closed")
+        if id in self._seen:
+            raise ValueError(f"utterance id {id!r} was added twice to shard {self.name}")
+        if not (isinstance(duration_s, (int, float, np.floating)) and math.isfinite(duration_s) and duration_s > 0):
+            raise ValueError(f"utterance {id!r}: duration_s must be a positive number of seconds, got {duration_s!r}")
+        states = np.asarray(states)
+        n_speech = self._check_shapes(id, duration_s, states, tail, speech_frames)
+        if not np.isfinite(states).all() or (tail is not None and not np.isfinite(tail).all()):
+            self.reject(id, "non-finite states: the encoder produced inf/nan (fp16 overflow?)")
+            return False
+        speech = states[:n_speech].astype(np.float64)  # (T, D)
+        self._stat_sum += speech.sum(axis=0)
+        self._stat_sqsum += np.einsum("td,td->d", speech, speech)
+        self._stat_count += n_speech
+        self._tail_sum[n_speech:] += states[n_speech:] if tail is None else tail  # (M - T, D)
+        self._tail_count[n_speech:] += 1
+        self._states.append(np.array(states, dtype=np.float16, copy=True))  # the caller may reuse its buffer
+        self._speech_frames.append(n_speech)
+        self._ids.append(str(id))
+        self._texts.append(str(text))
+        self._languages.append(str(language))
+        self._durations.append(float(duration_s))
+        self._seen.add(id)
+        return True
+
+    def _check_shapes(self, id: str, duration_s: float, states: np.ndarray, tail: np.ndarray | None,
+                      speech_frames: int | None) -> int:
+        """The number of speech frames, after checking shapes and dtypes against the spec."""
+        where = f"utterance {id!r} (shard {self.name})"
+        if states.ndim != 2 or states.shape[1] != self.d_model or states.dtype != np.float16:
+            raise ValueError(f"{where}: states must be (T, {self.d_model}) float16, got {states.shape} {states.dtype}")
+        n_rows = states.shape[0]
+        if self.spec.frames == "full":
+            if n_rows != self.max_frames or tail is not None:
+                raise ValueError(f"{where}: full-frames store needs states ({self.max_frames}, {self.d_model}) "
+                                 f"and no tail, got {states.shape} and tail={tail is not None}")
+            if speech_frames is None:
+                teacher = self.spec.teacher
+                n_samples = round(duration_s * teacher.sample_rate)
+                speech_frames = -(-n_samples // teacher.samples_per_frame) + self.spec.speech_margin_frames
+                speech_frames = min(speech_frames, self.max_frames)
+            if not 1 <= speech_frames <= self.max_frames:
+                raise ValueError(f"{where}: speech_frames must be 1-{self.max_frames}, got {speech_frames}")
+            return int(speech_frames)
+        if not 1 <= n_rows <= self.max_frames:
+            raise ValueError(f"{where}: speech states must have 1-{self.max_frames} frames, got {n_rows}")
+        if speech_frames is not None and speech_frames != n_rows:
+            raise ValueError(f"{where}: speech_frames={speech_frames} but states has {n_rows} frames")
+        tail_rows = self.max_frames - n_rows
+        if tail is None and tail_rows:
+            raise ValueError(f"{where}: speech-frames store needs the tail ({tail_rows}, {self.d_model}) "
+                             "for the tail template")
+        if tail is not None:
+            tail = np.asarray(tail)
+            if tail.shape != (tail_rows, self.d_model) or tail.dtype != np.float16:
+                raise ValueError(f"{where}: tail must be ({tail_rows}, {self.d_model}) float16, "
+                                 f"got {tail.shape} {tail.dtype}")
+        return n_rows
+
+    def reject(self, id: str, reason: str) -> None:
+        """Record an input that was not stored; `reason` reads "kind: detail" (grouped by kind)."""
+        if self._record is not None:
+            raise RuntimeError(f"shard {self.name} is closed")
+        if not reason:
+            raise ValueError(f"reject of {id!r} needs a reason")
+        self._rejects.append({"id": str(id), "reason": str(reason)})
+
+    def close(self) -> ShardRecord:
+        """Write every array whole, then mark the shard complete (its last write). Idempotent."""
+        if self._record is not None:
+            return self._record
+        try:
+            record = self._write()
+        except Exception as err:
+            raise StoreError(f"writing shard {self.name} of store {self.writer.url} failed ({type(err).__name__}: "
+                             f"{err}); it stays incomplete and is rewritten on the next run") from err
+        self._record = record
+        return record
+
+    def _write(self) -> ShardRecord:
+        n = len(self._ids)
+        speech_frames = np.asarray(self._speech_frames, np.int32)  # (n,)
+        lengths = [len(states) for states in self._states]
+        offsets = np.zeros(n + 1, np.int64)  # (n + 1,)
+        np.cumsum(lengths, out=offsets[1:])
+        n_frames = int(offsets[-1])
+        states = np.concatenate(self._states) if n else np.zeros((0, self.d_model), np.float16)  # (n_frames, D)
+        self._states.clear()
+        chunk = self.spec.chunk_frames
+        shard_rows = max(1, -(-n_frames // chunk)) * chunk  # one shard object holds the whole array
+        group = self._group
+        array = group.create_array(
+            "states", shape=states.shape, dtype=np.float16, chunks=(chunk, self.d_model),
+            shards=(shard_rows, self.d_model), fill_value=0, config={"write_empty_chunks": True},
+            **states_codecs(self.spec),
+        )
+        if n_frames:
+            array[...] = states  # one write: the whole shard object
+        del states
+        _write_whole(group, "offsets", offsets)
+        _write_whole(group, "speech_frames", speech_frames)
+        _write_whole(group, "duration", np.asarray(self._durations, np.float32))
+        for name, values in (("ids", self._ids), ("text", self._texts), ("language", self._languages)):
+            _write_whole(group, name, np.array(values, dtype=object), dtype=str)
+        _write_whole(group, "tail_sum", self._tail_sum)
+        _write_whole(group, "tail_count", self._tail_count)
+        _write_whole(group, "stat_sum", self._stat_sum)
+        _write_whole(group, "stat_sqsum", self._stat_sqsum)
+        _write_whole(group, "stat_count", np.asarray([self._stat_count], np.int64))
+        audio_seconds = float(np.sum(np.asarray(self._durations, np.float32), dtype=np.float64))
+        group.update_attributes({
+            "n": n, "n_frames": n_frames, "audio_seconds": audio_seconds, "rejects": self._rejects,
+            **version_stamp("written"), "complete": True,
+        })
+        nbytes = run_sync(self.writer.store.getsize_prefix(f"{SHARDS_GROUP}/{self.name}"))
+        log.debug("shard %s: %d utterances, %d frames, %d rejects, %d bytes", self.name, n, n_frames,
+                  len(self._rejects), nbytes)
+        return ShardRecord(self.index, n, n_frames, len(self._rejects), nbytes, audio_seconds)
+
+
+def _write_whole(group: zarr.Group, name: str, data: np.ndarray, dtype: Any = None) -> None:
+    """A small array as a single chunk, written in one call (even when all zeros: readers check it exists)."""
+    array = group.create_array(name, shape=data.shape, dtype=dtype or data.dtype,
+                               chunks=tuple(max(1, size) for size in data.shape), config={"write_empty_chunks": True})
+    if data.size:
+        array[...] = data
