@@ -1,0 +1,278 @@
+"""The TLE model, its losses, the teacher alignment and the frozen-decoder helpers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from whistle_pipeline.alignment import align_batch, alignment_heads, dtw_path, durations_from_path
+from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.tle import (
+    LossWeights,
+    TLEConfig,
+    TLEModel,
+    duration_loss,
+    free_bits_kl,
+    kl_divergence,
+    length_regulate,
+    masked_cosine,
+    masked_mse,
+    round_durations,
+    tle_loss,
+)
+
+D, MAX_FRAMES, END = 24, 80, 99
+
+
+def tiny_tle(seed: int = 0, **overrides) -> TLEModel:
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=100, embedding_size=16, hidden_size=32, text_layers=2, frame_layers=2, num_heads=4,
+                    ffn_multiplier=2, latent_size=4, conv_kernel=5, conv_layers=2, dropout=0.1, posterior=True,
+                    languages=["en", "de"], d_model=D, max_frames=MAX_FRAMES, end_token_id=END)
+    model = TLEModel(TLEConfig(**{**settings, **overrides}))
+    generator = torch.Generator().manual_seed(1)
+    model.set_store_statistics(torch.randn(D, generator=generator), torch.rand(D, generator=generator) + 0.5,
+                               torch.randn(MAX_FRAMES, D, generator=generator))
+    return model
+
+
+def batch_of(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists (each ending with END) -> right-padded tokens (B, L) and mask (B, L)."""
+    L = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), L), END)
+    mask = torch.zeros((len(sequences), L), dtype=torch.bool)
+    for b, s in enumerate(sequences):
+        tokens[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = True
+    return tokens, mask
+
+
+def test_length_regulator_places_each_token_over_its_own_frames():
+    states = torch.arange(2 * 3, dtype=torch.float).view(2, 3, 1)  # token value = b*3 + i
+    durations = torch.tensor([[2, 0, 3], [1, 2, 0]])  # second sample: its last token is padding
+    frames, token_index, offset, token_duration, mask, lengths = length_regulate(states, durations)
+    assert lengths.tolist() == [5, 3]
+    assert frames.shape == (2, 5, 1)
+    assert frames[0, :, 0].tolist() == [0, 0, 2, 2, 2]
+    assert frames[1, :3, 0].tolist() == [3, 4, 4]
+    assert mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    assert offset[0].tolist() == [0, 1, 0, 1, 2]
+    assert token_duration[0].tolist() == [2, 2, 3, 3, 3]
+
+
+def test_round_durations_keeps_the_total_and_a_frame_per_text_token():
+    frames = torch.tensor([[0.4, 0.4, 0.4, 0.4, 2.2]])
+    mask = torch.ones_like(frames, dtype=torch.bool)
+    floor = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    rounded = round_durations(frames, mask, max_frames=100, min_frames=floor)
+    assert rounded.tolist() == [[1, 1, 1, 1, 2]]  # 4 x 1.0 floor + 2.2 -> 6 in total
+    long = round_durations(torch.tensor([[60.0, 60.0]]), torch.ones(1, 2, dtype=torch.bool), 80, torch.zeros(1, 2))
+    assert long.sum().item() == 80  # shrunk into the window
+
+
+def test_forward_shapes_and_masks():
+    model = tiny_tle().eval()
+    tokens, mask = batch_of([[5, 6, 7, END], [8, 9, END]])
+    durations = torch.tensor([[3, 4, 5, 2], [6, 1, 0, 0]])
+    target = torch.randn(2, 14, D)
+    out = model(tokens, mask, model.language_ids(["en", "de"]), durations=durations, target=target)
+    assert out.states.shape == (2, 14, D)
+    assert out.lengths.tolist() == [14, 7]
+    assert out.frame_mask.sum(1).tolist() == [14, 7]
+    assert (out.states[1, 7:] == 0).all()  # nothing past a sample's length
+    assert out.log_durations.shape == (2, 4)
+    assert out.latent.shape == out.prior_mean.shape == out.posterior_mean.shape == (2, 4)
+    # without target frames there is no posterior: z is the prior mean in eval
+    text_only = model(tokens, mask, model.language_ids(["en", "de"]), durations=durations)
+    assert text_only.posterior_mean is None
+    torch.testing.assert_close(text_only.latent, text_only.prior_mean)
+
+
+def test_predicted_lengths_and_full_window():
+    model = tiny_tle().eval()
+    tokens, mask = batch_of([[5, 6, 7, END], [8, 9, END]])
+    with torch.no_grad():
+        speech, lengths = model.speech_frames(tokens, mask, model.language_ids(["en", "en"]))
+        window = model.full_window(speech, lengths)
+    assert speech.shape[0] == 2 and speech.shape[1] == lengths.max()
+    assert (lengths >= 2).all()  # every text token has at least one frame
+    assert window.shape == (2, MAX_FRAMES, D)
+    for b in range(2):
+        n = int(lengths[b])
+        torch.testing.assert_close(window[b, :n], speech[b, :n])
+        torch.testing.assert_close(window[b, n:], model.tail_template[n:])
+    # speech frames are in teacher scale: the normalised prediction times std plus mean
+    out = model(tokens, mask, model.language_ids(["en", "en"]))
+    torch.testing.assert_close(model.denormalise(out.states[0, :3]), speech[0, :3])
+
+
+def test_unknown_language_names_the_known_ones():
+    model = tiny_tle()
+    with pytest.raises(WhistleError, match="language\\(s\\) fr; it knows en, de"):
+        model.language_ids(["en", "fr"])
+
+
+@pytest.mark.parametrize("durations_given", [True, False])
+def test_batch_invariance(durations_given):
+    """The same sentence gives the same frames alone or batched with longer/shorter ones (eval mode)."""
+    model = tiny_tle().eval()
+    sentences = [[11, 12, END], [5, 6, 7, 8, 9, 10, END], [20, END]]
+    durations = [[4, 9, 2], [3, 3, 5, 2, 6, 7, 1], [12, 0]]
+    languages = ["en", "de", "en"]
+    tokens, mask = batch_of(sentences)
+    dur = torch.zeros_like(tokens)
+    for b, d in enumerate(durations):
+        dur[b, : len(d)] = torch.tensor(d)
+    with torch.no_grad():
+        together = model(tokens, mask, model.language_ids(languages), durations=dur if durations_given else None)
+        for b in range(3):
+            alone_tokens, alone_mask = batch_of([sentences[b]])
+            alone = model(alone_tokens, alone_mask, model.language_ids([languages[b]]),
+                          durations=torch.tensor([durations[b]]) if durations_given else None)
+            n = int(alone.lengths[0])
+            assert n == int(together.lengths[b])
+            torch.testing.assert_close(together.states[b, :n], alone.states[0, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_length_model_learns_a_synthetic_rule():
+    """Durations that follow the token (2 + token % 5 frames) are learned to within half a frame."""
+    torch.manual_seed(0)
+    model = tiny_tle(dropout=0.0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    no_latent = torch.zeros(32, 4)  # the rule depends on the text alone
+
+    def sample(batch: int):
+        lengths = torch.randint(3, 9, (batch,), generator=generator)
+        tokens = [torch.randint(0, 20, (int(n),), generator=generator).tolist() + [END] for n in lengths]
+        tokens, mask = batch_of(tokens)
+        durations = torch.where(tokens == END, torch.zeros_like(tokens), 2 + tokens % 5) * mask
+        return tokens, mask, durations
+
+    for _ in range(250):  # the text encoder and duration predictor alone: the frame stack plays no part
+        tokens, mask, durations = sample(16)
+        token_states = model.encode_text(tokens, mask, torch.zeros(16, dtype=torch.long))
+        loss = duration_loss(model.predict_log_durations(token_states, mask, no_latent[:16]), durations, mask)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    tokens, mask, durations = sample(32)
+    with torch.no_grad():
+        out = model(tokens, mask, torch.zeros(32, dtype=torch.long), latent=no_latent)
+    predicted = torch.expm1(out.log_durations)
+    error = ((predicted - durations.float()).abs() * mask).sum() / mask.sum()
+    assert error < 0.5, f"mean duration error {error:.2f} frames"
+    assert (out.durations == durations).float().mean() > 0.9  # rounded durations as used for upsampling
+    assert (out.lengths - durations.sum(1)).abs().float().mean() < 1.0
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_tle(teacher={"name_or_path": "tiny", "revision": "", "d_model": D}).eval()
+    tokens, mask = batch_of([[5, 6, 7, END]])
+    with torch.no_grad():
+        before = model.speech_frames(tokens, mask, model.language_ids(["de"]))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    loaded = TLEModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.languages == ["en", "de"]
+    assert loaded.config.teacher["name_or_path"] == "tiny"
+    torch.testing.assert_close(loaded.tail_template, model.tail_template)
+    torch.testing.assert_close(loaded.state_std, model.state_std)
+    with torch.no_grad():
+        after = loaded.speech_frames(tokens, mask, loaded.language_ids(["de"]))
+    torch.testing.assert_close(after[0], before[0])
+    assert torch.equal(after[1], before[1])
+
+
+def test_masked_losses_ignore_padding():
+    prediction = torch.zeros(1, 4, 2)
+    target = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [50.0, 50.0], [50.0, 50.0]]])
+    mask = torch.tensor([[True, True, False, False]])
+    assert masked_mse(prediction, target, mask).item() == pytest.approx(1.0)
+    assert masked_cosine(target, target * 3, mask).item() == pytest.approx(1.0)
+    assert masked_cosine(-target, target, mask).item() == pytest.approx(-1.0)
+
+
+def test_kl_and_free_bits():
+    model = tiny_tle()
+    tokens, mask = batch_of([[5, 6, END], [7, END]])
+    durations = torch.tensor([[2, 2, 1], [3, 0, 0]])
+    out = model(tokens, mask, torch.zeros(2, dtype=torch.long), durations=durations, target=torch.randn(2, 5, D))
+    kl = kl_divergence(out)
+    assert kl.shape == (2, 4) and (kl >= -1e-6).all()
+    # identical posterior and prior: KL 0, free bits charge their floor per dimension
+    out.posterior_mean, out.posterior_logvar = out.prior_mean, out.prior_logvar
+    assert kl_divergence(out).abs().max().item() < 1e-6
+    assert free_bits_kl(kl_divergence(out), 0.25).item() == pytest.approx(1.0)
+
+
+def test_tle_loss_combines_weighted_terms():
+    model = tiny_tle()
+    tokens, mask = batch_of([[5, 6, END]])
+    durations = torch.tensor([[2, 3, 1]])
+    target = torch.randn(1, 6, D)
+    out = model(tokens, mask, torch.zeros(1, dtype=torch.long), durations=durations, target=target)
+    ce = torch.tensor(2.0)
+    weights = LossWeights(mse=1.0, cosine=0.5, length=0.1, beta=0.0, free_bits=0.0, decoder_ce=0.3)
+    terms = tle_loss(out, target, durations, mask, weights, decoder_ce=ce)
+    expected = terms.mse + 0.5 * (1 - terms.cosine) + 0.1 * terms.length + 0.3 * 2.0
+    assert terms.total.item() == pytest.approx(expected, rel=1e-5)
+    terms.total.backward()
+    assert model.output.weight.grad.abs().sum() > 0
+
+
+def test_dtw_path_is_monotonic_and_cheapest():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        cost = rng.normal(size=(int(rng.integers(1, 6)), int(rng.integers(1, 25))))
+        rows, cols = dtw_path(cost)
+        N, M = cost.shape
+        best = np.full((N + 1, M + 1), np.inf)  # the textbook recurrence
+        best[0, 0] = 0
+        for i in range(1, N + 1):
+            for j in range(1, M + 1):
+                best[i, j] = cost[i - 1, j - 1] + min(best[i - 1, j - 1], best[i - 1, j], best[i, j - 1])
+        assert cost[rows, cols].sum() == pytest.approx(best[N, M])
+        assert (rows[0], cols[0], rows[-1], cols[-1]) == (0, 0, N - 1, M - 1)
+        steps = np.stack([np.diff(rows), np.diff(cols)], 1)
+        assert ((steps >= 0) & (steps <= 1)).all() and (steps.sum(1) >= 1).all()
+
+
+def test_durations_follow_a_clear_alignment():
+    similarity = np.zeros((4, 20))  # 3 text tokens + the end token
+    for i, (start, stop) in enumerate([(0, 5), (5, 12), (12, 18), (18, 20)]):
+        similarity[i, start:stop] = 1.0
+    rows, cols = dtw_path(-similarity)
+    assert durations_from_path(rows, cols, 4, 20).tolist() == [5, 7, 6, 2]
+    # a path that gives a text token no frame is repaired: every text token keeps one frame
+    assert durations_from_path(np.array([0, 1, 2, 3]), np.array([0, 0, 0, 0]), 4, 3).tolist() == [1, 1, 1, 0]
+    assert durations_from_path(np.array([0, 1, 2, 3]), np.array([0, 0, 1, 1]), 4, 2) is None
+
+
+def test_teacher_helpers_on_a_tiny_whisper(tiny_teacher_dir):
+    """Alignment durations sum to the speech frames; the decoder CE passes gradients to the window."""
+    from whistle_pipeline.decoder import decoder_cross_entropy, greedy_transcribe, load_frozen_teacher, word_error_rate
+    from whistle_pipeline.text import encode_texts
+
+    teacher = load_frozen_teacher(str(tiny_teacher_dir), "main", "cpu", torch.float32)
+    assert teacher.model.model.encoder is None
+    assert alignment_heads(teacher.model) == [(1, 0), (1, 1)]
+    texts = ["hello world", "the quick brown fox"]
+    batch = encode_texts(teacher.tokenizer, teacher.specials, texts, ["en", "en"], teacher.max_positions)
+    window = torch.randn(2, 100, 32, requires_grad=True)
+    lengths = torch.tensor([30, 45])
+    durations = align_batch(teacher, alignment_heads(teacher.model), window, batch, lengths)
+    for b, d in enumerate(durations):
+        assert len(d) == int(batch.tle_mask[b].sum()) and d.sum() == lengths[b]
+        assert (d[:-1] >= 1).all()
+    assert teacher.model.config._attn_implementation != "eager"  # restored after the alignment
+    ce, per_sample = decoder_cross_entropy(teacher, window, batch)
+    assert per_sample.shape == (2,) and ce.item() > 0
+    ce.backward()
+    assert window.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.model.parameters())
+    hypotheses = greedy_transcribe(teacher, window.detach(), ["en", "en"], max_new_tokens=8)
+    assert len(hypotheses) == 2 and all(isinstance(h, str) for h in hypotheses)
+    assert word_error_rate(["hello world"], ["Hello, world!"], ["en"], teacher.tokenizer) == 0.0
+    assert word_error_rate(["hello"], ["hello world"], ["en"], teacher.tokenizer) == 0.5
