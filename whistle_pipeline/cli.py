@@ -91,6 +91,70 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+@cli.command("precompute")
+@click.option("--data", help="Dataset name or folder, manifest (.csv/.tsv/.jsonl) or Common Voice folder [data.path].")
+@click.option("--kind", type=click.Choice(["auto", "hf", "hf_disk", "manifest", "common_voice"]),
+              help="Source kind; auto infers it from --data [data.kind].")
+@click.option("--subset", help="Hub dataset config; for Common Voice the TSV (train, dev, test, validated) [data.subset].")
+@click.option("--split", help="Dataset split; for Common Voice the TSV when --subset is not given [data.split].")
+@click.option("--audio-column", help="Column with the audio (datasets) or audio file paths (manifests) "
+              "[data.audio_column].")
+@click.option("--text-column", help="Column with the transcript [data.text_column].")
+@click.option("--max-clips", type=int, help="Read at most this many rows, for trial runs [data.max_clips].")
+@click.option("--store", help="Feature store folder or fsspec URL [store.path].")
+@click.option("--frames", type=click.Choice(["speech", "full"]), help="Keep speech frames only, or full windows "
+              "[store.frames].")
+@click.option("--shard-size", type=int, help="Source rows per shard [store.shard_size].")
+@click.option("--teacher", help="Whisper hub name or local folder [teacher.name_or_path].")
+@click.option("--revision", help="Hub revision of the teacher [teacher.revision].")
+@click.option("--device", help="auto, cpu, cuda, cuda:N [teacher.device].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Encoder dtype "
+              "[teacher.dtype].")
+@click.option("--batch-size", type=int, help="Clips per encoder batch [precompute.batch_size].")
+@click.option("--num-workers", type=int, help="Audio decoding worker processes [precompute.num_workers].")
+@click.option("--augment", type=click.Choice(["none", "telephone"]), help="Audio augmentation [precompute.augment].")
+@click.option("--strict/--no-strict", default=None, help="Fail (exit 1) if any clip was rejected [precompute.strict].")
+@click.option("--overwrite/--no-overwrite", default=None,
+              help="Delete an existing store first instead of resuming it [precompute.overwrite].")
+@config_options
+def precompute_command(data, kind, subset, split, audio_column, text_column, max_clips, store, frames, shard_size,
+                       teacher, revision, device, dtype, batch_size, num_workers, augment, strict, overwrite,
+                       config_path, overrides) -> None:
+    """Run the frozen Whisper encoder over paired audio + text and fill a feature store.
+
+    Resumable: a rerun on the same store keeps the complete shards and redoes the rest. With
+    several processes (accelerate launch / torchrun), process r writes shards k % W == r.
+
+    \b
+    Examples:
+      # one GPU, a hub dataset (audio/text/id columns as named by the dataset)
+      whistle precompute --data openslr/librispeech_asr --subset clean --split train.100 \\
+          --set data.id_column=id --teacher openai/whisper-large-v3 --store ls100-large-v3
+      # 8 GPUs on one node (same store; a rerun resumes)
+      accelerate launch --num_processes 8 -m whistle_pipeline precompute --data cv-corpus-21.0/de \\
+          --subset validated --store cv-de-large-v3
+      # an extracted Common Voice release (clips/*.mp3 + train.tsv ...)
+      whistle precompute --data cv-corpus-21.0-2025-03-14/de --subset train --store cv-de
+      # an audio folder with a manifest (path,text[,language][,id] relative to the manifest)
+      whistle precompute --data clips/manifest.csv --audio-column path --store my-store
+      # resume after a crash: the same command again; start over with --overwrite
+      whistle precompute --config my.toml
+      # a trial on 200 clips, on CPU
+      whistle precompute --data clips/manifest.jsonl --max-clips 200 --device cpu --store trial
+    """
+    from stages.precompute import run
+
+    config = _load(config_path, overrides, {
+        "data": {"path": data, "kind": kind, "subset": subset, "split": split, "audio_column": audio_column,
+                 "text_column": text_column, "max_clips": max_clips},
+        "store": {"path": store, "frames": frames, "shard_size": shard_size},
+        "teacher": {"name_or_path": teacher, "revision": revision, "device": device, "dtype": dtype},
+        "precompute": {"batch_size": batch_size, "num_workers": num_workers, "augment": augment,
+                       "strict": strict, "overwrite": overwrite},
+    })
+    click.echo(run(config).summary())
+
+
 @cli.command("inspect-store")
 @click.argument("store_path", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")

@@ -1,0 +1,522 @@
+"""precompute: audio -> frozen Whisper encoder -> feature store (DESIGN.md §4-§5).
+
+The GPU is the cost, so nothing else may hold it up:
+
+    DataLoader workers         main process (one per GPU)              writer threads
+    decode (soundfile)   ──►   log-mel + encoder on the device   ──►   ShardWriter.add / close
+    resample (soxr)            float16, non-blocking copy to           (stats, compression, writes;
+    augment, pad to 30 s       pinned host memory, one batch of        bounded queues hold the
+    (pinned batches)           lag before the host touches it          encoder back if they fall behind)
+
+Shard k holds source rows [k*S, (k+1)*S) and belongs to process k % W, so `accelerate launch` /
+`torchrun` on any number of GPUs (or gloo CPU processes) write one store with no coordination but
+one barrier at the start (rank 0 creates or overwrites the store) and one at the end (the run
+record). Complete shards are skipped on a rerun and incomplete ones redone: resume is free.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from store import ShardRecord, StoreReader, StoreSpec, StoreWriter
+from whistle_pipeline.audio import AudioError, augment, load_audio
+from whistle_pipeline.config import PipelineConfig
+from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.sources import Source, SourceReject, open_source
+from whistle_pipeline.teacher import (
+    TeacherGeometry,
+    load_encoder,
+    speech_frames,
+    teacher_states,
+)
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "precompute.json"
+MESSAGES_PER_WRITER = 64  # utterances queued per writer thread before the main process waits
+
+
+# --- worker side: rows -> decoded, padded clips ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A decoded clip's metadata (its samples travel in the batch tensor)."""
+
+    row: int
+    id: str
+    text: str
+    language: str
+    n_samples: int  # at the teacher's rate, before padding to the window
+
+
+@dataclass
+class Batch:
+    """What a DataLoader worker hands over: padded audio of the usable rows and the rejected rows."""
+
+    audio: torch.Tensor  # (B, n_samples) float32, zero-padded 30 s windows
+    clips: list[Clip]
+    rejects: list[SourceReject]
+
+    def pin_memory(self) -> "Batch":
+        # called by the DataLoader's pinning thread, so the host->device copy can be asynchronous
+        return dataclasses.replace(self, audio=self.audio.pin_memory())
+
+
+class ClipDataset(Dataset):
+    """Row -> (Clip, samples) or SourceReject; runs in the DataLoader workers."""
+
+    def __init__(self, source: Source, geometry: TeacherGeometry, augmentation: str):
+        self.source = source
+        self.geometry = geometry
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, row: int) -> tuple[Clip, np.ndarray] | SourceReject:
+        geometry = self.geometry
+        try:
+            item = self.source[row]
+            if isinstance(item, SourceReject):
+                return item
+            audio = load_audio(item.audio, geometry.sample_rate, max_seconds=geometry.window_seconds,
+                               name=item.audio_name)
+        except AudioError as err:
+            return SourceReject(row, item.id, err.reason)
+        except Exception as err:  # one unreadable row must never end a long run: it is recorded instead
+            log.warning("row %d: unexpected error reading it", row, exc_info=True)
+            return SourceReject(row, self.source.row_id(row), f"read error: {type(err).__name__}: {err}")
+        audio = augment(audio[: geometry.n_samples], geometry.sample_rate, self.augmentation)  # resampling may add 1
+        return Clip(row, item.id, item.text, item.language, audio.shape[0]), audio
+
+
+def collate(items: list[tuple[Clip, np.ndarray] | SourceReject], n_samples: int) -> Batch:
+    clips = [item for item in items if not isinstance(item, SourceReject)]
+    audio = torch.zeros(len(clips), n_samples)  # (B, n_samples): Whisper pads with silence
+    for i, (_, samples) in enumerate(clips):
+        audio[i, : samples.shape[0]] = torch.from_numpy(samples)
+    return Batch(audio, [clip for clip, _ in clips], [item for item in items if isinstance(item, SourceReject)])
+
+
+def _quiet_worker(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode with numpy/soxr; torch threads would only fight the encoder
+
+
+def _batches(shards: list[range], batch_size: int) -> list[list[int]]:
+    """Batches within each shard, so a shard's clips are batched alike whichever process runs it and
+    whether or not the run is resumed (identical inputs -> identical states)."""
+    return [list(rows[i : i + batch_size]) for rows in shards for i in range(0, len(rows), batch_size)]
+
+
+# --- writer side: ordered per-shard calls on background threads -------------------------------------
+
+
+class BackgroundWriter:
+    """Runs each shard's ShardWriter calls, in order, on thread `shard % threads`.
+
+    Per-thread queues are bounded (the main process waits when writers fall behind), and at most
+    `max_closing` shards may be waiting to be compressed and written at once (bounds host memory).
+    An error on a writer thread is re-raised in the main process at its next call.
+    """
+
+    def __init__(self, store: StoreWriter, threads: int, max_closing: int):
+        self.store = store
+        self.records: list[ShardRecord] = []
+        self._queues = [queue.Queue(maxsize=MESSAGES_PER_WRITER) for _ in range(threads)]
+        self._closing = threading.Semaphore(max_closing)
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._work, args=(q,), name=f"shard-writer-{i}", daemon=True)
+                         for i, q in enumerate(self._queues)]
+        for thread in self._threads:
+            thread.start()
+
+    def add(self, shard: int, **utterance: Any) -> None:
+        self._put(shard, ("add", utterance))
+
+    def reject(self, shard: int, utt_id: str, reason: str) -> None:
+        self._put(shard, ("reject", {"id": utt_id, "reason": reason}))
+
+    def close(self, shard: int) -> None:
+        self._closing.acquire()
+        self._put(shard, ("close", {}))
+
+    def _put(self, shard: int, message: tuple[str, dict[str, Any]]) -> None:
+        target = self._queues[shard % len(self._queues)]
+        while True:
+            self.raise_if_failed()
+            try:
+                target.put((shard, message), timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _work(self, messages: queue.Queue) -> None:
+        open_shards: dict[int, Any] = {}
+        while True:
+            item = messages.get()
+            if item is None:
+                return
+            shard, (kind, arguments) = item
+            if self._error is not None:
+                continue  # drain: the main process is stopping
+            try:
+                if shard not in open_shards:
+                    open_shards[shard] = self.store.shard(shard)  # deletes an incomplete shard left by a crash
+                writer = open_shards[shard]
+                if kind == "add":
+                    writer.add(**arguments)
+                elif kind == "reject":
+                    writer.reject(**arguments)
+                else:
+                    record = open_shards.pop(shard).close()
+                    self._closing.release()
+                    with self._lock:
+                        self.records.append(record)
+            except BaseException as err:  # noqa: BLE001 — handed to the main process
+                self._error = err
+
+    def finish(self) -> list[ShardRecord]:
+        """Wait for every queued call; return the records of the shards written."""
+        for q in self._queues:
+            q.put(None)
+        for thread in self._threads:
+            thread.join()
+        self.raise_if_failed()
+        return sorted(self.records, key=lambda record: record.index)
+
+    def abandon(self) -> None:
+        """Stop after a failure in the main process; shards not closed stay incomplete (redone on resume)."""
+        self._error = self._error or RuntimeError("precompute stopped")
+        for q in self._queues:
+            while True:
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            q.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RankStats:
+    """What one process did."""
+
+    rank: int
+    rows: int = 0
+    clips: int = 0
+    audio_seconds: float = 0.0
+    rejects: dict[str, int] = field(default_factory=dict)  # by kind (the reason up to its first colon)
+    shards_written: int = 0
+    shards_skipped: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+    input_wait_seconds: float = 0.0  # main process waiting for the DataLoader: > 0 means input-bound
+
+    def count_reject(self, reason: str) -> None:
+        kind = reason.split(":", 1)[0]
+        self.rejects[kind] = self.rejects.get(kind, 0) + 1
+
+
+@dataclass
+class PrecomputeResult:
+    store: str
+    source: str
+    teacher: str
+    frames: str
+    device: str
+    dtype: str
+    world_size: int
+    shards_total: int
+    shards_written: int
+    shards_skipped: int
+    rows: int
+    clips: int
+    audio_seconds: float
+    rejects: dict[str, int]
+    seconds: float
+    nbytes: int
+    store_utterances: int
+    store_rejects: int
+    input_wait_seconds: float
+    per_rank: list[dict[str, Any]]
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.clips / self.seconds if self.seconds else 0.0
+
+    @property
+    def audio_hours_per_hour(self) -> float:
+        return self.audio_seconds / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        rejected = sum(self.rejects.values())
+        by_kind = ", ".join(f"{kind} {n}" for kind, n in sorted(self.rejects.items(), key=lambda kv: -kv[1]))
+        lines = [
+            f"precompute: {self.source} -> {self.store}",
+            f"  teacher     {self.teacher} on {self.device} ({self.dtype}), {self.frames} frames, "
+            f"{self.world_size} process(es)",
+            f"  shards      {self.shards_written} written, {self.shards_skipped} skipped (complete from an earlier "
+            f"run), {self.shards_total} in all",
+            f"  this run    {self.rows} rows: {self.clips} clips stored, {rejected} rejected"
+            + (f" ({by_kind})" if by_kind else ""),
+            f"  speed       {self.audio_seconds / 3600:.2f} h of audio in {self.seconds:.1f} s: "
+            f"{self.clips_per_second:.1f} clips/s, {self.audio_hours_per_hour:.0f} audio-hours/hour, "
+            f"{self.nbytes / 2**20:.1f} MiB written",
+            f"  store       {self.store_utterances} utterances, {self.store_rejects} rejects in its complete shards",
+        ]
+        if self.seconds and self.input_wait_seconds > 0.1 * self.seconds:
+            lines.append(f"  note        the encoder waited {self.input_wait_seconds:.0f} s for audio: raise "
+                         "precompute.num_workers")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "clips_per_second": self.clips_per_second,
+                "audio_hours_per_hour": self.audio_hours_per_hour}
+
+
+def _state(config: PipelineConfig):
+    from accelerate import PartialState
+
+    # without cpu=True, accelerate treats a torchrun/accelerate launch without GPUs as one process
+    return PartialState(cpu=config.teacher.device == "cpu" or not torch.cuda.is_available())
+
+
+def _device(config: PipelineConfig, state) -> torch.device:
+    if config.teacher.device == "auto":
+        return state.device
+    device = torch.device(config.teacher.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WhistleError(f"teacher.device = {config.teacher.device!r} but CUDA is not available: use auto or cpu")
+    return device
+
+
+def _spec(config: PipelineConfig, geometry: TeacherGeometry, source: Source) -> StoreSpec:
+    store, teacher = config.store, config.teacher
+    return StoreSpec(
+        teacher=geometry.teacher_info(teacher.name_or_path, teacher.revision),
+        frames=store.frames, speech_margin_frames=store.speech_margin_frames, shard_size=store.shard_size,
+        chunk_frames=store.chunk_frames, codec=store.codec, compression_level=store.compression_level,
+        bitround_keepbits=store.bitround_keepbits, dataset_fingerprint=source.fingerprint,
+        augment=config.precompute.augment,
+    )
+
+
+def _open_store(config: PipelineConfig, spec: StoreSpec, state) -> StoreWriter:
+    """Rank 0 creates (or with overwrite, replaces) the store before anyone else opens it."""
+    writer = None
+    if state.is_main_process:
+        writer = StoreWriter.open(config.store.path, spec, overwrite=config.precompute.overwrite)
+    state.wait_for_everyone()
+    return writer or StoreWriter.open(config.store.path, spec)
+
+
+def _gather(stats: RankStats, state) -> list[RankStats]:
+    if state.num_processes == 1:
+        return [stats]
+    gathered: list[Any] = [None] * state.num_processes
+    torch.distributed.all_gather_object(gathered, dataclasses.asdict(stats))
+    return [RankStats(**values) for values in gathered]
+
+
+def run(config: PipelineConfig) -> PrecomputeResult:
+    """Encode every row of config.data into the store at config.store.path; see the module docstring.
+
+    Raises WhistleError for unusable input or configuration, and — after everything is written and
+    recorded — when precompute.strict is set and the store holds rejected clips.
+    """
+    started = time.perf_counter()
+    state = _state(config)
+    device = _device(config, state)
+    with state.main_process_first():  # one process downloads from the hub; the others read its cache
+        source = open_source(config.data)
+        encoder, geometry = load_encoder(config.teacher.name_or_path, config.teacher.revision, device,
+                                         config.teacher.dtype, config.teacher.attn_implementation)
+    if state.is_main_process:
+        used = {name: dataclasses.asdict(getattr(config, name)) for name in ("teacher", "data", "store", "precompute")}
+        log.info("resolved configuration: %s", json.dumps(used))
+        log.info("source: %s, fingerprint %s", source.describe(), source.fingerprint)
+    spec = _spec(config, geometry, source)
+    store = _open_store(config, spec, state)
+
+    shard_size = config.store.shard_size
+    n_shards = math.ceil(len(source) / shard_size)
+    complete = store.complete_shards()
+    mine = range(state.process_index, n_shards, state.num_processes)
+    todo = [k for k in mine if k not in complete]
+    stats = RankStats(rank=state.process_index, shards_skipped=len(mine) - len(todo))
+    if stats.shards_skipped:
+        log.info("rank %d: %d of its %d shards are complete and kept", state.process_index, stats.shards_skipped,
+                 len(mine))
+    shards = [range(k * shard_size, min((k + 1) * shard_size, len(source))) for k in todo]
+    stats.rows = sum(len(rows) for rows in shards)
+
+    records = _encode_rows(config, source, encoder, geometry, store, device, shards, stats, state.is_main_process)
+    stats.shards_written = len(records)
+    stats.nbytes = sum(record.nbytes for record in records)
+    stats.seconds = time.perf_counter() - started
+
+    state.wait_for_everyone()
+    everyone = _gather(stats, state)
+    reader = StoreReader(store.url)
+    store_rejects = sum(len(reader.shard_attrs(k).get("rejects", [])) for k in reader.shards())
+    result = _result(config, source, spec, device, encoder.dtype, everyone, n_shards, len(reader), store_rejects)
+    if state.is_main_process:
+        store.write_record(RECORD_NAME, {
+            **result.to_dict(),
+            "source": {**source.identity, "fingerprint": source.fingerprint},
+            "teacher": spec.teacher.to_dict(),
+            "config": config.to_dict(),
+            "config_toml": config.to_toml(),
+        })
+    if config.precompute.strict and store_rejects:
+        raise WhistleError(
+            f"precompute.strict: {store_rejects} clip(s) were rejected (by kind this run: {result.rejects}); "
+            f"everything else is stored in {store.url}. The reasons are listed per shard: "
+            f"`whistle inspect-store {store.url}`. Fix or drop those rows, or run without --strict."
+        )
+    return result
+
+
+def _result(config, source, spec, device, dtype, everyone: list[RankStats], n_shards: int,
+            store_utterances: int, store_rejects: int) -> PrecomputeResult:
+    rejects: collections.Counter = collections.Counter()
+    for stats in everyone:
+        rejects.update(stats.rejects)
+    return PrecomputeResult(
+        store=str(config.store.path), source=source.describe(), teacher=spec.teacher.name_or_path,
+        frames=spec.frames, device=str(device), dtype=str(dtype).removeprefix("torch."), world_size=len(everyone),
+        shards_total=n_shards, shards_written=sum(s.shards_written for s in everyone),
+        shards_skipped=sum(s.shards_skipped for s in everyone), rows=sum(s.rows for s in everyone),
+        clips=sum(s.clips for s in everyone), audio_seconds=sum(s.audio_seconds for s in everyone),
+        rejects=dict(rejects), seconds=max(s.seconds for s in everyone), nbytes=sum(s.nbytes for s in everyone),
+        store_utterances=store_utterances, store_rejects=store_rejects,
+        input_wait_seconds=max(s.input_wait_seconds for s in everyone),
+        per_rank=[dataclasses.asdict(s) for s in everyone],
+    )
+
+
+@dataclass
+class _InFlight:
+    """A batch whose states are on their way to host memory."""
+
+    batch: Batch
+    states: torch.Tensor | None  # (B, max_frames, D) float16 on the host (pinned when copied from a GPU)
+    copied: torch.cuda.Event | None
+
+
+def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: TeacherGeometry, store: StoreWriter,
+                 device: torch.device, shards: list[range], stats: RankStats, main: bool) -> list[ShardRecord]:
+    """Encode the rows of `shards` and hand them to the writer threads; the records of the shards written."""
+    if not shards:
+        return []
+    options = config.precompute
+    workers = options.num_workers
+    loader = DataLoader(
+        ClipDataset(source, geometry, options.augment),
+        batch_sampler=_batches(shards, options.batch_size),
+        num_workers=workers,
+        prefetch_factor=options.prefetch_factor if workers else None,
+        collate_fn=functools.partial(collate, n_samples=geometry.n_samples),
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_quiet_worker if workers else None,
+    )
+    shard_size = config.store.shard_size
+    left = {rows.start // shard_size: len(rows) for rows in shards}  # rows each shard still waits for
+    writer = BackgroundWriter(store, options.write_threads, options.write_queue)
+    margin, full = config.store.speech_margin_frames, config.store.frames == "full"
+    progress = _progress(stats.rows, enabled=main and options.progress)
+
+    def deliver(flight: _InFlight) -> None:
+        """Hand a finished batch to the writers (rows in order), closing each shard at its last row."""
+        if flight.copied is not None:
+            flight.copied.synchronize()
+        states = flight.states.numpy() if flight.states is not None else None  # (B, M, D) float16
+        done = [(reject.row, reject) for reject in flight.batch.rejects]
+        done += [(clip.row, (i, clip)) for i, clip in enumerate(flight.batch.clips)]
+        for row, item in sorted(done, key=lambda pair: pair[0]):
+            shard = row // shard_size
+            if isinstance(item, SourceReject):
+                writer.reject(shard, item.id, item.reason)
+                stats.count_reject(item.reason)
+            else:
+                i, clip = item
+                frames = speech_frames(clip.n_samples, geometry, margin)
+                duration = clip.n_samples / geometry.sample_rate
+                window = states[i]  # (M, D)
+                writer.add(shard, id=clip.id, text=clip.text, language=clip.language, duration_s=duration,
+                           states=window if full else window[:frames],
+                           tail=None if full or frames == geometry.max_frames else window[frames:],
+                           speech_frames=frames)
+                stats.clips += 1
+                stats.audio_seconds += duration
+            left[shard] -= 1
+            if left[shard] == 0:
+                writer.close(shard)
+        progress.update(len(done))
+        elapsed = progress.format_dict["elapsed"] or 1e-9
+        progress.set_postfix_str(f"{stats.audio_seconds / elapsed:.0f} audio-h/h", refresh=False)
+
+    in_flight: _InFlight | None = None
+    try:
+        waited = time.perf_counter()
+        for batch in loader:
+            stats.input_wait_seconds += time.perf_counter() - waited
+            current = _launch(batch, encoder, geometry, device)
+            if in_flight is not None:
+                deliver(in_flight)  # overlaps the copy (and on GPU the encoder) of `current`
+            in_flight = current
+            waited = time.perf_counter()
+        if in_flight is not None:
+            deliver(in_flight)
+        records = writer.finish()
+    except BaseException:
+        writer.abandon()
+        raise
+    finally:
+        progress.close()
+    return records
+
+
+def _launch(batch: Batch, encoder, geometry: TeacherGeometry, device: torch.device) -> _InFlight:
+    """Start the encoder on a batch and the non-blocking copy of its float16 states to host memory."""
+    if not batch.clips:
+        return _InFlight(batch, None, None)
+    audio = batch.audio.to(device, non_blocking=True)  # (B, n_samples)
+    states = teacher_states(encoder, audio, geometry).to(torch.float16)  # (B, M, D), the store's dtype
+    if device.type != "cuda":
+        return _InFlight(batch, states.cpu(), None)
+    host = torch.empty(states.shape, dtype=torch.float16, pin_memory=True)  # (B, M, D)
+    host.copy_(states, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return _InFlight(batch, host, copied)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="clip", desc="precompute", disable=not enabled, dynamic_ncols=True,
+                smoothing=0.05)
