@@ -24,9 +24,13 @@ Length grouping: with `length_bucket` = N > 0, utterances leaving the buffer are
 time and sorted by length (ascending and descending in turn), so consecutive items — the batches a
 DataLoader forms — have similar lengths and little padding; N should be several batch sizes.
 `keep(utt_id)` (picklable, since workers may be spawned) drops utterances, e.g. a held-out split.
+
+A shard found damaged while reading (see `whistle inspect-store --check`) is logged as an error
+and the worker moves on to its next unit, so one bad shard does not end a long training run.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -38,7 +42,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from zarr.abc.store import Store
 
 from store.format import StoreError
-from store.reader import StoreReader, Utterance
+from store.reader import DamagedShardError, StoreReader, Utterance
+
+log = logging.getLogger(__name__)
 
 Unit = tuple[int, int, int]  # (shard, first utterance, stop utterance)
 
@@ -111,9 +117,7 @@ class FeatureDataset(IterableDataset):
         units = self.assigned_units(rank, world_size, worker, num_workers)
         # Opened here, in the worker: zarr stores and their event loop do not survive a fork.
         reader = StoreReader(self.url)
-        stream: Iterable[Utterance] = (
-            utt for shard, first, stop in units for utt in reader.iter_shard(shard, first, stop, keep=self.keep)
-        )
+        stream: Iterable[Utterance] = _read_units(reader, units, self.keep)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, rank * num_workers + worker])
             stream = _shuffled(stream, self.shuffle_buffer, rng)
@@ -125,6 +129,14 @@ class FeatureDataset(IterableDataset):
                 "states": torch.from_numpy(utt.states),  # (T, D) float16
                 "n_frames": len(utt.states), "speech_frames": utt.speech_frames,
             }
+
+
+def _read_units(reader: StoreReader, units: list[Unit], keep: Callable[[str], bool] | None) -> Iterator[Utterance]:
+    for shard, first, stop in units:
+        try:
+            yield from reader.iter_shard(shard, first, stop, keep=keep)
+        except DamagedShardError as err:
+            log.error("skipping the rest of utterances %d-%d of shard %d: %s", first, stop - 1, shard, err)
 
 
 def _shuffled(stream: Iterable[Utterance], size: int, rng: np.random.Generator) -> Iterator[Utterance]:

@@ -19,6 +19,8 @@ import logging
 import math
 import os
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +50,8 @@ from store.format import (
 log = logging.getLogger(__name__)
 
 RECORD_NAME = re.compile(r"^[A-Za-z0-9_.-]+\.json$")
+MAX_PENDING_SUMS = 8  # utterances queued for a shard's summing thread before add() waits (bounds memory)
+FLOAT16_EXPONENT = 0x7C00  # all exponent bits set: inf or nan
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,10 @@ class ShardWriter:
         self._stat_sqsum = np.zeros(self.d_model, np.float64)  # (D,)
         self._stat_count = 0
         self._record: ShardRecord | None = None
+        # Template and statistics sums (~5 ms per utterance of large-v3 states) run on one thread per
+        # shard, in add() order (reproducible sums), while the caller's loop goes on: numpy frees the GIL.
+        self._summer = ThreadPoolExecutor(1, thread_name_prefix=f"whistle-shard-{self.name}")
+        self._pending: deque[Future] = deque()
         # Created now (incomplete) so that inspect-store shows shards in progress.
         self._group = writer.root.require_group(SHARDS_GROUP).create_group(
             self.name, attributes={"complete": False, **version_stamp("started")}
@@ -197,6 +205,7 @@ class ShardWriter:
         if exc_type is None:
             self.close()
         elif self._record is None:
+            self._summer.shutdown(cancel_futures=True)
             self._states.clear()
             run_sync(self.writer.store.delete_dir(f"{SHARDS_GROUP}/{self.name}"))
 
@@ -221,16 +230,16 @@ class ShardWriter:
             raise ValueError(f"utterance {id!r}: duration_s must be a positive number of seconds, got {duration_s!r}")
         states = np.asarray(states)
         n_speech = self._check_shapes(id, duration_s, states, tail, speech_frames)
-        if not np.isfinite(states).all() or (tail is not None and not np.isfinite(tail).all()):
+        tail = None if tail is None else np.asarray(tail)
+        if not _finite(states) or (tail is not None and not _finite(tail)):
             self.reject(id, "non-finite states: the encoder produced inf/nan (fp16 overflow?)")
             return False
-        speech = states[:n_speech].astype(np.float64)  # (T, D)
-        self._stat_sum += speech.sum(axis=0)
-        self._stat_sqsum += np.einsum("td,td->d", speech, speech)
-        self._stat_count += n_speech
-        self._tail_sum[n_speech:] += states[n_speech:] if tail is None else tail  # (M - T, D)
-        self._tail_count[n_speech:] += 1
-        self._states.append(np.array(states, dtype=np.float16, copy=True))  # the caller may reuse its buffer
+        states = np.array(states, copy=True)  # the caller may reuse its buffers
+        tail = None if tail is None else np.array(tail, copy=True)
+        self._pending.append(self._summer.submit(self._sum, states, tail, n_speech))
+        while len(self._pending) > MAX_PENDING_SUMS or (self._pending and self._pending[0].done()):
+            self._pending.popleft().result()  # raises what the summing thread raised
+        self._states.append(states)
         self._speech_frames.append(n_speech)
         self._ids.append(str(id))
         self._texts.append(str(text))
@@ -238,6 +247,15 @@ class ShardWriter:
         self._durations.append(float(duration_s))
         self._seen.add(id)
         return True
+
+    def _sum(self, states: np.ndarray, tail: np.ndarray | None, n_speech: int) -> None:
+        """Add one utterance to the shard's template and statistics sums (on the summing thread)."""
+        speech = states[:n_speech].astype(np.float64)  # (T, D)
+        self._stat_sum += speech.sum(axis=0)
+        self._stat_sqsum += np.einsum("td,td->d", speech, speech)
+        self._stat_count += n_speech
+        self._tail_sum[n_speech:] += states[n_speech:] if tail is None else tail  # (M - T, D)
+        self._tail_count[n_speech:] += 1
 
     def _check_shapes(self, id: str, duration_s: float, states: np.ndarray, tail: np.ndarray | None,
                       speech_frames: int | None) -> int:
@@ -294,6 +312,9 @@ class ShardWriter:
         return record
 
     def _write(self) -> ShardRecord:
+        while self._pending:
+            self._pending.popleft().result()
+        self._summer.shutdown()
         n = len(self._ids)
         speech_frames = np.asarray(self._speech_frames, np.int32)  # (n,)
         lengths = [len(states) for states in self._states]
@@ -332,6 +353,11 @@ class ShardWriter:
         log.debug("shard %s: %d utterances, %d frames, %d rejects, %d bytes", self.name, n, n_frames,
                   len(self._rejects), nbytes)
         return ShardRecord(self.index, n, n_frames, len(self._rejects), nbytes, audio_seconds)
+
+
+def _finite(values: np.ndarray) -> bool:
+    """No inf/nan in float16 `values`, tested on the bits (6x faster than np.isfinite on float16)."""
+    return not ((values.view(np.uint16) & FLOAT16_EXPONENT) == FLOAT16_EXPONENT).any()
 
 
 def _write_whole(group: zarr.Group, name: str, data: np.ndarray, dtype: Any = None) -> None:

@@ -111,3 +111,12 @@ def test_rank_and_world_size_come_from_torch_distributed(tmp_path):
         torch.distributed.destroy_process_group()
     with pytest.raises(ValueError, match="both rank and world_size"):
         FeatureDataset(url, rank=1)
+
+
+def test_a_damaged_shard_is_skipped_with_an_error(tmp_path, caplog):
+    url, utts = make_store(tmp_path, 18, 6)
+    (url / "shards/00001/speech_frames/c/0").unlink()
+    with caplog.at_level("ERROR", logger="store.dataset"):
+        ids = sorted(item["id"] for item in FeatureDataset(url))
+    assert ids == sorted(u["id"] for i, u in enumerate(utts) if not 6 <= i < 12)
+    assert "shard 00001" in caplog.text and "speech_frames" in caplog.text

@@ -1,6 +1,7 @@
 """Pictures of stored teacher states (matplotlib is optional: `pip install 'whistle[plot]'`)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,14 @@ def plot_utterance(store_path: str, utt_id: str, out_png: str | Path) -> Path:
     text = utt.text if len(utt.text) <= 90 else utt.text[:87] + "..."
     axes.set_title(f"{utt.id} ({utt.language}, {utt.duration:.2f} s): {text}", fontsize=9)
     figure.colorbar(image, ax=axes, fraction=0.03, pad=0.01)
-    figure.tight_layout()
     out = Path(out_png)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(out, format="png")
-    except OSError as err:
-        raise WhistleError(f"could not write the plot to {out}: {err}") from err
+    with warnings.catch_warnings():
+        # Text in scripts the default font lacks (CJK, ...) is drawn as boxes; one warning per glyph is noise.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        figure.tight_layout()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            figure.savefig(out, format="png")
+        except OSError as err:
+            raise WhistleError(f"could not write the plot to {out}: {err}") from err
     return out
