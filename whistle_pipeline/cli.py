@@ -301,6 +301,53 @@ def synthesize_command(texts: str, out: str, voices: str | None, variants: str |
     click.echo(result.summary())
 
 
+@cli.command("evaluate")
+@click.argument("models", nargs=-1, metavar="MODEL...")
+@click.option("--audio", "sets", multiple=True, metavar="[LABEL=]SET",
+              help="Audio set to score on (manifest, Common Voice folder, datasets name/folder); repeatable "
+                   "[evaluate.sets].")
+@click.option("--output-dir", help="Where results.json, table.md, hypotheses.jsonl, diffs.md go [evaluate.output_dir].")
+@click.option("--batch-size", type=int, help="Clips per generation batch [evaluate.batch_size].")
+@click.option("--num-beams", type=int, help="Beam width, 1 = greedy [evaluate.num_beams].")
+@click.option("--max-new-tokens", type=int, help="Longest transcript in tokens [evaluate.max_new_tokens].")
+@click.option("--max-clips", type=int, help="Score at most this many clips of each set [evaluate.max_clips].")
+@click.option("--diffs/--no-diffs", default=None, help="Write diffs.md, the words that changed per clip "
+              "[evaluate.write_diffs].")
+@click.option("--audio-column", help="Column with the audio [data.audio_column].")
+@click.option("--text-column", help="Column with the reference transcript [data.text_column].")
+@click.option("--device", help="auto, cpu, cuda, cuda:N [teacher.device].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype "
+              "[teacher.dtype].")
+@config_options
+def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_tokens, max_clips, diffs, audio_column,
+                     text_column, device, dtype, config_path, overrides) -> None:
+    """WER and CER of Whisper models side by side on audio sets (Whisper's text normalisers).
+
+    MODEL is a folder (whistle finetune / import-ct2 output, any save_pretrained Whisper) or a
+    hub name; LABEL=PATH names its column. The first model is the baseline: the table shows each
+    other model's relative WER change, and diffs.md the words each one changed. Repetition loops
+    (transcripts cut off at --max-new-tokens, or a phrase repeated 4+ times) are listed per model.
+
+    \b
+    Examples:
+      whistle evaluate before=whisper-tiny.en after=whistle-adapted --audio target=target-test/manifest.jsonl \\
+          --audio source=source-test/manifest.jsonl
+      whistle evaluate openai/whisper-large-v3 whistle-adapted --audio cv-corpus-21.0/de --max-clips 500 \\
+          --set data.subset=test --num-beams 5
+      whistle evaluate whistle-adapted --config my.toml --output-dir eval-run2
+    """
+    from stages.evaluate import run
+
+    config = _load(config_path, overrides, {
+        "evaluate": {"models": list(models) or None, "sets": list(sets) or None, "output_dir": output_dir,
+                     "batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
+                     "max_clips": max_clips, "write_diffs": diffs},
+        "data": {"audio_column": audio_column, "text_column": text_column},
+        "teacher": {"device": device, "dtype": dtype},
+    })
+    click.echo(run(config).summary())
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="whistle")
