@@ -145,7 +145,10 @@ class StoreWriter:
     def shard(self, index: int) -> ShardWriter:
         """A writer for shard `index`, replacing an incomplete shard `index` left by an earlier run."""
         name = shard_name(index)
-        existing = shard_attrs(self.root).get(index)
+        try:
+            existing = self.root[f"{SHARDS_GROUP}/{name}"].attrs.asdict()  # this shard only: no store listing
+        except KeyError:
+            existing = None
         if existing is not None:
             if existing.get("complete") is True:
                 raise StoreError(f"shard {name} of store {self.url} is already complete; skip it "
