@@ -231,6 +231,7 @@ class FinetuneConfig:
     tts_store: str
     audio_ratio: float
     tts_ratio: float
+    sample_latent: bool
     output_dir: str
     steps: int
     batch_size: int
@@ -246,10 +247,14 @@ class FinetuneConfig:
     val_fraction: float
     val_size: int
     val_every: int
+    select_by: Literal["auto", "wer", "loss"]
     select_best: bool
     checkpoint_every: int
     keep_checkpoints: int
+    resume: bool
     log_every: int
+    shuffle_buffer: int
+    num_workers: int
     seed: int
     progress: bool
 
@@ -278,7 +283,11 @@ class FinetuneConfig:
             + _in_range("finetune.checkpoint_every", self.checkpoint_every, 1)
             + _in_range("finetune.keep_checkpoints", self.keep_checkpoints, 1)
             + _in_range("finetune.log_every", self.log_every, 1)
+            + _in_range("finetune.shuffle_buffer", self.shuffle_buffer, 1)
+            + _in_range("finetune.num_workers", self.num_workers, 0)
         )
+        if self.select_by == "wer" and not self.val_audio:
+            out.append('finetune.select_by = "wer" needs finetune.val_audio (an audio set to transcribe)')
         if self.audio_ratio + self.tts_ratio > 1.0 + 1e-9:
             out.append(
                 f"finetune.audio_ratio + finetune.tts_ratio = {self.audio_ratio + self.tts_ratio:g} exceeds 1: "
