@@ -43,14 +43,14 @@ def utterance_frames(n: int, rng: np.random.Generator) -> np.ndarray:
     return -(-n_samples // TEACHER.samples_per_frame) + 2
 
 
-def spec_for(codec: str, shard_size: int) -> StoreSpec:
-    return StoreSpec(TEACHER, "speech", 2, shard_size, 2048, codec, 3, 0, "bench", "none")
+def spec_for(codec: str, shard_size: int, chunk_frames: int) -> StoreSpec:
+    return StoreSpec(TEACHER, "speech", 2, shard_size, chunk_frames, codec, 3, 0, "bench", "none")
 
 
-def write_store(path: Path, codec: str, shard_size: int, lengths: np.ndarray, starts: np.ndarray,
+def write_store(path: Path, codec: str, shard_size: int, chunk_frames: int, lengths: np.ndarray, starts: np.ndarray,
                 pool: np.ndarray, write_threads: int) -> dict[str, float]:
     """Fill a store as precompute does; seconds spent in add() and in the whole write."""
-    writer = StoreWriter.open(path, spec_for(codec, shard_size))
+    writer = StoreWriter.open(path, spec_for(codec, shard_size, chunk_frames))
     add_seconds = 0.0
     began = time.perf_counter()
     with ThreadPoolExecutor(write_threads) as closers:
@@ -102,10 +102,13 @@ def baseline(path: Path, lengths: np.ndarray, starts: np.ndarray, pool: np.ndarr
 @click.option("--quick", is_flag=True, help="A smoke run: 48 utterances in 3 shards.")
 @click.option("--utterances", type=int, default=512, show_default=True, help="Utterances to write.")
 @click.option("--shard-size", type=int, default=128, show_default=True, help="Utterances per shard.")
+@click.option("--chunk-frames", type=int, default=2048, show_default=True,
+              help="Rows per inner chunk (pipeline.toml's store.chunk_frames); smaller = faster random reads.")
 @click.option("--write-threads", type=int, default=2, show_default=True, help="Threads closing shards.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where to write (default: a temp dir).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def main(quick: bool, utterances: int, shard_size: int, write_threads: int, workdir: str | None, seed: int) -> None:
+def main(quick: bool, utterances: int, shard_size: int, chunk_frames: int, write_threads: int, workdir: str | None,
+         seed: int) -> None:
     """Measure the store's write and read MB/s against a plain-file baseline.
 
     \b
@@ -113,6 +116,7 @@ def main(quick: bool, utterances: int, shard_size: int, write_threads: int, work
       python bench/store_io.py
       python bench/store_io.py --quick
       python bench/store_io.py --utterances 2048 --shard-size 512 --workdir /mnt/nvme/tmp
+      python bench/store_io.py --chunk-frames 512
     """
     if quick:
         utterances, shard_size = 48, 16
@@ -127,7 +131,7 @@ def main(quick: bool, utterances: int, shard_size: int, write_threads: int, work
         assert base["frames"] == lengths.sum()
         rows = []
         for codec in CODECS:
-            written = write_store(root / codec, codec, shard_size, lengths, starts, pool, write_threads)
+            written = write_store(root / codec, codec, shard_size, chunk_frames, lengths, starts, pool, write_threads)
             read = read_store(root / codec, min(64, utterances), rng)
             assert read["frames"] == lengths.sum()
             rows.append((codec, written, read))

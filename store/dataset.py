@@ -25,6 +25,9 @@ time and sorted by length (ascending and descending in turn), so consecutive ite
 DataLoader forms — have similar lengths and little padding; N should be several batch sizes.
 `keep(utt_id)` (picklable, since workers may be spawned) drops utterances, e.g. a held-out split.
 
+`set_epoch` changes this object in the main process: DataLoader workers see it when they start,
+so create the DataLoader without `persistent_workers` (or anew each epoch).
+
 A shard found damaged while reading (see `whistle inspect-store --check`) is logged as an error
 and the worker moves on to its next unit, so one bad shard does not end a long training run.
 """

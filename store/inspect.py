@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from zarr.abc.store import Store
 
-from store.format import SHARDS_GROUP, StoreError, run_sync, shard_name
+from store.format import SHARDS_GROUP, run_sync, shard_name
 from store.reader import READ_BLOCK_BYTES, DamagedShardError, StoreReader, missing_objects
 
 SUM_ARRAYS = ("tail_sum", "tail_count", "stat_sum", "stat_sqsum", "stat_count")
@@ -239,6 +239,3 @@ def _speech_sums(reader: StoreReader, shard: int, index: Any, all_rows_speech: b
 def _close(stored: np.ndarray, recomputed: np.ndarray) -> bool:
     scale = max(1.0, float(np.abs(recomputed).max(initial=0.0)))
     return stored.shape == recomputed.shape and bool(np.allclose(stored, recomputed, rtol=SUM_RTOL, atol=SUM_RTOL * scale))
-
-
-__all__ = ["Fault", "StoreError", "StoreReport", "check_shard", "inspect_store"]

@@ -34,7 +34,6 @@ from store.format import (
     SHARDS_GROUP,
     StoreError,
     StoreSpec,
-    TeacherInfo,
     is_empty,
     open_root,
     open_zarr_store,
@@ -134,10 +133,6 @@ class StoreWriter:
         root.update_attributes({ATTRS_KEY: {**attrs, **version_stamp("updated")}})
         return root, stored
 
-    @property
-    def teacher(self) -> TeacherInfo:
-        return self.spec.teacher
-
     def complete_shards(self) -> set[int]:
         """Indices of the shards marked complete (they are skipped on resume)."""
         return {index for index, attrs in shard_attrs(self.root).items() if attrs.get("complete") is True}
@@ -211,9 +206,6 @@ class ShardWriter:
             self._summer.shutdown(cancel_futures=True)
             self._states.clear()
             run_sync(self.writer.store.delete_dir(f"{SHARDS_GROUP}/{self.name}"))
-
-    def __len__(self) -> int:
-        return len(self._ids)
 
     def add(self, id: str, text: str, language: str, duration_s: float, states: np.ndarray,
             tail: np.ndarray | None = None, *, speech_frames: int | None = None) -> bool:
