@@ -24,6 +24,15 @@ from whistle_pipeline.tle import (
 D, MAX_FRAMES, END = 24, 80, 99
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread than on two busy ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_tle(seed: int = 0, **overrides) -> TLEModel:
     torch.manual_seed(seed)
     settings = dict(vocab_size=100, embedding_size=16, hidden_size=32, text_layers=2, frame_layers=2, num_heads=4,

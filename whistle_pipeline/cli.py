@@ -155,6 +155,51 @@ def precompute_command(data, kind, subset, split, audio_column, text_column, max
     click.echo(run(config).summary())
 
 
+@cli.command("train-tle")
+@click.option("--store", help="Feature store folder or fsspec URL to learn from [store.path].")
+@click.option("--teacher", help="The Whisper that made the store: hub name or local folder [teacher.name_or_path].")
+@click.option("--revision", help="Hub revision of the teacher [teacher.revision].")
+@click.option("--output-dir", help="Folder for the TLE, checkpoints and logs [train_tle.output_dir].")
+@click.option("--steps", type=int, help="Optimiser steps in total [train_tle.steps].")
+@click.option("--batch-size", type=int, help="Utterances per step per process [train_tle.batch_size].")
+@click.option("--learning-rate", type=float, help="AdamW peak learning rate [train_tle.learning_rate].")
+@click.option("--decoder-ce-start", type=int, help="Step at which the decoder cross-entropy joins the regression "
+              "[train_tle.decoder_ce_start].")
+@click.option("--decoder-ce-weight", type=float, help="Weight of the decoder cross-entropy in phase 2 (0 = off) "
+              "[train_tle.decoder_ce_weight].")
+@click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint in the output "
+              "folder, or start over [train_tle.resume].")
+@config_options
+def train_tle_command(store, teacher, revision, output_dir, steps, batch_size, learning_rate, decoder_ce_start,
+                      decoder_ce_weight, resume, config_path, overrides) -> None:
+    """Train the text-to-latent encoder (TLE) on a feature store.
+
+    Learns to produce the teacher's encoder states from text: per-token durations taken from the
+    teacher's own alignment heads, regression first, then the frozen decoder's cross-entropy as
+    well. Writes a TLE loadable with TLEModel.from_pretrained(OUTPUT_DIR), checkpoints (a rerun
+    resumes), train_log.csv / validation.csv / TensorBoard logs and loss_curves.png.
+
+    \b
+    Examples:
+      whistle train-tle --store cv-de-large-v3 --teacher openai/whisper-large-v3 --output-dir tle-de
+      # 8 GPUs, same output folder (a rerun resumes from the newest checkpoint)
+      accelerate launch --num_processes 8 -m whistle_pipeline train-tle --config my.toml
+      # a short CPU trial: regression for 300 steps, then the decoder loss
+      whistle train-tle --store trial --teacher whisper-tiny.en --steps 500 --decoder-ce-start 300 \\
+          --set tle.hidden_size=256 --set train_tle.val_every=100
+    """
+    from stages.train_tle import run
+
+    config = _load(config_path, overrides, {
+        "store": {"path": store},
+        "teacher": {"name_or_path": teacher, "revision": revision},
+        "train_tle": {"output_dir": output_dir, "steps": steps, "batch_size": batch_size,
+                      "learning_rate": learning_rate, "decoder_ce_start": decoder_ce_start,
+                      "decoder_ce_weight": decoder_ce_weight, "resume": resume},
+    })
+    click.echo(run(config).summary())
+
+
 @cli.command("inspect-store")
 @click.argument("store_path", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
@@ -299,6 +344,59 @@ def synthesize_command(texts: str, out: str, voices: str | None, variants: str |
         workers=workers or os.cpu_count() or 1, overwrite=overwrite,
     )
     click.echo(result.summary())
+
+
+@cli.command("finetune")
+@click.option("--teacher", help="The Whisper to adapt: hub name or folder [teacher.name_or_path].")
+@click.option("--revision", help="Hub revision of the teacher [teacher.revision].")
+@click.option("--tle", "tle_path", help="The trained TLE folder (`whistle train-tle` output) [finetune.tle_path].")
+@click.option("--text", help="Target-domain text: .txt (a sentence per line), .jsonl/.csv/.tsv, or a datasets "
+              "name/folder [finetune.text].")
+@click.option("--text-column", help="Column of the text in .jsonl/.csv/datasets corpora [finetune.text_column].")
+@click.option("--language", help="Language of the text, a Whisper code [finetune.language].")
+@click.option("--audio-store", help="Store of real paired audio states, against forgetting [finetune.audio_store].")
+@click.option("--tts-store", help="Store of synthesized target-domain speech states [finetune.tts_store].")
+@click.option("--audio-ratio", type=float, help="Fraction of examples from --audio-store [finetune.audio_ratio].")
+@click.option("--tts-ratio", type=float, help="Fraction of examples from --tts-store [finetune.tts_ratio].")
+@click.option("--output-dir", help="Folder for the adapted Whisper, checkpoints and logs [finetune.output_dir].")
+@click.option("--steps", type=int, help="Optimiser steps in total [finetune.steps].")
+@click.option("--batch-size", type=int, help="Examples per step per process [finetune.batch_size].")
+@click.option("--learning-rate", type=float, help="AdamW peak learning rate [finetune.learning_rate].")
+@click.option("--val-audio", help="Audio set for WER validation with the real encoder [finetune.val_audio].")
+@click.option("--device", help="auto (accelerate's device) or cpu [teacher.device].")
+@click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint in --output-dir "
+              "[finetune.resume].")
+@config_options
+def finetune_command(teacher, revision, tle_path, text, text_column, language, audio_store, tts_store, audio_ratio,
+                     tts_ratio, output_dir, steps, batch_size, learning_rate, val_audio, device, resume, config_path,
+                     overrides) -> None:
+    """Adapt Whisper's decoder to target-domain text through the frozen TLE; write a complete Whisper.
+
+    Text examples reach the decoder as TLE states (the encoder never runs); --audio-store mixes in
+    stored states of real paired audio against forgetting, --tts-store stored states of synthesized
+    target speech (WhisTLE + TTS). With --audio-ratio + --tts-ratio = 1 and no --text it is plain
+    TTS fine-tuning. Only decoder weights train. The output loads with
+    transformers.pipeline("automatic-speech-recognition", model=OUTPUT_DIR). A rerun resumes.
+
+    \b
+    Examples:
+      whistle finetune --teacher whisper-tiny.en --tle whistle-tle --text medical.txt \\
+          --audio-store source-store --audio-ratio 0.5 --output-dir tiny-medical
+      accelerate launch --num_processes 4 -m whistle_pipeline finetune --config my.toml \\
+          --val-audio dev/manifest.jsonl
+      whistle finetune --teacher whisper-tiny.en --text "" --tle "" --audio-store source-store \\
+          --tts-store tts-store --audio-ratio 0.5 --tts-ratio 0.5 --output-dir tts-only
+    """
+    from stages.finetune import run
+
+    config = _load(config_path, overrides, {
+        "teacher": {"name_or_path": teacher, "revision": revision, "device": device},
+        "finetune": {"tle_path": tle_path, "text": text, "text_column": text_column, "language": language,
+                     "audio_store": audio_store, "tts_store": tts_store, "audio_ratio": audio_ratio,
+                     "tts_ratio": tts_ratio, "output_dir": output_dir, "steps": steps, "batch_size": batch_size,
+                     "learning_rate": learning_rate, "val_audio": val_audio, "resume": resume},
+    })
+    click.echo(run(config).summary())
 
 
 @cli.command("evaluate")

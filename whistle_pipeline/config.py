@@ -133,7 +133,9 @@ class PrecomputeConfig:
 
 
 @dataclass(frozen=True)
-class TLEConfig:
+class TLEArchitectureConfig:
+    """[tle]: the TLE's architecture (named apart from whistle_pipeline.tle.TLEConfig, the model's saved config)."""
+
     hidden_size: int
     text_layers: int
     frame_layers: int
@@ -143,6 +145,8 @@ class TLEConfig:
     conv_kernel: int
     conv_layers: int
     dropout: float
+    posterior: bool
+    token_embeddings: Literal["teacher-frozen", "teacher", "random"]
 
     def problems(self) -> list[str]:
         out = (
@@ -185,11 +189,17 @@ class TrainTLEConfig:
     decoder_ce_weight: float
     decoder_ce_start: int
     val_fraction: float
+    val_size: int
+    val_wer_size: int
     val_every: int
     checkpoint_every: int
+    keep_checkpoints: int
+    resume: bool
     log_every: int
     shuffle_buffer: int
+    length_bucket: int
     num_workers: int
+    progress: bool
     seed: int
 
     def problems(self) -> list[str]:
@@ -204,12 +214,19 @@ class TrainTLEConfig:
             + _in_range("train_tle.free_bits", self.free_bits, 0.0)
             + _in_range("train_tle.decoder_ce_start", self.decoder_ce_start, 0)
             + _in_range("train_tle.val_fraction", self.val_fraction, 0.0, 0.5)
+            + _in_range("train_tle.val_size", self.val_size, 1)
+            + _in_range("train_tle.val_wer_size", self.val_wer_size, 0)
             + _in_range("train_tle.val_every", self.val_every, 1)
             + _in_range("train_tle.checkpoint_every", self.checkpoint_every, 1)
+            + _in_range("train_tle.keep_checkpoints", self.keep_checkpoints, 1)
             + _in_range("train_tle.log_every", self.log_every, 1)
             + _in_range("train_tle.shuffle_buffer", self.shuffle_buffer, 1)
+            + _in_range("train_tle.length_bucket", self.length_bucket, 0)
             + _in_range("train_tle.num_workers", self.num_workers, 0)
         )
+        if self.val_wer_size > self.val_size:
+            out.append(f"train_tle.val_wer_size = {self.val_wer_size} exceeds train_tle.val_size = {self.val_size}: "
+                       "the round-trip WER decodes some of the validation utterances")
         for name in ("mse_weight", "cosine_weight", "length_weight", "kl_beta", "decoder_ce_weight"):
             out += _in_range(f"train_tle.{name}", getattr(self, name), 0.0)
         if self.warmup_steps >= self.steps:
@@ -328,7 +345,7 @@ class PipelineConfig:
     data: DataConfig
     store: StoreConfig
     precompute: PrecomputeConfig
-    tle: TLEConfig
+    tle: TLEArchitectureConfig
     train_tle: TrainTLEConfig
     finetune: FinetuneConfig
     evaluate: EvaluateConfig

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
@@ -219,7 +220,9 @@ class TLEModel(PreTrainedModel):
         H, Z, D = config.hidden_size, config.latent_size, config.d_model
         ffn = config.ffn_multiplier * H
         self.token_embedding = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.token_norm = nn.LayerNorm(config.embedding_size)
         self.token_projection = nn.Linear(config.embedding_size, H)
+        self.token_position = nn.Linear(POSITION_FEATURES, H)
         self.language_embedding = nn.Embedding(len(config.languages), H)
         self.text_layers = nn.ModuleList(
             TransformerBlock(H, config.num_heads, ffn, config.dropout) for _ in range(config.text_layers)
@@ -259,10 +262,10 @@ class TLEModel(PreTrainedModel):
     def set_store_statistics(self, mean: Any, std: Any, tail_template: Any) -> None:
         """Copy the store's statistics() and tail_template() (numpy or torch) into the model."""
         with torch.no_grad():
-            self.state_mean.copy_(torch.as_tensor(mean))
+            self.state_mean.copy_(torch.tensor(np.asarray(mean)))
             # a channel that never varies would divide by ~0; its normalised value carries nothing
-            self.state_std.copy_(torch.as_tensor(std).clamp(min=1e-4))
-            self.tail_template.copy_(torch.as_tensor(tail_template))
+            self.state_std.copy_(torch.tensor(np.asarray(std)).clamp(min=1e-4))
+            self.tail_template.copy_(torch.tensor(np.asarray(tail_template)))
 
     def language_ids(self, languages: Sequence[str]) -> torch.Tensor:
         """Language codes -> (B,) ids; an unknown code raises, listing the ones this TLE knows."""
@@ -288,9 +291,10 @@ class TLEModel(PreTrainedModel):
     def encode_text(self, tokens: torch.Tensor, token_mask: torch.Tensor, language_ids: torch.Tensor) -> torch.Tensor:
         """tokens (B, L), token_mask (B, L), language_ids (B,) -> token states (B, L, H)."""
         B, L = tokens.shape
-        x = self.token_projection(self.token_embedding(tokens))  # (B, L, H)
+        # normalised first: teacher embeddings and fresh ones differ in scale by orders of magnitude
+        x = self.token_projection(self.token_norm(self.token_embedding(tokens)))  # (B, L, H)
         x = x + self.language_embedding(language_ids)[:, None, :]
-        x = x + sinusoids(torch.arange(L, device=tokens.device), x.shape[-1]).to(x.dtype)
+        x = x + self.token_position(sinusoids(torch.arange(L, device=tokens.device), POSITION_FEATURES).to(x.dtype))
         for layer in self.text_layers:
             x = layer(x, token_mask)
         return self.text_norm(x)  # (B, L, H)

@@ -1,0 +1,754 @@
+"""train-tle: learn the text-to-latent encoder from a feature store (DESIGN.md §6).
+
+    store ──► held-out split (stable hash of each id)
+          ──► per-token durations from the frozen teacher's alignment heads + DTW (cached in output_dir)
+          ──► FeatureDataset (ranks x workers, shuffle buffer, length groups) ──► TLE ──► losses ──► AdamW
+
+Two phases. Phase 1 (step < decoder_ce_start) regresses the teacher's speech frames: masked MSE
+(+ cosine) in the store's normalised space, beta * KL (annealed from 0, free bits) and the duration
+loss. Phase 2 adds the frozen Whisper decoder's cross-entropy on the text given the TLE's full
+window ("deep supervision"), the regression terms staying on as an anchor: regression alone gives
+states the decoder cannot read, the decoder loss from scratch finds a shortcut.
+
+The loop is written out with accelerate (one Accelerator, prepare, accumulate, mixed precision on
+GPU). Every rank streams its own share of the shards and starts its next epoch when its share runs
+out, so ranks never wait for each other at epoch ends. Checkpoints hold everything needed to continue
+the same run: weights (safetensors), optimiser (torch.save of tensors, read back with
+weights_only=True), scheduler, step, each rank's data position and RNG states (JSON + safetensors).
+
+output_dir/  config.json + model.safetensors   the TLE (TLEModel.from_pretrained(output_dir))
+             config.toml                       the resolved pipeline configuration
+             durations/                        the teacher alignment per shard (JSON; reused on rerun)
+             checkpoints/step-NNNNNNN/         resumable state
+             train_log.csv, validation.csv     per-step and per-validation metrics (+ tensorboard/)
+             loss_curves.png, summary.json
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from store import StoreError, StoreReader
+from store.dataset import FeatureDataset, pad_batch
+from whistle_pipeline.alignment import align_batch, alignment_heads
+from whistle_pipeline.config import PipelineConfig
+from whistle_pipeline.corpus import is_held_out
+from whistle_pipeline.decoder import (
+    FrozenTeacher,
+    decoder_cross_entropy,
+    greedy_transcribe,
+    load_frozen_teacher,
+    word_error_rate,
+)
+from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.text import TextBatch, encode_texts, text_tokens
+from whistle_pipeline.tle import LossWeights, TLEConfig, TLEModel, masked_cosine, masked_mse, tle_loss
+
+log = logging.getLogger(__name__)
+
+DURATIONS_DIR = "durations"
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_LOG = "train_log.csv"
+VALIDATION_LOG = "validation.csv"
+TRAIN_COLUMNS = ["step", "epoch", "loss", "mse", "cosine", "kl", "beta", "length", "length_error", "decoder_ce",
+                 "decoder_ce_weight", "lr", "frames_per_s"]
+VALIDATION_COLUMNS = ["step", "mse", "cosine", "length_error", "duration_mae", "decoder_ce", "decoder_ce_predicted",
+                      "real_decoder_ce", "wer_predicted", "real_wer"]
+FINAL_LR_FRACTION = 0.1  # the cosine schedule decays to this fraction of the peak
+
+
+# --- result ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainTLEResult:
+    output_dir: str
+    steps: int
+    resumed_from: int  # 0 = a fresh run
+    train_utterances: int
+    held_out_utterances: int
+    alignment_rejects: dict[str, str]  # id -> reason (not trained on)
+    wall_seconds: float
+    validation: dict[str, float] = field(default_factory=dict)  # the last validation
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"trained the TLE for {self.steps} steps"
+            + (f" (resumed at step {self.resumed_from})" if self.resumed_from else "")
+            + f" in {self.wall_seconds / 60:.1f} min on {self.train_utterances} utterances "
+            f"({self.held_out_utterances} held out)",
+        ]
+        if self.alignment_rejects:
+            first_id, reason = next(iter(self.alignment_rejects.items()))
+            lines.append(f"  {len(self.alignment_rejects)} utterance(s) not used (first: {first_id}: {reason})")
+        if self.validation:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in self.validation.items() if k != "step" and not math.isnan(v))
+            lines.append(f"  held-out: {shown}")
+        lines.append(f"  model: {self.output_dir} (TLEModel.from_pretrained); logs, curves and checkpoints beside it")
+        return "\n".join(lines)
+
+
+# --- the store, the teacher and the durations -------------------------------------------------------
+
+
+def open_store(url: str, teacher: FrozenTeacher, teacher_name: str, revision: str) -> StoreReader:
+    """Open the store and refuse it when it is empty or its teacher geometry differs from `teacher`'s."""
+    from transformers import WhisperFeatureExtractor
+
+    from whistle_pipeline.teacher import TeacherGeometry
+
+    reader = StoreReader(url)
+    if not reader.shards():
+        incomplete = len(reader.incomplete_shards())
+        raise WhistleError(
+            f"store {url} has no complete shards ({incomplete} incomplete): run `whistle precompute` on it first"
+            + (" and let it finish (a rerun completes the missing shards)" if incomplete else "")
+        )
+    try:
+        features = WhisperFeatureExtractor.from_pretrained(teacher_name, revision=revision)
+    except OSError:
+        features = WhisperFeatureExtractor(feature_size=teacher.model.config.num_mel_bins)
+    given = TeacherGeometry.from_pretrained(teacher.model.config, features).teacher_info(teacher_name, revision)
+    differences = [d for d in reader.teacher.differences(given)
+                   if not d.startswith(("teacher.name_or_path", "teacher.revision"))]
+    if differences:
+        raise WhistleError(
+            f"store {url} holds states of a different teacher than {teacher_name!r}: " + "; ".join(differences)
+            + ". Train with the teacher that made the store (teacher.name_or_path), or precompute a new store."
+        )
+    if reader.teacher.name_or_path != teacher_name:
+        log.warning("store %s was made with teacher %r; training against %r (same geometry)",
+                    url, reader.teacher.name_or_path, teacher_name)
+    return reader
+
+
+class DurationTable:
+    """Frames per TLE token of every aligned utterance, packed in two arrays (compact to send to workers)."""
+
+    def __init__(self, durations: dict[str, list[int]]):
+        self.index = {utt_id: i for i, utt_id in enumerate(durations)}
+        self.offsets = np.cumsum([0] + [len(row) for row in durations.values()])  # (N + 1,)
+        self.values = np.concatenate([np.asarray(row, np.int32) for row in durations.values()]) if durations \
+            else np.zeros(0, np.int32)
+
+    def __contains__(self, utt_id: str) -> bool:
+        return utt_id in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, utt_id: str) -> np.ndarray:
+        i = self.index[utt_id]
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+
+@dataclass
+class Alignment:
+    """Durations of the usable utterances, every utterance's language, and why the others are unusable."""
+
+    durations: DurationTable
+    languages: dict[str, str]
+    rejects: dict[str, str]
+
+
+def _alignment_fingerprint(reader: StoreReader, teacher_name: str, teacher: FrozenTeacher) -> dict[str, Any]:
+    """What the cached durations depend on, as it reads back from JSON."""
+    return json.loads(json.dumps({"teacher": teacher_name, "vocab_size": teacher.model.config.vocab_size,
+                                  "store_teacher": reader.teacher.to_dict(), "heads": alignment_heads(teacher.model)}))
+
+
+def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_size: int) -> dict[str, Any]:
+    """Durations of one shard's utterances from the teacher reading their real full windows."""
+    heads = alignment_heads(teacher.model)
+    record: dict[str, Any] = {"durations": {}, "languages": {}, "rejects": {}}
+    pending = []
+
+    def flush() -> None:
+        windows = torch.from_numpy(np.stack([reader.full_window(u.states) for u in pending]))  # (B, F, D)
+        windows = windows.to(teacher.model.device)
+        batch = encode_texts(teacher.tokenizer, teacher.specials, [u.text for u in pending],
+                             [u.language for u in pending], teacher.max_positions)
+        lengths = torch.tensor([u.speech_frames for u in pending])
+        for utt, durations in zip(pending, align_batch(teacher, heads, windows, batch.to(windows.device), lengths)):
+            if durations is None:
+                record["rejects"][utt.id] = f"{utt.speech_frames} speech frames for more text tokens"
+            else:
+                record["durations"][utt.id] = durations.tolist()
+        pending.clear()
+
+    for utt in reader.iter_shard(shard):
+        record["languages"][utt.id] = utt.language
+        if not utt.text.strip():
+            record["rejects"][utt.id] = "empty transcript"
+            continue
+        if teacher.specials.multilingual and utt.language not in teacher.specials.languages:
+            record["rejects"][utt.id] = f"language {utt.language!r} has no token in the teacher's tokenizer"
+            continue
+        n_tokens = len(text_tokens(teacher.tokenizer, utt.text))
+        prompt = len(teacher.specials.prefix(utt.language))
+        if n_tokens + prompt > teacher.max_positions:
+            record["rejects"][utt.id] = f"{n_tokens} text tokens exceed the decoder's {teacher.max_positions} positions"
+            continue
+        pending.append(utt)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return record
+
+
+def align_store(accelerator: Any, reader: StoreReader, teacher: FrozenTeacher, teacher_name: str, out_dir: Path,
+                batch_size: int, progress: bool) -> Alignment:
+    """Align every complete shard once (rank r takes the shards at positions r, r + W, ...), cache each
+    shard's result as JSON in out_dir, and return the union. Reruns reuse the cache while the teacher
+    and the store's teacher are the same."""
+    from tqdm.auto import tqdm
+
+    fingerprint = _alignment_fingerprint(reader, teacher_name, teacher)
+    meta_path = out_dir / "alignment.json"
+    if accelerator.is_main_process:
+        if out_dir.exists() and (not meta_path.exists() or json.loads(meta_path.read_text()) != fingerprint):
+            log.info("the cached durations in %s were made with another teacher: aligning again", out_dir)
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(fingerprint, indent=1))
+    accelerator.wait_for_everyone()
+    shards = reader.shards()
+    mine = [k for k in shards[accelerator.process_index::accelerator.num_processes]
+            if not (out_dir / f"{k:05d}.json").exists()]
+    for shard in tqdm(mine, desc="aligning tokens", unit="shard", disable=not (progress and mine)):
+        record = align_shard(reader, shard, teacher, batch_size)
+        partial = out_dir / f"{shard:05d}.json.partial"
+        partial.write_text(json.dumps(record))
+        os.replace(partial, out_dir / f"{shard:05d}.json")  # a shard's file appears whole or not at all
+    accelerator.wait_for_everyone()
+    durations: dict[str, list[int]] = {}
+    alignment = Alignment(DurationTable({}), {}, {})
+    for shard in shards:
+        record = json.loads((out_dir / f"{shard:05d}.json").read_text())
+        durations.update(record["durations"])
+        alignment.languages.update(record["languages"])
+        alignment.rejects.update(record["rejects"])
+    alignment.durations = DurationTable(durations)
+    return alignment
+
+
+# --- batches -----------------------------------------------------------------------------------------
+
+
+class KeepSplit:
+    """FeatureDataset `keep`: aligned utterances on one side of the held-out split (picklable for workers)."""
+
+    def __init__(self, durations: DurationTable, held_out: bool, fraction: float, seed: int):
+        self.durations, self.held_out, self.fraction, self.seed = durations, held_out, fraction, seed
+
+    def __call__(self, utt_id: str) -> bool:
+        return utt_id in self.durations and is_held_out(utt_id, self.fraction, self.seed) == self.held_out
+
+
+@dataclass
+class TrainBatch:
+    states: torch.Tensor  # (B, T, D) teacher-scale speech frames, zero-padded
+    durations: torch.Tensor  # (B, L) frames per TLE token; row sums are the speech frames
+    language_ids: torch.Tensor  # (B,)
+    text: TextBatch
+    ids: list[str]
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        return TrainBatch(self.states.to(device, non_blocking=True), self.durations.to(device),
+                          self.language_ids.to(device), self.text.to(device), self.ids)
+
+
+class Collate:
+    """FeatureDataset items -> TrainBatch (runs in the DataLoader workers; picklable)."""
+
+    def __init__(self, tokenizer: Any, specials: Any, durations: DurationTable, languages: list[str],
+                 max_positions: int):
+        self.tokenizer, self.specials, self.durations = tokenizer, specials, durations
+        self.languages, self.max_positions = languages, max_positions
+
+    def __call__(self, items: list[dict[str, Any]]) -> TrainBatch:
+        padded = pad_batch(items)
+        text = encode_texts(self.tokenizer, self.specials, padded["texts"], padded["languages"], self.max_positions)
+        durations = torch.zeros_like(text.tle_tokens)  # (B, L)
+        for b, utt_id in enumerate(padded["ids"]):
+            row = self.durations[utt_id]
+            if len(row) != int(text.tle_mask[b].sum()) or row.sum() != int(padded["speech_frames"][b]):
+                raise WhistleError(f"cached durations of {utt_id!r} do not fit its tokens or frames: delete the "
+                                   "durations/ folder of the output directory to align again")
+            durations[b, : len(row)] = torch.from_numpy(row)
+        speech = int(padded["speech_frames"].max())  # full-window stores: only the speech frames are targets
+        language_ids = torch.tensor([self.languages.index(code) for code in padded["languages"]])
+        return TrainBatch(padded["states"][:, :speech], durations, language_ids, text, padded["ids"])
+
+
+def stream_batches(dataset: FeatureDataset, collate: Collate, batch_size: int, num_workers: int, seed: int,
+                   epoch: int, skip: int) -> Iterator[tuple[int, int, TrainBatch]]:
+    """(epoch, batches read this epoch, batch) forever: a new epoch starts when this rank's share runs out.
+    `skip` batches of the first epoch are read and dropped (resuming at a data position)."""
+    while True:
+        dataset.set_epoch(epoch)
+        # its own generator, so starting workers never draws from the global RNG (exact resume)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(seed + epoch))
+        seen = 0
+        for seen, batch in enumerate(loader, start=1):
+            if seen > skip:
+                yield epoch, seen, batch
+        if seen == 0:
+            raise WhistleError(f"this process got no training utterances from {dataset.url}: the store has fewer "
+                               "usable utterances than processes x workers, or everything is held out")
+        skip, epoch = 0, epoch + 1
+
+
+def validation_batches(url: str, collate: Collate, keep: KeepSplit, size: int, batch_size: int) -> list[TrainBatch]:
+    """The first `size` held-out utterances in store order, batched once and kept in memory."""
+    dataset = FeatureDataset(url, shuffle=False, keep=keep, rank=0, world_size=1)
+    items = []
+    for item in dataset:
+        items.append(item)
+        if len(items) == size:
+            break
+    return [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+# --- model, optimiser, schedule ----------------------------------------------------------------------
+
+
+def build_model(config: PipelineConfig, reader: StoreReader, teacher: FrozenTeacher, languages: list[str]) -> TLEModel:
+    """A fresh TLE sized by [tle], the store's geometry and statistics, and the teacher's vocabulary."""
+    arch = config.tle
+    decoder_embeddings = teacher.model.model.decoder.embed_tokens.weight  # (V, d_model)
+    tle_config = TLEConfig(
+        vocab_size=decoder_embeddings.shape[0], embedding_size=decoder_embeddings.shape[1],
+        hidden_size=arch.hidden_size, text_layers=arch.text_layers, frame_layers=arch.frame_layers,
+        num_heads=arch.num_heads, ffn_multiplier=arch.ffn_multiplier, latent_size=arch.latent_size,
+        conv_kernel=arch.conv_kernel, conv_layers=arch.conv_layers, dropout=arch.dropout, posterior=arch.posterior,
+        languages=languages, d_model=reader.teacher.d_model, max_frames=reader.teacher.max_frames,
+        max_tokens=teacher.max_positions, end_token_id=teacher.specials.end_of_text,
+        teacher=reader.teacher.to_dict(),
+    )
+    torch.manual_seed(config.train_tle.seed)
+    model = TLEModel(tle_config)
+    mean, std = reader.statistics()
+    model.set_store_statistics(mean, std, reader.tail_template())
+    if arch.token_embeddings != "random":
+        with torch.no_grad():
+            model.token_embedding.weight.copy_(decoder_embeddings.float())
+        model.token_embedding.weight.requires_grad_(arch.token_embeddings == "teacher")
+    return model
+
+
+def build_optimizer(model: TLEModel, settings: Any) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no weight decay on biases, norms and embeddings) with linear warmup then cosine decay."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 and "embedding" not in name else no_decay).append(parameter)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.learning_rate)
+    warmup, total = settings.warmup_steps, settings.steps
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def loss_weights(settings: Any, step: int) -> LossWeights:
+    """The weights of optimiser step `step`: beta rises linearly from 0, the decoder CE joins in phase 2."""
+    beta = settings.kl_beta * (min(1.0, step / settings.kl_anneal_steps) if settings.kl_anneal_steps else 1.0)
+    decoder_ce = settings.decoder_ce_weight if step >= settings.decoder_ce_start else 0.0
+    return LossWeights(mse=settings.mse_weight, cosine=settings.cosine_weight, length=settings.length_weight,
+                       beta=beta, free_bits=settings.free_bits, decoder_ce=decoder_ce)
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(model: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch], wer_size: int,
+             device: torch.device, reference: dict[str, float] | None = None) -> dict[str, float]:
+    """Held-out metrics of the text-only TLE (z = prior mean, no posterior):
+    mse, cosine (normalised space, true durations); length_error (|predicted - true| / true frames);
+    duration_mae (frames per token); decoder_ce on the TLE full window at true and predicted lengths;
+    wer_predicted: greedy round trip text -> TLE -> decoder at predicted lengths on the first
+    `wer_size` utterances. `reference` (real_decoder_ce, real_wer on the real states) is computed when
+    None and returned in the result either way."""
+    model.eval()
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    hypotheses, references, languages = [], [], []
+    real_hypotheses = []
+
+    def add(name: str, value: float, weight: int) -> None:
+        totals[name] = totals.get(name, 0.0) + value * weight
+        counts[name] = counts.get(name, 0) + weight
+
+    for batch in batches:
+        batch = batch.to(device)
+        text, mask = batch.text, batch.text.tle_mask
+        true_lengths = batch.durations.sum(1)  # (B,)
+        target = model.normalise(batch.states)  # (B, T, D)
+        out = model(text.tle_tokens, mask, batch.language_ids, durations=batch.durations)
+        n = len(batch.ids)
+        add("mse", masked_mse(out.states.float(), target.float(), out.frame_mask).item(), int(true_lengths.sum()))
+        add("cosine", masked_cosine(out.states, target, out.frame_mask).item(), int(true_lengths.sum()))
+        predicted = model.durations_from_log(out.log_durations, mask)  # (B, L)
+        add("length_error", ((predicted.sum(1) - true_lengths).abs() / true_lengths).mean().item(), n)
+        add("duration_mae", ((predicted - batch.durations).abs() * mask).sum().item() / mask.sum().item(),
+            int(mask.sum()))
+        window = model.full_window(model.denormalise(out.states), out.lengths)
+        add("decoder_ce", decoder_cross_entropy(teacher, window, text)[0].item(), n)
+        speech, lengths = model.speech_frames(text.tle_tokens, mask, batch.language_ids)
+        predicted_window = model.full_window(speech, lengths)
+        add("decoder_ce_predicted", decoder_cross_entropy(teacher, predicted_window, text)[0].item(), n)
+        real_window = model.full_window(batch.states, true_lengths)
+        if reference is None:
+            add("real_decoder_ce", decoder_cross_entropy(teacher, real_window, text)[0].item(), n)
+        decode = max(0, min(n, wer_size - len(hypotheses)))
+        if decode:
+            longest = int(mask[:decode].sum(1).max())
+            hypotheses += greedy_transcribe(teacher, predicted_window[:decode], text.languages[:decode], 2 * longest + 10)
+            references += text.texts[:decode]
+            languages += text.languages[:decode]
+            if reference is None:
+                real_hypotheses += greedy_transcribe(teacher, real_window[:decode], text.languages[:decode],
+                                                     2 * longest + 10)
+    metrics = {name: totals[name] / max(counts[name], 1) for name in totals}
+    if hypotheses:
+        metrics["wer_predicted"] = word_error_rate(hypotheses, references, languages, teacher.tokenizer)
+        if reference is None:
+            metrics["real_wer"] = word_error_rate(real_hypotheses, references, languages, teacher.tokenizer)
+    if reference is not None:
+        metrics.update(reference)
+    model.train()
+    return metrics
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON-able python/numpy RNG states, torch RNG states as tensors)."""
+    version, state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    json_state = {"python": [version, list(state), gauss],
+                  "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return json_state, tensors
+
+
+def _set_rng_state(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    version, state, gauss = json_state["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, position, has_gauss, cached = json_state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(accelerator: Any, directory: Path, model: TLEModel, optimizer: Any, scheduler: Any,
+                    step: int, epoch: int, position: int, keep: int) -> None:
+    """Write checkpoints/step-N/ (COMPLETE is written last, after every rank's state) and prune old ones."""
+    from safetensors.torch import save_file
+
+    path = directory / f"step-{step:07d}"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    json_state, tensors = _rng_state()
+    (path / f"state-rank{rank}.json").write_text(json.dumps(
+        {"step": step, "epoch": epoch, "position": position, "rng": json_state}))
+    save_file(tensors, str(path / f"rng-rank{rank}.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"))
+        torch.save(optimizer.state_dict(), path / "optimizer.pt")
+        (path / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        (path / "COMPLETE").write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))
+        for old in sorted(p for p in directory.glob("step-*") if (p / "COMPLETE").exists())[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    complete = sorted(p for p in directory.glob("step-*") if (p / "COMPLETE").exists())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(accelerator: Any, path: Path, model: TLEModel, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Restore weights, optimiser, scheduler and this rank's RNG; return its {step, epoch, position}."""
+    from safetensors.torch import load_file
+
+    processes = json.loads((path / "COMPLETE").read_text())["processes"]
+    if processes != accelerator.num_processes:
+        raise WhistleError(f"checkpoint {path} was written by {processes} processes, this run has "
+                           f"{accelerator.num_processes}: resume with the same number, or set train_tle.resume=false")
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(accelerator.device)))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=accelerator.device))
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    rank = accelerator.process_index
+    state = json.loads((path / f"state-rank{rank}.json").read_text())
+    _set_rng_state(state["rng"], load_file(str(path / f"rng-rank{rank}.safetensors")))
+    return state
+
+
+# --- logs --------------------------------------------------------------------------------------------
+
+
+class CsvLog:
+    """Rows appended to a CSV file; on resume, rows after the resumed step are dropped first."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: int | None):
+        self.path, self.columns = path, columns
+        rows = []
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as handle:
+                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, self.columns).writerow({k: row.get(k, "") for k in self.columns})
+
+
+def plot_curves(output_dir: Path) -> Path | None:
+    """loss_curves.png: training loss terms and held-out metrics against the step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no loss_curves.png (pip install 'whistle[plot]')")
+        return None
+
+    def read(name: str) -> dict[str, np.ndarray]:
+        with open(output_dir / name, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return {k: np.array([float(r[k]) if r[k] not in ("", "None") else np.nan for r in rows]) for k in rows[0]} if rows else {}
+
+    train, val = read(TRAIN_LOG), read(VALIDATION_LOG)
+    panels = [("training loss", [("loss", train)]), ("masked MSE (normalised)", [("mse", train), ("mse", val)]),
+              ("decoder cross-entropy", [("decoder_ce", train), ("decoder_ce", val), ("real_decoder_ce", val)]),
+              ("held-out cosine / WER", [("cosine", val), ("wer_predicted", val), ("real_wer", val)]),
+              ("length", [("length", train), ("length_error", val)]), ("KL (x beta: see beta)", [("kl", train)])]
+    figure, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for axis, (title, series) in zip(axes.flat, panels):
+        for name, table in series:
+            if table and name in table and np.isfinite(table[name]).any():
+                label = f"{name} ({'held-out' if table is val else 'train'})"
+                axis.plot(table["step"], table[name], marker="o" if table is val else None, ms=3, label=label)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = output_dir / "loss_curves.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _previous_validation(output_dir: Path) -> dict[str, float]:
+    """The last row of validation.csv (a rerun of a finished run trains no step and validates nothing)."""
+    path = output_dir / VALIDATION_LOG
+    if not path.exists():
+        return {}
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {k: float(v) for k, v in rows[-1].items() if v not in ("", "None")} if rows else {}
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+
+def run(config: PipelineConfig) -> TrainTLEResult:
+    """Train the TLE on config.store.path against the teacher config.teacher.name_or_path."""
+    from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available
+    from tqdm.auto import tqdm
+
+    settings = config.train_tle
+    started = time.time()
+    output_dir = Path(settings.output_dir)
+    trackers = ["tensorboard"] if is_tensorboard_available() else []
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(settings.mixed_precision),
+                              gradient_accumulation_steps=settings.grad_accum, log_with=trackers or None,
+                              project_dir=str(output_dir))
+    if not trackers:
+        log.warning("tensorboard is not installed: metrics go to %s only", TRAIN_LOG)
+    device = accelerator.device
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir)
+        log.info("resolved configuration saved to %s", output_dir / "config.toml")
+
+    teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    teacher = load_frozen_teacher(config.teacher.name_or_path, config.teacher.revision, device, teacher_dtype)
+    reader = open_store(config.store.path, teacher, config.teacher.name_or_path, config.teacher.revision)
+    alignment = align_store(accelerator, reader, teacher, config.teacher.name_or_path, output_dir / DURATIONS_DIR,
+                            settings.batch_size, settings.progress and accelerator.is_main_process)
+    usable = alignment.durations.index.keys()
+    languages = sorted({alignment.languages[i] for i in usable})
+    if not usable:
+        raise WhistleError(f"no utterance of store {config.store.path} is usable for training: "
+                           f"{len(alignment.rejects)} rejected, e.g. {next(iter(alignment.rejects.items()), '')}")
+    held_out = {i for i in usable if is_held_out(i, settings.val_fraction, settings.seed)}
+    if not held_out:
+        raise WhistleError(f"train_tle.val_fraction = {settings.val_fraction} holds out none of the {len(usable)} "
+                           "usable utterances: raise it")
+    if len(held_out) == len(usable):
+        raise WhistleError("every usable utterance is held out: lower train_tle.val_fraction")
+    log.info("%d utterances: %d for training, %d held out, %d unusable; languages %s", len(alignment.languages),
+             len(usable) - len(held_out), len(held_out), len(alignment.rejects), ", ".join(languages))
+
+    collate = Collate(teacher.tokenizer, teacher.specials, alignment.durations, languages, teacher.max_positions)
+    train_set = FeatureDataset(config.store.path, shuffle=True, seed=settings.seed,
+                               shuffle_buffer=settings.shuffle_buffer, length_bucket=settings.length_bucket,
+                               keep=KeepSplit(alignment.durations, False, settings.val_fraction, settings.seed))
+    model = build_model(config, reader, teacher, languages)
+    optimizer, scheduler = build_optimizer(model, settings)
+
+    checkpoints = output_dir / CHECKPOINTS_DIR
+    resume_from = latest_checkpoint(checkpoints) if settings.resume else None
+    if not settings.resume and accelerator.is_main_process and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    position = {"step": 0, "epoch": 0, "position": 0}
+    if resume_from is not None:
+        position = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        log.info("resuming from %s (step %d)", resume_from, position["step"])
+    # the scheduler is stepped by hand once per optimiser step (a prepared one steps once per process)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    tle = accelerator.unwrap_model(model)
+
+    val_batches = []
+    if accelerator.is_main_process:
+        val_batches = validation_batches(config.store.path, collate, KeepSplit(alignment.durations, True,
+                                         settings.val_fraction, settings.seed), settings.val_size, settings.batch_size)
+        resume_step = position["step"] if resume_from is not None else None
+        train_log = CsvLog(output_dir / TRAIN_LOG, TRAIN_COLUMNS, resume_step)
+        val_log = CsvLog(output_dir / VALIDATION_LOG, VALIDATION_COLUMNS, resume_step)
+        if trackers:
+            accelerator.init_trackers("tensorboard", config={
+                k: v for section in ("tle", "train_tle") for k, v in asdict(getattr(config, section)).items()
+                if isinstance(v, (int, float, str, bool))})
+
+    step = position["step"]
+    batches = stream_batches(train_set, collate, settings.batch_size, settings.num_workers, settings.seed,
+                             position["epoch"], position["position"])
+    bar = tqdm(total=settings.steps, initial=step, desc="train-tle", unit="step",
+               disable=not (settings.progress and accelerator.is_main_process))
+    window_sums: dict[str, float] = {}
+    window_count, window_frames, window_start = 0, 0.0, time.time()
+    reference: dict[str, float] | None = None
+    last_validation: dict[str, float] = {}
+    model.train()
+    epoch = seen = 0
+    while step < settings.steps:
+        weights = loss_weights(settings, step)
+        epoch, seen, batch = next(batches)
+        batch = batch.to(device)
+        with accelerator.accumulate(model), accelerator.autocast():
+            target = tle.normalise(batch.states)  # (B, T, D)
+            out = model(batch.text.tle_tokens, batch.text.tle_mask, batch.language_ids, durations=batch.durations,
+                        target=target)
+            decoder_ce = None
+            if weights.decoder_ce > 0:
+                window = tle.full_window(tle.denormalise(out.states), out.lengths)  # (B, F, D)
+                decoder_ce = decoder_cross_entropy(teacher, window, batch.text)[0]
+            terms = tle_loss(out, target, batch.durations, batch.text.tle_mask, weights, decoder_ce)
+            accelerator.backward(terms.total)
+            if accelerator.sync_gradients and settings.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()  # no-ops between accumulation boundaries
+            optimizer.zero_grad()
+        with torch.no_grad():
+            predicted = tle.durations_from_log(out.log_durations.detach(), batch.text.tle_mask).sum(1)
+            length_error = ((predicted - out.lengths).abs() / out.lengths).float().mean().item()
+        for name, value in (("loss", terms.total.item()), ("mse", terms.mse), ("cosine", terms.cosine),
+                            ("kl", terms.kl), ("length", terms.length), ("length_error", length_error),
+                            ("decoder_ce", terms.decoder_ce)):
+            if value is not None:
+                window_sums[name] = window_sums.get(name, 0.0) + value
+        window_count += 1
+        window_frames += float(out.lengths.sum())
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if step % settings.log_every == 0 or step == settings.steps:
+            frames = accelerator.reduce(torch.tensor(window_frames, device=device), "sum").item()
+            row = {name: value / window_count for name, value in window_sums.items()}
+            row.update(step=step, epoch=epoch, beta=weights.beta, decoder_ce_weight=weights.decoder_ce,
+                       lr=scheduler.get_last_lr()[0], frames_per_s=frames / (time.time() - window_start))
+            if accelerator.is_main_process:
+                train_log.write(row)
+                accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=step)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", mse=f"{row['mse']:.3f}",
+                                ce=f"{row.get('decoder_ce', float('nan')):.2f}")
+            window_sums, window_count, window_frames, window_start = {}, 0, 0.0, time.time()
+        if step % settings.val_every == 0 or step == settings.steps:
+            if accelerator.is_main_process:
+                last_validation = validate(tle, teacher, val_batches, settings.val_wer_size, device, reference)
+                reference = {k: last_validation[k] for k in ("real_decoder_ce", "real_wer") if k in last_validation}
+                last_validation["step"] = step
+                val_log.write(last_validation)
+                accelerator.log({f"val/{k}": v for k, v in last_validation.items() if k != "step"}, step=step)
+                log.info("step %d held-out: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in last_validation.items()))
+            accelerator.wait_for_everyone()
+        if step % settings.checkpoint_every == 0 or step == settings.steps:
+            save_checkpoint(accelerator, checkpoints, tle, optimizer, scheduler, step, epoch, seen,
+                            settings.keep_checkpoints)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    result = TrainTLEResult(
+        output_dir=str(output_dir), steps=step, resumed_from=position["step"] if resume_from else 0,
+        train_utterances=len(usable) - len(held_out), held_out_utterances=len(held_out),
+        alignment_rejects=alignment.rejects, wall_seconds=time.time() - started,
+        validation=last_validation or _previous_validation(output_dir),
+    )
+    if accelerator.is_main_process:
+        tle.save_pretrained(output_dir)
+        plot_curves(output_dir)
+        (output_dir / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+    accelerator.end_training()
+    return result

@@ -1,0 +1,189 @@
+"""`whistle train-tle` end to end on a tiny store written with StoreWriter and a tiny random teacher."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from whistle_pipeline.config import load_config
+from whistle_pipeline.errors import WhistleError
+
+WORDS = "the quick brown fox jumps over lazy dog hello world whisper reads speech from text one two three".split()
+D_MODEL, MAX_FRAMES, FRAMES_PER_TOKEN = 32, 100, 3
+
+
+def write_tle_store(url: Path, teacher_dir: Path, n: int = 32, shard_size: int = 8, seed: int = 0,
+                    max_frames: int = MAX_FRAMES) -> Path:
+    """Utterances whose states are a fixed vector per token (3 frames each) + noise, a constant-ish tail."""
+    from transformers import AutoTokenizer
+
+    from store import StoreSpec, StoreWriter, TeacherInfo
+    from whistle_pipeline.text import text_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    rng = np.random.default_rng(seed)
+    token_vectors = rng.normal(0.0, 1.0, (len(tokenizer), D_MODEL)) + rng.normal(0.0, 2.0, D_MODEL)
+    tail_vector = rng.normal(0.0, 1.0, D_MODEL)
+    teacher = TeacherInfo(str(teacher_dir), "main", D_MODEL, 80, 16000, 320, 50, max_frames)
+    spec = StoreSpec(teacher, "speech", 2, shard_size, 64, "blosc-lz4", 3, 0, f"tle-test-{seed}", "none")
+    writer = StoreWriter.open(str(url), spec)
+    for k in range(-(-n // shard_size)):
+        with writer.shard(k) as shard:
+            for i in range(k * shard_size, min(n, (k + 1) * shard_size)):
+                text = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 5))))
+                ids = text_tokens(tokenizer, text)
+                speech = np.repeat(token_vectors[ids], FRAMES_PER_TOKEN, axis=0)
+                speech = np.concatenate([speech, np.tile(tail_vector, (2, 1))])  # the 2-frame margin
+                states = (speech + rng.normal(0.0, 0.1, speech.shape)).astype(np.float16)
+                tail = (tail_vector + rng.normal(0.0, 0.1, (max_frames - len(states), D_MODEL))).astype(np.float16)
+                shard.add(f"utt{i:03d}", text, "en", len(states) / 50, states, tail=tail)
+    return url
+
+
+TINY_TLE = [
+    "tle.hidden_size=32", "tle.text_layers=1", "tle.frame_layers=1", "tle.num_heads=2", "tle.ffn_multiplier=2",
+    "tle.latent_size=4", "tle.conv_layers=1", "tle.dropout=0.0",
+    "train_tle.batch_size=8", "train_tle.warmup_steps=2", "train_tle.learning_rate=3e-3", "train_tle.num_workers=0",
+    "train_tle.shuffle_buffer=16", "train_tle.length_bucket=0", "train_tle.val_fraction=0.2", "train_tle.val_size=4",
+    "train_tle.val_wer_size=2", "train_tle.log_every=1", "train_tle.progress=false", "train_tle.kl_anneal_steps=10",
+]
+
+
+def tle_config(store: Path, teacher_dir: Path, output_dir: Path, *overrides: str):
+    return load_config(overrides=[f"store.path={json.dumps(str(store))}",
+                                  f"teacher.name_or_path={json.dumps(str(teacher_dir))}",
+                                  f"train_tle.output_dir={json.dumps(str(output_dir))}", *TINY_TLE, *overrides])
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def tle_store(tiny_teacher_dir, tmp_path_factory):
+    return write_tle_store(tmp_path_factory.mktemp("tle-store") / "store", tiny_teacher_dir)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread than on two busy ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def use_true_alignment(output_dir: Path) -> None:
+    """Replace the cached teacher alignment by the store's true one (3 frames per token, 2 for the end).
+
+    A tiny random teacher cannot align speech: its durations are noise, which the TLE can only learn
+    around slowly. A real teacher's alignment heads follow the speech (see bench/RESULTS.md).
+    """
+    for path in (output_dir / "durations").glob("0*.json"):
+        record = json.loads(path.read_text())
+        record["durations"] = {i: [FRAMES_PER_TOKEN] * (len(d) - 1) + [2] for i, d in record["durations"].items()}
+        path.write_text(json.dumps(record))
+
+
+def test_tiny_tle_overfits_a_tiny_store(tle_store, tiny_teacher_dir, tmp_path):
+    from stages.train_tle import run
+    from whistle_pipeline.tle import TLEModel
+
+    out = tmp_path / "tle"
+    run(tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=3"))  # aligns the store into out/durations
+    aligned = json.loads(next((out / "durations").glob("0*.json")).read_text())["durations"]
+    assert all(sum(d) == FRAMES_PER_TOKEN * (len(d) - 1) + 2 for d in aligned.values())  # they cover the speech
+    use_true_alignment(out)
+    config = tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=100", "train_tle.decoder_ce_start=80",
+                        "train_tle.val_every=50", "train_tle.checkpoint_every=50", "train_tle.resume=false")
+    result = run(config)
+    rows = read_log(out / "train_log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 101))
+    first, last = np.mean([float(r["mse"]) for r in rows[:3]]), np.mean([float(r["mse"]) for r in rows[-3:]])
+    assert last < first / 4, f"masked MSE {first:.3f} -> {last:.3f}"
+    assert float(rows[-1]["cosine"]) > 0.85
+    # phase 2 starts after 80 optimiser steps: the decoder CE is logged from step 81 on, never before
+    assert all(r["decoder_ce"] == "" for r in rows[:80]) and all(r["decoder_ce"] != "" for r in rows[80:])
+    assert float(rows[80]["decoder_ce_weight"]) == 1.0 and float(rows[79]["decoder_ce_weight"]) == 0.0
+    assert float(rows[0]["beta"]) == 0.0 and float(rows[-1]["beta"]) == pytest.approx(0.01)
+    validation = read_log(out / "validation.csv")
+    assert [int(r["step"]) for r in validation] == [50, 100]
+    assert float(validation[-1]["cosine"]) > 0.5  # held-out sentences: the same words in new orders
+    assert {"wer_predicted", "real_wer", "real_decoder_ce", "cosine", "length_error"} <= set(result.validation)
+    assert result.steps == 100 and result.train_utterances + result.held_out_utterances == 32
+    for name in ("config.json", "model.safetensors", "config.toml", "loss_curves.png", "summary.json"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*")) or list(out.rglob("events.out.tfevents.*"))
+    # the saved TLE rebuilds full windows on its own and records the store's teacher
+    tle = TLEModel.from_pretrained(out).eval()
+    assert tle.config.teacher["max_frames"] == MAX_FRAMES and tle.config.languages == ["en"]
+    tokens = torch.tensor([[5, 6, tle.config.end_token_id]])
+    with torch.no_grad():
+        speech, lengths = tle.speech_frames(tokens, torch.ones_like(tokens, dtype=torch.bool), tle.language_ids(["en"]))
+        assert tle.full_window(speech, lengths).shape == (1, MAX_FRAMES, D_MODEL)
+
+
+def test_resume_continues_the_same_run(tle_store, tiny_teacher_dir, tmp_path):
+    """Stopped at a checkpoint and resumed, a run logs the same losses as one that never stopped."""
+    from stages.train_tle import run
+
+    settings = ["train_tle.steps=16", "train_tle.checkpoint_every=8", "train_tle.val_every=100",
+                "train_tle.val_wer_size=0", "train_tle.decoder_ce_start=10", "tle.dropout=0.1"]
+    straight = tmp_path / "straight"
+    run(tle_config(tle_store, tiny_teacher_dir, straight, *settings))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-0000008", resumed / "checkpoints" / "step-0000008")
+    result = run(tle_config(tle_store, tiny_teacher_dir, resumed, *settings))
+    assert result.resumed_from == 8
+    expected = read_log(straight / "train_log.csv")[8:]
+    got = read_log(resumed / "train_log.csv")
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    for name in ("loss", "mse", "kl", "decoder_ce", "lr"):
+        np.testing.assert_allclose([float(r[name] or 0) for r in got], [float(r[name] or 0) for r in expected],
+                                   rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_cli_trains_and_writes_a_loadable_tle(tle_store, tiny_teacher_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from whistle_pipeline.cli import cli
+    from whistle_pipeline.tle import TLEModel
+
+    out = tmp_path / "cli-tle"
+    args = ["train-tle", "--store", str(tle_store), "--teacher", str(tiny_teacher_dir), "--output-dir", str(out),
+            "--steps", "6", "--decoder-ce-start", "3"]
+    for override in TINY_TLE + ["train_tle.val_every=6", "train_tle.checkpoint_every=6"]:
+        args += ["--set", override]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "trained the TLE for 6 steps" in result.output and "held-out:" in result.output
+    assert TLEModel.from_pretrained(out).config.d_model == D_MODEL
+    # a second run finds the finished run's checkpoint and has nothing left to do
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert "resumed at step 6" in again.output
+
+
+def test_refuses_a_store_of_another_teacher_geometry(tiny_teacher_dir, tmp_path):
+    from stages.train_tle import run
+
+    store = write_tle_store(tmp_path / "store", tiny_teacher_dir, n=8, max_frames=1500)
+    with pytest.raises(WhistleError, match="max_frames: 1500 \\(store\\) vs 100 \\(given\\)"):
+        run(tle_config(store, tiny_teacher_dir, tmp_path / "out", "train_tle.steps=3"))
+
+
+def test_refuses_an_empty_store(tiny_teacher_dir, tmp_path):
+    from stages.train_tle import run
+    from store import StoreSpec, StoreWriter, TeacherInfo
+
+    teacher = TeacherInfo(str(tiny_teacher_dir), "main", D_MODEL, 80, 16000, 320, 50, MAX_FRAMES)
+    StoreWriter.open(str(tmp_path / "empty"), StoreSpec(teacher, "speech", 2, 8, 64, "blosc-lz4", 3, 0, "x", "none"))
+    with pytest.raises(WhistleError, match="no complete shards.*whistle precompute"):
+        run(tle_config(tmp_path / "empty", tiny_teacher_dir, tmp_path / "out", "train_tle.steps=3"))
