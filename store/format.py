@@ -34,8 +34,9 @@ Layout::
       tail_count    (max_frames,) int64: how many utterances contributed to each position
       stat_sum, stat_sqsum   (d_model,) float64: per-channel sums of speech frames and of squares
       stat_count    (1,) int64: speech frames summed
-    STORE/cache/<key>/          the reduction of the complete shards (tail template, mean, std),
-                                keyed by the set of complete shards; only ever a cache
+    STORE/cache/<key>.<tag>/    the reduction of the complete shards (tail_template, tail_count, mean,
+                                std; attrs complete, shards), <key> = hash of the complete shards'
+                                (index, n, n_frames); only ever a cache, recomputed when stale
 
 Frame policies: ``speech`` (default) keeps only the speech frames of each utterance; the frames
 after them are nearly the same for every clip and are replaced by the per-position mean over all

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,7 @@ STD_FLOOR = 1e-6  # statistics() floors the std so that a dead channel never div
 INDEX_CACHE_SHARDS = 8  # shard indexes (offsets, ids, text, ...) kept in memory
 REDUCE_THREADS = 8  # shards read at once when reducing the template (I/O bound)
 INDEX_ARRAYS = ("offsets", "speech_frames", "ids", "text", "language", "duration")
-SHARD_ARRAYS = INDEX_ARRAYS + ("states", "tail_sum", "tail_count", "stat_sum", "stat_sqsum", "stat_count")
+CACHE_ARRAYS = ("tail_template", "tail_count", "mean", "std")
 
 
 class DamagedShardError(StoreError):
@@ -394,26 +395,43 @@ class StoreReader:
         }
 
     def _read_cache(self, key: str) -> dict[str, np.ndarray] | None:
+        """A complete, whole cache entry for `key`, or None (then the caller computes the reduction)."""
+        teacher = self.spec.teacher
         try:
-            group = self.root[f"{CACHE_GROUP}/{key}"]
-            if group.attrs.get("complete") is not True:
-                return None
-            return {name: group[name][...] for name in ("tail_template", "tail_count", "mean", "std")}
-        except Exception as err:  # no cache yet, or one being replaced: compute instead
-            log.debug("no usable reduction cache %s in %s: %s", key, self.url, err)
+            entries = list(self.root[CACHE_GROUP].groups())
+        except KeyError:
             return None
+        for name, group in entries:
+            try:
+                if name.split(".")[0] != key or group.attrs.get("complete") is not True:
+                    continue
+                if missing_objects(self.store, group, f"{CACHE_GROUP}/{name}", CACHE_ARRAYS):
+                    continue  # being deleted by another reader: zarr would read zeros
+                reduction = {array: group[array][...] for array in CACHE_ARRAYS}
+            except Exception as err:  # replaced while we read it
+                log.debug("cache entry %s of %s unusable: %s", name, self.url, err)
+                continue
+            if reduction["tail_template"].shape == (teacher.max_frames, teacher.d_model):
+                return reduction
+        return None
 
     def _write_cache(self, key: str, reduction: dict[str, np.ndarray]) -> None:
-        """Keep the reduction in the store for the next reader; a read-only store just goes without."""
+        """Keep the reduction in the store for the next reader; a read-only store just goes without.
+
+        Every writer makes its own entry `<key>.<random>` and marks it complete last, so ranks that
+        open the store at the same moment never write into each other's entry. Entries for other
+        shard sets are stale and deleted.
+        """
         try:
             writable = self.store.with_read_only(False)
             cache = zarr.open_group(writable, path=CACHE_GROUP, mode="a")
             for stale in list(cache.group_keys()):
-                if stale != key:
+                if stale.split(".")[0] != key:
                     run_sync(writable.delete_dir(f"{CACHE_GROUP}/{stale}"))
-            group = cache.create_group(key, overwrite=True, attributes={"complete": False})
-            for name, array in reduction.items():
-                group.create_array(name, data=array, chunks=array.shape)
+            group = cache.create_group(f"{key}.{uuid.uuid4().hex[:8]}", attributes={"complete": False})
+            for name in CACHE_ARRAYS:
+                group.create_array(name, data=reduction[name], chunks=reduction[name].shape,
+                                   config={"write_empty_chunks": True})
             group.update_attributes({"complete": True, "shards": self._complete, **version_stamp("written")})
         except Exception as err:
             log.info("could not cache the tail template in %s (%s); it is recomputed next time", self.url, err)

@@ -342,3 +342,21 @@ def test_run_records(tmp_path):
     assert StoreReader(tmp_path / "s").record("train.json") is None
     with pytest.raises(ValueError, match="record name"):
         writer.write_record("../escape.json", {})
+
+
+def test_readers_reducing_at_once_agree_and_leave_whole_cache_entries(tmp_path):
+    spec = store_spec(shard_size=3)
+    write_synthetic_store(tmp_path / "s", spec, synthetic_utterances(spec, 9, seed=8))
+
+    def template(_):
+        return StoreReader(tmp_path / "s").tail_template()
+
+    with ThreadPoolExecutor(4) as pool:  # like the ranks of a training run starting together
+        templates = list(pool.map(template, range(4)))
+    for other in templates[1:]:
+        np.testing.assert_array_equal(other, templates[0])
+    entries = [p for p in (tmp_path / "s" / "cache").iterdir() if p.is_dir()]
+    assert 1 <= len(entries) <= 4
+    for entry in entries:
+        assert json.loads((entry / "zarr.json").read_text())["attributes"]["complete"] is True
+    np.testing.assert_array_equal(StoreReader(tmp_path / "s").tail_template(), templates[0])
