@@ -185,7 +185,7 @@ class StoreReader:
 
     # --- one shard -------------------------------------------------------------------------------
 
-    def damaged(self, shard: int, detail: str) -> DamagedShardError:
+    def _damaged(self, shard: int, detail: str) -> DamagedShardError:
         return DamagedShardError(self.url, shard, detail)
 
     def index(self, shard: int) -> ShardIndex:
@@ -201,7 +201,7 @@ class StoreReader:
             group = self.root[group_path]
             missing = missing_objects(self.store, group, group_path, INDEX_ARRAYS + ("states",))
             if missing:
-                raise self.damaged(shard, f"objects missing from the store: {', '.join(missing)}")
+                raise self._damaged(shard, f"objects missing from the store: {', '.join(missing)}")
             index = ShardIndex(
                 offsets=group["offsets"][...], speech_frames=group["speech_frames"][...],
                 ids=group["ids"][...].tolist(), texts=group["text"][...].tolist(),
@@ -211,10 +211,10 @@ class StoreReader:
         except DamagedShardError:
             raise
         except Exception as err:
-            raise self.damaged(shard, f"{type(err).__name__}: {err}") from err
+            raise self._damaged(shard, f"{type(err).__name__}: {err}") from err
         problems = index_problems(index, self._shard_attrs[shard], self.spec)
         if problems:
-            raise self.damaged(shard, "; ".join(problems))
+            raise self._damaged(shard, "; ".join(problems))
         self._indexes[shard] = index
         if len(self._indexes) > INDEX_CACHE_SHARDS:
             self._indexes.popitem(last=False)
@@ -227,7 +227,7 @@ class StoreReader:
             return index.states[start:stop]
         except Exception as err:
             hint = " - the shard object is corrupt or truncated" if "checksum" in str(err) else ""
-            raise self.damaged(shard, f"reading states rows {start}:{stop} failed ({type(err).__name__}: {err}{hint})") from err
+            raise self._damaged(shard, f"reading states rows {start}:{stop} failed ({type(err).__name__}: {err}{hint})") from err
 
     def _utterance(self, shard: int, index: ShardIndex, i: int, states: np.ndarray) -> Utterance:
         return Utterance(index.ids[i], index.texts[i], index.languages[i], float(index.durations[i]), states,
@@ -293,7 +293,7 @@ class StoreReader:
                 try:
                     ids = self.root[f"{SHARDS_GROUP}/{shard_name(shard)}/ids"][...].tolist()
                 except Exception as err:
-                    raise self.damaged(shard, f"ids unreadable ({type(err).__name__}: {err})") from err
+                    raise self._damaged(shard, f"ids unreadable ({type(err).__name__}: {err})") from err
                 for i, found in enumerate(ids):
                     self._id_index.setdefault(found, (shard, i))
         if utt_id not in self._id_index:
@@ -357,7 +357,7 @@ class StoreReader:
             group = self.root[group_path]
             return tuple(group[name][...] for name in ("tail_sum", "tail_count", "stat_sum", "stat_sqsum", "stat_count"))
         except Exception as err:
-            raise self.damaged(shard, f"its sums are unreadable ({type(err).__name__}: {err})") from err
+            raise self._damaged(shard, f"its sums are unreadable ({type(err).__name__}: {err})") from err
 
     def _compute_reduction(self) -> dict[str, np.ndarray]:
         teacher = self.spec.teacher

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 RECORD_NAME = re.compile(r"^[A-Za-z0-9_.-]+\.json$")
 MAX_PENDING_SUMS = 8  # utterances queued for a shard's summing thread before add() waits (bounds memory)
 FLOAT16_EXPONENT = 0x7C00  # all exponent bits set: inf or nan
+ROOT_WAIT_TRIES = 20  # x 0.1 s: how long to wait for a root zarr.json another process is writing
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,13 @@ class StoreWriter:
                                  "choose another store path") from err
             log.info("overwrite: deleting the existing store %s", text)
             run_sync(store.clear())
-        if is_empty(store):
+        if _has_root(store):
+            root, spec = cls._reopen(store, spec, text)
+        elif is_empty(store):
             root = cls._create(store, spec, text)
         else:
-            root, stored = cls._reopen(store, spec, text)
-            spec = stored
+            raise StoreError(f"{text} is not empty and is not a whistle store (no zarr.json at its top); "
+                             "choose a new or empty path for the store")
         root.require_group(SHARDS_GROUP)
         return cls(store, root, spec, text)
 
@@ -348,6 +352,21 @@ class ShardWriter:
         log.debug("shard %s: %d utterances, %d frames, %d rejects, %d bytes", self.name, n, n_frames,
                   len(self._rejects), nbytes)
         return ShardRecord(self.index, n, n_frames, len(self._rejects), nbytes, audio_seconds)
+
+
+def _has_root(store: Store) -> bool:
+    """Whether the store's root zarr.json exists, allowing another rank a moment to finish writing it."""
+    for _ in range(ROOT_WAIT_TRIES):
+        if run_sync(store.exists("zarr.json")):
+            return True
+        if not all(name.endswith(".partial") for name in run_sync(_top_level(store))):
+            return False
+        time.sleep(0.1)  # LocalStore writes zarr.json as zarr.<uuid>.partial and renames it a moment later
+    return False
+
+
+async def _top_level(store: Store) -> list[str]:
+    return [name async for name in store.list_dir("")]
 
 
 def _finite(values: np.ndarray) -> bool:

@@ -214,6 +214,8 @@ def test_overwrite_never_deletes_what_is_not_a_store(tmp_path):
     (tmp_path / "precious" / "thesis.tex").write_text("years of work")
     with pytest.raises(StoreError, match="nothing was deleted"):
         StoreWriter.open(tmp_path / "precious", store_spec(), overwrite=True)
+    with pytest.raises(StoreError, match="not empty and is not a whistle store"):
+        StoreWriter.open(tmp_path / "precious", store_spec())
     assert (tmp_path / "precious" / "thesis.tex").exists()
 
 
