@@ -232,7 +232,8 @@ class RankStats:
     shards_written: int = 0
     shards_skipped: int = 0
     nbytes: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, model loading included
+    pipeline_seconds: float = 0.0  # first batch requested -> last shard written (the steady-state work)
     input_wait_seconds: float = 0.0  # main process waiting for the DataLoader: > 0 means input-bound
 
     def count_reject(self, reason: str) -> None:
@@ -260,8 +261,10 @@ class PrecomputeResult:
     nbytes: int
     store_utterances: int
     store_rejects: int
+    pipeline_seconds: float
     input_wait_seconds: float
     per_rank: list[dict[str, Any]]
+    rank: int  # the process that returns this result (the numbers are the whole run's)
 
     @property
     def clips_per_second(self) -> float:
@@ -272,6 +275,8 @@ class PrecomputeResult:
         return self.audio_seconds / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
+        if self.rank:  # every process returns; rank 0 speaks for the run
+            return f"precompute rank {self.rank}/{self.world_size}: done, see rank 0 for the summary"
         rejected = sum(self.rejects.values())
         by_kind = ", ".join(f"{kind} {n}" for kind, n in sorted(self.rejects.items(), key=lambda kv: -kv[1]))
         lines = [
@@ -382,7 +387,8 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     everyone = _gather(stats, state)
     reader = StoreReader(store.url)
     store_rejects = sum(len(reader.shard_attrs(k).get("rejects", [])) for k in reader.shards())
-    result = _result(config, source, spec, device, encoder.dtype, everyone, n_shards, len(reader), store_rejects)
+    result = _result(config, source, spec, device, encoder.dtype, everyone, n_shards, len(reader), store_rejects,
+                     state.process_index)
     if state.is_main_process:
         store.write_record(RECORD_NAME, {
             **result.to_dict(),
@@ -401,7 +407,7 @@ def run(config: PipelineConfig) -> PrecomputeResult:
 
 
 def _result(config, source, spec, device, dtype, everyone: list[RankStats], n_shards: int,
-            store_utterances: int, store_rejects: int) -> PrecomputeResult:
+            store_utterances: int, store_rejects: int, rank: int) -> PrecomputeResult:
     rejects: collections.Counter = collections.Counter()
     for stats in everyone:
         rejects.update(stats.rejects)
@@ -413,8 +419,9 @@ def _result(config, source, spec, device, dtype, everyone: list[RankStats], n_sh
         clips=sum(s.clips for s in everyone), audio_seconds=sum(s.audio_seconds for s in everyone),
         rejects=dict(rejects), seconds=max(s.seconds for s in everyone), nbytes=sum(s.nbytes for s in everyone),
         store_utterances=store_utterances, store_rejects=store_rejects,
+        pipeline_seconds=max(s.pipeline_seconds for s in everyone),
         input_wait_seconds=max(s.input_wait_seconds for s in everyone),
-        per_rank=[dataclasses.asdict(s) for s in everyone],
+        per_rank=[dataclasses.asdict(s) for s in everyone], rank=rank,
     )
 
 
@@ -480,8 +487,9 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
         progress.set_postfix_str(f"{stats.audio_seconds / elapsed:.0f} audio-h/h", refresh=False)
 
     in_flight: _InFlight | None = None
+    began = time.perf_counter()
     try:
-        waited = time.perf_counter()
+        waited = began
         for batch in loader:
             stats.input_wait_seconds += time.perf_counter() - waited
             current = _launch(batch, encoder, geometry, device)
@@ -492,6 +500,7 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
         if in_flight is not None:
             deliver(in_flight)
         records = writer.finish()
+        stats.pipeline_seconds = time.perf_counter() - began
     except BaseException:
         writer.abandon()
         raise

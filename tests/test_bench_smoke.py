@@ -21,3 +21,10 @@ def test_store_io_quick():
     for codec in ("none", "blosc_lz4", "blosc_zstd"):
         assert float(values[f"write_mb_s_{codec}"]) > 0 and float(values[f"read_mb_s_{codec}"]) > 0
     assert float(values["compression_blosc_zstd"]) > float(values["compression_none"])
+
+
+def test_precompute_quick():
+    values = run_bench("precompute.py")
+    assert values["size"] == "tiny" and int(values["clips"]) == 4
+    stage, encoder = float(values["stage_clips_per_s"]), float(values["encoder_clips_per_s"])
+    assert stage > 0 and encoder > 0 and abs(float(values["ratio"]) - stage / encoder) < 0.01

@@ -1,0 +1,149 @@
+"""Resume after a crash, and several processes: the store comes out identical to one clean run.
+
+Both use real processes: `python -m whistle_pipeline precompute` killed with SIGKILL once two shards
+are complete, and `torchrun --nproc_per_node 2` (gloo on CPU). The teacher has a 2 s window (100
+encoder frames) so that many small shards take seconds, not minutes; geometry is read, not assumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_whisper, write_clip
+from stages.precompute import run
+from store import StoreReader
+from whistle_pipeline.config import load_config
+
+N_CLIPS = 40
+SHARD_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return make_tiny_whisper(tmp_path_factory.mktemp("teacher-2s"), window_seconds=2)
+
+
+@pytest.fixture(scope="module")
+def clips_manifest(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("clips")
+    rows = []
+    for i in range(N_CLIPS):
+        write_clip(folder / f"c{i:03d}.wav", 0.3 + 0.02 * i, [16000, 22050][i % 2], seed=i)
+        rows.append({"audio": f"c{i:03d}.wav", "text": f"clip {i}"})
+    rows[5]["audio"] = "missing.wav"  # a reject, so rejects are compared too
+    path = folder / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
+    return path
+
+
+def arguments(teacher: Path, manifest: Path, store: Path) -> list[str]:
+    return ["precompute", "--data", str(manifest), "--teacher", str(teacher), "--device", "cpu", "--store", str(store),
+            "--shard-size", str(SHARD_SIZE), "--batch-size", "2", "--num-workers", "0",
+            "--set", "precompute.progress=false", "--set", "precompute.write_threads=1"]
+
+
+def clean_run(teacher: Path, manifest: Path, store: Path):
+    return run(load_config(updates={
+        "teacher": {"name_or_path": str(teacher), "device": "cpu"}, "data": {"path": str(manifest)},
+        "store": {"path": str(store), "shard_size": SHARD_SIZE},
+        "precompute": {"batch_size": 2, "num_workers": 0, "progress": False, "write_threads": 1},
+    }))
+
+
+def contents(store: Path) -> dict[int, dict]:
+    """Everything a store holds that a run decides, per complete shard (timestamps excluded)."""
+    reader = StoreReader(str(store))
+    out = {}
+    for shard in reader.shards():
+        attrs = reader.shard_attrs(shard)
+        utterances = list(reader.iter_shard(shard))
+        out[shard] = {
+            "attrs": {key: attrs[key] for key in ("n", "n_frames", "audio_seconds", "rejects", "complete")},
+            "ids": [u.id for u in utterances], "texts": [u.text for u in utterances],
+            "durations": [u.duration for u in utterances], "states": [u.states for u in utterances],
+        }
+    out["template"] = reader.tail_template()
+    out["statistics"] = reader.statistics()
+    return out
+
+
+def assert_same_store(got: dict, expected: dict) -> None:
+    assert sorted(k for k in got if isinstance(k, int)) == sorted(k for k in expected if isinstance(k, int))
+    for shard, want in expected.items():
+        if not isinstance(shard, int):
+            continue
+        have = got[shard]
+        for key in ("attrs", "ids", "texts", "durations"):
+            assert have[key] == want[key], (shard, key)
+        for a, b in zip(have["states"], want["states"]):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got["template"], expected["template"])
+    for a, b in zip(got["statistics"], expected["statistics"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def complete_shards(store: Path) -> int:
+    shards = store / "shards"
+    if not shards.is_dir():
+        return 0
+    done = 0
+    for meta in shards.glob("*/zarr.json"):
+        try:
+            done += json.loads(meta.read_text()).get("attributes", {}).get("complete") is True
+        except (ValueError, OSError):  # being written right now
+            pass
+    return done
+
+
+def test_killed_run_resumes_to_the_same_store(teacher, clips_manifest, tmp_path):
+    store = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "whistle_pipeline", *arguments(teacher, clips_manifest,
+                                                                                     store)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while complete_shards(store) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr.decode()[-2000:]}"
+    n_shards = N_CLIPS // SHARD_SIZE
+    done = complete_shards(store)
+    assert 2 <= done < n_shards
+
+    resumed = clean_run(teacher, clips_manifest, store)
+    assert resumed.shards_skipped == done and resumed.shards_written == n_shards - done
+    assert resumed.store_utterances == N_CLIPS - 1 and resumed.store_rejects == 1
+    assert StoreReader(str(store)).incomplete_shards() == []
+
+    clean_run(teacher, clips_manifest, tmp_path / "clean")
+    assert_same_store(contents(store), contents(tmp_path / "clean"))
+
+
+def test_two_processes_write_the_same_store_as_one(teacher, clips_manifest, tmp_path):
+    manifest = clips_manifest.with_name("first-16.jsonl")
+    manifest.write_text("\n".join(clips_manifest.read_text().splitlines()[:16]), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets; the reference runs alike
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "whistle_pipeline", *arguments(teacher, manifest, tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout and "8 written, 0 skipped" in two.stdout
+    assert "precompute rank 1/2: done" in two.stdout
+    one = subprocess.run([sys.executable, "-m", "whistle_pipeline", *arguments(teacher, manifest,
+                                                                               tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    assert_same_store(contents(tmp_path / "two"), contents(tmp_path / "one"))
+    record = StoreReader(str(tmp_path / "two")).record("precompute.json")
+    assert record["world_size"] == 2 and [r["shards_written"] for r in record["per_rank"]] == [4, 4]
+    assert record["clips"] == 15 and record["rejects"] == {"audio not found": 1}
