@@ -223,7 +223,11 @@ class StoreSpec:
                 f"store {url} has damaged root metadata (zarr.json attributes.whistle lacks {err}); "
                 "precompute the store again"
             ) from err
-        return cls(teacher=teacher, **fields)
+        spec = cls(teacher=teacher, **fields)
+        problems = spec.problems()
+        if problems:
+            raise StoreError(f"store {url} has damaged root metadata: " + "; ".join(problems))
+        return spec
 
 
 def states_codecs(spec: StoreSpec) -> dict[str, Any]:

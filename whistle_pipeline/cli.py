@@ -227,7 +227,7 @@ def inspect_store_command(store_path: str, as_json: bool, check: bool, plot_id: 
     if plot_id is not None:
         from whistle_pipeline.plots import plot_utterance
 
-        click.echo(f"wrote {plot_utterance(store_path, plot_id, plot_out)}")
+        click.echo(f"wrote {plot_utterance(store_path, plot_id, plot_out)}", err=as_json)  # keep stdout pure JSON
     if check and not report.ok:
         raise WhistleError(
             f"store {store_path} failed the check: {len(report.faults)} fault(s) in shard(s) "
