@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import zarr
 from zarr.abc.store import Store
+from zarr.core.common import concurrent_map
 
 from store.format import SHARDS_GROUP, run_sync, shard_name
 from store.reader import READ_BLOCK_BYTES, DamagedShardError, StoreReader, missing_objects
@@ -152,6 +154,8 @@ def inspect_store(url: str | os.PathLike | Store, check: bool = False) -> StoreR
         for reject in a.get("rejects", []):
             kind = reject_kind(reject.get("reason", ""))
             rejects[kind] = rejects.get(kind, 0) + 1
+    sizes = run_sync(_object_sizes(store))  # one listing of the whole store
+    states_prefixes = tuple(f"{SHARDS_GROUP}/{shard_name(k)}/states/" for k in complete)
     report = StoreReport(
         url=reader.url, format=reader.attrs["format"], teacher=teacher.to_dict(), frame_policy=spec.frames,
         speech_margin_frames=spec.speech_margin_frames, codec=spec.codec, compression_level=spec.compression_level,
@@ -159,8 +163,8 @@ def inspect_store(url: str | os.PathLike | Store, check: bool = False) -> StoreR
         dataset_fingerprint=spec.dataset_fingerprint, augment=spec.augment,
         created_by=reader.attrs.get("created_by", "unknown"), updated_by=reader.attrs.get("updated_by", "unknown"),
         utterances=utterances, audio_seconds=sum(a["audio_seconds"] for a in attrs.values()), frames=frames,
-        bytes_on_disk=run_sync(store.getsize_prefix("")),
-        states_bytes=sum(run_sync(store.getsize_prefix(f"{SHARDS_GROUP}/{shard_name(k)}/states")) for k in complete),
+        bytes_on_disk=sum(sizes.values()),
+        states_bytes=sum(size for key, size in sizes.items() if key.startswith(states_prefixes)),
         raw_fp16_bytes=frames * teacher.d_model * 2,
         full_window_fp16_bytes=utterances * teacher.max_frames * teacher.d_model * 2,
         complete_shards=len(complete), incomplete_shards=[shard_name(k) for k in reader.incomplete_shards()],
@@ -171,6 +175,13 @@ def inspect_store(url: str | os.PathLike | Store, check: bool = False) -> StoreR
         for shard in complete:
             report.faults += [Fault(shard_name(shard), problem) for problem in check_shard(reader, shard, first_seen)]
     return report
+
+
+async def _object_sizes(store: Store) -> dict[str, int]:
+    """Size of every object in the store, by key (sizes fetched concurrently, as zarr does)."""
+    keys = [key async for key in store.list_prefix("")]
+    sizes = await concurrent_map([(key,) for key in keys], store.getsize, limit=zarr.config.get("async.concurrency"))
+    return dict(zip(keys, sizes))
 
 
 def check_shard(reader: StoreReader, shard: int, first_seen: dict[str, int]) -> list[str]:
