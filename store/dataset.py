@@ -1,7 +1,7 @@
 """Streaming a store into torch: `FeatureDataset` (an IterableDataset) and `pad_batch` (a collate_fn).
 
     dataset = FeatureDataset("whistle-store", seed=0, shuffle_buffer=1024, length_bucket=256,
-                             keep=lambda utt_id: utt_id not in held_out)
+                             keep=in_training_split)       # a module-level function: picklable
     loader = DataLoader(dataset, batch_size=16, num_workers=4, collate_fn=pad_batch)
     for epoch in range(epochs):
         dataset.set_epoch(epoch)

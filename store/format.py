@@ -18,12 +18,14 @@ Layout::
                                   "dataset_fingerprint": str,  "augment": str,
                                   "created_by", "created_at", "updated_by", "updated_at"}
     STORE/<name>.json           run records (e.g. precompute.json), plain JSON
-    STORE/shards/00000/zarr.json   attrs: n, n_frames, audio_seconds, rejects [{id, reason}],
-                                   written_by, written_at, and "complete": true, set LAST
-      states        (n_frames, d_model) float16. One Zarr shard object per array (sharding codec),
-                    inner chunks of `chunk_frames` rows: BitRound (optional, lossy) -> bytes ->
-                    Blosc (lz4/zstd, byte shuffle; or nothing) -> crc32c. The checksum makes any
-                    damaged byte a read error instead of silently wrong states.
+    STORE/shards/00000/zarr.json   attrs: {"complete": false, started_by, started_at} when begun; then
+                                   n, n_frames, audio_seconds, rejects [{id, reason}], written_by,
+                                   written_at and "complete": true, in the shard's last write
+      states        (n_frames, d_model) float16. One Zarr shard object (sharding codec) of
+                    ceil(n_frames / chunk_frames) inner chunks of `chunk_frames` rows (the last
+                    one padded with zeros): BitRound (optional, lossy) -> bytes -> Blosc (lz4/zstd,
+                    byte shuffle; or nothing) -> crc32c. The checksum makes any damaged byte a read
+                    error instead of silently wrong states.
       offsets       (n + 1,) int64: utterance i is states[offsets[i]:offsets[i + 1]]
       speech_frames (n,) int32: frames that cover the audio (+ margin); in speech mode the number
                     of rows stored, in full mode where the speech ends inside the stored window
@@ -34,6 +36,7 @@ Layout::
       tail_count    (max_frames,) int64: how many utterances contributed to each position
       stat_sum, stat_sqsum   (d_model,) float64: per-channel sums of speech frames and of squares
       stat_count    (1,) int64: speech frames summed
+                    (every array but states is a single chunk with zarr's default codecs)
     STORE/cache/<key>.<tag>/    the reduction of the complete shards (tail_template, tail_count, mean,
                                 std; attrs complete, shards), <key> = hash of the complete shards'
                                 (index, n, n_frames); only ever a cache, recomputed when stale
