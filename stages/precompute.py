@@ -8,6 +8,10 @@ The GPU is the cost, so nothing else may hold it up:
     augment, pad to 30 s       pinned host memory, one batch of        bounded queues hold the
     (pinned batches)           lag before the host touches it          encoder back if they fall behind)
 
+The whole float16 window crosses to the host, not only the speech frames: in speech mode the frames
+after the speech are what the store's tail template is summed from (ShardWriter.add takes them per
+clip). For large-v3 that is 3.8 MB per clip, far below what PCIe moves while the encoder runs.
+
 Shard k holds source rows [k*S, (k+1)*S) and belongs to process k % W, so `accelerate launch` /
 `torchrun` on any number of GPUs (or gloo CPU processes) write one store with no coordination but
 one barrier at the start (rank 0 creates or overwrites the store) and one at the end (the run
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 import functools
 import json
 import logging
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 
 RECORD_NAME = "precompute.json"
 MESSAGES_PER_WRITER = 64  # utterances queued per writer thread before the main process waits
+END_OF_RUN_TIMEOUT = datetime.timedelta(days=7)  # how long finished processes wait for the last one
 
 
 # --- worker side: rows -> decoded, padded clips ---------------------------------------------------
@@ -338,11 +344,20 @@ def _open_store(config: PipelineConfig, spec: StoreSpec, state) -> StoreWriter:
     return writer or StoreWriter.open(config.store.path, spec)
 
 
-def _gather(stats: RankStats, state) -> list[RankStats]:
+def _end_group(state):
+    """A gloo group for the end-of-run gather: processes may finish hours apart (a slow disk, one shard
+    more), far beyond NCCL's collective timeout, and waiting there must never fail a finished run."""
     if state.num_processes == 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=END_OF_RUN_TIMEOUT)
+
+
+def _gather(stats: RankStats, group) -> list[RankStats]:
+    """Every process's stats, on every process (the one wait of the run: for the last process to finish)."""
+    if group is None:
         return [stats]
-    gathered: list[Any] = [None] * state.num_processes
-    torch.distributed.all_gather_object(gathered, dataclasses.asdict(stats))
+    gathered: list[Any] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(gathered, dataclasses.asdict(stats), group=group)
     return [RankStats(**values) for values in gathered]
 
 
@@ -354,6 +369,7 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     """
     started = time.perf_counter()
     state = _state(config)
+    end_group = _end_group(state)
     device = _device(config, state)
     with state.main_process_first():  # one process downloads from the hub; the others read its cache
         source = open_source(config.data)
@@ -383,8 +399,7 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     stats.nbytes = sum(record.nbytes for record in records)
     stats.seconds = time.perf_counter() - started
 
-    state.wait_for_everyone()
-    everyone = _gather(stats, state)
+    everyone = _gather(stats, end_group)
     reader = StoreReader(store.url)
     store_rejects = sum(len(reader.shard_attrs(k).get("rejects", [])) for k in reader.shards())
     result = _result(config, source, spec, device, encoder.dtype, everyone, n_shards, len(reader), store_rejects,
