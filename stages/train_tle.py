@@ -178,6 +178,9 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
     heads = alignment_heads(teacher.model)
     record: dict[str, Any] = {"durations": {}, "languages": {}, "rejects": {}}
     pending = []
+    speech_mode = reader.spec.frames == "speech"  # then every window's tail is this store's template
+    if speech_mode:
+        teacher.set_tail_template(torch.from_numpy(reader.tail_template()))
 
     def flush() -> None:
         windows = torch.from_numpy(np.stack([reader.full_window(u.states) for u in pending]))  # (B, F, D)
@@ -185,7 +188,9 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
         batch = encode_texts(teacher.tokenizer, teacher.specials, [u.text for u in pending],
                              [u.language for u in pending], teacher.max_positions)
         lengths = torch.tensor([u.speech_frames for u in pending])
-        for utt, durations in zip(pending, align_batch(teacher, heads, windows, batch.to(windows.device), lengths)):
+        speech_frames = max(len(u.states) for u in pending) if speech_mode else None
+        aligned = align_batch(teacher, heads, windows, batch.to(windows.device), lengths, speech_frames)
+        for utt, durations in zip(pending, aligned):
             if durations is None:
                 record["rejects"][utt.id] = f"{utt.speech_frames} speech frames for more text tokens"
             else:
@@ -396,7 +401,8 @@ def resolve_mixed_precision(setting: str) -> str:
 @torch.no_grad()
 def validate(model: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch], wer_size: int,
              device: torch.device, reference: dict[str, float] | None = None) -> dict[str, float]:
-    """Held-out metrics of the text-only TLE (z = prior mean, no posterior):
+    """Held-out metrics of the text-only TLE (z = prior mean, no posterior); the teacher's tail template
+    must be the model's (teacher.set_tail_template(model.tail_template)):
     mse, cosine (normalised space, true durations); length_error (|predicted - true| / true frames);
     duration_mae (frames per token); decoder_ce on the TLE full window at true and predicted lengths;
     wer_predicted: greedy round trip text -> TLE -> decoder at predicted lengths on the first
@@ -425,23 +431,25 @@ def validate(model: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch],
         add("length_error", ((predicted.sum(1) - true_lengths).abs() / true_lengths).mean().item(), n)
         add("duration_mae", ((predicted - batch.durations).abs() * mask).sum().item() / mask.sum().item(),
             int(mask.sum()))
+        # every window below is built with the model's tail template, which the teacher knows
         window = model.full_window(model.denormalise(out.states), out.lengths)
-        add("decoder_ce", decoder_cross_entropy(teacher, window, text)[0].item(), n)
+        add("decoder_ce", decoder_cross_entropy(teacher, window, text, out.states.shape[1])[0].item(), n)
         speech, lengths = model.speech_frames(text.tle_tokens, mask, batch.language_ids)
         predicted_window = model.full_window(speech, lengths)
-        add("decoder_ce_predicted", decoder_cross_entropy(teacher, predicted_window, text)[0].item(), n)
+        add("decoder_ce_predicted", decoder_cross_entropy(teacher, predicted_window, text, speech.shape[1])[0].item(), n)
         real_window = model.full_window(batch.states, true_lengths)
         if reference is None:
-            add("real_decoder_ce", decoder_cross_entropy(teacher, real_window, text)[0].item(), n)
+            add("real_decoder_ce", decoder_cross_entropy(teacher, real_window, text, batch.states.shape[1])[0].item(), n)
         decode = max(0, min(n, wer_size - len(hypotheses)))
         if decode:
-            longest = int(mask[:decode].sum(1).max())
-            hypotheses += greedy_transcribe(teacher, predicted_window[:decode], text.languages[:decode], 2 * longest + 10)
+            longest = 2 * int(mask[:decode].sum(1).max()) + 10
+            hypotheses += greedy_transcribe(teacher, predicted_window[:decode], text.languages[:decode], longest,
+                                            speech.shape[1])
             references += text.texts[:decode]
             languages += text.languages[:decode]
             if reference is None:
-                real_hypotheses += greedy_transcribe(teacher, real_window[:decode], text.languages[:decode],
-                                                     2 * longest + 10)
+                real_hypotheses += greedy_transcribe(teacher, real_window[:decode], text.languages[:decode], longest,
+                                                     batch.states.shape[1])
     metrics = {name: totals[name] / max(counts[name], 1) for name in totals}
     if hypotheses:
         metrics["wer_predicted"] = word_error_rate(hypotheses, references, languages, teacher.tokenizer)
@@ -645,6 +653,7 @@ def run(config: PipelineConfig) -> TrainTLEResult:
                                keep=KeepSplit(alignment.durations, False, settings.val_fraction, settings.seed))
     model = build_model(config, reader, teacher, languages)
     optimizer, scheduler = build_optimizer(model, settings)
+    teacher.set_tail_template(model.tail_template)
 
     checkpoints = output_dir / CHECKPOINTS_DIR
     resume_from = latest_checkpoint(checkpoints) if settings.resume else None
@@ -692,7 +701,7 @@ def run(config: PipelineConfig) -> TrainTLEResult:
             decoder_ce = None
             if weights.decoder_ce > 0:
                 window = tle.full_window(tle.denormalise(out.states), out.lengths)  # (B, F, D)
-                decoder_ce = decoder_cross_entropy(teacher, window, batch.text)[0]
+                decoder_ce = decoder_cross_entropy(teacher, window, batch.text, out.states.shape[1])[0]
             terms = tle_loss(out, target, batch.durations, batch.text.tle_mask, weights, decoder_ce)
             accelerator.backward(terms.total)
             if accelerator.sync_gradients and settings.grad_clip > 0:

@@ -281,6 +281,24 @@ def test_teacher_helpers_on_a_tiny_whisper(tiny_teacher_dir):
     ce.backward()
     assert window.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.model.parameters())
+    # a full window's tail is the template: projecting only the speech frames changes nothing
+    template = torch.randn(100, 32)
+    teacher.set_tail_template(template)
+    speech = torch.randn(2, 45, 32, requires_grad=True)
+
+    def full_window():
+        return torch.where((torch.arange(100) < 45)[None, :, None], torch.nn.functional.pad(speech, (0, 0, 0, 55)),
+                           template)
+
+    plain, plain_per_sample = decoder_cross_entropy(teacher, full_window(), batch)
+    (grad_plain,) = torch.autograd.grad(plain, speech)
+    short, short_per_sample = decoder_cross_entropy(teacher, full_window(), batch, speech_frames=45)
+    (grad_short,) = torch.autograd.grad(short, speech)
+    torch.testing.assert_close(short_per_sample, plain_per_sample, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_short, grad_plain, atol=1e-6, rtol=1e-4)
+    full = full_window().detach()
+    assert greedy_transcribe(teacher, full, ["en", "en"], 8, speech_frames=45) == \
+        greedy_transcribe(teacher, full, ["en", "en"], 8)
     hypotheses = greedy_transcribe(teacher, window.detach(), ["en", "en"], max_new_tokens=8)
     assert len(hypotheses) == 2 and all(isinstance(h, str) for h in hypotheses)
     assert word_error_rate(["hello world"], ["Hello, world!"], ["en"], teacher.tokenizer) == 0.0

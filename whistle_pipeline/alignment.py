@@ -87,15 +87,17 @@ def _median_filter(x: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def align_batch(
-    teacher: FrozenTeacher, heads: list[tuple[int, int]], window: torch.Tensor, batch: TextBatch, lengths: torch.Tensor
+    teacher: FrozenTeacher, heads: list[tuple[int, int]], window: torch.Tensor, batch: TextBatch, lengths: torch.Tensor,
+    speech_frames: int | None = None,
 ) -> list[np.ndarray | None]:
     """Durations per TLE token for each sample: window (B, F, D) real full windows, lengths (B,) speech
-    frames -> list of (L_b,) int arrays summing to lengths[b] (None where the audio is too short)."""
+    frames -> list of (L_b,) int arrays summing to lengths[b] (None where the audio is too short).
+    speech_frames: as in decoder_logits (the windows' tail is the teacher's template from there on)."""
     model = teacher.model
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # only eager attention returns its weights
     try:
-        cross = decoder_logits(teacher, window, batch, output_attentions=True).cross_attentions
+        cross = decoder_logits(teacher, window, batch, speech_frames, output_attentions=True).cross_attentions
     finally:
         model.set_attn_implementation(previous)
     weights = torch.stack([cross[layer][:, head] for layer, head in heads], 1).float()  # (B, A, S, F)

@@ -5,17 +5,47 @@ template, exactly what the decoder gets at inference — and the token conventio
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, TextBatch, is_multilingual
 
 log = logging.getLogger(__name__)
+
+
+class TailTemplateProjection(nn.Module):
+    """A frozen cross-attention key/value projection that knows the tail of its input.
+
+    In a full window every frame from the longest speech on is the tail template, the same in every
+    batch, so its projection is computed once (`set_template`) and only the speech frames are projected
+    per call. Exact, and ~7x fewer FLOPs in the decoder for 3-5 s utterances in a 30 s window, where the
+    1500-frame key/value projections are nearly all of the decoder's work.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.template_output: torch.Tensor | None = None  # (F, D) projection of the tail template
+        self.speech_frames: int | None = None  # set for one call: window[:, speech_frames:] is the template
+
+    def set_template(self, template: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.template_output = self.linear(template.to(self.linear.weight))  # (F, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, F, D) -> (B, F, D_out)."""
+        if self.speech_frames is None or self.template_output is None:
+            return self.linear(x)
+        head = self.linear(x[:, : self.speech_frames])  # (B, T, D_out)
+        tail = self.template_output[self.speech_frames:].to(head.dtype).expand(x.shape[0], -1, -1)  # (B, F - T, D_out)
+        return torch.cat([head, tail], dim=1)
 
 
 @dataclass
@@ -26,10 +56,29 @@ class FrozenTeacher:
     tokenizer: Any
     specials: SpecialTokens
     suppress_ids: torch.Tensor  # (N,) tokens greedy decoding never emits: specials but <|endoftext|>, timestamps
+    projections: list[TailTemplateProjection] = field(default_factory=list)  # every cross-attention k/v
 
     @property
     def max_positions(self) -> int:
         return self.model.config.max_target_positions
+
+    def set_tail_template(self, template: torch.Tensor) -> None:
+        """The tail template (F, D) of the windows that calls with `speech_frames` will pass."""
+        for projection in self.projections:
+            projection.set_template(template.to(self.model.device))
+
+    @contextlib.contextmanager
+    def speech_prefix(self, speech_frames: int | None) -> Iterator[None]:
+        """Within the block, windows equal the tail template from `speech_frames` on (None: no promise)."""
+        if speech_frames is not None and not any(p.template_output is not None for p in self.projections):
+            speech_frames = None
+        for projection in self.projections:
+            projection.speech_frames = speech_frames
+        try:
+            yield
+        finally:
+            for projection in self.projections:
+                projection.speech_frames = None
 
 
 def load_frozen_teacher(name_or_path: str, revision: str, device: torch.device | str, dtype: torch.dtype) -> FrozenTeacher:
@@ -46,27 +95,39 @@ def load_frozen_teacher(name_or_path: str, revision: str, device: torch.device |
             "a folder written by save_pretrained or `whistle import-ct2` (teacher.name_or_path)."
         ) from err
     model.model.encoder = None
+    projections = []
+    for layer in model.model.decoder.layers:
+        attention = layer.encoder_attn
+        attention.k_proj, attention.v_proj = TailTemplateProjection(attention.k_proj), TailTemplateProjection(attention.v_proj)
+        projections += [attention.k_proj, attention.v_proj]
     model.requires_grad_(False).eval().to(device)
     specials = SpecialTokens.from_tokenizer(tokenizer, is_multilingual(model.config, model.generation_config))
     suppress = set(tokenizer.all_special_ids) | set(getattr(model.generation_config, "suppress_tokens", None) or [])
     suppress |= set(range(specials.no_timestamps + 1, model.config.vocab_size))  # timestamp tokens
     suppress.discard(specials.end_of_text)
     suppress_ids = torch.tensor(sorted(i for i in suppress if i < model.config.vocab_size), device=device)
-    return FrozenTeacher(model, tokenizer, specials, suppress_ids)
+    return FrozenTeacher(model, tokenizer, specials, suppress_ids, projections)
 
 
-def decoder_logits(teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatch, **kwargs: Any) -> Any:
-    """Teacher-forced decoder pass: window (B, F, D), batch.decoder_input_ids (B, S) -> output with logits (B, S, V)."""
+def decoder_logits(teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatch, speech_frames: int | None = None,
+                   **kwargs: Any) -> Any:
+    """Teacher-forced decoder pass: window (B, F, D), batch.decoder_input_ids (B, S) -> output with logits (B, S, V).
+
+    speech_frames: the caller's promise that window[:, speech_frames:] is the teacher's tail template
+    (`set_tail_template`); only the frames before it are then projected.
+    """
     window = window.to(teacher.model.dtype)
-    return teacher.model(encoder_outputs=(window,), decoder_input_ids=batch.decoder_input_ids, **kwargs)
+    with teacher.speech_prefix(speech_frames):
+        return teacher.model(encoder_outputs=(window,), decoder_input_ids=batch.decoder_input_ids, **kwargs)
 
 
-def decoder_cross_entropy(teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def decoder_cross_entropy(teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatch,
+                          speech_frames: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy per label token () and per sample (B,), of the decoder reading `window`.
 
     Gradients flow into `window` (deep supervision) while the decoder's weights stay frozen.
     """
-    logits = decoder_logits(teacher, window, batch).logits.float()  # (B, S, V)
+    logits = decoder_logits(teacher, window, batch, speech_frames).logits.float()  # (B, S, V)
     labels = batch.labels  # (B, S)
     per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, S)
     counts = (labels != IGNORE_INDEX).sum(1)  # (B,)
@@ -74,9 +135,11 @@ def decoder_cross_entropy(teacher: FrozenTeacher, window: torch.Tensor, batch: T
 
 
 @torch.no_grad()
-def greedy_transcribe(teacher: FrozenTeacher, window: torch.Tensor, languages: Sequence[str], max_new_tokens: int) -> list[str]:
+def greedy_transcribe(teacher: FrozenTeacher, window: torch.Tensor, languages: Sequence[str], max_new_tokens: int,
+                      speech_frames: int | None = None) -> list[str]:
     """Greedy transcripts of full windows (B, F, D): the prompt of each language, then argmax tokens
-    (never a special or timestamp token) until <|endoftext|> or max_new_tokens."""
+    (never a special or timestamp token) until <|endoftext|> or max_new_tokens. speech_frames: as in
+    `decoder_logits`."""
     specials = teacher.specials
     prompt = torch.tensor([specials.prefix(language) for language in languages], device=window.device)  # (B, P)
     max_new_tokens = min(max_new_tokens, teacher.max_positions - prompt.shape[1])
@@ -86,7 +149,8 @@ def greedy_transcribe(teacher: FrozenTeacher, window: torch.Tensor, languages: S
     generated = []
     step_input = prompt
     for _ in range(max_new_tokens):
-        out = teacher.model(encoder_outputs=(window,), decoder_input_ids=step_input, cache=cache, use_cache=True)
+        with teacher.speech_prefix(speech_frames):
+            out = teacher.model(encoder_outputs=(window,), decoder_input_ids=step_input, cache=cache, use_cache=True)
         cache = out.cache
         logits = out.logits[:, -1].float()  # (B, V)
         logits[:, teacher.suppress_ids] = -torch.inf

@@ -1,0 +1,144 @@
+"""TLE validation on held-out sentences: how close to the teacher, and can the frozen decoder read it?
+
+For every utterance of an evaluation store (sentences the TLE never saw), with the real teacher:
+
+  cosine, mse        TLE frames vs the teacher's, in the store's normalised space, at the true durations
+                     (per-token durations from the teacher's alignment heads + DTW, as train-tle uses)
+  length_error       |predicted - true| / true speech frames;  duration_mae: frames per token
+  decoder_ce         the frozen decoder's cross-entropy per label token reading the TLE full window
+                     (true / predicted lengths) — the baseline is the same on the real states
+  wer                greedy round trip text -> TLE full window -> frozen decoder -> text, Whisper's
+                     English normaliser, at true and predicted lengths; baseline: the real states
+                     (speech frames + tail template, which is what the decoder gets from the store)
+
+The baseline (real audio) is measured in the same run on the same utterances.
+
+    python bench/tle_validation.py TLE_DIR --teacher tiny.en --store store-test --figure tle.png
+
+Prints a table and `name=value` lines; --json writes them to a file.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+
+@click.command()
+@click.argument("tle_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--teacher", "teacher_path", required=True, help="The Whisper the store was made with.")
+@click.option("--store", "store_url", required=True, help="Evaluation store (held-out sentences).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures here as JSON.")
+@click.option("--figure", type=click.Path(dir_okay=False), help="PNG: real vs TLE states of one utterance.")
+@click.option("--examples", default=5, show_default=True, help="Round-trip transcripts to print.")
+def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_path: str | None,
+         figure: str | None, examples: int) -> None:
+    from stages.train_tle import Collate, DurationTable, align_shard, open_store, validate
+    from whistle_pipeline.decoder import greedy_transcribe, load_frozen_teacher, word_error_rate
+    from whistle_pipeline.tle import TLEModel
+
+    started = time.time()
+    device = torch.device("cpu")
+    teacher = load_frozen_teacher(teacher_path, "main", device, torch.float32)
+    reader = open_store(store_url, teacher, teacher_path, "main")
+    tle = TLEModel.from_pretrained(tle_dir).eval()
+    durations, rejects = {}, {}
+    for shard in reader.shards():
+        record = align_shard(reader, shard, teacher, batch_size)
+        durations.update(record["durations"])
+        rejects.update(record["rejects"])
+    collate = Collate(teacher.tokenizer, teacher.specials, DurationTable(durations), list(tle.config.languages),
+                      teacher.max_positions)
+    utterances = [u for shard in reader.shards() for u in reader.iter_shard(shard) if u.id in durations]
+    items = [{"id": u.id, "text": u.text, "language": u.language, "duration": u.duration,
+              "states": torch.from_numpy(u.states), "n_frames": len(u.states), "speech_frames": u.speech_frames}
+             for u in utterances]
+    batches = [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    teacher.set_tail_template(tle.tail_template)  # align_shard set the evaluation store's
+    metrics = validate(tle, teacher, batches, len(items), device)
+
+    # the round trip at the TRUE lengths too, and transcripts to look at
+    hypotheses, predicted_hypotheses, real_hypotheses, references = [], [], [], []
+    with torch.no_grad():
+        for batch in batches:
+            text, mask = batch.text, batch.text.tle_mask
+            longest = 2 * int(mask.sum(1).max()) + 10
+            speech, lengths = tle.speech_frames(text.tle_tokens, mask, batch.language_ids, durations=batch.durations)
+            hypotheses += greedy_transcribe(teacher, tle.full_window(speech, lengths), text.languages, longest,
+                                            speech.shape[1])
+            speech, lengths = tle.speech_frames(text.tle_tokens, mask, batch.language_ids)
+            predicted_hypotheses += greedy_transcribe(teacher, tle.full_window(speech, lengths), text.languages,
+                                                      longest, speech.shape[1])
+            real = tle.full_window(batch.states, batch.durations.sum(1))
+            real_hypotheses += greedy_transcribe(teacher, real, text.languages, longest, batch.states.shape[1])
+            references += text.texts
+    languages = [item["language"] for item in items]
+    metrics["wer_true"] = word_error_rate(hypotheses, references, languages, teacher.tokenizer)
+    metrics["utterances"] = len(items)
+    metrics["alignment_rejects"] = len(rejects)
+    metrics["seconds"] = time.time() - started
+    summary_path = Path(tle_dir) / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        metrics.update(train_steps=summary["steps"], train_minutes=summary["wall_seconds"] / 60,
+                       train_utterances=summary["train_utterances"])
+
+    rows = [("cosine to teacher (normalised)", "cosine", None), ("masked MSE (normalised)", "mse", None),
+            ("length error (predicted vs true)", "length_error", None), ("duration MAE (frames/token)", "duration_mae", None),
+            ("decoder CE/token, true length", "decoder_ce", "real_decoder_ce"),
+            ("decoder CE/token, predicted length", "decoder_ce_predicted", "real_decoder_ce"),
+            ("round-trip WER, true length", "wer_true", "real_wer"),
+            ("round-trip WER, predicted length", "wer_predicted", "real_wer")]
+    click.echo(f"{len(items)} held-out utterances of {store_url}; TLE {tle_dir}")
+    click.echo(f"{'':38s} {'TLE':>8s} {'real audio':>10s}")
+    for label, name, baseline in rows:
+        reference = f"{metrics[baseline]:10.4f}" if baseline else ""
+        click.echo(f"{label:38s} {metrics[name]:8.4f} {reference}")
+    for reference, hypothesis, predicted, real in list(zip(references, hypotheses, predicted_hypotheses,
+                                                           real_hypotheses))[:examples]:
+        click.echo(f"  ref:  {reference}\n  tle:  {hypothesis}\n  pred: {predicted}\n  real: {real}")
+    for name, value in metrics.items():
+        click.echo(f"{name}={value:.6g}" if isinstance(value, float) else f"{name}={value}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(metrics, indent=2))
+    if figure:
+        plot_example(tle, batches[0], figure)
+
+
+def plot_example(tle, batch, path: str) -> None:
+    """Real states and TLE states (true and predicted lengths) of the first utterance, 64 channels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text, mask = batch.text, batch.text.tle_mask
+    n = int(batch.durations[0].sum())
+    with torch.no_grad():
+        true_len, _ = tle.speech_frames(text.tle_tokens[:1], mask[:1], batch.language_ids[:1],
+                                        durations=batch.durations[:1])
+        predicted, lengths = tle.speech_frames(text.tle_tokens[:1], mask[:1], batch.language_ids[:1])
+    panels = [("teacher (real audio)", tle.normalise(batch.states[0, :n])),
+              ("TLE, true durations", tle.normalise(true_len[0, :n])),
+              (f"TLE, predicted length ({int(lengths[0])} frames)", tle.normalise(predicted[0, : int(lengths[0])]))]
+    figure, axes = plt.subplots(3, 1, figsize=(10, 8))
+    for axis, (title, states) in zip(axes, panels):
+        axis.imshow(states[:, :64].T.numpy(), aspect="auto", origin="lower", vmin=-3, vmax=3, cmap="RdBu_r")
+        axis.set_title(f"{title}: {text.texts[0]}", fontsize=9)
+        axis.set_ylabel("channel")
+        bounds = np.cumsum(batch.durations[0, : int(mask[0].sum())].numpy())
+        for bound in bounds[:-1]:
+            axis.axvline(bound - 0.5, color="k", lw=0.4)
+    axes[-1].set_xlabel("encoder frame (20 ms); lines: token boundaries from the teacher alignment")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
