@@ -120,7 +120,7 @@ class Source(abc.ABC):
         return f"{self.kind} {self.config.path} ({len(self)} rows)"
 
 
-def _columns_problem(what: str, columns: list[str], needed: dict[str, str]) -> None:
+def _require_columns(what: str, columns: list[str], needed: dict[str, str]) -> None:
     missing = [f"{option} = {name!r}" for option, name in needed.items() if name and name not in columns]
     if missing:
         raise WhistleError(
@@ -173,7 +173,7 @@ class ManifestSource(TableSource):
                 reader = csv.DictReader(handle, delimiter=delimiter)
                 rows = list(reader)
                 columns = list(reader.fieldnames or [])
-            _columns_problem(f"manifest {path}", columns, {
+            _require_columns(f"manifest {path}", columns, {
                 "data.audio_column": config.audio_column, "data.text_column": config.text_column,
                 "data.id_column": config.id_column, "data.language_column": config.language_column,
             })
@@ -230,7 +230,7 @@ class CommonVoiceSource(TableSource):
             columns = list(reader.fieldnames or [])
         language_column = config.language_column or (
             COMMON_VOICE_LANGUAGE_COLUMN if COMMON_VOICE_LANGUAGE_COLUMN in columns else "")
-        _columns_problem(f"Common Voice table {tsv}", columns, {
+        _require_columns(f"Common Voice table {tsv}", columns, {
             "audio (Common Voice)": COMMON_VOICE_AUDIO_COLUMN, "text (Common Voice)": COMMON_VOICE_TEXT_COLUMN,
             "data.language_column": language_column,
         })
@@ -255,7 +255,7 @@ class DatasetSource(Source):
         self.kind = kind
         dataset = _load_dataset(config, kind)
         columns = list(dataset.column_names)
-        _columns_problem(f"dataset {config.path} ({config.split})", columns, {
+        _require_columns(f"dataset {config.path} ({config.split})", columns, {
             "data.audio_column": config.audio_column, "data.text_column": config.text_column,
             "data.id_column": config.id_column, "data.language_column": config.language_column,
         })
