@@ -98,27 +98,39 @@ class StoreWriter:
                                  "choose another store path") from err
             log.info("overwrite: deleting the existing store %s", text)
             run_sync(store.clear())
-        if _has_root(store):
-            root, spec = cls._reopen(store, spec, text)
-        elif is_empty(store):
-            root = cls._create(store, spec, text)
-        else:
-            raise StoreError(f"{text} is not empty and is not a whistle store (no zarr.json at its top); "
-                             "choose a new or empty path for the store")
-        root.require_group(SHARDS_GROUP)
+        root, spec = cls._create_or_reopen(store, spec, text)
+        try:
+            root.require_group(SHARDS_GROUP)
+        except ContainsGroupError:
+            pass  # another rank created it between require_group's check and its write
         return cls(store, root, spec, text)
 
     @staticmethod
-    def _create(store: Store, spec: StoreSpec, url: str) -> zarr.Group:
+    def _create_or_reopen(store: Store, spec: StoreSpec, url: str) -> tuple[zarr.Group, StoreSpec]:
+        """Reopen the store if its root exists, else create it; safe when all ranks do it at once."""
+        for _ in range(ROOT_WAIT_TRIES):
+            names = run_sync(_top_level(store))
+            if "zarr.json" in names:
+                return StoreWriter._reopen(store, spec, url)
+            if not names:
+                return StoreWriter._create(store, spec, url)
+            if not all(name.endswith(".partial") for name in names):
+                break
+            time.sleep(0.1)  # LocalStore writes zarr.json as zarr.<uuid>.partial and renames it a moment later
+        raise StoreError(f"{url} is not empty and is not a whistle store (no zarr.json at its top); "
+                         "choose a new or empty path for the store")
+
+    @staticmethod
+    def _create(store: Store, spec: StoreSpec, url: str) -> tuple[zarr.Group, StoreSpec]:
         attrs = {**spec.to_attrs(), **version_stamp("created"), **version_stamp("updated")}
         try:
             # The attributes go into the group's first and only zarr.json write, so another rank
             # opening the store at the same moment never sees a group without them.
             root = zarr.create_group(store, attributes={ATTRS_KEY: attrs}, overwrite=False)
         except ContainsGroupError:
-            return StoreWriter._reopen(store, spec, url)[0]  # another rank created it just now
+            return StoreWriter._reopen(store, spec, url)  # another rank created it just now
         log.info("created store %s (format %d, %s frames)", url, attrs["format"], spec.frames)
-        return root
+        return root, spec
 
     @staticmethod
     def _reopen(store: Store, spec: StoreSpec, url: str) -> tuple[zarr.Group, StoreSpec]:
@@ -354,19 +366,11 @@ class ShardWriter:
         return ShardRecord(self.index, n, n_frames, len(self._rejects), nbytes, audio_seconds)
 
 
-def _has_root(store: Store) -> bool:
-    """Whether the store's root zarr.json exists, allowing another rank a moment to finish writing it."""
-    for _ in range(ROOT_WAIT_TRIES):
-        if run_sync(store.exists("zarr.json")):
-            return True
-        if not all(name.endswith(".partial") for name in run_sync(_top_level(store))):
-            return False
-        time.sleep(0.1)  # LocalStore writes zarr.json as zarr.<uuid>.partial and renames it a moment later
-    return False
-
-
 async def _top_level(store: Store) -> list[str]:
-    return [name async for name in store.list_dir("")]
+    try:
+        return [name async for name in store.list_dir("")]
+    except FileNotFoundError:
+        return []
 
 
 def _finite(values: np.ndarray) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -362,3 +363,17 @@ def test_readers_reducing_at_once_agree_and_leave_whole_cache_entries(tmp_path):
     for entry in entries:
         assert json.loads((entry / "zarr.json").read_text())["attributes"]["complete"] is True
     np.testing.assert_array_equal(StoreReader(tmp_path / "s").tail_template(), templates[0])
+
+
+def test_writers_opening_a_new_store_at_once_all_succeed(tmp_path):
+    spec = store_spec()
+    for attempt in range(8):
+        barrier = threading.Barrier(3)
+
+        def open_store(_, path=tmp_path / f"s{attempt}"):
+            barrier.wait()  # like the ranks of one launch
+            return StoreWriter.open(path, spec).spec
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(open_store, range(3))) == [spec] * 3
+        assert StoreReader(tmp_path / f"s{attempt}").spec == spec
