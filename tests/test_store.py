@@ -365,6 +365,7 @@ def test_readers_reducing_at_once_agree_and_leave_whole_cache_entries(tmp_path):
     np.testing.assert_array_equal(StoreReader(tmp_path / "s").tail_template(), templates[0])
 
 
+@pytest.mark.filterwarnings("ignore:Object at .*partial is not recognized")  # a rank mid-write
 def test_writers_opening_a_new_store_at_once_all_succeed(tmp_path):
     spec = store_spec()
     for attempt in range(8):
