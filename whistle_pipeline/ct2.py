@@ -262,8 +262,13 @@ def read_dims(weights: Ct2Weights) -> WhisperDims:
     d_model = conv1.shape[0]
     heads = {}
     for side in ("encoder", "decoder"):
-        heads[side] = weights.scalar(f"{side}/num_heads") if weights.has(f"{side}/num_heads") else d_model // 64
-        if d_model % heads[side]:
+        if weights.has(f"{side}/num_heads"):
+            heads[side] = weights.scalar(f"{side}/num_heads")
+        else:  # every OpenAI Whisper size has 64-dimensional attention heads
+            heads[side] = d_model // 64
+            log.warning("%s has no %s/num_heads; assuming Whisper's 64-dimensional heads: %d", weights.path, side,
+                        heads[side])
+        if heads[side] < 1 or d_model % heads[side]:
             raise Ct2Error(f"{weights.path}: d_model {d_model} is not divisible by {side}/num_heads = {heads[side]}")
     projection = weights.resolve("decoder/projection/weight")
     tied = projection == "decoder/embeddings/weight" or (
