@@ -21,6 +21,7 @@ fine-tuning produced such loops on source clips (DESIGN.md §7), so they are alw
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -321,6 +322,20 @@ def encode(model: LoadedModel, audio: list[Any]) -> Any:
     return teacher_states(model.model.model.encoder, batch, model.geometry)  # (B, max_frames, D)
 
 
+@contextlib.contextmanager
+def quiet_generation() -> Iterator[None]:
+    """Silence the generation warnings Whisper's own `generate` triggers on every call (its internal
+    suppress-token arguments, max_length beside max_new_tokens, no attention mask for encoder outputs):
+    they say nothing about the user's input and would repeat once per batch."""
+    generation_log = logging.getLogger("transformers.generation.utils")
+    level = generation_log.level
+    generation_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        generation_log.setLevel(level)
+
+
 def generate(model: LoadedModel, states: Any, languages: Sequence[str], num_beams: int, max_new_tokens: int
              ) -> list[Transcript]:
     """Transcripts of encoder states (B, max_frames, D) with transformers' Whisper generation."""
@@ -331,7 +346,7 @@ def generate(model: LoadedModel, states: Any, languages: Sequence[str], num_beam
     if model.multilingual:  # English-only models refuse language/task tokens
         options.update(language=list(languages), task="transcribe")
     encoder_outputs = BaseModelOutput(last_hidden_state=states.to(model.device, model.model.dtype))
-    with torch.inference_mode():
+    with torch.inference_mode(), quiet_generation():
         sequences = model.model.generate(encoder_outputs=encoder_outputs, **options)  # (B, S)
         if not torch.is_tensor(sequences):
             sequences = sequences.sequences
