@@ -8,7 +8,9 @@ Two phases. Phase 1 (step < decoder_ce_start) regresses the teacher's speech fra
 (+ cosine) in the store's normalised space, beta * KL (annealed from 0, free bits) and the duration
 loss. Phase 2 adds the frozen Whisper decoder's cross-entropy on the text given the TLE's full
 window ("deep supervision"), the regression terms staying on as an anchor: regression alone gives
-states the decoder cannot read, the decoder loss from scratch finds a shortcut.
+states the decoder cannot read, the decoder loss from scratch finds a shortcut. With
+decoder_ce_floor = f > 0 the term is max(0, CE_tle - f * CE_real), CE_real being the decoder's
+cross-entropy on the same batch's real states: the TLE is made as readable as speech, not more.
 
 The loop is written out with accelerate (one Accelerator, prepare, accumulate, mixed precision on
 GPU). Every rank streams its own share of the shards and starts its next epoch when its share runs
@@ -64,7 +66,7 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG = "train_log.csv"
 VALIDATION_LOG = "validation.csv"
 TRAIN_COLUMNS = ["step", "epoch", "loss", "mse", "cosine", "kl", "beta", "length", "length_error", "decoder_ce",
-                 "decoder_ce_weight", "lr", "frames_per_s"]
+                 "real_decoder_ce", "decoder_ce_weight", "lr", "frames_per_s"]
 VALIDATION_COLUMNS = ["step", "mse", "cosine", "length_error", "duration_mae", "decoder_ce", "decoder_ce_predicted",
                       "real_decoder_ce", "wer_predicted", "real_wer"]
 FINAL_LR_FRACTION = 0.1  # the cosine schedule decays to this fraction of the peak
@@ -180,7 +182,7 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
     pending = []
     speech_mode = reader.spec.frames == "speech"  # then every window's tail is this store's template
     if speech_mode:
-        teacher.set_tail_template(torch.from_numpy(reader.tail_template()))
+        teacher.set_tail_template(torch.tensor(reader.tail_template()))
 
     def flush() -> None:
         windows = torch.from_numpy(np.stack([reader.full_window(u.states) for u in pending]))  # (B, F, D)
@@ -698,11 +700,17 @@ def run(config: PipelineConfig) -> TrainTLEResult:
             target = tle.normalise(batch.states)  # (B, T, D)
             out = model(batch.text.tle_tokens, batch.text.tle_mask, batch.language_ids, durations=batch.durations,
                         target=target)
-            decoder_ce = None
+            decoder_ce = real_ce = ce_term = None
             if weights.decoder_ce > 0:
                 window = tle.full_window(tle.denormalise(out.states), out.lengths)  # (B, F, D)
-                decoder_ce = decoder_cross_entropy(teacher, window, batch.text, out.states.shape[1])[0]
-            terms = tle_loss(out, target, batch.durations, batch.text.tle_mask, weights, decoder_ce)
+                decoder_ce = ce_term = decoder_cross_entropy(teacher, window, batch.text, out.states.shape[1])[0]
+                if settings.decoder_ce_floor > 0:
+                    # push only down to a fraction of what the decoder makes of the real speech
+                    with torch.no_grad():
+                        real_window = tle.full_window(batch.states, out.lengths)
+                        real_ce = decoder_cross_entropy(teacher, real_window, batch.text, batch.states.shape[1])[0]
+                    ce_term = torch.relu(decoder_ce - settings.decoder_ce_floor * real_ce)
+            terms = tle_loss(out, target, batch.durations, batch.text.tle_mask, weights, ce_term)
             accelerator.backward(terms.total)
             if accelerator.sync_gradients and settings.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -713,7 +721,8 @@ def run(config: PipelineConfig) -> TrainTLEResult:
             length_error = ((predicted - out.lengths).abs() / out.lengths).float().mean().item()
         for name, value in (("loss", terms.total.item()), ("mse", terms.mse), ("cosine", terms.cosine),
                             ("kl", terms.kl), ("length", terms.length), ("length_error", length_error),
-                            ("decoder_ce", terms.decoder_ce)):
+                            ("decoder_ce", None if decoder_ce is None else decoder_ce.item()),
+                            ("real_decoder_ce", None if real_ce is None else real_ce.item())):
             if value is not None:
                 window_sums[name] = window_sums.get(name, 0.0) + value
         window_count += 1

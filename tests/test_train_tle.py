@@ -159,11 +159,15 @@ def test_cli_trains_and_writes_a_loadable_tle(tle_store, tiny_teacher_dir, tmp_p
     out = tmp_path / "cli-tle"
     args = ["train-tle", "--store", str(tle_store), "--teacher", str(tiny_teacher_dir), "--output-dir", str(out),
             "--steps", "6", "--decoder-ce-start", "3"]
-    for override in TINY_TLE + ["train_tle.val_every=6", "train_tle.checkpoint_every=6"]:
+    for override in TINY_TLE + ["train_tle.val_every=6", "train_tle.checkpoint_every=6", "train_tle.decoder_ce_floor=0.9"]:
         args += ["--set", override]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "trained the TLE for 6 steps" in result.output and "held-out:" in result.output
+    rows = read_log(out / "train_log.csv")
+    # with a floor, phase 2 also reads the real states: both cross-entropies are logged
+    assert all(r["real_decoder_ce"] == "" for r in rows[:3]) and all(float(r["real_decoder_ce"]) > 0 for r in rows[3:])
+    assert 'decoder_ce_floor = 0.9' in (out / "config.toml").read_text()
     assert TLEModel.from_pretrained(out).config.d_model == D_MODEL
     # a second run finds the finished run's checkpoint and has nothing left to do
     again = CliRunner().invoke(cli, args)

@@ -188,6 +188,7 @@ class TrainTLEConfig:
     free_bits: float
     decoder_ce_weight: float
     decoder_ce_start: int
+    decoder_ce_floor: float
     val_fraction: float
     val_size: int
     val_wer_size: int
@@ -213,6 +214,7 @@ class TrainTLEConfig:
             + _in_range("train_tle.kl_anneal_steps", self.kl_anneal_steps, 0)
             + _in_range("train_tle.free_bits", self.free_bits, 0.0)
             + _in_range("train_tle.decoder_ce_start", self.decoder_ce_start, 0)
+            + _in_range("train_tle.decoder_ce_floor", self.decoder_ce_floor, 0.0, 2.0)
             + _in_range("train_tle.val_fraction", self.val_fraction, 0.0, 0.5)
             + _in_range("train_tle.val_size", self.val_size, 1)
             + _in_range("train_tle.val_wer_size", self.val_wer_size, 0)
