@@ -18,7 +18,7 @@ D_MODEL, MAX_FRAMES, FRAMES_PER_TOKEN = 32, 100, 3
 
 
 def write_tle_store(url: Path, teacher_dir: Path, n: int = 32, shard_size: int = 8, seed: int = 0,
-                    max_frames: int = MAX_FRAMES) -> Path:
+                    max_frames: int = MAX_FRAMES, languages: tuple[str, ...] = ("en",)) -> Path:
     """Utterances whose states are a fixed vector per token (3 frames each) + noise, a constant-ish tail."""
     from transformers import AutoTokenizer
 
@@ -41,7 +41,7 @@ def write_tle_store(url: Path, teacher_dir: Path, n: int = 32, shard_size: int =
                 speech = np.concatenate([speech, np.tile(tail_vector, (2, 1))])  # the 2-frame margin
                 states = (speech + rng.normal(0.0, 0.1, speech.shape)).astype(np.float16)
                 tail = (tail_vector + rng.normal(0.0, 0.1, (max_frames - len(states), D_MODEL))).astype(np.float16)
-                shard.add(f"utt{i:03d}", text, "en", len(states) / 50, states, tail=tail)
+                shard.add(f"utt{i:03d}", text, languages[i % len(languages)], len(states) / 50, states, tail=tail)
     return url
 
 
@@ -191,3 +191,22 @@ def test_refuses_an_empty_store(tiny_teacher_dir, tmp_path):
     StoreWriter.open(str(tmp_path / "empty"), StoreSpec(teacher, "speech", 2, 8, 64, "blosc-lz4", 3, 0, "x", "none"))
     with pytest.raises(WhistleError, match="no complete shards.*whistle precompute"):
         run(tle_config(tmp_path / "empty", tiny_teacher_dir, tmp_path / "out", "train_tle.steps=3"))
+
+
+def test_multilingual_teacher_and_store(tmp_path):
+    """A multilingual teacher: language/task prompts in the decoder, one language embedding per store language."""
+    from conftest import make_tiny_teacher
+    from stages.train_tle import run
+    from whistle_pipeline.tle import TLEModel
+
+    teacher = make_tiny_teacher(tmp_path / "teacher", multilingual=True)
+    store = write_tle_store(tmp_path / "store", teacher, n=16, languages=("en", "de", "fr"))
+    out = tmp_path / "out"
+    result = run(tle_config(store, teacher, out, "train_tle.steps=4", "train_tle.decoder_ce_start=2",
+                            "train_tle.val_every=4", "train_tle.val_fraction=0.3"))
+    # the tiny tokenizer has <|en|>, <|de|>, <|yue|>: French utterances cannot be prompted and are not used
+    assert len(result.alignment_rejects) == 5
+    assert all("'fr' has no token" in reason for reason in result.alignment_rejects.values())
+    tle = TLEModel.from_pretrained(out)
+    assert tle.config.languages == ["de", "en"]
+    assert "wer_predicted" in result.validation
