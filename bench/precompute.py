@@ -10,6 +10,12 @@ Clips are Common-Voice-like: MP3, 48 kHz mono, 2-8 s. Weights are random (same F
 model; no download). Both sides get a warm-up batch first, and the best of `--repeats` timings is
 kept for each (other processes on a shared machine only ever slow a run down).
 
+`cpu_ratio` compares CPU seconds instead of wall seconds: encoder-alone CPU time per clip over the
+stage's (main process with its torch and writer threads, plus the DataLoader workers, model loading
+included). When the encoder keeps every core busy, every extra CPU second is a second the encoder
+does not get, so on a dedicated CPU machine `ratio` tends to `cpu_ratio`; on a shared machine
+`cpu_ratio` is the steadier figure.
+
     python bench/precompute.py --size tiny --device cpu            # the CPU figure in bench/RESULTS.md
     python bench/precompute.py --size large-v3 --device cuda --clips 512 --batch-size 32
     python bench/precompute.py --quick                              # a smoke run (tests/test_bench_smoke.py)
@@ -21,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -79,13 +86,21 @@ def encoder_flops(size: str) -> float:
     return float(convs + shape["encoder_layers"] * layer)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its reaped children (DataLoader workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_encoder(encoder, geometry, manifest: Path, n: int, batch_size: int, device: torch.device) -> float:
-    """Seconds for the encoder alone over the same clips in the same batches, inputs already on the device."""
+def time_encoder(encoder, geometry, manifest: Path, n: int, batch_size: int,
+                 device: torch.device) -> tuple[float, float]:
+    """Wall and CPU seconds for the encoder alone over the same clips in the same batches, inputs already
+    on the device."""
     from whistle_pipeline.audio import load_audio
     from whistle_pipeline.teacher import LogMel
 
@@ -100,11 +115,11 @@ def time_encoder(encoder, geometry, manifest: Path, n: int, batch_size: int, dev
                               for i in range(0, n, batch_size)]).to(encoder.dtype)  # (N, n_mels, 3000)
         encoder(features[:batch_size])  # warm-up
         synchronize(device)
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), cpu_seconds()
         for i in range(0, n, batch_size):
             encoder(features[i : i + batch_size]).last_hidden_state.to(torch.float16)
         synchronize(device)
-    return time.perf_counter() - began
+    return time.perf_counter() - began, cpu_seconds() - cpu_began
 
 
 def stage_config(checkpoint: Path, manifest: Path, store: Path, device: str, dtype: str, batch_size: int,
@@ -152,10 +167,14 @@ def main(size, device, dtype, clips, batch_size, num_workers, shard_size, repeat
                                     shard_size, max_clips))
 
         stage("warm-up", batch_size)  # kernels, allocator and thread pools warm, as for the encoder's warm-up
-        encoder_s, pipeline_s, end_to_end_s = [], [], []
+        encoder_s, encoder_cpu, pipeline_s, end_to_end_s, stage_cpu = [], [], [], [], []
         for _ in range(repeats):
-            encoder_s.append(time_encoder(encoder, geometry, manifest, clips, batch_size, torch_device))
+            wall, cpu = time_encoder(encoder, geometry, manifest, clips, batch_size, torch_device)
+            encoder_s.append(wall)
+            encoder_cpu.append(cpu)
+            cpu_began = cpu_seconds()
             result = stage("store", 0)
+            stage_cpu.append(cpu_seconds() - cpu_began)
             assert result.clips == clips, result.summary()
             pipeline_s.append(result.pipeline_seconds)
             end_to_end_s.append(result.seconds)
@@ -169,6 +188,9 @@ def main(size, device, dtype, clips, batch_size, num_workers, shard_size, repeat
         "encoder_clips_per_s": round(encoder_rate, 3), "stage_clips_per_s": round(stage_rate, 3),
         "stage_end_to_end_clips_per_s": round(end_to_end_rate, 3),
         "ratio": round(stage_rate / encoder_rate, 3), "ratio_end_to_end": round(end_to_end_rate / encoder_rate, 3),
+        "encoder_cpu_s_per_clip": round(min(encoder_cpu) / clips, 4),
+        "stage_cpu_s_per_clip": round(min(stage_cpu) / clips, 4),
+        "cpu_ratio": round(min(encoder_cpu) / min(stage_cpu), 3),
         "encoder_tflops": round(encoder_rate * flops / 1e12, 4), "stage_tflops": round(stage_rate * flops / 1e12, 4),
     }
     click.echo(f"precompute bench — {platform.processor() or platform.machine()}, {datetime.date.today()}, "
@@ -176,7 +198,9 @@ def main(size, device, dtype, clips, batch_size, num_workers, shard_size, repeat
     click.echo(f"  encoder alone  {encoder_rate:8.2f} clips/s  ({figures['encoder_tflops']} TFLOP/s)")
     click.echo(f"  whole stage    {stage_rate:8.2f} clips/s  (pipeline; {end_to_end_rate:.2f} clips/s with model "
                "loading and store opening)")
-    click.echo(f"  ratio          {figures['ratio']:8.3f}")
+    click.echo(f"  ratio          {figures['ratio']:8.3f}  (CPU seconds per clip: encoder "
+               f"{figures['encoder_cpu_s_per_clip']}, stage {figures['stage_cpu_s_per_clip']}, "
+               f"cpu_ratio {figures['cpu_ratio']})")
     for name, value in figures.items():
         click.echo(f"{name}={value}")
 
