@@ -142,6 +142,7 @@ class BackgroundWriter:
     def __init__(self, store: StoreWriter, threads: int, max_closing: int):
         self.store = store
         self.records: list[ShardRecord] = []
+        self.wait_seconds = 0.0  # the main process blocked on full queues: the writers are the bottleneck
         self._queues = [queue.Queue(maxsize=MESSAGES_PER_WRITER) for _ in range(threads)]
         self._closing = threading.Semaphore(max_closing)
         self._error: BaseException | None = None
@@ -158,18 +159,22 @@ class BackgroundWriter:
         self._put(shard, ("reject", {"id": utt_id, "reason": reason}))
 
     def close(self, shard: int) -> None:
+        began = time.perf_counter()
         self._closing.acquire()
+        self.wait_seconds += time.perf_counter() - began
         self._put(shard, ("close", {}))
 
     def _put(self, shard: int, message: tuple[str, dict[str, Any]]) -> None:
         target = self._queues[shard % len(self._queues)]
+        began = time.perf_counter()
         while True:
             self.raise_if_failed()
             try:
                 target.put((shard, message), timeout=1.0)
-                return
+                break
             except queue.Full:
                 continue
+        self.wait_seconds += time.perf_counter() - began
 
     def raise_if_failed(self) -> None:
         if self._error is not None:
@@ -241,6 +246,7 @@ class RankStats:
     seconds: float = 0.0  # the whole run, model loading included
     pipeline_seconds: float = 0.0  # first batch requested -> last shard written (the steady-state work)
     input_wait_seconds: float = 0.0  # main process waiting for the DataLoader: > 0 means input-bound
+    write_wait_seconds: float = 0.0  # main process waiting for the shard writers: > 0 means write-bound
 
     def count_reject(self, reason: str) -> None:
         kind = reason.split(":", 1)[0]
@@ -269,6 +275,7 @@ class PrecomputeResult:
     store_rejects: int
     pipeline_seconds: float
     input_wait_seconds: float
+    write_wait_seconds: float
     per_rank: list[dict[str, Any]]
     rank: int  # the process that returns this result (the numbers are the whole run's)
 
@@ -301,6 +308,9 @@ class PrecomputeResult:
         if self.seconds and self.input_wait_seconds > 0.1 * self.seconds:
             lines.append(f"  note        the encoder waited {self.input_wait_seconds:.0f} s for audio: raise "
                          "precompute.num_workers")
+        if self.seconds and self.write_wait_seconds > 0.1 * self.seconds:
+            lines.append(f"  note        the encoder waited {self.write_wait_seconds:.0f} s for the shard writers: "
+                         "raise precompute.write_threads")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -436,6 +446,7 @@ def _result(config, source, spec, device, dtype, everyone: list[RankStats], n_sh
         store_utterances=store_utterances, store_rejects=store_rejects,
         pipeline_seconds=max(s.pipeline_seconds for s in everyone),
         input_wait_seconds=max(s.input_wait_seconds for s in everyone),
+        write_wait_seconds=max(s.write_wait_seconds for s in everyone),
         per_rank=[dataclasses.asdict(s) for s in everyone], rank=rank,
     )
 
@@ -516,6 +527,7 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
             deliver(in_flight)
         records = writer.finish()
         stats.pipeline_seconds = time.perf_counter() - began
+        stats.write_wait_seconds = writer.wait_seconds
     except BaseException:
         writer.abandon()
         raise
