@@ -383,6 +383,9 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     device = _device(config, state)
     with state.main_process_first():  # one process downloads from the hub; the others read its cache
         source = open_source(config.data)
+        if not len(source):
+            raise WhistleError(f"{source.describe()}: nothing to precompute. Check data.path, data.split/subset "
+                               "and data.max_clips.")
         encoder, geometry = load_encoder(config.teacher.name_or_path, config.teacher.revision, device,
                                          config.teacher.dtype, config.teacher.attn_implementation)
     if state.is_main_process:

@@ -248,3 +248,10 @@ def test_cli_runs_the_stage_and_fails_on_strict(tiny_whisper_dir, audio_folder, 
     assert "precompute.strict: 1 clip(s) were rejected" in failed.output
     refused = CliRunner().invoke(cli, args[:-2] + ["--max-clips", "5"])
     assert refused.exit_code == 1 and "--overwrite" in refused.output and "Traceback" not in refused.output
+
+
+def test_an_empty_source_is_an_error(tiny_whisper_dir, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("audio,text\n", encoding="utf-8")
+    with pytest.raises(WhistleError, match=r"manifest .*empty.csv \(0 rows\): nothing to precompute"):
+        run(make_config(tiny_whisper_dir, empty, tmp_path / "store"))
