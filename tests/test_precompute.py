@@ -255,3 +255,21 @@ def test_an_empty_source_is_an_error(tiny_whisper_dir, tmp_path):
     empty.write_text("audio,text\n", encoding="utf-8")
     with pytest.raises(WhistleError, match=r"manifest .*empty.csv \(0 rows\): nothing to precompute"):
         run(make_config(tiny_whisper_dir, empty, tmp_path / "store"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bfloat16_run_matches_the_float32_cpu_run(tiny_whisper_dir, audio_folder, tmp_path):
+    """The GPU path (pinned batches, non-blocking copies, bf16 + SDPA) stores what the CPU stores, to bf16."""
+    data = manifest(audio_folder)
+    run(make_config(tiny_whisper_dir, data, tmp_path / "cpu"))
+    gpu = run(make_config(tiny_whisper_dir, data, tmp_path / "gpu", teacher={"device": "cuda", "dtype": "bfloat16"},
+                          precompute={"num_workers": 2}))
+    assert gpu.dtype == "bfloat16" and gpu.device.startswith("cuda")
+    on_cpu, on_gpu = stored(tmp_path / "cpu"), stored(tmp_path / "gpu")
+    assert sorted(on_cpu) == sorted(on_gpu)
+    for utt_id, utt in on_cpu.items():
+        a, b = utt.states.astype(np.float32), on_gpu[utt_id].states.astype(np.float32)
+        assert a.shape == b.shape
+        cosine = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cosine.min() > 0.99, utt_id
