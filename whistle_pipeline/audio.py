@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Callable
 
 import numpy as np
@@ -33,6 +34,16 @@ TELEPHONE_RATE = 8000  # narrowband telephony (G.711)
 TELEPHONE_BAND_HZ = (300.0, 3400.0)  # ITU-T G.712 pass band
 MU_LAW_MU = 255  # G.711 mu-law, 8-bit codes
 
+# A file that yields fewer samples than its header declares was cut short (an interrupted copy or
+# download): its transcript no longer matches, so it is rejected. Compressed formats (MP3) estimate
+# their length from the header, so a shortfall under TRUNCATION_SLACK_SECONDS is tolerated.
+TRUNCATION_SLACK_SECONDS = 0.1
+# libsndfile clamps a WAV/AIFF's length to the bytes present and notes it in its log:
+# "data : 32000 (should be 15978)". Streaming writers that cannot seek back put a placeholder
+# (0xFFFFFFFF, or just under 2 GiB) in the header: sizes from PLACEHOLDER_BYTES on are not a claim.
+DATA_CHUNK_LOG = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+PLACEHOLDER_BYTES = 2**31
+
 
 class AudioError(WhistleError):
     """A clip that cannot be used. `reason` ("kind: detail") is what a store records as its reject reason."""
@@ -52,21 +63,31 @@ def load_audio(
 
     Integer PCM is scaled to [-1, 1); channels are averaged; other rates are resampled with soxr (HQ).
     Raises AudioError (naming the file, or `name` for bytes) when the file is missing or cannot be
-    decoded, is empty, holds NaN/inf samples, or is longer than `max_seconds` (checked before decoding).
+    decoded, is truncated (fewer samples than its header declares), is empty, holds NaN/inf samples, or
+    is longer than `max_seconds` (checked before decoding).
     """
     name = name or (f"<{len(source)} bytes>" if isinstance(source, bytes) else os.fspath(source))
     if not isinstance(source, bytes) and not os.path.isfile(source):
         raise AudioError(f"audio not found: {name}", name)
+    if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
+        raise AudioError("undecodable audio: the file is empty (0 bytes)", name)  # libsndfile: "Format not recognised"
     try:
         with soundfile.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as handle:
-            rate = handle.samplerate
-            if max_seconds is not None and handle.frames > max_seconds * rate:
-                raise AudioError(f"too long: {handle.frames / rate:.1f} s, the window is {max_seconds:g} s", name)
+            rate, declared = handle.samplerate, handle.frames
+            if max_seconds is not None and declared > max_seconds * rate:
+                raise AudioError(f"too long: {declared / rate:.1f} s, the window is {max_seconds:g} s", name)
+            cut = _cut_data_chunk(handle.extra_info)
             samples = handle.read(dtype="float32", always_2d=True)  # (N, C)
     except soundfile.LibsndfileError as err:
         raise AudioError(f"undecodable audio: {err.error_string}", name) from err
     except (RuntimeError, TypeError, ValueError) as err:  # truncated or malformed streams fail while reading
         raise AudioError(f"undecodable audio: {err}", name) from err
+    if cut:
+        raise AudioError(f"truncated audio: the header declares {cut[0]} bytes of samples, the file holds {cut[1]}",
+                         name)
+    if samples.shape[0] < declared - TRUNCATION_SLACK_SECONDS * rate:
+        raise AudioError(f"truncated audio: the header declares {declared / rate:.2f} s, only "
+                         f"{samples.shape[0] / rate:.2f} s could be decoded", name)
     if samples.shape[0] == 0:
         raise AudioError("empty audio: 0 samples", name)
     audio = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]  # (N,)
@@ -75,6 +96,15 @@ def load_audio(
     if rate != sample_rate:
         audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _cut_data_chunk(log: str) -> tuple[int, int] | None:
+    """(declared, present) bytes of a WAV/AIFF sample chunk that ends early, from libsndfile's log."""
+    found = DATA_CHUNK_LOG.search(log)
+    if found is None:
+        return None
+    declared, present = int(found.group(1)), int(found.group(2))
+    return (declared, present) if present < declared < PLACEHOLDER_BYTES else None
 
 
 def telephone(audio: np.ndarray, sample_rate: int) -> np.ndarray:
