@@ -45,9 +45,9 @@ def test_csv_manifest_rows_rejects_and_ids(clips):
     assert rows[2] == SourceReject(2, "spk1/a", "duplicate id: first used by row 0")
     assert rows[3] == SourceReject(3, "spk1/c", "empty text")
     assert rows[4] == SourceReject(4, "row-00000004", "no audio: the audio column is empty")
-    assert rows[5] == SourceReject(5, "spk1/short", "empty text")
+    assert rows[5] == SourceReject(5, "row-00000005", "bad row: line 7 of manifest.csv has 1 field(s), the header has 4")
     with_ids = open_source(data_config(manifest, audio_column="path", id_column="speaker_id"))
-    assert [with_ids.row_id(r) for r in range(6)] == ["s1", "s2", "s3", "s4", "s5", "spk1/short"]  # empty id: derived
+    assert [with_ids.row_id(r) for r in range(6)] == ["s1", "s2", "s3", "s4", "s5", "row-00000005"]
     assert isinstance(with_ids[2], SourceItem)  # unique ids now
 
 

@@ -25,6 +25,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,10 @@ MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 COMMON_VOICE_AUDIO_COLUMN = "path"
 COMMON_VOICE_TEXT_COLUMN = "sentence"
 COMMON_VOICE_LANGUAGE_COLUMN = "locale"
+# Lone surrogates: bytes that were not UTF-8 (read with errors="surrogateescape") or "\udXXX" JSON escapes.
+# Zarr stores UTF-8, so such a row is a reject, never a value that fails a whole shard's write.
+NOT_UTF8 = re.compile("[\ud800-\udfff]")
+NOT_UTF8_FIX = "not valid UTF-8 text: re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
 
 
 @dataclass(frozen=True)
@@ -168,11 +173,7 @@ class ManifestSource(TableSource):
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             rows = _read_jsonl(path)
         else:
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            with open(path, newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle, delimiter=delimiter)
-                rows = list(reader)
-                columns = list(reader.fieldnames or [])
+            rows, columns = _read_table(path, "\t" if path.suffix.lower() == ".tsv" else ",", csv.QUOTE_MINIMAL)
             _require_columns(f"manifest {path}", columns, {
                 "data.audio_column": config.audio_column, "data.text_column": config.text_column,
                 "data.id_column": config.id_column, "data.language_column": config.language_column,
@@ -197,7 +198,7 @@ class ManifestSource(TableSource):
 
 def _read_jsonl(path: Path) -> list[dict[str, Any] | str]:
     rows: list[dict[str, Any] | str] = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -206,8 +207,35 @@ def _read_jsonl(path: Path) -> list[dict[str, Any] | str]:
             except json.JSONDecodeError as err:
                 rows.append(f"bad row: line {number} of {path.name} is not valid JSON ({err.msg})")
                 continue
-            rows.append(values if isinstance(values, dict) else f"bad row: line {number} of {path.name} is not a JSON object")
+            if not isinstance(values, dict):
+                rows.append(f"bad row: line {number} of {path.name} is not a JSON object")
+            elif any(isinstance(value, str) and NOT_UTF8.search(value) for value in values.values()):
+                rows.append(f"bad row: line {number} of {path.name} is {NOT_UTF8_FIX}")
+            else:
+                rows.append(values)
     return rows
+
+
+def _read_table(path: Path, delimiter: str, quoting: int) -> tuple[list[dict[str, str] | str], list[str]]:
+    """The rows of a CSV/TSV file as dicts, and its columns. A row whose field count differs from the
+    header's (a field missing, or an unquoted delimiter inside one) or that is not UTF-8 becomes its
+    reject reason: csv.DictReader would fill or shift its fields silently."""
+    rows: list[dict[str, str] | str] = []
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+        columns = next(reader, [])
+        for fields in reader:
+            if not fields:  # a blank line
+                continue
+            where = f"line {reader.line_num} of {path.name}"
+            if any(NOT_UTF8.search(field) for field in fields):
+                rows.append(f"bad row: {where} is {NOT_UTF8_FIX}")
+            elif len(fields) != len(columns):
+                hint = " (quote fields that contain the delimiter)" if len(fields) > len(columns) else ""
+                rows.append(f"bad row: {where} has {len(fields)} field(s), the header has {len(columns)}{hint}")
+            else:
+                rows.append(dict(zip(columns, fields)))
+    return rows, columns
 
 
 class CommonVoiceSource(TableSource):
@@ -223,11 +251,8 @@ class CommonVoiceSource(TableSource):
                 f"Common Voice folder {folder} has no {tsv.name} (data.subset / data.split = {table!r}); "
                 f"it has: {', '.join(have) or 'no .tsv files'}. Give the folder that holds clips/ and the TSVs."
             )
-        with open(tsv, newline="", encoding="utf-8") as handle:
-            # Common Voice sentences contain quote characters: the TSVs are unquoted
-            reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
+        # Common Voice sentences contain quote characters: the TSVs are unquoted
+        rows, columns = _read_table(tsv, "\t", csv.QUOTE_NONE)
         language_column = config.language_column or (
             COMMON_VOICE_LANGUAGE_COLUMN if COMMON_VOICE_LANGUAGE_COLUMN in columns else "")
         _require_columns(f"Common Voice table {tsv}", columns, {
@@ -235,8 +260,9 @@ class CommonVoiceSource(TableSource):
             "data.language_column": language_column,
         })
 
-        def id_of(row: int, values: dict[str, Any]) -> str:
-            return Path(_clean(values.get(COMMON_VOICE_AUDIO_COLUMN))).stem or f"row-{row:08d}"
+        def id_of(row: int, values: dict[str, Any] | str) -> str:
+            stem = Path(_clean(values.get(COMMON_VOICE_AUDIO_COLUMN))).stem if isinstance(values, dict) else ""
+            return stem or f"row-{row:08d}"
 
         identity = {"path": str(folder.resolve()), "table": table, "language_column": language_column,
                     "language": config.language}
