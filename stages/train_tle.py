@@ -349,12 +349,13 @@ def build_model(config: PipelineConfig, reader: StoreReader, teacher: FrozenTeac
         conv_kernel=arch.conv_kernel, conv_layers=arch.conv_layers, dropout=arch.dropout, posterior=arch.posterior,
         languages=languages, d_model=reader.teacher.d_model, max_frames=reader.teacher.max_frames,
         max_tokens=teacher.max_positions, end_token_id=teacher.specials.end_of_text,
-        teacher=reader.teacher.to_dict(),
+        teacher=reader.teacher.to_dict(), spelling_channels=arch.spelling_channels,
     )
     torch.manual_seed(config.train_tle.seed)
     model = TLEModel(tle_config)
     mean, std = reader.statistics()
     model.set_store_statistics(mean, std, reader.tail_template())
+    model.set_token_spellings(teacher.tokenizer)
     if arch.token_embeddings != "random":
         with torch.no_grad():
             model.token_embedding.weight.copy_(decoder_embeddings.float())

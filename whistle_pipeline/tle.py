@@ -50,6 +50,8 @@ class TLEConfig(PreTrainedConfig):
 
     vocab_size: int = 51865
     embedding_size: int = 384  # width of the token embedding: the teacher decoder's d_model
+    spelling_channels: int = 64  # width of the per-token spelling encoder over its bytes (0 = none)
+    max_token_bytes: int = 16  # bytes of a token's text the spelling encoder reads
     hidden_size: int = 384
     text_layers: int = 4
     frame_layers: int = 4
@@ -223,6 +225,13 @@ class TLEModel(PreTrainedModel):
         self.token_norm = nn.LayerNorm(config.embedding_size)
         self.token_projection = nn.Linear(config.embedding_size, H)
         self.token_position = nn.Linear(POSITION_FEATURES, H)
+        if config.spelling_channels:
+            C = config.spelling_channels
+            # each token's text as bytes + 1 (0 = padding): fill with set_token_spellings(tokenizer)
+            self.register_buffer("token_bytes", torch.zeros(config.vocab_size, config.max_token_bytes, dtype=torch.int16))
+            self.byte_embedding = nn.Embedding(257, C, padding_idx=0)
+            self.spelling_conv = nn.Conv1d(C, C, 3, padding=1)
+            self.spelling_projection = nn.Linear(C, H)
         self.language_embedding = nn.Embedding(len(config.languages), H)
         self.text_layers = nn.ModuleList(
             TransformerBlock(H, config.num_heads, ffn, config.dropout) for _ in range(config.text_layers)
@@ -267,6 +276,22 @@ class TLEModel(PreTrainedModel):
             self.state_std.copy_(torch.tensor(np.asarray(std)).clamp(min=1e-4))
             self.tail_template.copy_(torch.tensor(np.asarray(tail_template)))
 
+    def set_token_spellings(self, tokenizer: Any) -> None:
+        """Record every token's text (UTF-8 bytes, leading space included) for the spelling encoder.
+
+        The TTS behind the store's speech pronounces from spelling, and so does a human speaker, mostly:
+        a token never seen in training still has familiar letters, where its embedding alone is unheard of.
+        """
+        if not self.config.spelling_channels:
+            return
+        limit = self.config.max_token_bytes
+        table = torch.zeros(self.config.vocab_size, limit, dtype=torch.int16)
+        for token_id in range(min(self.config.vocab_size, len(tokenizer))):
+            data = tokenizer.decode([token_id]).encode("utf-8")[:limit]
+            table[token_id, : len(data)] = torch.tensor(list(data), dtype=torch.int16) + 1
+        with torch.no_grad():
+            self.token_bytes.copy_(table)
+
     def language_ids(self, languages: Sequence[str]) -> torch.Tensor:
         """Language codes -> (B,) ids; an unknown code raises, listing the ones this TLE knows."""
         known = list(self.config.languages)
@@ -293,6 +318,12 @@ class TLEModel(PreTrainedModel):
         B, L = tokens.shape
         # normalised first: teacher embeddings and fresh ones differ in scale by orders of magnitude
         x = self.token_projection(self.token_norm(self.token_embedding(tokens)))  # (B, L, H)
+        if self.config.spelling_channels:
+            spelled = self.token_bytes[tokens].long()  # (B, L, K) bytes + 1, 0 = padding
+            chars = self.byte_embedding(spelled).flatten(0, 1).transpose(1, 2)  # (B*L, C, K)
+            chars = F.gelu(self.spelling_conv(chars)).masked_fill(spelled.flatten(0, 1)[:, None, :] == 0, -1e4)
+            spelling = chars.amax(-1).clamp(min=-1.0)  # (B*L, C) max over the bytes; a token without text: -1
+            x = x + self.spelling_projection(spelling.view(B, L, -1))  # (B, L, H)
         x = x + self.language_embedding(language_ids)[:, None, :]
         x = x + self.token_position(sinusoids(torch.arange(L, device=tokens.device), POSITION_FEATURES).to(x.dtype))
         for layer in self.text_layers:
