@@ -37,6 +37,7 @@ def tiny_tle(seed: int = 0, **overrides) -> TLEModel:
     torch.manual_seed(seed)
     settings = dict(vocab_size=100, embedding_size=16, hidden_size=32, text_layers=2, frame_layers=2, num_heads=4,
                     ffn_multiplier=2, latent_size=4, conv_kernel=5, conv_layers=2, dropout=0.1, posterior=True,
+                    spelling_channels=8,
                     languages=["en", "de"], d_model=D, max_frames=MAX_FRAMES, end_token_id=END)
     model = TLEModel(TLEConfig(**{**settings, **overrides}))
     generator = torch.Generator().manual_seed(1)
@@ -120,6 +121,7 @@ def test_token_spellings_come_from_the_tokenizer():
 
     tokenizer = make_whisper_tokenizer()
     model = tiny_tle(vocab_size=len(tokenizer), max_token_bytes=8)
+    assert model.config.spelling_channels == 8
     model.set_token_spellings(tokenizer)
     token = tokenizer(" hello", add_special_tokens=False)["input_ids"][-1]
     text = tokenizer.decode([token]).encode("utf-8")

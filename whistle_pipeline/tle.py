@@ -50,7 +50,7 @@ class TLEConfig(PreTrainedConfig):
 
     vocab_size: int = 51865
     embedding_size: int = 384  # width of the token embedding: the teacher decoder's d_model
-    spelling_channels: int = 64  # width of the per-token spelling encoder over its bytes (0 = none)
+    spelling_channels: int = 0  # width of the per-token spelling encoder over its bytes (0 = none)
     max_token_bytes: int = 16  # bytes of a token's text the spelling encoder reads
     hidden_size: int = 384
     text_layers: int = 4
