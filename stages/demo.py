@@ -196,7 +196,8 @@ def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool
              "target-train": plan.target_train, "target-test": plan.target_test}
 
     def config(**sections: dict[str, Any]) -> PipelineConfig:
-        base = {"teacher": {"name_or_path": str(teacher), "device": "auto"}}
+        # synthesize writes an id per clip (the sentence's line): precompute and evaluate use it
+        base = {"teacher": {"name_or_path": str(teacher), "device": "auto"}, "data": {"id_column": "id"}}
         return load_config(overrides=overrides, updates={**base, **sections})
 
     steps.run("teacher", f"import Whisper tiny.en from the {PACKAGE} package",
@@ -213,7 +214,7 @@ def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool
     for name, store in (("source-train", "source"), ("target-train", "target-tts")):
         steps.run(f"precompute-{store}", f"run tiny.en's encoder over {name} into stores/{store}",
                   lambda name=name, store=store: precompute.run(config(
-                      data={"path": str(audio / name / "manifest.jsonl"), "audio_column": "audio"},
+                      data={"path": str(audio / name / "manifest.jsonl"), "audio_column": "audio", "id_column": "id"},
                       store={"path": str(stores / store), **store_settings}, precompute=precompute_settings,
                   )).to_dict()["store_utterances"])
     tle_dir = work / "tle"

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from stages.train_tle import CsvLog, latest_checkpoint, resolve_mixed_precision  # the loop helpers both trainings share
 from store import StoreReader
 from store.dataset import FeatureDataset
 from whistle_pipeline.config import ConfigError, PipelineConfig
@@ -285,14 +286,6 @@ def build_optimizer(model: Any, settings: Any) -> tuple[torch.optim.Optimizer, t
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
-def resolve_mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
 @dataclass
 class Windows:
     """What produces full windows: the frozen TLE and each store's tail template, on the device."""
@@ -504,11 +497,6 @@ def save_checkpoint(accelerator: Any, directory: Path, model: Any, optimizer: An
     accelerator.wait_for_everyone()
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    complete = sorted(p for p in directory.glob("step-*") if (p / "COMPLETE").exists())
-    return complete[-1] if complete else None
-
-
 def load_trainable(model: Any, path: Path, device: Any) -> None:
     """Copy saved trainable weights into `model`; every saved name must be a trainable weight of it."""
     from safetensors.torch import load_file
@@ -567,29 +555,6 @@ def check_resumable(output_dir: Path, config: PipelineConfig) -> None:
             f"{output_dir} holds checkpoints of a run with other settings:\n  - " + "\n  - ".join(differences)
             + "\nUse a new finetune.output_dir, or set finetune.resume=false to start over in this one."
         )
-
-
-class CsvLog:
-    """Rows appended to a CSV file; on resume, rows after the resumed step are dropped first."""
-
-    def __init__(self, path: Path, columns: list[str], resume_step: int | None):
-        import csv
-
-        self.path, self.columns = path, columns
-        rows = []
-        if resume_step is not None and path.exists():
-            with open(path, newline="") as handle:
-                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def write(self, row: dict[str, Any]) -> None:
-        import csv
-
-        with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, self.columns).writerow({k: row.get(k, "") for k in self.columns})
 
 
 # ---- the stage ----------------------------------------------------------------------------------------
