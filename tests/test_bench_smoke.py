@@ -25,6 +25,42 @@ def test_store_io_quick():
 
 def test_precompute_quick():
     values = run_bench("precompute.py")
-    assert values["size"] == "tiny" and int(values["clips"]) == 4
+    assert values["size"] == "tiny" and int(values["clips"]) == 2
     stage, encoder = float(values["stage_clips_per_s"]), float(values["encoder_clips_per_s"])
     assert stage > 0 and encoder > 0 and abs(float(values["ratio"]) - stage / encoder) < 0.01
+    # tiny's encoder FLOPs per window, from its config: convs 2*80*384*3*3000 + 2*384^2*3*1500, 4 layers
+    assert abs(float(values["encoder_gflop_per_window"]) - 36.9377) < 1e-3
+    assert 0 < float(values["profile_cpu_ratio"]) < 1 and float(values["matmul_peak_tflops"]) > 0
+
+
+def test_store_compare_quick():
+    values = run_bench("store_compare.py")
+    # every format stored the same 16 utterances; full windows are 1500 x 1280 float16 = 3.84 MB each
+    assert 3.84e6 <= float(values["npy_full_bytes_per_utt"]) < 3.9e6
+    assert float(values["whistle_speech_bytes_per_utt"]) < float(values["whistle_full_bytes_per_utt"])
+    assert float(values["size_ratio_5s"]) > 1 and float(values["write_vs_gpu_precompute"]) > 0
+    assert values["fastest_alternative_warm"] in {"npy-speech", "npy-full", "arrow-speech", "arrow-full",
+                                                  "tar-speech", "tar-full"}
+
+
+def test_train_input_quick():
+    values = run_bench("train_input.py")
+    assert float(values["loader_frames_per_s_0_workers"]) > 0 and float(values["step_frames_per_s"]) > 0
+    assert float(values["tle_step_tflop"]) > 0 and float(values["peak_rss_ratio_10x_vs_1x"]) > 0
+
+
+def test_seed_vs_store_quick():
+    values = run_bench("seed_vs_store.py")
+    seed, store, precompute = (float(values[f"tiny_{k}"]) for k in ("seed_epoch_s", "store_epoch_s", "precompute_s"))
+    assert abs(float(values["tiny_speedup_3_epochs"]) - 3 * seed / (precompute + 3 * store)) < 0.01
+
+
+def test_finetune_step_quick():
+    values = run_bench("finetune_step.py")
+    assert float(values["tiny_stored_vs_stored"]) == 1.0
+    assert float(values["tiny_text_step_s"]) > 0 and float(values["tiny_encoder_step_s"]) > 0
+
+
+def test_memory_quick():
+    values = run_bench("memory.py")
+    assert float(values["writer_peak_mb_shard8_queue1"]) > 0 and float(values["stage_peak_mb_shard2"]) > 0

@@ -1,0 +1,212 @@
+"""Finetune step cost: a text step (through the frozen TLE) vs an audio step that runs the encoder vs an
+audio step from stored states, same Whisper, same batch size, same decoder update.
+
+Every kind ends in the same decoder update — stages/finetune.py's loop body: full windows as
+encoder_outputs, teacher-forced decoder, token cross-entropy, backward, gradient clipping, AdamW over the
+decoder's layers (select_trainable) — and differs in where the full windows come from:
+
+  stored   finetune's StoreStream (FeatureDataset, 1 worker) -> Windows.build: speech frames + the
+           store's tail template (what whistle's audio steps do: the baseline)
+  text     target sentences -> the frozen TLE (pipeline.toml's [tle] size, a latent drawn from p(z|text))
+           -> speech frames at predicted lengths + tail template (Windows.build, as whistle's text steps)
+  encoder  MP3 clips decoded by precompute's ClipDataset (1 worker) -> log-mel + the encoder on 30 s
+           windows -> full windows (what fine-tuning on audio costs without a store)
+
+Each step is split into "windows" (making the full windows: reading the store / running the TLE /
+decoding + encoder) and "decoder" (forward, backward, optimiser). Kinds are timed round-robin (each
+timing shares the machine's load of the moment), --steps times each after a warm-up; medians.
+Transcripts are random token ids of realistic length (3.3 tokens per second of audio); weights random,
+Whisper sizes real (tiny, base; large-v3 with --sizes large-v3 on a GPU).
+
+    python bench/finetune_step.py                      # tiny and base on CPU
+    python bench/finetune_step.py --quick              # a smoke run
+"""
+from __future__ import annotations
+
+import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
+import functools
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from _common import (
+    SIZES,
+    clip_seconds,
+    default_tle,
+    describe_machine,
+    emit,
+    load_average,
+    median,
+    synchronizer,
+    table,
+    token_batch,
+    whisper_config,
+    write_clips,
+    write_store,
+)
+from stages.finetune import (
+    Example,
+    HeldOut,
+    StoreStream,
+    Windows,
+    build_optimizer,
+    select_trainable,
+    stored_examples,
+    token_losses,
+)
+from stages.precompute import ClipDataset, collate
+from store import StoreReader
+from whistle_pipeline.config import load_config
+from whistle_pipeline.sources import open_source
+from whistle_pipeline.teacher import TeacherGeometry, teacher_states
+from whistle_pipeline.text import IGNORE_INDEX, TextBatch
+
+KINDS = ("stored", "text", "encoder")
+START_OF_TRANSCRIPT, NO_TIMESTAMPS, END_OF_TEXT = 50257, 50362, 50256  # English-only Whisper ids
+
+
+def text_batch(lengths: np.ndarray, rng: np.random.Generator, vocab_size: int) -> TextBatch:
+    """Random transcripts for clips of `lengths` speech frames, laid out as whistle_pipeline.text does for an
+    English-only Whisper: <|startoftranscript|> <|notimestamps|> tokens..., labels shifted, -100 on the prefix."""
+    tokens, mask, _ = token_batch(lengths, rng, vocab_size)  # (B, L) text tokens + end
+    n_text = mask.sum(1) - 1  # (B,)
+    tokens[torch.arange(len(tokens)), n_text] = END_OF_TEXT
+    tokens[~mask] = END_OF_TEXT
+    prefix = torch.tensor([START_OF_TRANSCRIPT, NO_TIMESTAMPS])
+    decoder_input_ids = torch.cat([prefix.expand(len(tokens), -1), tokens[:, :-1]], dim=1)  # (B, S)
+    labels = torch.full_like(decoder_input_ids, IGNORE_INDEX)  # (B, S)
+    for b, n in enumerate(n_text.tolist()):
+        labels[b, 1 : n + 2] = tokens[b, : n + 1]
+    return TextBatch(tokens, mask, decoder_input_ids, labels, len(prefix), ["synthetic"] * len(tokens),
+                     ["en"] * len(tokens))
+
+
+class Finetuner:
+    """The Whisper being adapted, its optimiser, and the three ways of making its full windows."""
+
+    def __init__(self, size: str, store: Path, manifest: Path, batch_size: int, device: torch.device):
+        from transformers import WhisperForConditionalGeneration
+
+        settings = load_config().finetune
+        config = whisper_config(size)
+        torch.manual_seed(0)
+        self.model = WhisperForConditionalGeneration(config).to(device).train()
+        select_trainable(self.model, settings.train_embeddings)
+        self.optimizer, _ = build_optimizer(self.model, settings)
+        self.geometry = TeacherGeometry.from_config(config)
+        template = torch.from_numpy(np.array(StoreReader(store).tail_template())).to(device)  # (F, D)
+        tle = default_tle(config.d_model, config.vocab_size).to(device).eval().requires_grad_(False)
+        self.windows = Windows(tle, {"audio": template}, sample_latent=True)
+        self.stream = StoreStream(str(store), HeldOut(0.0, 0, False), 0, 64, 1)
+        data = load_config(updates={"data": {"path": str(manifest)}}).data
+        self.audio = DataLoader(ClipDataset(open_source(data), self.geometry, "none"), batch_size=batch_size,
+                                shuffle=True, num_workers=1,
+                                collate_fn=functools.partial(collate, n_samples=self.geometry.n_samples))
+        self._audio_batches = iter(())
+        self.batch_size, self.device = batch_size, device
+        self.vocab_size = config.vocab_size
+        self.rng = np.random.default_rng(0)
+        self.sync = synchronizer(device)
+        self.grad_clip = settings.grad_clip
+
+    def _next_audio(self):
+        for batch in self._audio_batches:
+            return batch
+        self._audio_batches = iter(self.audio)  # a new epoch over the clips
+        return next(self._audio_batches)
+
+    def make_windows(self, kind: str) -> tuple[torch.Tensor, TextBatch]:
+        """Full windows (B, max_frames, D) and their transcripts."""
+        if kind == "stored":
+            examples = stored_examples("audio", self.stream.take(self.batch_size))
+            lengths = np.array([len(e.states) for e in examples])
+        elif kind == "text":
+            lengths = np.random.default_rng(self.rng.integers(1 << 30)).choice(
+                np.arange(100, 400), self.batch_size)  # only the transcripts' lengths matter here
+            examples = [Example("text", "synthetic", "en") for _ in range(self.batch_size)]
+        else:
+            batch = self._next_audio()
+            with torch.inference_mode():
+                windows = teacher_states(self.model.model.encoder, batch.audio.to(self.device), self.geometry)
+            lengths = np.array([clip.n_samples // self.geometry.samples_per_frame for clip in batch.clips])
+            return windows.clone(), text_batch(lengths, self.rng, self.vocab_size).to(self.device)
+        text = text_batch(lengths, self.rng, self.vocab_size).to(self.device)
+        return self.windows.build(examples, text, training=True), text
+
+    def decoder_step(self, window: torch.Tensor, text: TextBatch) -> None:
+        logits = self.model(encoder_outputs=(window,), decoder_input_ids=text.decoder_input_ids).logits  # (B, S, V)
+        per_token = token_losses(logits, text.labels, 0.0)  # (B, S)
+        loss = per_token.sum() / (text.labels != IGNORE_INDEX).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def timed_step(self, kind: str) -> tuple[float, float]:
+        """(seconds making the windows, seconds in the decoder update)."""
+        self.sync()
+        began = time.perf_counter()
+        window, text = self.make_windows(kind)
+        self.sync()
+        made = time.perf_counter()
+        self.decoder_step(window, text)
+        self.sync()
+        return made - began, time.perf_counter() - made
+
+
+@click.command()
+@click.option("--sizes", default="tiny,base", show_default=True)
+@click.option("--batch-size", default=None, type=int, help="Examples per step (default: finetune.batch_size).")
+@click.option("--steps", default=3, show_default=True, help="Timed steps of each kind (after one warm-up).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quick", is_flag=True, help="tiny, batch 2, one step: a smoke run.")
+def main(sizes: str, batch_size: int | None, steps: int, device: str, quick: bool) -> None:
+    batch_size = batch_size or load_config().finetune.batch_size
+    if quick:
+        sizes, batch_size, steps = "tiny", 2, 1
+    torch_device = torch.device(device)
+    click.echo(describe_machine(device))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="whistle-bench-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "clips").mkdir()
+        manifest = write_clips(tmp / "clips", max(2 * batch_size, 4))
+        for size in sizes.split(","):
+            store = tmp / f"store-{size}"
+            rng = np.random.default_rng(0)
+            write_store(store, clip_seconds(max(4 * batch_size, 8), rng, 2.0, 8.0), SIZES[size]["d_model"], 64)
+            tuner = Finetuner(size, store, manifest, batch_size, torch_device)
+            for kind in KINDS:
+                tuner.timed_step(kind)  # warm-up
+            times = {kind: [] for kind in KINDS}
+            loads = []
+            for _ in range(steps):
+                for kind in KINDS:
+                    times[kind].append(tuner.timed_step(kind))
+                loads.append(load_average())
+            results[size] = (times, loads, tuner.model.num_parameters() / 1e6,
+                             tuner.windows.tle.num_parameters() / 1e6)
+
+    figures = {"batch_size": batch_size, "device": device}
+    for size, (times, loads, parameters, tle_parameters) in results.items():
+        total = {kind: median(w + d for w, d in times[kind]) for kind in KINDS}
+        click.echo(f"\n{size}-sized random Whisper ({parameters:.1f} M parameters; TLE {tle_parameters:.1f} M), batches of "
+                   f"{batch_size} on {device}; {steps} step(s) of each kind, medians; load average {', '.join(loads)}")
+        click.echo(table(
+            ["step", "windows s", "decoder s", "step s", "examples/s", "x stored step"],
+            [[kind, median(w for w, _ in times[kind]), median(d for _, d in times[kind]), total[kind],
+              batch_size / total[kind], total[kind] / total["stored"]] for kind in KINDS]))
+        key = size.replace("-", "_")
+        for kind in KINDS:
+            figures[f"{key}_{kind}_step_s"] = total[kind]
+            figures[f"{key}_{kind}_vs_stored"] = total[kind] / total["stored"]
+    emit(figures)
+
+
+if __name__ == "__main__":
+    main()
