@@ -29,6 +29,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,10 +123,17 @@ def _quiet_worker(_: int) -> None:
     torch.set_num_threads(1)  # workers decode with numpy/soxr; torch threads would only fight the encoder
 
 
-def _batches(shards: list[range], batch_size: int) -> list[list[int]]:
+def _batches(store: StoreWriter, shards: list[range], shard_size: int, batch_size: int,
+             busy: list[int]) -> Iterator[list[int]]:
     """Batches within each shard, so a shard's clips are batched alike whichever process runs it and
-    whether or not the run is resumed (identical inputs -> identical states)."""
-    return [list(rows[i : i + batch_size]) for rows in shards for i in range(0, len(rows), batch_size)]
+    whether or not the run is resumed (identical inputs -> identical states). Each shard is claimed
+    when the loader reaches it; one another live run is writing (or has completed since) is skipped
+    and listed in `busy`, so two runs started on one store share the work instead of corrupting it."""
+    for rows in shards:
+        if not store.claim(rows.start // shard_size):
+            busy.append(rows.start // shard_size)
+            continue
+        yield from (list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
 
 
 # --- writer side: ordered per-shard calls on background threads -------------------------------------
@@ -242,6 +250,7 @@ class RankStats:
     rejects: dict[str, int] = field(default_factory=dict)  # by kind (the reason up to its first colon)
     shards_written: int = 0
     shards_skipped: int = 0
+    shards_busy: int = 0  # left to another run that was writing them (see StoreWriter.claim)
     nbytes: int = 0
     seconds: float = 0.0  # the whole run, model loading included
     pipeline_seconds: float = 0.0  # first batch requested -> last shard written (the steady-state work)
@@ -265,6 +274,7 @@ class PrecomputeResult:
     shards_total: int
     shards_written: int
     shards_skipped: int
+    shards_busy: int
     rows: int
     clips: int
     audio_seconds: float
@@ -297,7 +307,8 @@ class PrecomputeResult:
             f"  teacher     {self.teacher} on {self.device} ({self.dtype}), {self.frames} frames, "
             f"{self.world_size} process(es)",
             f"  shards      {self.shards_written} written, {self.shards_skipped} skipped (complete from an earlier "
-            f"run), {self.shards_total} in all",
+            f"run), " + (f"{self.shards_busy} left to another run writing them, " if self.shards_busy else "")
+            + f"{self.shards_total} in all",
             f"  this run    {self.rows} rows: {self.clips} clips stored, {rejected} rejected"
             + (f" ({by_kind})" if by_kind else ""),
             f"  speed       {self.audio_seconds / 3600:.2f} h of audio in {self.seconds:.1f} s: "
@@ -443,7 +454,8 @@ def _result(config, source, spec, device, dtype, everyone: list[RankStats], n_sh
         store=str(config.store.path), source=source.describe(), teacher=spec.teacher.name_or_path,
         frames=spec.frames, device=str(device), dtype=str(dtype).removeprefix("torch."), world_size=len(everyone),
         shards_total=n_shards, shards_written=sum(s.shards_written for s in everyone),
-        shards_skipped=sum(s.shards_skipped for s in everyone), rows=sum(s.rows for s in everyone),
+        shards_skipped=sum(s.shards_skipped for s in everyone), shards_busy=sum(s.shards_busy for s in everyone),
+        rows=sum(s.rows for s in everyone),
         clips=sum(s.clips for s in everyone), audio_seconds=sum(s.audio_seconds for s in everyone),
         rejects=dict(rejects), seconds=max(s.seconds for s in everyone), nbytes=sum(s.nbytes for s in everyone),
         store_utterances=store_utterances, store_rejects=store_rejects,
@@ -470,9 +482,10 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
         return []
     options = config.precompute
     workers = options.num_workers
+    busy: list[int] = []
     loader = DataLoader(
         ClipDataset(source, geometry, options.augment),
-        batch_sampler=_batches(shards, options.batch_size),
+        batch_sampler=_batches(store, shards, config.store.shard_size, options.batch_size, busy),
         num_workers=workers,
         prefetch_factor=options.prefetch_factor if workers else None,
         collate_fn=functools.partial(collate, n_samples=geometry.n_samples),
@@ -531,6 +544,11 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
         records = writer.finish()
         stats.pipeline_seconds = time.perf_counter() - began
         stats.write_wait_seconds = writer.wait_seconds
+        if busy:
+            log.warning("%d shard(s) were being written by another run on this store and were left to it: %s",
+                        len(busy), ", ".join(map(str, busy[:10])) + (", ..." if len(busy) > 10 else ""))
+        stats.shards_busy = len(busy)
+        stats.rows -= sum(len(rows) for rows in shards if rows.start // shard_size in busy)
     except BaseException:
         writer.abandon()
         raise

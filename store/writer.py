@@ -12,6 +12,12 @@
 A shard buffers its utterances in memory and writes every array whole when it closes (zarr-python
 rewrites a whole shard object on any partial write), then marks itself complete in its last write.
 While it closes, a shard holds about three times its raw size (buffers, joined states, compressed).
+
+Two runs on one store. `shard(k)` first *claims* shard k: on a local store, an OS lock
+(fcntl.flock) on STORE/locks/<k>, held until the shard is closed and released by the OS when the
+process dies. So a shard another live process is writing is never touched (`claim` says False,
+`shard` raises ShardBusy), and an incomplete shard whose lock is free was left by a crash and is
+redone. Object stores (s3://, gs://, memory://) have no such lock: one run at a time there.
 """
 from __future__ import annotations
 
@@ -29,6 +35,12 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.errors import ContainsGroupError
+from zarr.storage import LocalStore
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no shard locks (one run at a time per store)
+    fcntl = None
 
 from store.format import (
     ATTRS_KEY,
@@ -53,6 +65,11 @@ RECORD_NAME = re.compile(r"^[A-Za-z0-9_.-]+\.json$")
 MAX_PENDING_SUMS = 8  # utterances queued for a shard's summing thread before add() waits (bounds memory)
 FLOAT16_EXPONENT = 0x7C00  # all exponent bits set: inf or nan
 ROOT_WAIT_TRIES = 20  # x 0.1 s: how long to wait for a root zarr.json another process is writing
+LOCKS_DIR = "locks"  # STORE/locks/<shard name>: the OS lock of a shard being written (local stores)
+
+
+class ShardBusy(StoreError):
+    """Another live process is writing this shard, or completed it since this one looked."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,7 @@ class StoreWriter:
         self.root = root
         self.spec = spec  # the store's own spec (its codec wins over a requested one on reopen)
         self.url = url
+        self._claims: dict[int, Any] = {}  # shard index -> its open lock file (local stores)
 
     @classmethod
     def open(cls, url: str | os.PathLike | Store, spec: StoreSpec, overwrite: bool = False) -> StoreWriter:
@@ -153,17 +171,56 @@ class StoreWriter:
         """Indices of the shards marked complete (they are skipped on resume)."""
         return {index for index, attrs in shard_attrs(self.root).items() if attrs.get("complete") is True}
 
-    def shard(self, index: int) -> ShardWriter:
-        """A writer for shard `index`, replacing an incomplete shard `index` left by an earlier run."""
-        name = shard_name(index)
+    def claim(self, index: int) -> bool:
+        """Take shard `index` for this process (idempotent); False when another live process is writing
+        it or it is complete. The claim lasts until its ShardWriter closes or this process ends."""
+        if index in self._claims:
+            return True
+        handle = None
+        if fcntl is not None and isinstance(self.store, LocalStore):
+            folder = os.path.join(str(self.store.root), LOCKS_DIR)
+            os.makedirs(folder, exist_ok=True)
+            handle = open(os.path.join(folder, shard_name(index)), "a")  # noqa: SIM115 — held until release()
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                return False
+        self._claims[index] = handle
+        if self._is_complete(index):  # completed by another run since this one listed the shards
+            self.release(index)
+            return False
+        return True
+
+    def release(self, index: int, complete: bool = False) -> None:
+        """Give up the claim on shard `index` (ShardWriter does this when it closes or fails)."""
+        handle = self._claims.pop(index, None)
+        if handle is None:
+            return
+        if complete:  # no one writes it again: whoever locks the old or a new file next sees it complete
+            os.unlink(handle.name)
+        handle.close()  # closing the file releases the lock
+
+    def _is_complete(self, index: int) -> bool:
         try:
-            existing = self.root[f"{SHARDS_GROUP}/{name}"].attrs.asdict()  # this shard only: no store listing
+            return self.root[f"{SHARDS_GROUP}/{shard_name(index)}"].attrs.get("complete") is True
         except KeyError:
-            existing = None
-        if existing is not None:
-            if existing.get("complete") is True:
-                raise StoreError(f"shard {name} of store {self.url} is already complete; skip it "
-                                 "(see StoreWriter.complete_shards())")
+            return False
+
+    def shard(self, index: int) -> ShardWriter:
+        """A writer for shard `index`, replacing an incomplete shard `index` left by an earlier run.
+
+        Raises ShardBusy when another live process holds the shard (see `claim`)."""
+        name = shard_name(index)
+        if not self.claim(index):
+            state = ("is already complete; skip it (see StoreWriter.complete_shards())" if self._is_complete(index)
+                     else "is being written by another process; skip it")
+            raise ShardBusy(f"shard {name} of store {self.url} {state}")
+        try:
+            self.root[f"{SHARDS_GROUP}/{name}"]  # this shard only: no store listing
+        except KeyError:
+            pass
+        else:  # incomplete (claim checked), and no live process holds it: left by a crashed run
             log.info("deleting incomplete shard %s of %s (it will be written again)", name, self.url)
             run_sync(self.store.delete_dir(f"{SHARDS_GROUP}/{name}"))
         return ShardWriter(self, index)
@@ -221,7 +278,10 @@ class ShardWriter:
         elif self._record is None:
             self._summer.shutdown(cancel_futures=True)
             self._states.clear()
-            run_sync(self.writer.store.delete_dir(f"{SHARDS_GROUP}/{self.name}"))
+            try:
+                run_sync(self.writer.store.delete_dir(f"{SHARDS_GROUP}/{self.name}"))
+            finally:
+                self.writer.release(self.index)
 
     def add(self, id: str, text: str, language: str, duration_s: float, states: np.ndarray,
             tail: np.ndarray | None = None, *, speech_frames: int | None = None) -> bool:
@@ -317,9 +377,11 @@ class ShardWriter:
         try:
             record = self._write()
         except Exception as err:
+            self.writer.release(self.index)
             raise StoreError(f"writing shard {self.name} of store {self.writer.url} failed ({type(err).__name__}: "
                              f"{err}); it stays incomplete and is rewritten on the next run") from err
         self._record = record
+        self.writer.release(self.index, complete=True)
         return record
 
     def _write(self) -> ShardRecord:
