@@ -142,7 +142,12 @@ class TableSource(Source):
         self._rows = rows
         self._base = base
         self._audio_column, self._text_column, self._language_column = audio_column, text_column, language_column
-        super().__init__(config, identity, [id_of(row, values) for row, values in enumerate(rows)])
+        # The rows themselves, not only the file's path: a manifest edited in place is other data, and a
+        # store must never mix the two (the audio files' bytes are not read here).
+        used = rows[: config.max_clips or len(rows)]
+        content = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
+        super().__init__(config, {**identity, "content": content},
+                         [id_of(row, values) for row, values in enumerate(rows)])
 
     def _fields(self, row: int) -> tuple[str, str, str] | str:
         values = self._rows[row]
@@ -296,7 +301,8 @@ class DatasetSource(Source):
             ids = [f"{config.split}-{row:08d}" for row in range(limit)]
         location = str(Path(config.path).resolve()) if kind == "hf_disk" else config.path
         identity = {"path": location, "subset": config.subset, "split": config.split,
-                    "columns": _column_identity(config)}
+                    "columns": _column_identity(config),
+                    "content": getattr(dataset, "_fingerprint", None)}  # datasets' own hash of the data
         super().__init__(config, identity, ids)
 
     def _fields(self, row: int) -> tuple[str, str, str | bytes] | str:
