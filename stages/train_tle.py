@@ -390,12 +390,13 @@ def loss_weights(settings: Any, step: int) -> LossWeights:
                        beta=beta, free_bits=settings.free_bits, decoder_ce=decoder_ce)
 
 
-def resolve_mixed_precision(setting: str) -> str:
+def resolve_mixed_precision(setting: str, on_cpu: bool) -> str:
+    """train_tle.mixed_precision -> accelerate's: "auto" is bf16 on GPUs that have it, fp16 on older ones, no on CPU."""
     if setting != "auto":
         return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    if on_cpu:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 # --- validation --------------------------------------------------------------------------------------
@@ -620,7 +621,9 @@ def run(config: PipelineConfig) -> TrainTLEResult:
     started = time.time()
     output_dir = Path(settings.output_dir)
     trackers = ["tensorboard"] if is_tensorboard_available() else []
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(settings.mixed_precision),
+    # without cpu=True, accelerate treats a torchrun / accelerate launch without GPUs as one process
+    on_cpu = config.teacher.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=resolve_mixed_precision(settings.mixed_precision, on_cpu),
                               gradient_accumulation_steps=settings.grad_accum, log_with=trackers or None,
                               project_dir=str(output_dir))
     if not trackers:

@@ -210,3 +210,26 @@ def test_multilingual_teacher_and_store(tmp_path):
     tle = TLEModel.from_pretrained(out)
     assert tle.config.languages == ["de", "en"]
     assert "wer_predicted" in result.validation
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_tle(tle_store, tiny_teacher_dir, tmp_path):
+    """torchrun with 2 gloo ranks: each streams its own shards, one log, per-rank resume state."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "whistle_pipeline",
+               "train-tle", "--store", str(tle_store), "--teacher", str(tiny_teacher_dir), "--output-dir", str(out),
+               "--steps", "6", "--decoder-ce-start", "3"]
+    for override in TINY_TLE + ["train_tle.val_every=6", "train_tle.checkpoint_every=3", "train_tle.batch_size=4"]:
+        command += ["--set", override]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [int(r["step"]) for r in read_log(out / "train_log.csv")] == list(range(1, 7))
+    last = out / "checkpoints" / "step-0000006"
+    assert {"state-rank0.json", "state-rank1.json", "COMPLETE"} <= {p.name for p in last.iterdir()}
+    assert json.loads((last / "COMPLETE").read_text())["processes"] == 2
+    assert (out / "model.safetensors").exists()

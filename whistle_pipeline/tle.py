@@ -228,7 +228,7 @@ class TLEModel(PreTrainedModel):
         if config.spelling_channels:
             C = config.spelling_channels
             # each token's text as bytes + 1 (0 = padding): fill with set_token_spellings(tokenizer)
-            self.register_buffer("token_bytes", torch.zeros(config.vocab_size, config.max_token_bytes, dtype=torch.int16))
+            self.register_buffer("token_bytes", torch.zeros(config.vocab_size, config.max_token_bytes, dtype=torch.int32))
             self.byte_embedding = nn.Embedding(257, C, padding_idx=0)
             self.spelling_conv = nn.Conv1d(C, C, 3, padding=1)
             self.spelling_projection = nn.Linear(C, H)
@@ -285,10 +285,10 @@ class TLEModel(PreTrainedModel):
         if not self.config.spelling_channels:
             return
         limit = self.config.max_token_bytes
-        table = torch.zeros(self.config.vocab_size, limit, dtype=torch.int16)
+        table = torch.zeros(self.config.vocab_size, limit, dtype=torch.int32)
         for token_id in range(min(self.config.vocab_size, len(tokenizer))):
             data = tokenizer.decode([token_id]).encode("utf-8")[:limit]
-            table[token_id, : len(data)] = torch.tensor(list(data), dtype=torch.int16) + 1
+            table[token_id, : len(data)] = torch.tensor(list(data), dtype=torch.int32) + 1
         with torch.no_grad():
             self.token_bytes.copy_(table)
 
