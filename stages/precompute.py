@@ -168,7 +168,8 @@ class BackgroundWriter:
 
     def close(self, shard: int) -> None:
         began = time.perf_counter()
-        self._closing.acquire()
+        while not self._closing.acquire(timeout=1.0):
+            self.raise_if_failed()  # a writer that failed never frees its closing slot
         self.wait_seconds += time.perf_counter() - began
         self._put(shard, ("close", {}))
 
@@ -206,8 +207,10 @@ class BackgroundWriter:
                 elif kind == "reject":
                     writer.reject(**arguments)
                 else:
-                    record = open_shards.pop(shard).close()
-                    self._closing.release()
+                    try:
+                        record = open_shards.pop(shard).close()
+                    finally:
+                        self._closing.release()
                     with self._lock:
                         self.records.append(record)
             except BaseException as err:  # noqa: BLE001 — handed to the main process
