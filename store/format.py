@@ -299,12 +299,37 @@ def open_root(store: Store, url: str) -> tuple[zarr.Group, dict[str, Any]]:
 
 
 def shard_attrs(root: zarr.Group) -> dict[int, dict[str, Any]]:
-    """Attributes of every shard group, complete or not, by shard index."""
+    """Attributes of every shard group, complete or not, by shard index.
+
+    A shard whose zarr.json cannot be parsed (a write cut short by a full disk on a store without
+    atomic writes, or damage) counts as incomplete, {"complete": False, "unreadable": why}: it is
+    redone by the next precompute run instead of making the whole store unreadable."""
     try:
         shards = root[SHARDS_GROUP]
+        return {int(name): group.attrs.asdict() for name, group in shards.groups() if name.isdigit()}
     except KeyError:
         return {}
-    return {int(name): group.attrs.asdict() for name, group in shards.groups() if name.isdigit()}
+    except (ValueError, TypeError):  # a damaged zarr.json: read the shards' one by one
+        names = sync(_list_dir(root.store, SHARDS_GROUP))
+        found = {int(name): read_shard_attrs(root.store, int(name)) for name in names if name.isdigit()}
+        return {index: attrs for index, attrs in found.items() if attrs is not None}
+
+
+def read_shard_attrs(store: Store, index: int) -> dict[str, Any] | None:
+    """One shard's attributes (see shard_attrs); None when there is no such shard."""
+    try:
+        metadata = read_json(store, f"{SHARDS_GROUP}/{shard_name(index)}/zarr.json")
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        return {"complete": False, "unreadable": f"its zarr.json is damaged ({err})"}
+    if metadata is None:
+        return None
+    attributes = metadata.get("attributes") if isinstance(metadata, dict) else None
+    return attributes if isinstance(attributes, dict) else {"complete": False,
+                                                           "unreadable": "its zarr.json has no attributes"}
+
+
+async def _list_dir(store: Store, prefix: str) -> list[str]:
+    return [name async for name in store.list_dir(prefix)]
 
 
 def shard_name(index: int) -> str:

@@ -174,6 +174,11 @@ def inspect_store(url: str | os.PathLike | Store, check: bool = False) -> StoreR
         first_seen: dict[str, int] = {}
         for shard in complete:
             report.faults += [Fault(shard_name(shard), problem) for problem in check_shard(reader, shard, first_seen)]
+        for shard in reader.incomplete_shards():
+            unreadable = reader.shard_attrs(shard).get("unreadable")
+            if unreadable:
+                report.faults.append(Fault(shard_name(shard), f"{unreadable}: it counts as incomplete, and the "
+                                                              "next precompute run on this store rewrites it"))
     return report
 
 

@@ -399,7 +399,7 @@ class StoreReader:
         teacher = self.spec.teacher
         try:
             entries = list(self.root[CACHE_GROUP].groups())
-        except KeyError:
+        except (KeyError, ValueError, TypeError):  # no cache yet, or an entry whose write was cut short
             return None
         for name, group in entries:
             try:

@@ -50,6 +50,8 @@ from store.format import (
     is_empty,
     open_root,
     open_zarr_store,
+    read_json,
+    read_shard_attrs,
     run_sync,
     shard_attrs,
     shard_name,
@@ -108,19 +110,26 @@ class StoreWriter:
         if problems:
             raise StoreError(f"cannot write store {text}, its spec is invalid:\n  - " + "\n  - ".join(problems))
         store = open_zarr_store(url, read_only=False)
-        if overwrite and not is_empty(store):
-            try:
-                open_root(store, text)
-            except StoreError as err:
-                raise StoreError(f"{err}. overwrite only replaces whistle stores: nothing was deleted; "
-                                 "choose another store path") from err
-            log.info("overwrite: deleting the existing store %s", text)
-            run_sync(store.clear())
-        root, spec = cls._create_or_reopen(store, spec, text)
         try:
-            root.require_group(SHARDS_GROUP)
-        except ContainsGroupError:
-            pass  # another rank created it between require_group's check and its write
+            if overwrite and not is_empty(store):
+                try:
+                    open_root(store, text)
+                except StoreError as err:
+                    raise StoreError(f"{err}. overwrite only replaces whistle stores: nothing was deleted; "
+                                     "choose another store path") from err
+                log.info("overwrite: deleting the existing store %s", text)
+                run_sync(store.clear())
+            root, spec = cls._create_or_reopen(store, spec, text)
+            try:
+                root.require_group(SHARDS_GROUP)
+            except ContainsGroupError:
+                pass  # another rank created it between require_group's check and its write
+            except ValueError:  # its zarr.json was cut short (a full disk on a store without atomic writes)
+                run_sync(store.delete(f"{SHARDS_GROUP}/zarr.json"))
+                root.require_group(SHARDS_GROUP)
+        except OSError as err:  # a full disk, no permission, a lost mount
+            raise StoreError(f"cannot write store {text}: {err}. Free space or fix the path, then run again "
+                             "(complete shards are kept)") from err
         return cls(store, root, spec, text)
 
     @staticmethod
@@ -128,13 +137,25 @@ class StoreWriter:
         """Reopen the store if its root exists, else create it; safe when all ranks do it at once."""
         for _ in range(ROOT_WAIT_TRIES):
             names = run_sync(_top_level(store))
+            leftovers = [name for name in names if name.endswith(".partial")]
+            if set(names) == {"zarr.json", *leftovers} and _unreadable(store, "zarr.json"):
+                # a creation whose one write was cut short (a full disk on a store without atomic writes)
+                log.warning("%s holds only the damaged zarr.json of a creation that did not finish: creating it "
+                            "again", url)
+                run_sync(store.clear())
+                return StoreWriter._create(store, spec, url)
             if "zarr.json" in names:
                 return StoreWriter._reopen(store, spec, url)
             if not names:
                 return StoreWriter._create(store, spec, url)
-            if not all(name.endswith(".partial") for name in names):
+            if len(leftovers) != len(names):
                 break
             time.sleep(0.1)  # LocalStore writes zarr.json as zarr.<uuid>.partial and renames it a moment later
+        else:  # only temporary files, for ROOT_WAIT_TRIES x 0.1 s: left by a creation that was killed
+            log.warning("%s holds only temporary files of a creation that did not finish: creating it again", url)
+            for name in leftovers:
+                run_sync(store.delete(name))
+            return StoreWriter._create(store, spec, url)
         raise StoreError(f"{url} is not empty and is not a whistle store (no zarr.json at its top); "
                          "choose a new or empty path for the store")
 
@@ -202,10 +223,8 @@ class StoreWriter:
         handle.close()  # closing the file releases the lock
 
     def _is_complete(self, index: int) -> bool:
-        try:
-            return self.root[f"{SHARDS_GROUP}/{shard_name(index)}"].attrs.get("complete") is True
-        except KeyError:
-            return False
+        attrs = read_shard_attrs(self.store, index)
+        return attrs is not None and attrs.get("complete") is True
 
     def shard(self, index: int) -> ShardWriter:
         """A writer for shard `index`, replacing an incomplete shard `index` left by an earlier run.
@@ -216,20 +235,26 @@ class StoreWriter:
             state = ("is already complete; skip it (see StoreWriter.complete_shards())" if self._is_complete(index)
                      else "is being written by another process; skip it")
             raise ShardBusy(f"shard {name} of store {self.url} {state}")
-        try:
-            self.root[f"{SHARDS_GROUP}/{name}"]  # this shard only: no store listing
-        except KeyError:
-            pass
-        else:  # incomplete (claim checked), and no live process holds it: left by a crashed run
+        if read_shard_attrs(self.store, index) is not None:  # this shard only: no store listing
+            # incomplete (claim checked), and no live process holds it: left by a crashed run
             log.info("deleting incomplete shard %s of %s (it will be written again)", name, self.url)
             run_sync(self.store.delete_dir(f"{SHARDS_GROUP}/{name}"))
-        return ShardWriter(self, index)
+        try:
+            return ShardWriter(self, index)
+        except OSError as err:
+            self.release(index)
+            raise StoreError(f"starting shard {name} of store {self.url} failed ({err}); free space or fix the "
+                             "store, then run again (complete shards are kept)") from err
 
     def write_record(self, name: str, data: dict[str, Any]) -> None:
         """Store a JSON run record (e.g. "precompute.json") in the store root, replacing an older one."""
         if not RECORD_NAME.match(name) or name == "zarr.json":
             raise ValueError(f"record name must look like 'precompute.json' (letters, digits, ._-), got {name!r}")
-        write_json(self.store, name, data)
+        try:
+            write_json(self.store, name, data)
+        except OSError as err:
+            raise StoreError(f"writing the run record {name} of store {self.url} failed ({err}); the shards are "
+                             "written: free space and run again to rewrite it") from err
 
 
 class ShardWriter:
@@ -426,6 +451,14 @@ class ShardWriter:
         log.debug("shard %s: %d utterances, %d frames, %d rejects, %d bytes", self.name, n, n_frames,
                   len(self._rejects), nbytes)
         return ShardRecord(self.index, n, n_frames, len(self._rejects), nbytes, audio_seconds)
+
+
+def _unreadable(store: Store, key: str) -> bool:
+    try:
+        read_json(store, key)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return True
+    return False
 
 
 async def _top_level(store: Store) -> list[str]:
