@@ -11,6 +11,10 @@
 - `tiny_teacher_dir` (session) / `make_tiny_teacher(path, multilingual)`: a complete tiny Whisper teacher
   (model + tokenizer + feature extractor + generation config with alignment heads) with a 2 s window
   (100 encoder frames, d_model 32), for stages that need the decoder and the tokenizer (train-tle, finetune).
+- `load_bench(name)`: a bench/ script as a module (e.g. "faults": the fault-injection trials the
+  tests/test_faults*.py files run a subset of).
+- `fault_world` (session): bench/faults.py's world (2 s-window tiny teacher, 16 clips, one missing) and a
+  clean precompute of it: (world, clean store path, its contents for faults.store_differences).
 """
 from __future__ import annotations
 
@@ -166,3 +170,27 @@ def write_clip(path: Path, seconds: float, rate: int, channels: int = 1, seed: i
     samples = np.stack(voices, axis=1).astype(np.float32)  # (N, C)
     soundfile.write(path, samples, rate, **soundfile_options)
     return samples
+
+
+def load_bench(name: str):
+    """bench/<name>.py imported as the module `whistle_bench_<name>` (once per session)."""
+    import importlib.util
+    import sys
+
+    module_name = f"whistle_bench_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).parent.parent / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+@pytest.fixture(scope="session")
+def fault_world(tmp_path_factory: pytest.TempPathFactory):
+    faults = load_bench("faults")
+    world = faults.make_world(tmp_path_factory.mktemp("fault-world"))
+    store = tmp_path_factory.mktemp("fault-clean") / "store"
+    result = faults.precompute(world, str(store))
+    assert result.exit_code == 0, result.output
+    return world, store, faults.store_contents(str(store))

@@ -1,0 +1,525 @@
+"""Fault-injection trials: what a crash, a full disk or a second run does to a store or a training run.
+
+    python bench/faults.py                    # every trial: 12 precompute kills, 3 train-tle and 3 finetune
+                                              # kills, 3 concurrent runs, 24 disk-full limits (~15 min, 2 cores)
+    python bench/faults.py --kills 20 --seed 7
+    python bench/faults.py --quick            # one trial of each kind (a smoke run)
+
+Every trial runs the real thing — `python -m whistle_pipeline ...` processes killed with SIGKILL,
+a real Zarr store on disk — with a tiny random Whisper and synthetic clips made here (the same
+builders the tests use). Prints one table row per trial (fault, trial, where it struck, outcome)
+and `name=value` totals; exits 1 if any trial lost or corrupted anything.
+
+  precompute-kill  SIGKILL at a seeded random moment (1 in 4 trials before the store exists, the others
+                   uniformly over the encoding and writing); the rerun must finish, leave no incomplete
+                   shard, pass `inspect-store --check`, and equal a clean run bit for bit (utterances,
+                   rejects, states, tail template, statistics).
+  concurrent       a second identical run started at a random moment of the first: both exit 0, each shard
+                   is written by exactly one of them, and the store equals a clean run.
+  disk-full        the store behind an fsspec filesystem (protocol diskfull://) whose writes fail with
+                   ENOSPC once N bytes are written; N is swept over the run's bytes, with failed writes
+                   leaving nothing (object stores) or a partial object (plain files). The run must stop
+                   with a StoreError, no complete shard may be damaged, and a rerun with space must
+                   complete to the clean store.
+  train-tle-kill / finetune-kill
+                   SIGKILL after a random number of logged steps (plus a random part of a step); the rerun
+                   resumes from the last complete checkpoint: every step logged once, losses within 1e-4 of
+                   an uninterrupted run (train-tle), identical final weights (finetune).
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+CLIPS = 16  # shards of 2 clips: 8 shards, each closed and marked complete separately
+SHARD_SIZE = 2
+MISSING_ROW = 5  # a row whose audio does not exist: rejects are compared too
+POLL_SECONDS = 0.005
+
+
+# --- the world: a tiny teacher and clips --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    teacher: Path  # a tiny random Whisper with a 2 s window (100 encoder frames): many shards in seconds
+    manifest: Path
+
+
+def _tests_on_path() -> None:
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+
+
+def make_world(folder: Path, clips: int = CLIPS) -> World:
+    """A tiny 2 s-window teacher and `clips` short clips (one missing) with a JSONL manifest."""
+    _tests_on_path()
+    from conftest import make_tiny_whisper, write_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    teacher = make_tiny_whisper(folder / "teacher", window_seconds=2)
+    rows = []
+    for i in range(clips):
+        write_clip(folder / f"c{i:03d}.wav", 0.3 + 0.05 * i, [16000, 22050][i % 2], seed=i)
+        rows.append({"audio": "missing.wav" if i == MISSING_ROW else f"c{i:03d}.wav", "text": f"clip {i}"})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
+    return World(teacher, manifest)
+
+
+def precompute_arguments(world: World, store: str, num_workers: int = 0) -> list[str]:
+    return ["precompute", "--data", str(world.manifest), "--teacher", str(world.teacher), "--device", "cpu",
+            "--store", store, "--shard-size", str(SHARD_SIZE), "--batch-size", "2", "--num-workers",
+            str(num_workers), "--set", "precompute.progress=false", "--set", "precompute.write_threads=1"]
+
+
+def precompute(world: World, store: str, num_workers: int = 0):
+    """One precompute run in this process (the reference and the reruns)."""
+    from click.testing import CliRunner
+
+    from whistle_pipeline.cli import cli
+
+    result = CliRunner().invoke(cli, ["-q", *precompute_arguments(world, store, num_workers)])
+    return result
+
+
+def spawn(arguments: list[str], log: Path) -> subprocess.Popen:
+    """`python -m whistle_pipeline ARGUMENTS` in its own process group, output to `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as handle:
+        return subprocess.Popen([sys.executable, "-m", "whistle_pipeline", "-q", *arguments], stdout=handle,
+                                stderr=subprocess.STDOUT, env=env)
+
+
+def kill(process: subprocess.Popen) -> bool:
+    """SIGKILL the process; True when it was still running (the kill struck)."""
+    running = process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return running
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+# --- comparing stores ---------------------------------------------------------------------------------
+
+
+def store_contents(url: str) -> dict[Any, Any]:
+    """Everything a run decides, per complete shard (timestamps excluded), plus template and statistics."""
+    from store import StoreReader
+
+    reader = StoreReader(url)
+    out: dict[Any, Any] = {}
+    for shard in reader.shards():
+        attrs = reader.shard_attrs(shard)
+        utterances = list(reader.iter_shard(shard))
+        out[shard] = {
+            "attrs": {key: attrs[key] for key in ("n", "n_frames", "audio_seconds", "rejects", "complete")},
+            "ids": [u.id for u in utterances], "texts": [u.text for u in utterances],
+            "durations": [u.duration for u in utterances], "states": [u.states for u in utterances],
+        }
+    out["template"] = reader.tail_template()
+    out["statistics"] = reader.statistics()
+    return out
+
+
+def store_differences(url: str, reference: dict[Any, Any]) -> list[str]:
+    """What differs between the store at `url` and a clean run's contents (empty: identical, whole)."""
+    from store import StoreReader, inspect_store
+
+    report = inspect_store(url, check=True)
+    problems = [f"shard {f.shard}: {f.problem}" for f in report.faults]
+    if report.incomplete_shards:
+        problems.append(f"incomplete shards {report.incomplete_shards}")
+    if problems:
+        return problems
+    got = store_contents(url)
+    shards = sorted(k for k in reference if isinstance(k, int))
+    if sorted(k for k in got if isinstance(k, int)) != shards:
+        return [f"complete shards {sorted(k for k in got if isinstance(k, int))} != {shards}"]
+    for shard in shards:
+        for key in ("attrs", "ids", "texts", "durations"):
+            if got[shard][key] != reference[shard][key]:
+                problems.append(f"shard {shard}: {key} differ")
+        if any(not np.array_equal(a, b) for a, b in zip(got[shard]["states"], reference[shard]["states"])):
+            problems.append(f"shard {shard}: states differ")
+    if not np.array_equal(got["template"], reference["template"]):
+        problems.append("tail template differs")
+    if any(not np.array_equal(a, b) for a, b in zip(got["statistics"], reference["statistics"])):
+        problems.append("statistics differ")
+    if StoreReader(url).record("precompute.json") is None:
+        problems.append("no precompute.json")
+    return problems
+
+
+def store_state(path: Path) -> str:
+    """Where a kill struck, read from what it left on disk."""
+    if not (path / "zarr.json").exists():
+        return "before the store existed" if not path.exists() or not any(path.iterdir()) else "store being created"
+    complete = incomplete = with_arrays = 0
+    for meta in sorted((path / "shards").glob("*/zarr.json")):
+        try:
+            done = json.loads(meta.read_text()).get("attributes", {}).get("complete") is True
+        except (ValueError, OSError):
+            done = False
+        complete += done
+        incomplete += not done
+        with_arrays += not done and any(p.is_dir() for p in meta.parent.iterdir())
+    partial = sum(1 for _ in path.rglob("*.partial"))
+    where = f"{complete} shards complete, {incomplete} incomplete"
+    if with_arrays:
+        where += f" ({with_arrays} mid-write)"
+    if partial:
+        where += f", {partial} .partial file(s)"
+    if (path / "precompute.json").exists():
+        where += ", run record written"
+    return where
+
+
+# --- trials -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trial:
+    fault: str
+    trial: str
+    where: str
+    outcome: str
+    ok: bool
+    seconds: float = 0.0
+
+
+def timed_clean_run(world: World, folder: Path) -> tuple[dict[Any, Any], float, float]:
+    """A clean CLI run as a process: its contents, seconds to the store's creation and seconds after it."""
+    store = folder / "clean"
+    started = time.monotonic()
+    process = spawn(precompute_arguments(world, str(store)), folder / "clean.log")
+    wait_for(lambda: (store / "zarr.json").exists(), process)
+    created = time.monotonic()
+    if process.wait() != 0:
+        raise RuntimeError(f"the clean run failed:\n{(folder / 'clean.log').read_text()[-3000:]}")
+    return store_contents(str(store)), created - started, time.monotonic() - created
+
+
+def precompute_kill_trial(world: World, folder: Path, seed: int, reference: dict[Any, Any], startup: float,
+                          work: float) -> Trial:
+    """SIGKILL a precompute run at a seeded random moment, rerun it, compare with the clean run."""
+    rng = np.random.default_rng(seed)
+    store = folder / f"kill-{seed}"
+    num_workers = int(rng.integers(0, 2))  # also kill a main process whose DataLoader worker outlives it
+    began = time.monotonic()
+    process = spawn(precompute_arguments(world, str(store), num_workers), folder / f"kill-{seed}.log")
+    if seed % 4 == 3:  # somewhere in start-up: imports, model loading, the store's creation
+        time.sleep(rng.uniform(0.0, startup))
+    else:
+        wait_for(lambda: (store / "zarr.json").exists(), process)
+        time.sleep(rng.uniform(0.0, work))
+    struck = kill(process)
+    where = store_state(store) if struck else "(the run had finished)"
+    result = precompute(world, str(store), num_workers)
+    if result.exit_code != 0:
+        return Trial("precompute-kill", f"seed {seed}", where, f"RERUN FAILED: {result.output[-300:]}", False,
+                     time.monotonic() - began)
+    written = re.search(r"(\d+) written, (\d+) skipped", result.output)
+    problems = store_differences(str(store), reference)
+    outcome = (f"rerun wrote {written[1]}, kept {written[2]}; identical to the clean run" if not problems
+               else "DIFFERS: " + "; ".join(problems[:3]))
+    return Trial("precompute-kill", f"seed {seed}, {num_workers} worker(s)", where, outcome, not problems,
+                 time.monotonic() - began)
+
+
+def concurrent_trial(world: World, folder: Path, seed: int, reference: dict[Any, Any], work: float) -> Trial:
+    """Two identical runs at once: both succeed, every shard is written once, the store is the clean one."""
+    rng = np.random.default_rng(1000 + seed)
+    store = folder / f"twice-{seed}"
+    began = time.monotonic()
+    first = spawn(precompute_arguments(world, str(store)), folder / f"twice-{seed}-a.log")
+    delay = rng.uniform(0.0, 0.9 * work)  # both take as long to start: the second writes `delay` s later
+    time.sleep(delay)
+    second = spawn(precompute_arguments(world, str(store)), folder / f"twice-{seed}-b.log")
+    codes = first.wait(), second.wait()
+    logs = [(folder / f"twice-{seed}-{x}.log").read_text() for x in "ab"]
+    where = f"second run started {delay:.1f} s after the first"
+    if codes != (0, 0):
+        return Trial("concurrent", f"seed {seed}", where, f"EXIT CODES {codes}: {logs[1][-300:]}", False)
+    written = [int(re.search(r"(\d+) written", log)[1]) for log in logs]
+    problems = store_differences(str(store), reference)
+    n_shards = -(-CLIPS // SHARD_SIZE)
+    if sum(written) != n_shards:
+        problems.append(f"shards written {written[0]} + {written[1]} != {n_shards}")
+    outcome = (f"both exit 0; shards written {written[0]} + {written[1]} = {n_shards}; identical to the clean run"
+               if not problems else "PROBLEM: " + "; ".join(problems[:3]))
+    return Trial("concurrent", f"seed {seed}", where, outcome, not problems, time.monotonic() - began)
+
+
+class DiskFullFileSystem(LocalFileSystem):
+    """Local files behind `diskfull://`; once `limit` bytes are written, writes fail with ENOSPC.
+
+    `partial=True`: the failing write leaves the bytes that fitted (a plain file on a full disk);
+    `partial=False`: it leaves nothing (an object store's put, or zarr's LocalStore temp-file-and-rename).
+    """
+
+    protocol = ("diskfull",)
+    limit = 2**62
+    written = 0
+    partial = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_mkdir", True)
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        return LocalFileSystem._strip_protocol(str(path).removeprefix("diskfull://"))
+
+    @classmethod
+    def reset(cls, limit: int, partial: bool) -> None:
+        cls.limit, cls.written, cls.partial = limit, 0, partial
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        cls = DiskFullFileSystem
+        room = cls.limit - cls.written
+        if len(value) > room:
+            if cls.partial:
+                super().pipe_file(path, value[: max(room, 0)], mode=mode, **kwargs)
+            cls.written = cls.limit
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        cls.written += len(value)
+        super().pipe_file(path, value, mode=mode, **kwargs)
+
+
+fsspec.register_implementation("diskfull", DiskFullFileSystem, clobber=True)
+
+
+def disk_full_trial(world: World, folder: Path, limit: int, partial: bool, reference: dict[Any, Any]) -> Trial:
+    """Precompute into a store whose disk fills after `limit` bytes; then rerun with space."""
+    store = folder / f"full-{limit}-{'partial' if partial else 'atomic'}"
+    shutil.rmtree(store, ignore_errors=True)
+    url = f"diskfull://{store}"
+    mode = "partial writes" if partial else "atomic writes"
+    DiskFullFileSystem.reset(limit, partial)
+    began = time.monotonic()
+    result = precompute(world, url)
+    DiskFullFileSystem.reset(2**62, partial)
+    where = f"full after {limit:,} B ({mode}); " + store_state(store)
+    if result.exit_code == 0:
+        return Trial("disk-full", f"{limit:,} B, {mode}", where, "the run fitted", True)
+    message = result.output.strip().splitlines()[-1] if result.output.strip() else repr(result.exception)
+    clear = "No space left on device" in result.output and "Traceback" not in result.output
+    visible = []
+    if (store / "zarr.json").exists():
+        from store import StoreError, inspect_store
+
+        try:
+            report = inspect_store(url, check=True)
+            visible = [f"shard {f.shard}: {f.problem}" for f in report.faults]
+        except StoreError as err:  # the root's one write was cut short: there is nothing to read yet
+            if (store / "shards").exists():
+                visible = [f"store unreadable: {err}"]
+    rerun = precompute(world, url)
+    problems = [] if rerun.exit_code == 0 else [f"rerun failed: {rerun.output.strip()[-300:]}"]
+    problems += visible + ([] if problems else store_differences(url, reference))
+    if not clear:
+        problems.append(f"unclear error: {message[:200]}")
+    outcome = (f"stopped: {message[:90]}...; rerun completed, identical" if not problems
+               else "PROBLEM: " + "; ".join(problems[:3]))
+    return Trial("disk-full", f"{limit:,} B, {mode}", where, outcome, not problems, time.monotonic() - began)
+
+
+# --- training runs ------------------------------------------------------------------------------------
+
+TLE_STEPS, TLE_CHECKPOINT_EVERY = 16, 4
+FINETUNE_STEPS, FINETUNE_CHECKPOINT_EVERY = 12, 3
+
+
+def tle_config(folder: Path, output_dir: Path):
+    """The train-tle settings of tests/test_train_tle.py's resume test, on its synthetic store."""
+    _tests_on_path()
+    from conftest import make_tiny_teacher
+    from test_train_tle import tle_config as config_of, write_tle_store
+
+    teacher = folder / "tle-teacher"
+    if not teacher.exists():
+        make_tiny_teacher(teacher)
+        write_tle_store(folder / "tle-store", teacher)
+    return config_of(folder / "tle-store", teacher, output_dir, f"train_tle.steps={TLE_STEPS}",
+                     f"train_tle.checkpoint_every={TLE_CHECKPOINT_EVERY}", "train_tle.val_every=100",
+                     "train_tle.val_wer_size=0", "train_tle.decoder_ce_start=10", "tle.dropout=0.1",
+                     "train_tle.keep_checkpoints=2")
+
+
+def finetune_config(folder: Path, output_dir: Path):
+    """The finetune settings of tests/test_finetune.py's resume test, on its tiny world."""
+    _tests_on_path()
+    from test_finetune import (
+        SOURCE_WORDS,
+        TARGET_SENTENCES,
+        finetune_config as config_of,
+        make_teacher,
+        write_store,
+        write_tle,
+    )
+
+    root = folder / "finetune-world"
+    world = {"teacher": root / "teacher", "audio_store": root / "source-store", "tts_store": root / "tts-store",
+             "tle": root / "tle", "text": root / "target.txt"}
+    if not root.exists():
+        make_teacher(world["teacher"])
+        rng = np.random.default_rng(0)
+        source = [" ".join(rng.choice(SOURCE_WORDS, size=int(rng.integers(2, 6)))) for _ in range(40)]
+        write_store(world["audio_store"], world["teacher"], source, seed=1)
+        write_store(world["tts_store"], world["teacher"], TARGET_SENTENCES, seed=2)
+        write_tle(world["tle"], world["teacher"], world["audio_store"], ["en"])
+        world["text"].write_text("\n".join(TARGET_SENTENCES) + "\n", encoding="utf-8")
+    return config_of(world, output_dir, f"finetune.steps={FINETUNE_STEPS}", "finetune.val_every=6",
+                     f"finetune.checkpoint_every={FINETUNE_CHECKPOINT_EVERY}", "finetune.keep_checkpoints=2",
+                     "finetune.audio_ratio=0.25", "finetune.tts_ratio=0.25", "finetune.select_best=false")
+
+
+def logged_steps(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row.get("step")]
+
+
+def training_kill_trial(stage: str, folder: Path, seed: int, reference_dir: Path) -> Trial:
+    """SIGKILL `whistle STAGE` after a random number of logged steps (and a random part of the next),
+    rerun it, and compare with the uninterrupted run in `reference_dir`."""
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(2000 + seed)
+    steps = TLE_STEPS if stage == "train-tle" else FINETUNE_STEPS
+    make_config = tle_config if stage == "train-tle" else finetune_config
+    out = folder / f"{stage}-kill-{seed}"
+    config = make_config(folder, out)
+    config_file = config.save(folder, f"{stage}-kill-{seed}.toml")
+    began = time.monotonic()
+    process = spawn([stage, "--config", str(config_file)], folder / f"{stage}-kill-{seed}.log")
+    after = int(rng.integers(1, steps - 1))
+    wait_for(lambda: len(logged_steps(out / "train_log.csv")) >= after, process)
+    time.sleep(rng.uniform(0.0, 0.3))
+    struck = kill(process)
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+    where = (f"after {len(logged_steps(out / 'train_log.csv'))} logged steps; complete checkpoints "
+             f"{', '.join(c.removeprefix('step-').lstrip('0') for c in checkpoints) or 'none'}"
+             if struck else "(the run had finished)")
+    from stages import finetune, train_tle
+
+    result = (train_tle if stage == "train-tle" else finetune).run(make_config(folder, out))
+    problems = []
+    got, want = logged_steps(out / "train_log.csv"), logged_steps(reference_dir / "train_log.csv")
+    if result.steps != steps or [int(r["step"]) for r in got] != list(range(1, steps + 1)):
+        problems.append(f"steps {result.steps}, logged {[r['step'] for r in got]}")
+    else:
+        for name in ("loss", "lr"):
+            a = np.array([float(r[name] or 0) for r in got])
+            b = np.array([float(r[name] or 0) for r in want])
+            if not np.allclose(a, b, rtol=1e-4, atol=1e-6):
+                problems.append(f"{name} differs by up to {np.abs(a - b).max():.2e}")
+    weights = "model.safetensors"
+    a, b = load_file(str(out / weights)), load_file(str(reference_dir / weights))
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a.keys() == b.keys() else np.inf
+    tolerance = 1e-4 if stage == "train-tle" else 0.0
+    if worst > tolerance:
+        problems.append(f"final weights differ by up to {worst:.2e}")
+    outcome = (f"resumed from step {result.resumed_from}: steps 1-{steps} once each, losses within 1e-4, "
+               f"weights within {tolerance:g}" if not problems else "PROBLEM: " + "; ".join(problems))
+    return Trial(f"{stage}-kill", f"seed {seed}", where, outcome, not problems, time.monotonic() - began)
+
+
+def training_reference(stage: str, folder: Path) -> Path:
+    from stages import finetune, train_tle
+
+    out = folder / f"{stage}-reference"
+    make_config = tle_config if stage == "train-tle" else finetune_config
+    (train_tle if stage == "train-tle" else finetune).run(make_config(folder, out))
+    return out
+
+
+# --- the script ---------------------------------------------------------------------------------------
+
+
+def print_table(trials: list[Trial]) -> None:
+    click.echo("| fault | trial | where it struck | outcome |")
+    click.echo("|---|---|---|---|")
+    for t in trials:
+        click.echo(f"| {t.fault} | {t.trial} | {t.where} | {t.outcome} |")
+
+
+@click.command()
+@click.option("--kills", default=12, show_default=True, help="Seeded SIGKILL trials of precompute.")
+@click.option("--training-kills", default=3, show_default=True, help="SIGKILL trials of train-tle and of finetune.")
+@click.option("--concurrent", "concurrent_runs", default=3, show_default=True, help="Trials of two runs at once.")
+@click.option("--disk-limits", default=12, show_default=True,
+              help="Byte limits swept over a run's writes, each with atomic and with partial failed writes.")
+@click.option("--seed", default=0, show_default=True, help="First seed.")
+@click.option("--quick", is_flag=True, help="One trial of each kind.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Keep the trial folders here.")
+def main(kills: int, training_kills: int, concurrent_runs: int, disk_limits: int, seed: int, quick: bool,
+         workdir: str | None) -> None:
+    """Run the fault-injection trials and print the table of faults and outcomes."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    if quick:
+        kills, training_kills, concurrent_runs, disk_limits = 1, 1, 1, 1
+    folder = Path(workdir or tempfile.mkdtemp(prefix="whistle-faults-"))
+    world = make_world(folder / "world")
+    reference, startup, work = timed_clean_run(world, folder)
+    click.echo(f"clean run: store created {startup:.1f} s after start, written in {work:.1f} s more")
+    trials: list[Trial] = []
+    for k in range(seed, seed + kills):
+        trials.append(precompute_kill_trial(world, folder, k, reference, startup, work))
+    for k in range(seed, seed + concurrent_runs):
+        trials.append(concurrent_trial(world, folder, k, reference, work))
+    total = sum(p.stat().st_size for p in (folder / "clean").rglob("*") if p.is_file())
+    for limit in np.linspace(0, total, disk_limits + 2)[1:-1].astype(int):
+        for partial in (False, True):
+            trials.append(disk_full_trial(world, folder, int(limit), partial, reference))
+    for stage in ("train-tle", "finetune"):
+        if training_kills:
+            reference_dir = training_reference(stage, folder)
+            for k in range(seed, seed + training_kills):
+                trials.append(training_kill_trial(stage, folder, k, reference_dir))
+    print_table(trials)
+    failed = [t for t in trials if not t.ok]
+    for fault in dict.fromkeys(t.fault for t in trials):
+        ok = sum(t.ok for t in trials if t.fault == fault)
+        click.echo(f"{fault.replace('-', '_')}_ok={ok}/{sum(t.fault == fault for t in trials)}")
+    click.echo(f"trials={len(trials)}")
+    click.echo(f"failed={len(failed)}")
+    click.echo(f"workdir={folder}")
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

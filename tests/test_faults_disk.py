@@ -1,0 +1,26 @@
+"""A full disk (an fsspec filesystem that fails writes with ENOSPC after N bytes, bench/faults.py
+`diskfull://`): the run stops with a StoreError naming the store and the cause, no complete shard is
+damaged, and a rerun with space completes to the clean store. Failed writes leave nothing (object
+stores, zarr's LocalStore) or the bytes that fitted (plain files without atomic writes)."""
+from __future__ import annotations
+
+import pytest
+from conftest import load_bench
+
+faults = load_bench("faults")
+
+
+def written_bytes(path) -> int:
+    """What precompute wrote (the cache/ folder is a reader's)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "cache" not in p.relative_to(path).parts)
+
+
+@pytest.mark.timeout(300)  # a writer failure once hung precompute on a semaphore
+@pytest.mark.parametrize("partial", [False, True], ids=["atomic", "partial"])
+@pytest.mark.parametrize("where", [0.0, 0.004, 0.45, 0.995], ids=["root", "first-shard", "mid-run", "run-record"])
+def test_a_full_disk_stops_the_run_clearly_and_a_rerun_completes(fault_world, tmp_path, where, partial):
+    world, clean, reference = fault_world
+    limit = int(where * written_bytes(clean))
+    trial = faults.disk_full_trial(world, tmp_path, limit, partial, reference)
+    assert trial.ok, trial
+    assert "the run fitted" not in trial.outcome, trial  # the limit struck
