@@ -652,8 +652,9 @@ def run(config: PipelineConfig) -> FinetuneResult:
     if settings.resume and latest_checkpoint(checkpoints) is not None:
         check_resumable(output_dir, config)
     trackers = ["tensorboard"] if is_tensorboard_available() else []
-    accelerator = Accelerator(cpu=config.teacher.device == "cpu",
-                              mixed_precision=resolve_mixed_precision(settings.mixed_precision),
+    # without cpu=True, accelerate treats a torchrun / accelerate launch without GPUs as one process
+    on_cpu = config.teacher.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=resolve_mixed_precision(settings.mixed_precision, on_cpu),
                               gradient_accumulation_steps=settings.grad_accum, log_with=trackers or None,
                               project_dir=str(output_dir))
     device = accelerator.device
