@@ -227,8 +227,9 @@ def timed_clean_run(world: World, folder: Path) -> tuple[dict[Any, Any], float, 
 
 
 def precompute_kill_trial(world: World, folder: Path, seed: int, reference: dict[Any, Any], startup: float,
-                          work: float) -> Trial:
-    """SIGKILL a precompute run at a seeded random moment, rerun it, compare with the clean run."""
+                          work: float, copy: Path | None = None) -> Trial:
+    """SIGKILL a precompute run at a seeded random moment, rerun it, compare with the clean run.
+    With `copy`, the killed store is first copied there (a store copied while incomplete)."""
     rng = np.random.default_rng(seed)
     store = folder / f"kill-{seed}"
     num_workers = int(rng.integers(0, 2))  # also kill a main process whose DataLoader worker outlives it
@@ -241,6 +242,8 @@ def precompute_kill_trial(world: World, folder: Path, seed: int, reference: dict
         time.sleep(rng.uniform(0.0, work))
     struck = kill(process)
     where = store_state(store) if struck else "(the run had finished)"
+    if copy is not None and store.exists():
+        shutil.copytree(store, copy)
     result = precompute(world, str(store), num_workers)
     if result.exit_code != 0:
         return Trial("precompute-kill", f"seed {seed}", where, f"RERUN FAILED: {result.output[-300:]}", False,
@@ -353,11 +356,11 @@ def disk_full_trial(world: World, folder: Path, limit: int, partial: bool, refer
 
 # --- training runs ------------------------------------------------------------------------------------
 
-TLE_STEPS, TLE_CHECKPOINT_EVERY = 16, 4
-FINETUNE_STEPS, FINETUNE_CHECKPOINT_EVERY = 12, 3
+TRAINING_STEPS = {"train-tle": 16, "finetune": 12}
+CHECKPOINT_EVERY = {"train-tle": 4, "finetune": 3}
 
 
-def tle_config(folder: Path, output_dir: Path):
+def tle_config(folder: Path, output_dir: Path, steps: int, checkpoint_every: int):
     """The train-tle settings of tests/test_train_tle.py's resume test, on its synthetic store."""
     _tests_on_path()
     from conftest import make_tiny_teacher
@@ -367,13 +370,13 @@ def tle_config(folder: Path, output_dir: Path):
     if not teacher.exists():
         make_tiny_teacher(teacher)
         write_tle_store(folder / "tle-store", teacher)
-    return config_of(folder / "tle-store", teacher, output_dir, f"train_tle.steps={TLE_STEPS}",
-                     f"train_tle.checkpoint_every={TLE_CHECKPOINT_EVERY}", "train_tle.val_every=100",
-                     "train_tle.val_wer_size=0", "train_tle.decoder_ce_start=10", "tle.dropout=0.1",
+    return config_of(folder / "tle-store", teacher, output_dir, f"train_tle.steps={steps}",
+                     f"train_tle.checkpoint_every={checkpoint_every}", "train_tle.val_every=100",
+                     "train_tle.val_wer_size=0", f"train_tle.decoder_ce_start={steps // 2}", "tle.dropout=0.1",
                      "train_tle.keep_checkpoints=2")
 
 
-def finetune_config(folder: Path, output_dir: Path):
+def finetune_config(folder: Path, output_dir: Path, steps: int, checkpoint_every: int):
     """The finetune settings of tests/test_finetune.py's resume test, on its tiny world."""
     _tests_on_path()
     from test_finetune import (
@@ -396,9 +399,21 @@ def finetune_config(folder: Path, output_dir: Path):
         write_store(world["tts_store"], world["teacher"], TARGET_SENTENCES, seed=2)
         write_tle(world["tle"], world["teacher"], world["audio_store"], ["en"])
         world["text"].write_text("\n".join(TARGET_SENTENCES) + "\n", encoding="utf-8")
-    return config_of(world, output_dir, f"finetune.steps={FINETUNE_STEPS}", "finetune.val_every=6",
-                     f"finetune.checkpoint_every={FINETUNE_CHECKPOINT_EVERY}", "finetune.keep_checkpoints=2",
+    return config_of(world, output_dir, f"finetune.steps={steps}", f"finetune.val_every={steps}",
+                     f"finetune.checkpoint_every={checkpoint_every}", "finetune.keep_checkpoints=2",
                      "finetune.audio_ratio=0.25", "finetune.tts_ratio=0.25", "finetune.select_best=false")
+
+
+def training_config(stage: str, folder: Path, output_dir: Path, steps: int | None = None,
+                    checkpoint_every: int | None = None):
+    make = tle_config if stage == "train-tle" else finetune_config
+    return make(folder, output_dir, steps or TRAINING_STEPS[stage], checkpoint_every or CHECKPOINT_EVERY[stage])
+
+
+def run_training(stage: str, config):
+    from stages import finetune, train_tle
+
+    return (train_tle if stage == "train-tle" else finetune).run(config)
 
 
 def logged_steps(path: Path) -> list[dict[str, str]]:
@@ -410,57 +425,69 @@ def logged_steps(path: Path) -> list[dict[str, str]]:
         return [row for row in csv.DictReader(handle) if row.get("step")]
 
 
-def training_kill_trial(stage: str, folder: Path, seed: int, reference_dir: Path) -> Trial:
-    """SIGKILL `whistle STAGE` after a random number of logged steps (and a random part of the next),
-    rerun it, and compare with the uninterrupted run in `reference_dir`."""
+def _losses_differ(got: list[dict[str, str]], want: list[dict[str, str]]) -> str | None:
+    for name in ("loss", "lr"):
+        a = np.array([float(r[name] or 0) for r in got])
+        b = np.array([float(r[name] or 0) for r in want])
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-6):
+            return f"{name} differs by up to {np.abs(a - b).max():.2e}"
+    return None
+
+
+def training_kill_trial(stage: str, folder: Path, seed: int, reference_dir: Path | None = None,
+                        steps: int | None = None, checkpoint_every: int | None = None,
+                        after: int | None = None) -> Trial:
+    """SIGKILL `whistle STAGE` once `after` steps are logged (seeded random by default) and a random part
+    of a step later; rerun it. The steps the killed run logged after its last checkpoint are run again
+    and must match; with `reference_dir` (an uninterrupted run) every step and the final weights must."""
     from safetensors.torch import load_file
 
     rng = np.random.default_rng(2000 + seed)
-    steps = TLE_STEPS if stage == "train-tle" else FINETUNE_STEPS
-    make_config = tle_config if stage == "train-tle" else finetune_config
+    steps = steps or TRAINING_STEPS[stage]
     out = folder / f"{stage}-kill-{seed}"
-    config = make_config(folder, out)
+    config = training_config(stage, folder, out, steps, checkpoint_every)
     config_file = config.save(folder, f"{stage}-kill-{seed}.toml")
+    after = after or int(rng.integers(1, steps))
     began = time.monotonic()
     process = spawn([stage, "--config", str(config_file)], folder / f"{stage}-kill-{seed}.log")
-    after = int(rng.integers(1, steps - 1))
     wait_for(lambda: len(logged_steps(out / "train_log.csv")) >= after, process)
-    time.sleep(rng.uniform(0.0, 0.3))
+    time.sleep(rng.uniform(0.0, 0.2))
     struck = kill(process)
+    before = logged_steps(out / "train_log.csv")
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
-    where = (f"after {len(logged_steps(out / 'train_log.csv'))} logged steps; complete checkpoints "
+    where = (f"after {len(before)} logged steps; complete checkpoints "
              f"{', '.join(c.removeprefix('step-').lstrip('0') for c in checkpoints) or 'none'}"
              if struck else "(the run had finished)")
-    from stages import finetune, train_tle
-
-    result = (train_tle if stage == "train-tle" else finetune).run(make_config(folder, out))
+    result = run_training(stage, training_config(stage, folder, out, steps, checkpoint_every))
+    got = logged_steps(out / "train_log.csv")
     problems = []
-    got, want = logged_steps(out / "train_log.csv"), logged_steps(reference_dir / "train_log.csv")
     if result.steps != steps or [int(r["step"]) for r in got] != list(range(1, steps + 1)):
         problems.append(f"steps {result.steps}, logged {[r['step'] for r in got]}")
     else:
-        for name in ("loss", "lr"):
-            a = np.array([float(r[name] or 0) for r in got])
-            b = np.array([float(r[name] or 0) for r in want])
-            if not np.allclose(a, b, rtol=1e-4, atol=1e-6):
-                problems.append(f"{name} differs by up to {np.abs(a - b).max():.2e}")
-    weights = "model.safetensors"
-    a, b = load_file(str(out / weights)), load_file(str(reference_dir / weights))
-    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a.keys() == b.keys() else np.inf
-    tolerance = 1e-4 if stage == "train-tle" else 0.0
-    if worst > tolerance:
-        problems.append(f"final weights differ by up to {worst:.2e}")
-    outcome = (f"resumed from step {result.resumed_from}: steps 1-{steps} once each, losses within 1e-4, "
-               f"weights within {tolerance:g}" if not problems else "PROBLEM: " + "; ".join(problems))
+        redone = [int(r["step"]) for r in before if int(r["step"]) > result.resumed_from]
+        difference = _losses_differ([got[k - 1] for k in redone], [before[k - 1] for k in redone])
+        if difference:
+            problems.append(f"steps {redone} rerun: {difference}")
+        if reference_dir is not None:
+            difference = _losses_differ(got, logged_steps(reference_dir / "train_log.csv"))
+            if difference:
+                problems.append(f"vs the uninterrupted run: {difference}")
+            a, b = load_file(str(out / "model.safetensors")), load_file(str(reference_dir / "model.safetensors"))
+            worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a.keys() == b.keys() \
+                else np.inf
+            if worst > 1e-4:
+                problems.append(f"final weights differ from the uninterrupted run's by up to {worst:.2e}")
+    checked = f"{len(redone)} redone steps match the killed run's" if not problems else ""
+    if reference_dir is not None and not problems:
+        checked += "; every loss and the final weights match an uninterrupted run (1e-4)"
+    outcome = (f"resumed from step {result.resumed_from}; steps 1-{steps} logged once each; {checked}"
+               if not problems else "PROBLEM: " + "; ".join(problems))
     return Trial(f"{stage}-kill", f"seed {seed}", where, outcome, not problems, time.monotonic() - began)
 
 
 def training_reference(stage: str, folder: Path) -> Path:
-    from stages import finetune, train_tle
-
     out = folder / f"{stage}-reference"
-    make_config = tle_config if stage == "train-tle" else finetune_config
-    (train_tle if stage == "train-tle" else finetune).run(make_config(folder, out))
+    run_training(stage, training_config(stage, folder, out))
     return out
 
 

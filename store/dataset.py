@@ -28,8 +28,9 @@ DataLoader forms — have similar lengths and little padding; N should be severa
 `set_epoch` changes this object in the main process: DataLoader workers see it when they start,
 so create the DataLoader without `persistent_workers` (or anew each epoch).
 
-A shard found damaged while reading (see `whistle inspect-store --check`) is logged as an error
-and the worker moves on to its next unit, so one bad shard does not end a long training run.
+A shard found damaged while reading (see `whistle inspect-store --check`) ends the iteration with a
+DamagedShardError naming it and the repair; with `skip_damaged=True` it is logged as an error and the
+worker moves on to its next unit instead (the caller must say so to the user: the data shrank).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class FeatureDataset(IterableDataset):
 
     def __init__(self, url: str | os.PathLike | Store, *, shuffle: bool = True, seed: int = 0,
                  shuffle_buffer: int = 1024, length_bucket: int = 0, keep: Callable[[str], bool] | None = None,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, skip_damaged: bool = False) -> None:
         super().__init__()
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
@@ -79,6 +80,7 @@ class FeatureDataset(IterableDataset):
         self.shuffle_buffer, self.length_bucket = shuffle_buffer, length_bucket
         self.keep = keep
         self.rank, self.world_size = rank, world_size
+        self.skip_damaged = skip_damaged
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -120,7 +122,7 @@ class FeatureDataset(IterableDataset):
         units = self.assigned_units(rank, world_size, worker, num_workers)
         # Opened here, in the worker: zarr stores and their event loop do not survive a fork.
         reader = StoreReader(self.url)
-        stream: Iterable[Utterance] = _read_units(reader, units, self.keep)
+        stream: Iterable[Utterance] = _read_units(reader, units, self.keep, self.skip_damaged)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, rank * num_workers + worker])
             stream = _shuffled(stream, self.shuffle_buffer, rng)
@@ -134,11 +136,14 @@ class FeatureDataset(IterableDataset):
             }
 
 
-def _read_units(reader: StoreReader, units: list[Unit], keep: Callable[[str], bool] | None) -> Iterator[Utterance]:
+def _read_units(reader: StoreReader, units: list[Unit], keep: Callable[[str], bool] | None,
+                skip_damaged: bool) -> Iterator[Utterance]:
     for shard, first, stop in units:
         try:
             yield from reader.iter_shard(shard, first, stop, keep=keep)
         except DamagedShardError as err:
+            if not skip_damaged:
+                raise
             log.error("skipping the rest of utterances %d-%d of shard %d: %s", first, stop - 1, shard, err)
 
 

@@ -55,8 +55,11 @@ CACHE_ARRAYS = ("tail_template", "tail_count", "mean", "std")
 class DamagedShardError(StoreError):
     """A complete shard that cannot be read back; says how to repair it."""
 
-    def __init__(self, url: str, shard: int, detail: str) -> None:
+    def __init__(self, url: str, shard: int | None = None, detail: str | None = None) -> None:
         self.shard, self.detail = shard, detail
+        if shard is None:  # rebuilt from its message alone (torch re-raises a DataLoader worker's error so)
+            super().__init__(url)
+            return
         name = shard_name(shard)
         super().__init__(
             f"shard {name} of store {url} is damaged: {detail}. Delete {url}/{SHARDS_GROUP}/{name} and run "
@@ -202,10 +205,16 @@ class StoreReader:
             missing = missing_objects(self.store, group, group_path, INDEX_ARRAYS + ("states",))
             if missing:
                 raise self._damaged(shard, f"objects missing from the store: {', '.join(missing)}")
+            values = {}
+            for name in INDEX_ARRAYS:
+                try:
+                    values[name] = group[name][...]
+                except Exception as err:
+                    raise self._damaged(shard, f"{name} is unreadable ({type(err).__name__}: {err}) - its object is "
+                                               "corrupt or truncated") from err
             index = ShardIndex(
-                offsets=group["offsets"][...], speech_frames=group["speech_frames"][...],
-                ids=group["ids"][...].tolist(), texts=group["text"][...].tolist(),
-                languages=group["language"][...].tolist(), durations=group["duration"][...],
+                offsets=values["offsets"], speech_frames=values["speech_frames"], ids=values["ids"].tolist(),
+                texts=values["text"].tolist(), languages=values["language"].tolist(), durations=values["duration"],
                 states=group["states"],
             )
         except DamagedShardError:

@@ -1,7 +1,6 @@
 """Operator mistakes: another teacher / frame policy / shard size / dataset into the same store is
-refused naming what differs; two identical runs at once share the work and leave the clean store; a
-store copied while incomplete (its run stopped) shows only its complete shards and resumes to the
-clean store.
+refused naming what differs; two identical runs at once share the work and leave the clean store
+(a store copied while incomplete: tests/test_faults_crash.py).
 
 The trial machinery is bench/faults.py (which runs more of each); a 2 s-window tiny teacher and 16
 clips make a run take seconds.
@@ -16,7 +15,6 @@ import pytest
 from click.testing import CliRunner
 from conftest import load_bench
 
-from store import StoreReader, inspect_store
 from whistle_pipeline.cli import cli
 
 faults = load_bench("faults")
@@ -87,19 +85,3 @@ def test_the_same_manifest_edited_is_another_dataset(world, tmp_path):
 def test_two_identical_runs_at_once_share_the_work(world, clean, tmp_path):
     trial = faults.concurrent_trial(world, tmp_path, 0, clean[1], work=3.0)
     assert trial.ok, trial
-
-
-def test_a_store_copied_while_incomplete_shows_only_complete_shards(world, clean, tmp_path):
-    original = tmp_path / "original"
-    process = faults.spawn(faults.precompute_arguments(world, str(original)), tmp_path / "run.log")
-    assert faults.wait_for(lambda: len(list(original.glob("shards/*/states"))) >= 3, process)
-    assert faults.kill(process)  # the third shard is being written, or just done
-    copy = tmp_path / "copy"
-    shutil.copytree(original, copy)
-    reader = StoreReader(str(copy))
-    assert reader.shards() and set(reader.shards()) | set(reader.incomplete_shards()) <= set(range(8))
-    report = inspect_store(copy, check=True)
-    assert report.ok, report.faults  # a shard caught mid-write stays invisible
-    result = faults.precompute(world, str(copy))
-    assert result.exit_code == 0, result.output
-    assert faults.store_differences(str(copy), clean[1]) == []

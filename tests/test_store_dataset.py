@@ -10,6 +10,7 @@ from conftest import store_spec, synthetic_utterances, write_synthetic_store
 from torch.utils.data import DataLoader
 
 from store.dataset import FeatureDataset, pad_batch
+from store.reader import DamagedShardError
 
 
 def make_store(tmp_path, n_utterances, shard_size, seed=0):
@@ -113,10 +114,12 @@ def test_rank_and_world_size_come_from_torch_distributed(tmp_path):
         FeatureDataset(url, rank=1)
 
 
-def test_a_damaged_shard_is_skipped_with_an_error(tmp_path, caplog):
+def test_a_damaged_shard_fails_the_iteration_or_is_skipped_when_asked(tmp_path, caplog):
     url, utts = make_store(tmp_path, 18, 6)
     (url / "shards/00001/speech_frames/c/0").unlink()
+    with pytest.raises(DamagedShardError, match="shard 00001 .* objects missing from the store: speech_frames"):
+        list(FeatureDataset(url))  # by default the data never shrinks silently
     with caplog.at_level("ERROR", logger="store.dataset"):
-        ids = sorted(item["id"] for item in FeatureDataset(url))
+        ids = sorted(item["id"] for item in FeatureDataset(url, skip_damaged=True))
     assert ids == sorted(u["id"] for i, u in enumerate(utts) if not 6 <= i < 12)
     assert "shard 00001" in caplog.text and "speech_frames" in caplog.text

@@ -1,0 +1,123 @@
+"""Damaged stores: flipped bits, truncated objects, wrong offsets, missing arrays, a cut-short shard
+zarr.json — several shards at once. `inspect-store --check` names each damaged shard and no other;
+train-tle and finetune stop with an error naming the shard (FeatureDataset never skips one unless
+asked with skip_damaged=True). tests/test_inspect_store.py checks each damage kind alone."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from conftest import load_bench, make_tiny_teacher, store_spec, synthetic_utterances, write_synthetic_store
+
+from store import StoreError, StoreReader, inspect_store
+from whistle_pipeline.cli import cli
+
+faults = load_bench("faults")
+
+
+def flip_bits(shard, seed=0, count=8):
+    """Flip `count` random bits of the states' shard object (what a bad disk or cable does)."""
+    target = shard / "states" / "c" / "0" / "0"
+    raw = np.frombuffer(target.read_bytes(), np.uint8).copy()
+    rng = np.random.default_rng(seed)
+    positions = rng.choice(raw.size, count, replace=False)
+    raw[positions] ^= (1 << rng.integers(0, 8, count)).astype(np.uint8)
+    target.write_bytes(raw.tobytes())
+
+
+def truncate_ids(shard):
+    target = shard / "ids" / "c" / "0"
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+
+
+def wrong_offsets(shard):
+    offsets = zarr.open_array(str(shard / "offsets"), mode="r+")
+    values = offsets[...]
+    values[1:-1] += 1  # every boundary one frame late: lengths still positive, but not the speech frames
+    offsets[...] = values
+
+
+def missing_array(shard):
+    shutil.rmtree(shard / "speech_frames")
+
+
+def cut_metadata(shard):
+    target = shard / "zarr.json"
+    target.write_bytes(target.read_bytes()[:100])
+
+
+DAMAGES = {1: (flip_bits, "corrupt or truncated"), 2: (truncate_ids, "ids is unreadable"),
+           3: (wrong_offsets, "stored frames per utterance differ from speech_frames"),
+           4: (missing_array, "speech_frames"), 5: (cut_metadata, "its zarr.json is damaged")}
+
+
+def test_check_names_every_damaged_shard_and_no_other(tmp_path):
+    spec = store_spec(shard_size=3, chunk_frames=64)
+    url = tmp_path / "store"
+    write_synthetic_store(url, spec, synthetic_utterances(spec, 21, seed=3))  # shards 0-6
+    for shard, (damage, _) in DAMAGES.items():
+        damage(url / "shards" / f"0000{shard}")
+    report = inspect_store(url, check=True)
+    named = {}
+    for fault in report.faults:
+        named.setdefault(fault.shard, []).append(fault.problem)
+    assert set(named) == {f"0000{k}" for k in DAMAGES}, named
+    for shard, (_, problem) in DAMAGES.items():
+        assert any(problem in text for text in named[f"0000{shard}"]), (shard, named[f"0000{shard}"])
+    result = CliRunner().invoke(cli, ["inspect-store", str(url), "--check"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert all(f"shard 0000{k}:" in result.output for k in DAMAGES)
+    # the sound shards still read, and a reader of the store as a whole still opens
+    reader = StoreReader(str(url))
+    assert [u.id for u in reader.iter_shard(0)] == ["utt0000", "utt0001", "utt0002"]
+    assert 5 in reader.incomplete_shards()  # its zarr.json is unreadable: not counted as complete
+
+
+@pytest.fixture(scope="module")
+def tle_world(tmp_path_factory):
+    from test_train_tle import write_tle_store
+
+    folder = tmp_path_factory.mktemp("damage-tle")
+    teacher = make_tiny_teacher(folder / "teacher")
+    return teacher, write_tle_store(folder / "store", teacher)
+
+
+def train_tle_arguments(store, teacher, out, steps):
+    from test_train_tle import TINY_TLE
+
+    arguments = ["train-tle", "--store", str(store), "--teacher", str(teacher), "--output-dir", str(out), "--steps",
+                 str(steps), "--decoder-ce-start", "100"]
+    for override in TINY_TLE + ["train_tle.val_every=100", "train_tle.checkpoint_every=100"]:
+        arguments += ["--set", override]
+    return arguments
+
+
+@pytest.mark.parametrize("aligned_before", [False, True], ids=["fresh", "resumed"])
+def test_train_tle_stops_naming_the_damaged_shard(tle_world, tmp_path, aligned_before):
+    teacher, intact = tle_world
+    store = tmp_path / "store"
+    shutil.copytree(intact, store)
+    out = tmp_path / "tle"
+    if aligned_before:  # durations cached from the sound store: only the training stream reads the damage
+        assert CliRunner().invoke(cli, train_tle_arguments(store, teacher, out, 3)).exit_code == 0
+    flip_bits(store / "shards" / "00001")
+    result = CliRunner().invoke(cli, train_tle_arguments(store, teacher, out, 40))
+    assert result.exit_code == 1, result.output
+    assert "shard 00001 of store" in result.output and "is damaged" in result.output, result.output
+    assert "inspect-store --check" in result.output
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_finetune_stops_naming_the_damaged_shard(tmp_path, workers):
+    from stages.finetune import run
+    from whistle_pipeline.config import load_config
+
+    faults.finetune_config(tmp_path, tmp_path / "out", 6, 100).save(tmp_path, "finetune.toml")
+    for shard in sorted((tmp_path / "finetune-world" / "source-store" / "shards").glob("0*")):
+        flip_bits(shard)  # whichever shard the shuffled stream or the validation reads first
+    with pytest.raises(StoreError, match=r"shard 0000\d of store .*source-store is damaged"):
+        run(load_config(tmp_path / "finetune.toml", overrides=[f"finetune.num_workers={workers}"]))
