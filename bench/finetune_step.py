@@ -11,6 +11,9 @@ decoder's layers (select_trainable) — and differs in where the full windows co
            -> speech frames at predicted lengths + tail template (Windows.build, as whistle's text steps)
   encoder  MP3 clips decoded by precompute's ClipDataset (1 worker) -> log-mel + the encoder on 30 s
            windows -> full windows (what fine-tuning on audio costs without a store)
+  stored, tail shared   as stored, with the decoder's cross-attention key/value projections of the
+           tail template made once per batch instead of once per example (SharedTailProjection: a
+           proposal, exact — the largest logit difference is printed; not what finetune does today)
 
 Each step is split into "windows" (making the full windows: reading the store / running the TLE /
 decoding + encoder) and "decoder" (forward, backward, optimiser). Kinds are timed round-robin (each
@@ -32,6 +35,7 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from _common import (
@@ -66,7 +70,7 @@ from whistle_pipeline.sources import open_source
 from whistle_pipeline.teacher import TeacherGeometry, teacher_states
 from whistle_pipeline.text import IGNORE_INDEX, TextBatch
 
-KINDS = ("stored", "text", "encoder")
+KINDS = ("stored", "text", "encoder", "stored, tail shared")
 START_OF_TRANSCRIPT, NO_TIMESTAMPS, END_OF_TEXT = 50257, 50362, 50256  # English-only Whisper ids
 
 
@@ -86,6 +90,27 @@ def text_batch(lengths: np.ndarray, rng: np.random.Generator, vocab_size: int) -
                      ["en"] * len(tokens))
 
 
+class SharedTailProjection(nn.Module):
+    """A cross-attention key/value projection for full windows whose frames from `speech_frames` on are the same
+    tail template in every example (Windows.build makes them so): the tail is projected once per batch, from
+    the first example, instead of once per example. The weights still train (gradients flow through both
+    parts), and the output is the same. A proposal measured here ("stored, tail shared"), not in the pipeline.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.speech_frames: int | None = None  # set around a step whose windows have a common tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, F, D) -> (B, F, D_out)."""
+        if self.speech_frames is None:
+            return self.linear(x)
+        head = self.linear(x[:, : self.speech_frames])  # (B, T, D_out)
+        tail = self.linear(x[:1, self.speech_frames :])  # (1, F - T, D_out): every example's tail
+        return torch.cat([head, tail.expand(x.shape[0], -1, -1)], dim=1)
+
+
 class Finetuner:
     """The Whisper being adapted, its optimiser, and the three ways of making its full windows."""
 
@@ -98,6 +123,12 @@ class Finetuner:
         self.model = WhisperForConditionalGeneration(config).to(device).train()
         select_trainable(self.model, settings.train_embeddings)
         self.optimizer, _ = build_optimizer(self.model, settings)
+        self.projections = []
+        for layer in self.model.model.decoder.layers:
+            attention = layer.encoder_attn
+            attention.k_proj = SharedTailProjection(attention.k_proj)
+            attention.v_proj = SharedTailProjection(attention.v_proj)
+            self.projections += [attention.k_proj, attention.v_proj]
         self.geometry = TeacherGeometry.from_config(config)
         template = torch.from_numpy(np.array(StoreReader(store).tail_template())).to(device)  # (F, D)
         tle = default_tle(config.d_model, config.vocab_size).to(device).eval().requires_grad_(False)
@@ -120,9 +151,10 @@ class Finetuner:
         self._audio_batches = iter(self.audio)  # a new epoch over the clips
         return next(self._audio_batches)
 
-    def make_windows(self, kind: str) -> tuple[torch.Tensor, TextBatch]:
-        """Full windows (B, max_frames, D) and their transcripts."""
-        if kind == "stored":
+    def make_windows(self, kind: str) -> tuple[torch.Tensor, TextBatch, int | None]:
+        """Full windows (B, max_frames, D), their transcripts, and the frame from which every window is the
+        tail template (None: real windows)."""
+        if kind.startswith("stored"):
             examples = stored_examples("audio", self.stream.take(self.batch_size))
             lengths = np.array([len(e.states) for e in examples])
         elif kind == "text":
@@ -134,12 +166,29 @@ class Finetuner:
             with torch.inference_mode():
                 windows = teacher_states(self.model.model.encoder, batch.audio.to(self.device), self.geometry)
             lengths = np.array([clip.n_samples // self.geometry.samples_per_frame for clip in batch.clips])
-            return windows.clone(), text_batch(lengths, self.rng, self.vocab_size).to(self.device)
+            return windows.clone(), text_batch(lengths, self.rng, self.vocab_size).to(self.device), None
         text = text_batch(lengths, self.rng, self.vocab_size).to(self.device)
-        return self.windows.build(examples, text, training=True), text
+        window = self.windows.build(examples, text, training=True)
+        # text windows: their lengths are the TLE's predictions, which only the TLE knows; stored: the longest
+        return window, text, int(lengths.max()) if kind == "stored, tail shared" else None
 
-    def decoder_step(self, window: torch.Tensor, text: TextBatch) -> None:
-        logits = self.model(encoder_outputs=(window,), decoder_input_ids=text.decoder_input_ids).logits  # (B, S, V)
+    def logits(self, window: torch.Tensor, text: TextBatch, shared_tail: int | None) -> torch.Tensor:
+        for projection in self.projections:
+            projection.speech_frames = shared_tail
+        try:
+            return self.model(encoder_outputs=(window,), decoder_input_ids=text.decoder_input_ids).logits  # (B, S, V)
+        finally:
+            for projection in self.projections:
+                projection.speech_frames = None
+
+    def check_shared_tail(self) -> float:
+        """Largest |difference| of the logits with and without the shared tail, on one stored batch."""
+        window, text, shared = self.make_windows("stored, tail shared")
+        with torch.no_grad():
+            return float((self.logits(window, text, shared) - self.logits(window, text, None)).abs().max())
+
+    def decoder_step(self, window: torch.Tensor, text: TextBatch, shared_tail: int | None) -> None:
+        logits = self.logits(window, text, shared_tail)  # (B, S, V)
         per_token = token_losses(logits, text.labels, 0.0)  # (B, S)
         loss = per_token.sum() / (text.labels != IGNORE_INDEX).sum()
         loss.backward()
@@ -148,13 +197,17 @@ class Finetuner:
         self.optimizer.zero_grad()
 
     def timed_step(self, kind: str) -> tuple[float, float]:
-        """(seconds making the windows, seconds in the decoder update)."""
+        """(seconds making the windows, seconds in the decoder update); bf16 autocast on a GPU, as finetune's
+        mixed_precision = "auto" gives."""
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         self.sync()
         began = time.perf_counter()
-        window, text = self.make_windows(kind)
+        with autocast:
+            window, text, shared_tail = self.make_windows(kind)
         self.sync()
         made = time.perf_counter()
-        self.decoder_step(window, text)
+        with autocast:
+            self.decoder_step(window, text, shared_tail)
         self.sync()
         return made - began, time.perf_counter() - made
 
@@ -162,7 +215,7 @@ class Finetuner:
 @click.command()
 @click.option("--sizes", default="tiny,base", show_default=True)
 @click.option("--batch-size", default=None, type=int, help="Examples per step (default: finetune.batch_size).")
-@click.option("--steps", default=3, show_default=True, help="Timed steps of each kind (after one warm-up).")
+@click.option("--steps", default=2, show_default=True, help="Timed steps of each kind (after one warm-up).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quick", is_flag=True, help="tiny, batch 2, one step: a smoke run.")
 def main(sizes: str, batch_size: int | None, steps: int, device: str, quick: bool) -> None:
@@ -181,6 +234,7 @@ def main(sizes: str, batch_size: int | None, steps: int, device: str, quick: boo
             rng = np.random.default_rng(0)
             write_store(store, clip_seconds(max(4 * batch_size, 8), rng, 2.0, 8.0), SIZES[size]["d_model"], 64)
             tuner = Finetuner(size, store, manifest, batch_size, torch_device)
+            difference = tuner.check_shared_tail()
             for kind in KINDS:
                 tuner.timed_step(kind)  # warm-up
             times = {kind: [] for kind in KINDS}
@@ -190,10 +244,10 @@ def main(sizes: str, batch_size: int | None, steps: int, device: str, quick: boo
                     times[kind].append(tuner.timed_step(kind))
                 loads.append(load_average())
             results[size] = (times, loads, tuner.model.num_parameters() / 1e6,
-                             tuner.windows.tle.num_parameters() / 1e6)
+                             tuner.windows.tle.num_parameters() / 1e6, difference)
 
     figures = {"batch_size": batch_size, "device": device}
-    for size, (times, loads, parameters, tle_parameters) in results.items():
+    for size, (times, loads, parameters, tle_parameters, difference) in results.items():
         total = {kind: median(w + d for w, d in times[kind]) for kind in KINDS}
         click.echo(f"\n{size}-sized random Whisper ({parameters:.1f} M parameters; TLE {tle_parameters:.1f} M), batches of "
                    f"{batch_size} on {device}; {steps} step(s) of each kind, medians; load average {', '.join(loads)}")
@@ -201,10 +255,13 @@ def main(sizes: str, batch_size: int | None, steps: int, device: str, quick: boo
             ["step", "windows s", "decoder s", "step s", "examples/s", "x stored step"],
             [[kind, median(w for w, _ in times[kind]), median(d for _, d in times[kind]), total[kind],
               batch_size / total[kind], total[kind] / total["stored"]] for kind in KINDS]))
+        click.echo(f"tail shared: the logits differ by at most {difference:.2e} from the per-example projection")
         key = size.replace("-", "_")
         for kind in KINDS:
-            figures[f"{key}_{kind}_step_s"] = total[kind]
-            figures[f"{key}_{kind}_vs_stored"] = total[kind] / total["stored"]
+            name = kind.replace(", ", "_").replace(" ", "_")
+            figures[f"{key}_{name}_step_s"] = total[kind]
+            figures[f"{key}_{name}_vs_stored"] = total[kind] / total["stored"]
+        figures[f"{key}_shared_tail_max_logit_difference"] = difference
     emit(figures)
 
 

@@ -11,12 +11,13 @@ on the same clips in the same batch size, on this CPU:
   store epoch   FeatureDataset + pad_batch (1 worker) -> TLE step
   precompute    the whole `stages.precompute.run` (model loading, store creation and run record included)
 
-Each is timed --repeats times (median). Training for k epochs then costs k x seed epoch for the seed and
-precompute + k x store epoch for whistle (every epoch does the same work, so totals are computed from
-the measured per-epoch medians); `break_even_epochs` = precompute / (seed epoch - store epoch).
+Each repeat runs all three back to back (the machine's load changes by the minute); medians of
+--repeats. Training for k epochs then costs k x seed epoch for the seed and precompute + k x store
+epoch for whistle (every epoch does the same work, so totals are computed from the measured
+per-epoch medians); `break_even_epochs` = precompute / (seed epoch - store epoch).
 The teacher is a random-weight Whisper encoder of a released size (same FLOPs as the real one).
 
-    python bench/seed_vs_store.py                         # tiny and base sizes, 32 clips
+    python bench/seed_vs_store.py                         # tiny and base sizes, 16 clips, ~7 min
     python bench/seed_vs_store.py --sizes base --clips 64
     python bench/seed_vs_store.py --quick                 # a smoke run
 """
@@ -111,20 +112,22 @@ def measure_size(size: str, tmp: Path, manifest: Path, clips: int, batch_size: i
         "store": {"path": str(store)},
         "precompute": {"batch_size": batch_size, "num_workers": 1, "progress": False, "overwrite": True},
     })
-    precompute_s = []
-    for _ in range(repeats):
+    def run_precompute() -> float:
         result = precompute(config)
         if result.clips != clips:
             raise RuntimeError(f"precompute stored {result.clips} of {clips} clips:\n{result.summary()}")
-        precompute_s.append(result.seconds)
+        return result.seconds
+
+    run_precompute()  # warm-up, and the store the first store epoch reads
     encoder, geometry = load_encoder(str(checkpoint), "main", "cpu", torch.float32)
     vocab = SIZES[size].get("vocab_size", 51865)
     seed_trainer, store_trainer = Trainer(geometry.d_model, vocab, 0), Trainer(geometry.d_model, vocab, 0)
-    seed_s, store_s, loads = [], [], []
+    precompute_s, seed_s, store_s, loads = [], [], [], []
     store_epoch(store_trainer, store, batch_size, 0)  # warm-up: first-call kernels and allocations, both sides
     seed_trainer.step(*next((b["states"], b["lengths"].numpy()) for b in DataLoader(
         FeatureDataset(store, shuffle=False), batch_size=batch_size, collate_fn=pad_batch)))
-    for epoch in range(repeats):  # interleaved, so both sides see the same load
+    for epoch in range(repeats):  # all three back to back, so each repeat's figures share the machine's load
+        precompute_s.append(run_precompute())
         seed_s.append(seed_epoch(seed_trainer, encoder, geometry, config, batch_size, epoch))
         store_s.append(store_epoch(store_trainer, store, batch_size, epoch))
         loads.append(load_average())
@@ -135,8 +138,8 @@ def measure_size(size: str, tmp: Path, manifest: Path, clips: int, batch_size: i
 
 @click.command()
 @click.option("--sizes", default="tiny,base", show_default=True, help="Teacher sizes (random Whisper encoders).")
-@click.option("--clips", default=32, show_default=True, help="Clips in the training set (MP3, 48 kHz, 2-8 s).")
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--clips", default=16, show_default=True, help="Clips in the training set (MP3, 48 kHz, 2-8 s).")
+@click.option("--batch-size", default=8, show_default=True)
 @click.option("--repeats", default=2, show_default=True, help="Timings of each side; medians are reported.")
 @click.option("--quick", is_flag=True, help="tiny, 4 clips, one repeat: a smoke run.")
 def main(sizes: str, clips: int, batch_size: int, repeats: int, quick: bool) -> None:

@@ -64,6 +64,7 @@ from _common import (
 )
 from stages.precompute import BackgroundWriter  # imported here: torch's import must not count as writing
 from store import StoreReader, StoreSpec, StoreWriter, TeacherInfo
+from store.format import SHARDS_GROUP, shard_name
 
 D_MODEL = 1280
 POOL_FRAMES = 20_000  # distinct random frames the windows are cut from (~51 MB)
@@ -138,6 +139,32 @@ class Whistle:
         reader = StoreReader(path)
         shard_size = reader.spec.shard_size
         return lambda k: reader.utterance(k // shard_size, k % shard_size).states
+
+    def stream_direct(self, path: Path) -> Iterator[np.ndarray]:
+        """A prototype of a faster sequential read of the same bytes (not what StoreReader does today): each
+        shard's states object read in one call, its Zarr v3 sharding index parsed (inner chunk offset and
+        length, uint64 little-endian, + crc32c, at the end of the object), every inner chunk checksum-checked
+        and Blosc-decoded straight into one array, then each utterance copied out as iter_shard does."""
+        import numcodecs
+
+        reader = StoreReader(path)
+        crc, blosc = numcodecs.CRC32C(), numcodecs.Blosc()
+        for shard in reader.shards():
+            index = reader.index(shard)
+            n_frames, chunk = index.states.shape[0], index.states.chunks[0]
+            n_chunks = -(-n_frames // chunk)
+            data = (path / SHARDS_GROUP / shard_name(shard) / "states" / "c" / "0" / "0").read_bytes()
+            table_ = np.frombuffer(crc.decode(data[-(16 * n_chunks + 4):]), "<u8").reshape(n_chunks, 2)
+            states = np.empty((n_chunks * chunk, D_MODEL), np.float16)  # (chunks x chunk, D)
+            for c, (offset, length) in enumerate(table_):
+                payload = crc.decode(data[offset : offset + length])
+                target = states[c * chunk : (c + 1) * chunk]
+                if self.codec == "none":
+                    target[...] = np.frombuffer(payload, np.float16).reshape(chunk, D_MODEL)
+                else:
+                    blosc.decode(payload, out=target)
+            for i in range(len(index)):
+                yield states[index.offsets[i] : index.offsets[i + 1]].copy()
 
 
 class Npy:
@@ -292,7 +319,8 @@ def random_latencies(opener: Callable[[], Callable[[int], np.ndarray]], picks: n
 def measure(fmt, corpus: Corpus, root: Path, shard_size: int, repeats: int, picks: np.ndarray) -> dict[str, float]:
     path = root / fmt.name
     stored = sum(int(corpus.kept(i, fmt.full).nbytes) for i in range(len(corpus)))
-    writes, warm, cold, warm_random, cold_random, opens, numpy_reads = ([] for _ in range(7))
+    writes, warm, cold, warm_random, cold_random, opens, numpy_reads, direct_warm, direct_cold = (
+        [] for _ in range(9))
     for _ in range(repeats):
         shutil.rmtree(path, ignore_errors=True)
         began = time.perf_counter()
@@ -302,6 +330,10 @@ def measure(fmt, corpus: Corpus, root: Path, shard_size: int, repeats: int, pick
         warm.append(stream_seconds(lambda: fmt.stream(path), len(corpus)))
         if isinstance(fmt, Arrow):
             numpy_reads.append(stream_seconds(lambda: fmt.stream_numpy(path), len(corpus)))
+        if isinstance(fmt, Whistle) and not fmt.full:
+            direct_warm.append(stream_seconds(lambda: fmt.stream_direct(path), len(corpus)))
+            evict(path)
+            direct_cold.append(stream_seconds(lambda: fmt.stream_direct(path), len(corpus)))
         opened, latencies = random_latencies(lambda: fmt.opener(path), picks)
         warm_random += latencies
         evict(path)
@@ -321,6 +353,8 @@ def measure(fmt, corpus: Corpus, root: Path, shard_size: int, repeats: int, pick
            "random_cold_ms": 1e3 * median(cold_random)}
     if numpy_reads:
         out["numpy_format_warm_utt_per_s"] = n / median(numpy_reads)
+    if direct_warm:
+        out["direct_warm_utt_per_s"], out["direct_cold_utt_per_s"] = n / median(direct_warm), n / median(direct_cold)
     return out
 
 
@@ -442,6 +476,9 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
         [[name, r["warm_utt_per_s"], r["warm_mb_s"], r["cold_utt_per_s"], r["cold_mb_s"], r["open_ms"],
           r["random_warm_ms"], r["random_warm_p95_ms"], r["random_cold_ms"]] for name, r in results.items()]))
     for name, r in results.items():
+        if "direct_warm_utt_per_s" in r:
+            click.echo(f"{name} read by the direct shard-object prototype (stream_direct): "
+                       f"{r['direct_warm_utt_per_s']:.1f} utt/s warm, {r['direct_cold_utt_per_s']:.1f} cold")
         if "numpy_format_warm_utt_per_s" in r:
             click.echo(f"{name} read through with_format('numpy') (float32 copies): "
                        f"{r['numpy_format_warm_utt_per_s']:.1f} utt/s warm")
@@ -461,14 +498,20 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
         "fastest_alternative_warm": fastest_warm,
         "stream_cold_vs_fastest_alternative": ours["cold_utt_per_s"] / results[fastest_cold]["cold_utt_per_s"],
         "fastest_alternative_cold": fastest_cold,
+        "direct_prototype_warm_vs_fastest_alternative":
+            ours["direct_warm_utt_per_s"] / results[fastest_warm]["warm_utt_per_s"],
+        "direct_prototype_cold_vs_fastest_alternative":
+            ours["direct_cold_utt_per_s"] / results[fastest_cold]["cold_utt_per_s"],
         "gpu_precompute_clips_per_s": gpu_rate, "write_vs_gpu_precompute": ours["write_clips_per_s"] / gpu_rate,
         "writer_host_ms_per_clip": now_ms, "writer_host_ms_per_clip_device_sums": device_sums_ms,
     }
     for name, r in results.items():
         key = name.replace("-", "_").replace(" (", "_").replace(")", "")
         for measure_name in ("bytes_per_utt", "write_clips_per_s", "warm_utt_per_s", "cold_utt_per_s",
-                             "random_warm_ms", "random_cold_ms", "files"):
-            figures[f"{key}_{measure_name}"] = r[measure_name]
+                             "random_warm_ms", "random_cold_ms", "files", "direct_warm_utt_per_s",
+                             "direct_cold_utt_per_s"):
+            if measure_name in r:
+                figures[f"{key}_{measure_name}"] = r[measure_name]
     click.echo(f"\ngoals: whistle-speech {figures['size_ratio_5s']:.2f}x smaller than the smallest full-window format "
                f"for 5 s clips (goal >= 5); streaming read {figures['stream_warm_vs_fastest_alternative']:.2f}x warm / "
                f"{figures['stream_cold_vs_fastest_alternative']:.2f}x cold the fastest alternative ({fastest_warm} / "

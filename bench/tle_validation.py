@@ -36,10 +36,10 @@ import torch
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures here as JSON.")
 @click.option("--figure", type=click.Path(dir_okay=False), help="PNG: real vs TLE states of one utterance.")
 @click.option("--examples", default=5, show_default=True, help="Round-trip transcripts to print.")
-@click.option("--checkpoint", "checkpoint_step", type=int, help="Evaluate TLE_DIR/checkpoints/step-N instead of "
-              "the final model (e.g. the end of phase 1).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Evaluate these weights (a "
+              "checkpoint's model.safetensors, e.g. the end of phase 1) with TLE_DIR's configuration.")
 def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_path: str | None,
-         figure: str | None, examples: int, checkpoint_step: int | None) -> None:
+         figure: str | None, examples: int, weights: str | None) -> None:
     from stages.train_tle import Collate, DurationTable, align_shard, open_store, validate
     from whistle_pipeline.decoder import greedy_transcribe, load_frozen_teacher, word_error_rate
     from whistle_pipeline.tle import TLEModel
@@ -49,10 +49,10 @@ def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_
     teacher = load_frozen_teacher(teacher_path, "main", device, torch.float32)
     reader = open_store(store_url, teacher, teacher_path, "main")
     tle = TLEModel.from_pretrained(tle_dir).eval()
-    if checkpoint_step is not None:
+    if weights is not None:
         from safetensors.torch import load_file
 
-        tle.load_state_dict(load_file(str(Path(tle_dir) / "checkpoints" / f"step-{checkpoint_step:07d}" / "model.safetensors")))
+        tle.load_state_dict(load_file(weights))
     durations, rejects = {}, {}
     for shard in reader.shards():
         record = align_shard(reader, shard, teacher, batch_size)
@@ -88,10 +88,10 @@ def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_
     metrics["utterances"] = len(items)
     metrics["alignment_rejects"] = len(rejects)
     metrics["seconds"] = time.time() - started
-    if checkpoint_step is not None:
-        metrics["train_steps"] = checkpoint_step
+    if weights is not None:
+        metrics["weights"] = weights
     summary_path = Path(tle_dir) / "summary.json"
-    if summary_path.exists() and checkpoint_step is None:
+    if summary_path.exists() and weights is None:
         summary = json.loads(summary_path.read_text())
         metrics.update(train_steps=summary["steps"], train_minutes=summary["wall_seconds"] / 60,
                        train_utterances=summary["train_utterances"])

@@ -59,6 +59,7 @@ def test_finetune_step_quick():
     values = run_bench("finetune_step.py")
     assert float(values["tiny_stored_vs_stored"]) == 1.0
     assert float(values["tiny_text_step_s"]) > 0 and float(values["tiny_encoder_step_s"]) > 0
+    assert float(values["tiny_shared_tail_max_logit_difference"]) < 1e-4  # the proposal changes no output
 
 
 def test_memory_quick():
