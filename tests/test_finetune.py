@@ -296,3 +296,32 @@ def test_cli_runs_a_tts_only_finetune(world, tmp_path):
     assert result.exit_code == 0, result.output
     assert "fine-tuned the decoder for 4 steps" in result.output and "16 audio, 16 tts" in result.output
     assert (out / "model.safetensors").exists() and (out / "preprocessor_config.json").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_one_decoder(world, tmp_path):
+    """torchrun with 2 gloo ranks: each draws its own examples (stores split by rank, text by stride),
+    gradients are averaged, one model, per-rank resume state."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "whistle_pipeline",
+               "finetune", "--teacher", str(world["teacher"]), "--tle", str(world["tle"]), "--text", str(world["text"]),
+               "--audio-store", str(world["audio_store"]), "--audio-ratio", "0.5", "--output-dir", str(out),
+               "--steps", "4"]
+    for override in TINY + ["finetune.val_every=4", "finetune.checkpoint_every=2", "finetune.batch_size=4"]:
+        command += ["--set", override]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["examples_seen"] == {"audio": 16, "tts": 0, "text": 16}  # 4 steps x 4 examples x 2 ranks
+    last = out / "checkpoints" / "step-0000004"
+    assert {"state-rank0.json", "state-rank1.json", "COMPLETE"} <= {p.name for p in last.iterdir()}
+    positions = [json.loads((last / f"state-rank{r}.json").read_text())["positions"] for r in (0, 1)]
+    assert positions[0]["text"] == positions[1]["text"] == [0, 8]  # each rank took 8 of its own sentences
+    with open(out / "train_log.csv", newline="") as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4]
+    assert (out / "model.safetensors").exists()
