@@ -8,6 +8,14 @@
 
 The reader sees the shards that were complete when it was opened (`refresh()` looks again), so all
 ranks of a training run agree on one list while precompute may still be adding shards.
+
+States are read *directly*: the byte range of a shard object that holds the wanted inner chunks is
+fetched in one store request, the Zarr v3 sharding index (at the object's end: one little-endian
+uint64 (offset, nbytes) pair per inner chunk, then a crc32c of the index) tells where each chunk
+lies, and each chunk's crc32c is checked before Blosc decodes it straight into the output array.
+That is what zarr's sharding codec does too, minus its per-chunk buffer assembly (most of its read
+time for float16 states). Arrays this path does not know (BitRound filters, other codecs, several
+shard objects, an unwritten chunk) are read through zarr; `direct=False` reads everything so.
 """
 from __future__ import annotations
 
@@ -22,9 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
+import numcodecs.blosc
 import numpy as np
 import zarr
-from zarr.abc.store import Store
+from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.buffer import default_buffer_prototype
 
 from store.format import (
     CACHE_GROUP,
@@ -50,6 +63,10 @@ INDEX_CACHE_SHARDS = 8  # shard indexes (offsets, ids, text, ...) kept in memory
 REDUCE_THREADS = 8  # shards read at once when reducing the template (I/O bound)
 INDEX_ARRAYS = ("offsets", "speech_frames", "ids", "text", "language", "duration")
 CACHE_ARRAYS = ("tail_template", "tail_count", "mean", "std")
+CHECKSUM_BYTES = 4  # the crc32c after every inner chunk and after the sharding index
+INDEX_ENTRY_BYTES = 16  # one (offset, nbytes) uint64 pair per inner chunk
+BLOSC_HEADER_BYTES = 16
+MISSING_CHUNK = 2**64 - 1  # the index entry of an inner chunk that was never written (zarr reads the fill value)
 
 
 class DamagedShardError(StoreError):
@@ -98,6 +115,48 @@ class ShardIndex:
         return len(self.ids)
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where the inner chunks of a shard's states object lie, for reading them without zarr's sharding codec."""
+
+    key: str  # the shard object's key in the store
+    chunk_rows: int  # rows per inner chunk (the last one is padded with zeros)
+    blosc: bool  # Blosc-compressed chunks (else raw little-endian float16)
+    chunks: np.ndarray  # (n_chunks, 2) uint64: byte offset and length of each chunk in the object
+
+
+def direct_compression(array: zarr.Array) -> bool | None:
+    """Whether a states array's inner chunks are Blosc-compressed, when the direct path can read the array
+    (one shard object; bytes -> [Blosc] -> crc32c inside; the index as bytes -> crc32c at the end); else None."""
+    codecs = array.metadata.codecs
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or array.shards is None:
+        return None
+    sharding = codecs[0]
+    inner = list(sharding.codecs)
+    if array.ndim != 2 or array.shards[0] < array.shape[0] or array.shards[1] != array.shape[1] \
+            or array.chunks[1] != array.shape[1] or array.dtype != np.float16:
+        return None
+    if sharding.index_location != ShardingCodecIndexLocation.end or len(sharding.index_codecs) != 2 \
+            or not _little_endian_bytes(sharding.index_codecs[0]) or not isinstance(sharding.index_codecs[1], Crc32cCodec):
+        return None
+    if len(inner) < 2 or not _little_endian_bytes(inner[0]) or not isinstance(inner[-1], Crc32cCodec):
+        return None
+    middle = inner[1:-1]
+    if not middle:
+        return False
+    return True if len(middle) == 1 and isinstance(middle[0], BloscCodec) else None
+
+
+def _little_endian_bytes(codec: Any) -> bool:
+    return isinstance(codec, BytesCodec) and codec.endian is not None and codec.endian.value == "little"
+
+
+def _checksum_ok(payload: np.ndarray) -> bool:
+    """payload (n,) uint8: data followed by its crc32c (little-endian uint32)."""
+    body, stored = payload[:-CHECKSUM_BYTES], payload[-CHECKSUM_BYTES:]
+    return google_crc32c.value(body) == int.from_bytes(stored.tobytes(), "little")
+
+
 def index_problems(index: ShardIndex, attrs: dict[str, Any], spec: StoreSpec) -> list[str]:
     """What is inconsistent in a shard's index, its states' shape and its attrs (empty when sound)."""
     n, n_frames = attrs.get("n"), attrs.get("n_frames")
@@ -134,8 +193,10 @@ def index_problems(index: ShardIndex, attrs: dict[str, Any], spec: StoreSpec) ->
 class StoreReader:
     """Read access to a whistle store (a local path, an fsspec URL, or a zarr Store)."""
 
-    def __init__(self, url: str | os.PathLike | Store, expect_teacher: TeacherInfo | None = None) -> None:
+    def __init__(self, url: str | os.PathLike | Store, expect_teacher: TeacherInfo | None = None, *,
+                 direct: bool = True) -> None:
         self.url = url_text(url)
+        self.direct = direct  # False: every states read goes through zarr's sharding codec (the reference path)
         self.store = open_zarr_store(url, read_only=True)
         self.root, self.attrs = open_root(self.store, self.url)
         self.spec = StoreSpec.from_attrs(self.attrs, self.url)
@@ -149,6 +210,7 @@ class StoreReader:
                     "this teacher."
                 )
         self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
+        self._layouts: dict[int, ShardLayout | None] = {}  # for the shards in self._indexes
         self._id_index: dict[str, tuple[int, int]] | None = None
         self._reduction: dict[str, np.ndarray] | None = None
         self.refresh()
@@ -226,17 +288,136 @@ class StoreReader:
             raise self._damaged(shard, "; ".join(problems))
         self._indexes[shard] = index
         if len(self._indexes) > INDEX_CACHE_SHARDS:
-            self._indexes.popitem(last=False)
+            evicted, _ = self._indexes.popitem(last=False)
+            self._layouts.pop(evicted, None)
         return index
+
+    def layout(self, shard: int) -> ShardLayout | None:
+        """The sharding index of a shard's states object (read once), or None when zarr must read the array."""
+        index = self.index(shard)
+        if shard in self._layouts:
+            return self._layouts[shard]
+        blosc = direct_compression(index.states) if self.direct else None
+        layout = None
+        if blosc is not None and index.states.size:
+            group_path = f"{SHARDS_GROUP}/{shard_name(shard)}/states"
+            key = f"{group_path}/{index.states.metadata.encode_chunk_key((0, 0))}"
+            chunk_rows = index.states.chunks[0]
+            n_chunks = index.states.shards[0] // chunk_rows
+            size = n_chunks * INDEX_ENTRY_BYTES + CHECKSUM_BYTES
+            raw = self._fetch(shard, key, SuffixByteRequest(size), size, "its sharding index")
+            if not _checksum_ok(raw):
+                raise self._damaged(shard, "the sharding index of states fails its checksum - the shard object is "
+                                           "corrupt or truncated")
+            chunks = raw[:-CHECKSUM_BYTES].view("<u8").reshape(n_chunks, 2)  # (n_chunks, 2): offset, nbytes
+            layout = ShardLayout(key, chunk_rows, blosc, chunks)
+        self._layouts[shard] = layout
+        return layout
+
+    def _fetch(self, shard: int, key: str, request: Any, size: int, what: str) -> np.ndarray:
+        """`size` bytes of an object as (size,) uint8; a shorter answer is damage (a truncated object)."""
+        try:
+            buffer = run_sync(self.store.get(key, prototype=default_buffer_prototype(), byte_range=request))
+        except OSError as err:
+            raise StoreError(f"reading {what} of shard {shard_name(shard)} of store {self.url} failed: {err}") from err
+        if buffer is None:
+            raise self._damaged(shard, f"the states object {key} is missing")
+        data = buffer.as_numpy_array().view(np.uint8).reshape(-1)
+        if data.size != size:
+            raise self._damaged(shard, f"{what} is {data.size} bytes where the index says {size} - the shard object "
+                                       "is corrupt or truncated")
+        return data
+
+    def _direct_chunks(self, shard: int, layout: ShardLayout, start: int, stop: int,
+                       out: np.ndarray | None) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows [start, stop) through the sharding index, one inner chunk at a time: (first row, rows) pairs in
+        order. Decoded into `out` ((chunks x chunk_rows, D): every row of the chunks touched) when given, else
+        into one reused chunk buffer, so a pair is valid only until the next one is asked for."""
+        d_model = self.spec.teacher.d_model
+        rows = layout.chunk_rows
+        first, last = start // rows, -(-stop // rows)  # inner chunks [first, last)
+        entries = layout.chunks[first:last]  # (k, 2)
+        offsets, lengths = entries[:, 0].astype(np.int64), entries[:, 1].astype(np.int64)  # (k,)
+        begin, end = int(offsets.min()), int((offsets + lengths).max())
+        contiguous = end - begin == int(lengths.sum())  # zarr writes a shard's chunks back to back
+        data = self._fetch(shard, layout.key, RangeByteRequest(begin, end), end - begin, "states") if contiguous else None
+        buffer = np.empty((rows, d_model), np.float16) if out is None else None  # (rows, D)
+        chunk_bytes = rows * d_model * 2
+        for c, (offset, length) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+            if data is None:
+                payload = self._fetch(shard, layout.key, RangeByteRequest(offset, offset + length), length, "states")
+            else:
+                payload = data[offset - begin : offset - begin + length]
+            row = (first + c) * rows
+            where = f"inner chunk {first + c} of states (rows {row}-{row + rows - 1})"
+            if length <= CHECKSUM_BYTES or not _checksum_ok(payload):
+                raise self._damaged(shard, f"{where} fails its checksum - the shard object is corrupt or truncated")
+            body = payload[:-CHECKSUM_BYTES]
+            target = buffer if out is None else out[c * rows : (c + 1) * rows]  # (rows, D)
+            try:
+                if layout.blosc:
+                    # Blosc's 16-byte header holds the decoded size at bytes 4-7 (little-endian uint32)
+                    decoded = int.from_bytes(body[4:8].tobytes(), "little") if body.size >= BLOSC_HEADER_BYTES else -1
+                    if decoded != chunk_bytes:
+                        raise ValueError(f"it decodes to {decoded} bytes, not {chunk_bytes}")
+                    numcodecs.blosc.decompress(body, target)
+                elif body.size == chunk_bytes and out is None:
+                    target = body.view(np.float16).reshape(rows, d_model)  # uncompressed: the fetched bytes as they are
+                elif body.size == chunk_bytes:
+                    target.view(np.uint8).reshape(-1)[:] = body
+                else:
+                    raise ValueError(f"it holds {body.size} bytes, not {chunk_bytes}")
+            except (ValueError, RuntimeError) as err:
+                raise self._damaged(shard, f"{where} cannot be decoded ({err}) - the shard object is corrupt or "
+                                           "truncated") from err
+            low, high = max(start, row), min(stop, row + rows)
+            yield low, target[low - row : high - row]
+
+    def _read_zarr(self, shard: int, start: int, stop: int) -> np.ndarray:
+        try:
+            return self.index(shard).states[start:stop]
+        except Exception as err:
+            hint = " - the shard object is corrupt or truncated" if "checksum" in str(err) else ""
+            raise self._damaged(shard, f"reading states rows {start}:{stop} failed ({type(err).__name__}: {err}{hint})") from err
+
+    def _direct(self, shard: int, start: int, stop: int) -> ShardLayout | None:
+        """The layout to read rows [start, stop) with, or None for zarr (unknown codecs, an unwritten chunk)."""
+        layout = self.layout(shard) if start < stop else None
+        if layout is None:
+            return None
+        rows = layout.chunk_rows
+        return None if (layout.chunks[start // rows : -(-stop // rows)] == MISSING_CHUNK).any() else layout
 
     def read_rows(self, shard: int, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a shard's states (only the chunks they touch are read): (stop - start, D)."""
         index = self.index(shard)
-        try:
-            return index.states[start:stop]
-        except Exception as err:
-            hint = " - the shard object is corrupt or truncated" if "checksum" in str(err) else ""
-            raise self._damaged(shard, f"reading states rows {start}:{stop} failed ({type(err).__name__}: {err}{hint})") from err
+        if not 0 <= start <= stop <= index.states.shape[0]:
+            raise IndexError(f"rows {start}:{stop} are outside the {index.states.shape[0]} rows of shard {shard_name(shard)}")
+        layout = self._direct(shard, start, stop)
+        if layout is None:
+            return self._read_zarr(shard, start, stop)
+        rows = layout.chunk_rows
+        first = start // rows
+        out = np.empty(((-(-stop // rows) - first) * rows, self.spec.teacher.d_model), np.float16)  # (k x rows, D)
+        for _ in self._direct_chunks(shard, layout, start, stop, out):
+            pass
+        return out[start - first * rows : stop - first * rows]
+
+    def _row_pieces(self, shard: int, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows [start, stop) of a shard's states as consecutive (first row, rows) pieces, each valid until the
+        next is asked for: one inner chunk at a time on the direct path, blocks of ~64 MiB through zarr. Blocks
+        end on chunk boundaries, so every chunk is decoded once, and memory stays bounded."""
+        chunk = self.index(shard).states.chunks[0]
+        block_rows = max(chunk, READ_BLOCK_BYTES // (2 * self.spec.teacher.d_model) // chunk * chunk)
+        row = start
+        while row < stop:
+            block_stop = min(stop, row // chunk * chunk + block_rows)
+            layout = self._direct(shard, row, block_stop)
+            if layout is None:
+                yield row, self._read_zarr(shard, row, block_stop)
+            else:
+                yield from self._direct_chunks(shard, layout, row, block_stop, None)
+            row = block_stop
 
     def _utterance(self, shard: int, index: ShardIndex, i: int, states: np.ndarray) -> Utterance:
         return Utterance(index.ids[i], index.texts[i], index.languages[i], float(index.durations[i]), states,
@@ -266,8 +447,9 @@ class StoreReader:
                    keep: Callable[[str], bool] | None = None) -> Iterator[Utterance]:
         """Utterances start..stop-1 of a shard in order, reading each states chunk once.
 
-        The states are read in blocks of ~64 MiB aligned to the inner chunks, so memory stays
-        bounded however large the shard is. `keep(id)` False skips an utterance.
+        The states are fetched in blocks of ~64 MiB aligned to the inner chunks and decoded one chunk
+        at a time, so memory stays bounded however large the shard is; each utterance is a fresh
+        contiguous (T, D) array. `keep(id)` False skips an utterance.
         """
         index = self.index(shard)
         stop = len(index) if stop is None else stop
@@ -276,23 +458,25 @@ class StoreReader:
         if start == stop:
             return
         offsets = index.offsets
-        chunk = index.states.chunks[0]
         d_model = self.spec.teacher.d_model
-        block_rows = max(chunk, READ_BLOCK_BYTES // (2 * d_model) // chunk * chunk)
-        last_row = int(offsets[stop])
-        block_start = block_stop = int(offsets[start])
-        block = np.zeros((0, d_model), np.float16)  # rows [block_start, block_stop)
+        pieces = self._row_pieces(shard, int(offsets[start]), int(offsets[stop]))
+        piece_row, piece = int(offsets[start]), np.zeros((0, d_model), np.float16)  # rows [piece_row, + len)
         for i in range(start, stop):
             first, end = int(offsets[i]), int(offsets[i + 1])
-            if end > block_stop:
-                # Later reads start at a chunk boundary, so every chunk is decoded once.
-                read_stop = min(last_row, -(-max(end, block_stop + block_rows) // chunk) * chunk)
-                block = np.concatenate([block[first - block_start:], self.read_rows(shard, block_stop, read_stop)])
-                block_start, block_stop = first, read_stop
-            if keep is not None and not keep(index.ids[i]):
-                continue
-            states = block[first - block_start:end - block_start].copy()  # (T, D); a view would pin the block
-            yield self._utterance(shard, index, i, states)
+            wanted = keep is None or keep(index.ids[i])
+            # A fresh array per utterance: a view would pin a whole block for as long as the utterance lives.
+            states = np.empty((end - first, d_model), np.float16) if wanted else None  # (T, D)
+            row = first
+            while row < end:
+                if row >= piece_row + len(piece):
+                    piece_row, piece = next(pieces)
+                    continue
+                take = min(end, piece_row + len(piece)) - row
+                if wanted:
+                    states[row - first : row - first + take] = piece[row - piece_row : row - piece_row + take]
+                row += take
+            if wanted:
+                yield self._utterance(shard, index, i, states)
 
     def find(self, utt_id: str) -> tuple[int, int]:
         """(shard, position) of an utterance id (the first time this is called, reads every ids array)."""

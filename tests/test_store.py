@@ -277,6 +277,67 @@ def test_damaged_shards_are_named(tmp_path):
         reader.utterance(2, 0)
 
 
+@pytest.mark.parametrize("codec,bitround,direct", [("blosc-lz4", 0, True), ("blosc-zstd", 0, True),
+                                                     ("none", 0, True), ("blosc-lz4", 7, False)])
+def test_direct_reads_equal_zarr_reads(tmp_path, codec, bitround, direct):
+    spec = store_spec(shard_size=8, chunk_frames=100, codec=codec, bitround_keepbits=bitround)
+    utts = synthetic_utterances(spec, 12, seed=4)
+    write_synthetic_store(tmp_path / "s", spec, utts)
+    fast, reference = StoreReader(tmp_path / "s"), StoreReader(tmp_path / "s", direct=False)
+    assert (fast.layout(0) is not None) == direct  # BitRound is a filter the direct path leaves to zarr
+    assert reference.layout(0) is None
+    for shard in fast.shards():
+        for ours, theirs in zip(fast.iter_shard(shard), reference.iter_shard(shard), strict=True):
+            assert ours.states.flags.c_contiguous and ours.states.dtype == np.float16
+            np.testing.assert_array_equal(ours.states, theirs.states)
+    odd = lambda utt_id: int(utt_id[-1]) % 2 == 1  # noqa: E731
+    assert [(u.id, u.states.tobytes()) for u in fast.iter_shard(0, 2, 7, keep=odd)] == \
+        [(u.id, u.states.tobytes()) for u in reference.iter_shard(0, 2, 7, keep=odd)] != []
+    n_rows = fast.index(0).states.shape[0]
+    for start, stop in ((0, 1), (99, 101), (150, 550), (n_rows - 3, n_rows), (0, n_rows), (7, 7)):
+        np.testing.assert_array_equal(fast.read_rows(0, start, stop), reference.read_rows(0, start, stop))
+    with pytest.raises(IndexError, match="outside"):
+        fast.read_rows(0, 0, n_rows + 1)
+
+
+def test_direct_reads_check_every_chunk_and_the_index(tmp_path):
+    spec = store_spec(shard_size=6, chunk_frames=100, codec="blosc-lz4")
+    utts = synthetic_utterances(spec, 6, seed=5)
+    write_synthetic_store(tmp_path / "s", spec, utts)
+    states_object = tmp_path / "s/shards/00000/states/c/0/0"
+    intact = states_object.read_bytes()
+    reader = StoreReader(tmp_path / "s")
+    offset, length = (int(v) for v in reader.layout(0).chunks[3])
+    raw = bytearray(intact)
+    raw[offset + length // 2] ^= 0x10  # one bit inside inner chunk 3 (rows 300-399)
+    states_object.write_bytes(bytes(raw))
+    reader = StoreReader(tmp_path / "s")
+    np.testing.assert_array_equal(reader.read_rows(0, 0, 300), StoreReader(tmp_path / "s", direct=False).read_rows(0, 0, 300))
+    with pytest.raises(store.reader.DamagedShardError, match=r"shard 00000 .* damaged: inner chunk 3 of states "
+                       r"\(rows 300-399\) fails its checksum - the shard object is corrupt"):
+        reader.read_rows(0, 250, 320)
+    raw = bytearray(intact)
+    raw[-10] ^= 0x01  # inside the sharding index
+    states_object.write_bytes(bytes(raw))
+    with pytest.raises(store.reader.DamagedShardError, match="sharding index of states fails its checksum"):
+        StoreReader(tmp_path / "s").read_rows(0, 0, 10)
+    states_object.write_bytes(intact[: len(intact) // 2])  # truncated: the index read is the tail of a chunk
+    with pytest.raises(store.reader.DamagedShardError, match="corrupt or truncated"):
+        list(StoreReader(tmp_path / "s").iter_shard(0))
+
+
+def test_direct_reads_on_a_remote_fsspec_store():
+    spec = store_spec(shard_size=5, chunk_frames=64)
+    utts = synthetic_utterances(spec, 5, seed=6)
+    url = "memory://whistle-tests/direct-reads"
+    write_synthetic_store(url, spec, utts)
+    reader = StoreReader(url)
+    assert reader.layout(0) is not None
+    for utt in reader.iter_shard(0):
+        np.testing.assert_array_equal(utt.states, expected_states(spec, utts[utt.index]))
+    np.testing.assert_array_equal(reader.frames(0, 2, 10, 90), utts[2]["window"][10:90])
+
+
 def test_tail_template_and_statistics_reduce_exactly(tmp_path):
     spec = store_spec(shard_size=4)
     utts = synthetic_utterances(spec, 10, seed=3)
