@@ -2,7 +2,8 @@
 
 1. Loader: `FeatureDataset` (shuffle buffer and length groups as train-tle sets them) in a DataLoader with
    `pad_batch`, batches of train_tle.batch_size, 0 / 1 / 2 workers: speech frames per second delivered,
-   over whole epochs of a large-v3-shaped store (d_model 1280 float16, Common-Voice-like 2-15 s clips).
+   over whole epochs of a large-v3-shaped store (d_model 1280 float16, Common-Voice-like 2-15 s clips);
+   and with the most workers, `pad_batch(dtype=torch.float16)` (half the bytes through shared memory).
 2. Consumer: one phase-1 train-tle step (the TLE at pipeline.toml's [tle] size, masked MSE + KL + duration
    loss, backward, clipping, AdamW — the loop body of stages/train_tle.py without the decoder term) on the
    same batches held in memory: frames per second it consumes, and its FLOPs (torch's FlopCounterMode).
@@ -22,6 +23,7 @@
 from __future__ import annotations
 
 import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
+import functools
 import shutil
 import tempfile
 import time
@@ -50,16 +52,6 @@ from store.dataset import FeatureDataset, pad_batch
 
 D_MODEL = 1280  # large-v3
 VOCAB = 51866
-
-
-def pad_batch_float16(items: list[dict]) -> dict:
-    """pad_batch's states kept in float16 (the store's dtype): half the bytes through the workers' shared memory.
-    A proposal measured here, not what the pipeline does (pad_batch returns float32)."""
-    lengths = torch.tensor([item["n_frames"] for item in items])  # (B,)
-    states = torch.zeros(len(items), int(lengths.max()), items[0]["states"].shape[1], dtype=torch.float16)
-    for b, item in enumerate(items):
-        states[b, : item["n_frames"]] = item["states"]  # (B, Tmax, D)
-    return {"states": states, "lengths": lengths}
 
 
 def loader_epoch(url: Path, workers: int, batch_size: int, shuffle_buffer: int, length_bucket: int,
@@ -170,7 +162,8 @@ def main(utterances, shard_size, worker_counts, repeats, steps, device, gpu_tflo
             rates[w] = [frames / s for s, frames in runs]
             loads[w] = load_average()
         most = max(workers)
-        half = [loader_epoch(url, most, batch_size, shuffle_buffer, length_bucket, epoch, pad_batch_float16)
+        half = [loader_epoch(url, most, batch_size, shuffle_buffer, length_bucket, epoch,
+                             functools.partial(pad_batch, dtype=torch.float16))
                 for epoch in range(repeats)]
         rates_float16 = [frames / s for s, frames in half]
         batches = step_batches(url, batch_size, min(steps, 4), torch_device, seed=1)
@@ -187,7 +180,7 @@ def main(utterances, shard_size, worker_counts, repeats, steps, device, gpu_tflo
                f"{length_bucket}")
     rows = [[f"loader, {w} worker(s) (load {loads[w]})", median(rates[w]), " ".join(f"{r:.0f}" for r in rates[w]),
              median(rates[w]) / step_rate, median(rates[w]) / projected if projected else ""] for w in workers]
-    rows.append([f"loader, {most} worker(s), float16 collation (proposed)", median(rates_float16),
+    rows.append([f"loader, {most} worker(s), pad_batch(dtype=torch.float16)", median(rates_float16),
                  " ".join(f"{r:.0f}" for r in rates_float16), median(rates_float16) / step_rate,
                  median(rates_float16) / projected if projected else ""])
     rows.append([f"TLE step on {torch_device} ({parameters / 1e6:.1f} M parameters, {flops / 1e12:.2f} TFLOP)",

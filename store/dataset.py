@@ -6,6 +6,7 @@
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
         for batch in loader: ...            # batch["states"] (B, Tmax, D) float32, batch["lengths"] (B,)
+    # collate_fn=functools.partial(pad_batch, dtype=torch.float16): the stored float16, half the bytes
 
 How the work is split. The store's complete shards (as of construction) are the units of work.
 Each epoch they are put in an order drawn from `seed + epoch` (the same on every rank), and
@@ -173,11 +174,18 @@ def _length_grouped(stream: Iterable[Utterance], pool_size: int) -> Iterator[Utt
     yield from sorted(pool, key=lambda u: len(u.states), reverse=descending)
 
 
-def pad_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Collate FeatureDataset items: states (B, Tmax, D) float32 zero-padded, lengths (B,) int64, ..."""
+def pad_batch(items: list[dict[str, Any]], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Collate FeatureDataset items: states (B, Tmax, D) zero-padded, lengths (B,) int64, ...
+
+    `dtype` torch.float16 keeps the store's own values (exactly) at half the bytes of float32 through
+    the DataLoader workers' shared memory and to the device; convert there (`.float()`) if the model
+    needs float32. Use `functools.partial(pad_batch, dtype=torch.float16)` as the collate_fn.
+    """
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"pad_batch collates to torch.float32 or torch.float16 (the store's dtype), not {dtype}")
     lengths = torch.tensor([item["n_frames"] for item in items], dtype=torch.long)  # (B,)
     d_model = items[0]["states"].shape[1]
-    states = torch.zeros(len(items), int(lengths.max()), d_model, dtype=torch.float32)  # (B, Tmax, D)
+    states = torch.zeros(len(items), int(lengths.max()), d_model, dtype=dtype)  # (B, Tmax, D)
     for b, item in enumerate(items):
         states[b, : item["n_frames"]] = item["states"]
     return {

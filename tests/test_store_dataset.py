@@ -1,6 +1,7 @@
 """FeatureDataset: exactly-once across ranks x DataLoader workers, shuffling, length grouping, pad_batch."""
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import numpy as np
@@ -100,6 +101,12 @@ def test_items_and_pad_batch(tmp_path):
     assert batch["lengths"].tolist() == lengths and batch["ids"] == [it["id"] for it in items[:3]]
     assert torch.equal(batch["states"][1, : lengths[1]], items[1]["states"].float())
     assert batch["states"][1, lengths[1]:].abs().sum() == 0
+    half = DataLoader(FeatureDataset(url, shuffle=False), batch_size=3,
+                      collate_fn=functools.partial(pad_batch, dtype=torch.float16))
+    first = next(iter(half))  # through a DataLoader: the partial is what users pass as collate_fn
+    assert first["states"].dtype == torch.float16 and torch.equal(first["states"].float(), batch["states"])
+    with pytest.raises(ValueError, match="float32 or torch.float16"):
+        pad_batch(items[:3], dtype=torch.bfloat16)  # would round the stored values
 
 
 def test_rank_and_world_size_come_from_torch_distributed(tmp_path):
