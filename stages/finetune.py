@@ -19,14 +19,15 @@ GPU, gradient clipping, warmup + cosine). Validation every val_every steps: the 
 held-out sentences (through the TLE, z = prior mean) and held-out stored utterances, and the WER on
 val_audio with the real encoder (its states computed once: the encoder is frozen). The best step by
 finetune.select_by is kept (long fine-tuning can fall into repetition loops on source audio).
-Checkpoints hold the trainable weights (safetensors), optimiser (torch.save of tensors, read back
-with weights_only=True), scheduler, each rank's data positions and RNG states (JSON + safetensors).
+Checkpoints (whistle_pipeline.training) hold the trainable weights, optimiser state, scheduler, each
+rank's data positions and RNG states as safetensors + JSON: resuming unpickles nothing.
 
 output_dir/  config.json, model.safetensors, generation_config.json   the adapted Whisper (original encoder)
              tokenizer + preprocessor_config.json                     pipeline("automatic-speech-recognition", OUT)
              config.toml, finetune.json                               resolved configuration, training summary
              train_log.csv, validation.csv, tensorboard/              logs
              best/, checkpoints/step-NNNNNNN/                         the best step's weights, resumable state
+             damaged-shards/                                          under skip_damaged: each rank's scan (JSON)
 """
 from __future__ import annotations
 
@@ -34,25 +35,36 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from stages.train_tle import CsvLog, latest_checkpoint, resolve_mixed_precision  # the loop helpers both trainings share
 from store import StoreReader
 from store.dataset import FeatureDataset
+from whistle_pipeline import training
 from whistle_pipeline.config import ConfigError, PipelineConfig
 from whistle_pipeline.corpus import TextReject, TextRow, is_held_out, read_corpus
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, TextBatch, encode_texts, is_multilingual, text_tokens
+from whistle_pipeline.training import (
+    CsvLog,
+    DamagedShard,
+    WithoutIds,
+    build_optimizer,
+    damage_summary,
+    damaged_shards,
+    held_out_items,
+    latest_checkpoint,
+    make_accelerator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +77,10 @@ SUMMARY = "finetune.json"
 TRAIN_COLUMNS = ["step", "epoch_text", "loss", "loss_audio", "loss_tts", "loss_text", "lr", "grad_norm",
                  "examples_per_s"]
 VALIDATION_COLUMNS = ["step", "metric", "loss", "loss_audio", "loss_tts", "loss_text", "wer", "cer", "loops"]
-FINAL_LR_FRACTION = 0.1  # the cosine schedule decays to this fraction of the peak
+DAMAGE_DIR = "damaged-shards"  # each rank's scan of the stores under skip_damaged
 # Keys that may change between a run and its resumption; any other change starts a different run.
 RESUMABLE_KEYS = {"progress", "log_every", "val_every", "checkpoint_every", "keep_checkpoints", "num_workers",
-                  "resume"}
+                  "resume", "skip_damaged"}
 
 
 # ---- result ---------------------------------------------------------------------------------------
@@ -88,6 +100,7 @@ class FinetuneResult:
     validation: list[dict[str, Any]] = field(default_factory=list)  # every validation of the run
     outliers: list[dict[str, Any]] = field(default_factory=list)  # val_audio's worst clips at the saved step
     wall_seconds: float = 0.0
+    damaged_shards: list[dict[str, Any]] = field(default_factory=list)  # left out under finetune.skip_damaged
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +113,8 @@ class FinetuneResult:
         if self.corpus_rejects:
             first = self.corpus_rejects[0]
             lines.append(f"  {len(self.corpus_rejects)} sentence(s) not used (first: {first['id']}: {first['reason']})")
+        if self.damaged_shards:
+            lines.append(damage_summary([DamagedShard(**d) for d in self.damaged_shards]))
         saved = next((v for v in self.validation if v["step"] == self.saved_step), None)
         if saved:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in saved.items()
@@ -165,9 +180,10 @@ class StoreStream:
     order and skips the items already taken (read and dropped).
     """
 
-    def __init__(self, url: str, keep: HeldOut, seed: int, shuffle_buffer: int, num_workers: int,
-                 position: tuple[int, int] = (0, 0)):
-        self.dataset = FeatureDataset(url, shuffle=True, seed=seed, shuffle_buffer=shuffle_buffer, keep=keep)
+    def __init__(self, url: str, keep: Callable[[str], bool], seed: int, shuffle_buffer: int, num_workers: int,
+                 position: tuple[int, int] = (0, 0), skip_damaged: bool = False):
+        self.dataset = FeatureDataset(url, shuffle=True, seed=seed, shuffle_buffer=shuffle_buffer, keep=keep,
+                                      skip_damaged=skip_damaged)
         self.url, self.seed, self.num_workers = url, seed, num_workers
         self.epoch, self.taken = position
         self._items = self._stream(self.taken)
@@ -267,25 +283,6 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def build_optimizer(model: Any, settings: Any) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable weights (no decay on biases, norms, embeddings); warmup then cosine decay."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 and "embed" not in name else no_decay).append(parameter)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.learning_rate)
-    warmup, total = settings.warmup_steps, settings.steps
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-
 @dataclass
 class Windows:
     """What produces full windows: the frozen TLE and each store's tail template, on the device."""
@@ -356,15 +353,10 @@ class ValidationData:
     audio_rejects: list[dict[str, str]]
 
 
-def held_out_store_examples(url: str, kind: str, keep: HeldOut, size: int) -> list[Example]:
+def held_out_store_examples(url: str, kind: str, keep: Callable[[str], bool], size: int,
+                            skip_damaged: bool) -> list[Example]:
     """The first `size` held-out utterances of a store, in store order."""
-    dataset = FeatureDataset(url, shuffle=False, keep=keep, rank=0, world_size=1)
-    items = []
-    for item in dataset:
-        items.append(item)
-        if len(items) == size:
-            break
-    return stored_examples(kind, items)
+    return stored_examples(kind, held_out_items(url, keep, size, skip_damaged))
 
 
 def prepare_val_audio(config: PipelineConfig, model: Any, tokenizer: Any, geometry: Any
@@ -441,60 +433,26 @@ def select_by(settings: Any) -> str:
 
 # ---- checkpoints --------------------------------------------------------------------------------------
 
-def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(JSON-able python/numpy RNG states, torch RNG states as tensors)."""
-    version, state, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    json_state = {"python": [version, list(state), gauss],
-                  "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]}
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return json_state, tensors
-
-
-def _set_rng_state(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    version, state, gauss = json_state["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, keys, position, has_gauss, cached = json_state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
-
-
 def save_checkpoint(accelerator: Any, directory: Path, model: Any, optimizer: Any, scheduler: Any, step: int,
                     positions: dict[str, tuple[int, int]], history: dict[str, Any], best_dir: Path, keep: int) -> None:
-    """checkpoints/step-N/: trainable weights, the best weights so far, optimiser, scheduler, validation
-    history, every rank's data positions and RNG; COMPLETE is written last, after every rank's state.
-    Older checkpoints beyond `keep` are removed."""
+    """checkpoints/step-N/ (whistle_pipeline.training): trainable weights, the best weights so far, validation
+    history, optimiser, scheduler, every rank's data positions and RNG. Older checkpoints beyond `keep` go."""
+    training.save_checkpoint(accelerator, directory, step, {"positions": positions},
+                             partial(write_weights, model, history, best_dir), optimizer, scheduler, keep)
+
+
+def write_weights(model: Any, history: dict[str, Any], best_dir: Path, folder: Path) -> None:
+    """The main process's part of a checkpoint: trainable.safetensors, best.safetensors, history.json."""
     from safetensors.torch import save_file
 
-    path = directory / f"step-{step:07d}"
-    rank = accelerator.process_index
-    if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    json_state, tensors = _rng_state()
-    (path / f"state-rank{rank}.json").write_text(json.dumps({"step": step, "positions": positions, "rng": json_state}))
-    save_file(tensors, str(path / f"rng-rank{rank}.safetensors"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_file(trainable_state(model), str(path / "trainable.safetensors"))
-        best = best_dir / "trainable.safetensors"
-        if best.exists():  # the best step so far: a resumed run must not see a later (crashed) run's best
-            try:
-                os.link(best, path / "best.safetensors")
-            except OSError:  # no hard links on this file system
-                shutil.copyfile(best, path / "best.safetensors")
-        torch.save(optimizer.state_dict(), path / "optimizer.pt")
-        (path / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        (path / "history.json").write_text(json.dumps(history))
-        (path / "COMPLETE").write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))
-        for old in sorted(p for p in directory.glob("step-*") if (p / "COMPLETE").exists())[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+    best = best_dir / "trainable.safetensors"
+    if best.exists():  # the best step so far: a resumed run must not see a later (crashed) run's best
+        try:
+            os.link(best, folder / "best.safetensors")
+        except OSError:  # no hard links on this file system
+            shutil.copyfile(best, folder / "best.safetensors")
+    (folder / "history.json").write_text(json.dumps(history))
 
 
 def load_trainable(model: Any, path: Path, device: Any) -> None:
@@ -516,17 +474,8 @@ def load_checkpoint(accelerator: Any, path: Path, model: Any, optimizer: Any, sc
                     ) -> dict[str, Any]:
     """Restore weights, the best weights so far, optimiser, scheduler and this rank's RNG;
     return {step, positions, history}."""
-    from safetensors.torch import load_file
-
-    processes = json.loads((path / "COMPLETE").read_text())["processes"]
-    if processes != accelerator.num_processes:
-        raise WhistleError(f"checkpoint {path} was written by {processes} processes, this run has "
-                           f"{accelerator.num_processes}: resume with the same number, or set finetune.resume=false")
+    state = training.load_checkpoint(accelerator, path, optimizer, scheduler, "finetune")
     load_trainable(model, path / "trainable.safetensors", accelerator.device)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=accelerator.device))
-    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    state = json.loads((path / f"state-rank{accelerator.process_index}.json").read_text())
-    _set_rng_state(state["rng"], load_file(str(path / f"rng-rank{accelerator.process_index}.safetensors")))
     state["history"] = json.loads((path / "history.json").read_text())
     if accelerator.is_main_process:
         shutil.rmtree(best_dir, ignore_errors=True)
@@ -569,7 +518,8 @@ def load_teacher(config: PipelineConfig) -> tuple[Any, Any, Any]:
     resolved = resolve_revision(name, revision) or None
     try:
         model = WhisperForConditionalGeneration.from_pretrained(name, revision=resolved, dtype=torch.float32,
-                                                                attn_implementation=config.teacher.attn_implementation)
+                                                                attn_implementation=config.teacher.attn_implementation,
+                                                                use_safetensors=True)
         processor = AutoProcessor.from_pretrained(name, revision=resolved)
     except (OSError, ValueError) as err:
         raise WhistleError(
@@ -608,7 +558,7 @@ def load_tle(path: str, teacher_info: Any, device: Any) -> Any:
     from whistle_pipeline.tle import TLEModel
 
     try:
-        tle = TLEModel.from_pretrained(path)
+        tle = TLEModel.from_pretrained(path, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise WhistleError(f"cannot load the TLE from {path!r}: {err}. Give a `whistle train-tle` output folder.") from err
     if tle.config.teacher:
@@ -640,8 +590,7 @@ def usable_rows(rows: Sequence[TextRow], tokenizer: Any, specials: SpecialTokens
 
 def run(config: PipelineConfig) -> FinetuneResult:
     """Fine-tune the decoder of config.teacher on config.finetune's text (and stores); save the adapted Whisper."""
-    from accelerate import Accelerator
-    from accelerate.utils import is_tensorboard_available, set_seed
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     settings = config.finetune
@@ -651,12 +600,8 @@ def run(config: PipelineConfig) -> FinetuneResult:
     checkpoints = output_dir / CHECKPOINTS_DIR
     if settings.resume and latest_checkpoint(checkpoints) is not None:
         check_resumable(output_dir, config)
-    trackers = ["tensorboard"] if is_tensorboard_available() else []
-    # without cpu=True, accelerate treats a torchrun / accelerate launch without GPUs as one process
-    on_cpu = config.teacher.device == "cpu" or not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=resolve_mixed_precision(settings.mixed_precision, on_cpu),
-                              gradient_accumulation_steps=settings.grad_accum, log_with=trackers or None,
-                              project_dir=str(output_dir))
+    accelerator, trackers = make_accelerator(config.teacher.device, settings.mixed_precision, settings.grad_accum,
+                                             output_dir)
     device = accelerator.device
     # latent draws and dropout differ per rank; a resumed run restores these generators from its checkpoint
     set_seed(settings.seed + accelerator.process_index)
@@ -675,6 +620,12 @@ def run(config: PipelineConfig) -> FinetuneResult:
     # inputs: stores, TLE, corpus
     store_urls = {"audio": settings.audio_store, "tts": settings.tts_store}
     readers = {k: open_store(store_urls[k], f"finetune.{k}_store", teacher_info) for k in ("audio", "tts") if k in kinds}
+    damaged: list[DamagedShard] = []
+    dropped: frozenset[str] = frozenset()  # ids of the damaged shards, left out whole
+    if settings.skip_damaged:
+        for kind in readers:
+            found, ids = damaged_shards(accelerator, store_urls[kind], output_dir / DAMAGE_DIR / kind)
+            damaged, dropped = damaged + found, dropped | ids
     templates = {k: torch.from_numpy(np.array(r.tail_template())).to(device) for k, r in readers.items()}
     tle = load_tle(settings.tle_path, teacher_info, device) if "text" in kinds else None
     train_rows: list[TextRow] = []
@@ -713,8 +664,9 @@ def run(config: PipelineConfig) -> FinetuneResult:
 
     positions = state["positions"]
     streams: dict[str, Any] = {
-        k: StoreStream(store_urls[k], HeldOut(settings.val_fraction, settings.seed, False), settings.seed,
-                       settings.shuffle_buffer, settings.num_workers, tuple(positions.get(k, (0, 0))))
+        k: StoreStream(store_urls[k], WithoutIds(HeldOut(settings.val_fraction, settings.seed, False), dropped),
+                       settings.seed, settings.shuffle_buffer, settings.num_workers, tuple(positions.get(k, (0, 0))),
+                       settings.skip_damaged)
         for k in readers
     }
     if tle is not None:
@@ -724,9 +676,9 @@ def run(config: PipelineConfig) -> FinetuneResult:
     history = state["history"]
     val_data = ValidationData({}, [], [], [])
     if accelerator.is_main_process:
-        val_data.examples = {k: held_out_store_examples(store_urls[k], k, HeldOut(settings.val_fraction, settings.seed,
-                                                                                  True), settings.val_size)
-                             for k in readers}
+        val_data.examples = {k: held_out_store_examples(
+            store_urls[k], k, WithoutIds(HeldOut(settings.val_fraction, settings.seed, True), dropped),
+            settings.val_size, settings.skip_damaged) for k in readers}
         if tle is not None:
             val_data.examples["text"] = text_examples(held_out_rows[: settings.val_size])
         if settings.val_audio:
@@ -823,13 +775,14 @@ def run(config: PipelineConfig) -> FinetuneResult:
         save_adapted(whisper, processor, output_dir)
     result = FinetuneResult(
         output_dir=str(output_dir), steps=step, resumed_from=state["step"] if resume_from is not None else 0,
-        train_examples={"text": len(train_rows), **{k: len(r) for k, r in readers.items()}},
+        train_examples={"text": len(train_rows), **{k: len(r) - sum(d.utterances for d in damaged if d.store == r.url)
+                                                    for k, r in readers.items()}},
         held_out={k: len(v) for k, v in val_data.examples.items()} | (
             {"val_audio": len(val_data.audio_clips)} if settings.val_audio else {}),
         examples_seen=seen, corpus_rejects=[asdict(r) for r in corpus_rejects], best_step=history["best_step"],
         select_by=select_by(settings), saved_step=saved_step, validation=history["validation"],
         outliers=outliers(last_scores, config.evaluate.outliers),
-        wall_seconds=time.time() - started,
+        wall_seconds=time.time() - started, damaged_shards=[asdict(d) for d in damaged],
     )
     if accelerator.is_main_process:
         (output_dir / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")

@@ -15,12 +15,13 @@ cross-entropy on the same batch's real states: the TLE is made as readable as sp
 The loop is written out with accelerate (one Accelerator, prepare, accumulate, mixed precision on
 GPU). Every rank streams its own share of the shards and starts its next epoch when its share runs
 out, so ranks never wait for each other at epoch ends. Checkpoints hold everything needed to continue
-the same run: weights (safetensors), optimiser (torch.save of tensors, read back with
-weights_only=True), scheduler, step, each rank's data position and RNG states (JSON + safetensors).
+the same run: weights, optimiser state, scheduler, step, each rank's data position and RNG states, as
+safetensors + JSON (whistle_pipeline.training): resuming unpickles nothing.
 
 output_dir/  config.json + model.safetensors   the TLE (TLEModel.from_pretrained(output_dir))
              config.toml                       the resolved pipeline configuration
              durations/                        the teacher alignment per shard (JSON; reused on rerun)
+             damaged-shards/                   under skip_damaged: each rank's scan of the store (JSON)
              checkpoints/step-NNNNNNN/         resumable state
              train_log.csv, validation.csv     per-step and per-validation metrics (+ tensorboard/)
              loss_curves.png, summary.json
@@ -32,10 +33,10 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from store import StoreError, StoreReader
+from store import StoreReader
 from store.dataset import FeatureDataset, pad_batch
 from whistle_pipeline.alignment import align_batch, alignment_heads
 from whistle_pipeline.config import PipelineConfig
@@ -58,10 +59,23 @@ from whistle_pipeline.decoder import (
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.text import TextBatch, encode_texts, text_tokens
 from whistle_pipeline.tle import LossWeights, TLEConfig, TLEModel, masked_cosine, masked_mse, tle_loss
+from whistle_pipeline.training import (
+    CsvLog,
+    DamagedShard,
+    build_optimizer,
+    damage_summary,
+    damaged_shards,
+    held_out_items,
+    latest_checkpoint,
+    load_checkpoint,
+    make_accelerator,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
 DURATIONS_DIR = "durations"
+DAMAGE_DIR = "damaged-shards"  # each rank's scan of the store under skip_damaged
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG = "train_log.csv"
 VALIDATION_LOG = "validation.csv"
@@ -69,7 +83,6 @@ TRAIN_COLUMNS = ["step", "epoch", "loss", "mse", "cosine", "kl", "beta", "length
                  "real_decoder_ce", "decoder_ce_weight", "lr", "frames_per_s"]
 VALIDATION_COLUMNS = ["step", "mse", "cosine", "length_error", "duration_mae", "decoder_ce", "decoder_ce_predicted",
                       "real_decoder_ce", "wer_predicted", "real_wer"]
-FINAL_LR_FRACTION = 0.1  # the cosine schedule decays to this fraction of the peak
 
 
 # --- result ----------------------------------------------------------------------------------------
@@ -85,6 +98,7 @@ class TrainTLEResult:
     alignment_rejects: dict[str, str]  # id -> reason (not trained on)
     wall_seconds: float
     validation: dict[str, float] = field(default_factory=dict)  # the last validation
+    damaged_shards: list[dict[str, Any]] = field(default_factory=list)  # left out under train_tle.skip_damaged
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +113,8 @@ class TrainTLEResult:
         if self.alignment_rejects:
             first_id, reason = next(iter(self.alignment_rejects.items()))
             lines.append(f"  {len(self.alignment_rejects)} utterance(s) not used (first: {first_id}: {reason})")
+        if self.damaged_shards:
+            lines.append(damage_summary([DamagedShard(**d) for d in self.damaged_shards]))
         if self.validation:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in self.validation.items() if k != "step" and not math.isnan(v))
             lines.append(f"  held-out: {shown}")
@@ -221,10 +237,10 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
 
 
 def align_store(accelerator: Any, reader: StoreReader, teacher: FrozenTeacher, teacher_name: str, out_dir: Path,
-                batch_size: int, progress: bool) -> Alignment:
-    """Align every complete shard once (rank r takes the shards at positions r, r + W, ...), cache each
-    shard's result as JSON in out_dir, and return the union. Reruns reuse the cache while the teacher
-    and the store's teacher are the same."""
+                batch_size: int, progress: bool, damaged: frozenset[int] = frozenset()) -> Alignment:
+    """Align every complete shard but the `damaged` ones once (rank r takes the shards at positions r, r + W,
+    ...), cache each shard's result as JSON in out_dir, and return the union. Reruns reuse the cache while the
+    teacher and the store's teacher are the same."""
     from tqdm.auto import tqdm
 
     fingerprint = _alignment_fingerprint(reader, teacher_name, teacher)
@@ -236,7 +252,7 @@ def align_store(accelerator: Any, reader: StoreReader, teacher: FrozenTeacher, t
         out_dir.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(fingerprint, indent=1))
     accelerator.wait_for_everyone()
-    shards = reader.shards()
+    shards = [k for k in reader.shards() if k not in damaged]
     mine = [k for k in shards[accelerator.process_index::accelerator.num_processes]
             if not (out_dir / f"{k:05d}.json").exists()]
     for shard in tqdm(mine, desc="aligning tokens", unit="shard", disable=not (progress and mine)):
@@ -324,14 +340,10 @@ def stream_batches(dataset: FeatureDataset, collate: Collate, batch_size: int, n
         skip, epoch = 0, epoch + 1
 
 
-def validation_batches(url: str, collate: Collate, keep: KeepSplit, size: int, batch_size: int) -> list[TrainBatch]:
+def validation_batches(url: str, collate: Collate, keep: KeepSplit, size: int, batch_size: int,
+                       skip_damaged: bool) -> list[TrainBatch]:
     """The first `size` held-out utterances in store order, batched once and kept in memory."""
-    dataset = FeatureDataset(url, shuffle=False, keep=keep, rank=0, world_size=1)
-    items = []
-    for item in dataset:
-        items.append(item)
-        if len(items) == size:
-            break
+    items = held_out_items(url, keep, size, skip_damaged)
     return [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
@@ -363,40 +375,12 @@ def build_model(config: PipelineConfig, reader: StoreReader, teacher: FrozenTeac
     return model
 
 
-def build_optimizer(model: TLEModel, settings: Any) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (no weight decay on biases, norms and embeddings) with linear warmup then cosine decay."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 and "embedding" not in name else no_decay).append(parameter)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.learning_rate)
-    warmup, total = settings.warmup_steps, settings.steps
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-
 def loss_weights(settings: Any, step: int) -> LossWeights:
     """The weights of optimiser step `step`: beta rises linearly from 0, the decoder CE joins in phase 2."""
     beta = settings.kl_beta * (min(1.0, step / settings.kl_anneal_steps) if settings.kl_anneal_steps else 1.0)
     decoder_ce = settings.decoder_ce_weight if step >= settings.decoder_ce_start else 0.0
     return LossWeights(mse=settings.mse_weight, cosine=settings.cosine_weight, length=settings.length_weight,
                        beta=beta, free_bits=settings.free_bits, decoder_ce=decoder_ce)
-
-
-def resolve_mixed_precision(setting: str, on_cpu: bool) -> str:
-    """train_tle.mixed_precision -> accelerate's: "auto" is bf16 on GPUs that have it, fp16 on older ones, no on CPU."""
-    if setting != "auto":
-        return setting
-    if on_cpu:
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 # --- validation --------------------------------------------------------------------------------------
@@ -465,100 +449,14 @@ def validate(model: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch],
     return metrics
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
+# --- checkpoints and logs ----------------------------------------------------------------------------
 
 
-def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(JSON-able python/numpy RNG states, torch RNG states as tensors)."""
-    version, state, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    json_state = {"python": [version, list(state), gauss],
-                  "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]}
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return json_state, tensors
-
-
-def _set_rng_state(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    version, state, gauss = json_state["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, keys, position, has_gauss, cached = json_state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def save_checkpoint(accelerator: Any, directory: Path, model: TLEModel, optimizer: Any, scheduler: Any,
-                    step: int, epoch: int, position: int, keep: int) -> None:
-    """Write checkpoints/step-N/ (COMPLETE is written last, after every rank's state) and prune old ones."""
+def write_weights(model: TLEModel, folder: Path) -> None:
+    """The TLE's weights in a checkpoint folder (model.safetensors)."""
     from safetensors.torch import save_file
 
-    path = directory / f"step-{step:07d}"
-    rank = accelerator.process_index
-    if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    json_state, tensors = _rng_state()
-    (path / f"state-rank{rank}.json").write_text(json.dumps(
-        {"step": step, "epoch": epoch, "position": position, "rng": json_state}))
-    save_file(tensors, str(path / f"rng-rank{rank}.safetensors"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"))
-        torch.save(optimizer.state_dict(), path / "optimizer.pt")
-        (path / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        (path / "COMPLETE").write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))
-        for old in sorted(p for p in directory.glob("step-*") if (p / "COMPLETE").exists())[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    complete = sorted(p for p in directory.glob("step-*") if (p / "COMPLETE").exists())
-    return complete[-1] if complete else None
-
-
-def load_checkpoint(accelerator: Any, path: Path, model: TLEModel, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimiser, scheduler and this rank's RNG; return its {step, epoch, position}."""
-    from safetensors.torch import load_file
-
-    processes = json.loads((path / "COMPLETE").read_text())["processes"]
-    if processes != accelerator.num_processes:
-        raise WhistleError(f"checkpoint {path} was written by {processes} processes, this run has "
-                           f"{accelerator.num_processes}: resume with the same number, or set train_tle.resume=false")
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(accelerator.device)))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=accelerator.device))
-    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    rank = accelerator.process_index
-    state = json.loads((path / f"state-rank{rank}.json").read_text())
-    _set_rng_state(state["rng"], load_file(str(path / f"rng-rank{rank}.safetensors")))
-    return state
-
-
-# --- logs --------------------------------------------------------------------------------------------
-
-
-class CsvLog:
-    """Rows appended to a CSV file; on resume, rows after the resumed step are dropped first."""
-
-    def __init__(self, path: Path, columns: list[str], resume_step: int | None):
-        self.path, self.columns = path, columns
-        rows = []
-        if resume_step is not None and path.exists():
-            with open(path, newline="") as handle:
-                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, self.columns).writerow({k: row.get(k, "") for k in self.columns})
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(folder / "model.safetensors"))
 
 
 def plot_curves(output_dir: Path) -> Path | None:
@@ -613,21 +511,14 @@ def _previous_validation(output_dir: Path) -> dict[str, float]:
 
 def run(config: PipelineConfig) -> TrainTLEResult:
     """Train the TLE on config.store.path against the teacher config.teacher.name_or_path."""
-    from accelerate import Accelerator
-    from accelerate.utils import is_tensorboard_available
+    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     settings = config.train_tle
     started = time.time()
     output_dir = Path(settings.output_dir)
-    trackers = ["tensorboard"] if is_tensorboard_available() else []
-    # without cpu=True, accelerate treats a torchrun / accelerate launch without GPUs as one process
-    on_cpu = config.teacher.device == "cpu" or not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=resolve_mixed_precision(settings.mixed_precision, on_cpu),
-                              gradient_accumulation_steps=settings.grad_accum, log_with=trackers or None,
-                              project_dir=str(output_dir))
-    if not trackers:
-        log.warning("tensorboard is not installed: metrics go to %s only", TRAIN_LOG)
+    accelerator, trackers = make_accelerator(config.teacher.device, settings.mixed_precision, settings.grad_accum,
+                                             output_dir)
     device = accelerator.device
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -637,8 +528,12 @@ def run(config: PipelineConfig) -> TrainTLEResult:
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     teacher = load_frozen_teacher(config.teacher.name_or_path, config.teacher.revision, device, teacher_dtype)
     reader = open_store(config.store.path, teacher, config.teacher.name_or_path, config.teacher.revision)
+    damaged: list[DamagedShard] = []
+    if settings.skip_damaged:  # a damaged shard is left out whole (its utterances lack durations below)
+        damaged = damaged_shards(accelerator, config.store.path, output_dir / DAMAGE_DIR)[0]
     alignment = align_store(accelerator, reader, teacher, config.teacher.name_or_path, output_dir / DURATIONS_DIR,
-                            settings.batch_size, settings.progress and accelerator.is_main_process)
+                            settings.batch_size, settings.progress and accelerator.is_main_process,
+                            frozenset(d.shard for d in damaged))
     usable = alignment.durations.index.keys()
     languages = sorted({alignment.languages[i] for i in usable})
     if not usable:
@@ -656,7 +551,8 @@ def run(config: PipelineConfig) -> TrainTLEResult:
     collate = Collate(teacher.tokenizer, teacher.specials, alignment.durations, languages, teacher.max_positions)
     train_set = FeatureDataset(config.store.path, shuffle=True, seed=settings.seed,
                                shuffle_buffer=settings.shuffle_buffer, length_bucket=settings.length_bucket,
-                               keep=KeepSplit(alignment.durations, False, settings.val_fraction, settings.seed))
+                               keep=KeepSplit(alignment.durations, False, settings.val_fraction, settings.seed),
+                               skip_damaged=settings.skip_damaged)
     model = build_model(config, reader, teacher, languages)
     optimizer, scheduler = build_optimizer(model, settings)
     teacher.set_tail_template(model.tail_template)
@@ -667,7 +563,8 @@ def run(config: PipelineConfig) -> TrainTLEResult:
         shutil.rmtree(checkpoints)
     position = {"step": 0, "epoch": 0, "position": 0}
     if resume_from is not None:
-        position = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        position = load_checkpoint(accelerator, resume_from, optimizer, scheduler, "train_tle")
+        model.load_state_dict(load_file(str(resume_from / "model.safetensors"), device=str(device)))
         log.info("resuming from %s (step %d)", resume_from, position["step"])
     # the scheduler is stepped by hand once per optimiser step (a prepared one steps once per process)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -676,7 +573,8 @@ def run(config: PipelineConfig) -> TrainTLEResult:
     val_batches = []
     if accelerator.is_main_process:
         val_batches = validation_batches(config.store.path, collate, KeepSplit(alignment.durations, True,
-                                         settings.val_fraction, settings.seed), settings.val_size, settings.batch_size)
+                                         settings.val_fraction, settings.seed), settings.val_size, settings.batch_size,
+                                         settings.skip_damaged)
         resume_step = position["step"] if resume_from is not None else None
         train_log = CsvLog(output_dir / TRAIN_LOG, TRAIN_COLUMNS, resume_step)
         val_log = CsvLog(output_dir / VALIDATION_LOG, VALIDATION_COLUMNS, resume_step)
@@ -757,8 +655,8 @@ def run(config: PipelineConfig) -> TrainTLEResult:
                 log.info("step %d held-out: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in last_validation.items()))
             accelerator.wait_for_everyone()
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            save_checkpoint(accelerator, checkpoints, tle, optimizer, scheduler, step, epoch, seen,
-                            settings.keep_checkpoints)
+            save_checkpoint(accelerator, checkpoints, step, {"epoch": epoch, "position": seen},
+                            partial(write_weights, tle), optimizer, scheduler, settings.keep_checkpoints)
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -767,6 +665,7 @@ def run(config: PipelineConfig) -> TrainTLEResult:
         train_utterances=len(usable) - len(held_out), held_out_utterances=len(held_out),
         alignment_rejects=alignment.rejects, wall_seconds=time.time() - started,
         validation=last_validation or _previous_validation(output_dir),
+        damaged_shards=[asdict(d) for d in damaged],
     )
     if accelerator.is_main_process:
         tle.save_pretrained(output_dir)

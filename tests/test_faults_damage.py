@@ -121,3 +121,38 @@ def test_finetune_stops_naming_the_damaged_shard(tmp_path, workers):
         flip_bits(shard)  # whichever shard the shuffled stream or the validation reads first
     with pytest.raises(StoreError, match=r"shard 0000\d of store .*source-store is damaged"):
         run(load_config(tmp_path / "finetune.toml", overrides=[f"finetune.num_workers={workers}"]))
+
+
+def test_train_tle_skip_damaged_leaves_the_shard_out_and_says_so(tle_world, tmp_path):
+    teacher, intact = tle_world
+    store = tmp_path / "store"
+    shutil.copytree(intact, store)
+    flip_bits(store / "shards" / "00001")
+    out = tmp_path / "tle"
+    result = CliRunner().invoke(cli, train_tle_arguments(store, teacher, out, 4) + ["--skip-damaged"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 damaged shard(s) (8 utterances)" in result.output and ": 00001 (first:" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4
+    assert [(d["shard"], d["utterances"]) for d in summary["damaged_shards"]] == [(1, 8)]
+    # the 24 utterances of the 3 sound shards, and none of the damaged one's, are trained on or held out
+    assert summary["train_utterances"] + summary["held_out_utterances"] + len(summary["alignment_rejects"]) == 24
+    assert sorted(p.name for p in (out / "durations").glob("0*.json")) == ["00000.json", "00002.json", "00003.json"]
+
+
+def test_finetune_skip_damaged_leaves_the_shard_out_and_says_so(tmp_path):
+    from stages.finetune import run
+    from whistle_pipeline.config import load_config
+
+    faults.finetune_config(tmp_path, tmp_path / "out", 6, 100).save(tmp_path, "finetune.toml")
+    source = tmp_path / "finetune-world" / "source-store"
+    reader = StoreReader(str(source))
+    flip_bits(source / "shards" / "00000")
+    result = run(load_config(tmp_path / "finetune.toml", overrides=["finetune.skip_damaged=true"]))
+    lost = reader.shard_attrs(0)["n"]
+    assert result.steps == 6
+    assert [(d["shard"], d["utterances"]) for d in result.damaged_shards] == [(0, lost)]
+    assert result.train_examples["audio"] == len(reader) - lost
+    assert f"skipped 1 damaged shard(s) ({lost} utterances) of {reader.url}: 00000" in result.summary()
+    saved = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert saved["damaged_shards"] == result.damaged_shards

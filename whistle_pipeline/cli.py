@@ -169,9 +169,11 @@ def precompute_command(data, kind, subset, split, audio_column, text_column, max
               "[train_tle.decoder_ce_weight].")
 @click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint in the output "
               "folder, or start over [train_tle.resume].")
+@click.option("--skip-damaged/--no-skip-damaged", default=None, help="Leave damaged shards of the store out (counted "
+              "in the summary) instead of stopping at the first one [train_tle.skip_damaged].")
 @config_options
 def train_tle_command(store, teacher, revision, output_dir, steps, batch_size, learning_rate, decoder_ce_start,
-                      decoder_ce_weight, resume, config_path, overrides) -> None:
+                      decoder_ce_weight, resume, skip_damaged, config_path, overrides) -> None:
     """Train the text-to-latent encoder (TLE) on a feature store.
 
     Learns to produce the teacher's encoder states from text: per-token durations taken from the
@@ -195,7 +197,7 @@ def train_tle_command(store, teacher, revision, output_dir, steps, batch_size, l
         "teacher": {"name_or_path": teacher, "revision": revision},
         "train_tle": {"output_dir": output_dir, "steps": steps, "batch_size": batch_size,
                       "learning_rate": learning_rate, "decoder_ce_start": decoder_ce_start,
-                      "decoder_ce_weight": decoder_ce_weight, "resume": resume},
+                      "decoder_ce_weight": decoder_ce_weight, "resume": resume, "skip_damaged": skip_damaged},
     })
     click.echo(run(config).summary())
 
@@ -366,10 +368,12 @@ def synthesize_command(texts: str, out: str, voices: str | None, variants: str |
 @click.option("--device", help="auto (accelerate's device) or cpu [teacher.device].")
 @click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint in --output-dir "
               "[finetune.resume].")
+@click.option("--skip-damaged/--no-skip-damaged", default=None, help="Leave damaged shards of the stores out (counted "
+              "in the summary) instead of stopping at the first one [finetune.skip_damaged].")
 @config_options
 def finetune_command(teacher, revision, tle_path, text, text_column, language, audio_store, tts_store, audio_ratio,
-                     tts_ratio, output_dir, steps, batch_size, learning_rate, val_audio, device, resume, config_path,
-                     overrides) -> None:
+                     tts_ratio, output_dir, steps, batch_size, learning_rate, val_audio, device, resume, skip_damaged,
+                     config_path, overrides) -> None:
     """Adapt Whisper's decoder to target-domain text through the frozen TLE; write a complete Whisper.
 
     Text examples reach the decoder as TLE states (the encoder never runs); --audio-store mixes in
@@ -394,7 +398,8 @@ def finetune_command(teacher, revision, tle_path, text, text_column, language, a
         "finetune": {"tle_path": tle_path, "text": text, "text_column": text_column, "language": language,
                      "audio_store": audio_store, "tts_store": tts_store, "audio_ratio": audio_ratio,
                      "tts_ratio": tts_ratio, "output_dir": output_dir, "steps": steps, "batch_size": batch_size,
-                     "learning_rate": learning_rate, "val_audio": val_audio, "resume": resume},
+                     "learning_rate": learning_rate, "val_audio": val_audio, "resume": resume,
+                     "skip_damaged": skip_damaged},
     })
     click.echo(run(config).summary())
 

@@ -198,6 +198,7 @@ class TrainTLEConfig:
     checkpoint_every: int
     keep_checkpoints: int
     resume: bool
+    skip_damaged: bool
     log_every: int
     shuffle_buffer: int
     length_bucket: int
@@ -273,6 +274,7 @@ class FinetuneConfig:
     checkpoint_every: int
     keep_checkpoints: int
     resume: bool
+    skip_damaged: bool
     log_every: int
     shuffle_buffer: int
     num_workers: int

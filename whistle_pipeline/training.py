@@ -1,0 +1,330 @@
+"""What train-tle and finetune share around their (separate, written-out) loops.
+
+    accelerator    make_accelerator: CPU ranks under torchrun, mixed precision resolved, tensorboard if installed
+    optimiser      build_optimizer: AdamW (no decay on biases, norms, embeddings), warmup then cosine decay
+    checkpoints    save_checkpoint / latest_checkpoint / load_checkpoint: COMPLETE written last; weights,
+                   optimiser state, RNG states as safetensors; optimiser settings, scheduler and per-rank
+                   data positions as JSON. Nothing in a checkpoint is a pickle, so resuming runs no code.
+    logs           CsvLog: rows appended; on resume, the rows after the resumed step are dropped
+    stores         held_out_items, and damaged_shards for skip_damaged (the data shrank: the stages say by how much)
+
+A checkpoint folder:
+
+    checkpoints/step-NNNNNNN/  state-rankR.json       {step, <the stage's data position>, rng (python, numpy)}
+                               rng-rankR.safetensors  torch (+ cuda) generator states of rank R
+                               <the stage's weights>  written by the stage's callback (safetensors)
+                               optimizer.safetensors  AdamW state tensors, named "<parameter index>.<key>"
+                               optimizer.json         its param_groups (and any non-tensor state)
+                               scheduler.json
+                               COMPLETE               {step, processes}: written last; a folder without it is
+                                                      ignored (a crash while saving)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from whistle_pipeline.errors import WhistleError
+
+log = logging.getLogger(__name__)
+
+FINAL_LR_FRACTION = 0.1  # the cosine schedule decays to this fraction of the peak
+CHECKPOINT_PREFIX = "step-"
+COMPLETE = "COMPLETE"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_SETTINGS = "optimizer.json"
+LEGACY_OPTIMIZER = "optimizer.pt"  # checkpoints written before optimizer.safetensors
+
+
+# --- accelerator ---------------------------------------------------------------------------------------
+
+
+def resolve_mixed_precision(setting: str, on_cpu: bool) -> str:
+    """mixed_precision -> accelerate's: "auto" is bf16 on GPUs that have it, fp16 on older ones, no on CPU."""
+    if setting != "auto":
+        return setting
+    if on_cpu:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_accelerator(teacher_device: str, mixed_precision: str, grad_accum: int, output_dir: Path
+                     ) -> tuple[Any, list[str]]:
+    """(Accelerator, trackers): one per run; tensorboard logging when it is installed."""
+    from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available
+
+    trackers = ["tensorboard"] if is_tensorboard_available() else []
+    # without cpu=True, accelerate treats a torchrun / accelerate launch without GPUs as one process
+    on_cpu = teacher_device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=resolve_mixed_precision(mixed_precision, on_cpu),
+                              gradient_accumulation_steps=grad_accum, log_with=trackers or None,
+                              project_dir=str(output_dir))
+    if not trackers:
+        log.warning("tensorboard is not installed: metrics go to the CSV logs only")
+    return accelerator, trackers
+
+
+# --- optimiser -----------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, settings: Any) -> tuple[torch.optim.Optimizer,
+                                                                    torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable weights (no weight decay on biases, norms and embeddings) with linear warmup
+    over settings.warmup_steps, then cosine decay to FINAL_LR_FRACTION of the peak at settings.steps."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 and "embed" not in name else no_decay).append(parameter)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.learning_rate)
+    warmup, total = settings.warmup_steps, settings.steps
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON-able python/numpy RNG states, torch RNG states as tensors)."""
+    version, state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    json_state = {"python": [version, list(state), gauss],
+                  "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return json_state, tensors
+
+
+def set_rng_state(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what rng_state() captured."""
+    version, state, gauss = json_state["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, position, has_gauss, cached = json_state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(accelerator: Any, directory: Path, step: int, rank_state: dict[str, Any],
+                    write_weights: Callable[[Path], None], optimizer: Any, scheduler: Any, keep: int) -> None:
+    """Write directory/step-N/ (COMPLETE last, after every rank's state) and keep only the newest `keep`.
+
+    Every rank writes its `rank_state` (its data position; JSON-able) and RNG states; the main process then
+    calls write_weights(folder) and writes the optimiser and scheduler.
+    """
+    from safetensors.torch import save_file
+
+    path = directory / f"{CHECKPOINT_PREFIX}{step:07d}"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    json_state, tensors = rng_state()
+    (path / f"state-rank{rank}.json").write_text(json.dumps({"step": step, **rank_state, "rng": json_state}))
+    save_file(tensors, str(path / f"rng-rank{rank}.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_weights(path)
+        save_optimizer(optimizer, path)
+        (path / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        (path / COMPLETE).write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))
+        for old in complete_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The checkpoint folders whose COMPLETE marker exists, oldest first."""
+    return sorted(p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if (p / COMPLETE).exists())
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    complete = complete_checkpoints(directory)
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(accelerator: Any, path: Path, optimizer: Any, scheduler: Any, section: str) -> dict[str, Any]:
+    """Restore the optimiser, the scheduler and this rank's RNG from `path`; return this rank's state
+    ({step, <data position>}). The stage restores its weights itself. `section` names the config table
+    whose `resume` key the error suggests."""
+    from safetensors.torch import load_file
+
+    processes = json.loads((path / COMPLETE).read_text())["processes"]
+    if processes != accelerator.num_processes:
+        raise WhistleError(f"checkpoint {path} was written by {processes} processes, this run has "
+                           f"{accelerator.num_processes}: resume with the same number, or set {section}.resume=false")
+    load_optimizer(optimizer, path)
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    rank = accelerator.process_index
+    state = json.loads((path / f"state-rank{rank}.json").read_text())
+    set_rng_state(state.pop("rng"), load_file(str(path / f"rng-rank{rank}.safetensors")))
+    return state
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """optimizer.safetensors (state tensors) + optimizer.json (param_groups, non-tensor state)."""
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous()
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    save_file(tensors, str(folder / OPTIMIZER_TENSORS))
+    (folder / OPTIMIZER_SETTINGS).write_text(json.dumps({"param_groups": state["param_groups"], "state": plain}))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore what save_optimizer wrote (load_state_dict moves each tensor to its parameter's device)."""
+    from safetensors.torch import load_file
+
+    if not (folder / OPTIMIZER_TENSORS).exists() and (folder / LEGACY_OPTIMIZER).exists():
+        # written before optimizer.safetensors: tensors only, read by torch's restricted unpickler
+        try:
+            optimizer.load_state_dict(torch.load(folder / LEGACY_OPTIMIZER, weights_only=True, map_location="cpu"))
+        except Exception as err:  # UnpicklingError for anything but tensors and plain containers
+            raise WhistleError(f"{folder / LEGACY_OPTIMIZER} holds more than tensors and was not loaded "
+                               f"({type(err).__name__}): delete {folder} to resume from an older checkpoint, or "
+                               "start over") from err
+        return
+    settings = json.loads((folder / OPTIMIZER_SETTINGS).read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in load_file(str(folder / OPTIMIZER_TENSORS)).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in settings["state"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": settings["param_groups"]})
+
+
+# --- logs ----------------------------------------------------------------------------------------------
+
+
+class CsvLog:
+    """Rows appended to a CSV file; on resume, rows after the resumed step are dropped first."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: int | None):
+        self.path, self.columns = path, columns
+        rows = []
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as handle:
+                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, self.columns).writerow({k: row.get(k, "") for k in self.columns})
+
+
+# --- stores --------------------------------------------------------------------------------------------
+
+
+def held_out_items(url: str, keep: Callable[[str], bool], size: int, skip_damaged: bool) -> list[dict[str, Any]]:
+    """The first `size` utterances of a store that `keep` accepts, in store order (FeatureDataset items)."""
+    from store.dataset import FeatureDataset
+
+    dataset = FeatureDataset(url, shuffle=False, keep=keep, rank=0, world_size=1, skip_damaged=skip_damaged)
+    items = []
+    for item in dataset:
+        items.append(item)
+        if len(items) == size:
+            break
+    return items
+
+
+@dataclass(frozen=True)
+class DamagedShard:
+    """A complete shard that cannot be read back, left out of training under skip_damaged."""
+
+    store: str
+    shard: int
+    utterances: int  # all of the shard's utterances are left out
+    reason: str
+
+
+class WithoutIds:
+    """FeatureDataset `keep` that also drops the utterances of damaged shards (picklable for workers):
+    a shard damaged midway would otherwise give its first utterances and skip the rest."""
+
+    def __init__(self, keep: Callable[[str], bool], dropped: frozenset[str]):
+        self.keep, self.dropped = keep, dropped
+
+    def __call__(self, utt_id: str) -> bool:
+        return utt_id not in self.dropped and self.keep(utt_id)
+
+
+def damaged_shards(accelerator: Any, url: str, scan_dir: Path) -> tuple[list[DamagedShard], frozenset[str]]:
+    """Read every complete shard of a store once (rank r takes shards r, r + W, ...) and return the damaged
+    ones and the utterance ids they still show (empty when their ids are unreadable).
+
+    Each rank's findings go through a JSON file in `scan_dir`, so every rank returns the same list. A shard
+    damaged after this scan is still skipped by FeatureDataset(skip_damaged=True), with an error logged.
+    """
+    from store import StoreReader
+    from store.reader import DamagedShardError
+
+    reader = StoreReader(url)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    found = []
+    for shard in reader.shards()[rank::world]:
+        try:
+            for _ in reader.iter_shard(shard):
+                pass
+        except DamagedShardError as err:
+            try:
+                ids = reader.index(shard).ids
+            except DamagedShardError:
+                ids = []
+            found.append({"shard": shard, "utterances": reader.shard_attrs(shard)["n"], "reason": err.detail,
+                          "ids": ids})
+    scan_dir.mkdir(parents=True, exist_ok=True)
+    name = f"rank{rank}.json"
+    (scan_dir / f"{name}.partial").write_text(json.dumps(found))
+    (scan_dir / f"{name}.partial").replace(scan_dir / name)
+    accelerator.wait_for_everyone()
+    records = [r for k in range(world) for r in json.loads((scan_dir / f"rank{k}.json").read_text())]
+    accelerator.wait_for_everyone()  # every rank has read the files before the next scan replaces them
+    damaged = sorted((DamagedShard(reader.url, r["shard"], r["utterances"], r["reason"]) for r in records),
+                     key=lambda d: d.shard)
+    for shard in damaged:
+        log.error("skipping damaged shard %05d of store %s (%d utterances): %s", shard.shard, shard.store,
+                  shard.utterances, shard.reason)
+    return damaged, frozenset(i for r in records for i in r["ids"])
+
+
+def damage_summary(damaged: list[DamagedShard]) -> str:
+    """One line for a stage summary: how much data the run left out, and the repair."""
+    utterances = sum(d.utterances for d in damaged)
+    names = ", ".join(f"{d.shard:05d}" for d in damaged[:5]) + (", ..." if len(damaged) > 5 else "")
+    stores = sorted({d.store for d in damaged})
+    return (f"  skipped {len(damaged)} damaged shard(s) ({utterances} utterances) of {', '.join(stores)}: {names} "
+            f"(first: {damaged[0].reason}); delete them and run `whistle precompute` on the store again to "
+            "train on all of it")
