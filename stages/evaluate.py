@@ -297,7 +297,7 @@ def load_model(named: Named, revision: str, device: Any, dtype_name: str, attn: 
     revision = revision if not Path(named.path).is_dir() else None
     try:
         model = WhisperForConditionalGeneration.from_pretrained(named.path, revision=revision, dtype=dtype,
-                                                                attn_implementation=attn)
+                                                                attn_implementation=attn, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(named.path, revision=revision)
         features = WhisperFeatureExtractor.from_pretrained(named.path, revision=revision)
     except (OSError, ValueError) as err:

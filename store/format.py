@@ -40,6 +40,10 @@ Layout::
     STORE/cache/<key>.<tag>/    the reduction of the complete shards (tail_template, tail_count, mean,
                                 std; attrs complete, shards), <key> = hash of the complete shards'
                                 (index, n, n_frames); only ever a cache, recomputed when stale
+    STORE/locks/<shard name>    an empty file per shard being written, locked with fcntl.flock by the
+                                process writing it (local stores only; not part of the data: readers
+                                never look at it, a completed shard's file is deleted, a crashed
+                                writer's lock is released by the OS and its file is harmless)
 
 Frame policies: ``speech`` (default) keeps only the speech frames of each utterance; the frames
 after them are nearly the same for every clip and are replaced by the per-position mean over all
@@ -54,6 +58,17 @@ Protocol (what lets any number of processes write one store with no locks):
 - A shard is invisible to readers until its attrs say ``complete: true``; that attribute is
   written in the shard's last write. A rerun deletes incomplete shards and skips complete ones.
   No rename is needed, so the protocol works on object stores.
+- Two runs at once (e.g. a job restarted while the first still runs): before encoding shard k a
+  writer takes an exclusive, non-blocking ``flock`` on ``locks/<k>`` and holds it until the shard
+  is closed; a shard whose lock another live process holds is skipped (that process finishes it),
+  and an incomplete shard whose lock is free was left by a crash and is redone. Locks exist only
+  where the store is a ``LocalStore`` (a plain path or a ``file://`` URL) on a POSIX system: a
+  local disk, or a network file system whose locking works (NFSv4; NFSv3 with lockd; Lustre or
+  GPFS mounted with flock support). Where a mount has no locking, ``flock`` fails (ENOLCK) and the
+  run stops with that error. On any other fsspec URL (``s3://``, ``gs://``, ``memory://``, ...:
+  object stores have no locks) claims always succeed and nothing stops two runs from writing the
+  same shard, so run **one precompute per store at a time** there (the W processes of one run
+  never collide: they write disjoint shards).
 - Readers check ``format`` and refuse any other number; they refuse a store whose teacher differs
   from the one they are given.
 - Rejected inputs are listed per shard as {id, reason}. A reason reads "kind: detail"; reports
@@ -95,6 +110,11 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 
 class StoreError(Exception):
     """A user-facing store problem: what is wrong, where, and what to do. The CLI prints it."""
+
+
+class RecordError(StoreError, ValueError):
+    """A JSON object of the store (metadata or run record) that does not parse; a ValueError too, so the
+    callers that take such damage as "incomplete" (read_shard_attrs) keep doing so."""
 
 
 def whistle_version() -> str:
@@ -344,7 +364,12 @@ def read_json(store: Store, key: str) -> dict[str, Any] | None:
     from zarr.core.buffer import default_buffer_prototype
 
     buffer = run_sync(store.get(key, prototype=default_buffer_prototype()))
-    return None if buffer is None else json.loads(buffer.to_bytes())
+    if buffer is None:
+        return None
+    try:
+        return json.loads(buffer.to_bytes())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: never tried as anything but JSON
+        raise RecordError(f"{key} in the store is not JSON ({err}): it was not read") from err
 
 
 def write_json(store: Store, key: str, data: dict[str, Any]) -> None:

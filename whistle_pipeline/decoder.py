@@ -87,7 +87,8 @@ def load_frozen_teacher(name_or_path: str, revision: str, device: torch.device |
     from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(name_or_path, revision=revision, dtype=dtype)
+        model = WhisperForConditionalGeneration.from_pretrained(name_or_path, revision=revision, dtype=dtype,
+                                                                use_safetensors=True)  # never a pickle
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     except OSError as err:
         raise WhistleError(

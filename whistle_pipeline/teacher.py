@@ -179,7 +179,7 @@ def load_encoder(
     try:
         encoder, info = TeacherEncoder.from_pretrained(
             name_or_path, revision=revision, config=config, dtype=dtype, attn_implementation=attn,
-            key_mapping=_ENCODER_KEYS, output_loading_info=True,
+            key_mapping=_ENCODER_KEYS, output_loading_info=True, use_safetensors=True,
         )
     except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights of other shapes than the config's
         raise WhistleError(f"cannot load the Whisper encoder from {name_or_path!r}: {err}") from err
