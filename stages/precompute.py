@@ -8,9 +8,12 @@ The GPU is the cost, so nothing else may hold it up:
     augment, pad to 30 s       pinned host memory, one batch of        bounded queues hold the
     (pinned batches)           lag before the host touches it          encoder back if they fall behind)
 
-The whole float16 window crosses to the host, not only the speech frames: in speech mode the frames
-after the speech are what the store's tail template is summed from (ShardWriter.add takes them per
-clip). For large-v3 that is 3.8 MB per clip, far below what PCIe moves while the encoder runs.
+In speech mode only the speech frames cross to the host: the frames after the speech, which the
+store's tail template is summed from, are summed over the batch where the encoder ran (per shard,
+float32, each window checked for inf/nan there too) and handed to the shard writer as one
+(max_frames, D) sum (ShardWriter.add_tail_sum). That takes the tail sums and the whole-window copies
+off the writer threads (most of their work per clip) and the host copy shrinks to the speech frames.
+In full mode the whole float16 windows cross (3.8 MB per clip for large-v3).
 
 Shard k holds source rows [k*S, (k+1)*S) and belongs to process k % W, so `accelerate launch` /
 `torchrun` on any number of GPUs (or gloo CPU processes) write one store with no coordination but
@@ -38,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from store import ShardRecord, StoreReader, StoreSpec, StoreWriter
+from store.writer import NON_FINITE_REASON
 from whistle_pipeline.audio import AudioError, augment, load_audio
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.errors import WhistleError
@@ -163,6 +167,9 @@ class BackgroundWriter:
     def add(self, shard: int, **utterance: Any) -> None:
         self._put(shard, ("add", utterance))
 
+    def add_tail_sum(self, shard: int, tail_sum: np.ndarray, tail_count: np.ndarray) -> None:
+        self._put(shard, ("add_tail_sum", {"tail_sum": tail_sum, "tail_count": tail_count}))
+
     def reject(self, shard: int, utt_id: str, reason: str) -> None:
         self._put(shard, ("reject", {"id": utt_id, "reason": reason}))
 
@@ -204,6 +211,8 @@ class BackgroundWriter:
                 writer = open_shards[shard]
                 if kind == "add":
                     writer.add(**arguments)
+                elif kind == "add_tail_sum":
+                    writer.add_tail_sum(**arguments)
                 elif kind == "reject":
                     writer.reject(**arguments)
                 else:
@@ -474,8 +483,12 @@ class _InFlight:
     """A batch whose states are on their way to host memory."""
 
     batch: Batch
-    states: torch.Tensor | None  # (B, max_frames, D) float16 on the host (pinned when copied from a GPU)
+    states: torch.Tensor | None  # (B, F, D) float16 on the host (pinned when copied from a GPU); F = max_frames in
+    #                              full mode, the batch's most speech frames in speech mode
     copied: torch.cuda.Event | None
+    finite: torch.Tensor | None = None  # (B,) bool: no inf/nan in the window (speech mode)
+    tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # shard -> tail sum
+    #                              (max_frames, D) float32, tail count (max_frames,) int64 (speech mode)
 
 
 def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: TeacherGeometry, store: StoreWriter,
@@ -505,7 +518,10 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
         """Hand a finished batch to the writers (rows in order), closing each shard at its last row."""
         if flight.copied is not None:
             flight.copied.synchronize()
-        states = flight.states.numpy() if flight.states is not None else None  # (B, M, D) float16
+        states = flight.states.numpy() if flight.states is not None else None  # (B, F, D) float16
+        finite = flight.finite.numpy() if flight.finite is not None else None  # (B,)
+        for shard, (tail_sum, tail_count) in flight.tails.items():  # before the shard's close, which checks them
+            writer.add_tail_sum(shard, tail_sum.numpy(), tail_count.numpy())
         done = [(reject.row, reject) for reject in flight.batch.rejects]
         done += [(clip.row, (i, clip)) for i, clip in enumerate(flight.batch.clips)]
         for row, item in sorted(done, key=lambda pair: pair[0]):
@@ -517,13 +533,16 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
                 i, clip = item
                 frames = speech_frames(clip.n_samples, geometry, margin)
                 duration = clip.n_samples / geometry.sample_rate
-                window = states[i]  # (M, D)
-                writer.add(shard, id=clip.id, text=clip.text, language=clip.language, duration_s=duration,
-                           states=window if full else window[:frames],
-                           tail=None if full or frames == geometry.max_frames else window[frames:],
-                           speech_frames=frames)
-                stats.clips += 1
-                stats.audio_seconds += duration
+                if finite is not None and not finite[i]:  # left out of the tail sums on the device
+                    writer.reject(shard, clip.id, NON_FINITE_REASON)
+                    stats.count_reject(NON_FINITE_REASON)
+                else:
+                    window = states[i]  # (F, D)
+                    writer.add(shard, id=clip.id, text=clip.text, language=clip.language, duration_s=duration,
+                               states=window if full else window[:frames], speech_frames=frames,
+                               tail_summed=not full)
+                    stats.clips += 1
+                    stats.audio_seconds += duration
             left[shard] -= 1
             if left[shard] == 0:
                 writer.close(shard)
@@ -537,7 +556,7 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
         waited = began
         for batch in loader:
             stats.input_wait_seconds += time.perf_counter() - waited
-            current = _launch(batch, encoder, geometry, device)
+            current = _launch(batch, encoder, geometry, device, None if full else (margin, shard_size))
             if in_flight is not None:
                 deliver(in_flight)  # overlaps the copy (and on GPU the encoder) of `current`
             in_flight = current
@@ -560,19 +579,61 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
     return records
 
 
-def _launch(batch: Batch, encoder, geometry: TeacherGeometry, device: torch.device) -> _InFlight:
-    """Start the encoder on a batch and the non-blocking copy of its float16 states to host memory."""
+def _launch(batch: Batch, encoder, geometry: TeacherGeometry, device: torch.device,
+            speech: tuple[int, int] | None) -> _InFlight:
+    """Start the encoder on a batch and the non-blocking copies of its results to host memory.
+
+    `speech` = (margin frames, shard size) in speech mode: then each window is checked for inf/nan and its
+    tail summed into its shard's sums on the device, and only the speech frames are copied.
+    """
     if not batch.clips:
         return _InFlight(batch, None, None)
     audio = batch.audio.to(device, non_blocking=True)  # (B, n_samples)
     states = teacher_states(encoder, audio, geometry).to(torch.float16)  # (B, M, D), the store's dtype
+    finite, tails = None, {}
+    if speech is not None:
+        margin, shard_size = speech
+        frames = [speech_frames(clip.n_samples, geometry, margin) for clip in batch.clips]
+        finite, tails = tail_sums(states, frames, [clip.row // shard_size for clip in batch.clips])
+        states = states[:, : max(frames)]  # (B, Tmax, D): only speech frames cross to the host
     if device.type != "cuda":
-        return _InFlight(batch, states.cpu(), None)
-    host = torch.empty(states.shape, dtype=torch.float16, pin_memory=True)  # (B, M, D)
-    host.copy_(states, non_blocking=True)
+        return _InFlight(batch, states.cpu(), None, finite, tails)
+    host_states, host_finite = _pinned_copy(states), None if finite is None else _pinned_copy(finite)
+    host_tails = {shard: (_pinned_copy(tail_sum), _pinned_copy(tail_count)) for shard, (tail_sum, tail_count)
+                  in tails.items()}
     copied = torch.cuda.Event()
     copied.record()
-    return _InFlight(batch, host, copied)
+    return _InFlight(batch, host_states, copied, host_finite, host_tails)
+
+
+def tail_sums(states: torch.Tensor, frames: list[int], shards: list[int]
+              ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Where the states are (the GPU): which windows are finite, and per shard the sum of the finite windows'
+    frames after their speech (what ShardWriter.add sums from a tail, for ShardWriter.add_tail_sum).
+
+    states (B, M, D) float16, frames[b] speech frames of window b, shards[b] its shard ->
+    finite (B,) bool, {shard: (tail sum (M, D) float32, tail count (M,) int64)}.
+    """
+    _, max_frames, d_model = states.shape
+    # float32 sums of float16 cannot overflow, so a window's sum is finite exactly when all its values are
+    finite = torch.isfinite(states.sum(dim=(1, 2), dtype=torch.float32))  # (B,)
+    tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for b, (n_frames, shard) in enumerate(zip(frames, shards)):
+        if shard not in tails:
+            tails[shard] = (torch.zeros(max_frames, d_model, device=states.device),  # (M, D) float32
+                            torch.zeros(max_frames, dtype=torch.int64, device=states.device))  # (M,)
+        tail_sum, tail_count = tails[shard]
+        # torch.where, not a multiply: a non-finite window must add nothing (0 x inf is nan)
+        tail_sum[n_frames:] += torch.where(finite[b], states[b, n_frames:], 0.0)  # (M - T, D)
+        tail_count[n_frames:] += finite[b]
+    return finite, tails
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A non-blocking copy of a device tensor into pinned host memory (read it after the copy's event)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def _progress(total: int, enabled: bool):

@@ -273,3 +273,48 @@ def test_gpu_bfloat16_run_matches_the_float32_cpu_run(tiny_whisper_dir, audio_fo
         assert a.shape == b.shape
         cosine = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         assert cosine.min() > 0.99, utt_id
+
+
+def test_tail_sums_made_on_the_device_equal_the_writers_own(tmp_path):
+    """precompute sums each batch's tails where the encoder ran (tail_sums -> ShardWriter.add_tail_sum); the store
+    equals one written the old way, every tail handed to ShardWriter.add, within float32 rounding."""
+    from conftest import store_spec, synthetic_utterances, write_synthetic_store
+    from stages.precompute import tail_sums
+    from store import StoreWriter
+    from store.writer import NON_FINITE_REASON
+
+    spec = store_spec(shard_size=4)
+    utts = synthetic_utterances(spec, 8, seed=7)
+    utts[2]["speech_frames"] = 1500  # a window with no tail
+    utts[5]["window"][1400, 3] = np.inf  # inf in the tail only: rejected either way
+    write_synthetic_store(tmp_path / "old", spec, utts)  # the old way: add(..., tail=window[T:])
+    writer = StoreWriter.open(tmp_path / "new", spec)
+    for shard_index in range(2):
+        with writer.shard(shard_index) as shard:
+            for batch in ([0, 1, 2], [3]):  # batches of 3 within a shard, as precompute makes them
+                rows = [shard_index * 4 + b for b in batch]
+                windows = torch.from_numpy(np.stack([utts[r]["window"] for r in rows]))  # (B, M, D) float16
+                frames = [utts[r]["speech_frames"] for r in rows]
+                finite, tails = tail_sums(windows, frames, [shard_index] * len(rows))
+                assert list(tails) == [shard_index]
+                shard.add_tail_sum(tails[shard_index][0].numpy(), tails[shard_index][1].numpy())
+                for b, row in enumerate(rows):
+                    utt = utts[row]
+                    if not finite[b]:
+                        shard.reject(utt["id"], NON_FINITE_REASON)
+                        continue
+                    assert shard.add(utt["id"], utt["text"], utt["language"], utt["duration"],
+                                     utt["window"][: frames[b]], tail_summed=True)
+    old, new = StoreReader(tmp_path / "old"), StoreReader(tmp_path / "new")
+    assert new.shard_attrs(1)["rejects"] == old.shard_attrs(1)["rejects"] == [{"id": "utt0005",
+                                                                             "reason": NON_FINITE_REASON}]
+    for shard_index in range(2):
+        for name in ("tail_count", "stat_count", "stat_sum", "stat_sqsum", "offsets"):
+            np.testing.assert_array_equal(new.root[f"shards/0000{shard_index}/{name}"][...],
+                                          old.root[f"shards/0000{shard_index}/{name}"][...])
+        np.testing.assert_allclose(new.root[f"shards/0000{shard_index}/tail_sum"][...],
+                                   old.root[f"shards/0000{shard_index}/tail_sum"][...], rtol=1e-6, atol=1e-5)
+        assert [u.states.tobytes() for u in new.iter_shard(shard_index)] == \
+            [u.states.tobytes() for u in old.iter_shard(shard_index)]
+    np.testing.assert_array_equal(new.tail_counts(), old.tail_counts())
+    np.testing.assert_allclose(new.tail_template(), old.tail_template(), rtol=1e-6, atol=1e-6)
