@@ -14,6 +14,9 @@ For every utterance of an evaluation store (sentences the TLE never saw), with t
 The baseline (real audio) is measured in the same run on the same utterances.
 
     python bench/tle_validation.py TLE_DIR --teacher tiny.en --store store-test --figure tle.png
+    python bench/tle_validation.py TLE_DIR --teacher tiny.en --store store-test --text examples/target/test.txt
+
+--text adds the text-only round trip of other sentences (no audio needed), e.g. the target domain's.
 
 Prints a table and `name=value` lines; --json writes them to a file.
 """
@@ -38,10 +41,15 @@ import torch
 @click.option("--examples", default=5, show_default=True, help="Round-trip transcripts to print.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Evaluate these weights (a "
               "checkpoint's model.safetensors, e.g. the end of phase 1) with TLE_DIR's configuration.")
+@click.option("--text", "text_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Also the text-only round trip (predicted lengths) of every line of this file, e.g. the "
+              "target domain's sentences (repeatable; figure text_wer_<file stem>).")
+@click.option("--text-lines", default=40, show_default=True, help="Lines of each --text file to use.")
 def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_path: str | None,
-         figure: str | None, examples: int, weights: str | None) -> None:
+         figure: str | None, examples: int, weights: str | None, text_files: tuple[str, ...], text_lines: int) -> None:
     from stages.train_tle import Collate, DurationTable, align_shard, open_store, validate
-    from whistle_pipeline.decoder import greedy_transcribe, load_frozen_teacher, word_error_rate
+    from whistle_pipeline.decoder import greedy_transcribe, load_frozen_teacher
+    from whistle_pipeline.metrics import corpus_wer
     from whistle_pipeline.tle import TLEModel
 
     started = time.time()
@@ -84,10 +92,17 @@ def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_
             real_hypotheses += greedy_transcribe(teacher, real, text.languages, longest, batch.states.shape[1])
             references += text.texts
     languages = [item["language"] for item in items]
-    metrics["wer_true"] = word_error_rate(hypotheses, references, languages, teacher.tokenizer)
+    metrics["wer_true"] = corpus_wer(references, hypotheses, languages)
     metrics["utterances"] = len(items)
     metrics["alignment_rejects"] = len(rejects)
     metrics["seconds"] = time.time() - started
+    text_examples = []
+    for path in text_files:
+        texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = texts[:text_lines]
+        predicted = text_round_trip(tle, teacher, texts, batch_size)
+        metrics[f"text_wer_{Path(path).stem}"] = corpus_wer(texts, predicted, ["en"] * len(texts))
+        text_examples += list(zip(texts, predicted))[:examples]
     if weights is not None:
         metrics["weights"] = weights
     summary_path = Path(tle_dir) / "summary.json"
@@ -110,12 +125,31 @@ def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_
     for reference, hypothesis, predicted, real in list(zip(references, hypotheses, predicted_hypotheses,
                                                            real_hypotheses))[:examples]:
         click.echo(f"  ref:  {reference}\n  tle:  {hypothesis}\n  pred: {predicted}\n  real: {real}")
+    for reference, predicted in text_examples:
+        click.echo(f"  text: {reference}\n  pred: {predicted}")
     for name, value in metrics.items():
         click.echo(f"{name}={value:.6g}" if isinstance(value, float) else f"{name}={value}")
     if json_path:
         Path(json_path).write_text(json.dumps(metrics, indent=2))
     if figure:
         plot_example(tle, batches[0], figure)
+
+
+def text_round_trip(tle, teacher, texts: list[str], batch_size: int) -> list[str]:
+    """Text only -> TLE full window at the predicted length -> frozen decoder, greedy (English)."""
+    from whistle_pipeline.decoder import greedy_transcribe
+    from whistle_pipeline.text import encode_texts
+
+    hypotheses = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start:start + batch_size]
+            batch = encode_texts(teacher.tokenizer, teacher.specials, chunk, ["en"] * len(chunk), teacher.max_positions)
+            speech, lengths = tle.speech_frames(batch.tle_tokens, batch.tle_mask, tle.language_ids(batch.languages))
+            longest = 2 * int(batch.tle_mask.sum(1).max()) + 10
+            hypotheses += greedy_transcribe(teacher, tle.full_window(speech, lengths), batch.languages, longest,
+                                            speech.shape[1])
+    return hypotheses
 
 
 def plot_example(tle, batch, path: str) -> None:

@@ -54,9 +54,9 @@ from whistle_pipeline.decoder import (
     decoder_cross_entropy,
     greedy_transcribe,
     load_frozen_teacher,
-    word_error_rate,
 )
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.metrics import corpus_wer
 from whistle_pipeline.text import TextBatch, encode_texts, text_tokens
 from whistle_pipeline.tle import LossWeights, TLEConfig, TLEModel, masked_cosine, masked_mse, tle_loss
 from whistle_pipeline.training import (
@@ -440,9 +440,9 @@ def validate(model: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch],
                                                      batch.states.shape[1])
     metrics = {name: totals[name] / max(counts[name], 1) for name in totals}
     if hypotheses:
-        metrics["wer_predicted"] = word_error_rate(hypotheses, references, languages, teacher.tokenizer)
+        metrics["wer_predicted"] = corpus_wer(references, hypotheses, languages)
         if reference is None:
-            metrics["real_wer"] = word_error_rate(real_hypotheses, references, languages, teacher.tokenizer)
+            metrics["real_wer"] = corpus_wer(references, real_hypotheses, languages)
     if reference is not None:
         metrics.update(reference)
     model.train()

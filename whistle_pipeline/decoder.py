@@ -168,20 +168,3 @@ def greedy_transcribe(teacher: FrozenTeacher, window: torch.Tensor, languages: S
         row = row[: row.index(specials.end_of_text)] if specials.end_of_text in row else row
         texts.append(teacher.tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
-
-
-def word_error_rate(hypotheses: Sequence[str], references: Sequence[str], languages: Sequence[str], tokenizer: Any) -> float:
-    """Corpus WER after Whisper's text normaliser (English spelling rules for "en", basic otherwise)."""
-    import jiwer
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
-
-    english = EnglishTextNormalizer(getattr(tokenizer, "english_spelling_normalizer", None) or {})
-    basic = BasicTextNormalizer()
-    pairs = []
-    for hypothesis, reference, language in zip(hypotheses, references, languages):
-        normalise = english if language == "en" else basic
-        if normalise(reference).strip():
-            pairs.append((normalise(reference), normalise(hypothesis)))
-    if not pairs:
-        raise WhistleError("no reference transcript is left after normalisation: cannot compute a WER")
-    return jiwer.wer([ref for ref, _ in pairs], [hyp for _, hyp in pairs])

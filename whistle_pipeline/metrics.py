@@ -92,3 +92,25 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], language: 
         substitutions=words.substitutions, deletions=words.deletions, insertions=words.insertions + extra_words,
         n_utterances=len(refs),
     )
+
+
+def corpus_wer(references: Sequence[str], hypotheses: Sequence[str], languages: Sequence[str]) -> float:
+    """Corpus WER over utterances of several languages: each pair normalised for its own language, word
+    errors summed over all of them and divided by all reference words (`error_rates` per language)."""
+    if not len(references) == len(hypotheses) == len(languages):
+        raise WhistleError(f"{len(references)} references, {len(hypotheses)} hypotheses and {len(languages)} "
+                           "languages: they must pair up")
+    errors = words = 0.0
+    for language in sorted(set(languages)):
+        picked = [i for i, code in enumerate(languages) if code == language]
+        try:
+            rates = error_rates([references[i] for i in picked], [hypotheses[i] for i in picked], language)
+        except WhistleError:
+            if len(set(languages)) == 1:
+                raise
+            continue  # this language's references are all empty after normalisation; others still score
+        errors += rates.wer * rates.n_words
+        words += rates.n_words
+    if not words:
+        raise WhistleError("no reference transcript has a word left after normalisation: cannot compute a WER")
+    return errors / words
