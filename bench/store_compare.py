@@ -4,7 +4,12 @@ Large-v3-shaped teacher states (d_model 1280, float16, 1500-frame windows) of a 
 length mix (log-normal around 5 s, clipped to 2-15 s), written and read back by:
 
   whistle-speech   the store, speech frames + tail template (the default), through precompute's own
-                   BackgroundWriter (ShardWriter.add with the tail, shard close on 2 threads), blosc-zstd
+                   BackgroundWriter as precompute feeds it: speech frames (ShardWriter.add(summed=True))
+                   and one set of tail + statistics sums per batch of 16 (add_sums; precompute makes them
+                   on the GPU with stages.precompute.batch_sums, so here they are made before the clock
+                   starts); shard close on 2 threads; blosc-zstd. Its writes are also timed the way
+                   precompute wrote before (every tail handed to ShardWriter.add, all sums made on the
+                   writer threads): the before/after.
   whistle-full     the store's "full" mode (every 1500-frame window)
   npy-*            one .npy file per utterance (np.save / np.load) + a manifest.jsonl
   arrow-*          Hugging Face datasets: Dataset.from_generator with an Array2D(float16) column (memory-
@@ -12,6 +17,11 @@ length mix (log-normal around 5 s, clipped to 2-15 s), written and read back by:
                    (with_format("numpy") returns float32 copies: measured too, see arrow_numpy_*)
   tar-*            WebDataset-style tar shards ({key}.npy + {key}.json members; read as a stream, random
                    access through a member-offset index built once per shard, as wids does)
+
+Every read lands in a Batch: each utterance's values are copied into one reused float16 buffer, as a
+collate function does, so a memory-mapped zero-copy format (Arrow) pays for reading all its bytes as
+much as one that decodes into fresh memory. whistle-speech is also read through zarr's own sharding
+codec (StoreReader(direct=False), how the store read before its direct path): the read before/after.
 
 "-full" variants store whole windows, "-speech" variants only the speech frames (the best a user could
 do with that format; they then lack the tail template a decoder needs). Measured, each the median of
@@ -49,6 +59,8 @@ import click
 import numpy as np
 from datasets import Array2D, Dataset, Features, Value, concatenate_datasets, disable_progress_bars
 
+import torch
+
 from _common import (
     MAX_FRAMES,
     clip_seconds,
@@ -62,7 +74,7 @@ from _common import (
     table,
     whisper_config,
 )
-from stages.precompute import BackgroundWriter  # imported here: torch's import must not count as writing
+from stages.precompute import BackgroundWriter, batch_sums  # imported here: torch's import must not count as writing
 from store import StoreReader, StoreSpec, StoreWriter, TeacherInfo
 
 D_MODEL = 1280
@@ -71,6 +83,7 @@ H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM datasheet, dense bf16 tensor c
 WRITE_THREADS = 2  # precompute.write_threads default
 WRITE_QUEUE = 2  # precompute.write_queue default
 READ_BATCH = 16  # rows per Arrow record batch read
+PRECOMPUTE_BATCH = 16  # precompute.batch_size default: clips per tail sum
 
 
 @dataclass
@@ -102,6 +115,18 @@ class Corpus:
     def kept(self, i: int, full: bool) -> np.ndarray:
         return self.window(i) if full else self.window(i)[: self.frames[i]]
 
+    def batch_sums(self, shard_size: int) -> dict[int, dict[str, np.ndarray]]:
+        """Batch start -> ShardWriter.add_sums arguments, for batches of PRECOMPUTE_BATCH clips within each shard,
+        made by precompute's own batch_sums (on this CPU: the GPU's work in a real run)."""
+        out = {}
+        for first in range(0, len(self), shard_size):
+            for start in range(first, min(len(self), first + shard_size), PRECOMPUTE_BATCH):
+                rows = range(start, min(len(self), first + shard_size, start + PRECOMPUTE_BATCH))
+                windows = torch.from_numpy(np.stack([self.window(i) for i in rows]))  # (B, M, D) float16
+                _, sums = batch_sums(windows, [int(self.frames[i]) for i in rows], [0] * len(rows))
+                out[start] = {name: values.numpy() for name, values in sums[0].items()}
+        return out
+
 
 # --- the formats ----------------------------------------------------------------------------------------
 # Each: write(corpus, path, shard_size); stream(path) -> Iterator[(T, D) float16]; opener(path) -> read(k).
@@ -117,13 +142,19 @@ class Whistle:
         return StoreSpec(teacher, "full" if self.full else "speech", 2, shard_size, 2048, self.codec, 3, 0,
                          "bench", "none")
 
-    def write(self, corpus: Corpus, path: Path, shard_size: int) -> None:
+    def write(self, corpus: Corpus, path: Path, shard_size: int,
+              sums: dict[int, dict[str, np.ndarray]] | None = None) -> None:
+        """`sums` (Corpus.batch_sums) given: as precompute writes now; None: each tail to ShardWriter.add."""
         writer = BackgroundWriter(StoreWriter.open(path, self.spec(shard_size)), WRITE_THREADS, WRITE_QUEUE)
         for i in range(len(corpus)):
             window, frames = corpus.window(i), int(corpus.frames[i])
+            if sums is not None and i in sums:
+                writer.add_sums(i // shard_size, **sums[i])
+            summed = sums is not None and not self.full
             writer.add(i // shard_size, id=corpus.key(i), text=corpus.text(i), language="en",
                        duration_s=float(corpus.seconds[i]), states=window if self.full else window[:frames],
-                       tail=None if self.full else window[frames:], speech_frames=frames)
+                       tail=None if self.full or summed else window[frames:], speech_frames=frames,
+                       summed=summed)
             if (i + 1) % shard_size == 0 or i + 1 == len(corpus):
                 writer.close(i // shard_size)
         writer.finish()
@@ -309,21 +340,31 @@ def random_latencies(opener: Callable[[], Callable[[int], np.ndarray]], picks: n
     return opened, latencies
 
 
-def measure(fmt, corpus: Corpus, root: Path, shard_size: int, repeats: int, picks: np.ndarray) -> dict[str, float]:
+def measure(fmt, corpus: Corpus, root: Path, shard_size: int, repeats: int, picks: np.ndarray,
+            sums: dict[int, dict[str, np.ndarray]]) -> dict[str, float]:
     path = root / fmt.name
     stored = sum(int(corpus.kept(i, fmt.full).nbytes) for i in range(len(corpus)))
-    writes, warm, cold, warm_random, cold_random, opens, numpy_reads, zarr_warm, zarr_cold = (
-        [] for _ in range(9))
+    writes, warm, cold, warm_random, cold_random, opens, numpy_reads, zarr_warm, zarr_cold, host_tail_writes = (
+        [] for _ in range(10))
+    speech_store = isinstance(fmt, Whistle) and not fmt.full
     for _ in range(repeats):
+        if speech_store:  # the write as precompute did it before: tails summed on the writer threads
+            shutil.rmtree(path, ignore_errors=True)
+            began = time.perf_counter()
+            fmt.write(corpus, path, shard_size)
+            host_tail_writes.append(time.perf_counter() - began)
         shutil.rmtree(path, ignore_errors=True)
         began = time.perf_counter()
-        fmt.write(corpus, path, shard_size)
+        if speech_store:
+            fmt.write(corpus, path, shard_size, sums)
+        else:
+            fmt.write(corpus, path, shard_size)
         writes.append(time.perf_counter() - began)
         stream_seconds(lambda: fmt.stream(path), len(corpus))  # page cache warm
         warm.append(stream_seconds(lambda: fmt.stream(path), len(corpus)))
         if isinstance(fmt, Arrow):
             numpy_reads.append(stream_seconds(lambda: fmt.stream_numpy(path), len(corpus)))
-        if isinstance(fmt, Whistle) and not fmt.full:
+        if speech_store:
             zarr_warm.append(stream_seconds(lambda: fmt.stream_zarr(path), len(corpus)))
             evict(path)
             zarr_cold.append(stream_seconds(lambda: fmt.stream_zarr(path), len(corpus)))
@@ -346,6 +387,8 @@ def measure(fmt, corpus: Corpus, root: Path, shard_size: int, repeats: int, pick
            "random_cold_ms": 1e3 * median(cold_random)}
     if numpy_reads:
         out["numpy_format_warm_utt_per_s"] = n / median(numpy_reads)
+    if host_tail_writes:
+        out["write_host_tails_clips_per_s"] = n / median(host_tail_writes)
     if zarr_warm:
         out["zarr_path_warm_utt_per_s"], out["zarr_path_cold_utt_per_s"] = n / median(zarr_warm), n / median(zarr_cold)
     return out
@@ -353,8 +396,8 @@ def measure(fmt, corpus: Corpus, root: Path, shard_size: int, repeats: int, pick
 
 def writer_profile(corpus: Corpus, repeats: int) -> list[tuple[str, float]]:
     """Per clip, the host work ShardWriter does for one utterance (the numpy operations of store/writer.py's
-    add, _sum and close, timed one by one on the same windows), and what would remain if the tail and
-    statistics sums were made on the device and only speech frames reached the host."""
+    add, _sum, add_sums and close, timed one by one on the same windows): before (each tail handed to
+    add) and now (tails summed per batch where the encoder runs, only speech frames reach the host)."""
     import numcodecs
 
     n = min(len(corpus), 64)
@@ -378,6 +421,12 @@ def writer_profile(corpus: Corpus, repeats: int) -> list[tuple[str, float]]:
         for w, f in zip(windows, frames):
             tail_sum[f:] += w[f:]
 
+    batch_sum = np.ones((MAX_FRAMES, D_MODEL), np.float32)
+
+    def batch_tail_sums():  # ShardWriter._add_sums: one (M, D) float32 sum per batch of PRECOMPUTE_BATCH clips
+        for _ in range(-(-n // PRECOMPUTE_BATCH)):
+            tail_sum.__iadd__(batch_sum.copy())
+
     steps = [
         ("finite check of speech + tail (whole window)", lambda: [finite(w[:f]) and finite(w[f:])
                                                                   for w, f in zip(windows, frames)]),
@@ -389,6 +438,7 @@ def writer_profile(corpus: Corpus, repeats: int) -> list[tuple[str, float]]:
          lambda: [crc.encode(blosc.encode(speech[i : i + 2048])) for i in range(0, len(speech), 2048)]),
         ("finite check + copy of speech frames only", lambda: [finite(w[:f]) and w[:f].copy()
                                                                for w, f in zip(windows, frames)]),
+        (f"add_sums: one batch's sums per {PRECOMPUTE_BATCH} clips (float32 -> float64)", batch_tail_sums),
     ]
     out = []
     for name, function in steps:
@@ -439,8 +489,9 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
     root = Path(tempfile.mkdtemp(prefix="whistle-bench-", dir=workdir))
     try:
         results = {}
+        sums = corpus.batch_sums(shard_size)
         for fmt in FORMATS:
-            results[fmt.name] = measure(fmt, corpus, root, shard_size, repeats, picks)
+            results[fmt.name] = measure(fmt, corpus, root, shard_size, repeats, picks, sums)
             click.echo(f"  measured {fmt.name}", err=True)
         five_second = whistle_five_second_bytes(root, five_second_utterances, five_second_utterances, rng)
         profile = writer_profile(corpus, repeats)
@@ -469,6 +520,10 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
         [[name, r["warm_utt_per_s"], r["warm_mb_s"], r["cold_utt_per_s"], r["cold_mb_s"], r["open_ms"],
           r["random_warm_ms"], r["random_warm_p95_ms"], r["random_cold_ms"]] for name, r in results.items()]))
     for name, r in results.items():
+        if "write_host_tails_clips_per_s" in r:
+            click.echo(f"{name} written with every tail summed on the writer threads (precompute before): "
+                       f"{r['write_host_tails_clips_per_s']:.1f} clips/s; with the sums made where the encoder "
+                       f"runs: {r['write_clips_per_s']:.1f} ({r['write_clips_per_s'] / r['write_host_tails_clips_per_s']:.2f}x)")
         if "zarr_path_warm_utt_per_s" in r:
             click.echo(f"{name} read through zarr's sharding codec (StoreReader(direct=False), the read path before "
                        f"the direct one): {r['zarr_path_warm_utt_per_s']:.1f} utt/s warm, "
@@ -481,10 +536,11 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
 
     click.echo("\nwhere whistle's write time goes, per clip (the numpy work of store/writer.py, each alone, one thread):")
     click.echo(table(["step", "ms per clip"], profile))
-    now_ms = sum(ms for name, ms in profile[:5])
-    device_sums_ms = profile[5][1] + profile[4][1]
-    click.echo(f"host work per clip now {now_ms:.2f} ms (one thread: {1e3 / now_ms:.0f} clips/s); with the sums made "
-               f"on the device and only speech frames copied: {device_sums_ms:.2f} ms ({1e3 / device_sums_ms:.0f} clips/s)")
+    before_ms = sum(ms for name, ms in profile[:5])
+    now_ms = profile[4][1] + profile[5][1] + profile[6][1]
+    click.echo(f"host work per clip before (tails on the writer threads): {before_ms:.2f} ms (one thread: "
+               f"{1e3 / before_ms:.0f} clips/s); now (tail and statistics sums made where the encoder runs, only speech frames "
+               f"copied): {now_ms:.2f} ms ({1e3 / now_ms:.0f} clips/s)")
 
     figures = {
         "utterances": utterances, "mean_seconds": float(corpus.seconds.mean()),
@@ -497,13 +553,15 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
         "direct_vs_zarr_path_warm": ours["warm_utt_per_s"] / ours["zarr_path_warm_utt_per_s"],
         "direct_vs_zarr_path_cold": ours["cold_utt_per_s"] / ours["zarr_path_cold_utt_per_s"],
         "gpu_precompute_clips_per_s": gpu_rate, "write_vs_gpu_precompute": ours["write_clips_per_s"] / gpu_rate,
-        "writer_host_ms_per_clip": now_ms, "writer_host_ms_per_clip_device_sums": device_sums_ms,
+        "write_host_tails_vs_gpu_precompute": ours["write_host_tails_clips_per_s"] / gpu_rate,
+        "device_tail_sums_write_speedup": ours["write_clips_per_s"] / ours["write_host_tails_clips_per_s"],
+        "writer_host_ms_per_clip_before": before_ms, "writer_host_ms_per_clip": now_ms,
     }
     for name, r in results.items():
         key = name.replace("-", "_").replace(" (", "_").replace(")", "")
         for measure_name in ("bytes_per_utt", "write_clips_per_s", "warm_utt_per_s", "cold_utt_per_s",
                              "random_warm_ms", "random_cold_ms", "files", "zarr_path_warm_utt_per_s",
-                             "zarr_path_cold_utt_per_s"):
+                             "zarr_path_cold_utt_per_s", "write_host_tails_clips_per_s"):
             if measure_name in r:
                 figures[f"{key}_{measure_name}"] = r[measure_name]
     click.echo(f"\ngoals: whistle-speech {figures['size_ratio_5s']:.2f}x smaller than the smallest full-window format "

@@ -8,12 +8,12 @@ The GPU is the cost, so nothing else may hold it up:
     augment, pad to 30 s       pinned host memory, one batch of        bounded queues hold the
     (pinned batches)           lag before the host touches it          encoder back if they fall behind)
 
-In speech mode only the speech frames cross to the host: the frames after the speech, which the
-store's tail template is summed from, are summed over the batch where the encoder ran (per shard,
-float32, each window checked for inf/nan there too) and handed to the shard writer as one
-(max_frames, D) sum (ShardWriter.add_tail_sum). That takes the tail sums and the whole-window copies
-off the writer threads (most of their work per clip) and the host copy shrinks to the speech frames.
-In full mode the whole float16 windows cross (3.8 MB per clip for large-v3).
+In speech mode only the speech frames cross to the host: the frames after the speech (what the
+store's tail template is summed from) and the speech frames' per-channel statistics are summed over
+the batch where the encoder ran (per shard, float32, each window checked for inf/nan there too) and
+handed to the shard writer as one set of sums (ShardWriter.add_sums). That takes the sums and the
+whole-window copies off the writer threads (most of their work per clip) and shrinks the host copy
+to the speech frames. In full mode the whole float16 windows cross (3.8 MB per clip for large-v3).
 
 Shard k holds source rows [k*S, (k+1)*S) and belongs to process k % W, so `accelerate launch` /
 `torchrun` on any number of GPUs (or gloo CPU processes) write one store with no coordination but
@@ -167,8 +167,8 @@ class BackgroundWriter:
     def add(self, shard: int, **utterance: Any) -> None:
         self._put(shard, ("add", utterance))
 
-    def add_tail_sum(self, shard: int, tail_sum: np.ndarray, tail_count: np.ndarray) -> None:
-        self._put(shard, ("add_tail_sum", {"tail_sum": tail_sum, "tail_count": tail_count}))
+    def add_sums(self, shard: int, **sums: Any) -> None:
+        self._put(shard, ("add_sums", sums))
 
     def reject(self, shard: int, utt_id: str, reason: str) -> None:
         self._put(shard, ("reject", {"id": utt_id, "reason": reason}))
@@ -211,8 +211,8 @@ class BackgroundWriter:
                 writer = open_shards[shard]
                 if kind == "add":
                     writer.add(**arguments)
-                elif kind == "add_tail_sum":
-                    writer.add_tail_sum(**arguments)
+                elif kind == "add_sums":
+                    writer.add_sums(**arguments)
                 elif kind == "reject":
                     writer.reject(**arguments)
                 else:
@@ -487,8 +487,8 @@ class _InFlight:
     #                              full mode, the batch's most speech frames in speech mode
     copied: torch.cuda.Event | None
     finite: torch.Tensor | None = None  # (B,) bool: no inf/nan in the window (speech mode)
-    tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # shard -> tail sum
-    #                              (max_frames, D) float32, tail count (max_frames,) int64 (speech mode)
+    sums: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # shard -> ShardWriter.add_sums
+    #                              arguments (speech mode; see batch_sums)
 
 
 def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: TeacherGeometry, store: StoreWriter,
@@ -520,8 +520,8 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
             flight.copied.synchronize()
         states = flight.states.numpy() if flight.states is not None else None  # (B, F, D) float16
         finite = flight.finite.numpy() if flight.finite is not None else None  # (B,)
-        for shard, (tail_sum, tail_count) in flight.tails.items():  # before the shard's close, which checks them
-            writer.add_tail_sum(shard, tail_sum.numpy(), tail_count.numpy())
+        for shard, sums in flight.sums.items():  # before the shard's close, which checks them
+            writer.add_sums(shard, **{name: values.numpy() for name, values in sums.items()})
         done = [(reject.row, reject) for reject in flight.batch.rejects]
         done += [(clip.row, (i, clip)) for i, clip in enumerate(flight.batch.clips)]
         for row, item in sorted(done, key=lambda pair: pair[0]):
@@ -533,14 +533,14 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
                 i, clip = item
                 frames = speech_frames(clip.n_samples, geometry, margin)
                 duration = clip.n_samples / geometry.sample_rate
-                if finite is not None and not finite[i]:  # left out of the tail sums on the device
+                if finite is not None and not finite[i]:  # left out of the sums on the device
                     writer.reject(shard, clip.id, NON_FINITE_REASON)
                     stats.count_reject(NON_FINITE_REASON)
                 else:
                     window = states[i]  # (F, D)
                     writer.add(shard, id=clip.id, text=clip.text, language=clip.language, duration_s=duration,
                                states=window if full else window[:frames], speech_frames=frames,
-                               tail_summed=not full)
+                               summed=not full)
                     stats.clips += 1
                     stats.audio_seconds += duration
             left[shard] -= 1
@@ -583,50 +583,59 @@ def _launch(batch: Batch, encoder, geometry: TeacherGeometry, device: torch.devi
             speech: tuple[int, int] | None) -> _InFlight:
     """Start the encoder on a batch and the non-blocking copies of its results to host memory.
 
-    `speech` = (margin frames, shard size) in speech mode: then each window is checked for inf/nan and its
-    tail summed into its shard's sums on the device, and only the speech frames are copied.
+    `speech` = (margin frames, shard size) in speech mode: then each window is checked for inf/nan and summed
+    into its shard's sums on the device (batch_sums), and only the speech frames are copied.
     """
     if not batch.clips:
         return _InFlight(batch, None, None)
     audio = batch.audio.to(device, non_blocking=True)  # (B, n_samples)
     states = teacher_states(encoder, audio, geometry).to(torch.float16)  # (B, M, D), the store's dtype
-    finite, tails = None, {}
+    finite, sums = None, {}
     if speech is not None:
         margin, shard_size = speech
         frames = [speech_frames(clip.n_samples, geometry, margin) for clip in batch.clips]
-        finite, tails = tail_sums(states, frames, [clip.row // shard_size for clip in batch.clips])
+        finite, sums = batch_sums(states, frames, [clip.row // shard_size for clip in batch.clips])
         states = states[:, : max(frames)]  # (B, Tmax, D): only speech frames cross to the host
     if device.type != "cuda":
-        return _InFlight(batch, states.cpu(), None, finite, tails)
+        return _InFlight(batch, states.cpu(), None, finite, sums)
     host_states, host_finite = _pinned_copy(states), None if finite is None else _pinned_copy(finite)
-    host_tails = {shard: (_pinned_copy(tail_sum), _pinned_copy(tail_count)) for shard, (tail_sum, tail_count)
-                  in tails.items()}
+    host_sums = {shard: {name: _pinned_copy(values) for name, values in shard_sums.items()}
+                 for shard, shard_sums in sums.items()}
     copied = torch.cuda.Event()
     copied.record()
-    return _InFlight(batch, host_states, copied, host_finite, host_tails)
+    return _InFlight(batch, host_states, copied, host_finite, host_sums)
 
 
-def tail_sums(states: torch.Tensor, frames: list[int], shards: list[int]
-              ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Where the states are (the GPU): which windows are finite, and per shard the sum of the finite windows'
-    frames after their speech (what ShardWriter.add sums from a tail, for ShardWriter.add_tail_sum).
+def batch_sums(states: torch.Tensor, frames: list[int], shards: list[int]
+               ) -> tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]]:
+    """Where the states are (the GPU): which windows are finite, and per shard the sums ShardWriter would make
+    from the finite ones (ShardWriter.add_sums arguments), so that only speech frames need reach the host.
 
-    states (B, M, D) float16, frames[b] speech frames of window b, shards[b] its shard ->
-    finite (B,) bool, {shard: (tail sum (M, D) float32, tail count (M,) int64)}.
+    states (B, M, D) float16, frames[b] speech frames of window b, shards[b] its shard -> finite (B,) bool,
+    {shard: {tail_sum (M, D), tail_count (M,) int64, stat_sum (D,), stat_sqsum (D,), stat_count () int64}}
+    (sums float32).
     """
     _, max_frames, d_model = states.shape
+    device = states.device
     # float32 sums of float16 cannot overflow, so a window's sum is finite exactly when all its values are
     finite = torch.isfinite(states.sum(dim=(1, 2), dtype=torch.float32))  # (B,)
-    tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    out: dict[int, dict[str, torch.Tensor]] = {}
     for b, (n_frames, shard) in enumerate(zip(frames, shards)):
-        if shard not in tails:
-            tails[shard] = (torch.zeros(max_frames, d_model, device=states.device),  # (M, D) float32
-                            torch.zeros(max_frames, dtype=torch.int64, device=states.device))  # (M,)
-        tail_sum, tail_count = tails[shard]
+        if shard not in out:
+            out[shard] = {"tail_sum": torch.zeros(max_frames, d_model, device=device),
+                          "tail_count": torch.zeros(max_frames, dtype=torch.int64, device=device),
+                          "stat_sum": torch.zeros(d_model, device=device),
+                          "stat_sqsum": torch.zeros(d_model, device=device),
+                          "stat_count": torch.zeros((), dtype=torch.int64, device=device)}
+        sums = out[shard]
         # torch.where, not a multiply: a non-finite window must add nothing (0 x inf is nan)
-        tail_sum[n_frames:] += torch.where(finite[b], states[b, n_frames:], 0.0)  # (M - T, D)
-        tail_count[n_frames:] += finite[b]
-    return finite, tails
+        sums["tail_sum"][n_frames:] += torch.where(finite[b], states[b, n_frames:], 0.0)  # (M - T, D)
+        sums["tail_count"][n_frames:] += finite[b]
+        speech = torch.where(finite[b], states[b, :n_frames], 0.0).float()  # (T, D)
+        sums["stat_sum"] += speech.sum(dim=0)
+        sums["stat_sqsum"] += (speech * speech).sum(dim=0)
+        sums["stat_count"] += finite[b] * n_frames
+    return finite, out
 
 
 def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -282,9 +282,9 @@ class ShardWriter:
         self._rejects: list[dict[str, str]] = []
         self._tail_sum = np.zeros((self.max_frames, self.d_model), np.float64)  # (M, D)
         self._tail_count = np.zeros(self.max_frames, np.int64)  # (M,)
-        # add(tail_summed=True) counts what add_tail_sum must bring; close() checks the two agree
-        self._summed_expected = np.zeros(self.max_frames, np.int64)  # (M,)
-        self._summed_given = np.zeros(self.max_frames, np.int64)  # (M,)
+        # add(summed=True) counts what add_sums must bring; close() checks that the two agree
+        self._summed_expected = np.zeros(self.max_frames + 1, np.int64)  # (M + 1,): tail count, speech frames
+        self._summed_given = np.zeros(self.max_frames + 1, np.int64)  # (M + 1,)
         self._stat_sum = np.zeros(self.d_model, np.float64)  # (D,)
         self._stat_sqsum = np.zeros(self.d_model, np.float64)  # (D,)
         self._stat_count = 0
@@ -313,14 +313,14 @@ class ShardWriter:
                 self.writer.release(self.index)
 
     def add(self, id: str, text: str, language: str, duration_s: float, states: np.ndarray,
-            tail: np.ndarray | None = None, *, speech_frames: int | None = None, tail_summed: bool = False) -> bool:
+            tail: np.ndarray | None = None, *, speech_frames: int | None = None, summed: bool = False) -> bool:
         """Add one utterance; returns False when it was recorded as a reject instead.
 
         speech mode: `states` (T, D) float16 are the speech frames, `tail` (max_frames - T, D)
-        float16 the rest of the window (None only when T == max_frames) — or, with `tail_summed`,
-        no tail: the caller adds it to the template sums itself with `add_tail_sum` (precompute sums
-        a batch's tails on the GPU, so only speech frames cross to the host), and must then have
-        checked the whole window for inf/nan (this method checks `states` only).
+        float16 the rest of the window (None only when T == max_frames) — or, with `summed`, no
+        tail: the caller adds the tail and the speech frames' statistics to the shard's sums itself
+        with `add_sums` (precompute sums a batch on the GPU, so only speech frames cross to the
+        host), and must then have checked the whole window for inf/nan (this checks `states` only).
         full mode: `states` (max_frames, D) float16, `tail` None; `speech_frames` (where the speech
         ends) defaults to ceil(duration_s * sample_rate / samples_per_frame) + margin, capped.
         Non-finite states become a reject ("non-finite states: ..."), never stored.
@@ -332,17 +332,17 @@ class ShardWriter:
         if not (isinstance(duration_s, (int, float, np.floating)) and math.isfinite(duration_s) and duration_s > 0):
             raise ValueError(f"utterance {id!r}: duration_s must be a positive number of seconds, got {duration_s!r}")
         states = np.asarray(states)
-        if tail_summed and (self.spec.frames != "speech" or tail is not None):
-            raise ValueError(f"utterance {id!r} (shard {self.name}): tail_summed is for speech-frames stores and "
+        if summed and (self.spec.frames != "speech" or tail is not None):
+            raise ValueError(f"utterance {id!r} (shard {self.name}): summed is for speech-frames stores and "
                              "replaces the tail argument")
-        n_speech = self._check_shapes(id, duration_s, states, tail, speech_frames, tail_summed)
+        n_speech = self._check_shapes(id, duration_s, states, tail, speech_frames, summed)
         tail = None if tail is None else np.asarray(tail)
         if not _finite(states) or (tail is not None and not _finite(tail)):
             self.reject(id, NON_FINITE_REASON)
             return False
         states = np.array(states, copy=True)  # the caller may reuse its buffers
         tail = None if tail is None else np.array(tail, copy=True)
-        self._pending.append(self._summer.submit(self._sum, states, tail, n_speech, tail_summed))
+        self._pending.append(self._summer.submit(self._sum, states, tail, n_speech, summed))
         while len(self._pending) > MAX_PENDING_SUMS or (self._pending and self._pending[0].done()):
             self._pending.popleft().result()  # raises what the summing thread raised
         self._states.append(states)
@@ -354,42 +354,53 @@ class ShardWriter:
         self._seen.add(id)
         return True
 
-    def _sum(self, states: np.ndarray, tail: np.ndarray | None, n_speech: int, tail_summed: bool) -> None:
+    def _sum(self, states: np.ndarray, tail: np.ndarray | None, n_speech: int, summed: bool) -> None:
         """Add one utterance to the shard's template and statistics sums (on the summing thread)."""
+        self._tail_count[n_speech:] += 1
+        if summed:  # its sums come from add_sums
+            self._summed_expected[n_speech:-1] += 1
+            self._summed_expected[-1] += n_speech
+            return
         speech = states[:n_speech].astype(np.float64)  # (T, D)
         self._stat_sum += speech.sum(axis=0)
         self._stat_sqsum += np.einsum("td,td->d", speech, speech)
         self._stat_count += n_speech
-        self._tail_count[n_speech:] += 1
-        if tail_summed:
-            self._summed_expected[n_speech:] += 1
-        else:
-            self._tail_sum[n_speech:] += states[n_speech:] if tail is None else tail  # (M - T, D)
+        self._tail_sum[n_speech:] += states[n_speech:] if tail is None else tail  # (M - T, D)
 
-    def add_tail_sum(self, tail_sum: np.ndarray, tail_count: np.ndarray) -> None:
-        """Add tails summed by the caller for utterances added with `tail_summed=True`.
+    def add_sums(self, tail_sum: np.ndarray, tail_count: np.ndarray, stat_sum: np.ndarray, stat_sqsum: np.ndarray,
+                 stat_count: int) -> None:
+        """Add sums made by the caller over utterances added with `summed=True` (precompute: one batch, on the GPU).
 
-        `tail_sum` (max_frames, D) float32/float64: over those utterances, the sum of their states at each
-        window position p >= their speech frames; `tail_count` (max_frames,): how many utterances each
-        position sums. close() refuses a shard whose counts disagree with the utterances added so.
+        tail_sum (max_frames, D): the sum of their states at each window position p >= their speech frames;
+        tail_count (max_frames,): how many utterances each position sums; stat_sum, stat_sqsum (D,): per-channel
+        sums of their speech frames and of their squares; stat_count: their speech frames. Sums float32 or
+        float64. close() refuses a shard whose counts disagree with the utterances added so.
         """
         if self._record is not None:
             raise RuntimeError(f"shard {self.name} is closed")
-        tail_sum, tail_count = np.asarray(tail_sum), np.asarray(tail_count)
-        if tail_sum.shape != (self.max_frames, self.d_model) or tail_sum.dtype not in (np.float32, np.float64):
-            raise ValueError(f"shard {self.name}: tail_sum must be ({self.max_frames}, {self.d_model}) float32 or "
-                             f"float64, got {tail_sum.shape} {tail_sum.dtype}")
+        shapes = {"tail_sum": (self.max_frames, self.d_model), "stat_sum": (self.d_model,),
+                  "stat_sqsum": (self.d_model,)}
+        sums = {"tail_sum": np.asarray(tail_sum), "stat_sum": np.asarray(stat_sum), "stat_sqsum": np.asarray(stat_sqsum)}
+        for name, values in sums.items():
+            if values.shape != shapes[name] or values.dtype not in (np.float32, np.float64):
+                raise ValueError(f"shard {self.name}: {name} must be {shapes[name]} float32 or float64, got "
+                                 f"{values.shape} {values.dtype}")
+        tail_count = np.asarray(tail_count)
         if tail_count.shape != (self.max_frames,) or tail_count.dtype.kind not in "iu":
             raise ValueError(f"shard {self.name}: tail_count must be ({self.max_frames},) integers, got "
                              f"{tail_count.shape} {tail_count.dtype}")
-        self._pending.append(self._summer.submit(self._sum_tails, tail_sum.copy(), tail_count.copy()))
+        counts = np.append(tail_count, int(stat_count))  # (M + 1,)
+        self._pending.append(self._summer.submit(self._add_sums, *(v.copy() for v in sums.values()), counts))
 
-    def _sum_tails(self, tail_sum: np.ndarray, tail_count: np.ndarray) -> None:
+    def _add_sums(self, tail_sum: np.ndarray, stat_sum: np.ndarray, stat_sqsum: np.ndarray, counts: np.ndarray) -> None:
         self._tail_sum += tail_sum
-        self._summed_given += tail_count
+        self._stat_sum += stat_sum
+        self._stat_sqsum += stat_sqsum
+        self._stat_count += int(counts[-1])
+        self._summed_given += counts
 
     def _check_shapes(self, id: str, duration_s: float, states: np.ndarray, tail: np.ndarray | None,
-                      speech_frames: int | None, tail_summed: bool) -> int:
+                      speech_frames: int | None, summed: bool) -> int:
         """The number of speech frames, after checking shapes and dtypes against the spec."""
         where = f"utterance {id!r} (shard {self.name})"
         if states.ndim != 2 or states.shape[1] != self.d_model or states.dtype != np.float16:
@@ -412,7 +423,7 @@ class ShardWriter:
         if speech_frames is not None and speech_frames != n_rows:
             raise ValueError(f"{where}: speech_frames={speech_frames} but states has {n_rows} frames")
         tail_rows = self.max_frames - n_rows
-        if tail is None and tail_rows and not tail_summed:
+        if tail is None and tail_rows and not summed:
             raise ValueError(f"{where}: speech-frames store needs the tail ({tail_rows}, {self.d_model}) "
                              "for the tail template")
         if tail is not None:
@@ -449,8 +460,9 @@ class ShardWriter:
             self._pending.popleft().result()
         self._summer.shutdown()
         if not np.array_equal(self._summed_expected, self._summed_given):
-            raise ValueError(f"the tails given with add_tail_sum count {self._summed_given.sum()} utterance-positions, "
-                             f"the utterances added with tail_summed=True have {self._summed_expected.sum()}")
+            raise ValueError(f"the sums given with add_sums cover {self._summed_given[-1]} speech frames and "
+                             f"{self._summed_given[:-1].sum()} tail positions; the utterances added with summed=True "
+                             f"have {self._summed_expected[-1]} and {self._summed_expected[:-1].sum()}")
         n = len(self._ids)
         speech_frames = np.asarray(self._speech_frames, np.int32)  # (n,)
         lengths = [len(states) for states in self._states]

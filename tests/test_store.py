@@ -338,26 +338,28 @@ def test_direct_reads_on_a_remote_fsspec_store():
     np.testing.assert_array_equal(reader.frames(0, 2, 10, 90), utts[2]["window"][10:90])
 
 
-def test_tails_summed_by_the_caller_must_add_up(tmp_path):
+def test_sums_made_by_the_caller_must_add_up(tmp_path):
     spec = store_spec(shard_size=4)
+    d_model = spec.teacher.d_model
     utts = synthetic_utterances(spec, 2, seed=8)
     writer = StoreWriter.open(tmp_path / "s", spec)
     shard = writer.shard(0)
     for utt in utts:
         speech = utt["speech_frames"]
-        shard.add(utt["id"], utt["text"], utt["language"], utt["duration"], utt["window"][:speech], tail_summed=True)
+        shard.add(utt["id"], utt["text"], utt["language"], utt["duration"], utt["window"][:speech], summed=True)
     speech = utts[0]["speech_frames"]
     count = np.zeros(1500, np.int64)
     count[speech:] = 1
-    shard.add_tail_sum(np.zeros((1500, spec.teacher.d_model), np.float32), count)  # the second utterance's is missing
-    with pytest.raises(StoreError, match="writing shard 00000 .* tail_summed=True"):
+    zeros = np.zeros(d_model, np.float32)
+    shard.add_sums(np.zeros((1500, d_model), np.float32), count, zeros, zeros, speech)  # the second one's is missing
+    with pytest.raises(StoreError, match="writing shard 00000 .* the utterances added with summed=True"):
         shard.close()
     assert writer.complete_shards() == set()
     with pytest.raises(ValueError, match="tail_sum must be"):
-        writer.shard(1).add_tail_sum(np.zeros((1500, spec.teacher.d_model), np.float16), count)
+        writer.shard(1).add_sums(np.zeros((1500, d_model), np.float16), count, zeros, zeros, speech)
     full = StoreWriter.open(tmp_path / "f", store_spec("full", shard_size=4))
-    with pytest.raises(ValueError, match="tail_summed is for speech-frames stores"):
-        full.shard(0).add("u", "t", "en", 1.0, utts[0]["window"], tail_summed=True)
+    with pytest.raises(ValueError, match="summed is for speech-frames stores"):
+        full.shard(0).add("u", "t", "en", 1.0, utts[0]["window"], summed=True)
 
 
 def test_tail_template_and_statistics_reduce_exactly(tmp_path):
