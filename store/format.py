@@ -84,12 +84,18 @@ import importlib.metadata
 import json
 import os
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import google_crc32c
+import numcodecs
+import numpy as np
 import zarr
 from zarr.abc.store import Store
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.sync import sync
 from zarr.errors import ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore
@@ -102,6 +108,14 @@ MAX_BITROUND_KEEPBITS = 9  # float16 has 10 mantissa bits; keeping all 10 is no 
 SHARDS_GROUP = "shards"
 CACHE_GROUP = "cache"
 ATTRS_KEY = "whistle"
+# A states shard object (Zarr v3 sharding codec, index at the end): the inner chunks back to back, each
+# followed by its crc32c; then one (offset, nbytes) little-endian uint64 pair per inner chunk and the crc32c
+# of those pairs. store/writer.py writes it and store/reader.py reads it directly (zarr for anything else).
+CHECKSUM_BYTES = 4
+INDEX_ENTRY_BYTES = 16
+MISSING_CHUNK = 2**64 - 1  # both values of the index entry of a chunk never written (zarr reads the fill value)
+BLOSC_HEADER_BYTES = 16  # its bytes 4-7: the decoded size, little-endian uint32
+ENCODE_THREADS = min(4, os.cpu_count() or 1)  # threads compressing one shard object's chunks
 
 # BitRound is a numcodecs codec that zarr-python (not the Zarr v3 spec) knows; zarr warns on every
 # construction, including each time such an array is opened. We chose it knowingly (opt-in only).
@@ -266,6 +280,84 @@ def states_codecs(spec: StoreSpec) -> dict[str, Any]:
                                       shuffle="shuffle", typesize=2))
     compressors.append(Crc32cCodec())
     return {"filters": filters, "compressors": compressors}
+
+
+def states_compressor(spec: StoreSpec) -> numcodecs.Blosc | None:
+    """The Blosc compressor of the states' inner chunks as numcodecs builds it (zarr's BloscCodec does the same)."""
+    if not spec.codec.startswith("blosc-"):
+        return None
+    return numcodecs.Blosc(cname=spec.codec.removeprefix("blosc-"), clevel=spec.compression_level,
+                           shuffle=numcodecs.Blosc.SHUFFLE, blocksize=0, typesize=2)
+
+
+def direct_compression(array: zarr.Array) -> bool | None:
+    """Whether a states array's inner chunks are Blosc-compressed, when whistle reads and writes its shard object
+    itself (one shard object; bytes -> [Blosc] -> crc32c inside; the index as bytes -> crc32c at the end); None
+    when zarr must (BitRound filters, other codecs or layouts)."""
+    codecs = array.metadata.codecs
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or array.shards is None:
+        return None
+    sharding = codecs[0]
+    inner = list(sharding.codecs)
+    if array.ndim != 2 or array.shards[0] < array.shape[0] or array.shards[1] != array.shape[1] \
+            or array.chunks[1] != array.shape[1] or array.dtype != np.float16:
+        return None
+    if sharding.index_location != ShardingCodecIndexLocation.end or len(sharding.index_codecs) != 2 \
+            or not _little_endian_bytes(sharding.index_codecs[0]) or not isinstance(sharding.index_codecs[1], Crc32cCodec):
+        return None
+    if len(inner) < 2 or not _little_endian_bytes(inner[0]) or not isinstance(inner[-1], Crc32cCodec):
+        return None
+    middle = inner[1:-1]
+    if not middle:
+        return False
+    return True if len(middle) == 1 and isinstance(middle[0], BloscCodec) else None
+
+
+def _little_endian_bytes(codec: Any) -> bool:
+    return isinstance(codec, BytesCodec) and codec.endian is not None and codec.endian.value == "little"
+
+
+def checksum_ok(payload: np.ndarray) -> bool:
+    """payload (n,) uint8: data followed by its crc32c (little-endian uint32)."""
+    body, stored = payload[:-CHECKSUM_BYTES], payload[-CHECKSUM_BYTES:]
+    return google_crc32c.value(body) == int.from_bytes(stored.tobytes(), "little")
+
+
+def encode_shard_object(pieces: list[np.ndarray], d_model: int, chunk_rows: int,
+                        compressor: numcodecs.Blosc | None) -> bytes:
+    """The shard object of a states array held in one shard: the rows of `pieces` (each (T, D) float16, in
+    order) in inner chunks of `chunk_rows` rows (the last one padded with zeros), each compressed and
+    checksummed, then the index. Chunks are gathered one by one (the rows are never joined whole) and
+    compressed on ENCODE_THREADS threads, at most twice as many chunks in flight (Blosc frees the GIL)."""
+    n_frames = sum(len(piece) for piece in pieces)
+    n_chunks = max(1, -(-n_frames // chunk_rows))
+
+    def encode(chunk: np.ndarray) -> bytes:
+        body = compressor.encode(chunk) if compressor is not None else chunk.tobytes()
+        return body + google_crc32c.value(body).to_bytes(CHECKSUM_BYTES, "little")
+
+    encoded: list[bytes] = []
+    with ThreadPoolExecutor(ENCODE_THREADS) as pool:
+        in_flight: deque[Future] = deque()
+        piece_index, start = 0, 0  # the next row to gather: pieces[piece_index][start]
+        for _ in range(n_chunks):
+            chunk = np.zeros((chunk_rows, d_model), "<f2")  # (chunk_rows, D); the last one's rest is padding
+            filled = 0
+            while filled < chunk_rows and piece_index < len(pieces):
+                piece = pieces[piece_index]
+                take = min(chunk_rows - filled, len(piece) - start)
+                chunk[filled : filled + take] = piece[start : start + take]
+                filled, start = filled + take, start + take
+                if start == len(piece):
+                    piece_index, start = piece_index + 1, 0
+            in_flight.append(pool.submit(encode, chunk))
+            if len(in_flight) >= 2 * ENCODE_THREADS:
+                encoded.append(in_flight.popleft().result())
+        encoded += [future.result() for future in in_flight]
+    sizes = np.array([len(part) for part in encoded], np.uint64)  # (n_chunks,)
+    index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8")  # (n_chunks, 2): offset, nbytes
+    table = index.tobytes()
+    return b"".join([*encoded, table, google_crc32c.value(table).to_bytes(CHECKSUM_BYTES, "little")])
 
 
 def url_text(url: str | os.PathLike | Store) -> str:

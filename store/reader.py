@@ -30,21 +30,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import google_crc32c
 import numcodecs.blosc
 import numpy as np
 import zarr
 from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 
 from store.format import (
+    BLOSC_HEADER_BYTES,
     CACHE_GROUP,
+    CHECKSUM_BYTES,
+    INDEX_ENTRY_BYTES,
+    MISSING_CHUNK,
     SHARDS_GROUP,
     StoreError,
     StoreSpec,
     TeacherInfo,
+    checksum_ok,
+    direct_compression,
     open_root,
     open_zarr_store,
     read_json,
@@ -63,10 +66,6 @@ INDEX_CACHE_SHARDS = 8  # shard indexes (offsets, ids, text, ...) kept in memory
 REDUCE_THREADS = 8  # shards read at once when reducing the template (I/O bound)
 INDEX_ARRAYS = ("offsets", "speech_frames", "ids", "text", "language", "duration")
 CACHE_ARRAYS = ("tail_template", "tail_count", "mean", "std")
-CHECKSUM_BYTES = 4  # the crc32c after every inner chunk and after the sharding index
-INDEX_ENTRY_BYTES = 16  # one (offset, nbytes) uint64 pair per inner chunk
-BLOSC_HEADER_BYTES = 16
-MISSING_CHUNK = 2**64 - 1  # the index entry of an inner chunk that was never written (zarr reads the fill value)
 
 
 class DamagedShardError(StoreError):
@@ -123,38 +122,6 @@ class ShardLayout:
     chunk_rows: int  # rows per inner chunk (the last one is padded with zeros)
     blosc: bool  # Blosc-compressed chunks (else raw little-endian float16)
     chunks: np.ndarray  # (n_chunks, 2) uint64: byte offset and length of each chunk in the object
-
-
-def direct_compression(array: zarr.Array) -> bool | None:
-    """Whether a states array's inner chunks are Blosc-compressed, when the direct path can read the array
-    (one shard object; bytes -> [Blosc] -> crc32c inside; the index as bytes -> crc32c at the end); else None."""
-    codecs = array.metadata.codecs
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or array.shards is None:
-        return None
-    sharding = codecs[0]
-    inner = list(sharding.codecs)
-    if array.ndim != 2 or array.shards[0] < array.shape[0] or array.shards[1] != array.shape[1] \
-            or array.chunks[1] != array.shape[1] or array.dtype != np.float16:
-        return None
-    if sharding.index_location != ShardingCodecIndexLocation.end or len(sharding.index_codecs) != 2 \
-            or not _little_endian_bytes(sharding.index_codecs[0]) or not isinstance(sharding.index_codecs[1], Crc32cCodec):
-        return None
-    if len(inner) < 2 or not _little_endian_bytes(inner[0]) or not isinstance(inner[-1], Crc32cCodec):
-        return None
-    middle = inner[1:-1]
-    if not middle:
-        return False
-    return True if len(middle) == 1 and isinstance(middle[0], BloscCodec) else None
-
-
-def _little_endian_bytes(codec: Any) -> bool:
-    return isinstance(codec, BytesCodec) and codec.endian is not None and codec.endian.value == "little"
-
-
-def _checksum_ok(payload: np.ndarray) -> bool:
-    """payload (n,) uint8: data followed by its crc32c (little-endian uint32)."""
-    body, stored = payload[:-CHECKSUM_BYTES], payload[-CHECKSUM_BYTES:]
-    return google_crc32c.value(body) == int.from_bytes(stored.tobytes(), "little")
 
 
 def index_problems(index: ShardIndex, attrs: dict[str, Any], spec: StoreSpec) -> list[str]:
@@ -306,7 +273,7 @@ class StoreReader:
             n_chunks = index.states.shards[0] // chunk_rows
             size = n_chunks * INDEX_ENTRY_BYTES + CHECKSUM_BYTES
             raw = self._fetch(shard, key, SuffixByteRequest(size), size, "its sharding index")
-            if not _checksum_ok(raw):
+            if not checksum_ok(raw):
                 raise self._damaged(shard, "the sharding index of states fails its checksum - the shard object is "
                                            "corrupt or truncated")
             chunks = raw[:-CHECKSUM_BYTES].view("<u8").reshape(n_chunks, 2)  # (n_chunks, 2): offset, nbytes
@@ -350,7 +317,7 @@ class StoreReader:
                 payload = data[offset - begin : offset - begin + length]
             row = (first + c) * rows
             where = f"inner chunk {first + c} of states (rows {row}-{row + rows - 1})"
-            if length <= CHECKSUM_BYTES or not _checksum_ok(payload):
+            if length <= CHECKSUM_BYTES or not checksum_ok(payload):
                 raise self._damaged(shard, f"{where} fails its checksum - the shard object is corrupt or truncated")
             body = payload[:-CHECKSUM_BYTES]
             target = buffer if out is None else out[c * rows : (c + 1) * rows]  # (rows, D)

@@ -11,7 +11,8 @@
 
 A shard buffers its utterances in memory and writes every array whole when it closes (zarr-python
 rewrites a whole shard object on any partial write), then marks itself complete in its last write.
-While it closes, a shard holds about three times its raw size (buffers, joined states, compressed).
+While it closes, a shard holds about twice its raw size (its buffers and the compressed shard object:
+the states are gathered into the object chunk by chunk, never joined whole).
 
 Two runs on one store. `shard(k)` first *claims* shard k: on a local store, an OS lock
 (fcntl.flock) on STORE/locks/<k>, held until the shard is closed and released by the OS when the
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
 from zarr.errors import ContainsGroupError
 from zarr.storage import LocalStore
 
@@ -54,8 +56,11 @@ from store.format import (
     read_shard_attrs,
     run_sync,
     shard_attrs,
+    direct_compression,
+    encode_shard_object,
     shard_name,
     states_codecs,
+    states_compressor,
     url_text,
     version_stamp,
     write_json,
@@ -469,19 +474,24 @@ class ShardWriter:
         offsets = np.zeros(n + 1, np.int64)  # (n + 1,)
         np.cumsum(lengths, out=offsets[1:])
         n_frames = int(offsets[-1])
-        states = np.concatenate(self._states) if n else np.zeros((0, self.d_model), np.float16)  # (n_frames, D)
-        self._states.clear()
         chunk = self.spec.chunk_frames
         shard_rows = max(1, -(-n_frames // chunk)) * chunk  # one shard object holds the whole array
         group = self._group
         array = group.create_array(
-            "states", shape=states.shape, dtype=np.float16, chunks=(chunk, self.d_model),
+            "states", shape=(n_frames, self.d_model), dtype=np.float16, chunks=(chunk, self.d_model),
             shards=(shard_rows, self.d_model), fill_value=0, config={"write_empty_chunks": True},
             **states_codecs(self.spec),
         )
-        if n_frames:
-            array[...] = states  # one write: the whole shard object
-        del states
+        if n_frames and direct_compression(array) is not None:
+            # The shard object made here, as zarr's sharding codec makes it (same bytes), in one store write:
+            # zarr would first join the states and assemble every chunk through its buffers.
+            key = f"{SHARDS_GROUP}/{self.name}/states/{array.metadata.encode_chunk_key((0, 0))}"
+            shard_object = encode_shard_object(self._states, self.d_model, chunk, states_compressor(self.spec))
+            run_sync(self.writer.store.set(key, default_buffer_prototype().buffer.from_bytes(shard_object)))
+            del shard_object
+        elif n_frames:
+            array[...] = np.concatenate(self._states)  # (n_frames, D), one write: the whole shard object
+        self._states.clear()
         _write_whole(group, "offsets", offsets)
         _write_whole(group, "speech_frames", speech_frames)
         _write_whole(group, "duration", np.asarray(self._durations, np.float32))
