@@ -5,16 +5,17 @@ resident memory, with its DataLoader workers, the parent samples every 20 ms:
 
   writer   the stage's host side at large-v3 shape, fed as fast as it takes it: batches of
            precompute.batch_size float16 windows (B, 1500, 1280) handed to precompute's own
-           BackgroundWriter exactly as the stage's `deliver` hands them (speech frames + tail views of
-           the batch), Common-Voice-like clip lengths. The encoder is left out (it runs on the GPU), so
+           BackgroundWriter exactly as the stage's `deliver` hands them (per batch, the sums that
+           stages.precompute.batch_sums makes on the device, then views of the speech frames of the
+           host copy, which holds the batch's first Tmax frames only), Common-Voice-like clip lengths. The encoder is left out (it runs on the GPU), so
            the writers are the bottleneck and their queues stay full: the worst case for host memory.
   stage    the whole `stages.precompute.run` with a random tiny-sized (or, with --device cuda,
            --stage-size) encoder on MP3 clips, for the same knobs; on a GPU also the peak GPU memory
            (torch.cuda.max_memory_allocated).
 
 "above imports" = peak minus the process's memory once torch and the pipeline are imported. The store
-writer holds a shard's utterances until it closes and about three times a shard's raw size while it
-closes (store/writer.py), write_queue bounds the shards closing at once, and each writer thread's
+writer holds a shard's utterances until it closes and about twice a shard's raw size while it closes
+(store/writer.py), write_queue bounds the shards closing at once, and each writer thread's
 message queue (64 utterances) keeps the batch arrays its messages point into alive.
 
     python bench/memory.py                                  # CPU, ~6 min
@@ -59,7 +60,9 @@ def own_rss() -> int:
 def writer_child(store: str, shard_size: int, write_queue: int, write_threads: int, batch_size: int, clips: int,
                  results) -> None:
     """Feed `clips` large-v3-shaped clips through BackgroundWriter as the stage's deliver() does."""
-    from stages.precompute import BackgroundWriter
+    import torch
+
+    from stages.precompute import BackgroundWriter, batch_sums
     from store import StoreSpec, StoreWriter, TeacherInfo
 
     results.put(("imported", own_rss()))
@@ -74,11 +77,16 @@ def writer_child(store: str, shard_size: int, write_queue: int, write_threads: i
     for first in range(0, clips, batch_size):
         rows = range(first, min(clips, first + batch_size))
         starts = rng.integers(0, POOL_FRAMES - MAX_FRAMES, len(rows))
-        states = np.stack([pool[s : s + MAX_FRAMES] for s in starts])  # (B, M, D): a new array per batch
+        windows = torch.from_numpy(np.stack([pool[s : s + MAX_FRAMES] for s in starts]))  # (B, M, D)
+        n_frames = [int(frames[row]) for row in rows]
+        _, sums = batch_sums(windows, n_frames, [row // shard_size for row in rows])  # the GPU's work in the stage
+        states = windows[:, : max(n_frames)].numpy().copy()  # (B, Tmax, D): a new host array per batch
+        for shard, shard_sums in sums.items():
+            writer.add_sums(shard, **{name: values.numpy() for name, values in shard_sums.items()})
         for i, row in enumerate(rows):
-            window, n = states[i], int(frames[row])
+            n = n_frames[i]
             writer.add(row // shard_size, id=f"utt{row:07d}", text="synthetic", language="en",
-                       duration_s=float(seconds[row]), states=window[:n], tail=window[n:], speech_frames=n)
+                       duration_s=float(seconds[row]), states=states[i, :n], speech_frames=n, summed=True)
             if (row + 1) % shard_size == 0 or row + 1 == clips:
                 writer.close(row // shard_size)
     writer.finish()
