@@ -40,12 +40,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from store import StoreReader
 from store.dataset import FeatureDataset
@@ -61,6 +60,7 @@ from whistle_pipeline.training import (
     build_optimizer,
     damage_summary,
     damaged_shards,
+    endless_epochs,
     held_out_items,
     latest_checkpoint,
     make_accelerator,
@@ -184,28 +184,15 @@ class StoreStream:
                  position: tuple[int, int] = (0, 0), skip_damaged: bool = False):
         self.dataset = FeatureDataset(url, shuffle=True, seed=seed, shuffle_buffer=shuffle_buffer, keep=keep,
                                       skip_damaged=skip_damaged)
-        self.url, self.seed, self.num_workers = url, seed, num_workers
         self.epoch, self.taken = position
-        self._items = self._stream(self.taken)
-
-    def _stream(self, skip: int) -> Iterator[dict[str, Any]]:
-        while True:
-            self.dataset.set_epoch(self.epoch)
-            # its own generator, so starting workers never draws from the global RNG (exact resume)
-            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            seen = 0
-            for seen, item in enumerate(loader, start=1):
-                if seen > skip:
-                    yield item
-            if seen == 0:
-                raise WhistleError(f"this process got no training utterances from {self.url}: the store has fewer "
-                                   "usable utterances than processes x workers, or everything is held out")
-            skip, self.epoch, self.taken = 0, self.epoch + 1, 0
+        self._items = endless_epochs(self.dataset, seed, self.epoch, self.taken, batch_size=None,
+                                     num_workers=num_workers)
 
     def take(self, count: int) -> list[dict[str, Any]]:
-        items = [next(self._items) for _ in range(count)]
-        self.taken += count
+        items = []
+        for _ in range(count):
+            self.epoch, self.taken, item = next(self._items)
+            items.append(item)
         return items
 
     @property

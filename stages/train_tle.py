@@ -42,7 +42,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from store import StoreReader
 from store.dataset import FeatureDataset, pad_batch
@@ -65,6 +64,7 @@ from whistle_pipeline.training import (
     build_optimizer,
     damage_summary,
     damaged_shards,
+    endless_epochs,
     held_out_items,
     latest_checkpoint,
     load_checkpoint,
@@ -325,19 +325,8 @@ def stream_batches(dataset: FeatureDataset, collate: Collate, batch_size: int, n
                    epoch: int, skip: int) -> Iterator[tuple[int, int, TrainBatch]]:
     """(epoch, batches read this epoch, batch) forever: a new epoch starts when this rank's share runs out.
     `skip` batches of the first epoch are read and dropped (resuming at a data position)."""
-    while True:
-        dataset.set_epoch(epoch)
-        # its own generator, so starting workers never draws from the global RNG (exact resume)
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-                            generator=torch.Generator().manual_seed(seed + epoch))
-        seen = 0
-        for seen, batch in enumerate(loader, start=1):
-            if seen > skip:
-                yield epoch, seen, batch
-        if seen == 0:
-            raise WhistleError(f"this process got no training utterances from {dataset.url}: the store has fewer "
-                               "usable utterances than processes x workers, or everything is held out")
-        skip, epoch = 0, epoch + 1
+    return endless_epochs(dataset, seed, epoch, skip, batch_size=batch_size, collate_fn=collate,
+                          num_workers=num_workers)
 
 
 def validation_batches(url: str, collate: Collate, keep: KeepSplit, size: int, batch_size: int,

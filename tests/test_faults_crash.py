@@ -10,7 +10,7 @@ tests/test_precompute_resume.py kills precompute at one fixed point; these kill 
 from __future__ import annotations
 
 import pytest
-from conftest import load_bench
+from conftest import load_bench, store_spec, synthetic_utterances, write_synthetic_store
 
 from store import StoreReader, inspect_store
 
@@ -40,3 +40,22 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint(stage, tmp_path):
     assert trial.where != "(the run had finished)", trial
     assert trial.ok, trial
     assert "resumed from step 2" in trial.outcome or "resumed from step 4" in trial.outcome, trial
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stored_stream_resumes_exactly_when_a_batch_crosses_an_epoch_end(tmp_path, workers):
+    """finetune's saved data position (epoch, items taken) must count only the new epoch's items when a
+    batch straddles two epochs; counting the whole batch skipped data on resume."""
+    from stages.finetune import HeldOut, StoreStream
+
+    spec = store_spec(shard_size=3, chunk_frames=64)
+    url = str(tmp_path / "store")
+    write_synthetic_store(url, spec, synthetic_utterances(spec, 7, seed=2))  # an epoch is 7 utterances
+    keep_all = HeldOut(0.0, 0, False)
+    stream = StoreStream(url, keep_all, 5, 4, workers)
+    stream.take(5)
+    stream.take(5)  # 2 of epoch 0, then 3 of epoch 1
+    assert stream.position == (1, 3)
+    resumed = StoreStream(url, keep_all, 5, 4, workers, position=stream.position)
+    assert [u["id"] for u in resumed.take(6)] == [u["id"] for u in stream.take(6)]
+    assert resumed.position == stream.position == (2, 2)

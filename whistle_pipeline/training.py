@@ -29,7 +29,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -244,6 +244,30 @@ class CsvLog:
             csv.DictWriter(handle, self.columns).writerow({k: row.get(k, "") for k in self.columns})
 
 
+# --- data --------------------------------------------------------------------------------------------
+
+
+def endless_epochs(dataset: Any, seed: int, epoch: int, skip: int, **loader_options: Any
+                   ) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, items read this epoch, item) forever from DataLoader(dataset, **loader_options): a new epoch
+    starts when this rank's share runs out; the first `skip` items of the first epoch are read and dropped
+    (resuming at a data position). `dataset` is a FeatureDataset (or anything with set_epoch and url)."""
+    from torch.utils.data import DataLoader
+
+    while True:
+        dataset.set_epoch(epoch)
+        # its own generator, so starting workers never draws from the global RNG (exact resume)
+        loader = DataLoader(dataset, generator=torch.Generator().manual_seed(seed + epoch), **loader_options)
+        seen = 0
+        for seen, item in enumerate(loader, start=1):
+            if seen > skip:
+                yield epoch, seen, item
+        if seen == 0:
+            raise WhistleError(f"this process got no training utterances from {dataset.url}: the store has fewer "
+                               "usable utterances than processes x workers, or everything is held out")
+        skip, epoch = 0, epoch + 1
+
+
 # --- stores --------------------------------------------------------------------------------------------
 
 
@@ -317,6 +341,9 @@ def damaged_shards(accelerator: Any, url: str, scan_dir: Path) -> tuple[list[Dam
     for shard in damaged:
         log.error("skipping damaged shard %05d of store %s (%d utterances): %s", shard.shard, shard.store,
                   shard.utterances, shard.reason)
+    if damaged:
+        log.warning("training without %d damaged shard(s) of %s: %d of %d utterances left out", len(damaged),
+                    reader.url, sum(d.utterances for d in damaged), len(reader))
     return damaged, frozenset(i for r in records for i in r["ids"])
 
 
