@@ -21,6 +21,11 @@ and `name=value` totals; exits 1 if any trial lost or corrupted anything.
                    leaving nothing (object stores) or a partial object (plain files). The run must stop
                    with a StoreError, no complete shard may be damaged, and a rerun with space must
                    complete to the clean store.
+  bad-input        the corpus of tests/data/make_bad_inputs.py (truncated, empty, random-bytes, NaN/Inf, 8/24-bit,
+                   6-channel, 8/48 kHz, 45 s, silent, DC-offset clips; empty, non-UTF-8, 2,000-character text;
+                   unknown language, duplicate ids, missing files, broken manifest rows) precomputed once: each
+                   item must be stored as its table says or rejected with its reason's kind, and a manifest
+                   without the text column refused whole.
   train-tle-kill / finetune-kill
                    SIGKILL after a random number of logged steps (plus a random part of a step); the rerun
                    resumes from the last complete checkpoint: every step logged once, losses within 1e-4 of
@@ -28,7 +33,6 @@ and `name=value` totals; exits 1 if any trial lost or corrupted anything.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -494,6 +498,64 @@ def training_reference(stage: str, folder: Path) -> Path:
 # --- the script ---------------------------------------------------------------------------------------
 
 
+def bad_input_trials(folder: Path) -> list[Trial]:
+    """One row per item of the bad-input corpus: what precompute recorded for it, and whether that is the
+    outcome the corpus table expects (stored, or rejected with a reason of the expected kind)."""
+    _tests_on_path()
+    from conftest import make_tiny_whisper
+    from data.make_bad_inputs import make_corpus
+
+    from stages.precompute import run
+    from store import StoreReader
+    from whistle_pipeline.config import load_config
+    from whistle_pipeline.errors import WhistleError
+
+    corpus = folder / "bad-inputs"
+    expected = make_corpus(corpus)
+    teacher = make_tiny_whisper(corpus / "teacher")
+
+    def precompute(name: str) -> None:
+        run(load_config(updates={
+            "teacher": {"name_or_path": str(teacher), "device": "cpu"},
+            "data": {"path": str(corpus / name), "id_column": "id", "language_column": "language"},
+            "store": {"path": str(corpus / f"store-{name}"), "shard_size": 8, "speech_margin_frames": 2},
+            "precompute": {"batch_size": 4, "num_workers": 1, "progress": False},
+        }))
+
+    trials = []
+    for name, items in expected["manifests"].items():
+        precompute(name)
+        reader = StoreReader(str(corpus / f"store-{name}"))
+        rejects: dict[str, list[str]] = {}
+        for shard in reader.shards():
+            for reject in reader.shard_attrs(shard)["rejects"]:
+                rejects.setdefault(reject["id"], []).append(reject["reason"])
+        seen: set[str] = set()
+        for item in items:
+            first = item["id"] not in seen
+            seen.add(item["id"])
+            if item["id"] in rejects and not (first and item["outcome"] == "processed"):
+                reason = rejects[item["id"]].pop(0)
+                produced = "rejected: " + reason.replace(str(corpus) + "/", "")
+                ok = item["outcome"] == "rejected" and reason.split(":", 1)[0] == item["kind"]
+            else:
+                utt = reader.utterance(*reader.find(item["id"]))
+                produced = (f"stored: {utt.duration:.3f} s, {len(utt.states)} frames, {len(utt.text)} characters, "
+                            f"language {utt.language}")
+                ok = item["outcome"] == "processed" and (utt.text, utt.language) == (item["text"], item["language"])
+            trials.append(Trial("bad-input", f"{name}: {item['id']}", item["what"], produced, ok))
+    for name, fragment in expected["refused"].items():
+        try:
+            precompute(name)
+            produced, ok = "not refused", False
+        except WhistleError as err:
+            produced = "refused: " + str(err).splitlines()[0].replace(str(corpus) + "/", "")
+            ok = fragment in str(err)
+        trials.append(Trial("bad-input", f"{name}: (whole source)", "a manifest without the text column",
+                            produced, ok))
+    return trials
+
+
 def print_table(trials: list[Trial]) -> None:
     click.echo("| fault | trial | where it struck | outcome |")
     click.echo("|---|---|---|---|")
@@ -536,6 +598,7 @@ def main(kills: int, training_kills: int, concurrent_runs: int, disk_limits: int
             reference_dir = training_reference(stage, folder)
             for k in range(seed, seed + training_kills):
                 trials.append(training_kill_trial(stage, folder, k, reference_dir))
+    trials += bad_input_trials(folder)
     print_table(trials)
     failed = [t for t in trials if not t.ok]
     for fault in dict.fromkeys(t.fault for t in trials):
