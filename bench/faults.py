@@ -10,8 +10,8 @@ a real Zarr store on disk — with a tiny random Whisper and synthetic clips mad
 builders the tests use). Prints one table row per trial (fault, trial, where it struck, outcome)
 and `name=value` totals; exits 1 if any trial lost or corrupted anything.
 
-  precompute-kill  SIGKILL at a seeded random moment (1 in 4 trials before the store exists, the others
-                   uniformly over the encoding and writing); the rerun must finish, leave no incomplete
+  precompute-kill  SIGKILL at a seeded random moment (1 in 4 trials in start-up, the others while shard k + 1
+                   is encoded or written, k uniform over the shards); the rerun must finish, leave no incomplete
                    shard, pass `inspect-store --check`, and equal a clean run bit for bit (utterances,
                    rejects, states, tail template, statistics).
   concurrent       a second identical run started at a random moment of the first: both exit 0, each shard
@@ -181,6 +181,17 @@ def store_differences(url: str, reference: dict[Any, Any]) -> list[str]:
     return problems
 
 
+def complete_shards(path: Path) -> int:
+    """Shards whose zarr.json says complete (0 while the store does not exist)."""
+    count = 0
+    for meta in (path / "shards").glob("*/zarr.json"):
+        try:
+            count += json.loads(meta.read_text()).get("attributes", {}).get("complete") is True
+        except (ValueError, OSError):  # being written
+            pass
+    return count
+
+
 def store_state(path: Path) -> str:
     """Where a kill struck, read from what it left on disk."""
     if not (path / "zarr.json").exists():
@@ -242,8 +253,12 @@ def precompute_kill_trial(world: World, folder: Path, seed: int, reference: dict
     if seed % 4 == 3:  # somewhere in start-up: imports, model loading, the store's creation
         time.sleep(rng.uniform(0.0, startup))
     else:
-        wait_for(lambda: (store / "zarr.json").exists(), process)
-        time.sleep(rng.uniform(0.0, work))
+        # while shard k + 1 is being encoded or written, k uniform: a kill timed from the start would
+        # often land after the end, since runs vary in speed on a shared machine
+        n_shards = -(-CLIPS // SHARD_SIZE)
+        complete_before = int(rng.integers(0, n_shards))
+        wait_for(lambda: complete_shards(store) >= complete_before, process)
+        time.sleep(rng.uniform(0.0, work / n_shards))
     struck = kill(process)
     where = store_state(store) if struck else "(the run had finished)"
     if copy is not None and store.exists():
