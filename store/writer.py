@@ -22,6 +22,7 @@ redone. Object stores (s3://, gs://, memory://) have no such lock: one run at a 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -213,6 +214,15 @@ class StoreWriter:
             except BlockingIOError:
                 handle.close()
                 return False
+            except OSError as err:
+                handle.close()
+                if err.errno != errno.ENOLCK:
+                    raise
+                raise StoreError(
+                    f"cannot lock {handle.name}: the file system of store {self.url} has no working file locks "
+                    f"({err.strerror}). Mount it with locking (NFSv4, or NFSv3 with lockd; Lustre/GPFS with flock), "
+                    "or write the store to a local disk or an object store URL and run one precompute per store "
+                    "at a time") from err
         self._claims[index] = handle
         if self._is_complete(index):  # completed by another run since this one listed the shards
             self.release(index)

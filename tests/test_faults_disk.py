@@ -24,3 +24,23 @@ def test_a_full_disk_stops_the_run_clearly_and_a_rerun_completes(fault_world, tm
     trial = faults.disk_full_trial(world, tmp_path, limit, partial, reference)
     assert trial.ok, trial
     assert "the run fitted" not in trial.outcome, trial  # the limit struck
+
+
+def test_a_file_system_without_locks_stops_with_the_fix_named(tmp_path, monkeypatch):
+    """NFS without lockd, some FUSE mounts: flock fails with ENOLCK. The writer must say what is wrong and
+    what to do, not raise a bare OSError (or, worse, go on writing without the two-runs-at-once guard)."""
+    import errno
+    import fcntl
+
+    from conftest import store_spec
+
+    from store import StoreError, StoreWriter
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    writer = StoreWriter.open(tmp_path / "s", store_spec())
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # the system call, as such a mount answers it
+    with pytest.raises(StoreError, match=r"no working file locks .*No locks available.*one precompute per store"):
+        writer.shard(0)
+    assert not list((tmp_path / "s").glob("shards/00000/*"))  # nothing was written for the shard
