@@ -20,8 +20,8 @@ does not get, so on a dedicated CPU machine `ratio` tends to `cpu_ratio`; on a s
 Achieved TFLOP/s use the encoder's FLOPs per window derived from the model config
 (`_common.encoder_flops`) and are set against the device's matmul peak measured in the same run
 (`mfu` = achieved / measured peak). The profile times each step alone on the same clips (decode,
-resample, log-mel, encoder, float16 + copy to host, ShardWriter.add, compression, shard close), so
-the gap between the stage and the encoder can be read off it.
+resample, log-mel, encoder, float16 + copy to host, the device-side sums, ShardWriter.add, compression,
+shard close), so the gap between the stage and the encoder can be read off it.
 
     python bench/precompute.py --size tiny --device cpu            # CPU figures in bench/RESULTS.md
     python bench/precompute.py --size base --device cpu --clips 32
@@ -114,6 +114,7 @@ def profile_steps(encoder, geometry, paths: list[Path], batch_size: int, device:
     import soxr
 
     from store import StoreSpec, StoreWriter
+    from stages.precompute import batch_sums
     from whistle_pipeline.teacher import LogMel, speech_frames
 
     sync = synchronizer(device)
@@ -157,19 +158,27 @@ def profile_steps(encoder, geometry, paths: list[Path], batch_size: int, device:
             return [host.numpy() for host in hosts]
 
         windows = np.concatenate(measure("float16 + copy to host", "main", to_host))  # (N, M, D)
+        frames = [speech_frames(len(samples), geometry, 2) for samples in resampled]
+
+        def sums_on_device():
+            return [batch_sums(s.to(torch.float16), frames[i * batch_size : (i + 1) * batch_size], [0] * len(s))[1][0]
+                    for i, s in enumerate(states)]
+
+        sums = measure("tail + statistics sums (batch_sums, on the device)", "main", sums_on_device)
 
     teacher = geometry.teacher_info("bench-random", "")
     spec = StoreSpec(teacher, "speech", 2, n, 2048, "blosc-zstd", 3, 0, "bench-profile", "none")
     shard = StoreWriter.open(store_path, spec, overwrite=True).shard(0)
-    frames = [speech_frames(len(samples), geometry, 2) for samples in resampled]
 
     def add_all():
+        for batch in sums:
+            shard.add_sums(**{name: values.cpu().numpy() for name, values in batch.items()})
         for i, window in enumerate(windows):
             shard.add(f"clip{i}", "text", "en", len(resampled[i]) / geometry.sample_rate, window[: frames[i]],
-                      tail=window[frames[i]:])
+                      summed=True)
 
-    measure("ShardWriter.add (checks, copies; sums on its thread)", "writer", add_all)
-    measure("shard close (sums left, compress, Zarr writes)", "writer", shard.close)
+    measure("ShardWriter.add_sums + add (speech frames: checks, copies)", "writer", add_all)
+    measure("shard close (compress, shard object and Zarr writes)", "writer", shard.close)
     speech = np.concatenate([window[:f] for window, f in zip(windows, frames)])  # (frames, D)
     blosc, crc = numcodecs.Blosc("zstd", 3, numcodecs.Blosc.SHUFFLE), numcodecs.CRC32C()
     measure("  of which compress (Blosc zstd-3 + crc32c)", "writer",

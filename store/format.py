@@ -302,8 +302,9 @@ def direct_compression(array: zarr.Array) -> bool | None:
     if array.ndim != 2 or array.shards[0] < array.shape[0] or array.shards[1] != array.shape[1] \
             or array.chunks[1] != array.shape[1] or array.dtype != np.float16:
         return None
-    if sharding.index_location != ShardingCodecIndexLocation.end or len(sharding.index_codecs) != 2 \
-            or not _little_endian_bytes(sharding.index_codecs[0]) or not isinstance(sharding.index_codecs[1], Crc32cCodec):
+    index_codecs = list(sharding.index_codecs)
+    if sharding.index_location != ShardingCodecIndexLocation.end or len(index_codecs) != 2 \
+            or not _little_endian_bytes(index_codecs[0]) or not isinstance(index_codecs[1], Crc32cCodec):
         return None
     if len(inner) < 2 or not _little_endian_bytes(inner[0]) or not isinstance(inner[-1], Crc32cCodec):
         return None

@@ -307,7 +307,9 @@ class StoreReader:
         offsets, lengths = entries[:, 0].astype(np.int64), entries[:, 1].astype(np.int64)  # (k,)
         begin, end = int(offsets.min()), int((offsets + lengths).max())
         contiguous = end - begin == int(lengths.sum())  # zarr writes a shard's chunks back to back
-        data = self._fetch(shard, layout.key, RangeByteRequest(begin, end), end - begin, "states") if contiguous else None
+        data = None
+        if contiguous:
+            data = self._fetch(shard, layout.key, RangeByteRequest(begin, end), end - begin, "states")
         buffer = np.empty((rows, d_model), np.float16) if out is None else None  # (rows, D)
         chunk_bytes = rows * d_model * 2
         for c, (offset, length) in enumerate(zip(offsets.tolist(), lengths.tolist())):
@@ -359,7 +361,8 @@ class StoreReader:
         """Rows [start, stop) of a shard's states (only the chunks they touch are read): (stop - start, D)."""
         index = self.index(shard)
         if not 0 <= start <= stop <= index.states.shape[0]:
-            raise IndexError(f"rows {start}:{stop} are outside the {index.states.shape[0]} rows of shard {shard_name(shard)}")
+            raise IndexError(f"rows {start}:{stop} are outside the {index.states.shape[0]} rows of shard "
+                             f"{shard_name(shard)}")
         layout = self._direct(shard, start, stop)
         if layout is None:
             return self._read_zarr(shard, start, stop)
