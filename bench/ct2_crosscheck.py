@@ -13,7 +13,6 @@ test sets with eSpeak, and compares on the same log-mel features:
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -21,16 +20,7 @@ from pathlib import Path
 
 import click
 import numpy as np
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _common import cpu_model
 
 
 @click.command()
@@ -91,7 +81,7 @@ def main(clips: int, workdir: str, threads: int) -> None:
                      f"  ref: {row['text']}\n  hf : {hf_text}\n  ct2: {ct2_text}")
 
     print("\n".join(lines))
-    print(f"\nimport-ct2 cross-check, {datetime.now(timezone.utc):%Y-%m-%d}, {cpu_name()}, {threads} threads; "
+    print(f"\nimport-ct2 cross-check, {datetime.now(timezone.utc):%Y-%m-%d}, {cpu_model()}, {threads} threads; "
           f"transformers vs ctranslate2 {ctranslate2.__version__}, float32")
     print(f"  model: {converted.package} converted in {converted.seconds:.1f} s; clips: {len(rows)} eSpeak sentences "
           f"({audio.hours * 3600:.0f} s of audio)")

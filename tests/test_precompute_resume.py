@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_whisper, write_clip
+from conftest import load_bench, make_tiny_whisper, write_clip
 from stages.precompute import run
 from store import StoreReader
 from whistle_pipeline.config import load_config
+
+faults = load_bench("faults")
 
 N_CLIPS = 40
 SHARD_SIZE = 2
@@ -58,21 +60,9 @@ def clean_run(teacher: Path, manifest: Path, store: Path):
     }))
 
 
-def contents(store: Path) -> dict[int, dict]:
+def contents(store: Path) -> dict:
     """Everything a store holds that a run decides, per complete shard (timestamps excluded)."""
-    reader = StoreReader(str(store))
-    out = {}
-    for shard in reader.shards():
-        attrs = reader.shard_attrs(shard)
-        utterances = list(reader.iter_shard(shard))
-        out[shard] = {
-            "attrs": {key: attrs[key] for key in ("n", "n_frames", "audio_seconds", "rejects", "complete")},
-            "ids": [u.id for u in utterances], "texts": [u.text for u in utterances],
-            "durations": [u.duration for u in utterances], "states": [u.states for u in utterances],
-        }
-    out["template"] = reader.tail_template()
-    out["statistics"] = reader.statistics()
-    return out
+    return faults.store_contents(str(store))
 
 
 def assert_same_store(got: dict, expected: dict) -> None:
