@@ -20,6 +20,7 @@ from pathlib import Path
 SEED = 0
 N_SOURCE = 3200
 N_TARGET = 1600
+N_LEXICON = 4000
 HERE = Path(__file__).resolve().parent
 
 # --- source domain: everyday English ---------------------------------------------------------------------------
@@ -288,6 +289,9 @@ TARGET_TEMPLATES = [
 ]
 CONDITIONS = sorted({c for *_, conditions in DRUGS for c in conditions})
 
+# drugs the target test set names that the training lists do not (as real dictation would)
+RELATED_DRUGS = ["hydroxyzine", "enalapril", "clozapine", "esomeprazole", "aspirin", "clonidine", "ibuprofen"]
+
 
 def _drug_slots(rng: random.Random) -> dict[str, str]:
     drug, doses, freq, route, conditions = rng.choice(DRUGS)
@@ -336,6 +340,43 @@ def target_train(seed: int = SEED) -> list[str]:
     return generate(TARGET_TEMPLATES, _drug_slots, N_TARGET, rng)
 
 
+def lexicon(seed: int = SEED) -> list[str]:
+    """Sentences of words drawn from a broad English vocabulary (examples/source/vocabulary.txt): the
+    paired speech a TLE learns to pronounce from must cover far more words than 45 templates hold.
+
+    vocabulary.txt lists the whole-word entries of Whisper's English BPE vocabulary (GPT-2's, in merge
+    order, so the frequent words come first) and, prefixed with "-", its word-internal pieces; the drug
+    names of the target domain (and the related words its test set uses) are not in it, and no sentence
+    contains one. Each sentence: 6-12 words, frequent words favoured, one word in eight a pseudo-word of
+    two or three pieces (the sound patterns of rare and technical words).
+    """
+    entries = _read(HERE / "source" / "vocabulary.txt")
+    words = [e for e in entries if not e.startswith("-")]
+    pieces = [e[1:] for e in entries if e.startswith("-")]
+    banned = [re.compile(rf"\b{re.escape(t)}") for t in sorted(_drug_words())]
+    rng = random.Random(seed + 2)
+    sentences: list[str] = []
+    seen: set[str] = set()
+    while len(sentences) < N_LEXICON:
+        picked = []
+        for _ in range(rng.randint(6, 12)):
+            if rng.random() < 0.125:
+                picked.append("".join(pieces[int(len(pieces) * rng.random() ** 1.5)] for _ in range(rng.randint(2, 3))))
+            else:
+                picked.append(words[int(len(words) * rng.random() ** 2)])
+        sentence = " ".join(picked)
+        sentence = sentence[0].upper() + sentence[1:] + "."
+        if sentence not in seen and not any(b.search(sentence.lower()) for b in banned):
+            seen.add(sentence)
+            sentences.append(sentence)
+    return sentences
+
+
+def _drug_words() -> set[str]:
+    """The target domain's drug names (and the related ones its test set adds), lower case."""
+    return {w for d in DRUGS for w in re.findall(r"[a-z]+", d[0])} | set(RELATED_DRUGS)
+
+
 def domain_terms() -> set[str]:
     """Drug names and conditions, lower case: a target test sentence must use at least one."""
     return {d[0] for d in DRUGS} | {c.lower() for c in CONDITIONS}
@@ -347,11 +388,11 @@ def _read(path: Path) -> list[str]:
 
 def check() -> list[str]:
     problems = []
-    built = {"source": source_train(), "target": target_train()}
-    for domain, sentences in built.items():
-        if _read(HERE / domain / "train.txt") != sentences:
-            problems.append(f"examples/{domain}/train.txt differs from what make_corpora.py builds: rerun it")
-    train = set(built["source"]) | set(built["target"])
+    built = {"source/train.txt": source_train(), "target/train.txt": target_train(), "source/lexicon.txt": lexicon()}
+    for name, sentences in built.items():
+        if _read(HERE / name) != sentences:
+            problems.append(f"examples/{name} differs from what make_corpora.py builds: rerun it")
+    train = set().union(*built.values())
     terms = domain_terms()
     for domain in ("source", "target"):
         test = _read(HERE / domain / "test.txt")
@@ -369,8 +410,9 @@ def main() -> None:
         problems = check()
         print("\n".join(problems) or "examples are consistent")
         sys.exit(1 if problems else 0)
-    for domain, sentences in (("source", source_train()), ("target", target_train())):
-        path = HERE / domain / "train.txt"
+    for name, sentences in (("source/train.txt", source_train()), ("target/train.txt", target_train()),
+                            ("source/lexicon.txt", lexicon())):
+        path = HERE / name
         path.parent.mkdir(exist_ok=True)
         path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
         print(f"wrote {len(sentences)} sentences to {path}")
