@@ -12,8 +12,9 @@ decoder's layers (select_trainable) — and differs in where the full windows co
   encoder  MP3 clips decoded by precompute's ClipDataset (1 worker) -> log-mel + the encoder on 30 s
            windows -> full windows (what fine-tuning on audio costs without a store)
   stored, tail shared   as stored, with the decoder's cross-attention key/value projections of the
-           tail template made once per batch instead of once per example (SharedTailProjection: a
-           proposal, exact — the largest logit difference is printed; not what finetune does today)
+           tail template made once per batch instead of once per example (stages.finetune.SharedTail,
+           which finetune's training steps use since it was measured here; exact — the largest logit
+           difference is printed). The other kinds project every frame of every example.
 
 Each step is split into "windows" (making the full windows: reading the store / running the TLE /
 decoding + encoder) and "decoder" (forward, backward, optimiser). Kinds are timed round-robin (each
@@ -35,7 +36,6 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from _common import (
@@ -54,8 +54,10 @@ from _common import (
     write_store,
 )
 from stages.finetune import (
+    CommonTail,
     Example,
     HeldOut,
+    SharedTail,
     StoreStream,
     Windows,
     build_optimizer,
@@ -90,27 +92,6 @@ def text_batch(lengths: np.ndarray, rng: np.random.Generator, vocab_size: int) -
                      ["en"] * len(tokens))
 
 
-class SharedTailProjection(nn.Module):
-    """A cross-attention key/value projection for full windows whose frames from `speech_frames` on are the same
-    tail template in every example (Windows.build makes them so): the tail is projected once per batch, from
-    the first example, instead of once per example. The weights still train (gradients flow through both
-    parts), and the output is the same. A proposal measured here ("stored, tail shared"), not in the pipeline.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.linear = linear
-        self.speech_frames: int | None = None  # set around a step whose windows have a common tail
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, F, D) -> (B, F, D_out)."""
-        if self.speech_frames is None:
-            return self.linear(x)
-        head = self.linear(x[:, : self.speech_frames])  # (B, T, D_out)
-        tail = self.linear(x[:1, self.speech_frames :])  # (1, F - T, D_out): every example's tail
-        return torch.cat([head, tail.expand(x.shape[0], -1, -1)], dim=1)
-
-
 class Finetuner:
     """The Whisper being adapted, its optimiser, and the three ways of making its full windows."""
 
@@ -123,12 +104,7 @@ class Finetuner:
         self.model = WhisperForConditionalGeneration(config).to(device).train()
         select_trainable(self.model, settings.train_embeddings)
         self.optimizer, _ = build_optimizer(self.model, settings)
-        self.projections = []
-        for layer in self.model.model.decoder.layers:
-            attention = layer.encoder_attn
-            attention.k_proj = SharedTailProjection(attention.k_proj)
-            attention.v_proj = SharedTailProjection(attention.v_proj)
-            self.projections += [attention.k_proj, attention.v_proj]
+        self.shared = SharedTail(self.model)
         self.geometry = TeacherGeometry.from_config(config)
         template = torch.from_numpy(np.array(StoreReader(store).tail_template())).to(device)  # (F, D)
         tle = default_tle(config.d_model, config.vocab_size).to(device).eval().requires_grad_(False)
@@ -151,9 +127,9 @@ class Finetuner:
         self._audio_batches = iter(self.audio)  # a new epoch over the clips
         return next(self._audio_batches)
 
-    def make_windows(self, kind: str) -> tuple[torch.Tensor, TextBatch, int | None]:
-        """Full windows (B, max_frames, D), their transcripts, and the frame from which every window is the
-        tail template (None: real windows)."""
+    def make_windows(self, kind: str) -> tuple[torch.Tensor, TextBatch, CommonTail | None]:
+        """Full windows (B, max_frames, D), their transcripts, and where every window is the tail template
+        (None: project every frame)."""
         if kind.startswith("stored"):
             examples = stored_examples("audio", self.stream.take(self.batch_size))
             lengths = np.array([len(e.states) for e in examples])
@@ -168,18 +144,12 @@ class Finetuner:
             lengths = np.array([clip.n_samples // self.geometry.samples_per_frame for clip in batch.clips])
             return windows.clone(), text_batch(lengths, self.rng, self.vocab_size).to(self.device), None
         text = text_batch(lengths, self.rng, self.vocab_size).to(self.device)
-        window = self.windows.build(examples, text, training=True)
-        # text windows: their lengths are the TLE's predictions, which only the TLE knows; stored: the longest
-        return window, text, int(lengths.max()) if kind == "stored, tail shared" else None
+        window, tail = self.windows.build_with_tail(examples, text, training=True)
+        return window, text, tail if kind == "stored, tail shared" else None
 
-    def logits(self, window: torch.Tensor, text: TextBatch, shared_tail: int | None) -> torch.Tensor:
-        for projection in self.projections:
-            projection.speech_frames = shared_tail
-        try:
+    def logits(self, window: torch.Tensor, text: TextBatch, shared_tail: CommonTail | None) -> torch.Tensor:
+        with self.shared(shared_tail):
             return self.model(encoder_outputs=(window,), decoder_input_ids=text.decoder_input_ids).logits  # (B, S, V)
-        finally:
-            for projection in self.projections:
-                projection.speech_frames = None
 
     def check_shared_tail(self) -> float:
         """Largest |difference| of the logits with and without the shared tail, on one stored batch."""
@@ -187,7 +157,7 @@ class Finetuner:
         with torch.no_grad():
             return float((self.logits(window, text, shared) - self.logits(window, text, None)).abs().max())
 
-    def decoder_step(self, window: torch.Tensor, text: TextBatch, shared_tail: int | None) -> None:
+    def decoder_step(self, window: torch.Tensor, text: TextBatch, shared_tail: CommonTail | None) -> None:
         logits = self.logits(window, text, shared_tail)  # (B, S, V)
         per_token = token_losses(logits, text.labels, 0.0)  # (B, S)
         loss = per_token.sum() / (text.labels != IGNORE_INDEX).sum()

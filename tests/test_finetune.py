@@ -325,3 +325,63 @@ def test_two_processes_fine_tune_one_decoder(world, tmp_path):
     with open(out / "train_log.csv", newline="") as handle:
         assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4]
     assert (out / "model.safetensors").exists()
+
+
+def test_shared_tail_gives_the_same_logits_and_gradients_and_leaves_the_checkpoint_alone(world, tmp_path):
+    """A batch of three kinds (three different tail templates): projecting each kind's common tail once must
+    give exactly what projecting every example's frames gives, in the outputs and in the weights' gradients."""
+    from transformers import AutoTokenizer, WhisperForConditionalGeneration
+
+    from stages.finetune import Example, SharedTail, Windows, token_losses
+    from store import StoreReader
+    from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts
+    from whistle_pipeline.tle import TLEModel
+
+    model = WhisperForConditionalGeneration.from_pretrained(world["teacher"]).train()
+    tokenizer = AutoTokenizer.from_pretrained(world["teacher"])
+    specials = SpecialTokens.from_tokenizer(tokenizer, False)
+    templates = {kind: torch.from_numpy(np.array(StoreReader(str(world[f"{kind}_store"])).tail_template())).float()
+                 for kind in ("audio", "tts")}
+    assert not torch.equal(templates["audio"], templates["tts"])  # the groups really differ
+    windows = Windows(TLEModel.from_pretrained(world["tle"]).eval(), templates, False)
+    rng = np.random.default_rng(3)
+    examples = [Example("text", s, "en") for s in TARGET_SENTENCES[:3]]
+    examples += [Example(kind, s, "en", torch.from_numpy(rng.normal(0, 1, (int(n), D_MODEL)).astype(np.float16)))
+                 for kind, s, n in (("audio", "the quick fox", 20), ("audio", "hello world", 35),
+                                    ("tts", "take two tablets daily", 12), ("tts", "a rash since monday", 28))]
+    text = encode_texts(tokenizer, specials, [e.text for e in examples], ["en"] * len(examples),
+                        model.config.max_target_positions)
+    window, tail = windows.build_with_tail(examples, text, training=False)
+    assert tail.groups == ((0, 3), (3, 5), (5, 7))
+    assert 35 <= tail.start < MAX_FRAMES
+    for first, end in tail.groups:  # what the sharing relies on: the frames from tail.start on are common
+        assert torch.equal(window[first:end, tail.start:], window[first:first + 1, tail.start:].expand(end - first, -1, -1))
+    keys = sorted(model.state_dict())
+    shared = SharedTail(model)
+
+    def run(share: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        with shared(tail if share else None):
+            logits = model(encoder_outputs=(window,), decoder_input_ids=text.decoder_input_ids).logits
+        loss = token_losses(logits, text.labels, 0.0).sum() / (text.labels != IGNORE_INDEX).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "encoder_attn" in n and p.grad is not None}
+        return logits.detach(), grads
+
+    calls = []
+    original = torch.nn.functional.linear
+    plain_logits, plain_grads = run(False)
+    torch.nn.functional.linear = lambda x, *a: calls.append(x.shape) or original(x, *a)
+    try:
+        shared_logits, shared_grads = run(True)
+    finally:
+        torch.nn.functional.linear = original
+    assert any(shape[1] == MAX_FRAMES - tail.start and shape[0] == 1 for shape in calls)  # the tail was shared
+    assert torch.allclose(shared_logits, plain_logits, atol=1e-5)
+    assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) >= 4
+    for name in plain_grads:
+        assert torch.allclose(shared_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4), name
+    assert sorted(model.state_dict()) == keys  # nothing renamed: save_pretrained writes the same checkpoint
+    model.save_pretrained(tmp_path / "saved")
+    assert sorted(load_file(tmp_path / "saved" / "model.safetensors")) == sorted(
+        load_file(Path(world["teacher"]) / "model.safetensors"))
