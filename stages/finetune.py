@@ -335,7 +335,9 @@ class SharedTail:
     group (gradients reach the weights through both parts, as before). Exact: the same logits and
     gradients as projecting every frame (tested); bench/finetune_step.py measured 1.35-1.7x cheaper
     steps. The modules are not replaced (their forward is, on the instance), so state-dict keys and
-    save_pretrained are untouched, and outside the context they are plain nn.Linear calls.
+    save_pretrained are untouched, and outside the context they are plain nn.Linear calls. (train-tle's
+    frozen decoder goes further: whistle_pipeline.decoder.TailTemplateProjection projects its one
+    template once for the whole run; here the weights train, so the tail is projected every step.)
     """
 
     def __init__(self, whisper: Any):
