@@ -8,7 +8,9 @@
     evaluate all five models on both test sets   eval/
     report                                       report.json, report.png
 
-The source domain is everyday English (examples/source), the target domain medication talk
+The source domain is everyday English (examples/source: template sentences plus lexicon sentences, so
+the paired speech holds the sounds of ~19,000 words, not the 507 of the templates — a TLE trained on
+templates alone could not say an unseen drug name), the target domain medication talk
 (examples/target); the target test set is free-form sentences, not the templates the target text
 was built from (DESIGN.md §7: a template-built test only measures memorisation). The three arms
 see the same target sentences and the same source audio steps (half of every batch):
@@ -54,7 +56,8 @@ GOALS = {"target_cut": 0.30, "source_rise": 0.05}  # relative WER: >= 30 % lower
 class Plan:
     """How big the demo is. Sentences are the first N lines of each examples/ file."""
 
-    source_train: int  # paired source clips: the TLE's training data and the arms' audio steps
+    source_train: int  # paired source clips from the templates: the TLE's training data and the arms' audio steps
+    source_lexicon: int  # + this many lexicon sentences (examples/source/lexicon.txt) in the same paired set
     source_test: int
     target_train: int  # target sentences: the text corpus, and the same sentences as TTS speech
     target_test: int
@@ -64,8 +67,8 @@ class Plan:
     evaluate: dict[str, Any]  # [evaluate] settings
 
 
-FULL = Plan(  # the TLE settings of the best measured runs (bench/RESULTS.md, "TLE"), sized for a 2-core CPU
-    source_train=1200, source_test=110, target_train=800, target_test=114,
+FULL = Plan(  # the TLE settings and data of the best measured runs (bench/RESULTS.md, "TLE"), sized for a 2-core CPU
+    source_train=1200, source_lexicon=1200, source_test=110, target_train=800, target_test=114,
     tle={"hidden_size": 192, "text_layers": 2, "frame_layers": 2, "num_heads": 4, "ffn_multiplier": 3,
          "latent_size": 16, "conv_layers": 1, "dropout": 0.1, "spelling_channels": 64},
     train_tle={"steps": 900, "batch_size": 12, "learning_rate": 1e-3, "warmup_steps": 50, "decoder_ce_start": 700,
@@ -78,7 +81,7 @@ FULL = Plan(  # the TLE settings of the best measured runs (bench/RESULTS.md, "T
     evaluate={"batch_size": 16, "max_new_tokens": 96},
 )
 QUICK = Plan(
-    source_train=48, source_test=8, target_train=24, target_test=8,
+    source_train=48, source_lexicon=16, source_test=8, target_train=24, target_test=8,
     tle={"hidden_size": 64, "text_layers": 1, "frame_layers": 1, "num_heads": 2, "ffn_multiplier": 2,
          "latent_size": 4, "conv_layers": 1, "dropout": 0.0},
     train_tle={"steps": 30, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 5, "decoder_ce_start": 20,
@@ -162,9 +165,10 @@ def examples_dir() -> Path:
     return folder
 
 
-def write_lines(source: Path, out: Path, count: int) -> int:
-    """The first `count` non-empty lines of `source` into `out`; returns how many were written."""
-    lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()][:count]
+def write_lines(sources: Sequence[tuple[Path, int]], out: Path) -> int:
+    """The first `count` non-empty lines of each (file, count) into `out`, in turn; returns how many were written."""
+    lines = [line for source, count in sources
+             for line in [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()][:count]]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return len(lines)
@@ -203,7 +207,9 @@ def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool
     steps.run("teacher", f"import Whisper tiny.en from the {PACKAGE} package",
               lambda: import_ct2(None, teacher, package=PACKAGE, overwrite=True).to_dict()["n_parameters"])
     counts = steps.run("texts", "pick the demo sentences from examples/", lambda: {
-        name: write_lines(examples / name.split("-")[0] / f"{name.split('-')[1]}.txt", texts / f"{name}.txt", n)
+        name: write_lines([(examples / name.split("-")[0] / f"{name.split('-')[1]}.txt", n)]
+                          + ([(examples / "source" / "lexicon.txt", plan.source_lexicon)] if name == "source-train" else []),
+                          texts / f"{name}.txt")
         for name, n in sizes.items()})
     # the test sets get seed 0, as in the README's baseline (bench/baseline_wer.py), the training sets others
     for name, seed in (("source-train", 1), ("source-test", 0), ("target-train", 2), ("target-test", 0)):
