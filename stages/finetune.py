@@ -307,7 +307,7 @@ class Windows:
         return torch.cat(parts), CommonTail(longest, tuple(groups))  # (B, F, D)
 
     @torch.no_grad()
-    def _tle_windows(self, text: TextBatch, rows: list[int], training: bool) -> torch.Tensor:
+    def _tle_windows(self, text: TextBatch, rows: list[int], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         tle = self.tle
         tokens, mask = text.tle_tokens[rows], text.tle_mask[rows]  # (b, L)
         longest = int(mask.sum(1).max())
@@ -358,7 +358,8 @@ class SharedTail:
                  for first, end in tail.groups]  # (b, F - T, D_out) each
         return torch.cat([head, torch.cat(tails)], dim=1)
 
-    def __call__(self, tail: CommonTail) -> "SharedTail":
+    def __call__(self, tail: CommonTail | None) -> "SharedTail":
+        """`with shared(tail):` shares `tail` for the calls in the block (None: project every frame)."""
         self.tail = tail
         return self
 
