@@ -2,6 +2,7 @@
 
     python examples/make_corpora.py            # rewrite examples/source/train.txt and examples/target/train.txt
     python examples/make_corpora.py --check    # verify the committed files are what this script makes
+    python examples/make_corpora.py --vocabulary whisper-tiny.en/tokenizer.json   # rewrite source/vocabulary.txt
 
 Both training sets come from templates filled from word lists with a fixed seed, so they are
 reproducible and varied but formulaic. The test sets (examples/*/test.txt) are NOT generated:
@@ -372,6 +373,19 @@ def lexicon(seed: int = SEED) -> list[str]:
     return sentences
 
 
+def vocabulary(tokenizer_json: Path) -> list[str]:
+    """vocabulary.txt from a Whisper English tokenizer.json (tiny.en's: `whistle import-ct2`): its whole-word
+    entries ("Ġword", 3+ lower-case letters, not a drug name) in id order, then "-" + its word-internal
+    pieces (2+ lower-case letters)."""
+    import json
+
+    vocab = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]["vocab"]
+    entries = sorted(vocab, key=vocab.__getitem__)
+    drugs = _drug_words()
+    words = [e[1:] for e in entries if e.startswith("Ġ") and re.fullmatch(r"[a-z]{3,}", e[1:]) and e[1:] not in drugs]
+    return words + ["-" + e for e in entries if re.fullmatch(r"[a-z]{2,}", e)]
+
+
 def _drug_words() -> set[str]:
     """The target domain's drug names (and the related ones its test set adds), lower case."""
     return {w for d in DRUGS for w in re.findall(r"[a-z]+", d[0])} | set(RELATED_DRUGS)
@@ -393,6 +407,8 @@ def check() -> list[str]:
         if _read(HERE / name) != sentences:
             problems.append(f"examples/{name} differs from what make_corpora.py builds: rerun it")
     train = set().union(*built.values())
+    problems += [f"examples/source/vocabulary.txt holds the drug name {e!r}: regenerate it with --vocabulary"
+                 for e in _read(HERE / "source" / "vocabulary.txt") if e in _drug_words()]
     terms = domain_terms()
     for domain in ("source", "target"):
         test = _read(HERE / domain / "test.txt")
@@ -406,6 +422,11 @@ def check() -> list[str]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--vocabulary"] and len(sys.argv) == 3:
+        entries = vocabulary(Path(sys.argv[2]))
+        (HERE / "source" / "vocabulary.txt").write_text("\n".join(entries) + "\n", encoding="utf-8")
+        print(f"wrote {len(entries)} entries to {HERE / 'source' / 'vocabulary.txt'}")
+        return
     if sys.argv[1:] == ["--check"]:
         problems = check()
         print("\n".join(problems) or "examples are consistent")

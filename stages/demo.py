@@ -67,7 +67,7 @@ class Plan:
     evaluate: dict[str, Any]  # [evaluate] settings
 
 
-FULL = Plan(  # the TLE settings and data of the best measured runs (bench/RESULTS.md, "TLE"), sized for a 2-core CPU
+FULL = Plan(  # TLE settings of runs c/d and data as run e (bench/RESULTS.md, "TLE"), sized for a 2-core CPU
     source_train=1200, source_lexicon=1200, source_test=110, target_train=800, target_test=114,
     tle={"hidden_size": 192, "text_layers": 2, "frame_layers": 2, "num_heads": 4, "ffn_multiplier": 3,
          "latent_size": 16, "conv_layers": 1, "dropout": 0.1, "spelling_channels": 64},
@@ -167,11 +167,12 @@ def examples_dir() -> Path:
 
 def write_lines(sources: Sequence[tuple[Path, int]], out: Path) -> int:
     """The first `count` non-empty lines of each (file, count) into `out`, in turn; returns how many were written."""
-    lines = [line for source, count in sources
-             for line in [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()][:count]]
+    picked = []
+    for source, count in sources:
+        picked += [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()][:count]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return len(lines)
+    out.write_text("\n".join(picked) + "\n", encoding="utf-8")
+    return len(picked)
 
 
 def synthesized(texts: Path, out: Path, seed: int, progress: bool) -> int:
@@ -196,8 +197,13 @@ def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool
     examples = examples_dir()
     teacher = work / "whisper-tiny.en"
     texts, audio, stores = work / "texts", work / "audio", work / "stores"
-    sizes = {"source-train": plan.source_train, "source-test": plan.source_test,
-             "target-train": plan.target_train, "target-test": plan.target_test}
+    lines = {  # each set's sentences: the first N lines of these files, in turn
+        "source-train": [(examples / "source" / "train.txt", plan.source_train),
+                         (examples / "source" / "lexicon.txt", plan.source_lexicon)],
+        "source-test": [(examples / "source" / "test.txt", plan.source_test)],
+        "target-train": [(examples / "target" / "train.txt", plan.target_train)],
+        "target-test": [(examples / "target" / "test.txt", plan.target_test)],
+    }
 
     def config(**sections: dict[str, Any]) -> PipelineConfig:
         # synthesize writes an id per clip (the sentence's line): precompute and evaluate use it
@@ -207,10 +213,7 @@ def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool
     steps.run("teacher", f"import Whisper tiny.en from the {PACKAGE} package",
               lambda: import_ct2(None, teacher, package=PACKAGE, overwrite=True).to_dict()["n_parameters"])
     counts = steps.run("texts", "pick the demo sentences from examples/", lambda: {
-        name: write_lines([(examples / name.split("-")[0] / f"{name.split('-')[1]}.txt", n)]
-                          + ([(examples / "source" / "lexicon.txt", plan.source_lexicon)] if name == "source-train" else []),
-                          texts / f"{name}.txt")
-        for name, n in sizes.items()})
+        name: write_lines(sources, texts / f"{name}.txt") for name, sources in lines.items()})
     # the test sets get seed 0, as in the README's baseline (bench/baseline_wer.py), the training sets others
     for name, seed in (("source-train", 1), ("source-test", 0), ("target-train", 2), ("target-test", 0)):
         steps.run(f"synthesize-{name}", f"speak {counts[name]} {name} sentences with eSpeak NG",

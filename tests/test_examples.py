@@ -47,3 +47,14 @@ def test_target_test_sentences_do_not_follow_the_templates():
     # every drug in the training word lists is spoken in the training text
     train = " ".join(lines(EXAMPLES / "target" / "train.txt")).lower()
     assert all(drug in train for drug, *_ in maker.DRUGS)
+
+
+def test_vocabulary_keeps_whole_words_then_pieces_in_id_order_without_drug_names(tmp_path):
+    import json
+
+    maker = load_maker()
+    vocab = {"Ġthe": 5, "Ġmetoprolol": 6, "Ġhospital": 9, "Ġa": 2, "ĠMcC": 3, "ing": 1, "x": 4, "Ġcat": 7, "ro": 8}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"model": {"vocab": vocab}}), encoding="utf-8")
+    assert maker.vocabulary(path) == ["the", "cat", "hospital", "-ing", "-ro"]
+    assert lines(EXAMPLES / "source" / "vocabulary.txt")[:3] == ["the", "and", "that"]
