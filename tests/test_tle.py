@@ -240,12 +240,32 @@ def test_tle_loss_combines_weighted_terms():
     target = torch.randn(1, 6, D)
     out = model(tokens, mask, torch.zeros(1, dtype=torch.long), durations=durations, target=target)
     ce = torch.tensor(2.0)
-    weights = LossWeights(mse=1.0, cosine=0.5, length=0.1, beta=0.0, free_bits=0.0, decoder_ce=0.3)
-    terms = tle_loss(out, target, durations, mask, weights, decoder_ce=ce)
-    expected = terms.mse + 0.5 * (1 - terms.cosine) + 0.1 * terms.length + 0.3 * 2.0
+    weights = LossWeights(mse=1.0, cosine=0.5, length=0.1, beta=0.0, free_bits=0.0, decoder_ce=0.3, decoder_kl=0.7)
+    terms = tle_loss(out, target, durations, mask, weights, decoder_ce=ce, decoder_kl=torch.tensor(0.5))
+    expected = terms.mse + 0.5 * (1 - terms.cosine) + 0.1 * terms.length + 0.3 * 2.0 + 0.7 * 0.5
+    assert terms.decoder_kl == pytest.approx(0.5)
     assert terms.total.item() == pytest.approx(expected, rel=1e-5)
     terms.total.backward()
     assert model.output.weight.grad.abs().sum() > 0
+
+
+def test_decoder_kl_matches_the_definition_over_label_positions_only():
+    from whistle_pipeline.decoder import decoder_kl
+
+    torch.manual_seed(0)
+    reference, logits = torch.randn(2, 3, 7), torch.randn(2, 3, 7, requires_grad=True)
+    labels = torch.tensor([[1, 2, -100], [-100, 4, 5]])
+    p, q = reference.softmax(-1), logits.softmax(-1)
+    by_hand = (p * (p.log() - q.log())).sum(-1)[labels != -100].mean()  # mean over the 4 label positions
+    kl = decoder_kl(reference, logits, labels)
+    assert kl.item() == pytest.approx(by_hand.item(), rel=1e-5) and kl.item() > 0
+    assert decoder_kl(reference, reference.clone(), labels).abs().item() < 1e-6
+    moved = logits.detach().clone()
+    moved[0, 2] += 5.0  # positions without a label do not count
+    moved[1, 0] -= 3.0
+    assert decoder_kl(reference, moved, labels).item() == pytest.approx(kl.item(), rel=1e-6)
+    kl.backward()
+    assert logits.grad[0, 2].abs().sum() == 0 and logits.grad[0, 0].abs().sum() > 0
 
 
 def test_dtw_path_is_monotonic_and_cheapest():

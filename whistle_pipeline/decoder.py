@@ -129,10 +129,27 @@ def decoder_cross_entropy(teacher: FrozenTeacher, window: torch.Tensor, batch: T
     Gradients flow into `window` (deep supervision) while the decoder's weights stay frozen.
     """
     logits = decoder_logits(teacher, window, batch, speech_frames).logits.float()  # (B, S, V)
-    labels = batch.labels  # (B, S)
+    return label_cross_entropy(logits, batch.labels)
+
+
+def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, S, V), labels (B, S) with IGNORE_INDEX -> mean CE per label token () and per sample (B,)."""
     per_token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, S)
     counts = (labels != IGNORE_INDEX).sum(1)  # (B,)
     return per_token.sum() / counts.sum(), per_token.sum(1) / counts
+
+
+def decoder_kl(reference_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(p_reference || p) of the next-token distributions, mean per label token -> ().
+
+    reference_logits, logits (B, S, V); positions where labels (B, S) is IGNORE_INDEX are left out.
+    The decoder reading the real states is the reference: a TLE whose windows it reads with the same
+    distributions is as hard to read as speech exactly where speech is hard, and no easier.
+    """
+    keep = labels != IGNORE_INDEX  # (B, S)
+    reference = F.log_softmax(reference_logits[keep].float(), dim=-1)  # (N, V)
+    predicted = F.log_softmax(logits[keep].float(), dim=-1)  # (N, V)
+    return F.kl_div(predicted, reference, log_target=True, reduction="batchmean")
 
 
 @torch.no_grad()

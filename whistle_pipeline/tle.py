@@ -497,6 +497,7 @@ class LossWeights:
     beta: float
     free_bits: float
     decoder_ce: float
+    decoder_kl: float = 0.0
 
 
 @dataclass
@@ -509,6 +510,7 @@ class LossTerms:
     kl: float
     length: float
     decoder_ce: float | None
+    decoder_kl: float | None = None
 
 
 def tle_loss(
@@ -518,9 +520,11 @@ def tle_loss(
     token_mask: torch.Tensor,
     weights: LossWeights,
     decoder_ce: torch.Tensor | None = None,
+    decoder_kl: torch.Tensor | None = None,
 ) -> LossTerms:
     """Combine the terms. output from forward(durations=the true durations, target=target);
-    target (B, T, D) normalised teacher frames; decoder_ce () from whistle_pipeline.decoder or None."""
+    target (B, T, D) normalised teacher frames; decoder_ce and decoder_kl () from whistle_pipeline.decoder
+    (the decoder's cross-entropy on the labels, and its KL to the real states' distributions) or None."""
     frame_mask = output.frame_mask
     target = target[:, : frame_mask.shape[1]]
     mse = masked_mse(output.states.float(), target.float(), frame_mask)
@@ -531,7 +535,10 @@ def tle_loss(
     total = total + weights.beta * free_bits_kl(kl, weights.free_bits)
     if decoder_ce is not None:
         total = total + weights.decoder_ce * decoder_ce
+    if decoder_kl is not None:
+        total = total + weights.decoder_kl * decoder_kl
     return LossTerms(
         total=total, mse=mse.item(), cosine=cosine.item(), kl=kl.sum(1).mean().item(), length=length.item(),
         decoder_ce=None if decoder_ce is None else decoder_ce.item(),
+        decoder_kl=None if decoder_kl is None else decoder_kl.item(),
     )
