@@ -10,7 +10,9 @@ loss. Phase 2 adds the frozen Whisper decoder's cross-entropy on the text given 
 window ("deep supervision"), the regression terms staying on as an anchor: regression alone gives
 states the decoder cannot read, the decoder loss from scratch finds a shortcut. With
 decoder_ce_floor = f > 0 the term is max(0, CE_tle - f * CE_real), CE_real being the decoder's
-cross-entropy on the same batch's real states: the TLE is made as readable as speech, not more.
+cross-entropy on the same batch's real states: the TLE is made as readable as speech, not more. With
+decoder_kl_weight > 0 phase 2 also distils: KL(p_real || p_tle) of the decoder's next-token
+distributions reading the real states and the TLE's window, so that it reads both alike.
 
 The loop is written out with accelerate (one Accelerator, prepare, accumulate, mixed precision on
 GPU). Every rank streams its own share of the shards and starts its next epoch when its share runs
@@ -51,7 +53,10 @@ from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import (
     FrozenTeacher,
     decoder_cross_entropy,
+    decoder_kl,
+    decoder_logits,
     greedy_transcribe,
+    label_cross_entropy,
     load_frozen_teacher,
 )
 from whistle_pipeline.errors import WhistleError
@@ -80,7 +85,7 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG = "train_log.csv"
 VALIDATION_LOG = "validation.csv"
 TRAIN_COLUMNS = ["step", "epoch", "loss", "mse", "cosine", "kl", "beta", "length", "length_error", "decoder_ce",
-                 "real_decoder_ce", "decoder_ce_weight", "lr", "frames_per_s"]
+                 "real_decoder_ce", "decoder_kl", "decoder_ce_weight", "lr", "frames_per_s"]
 VALIDATION_COLUMNS = ["step", "mse", "cosine", "length_error", "duration_mae", "decoder_ce", "decoder_ce_predicted",
                       "real_decoder_ce", "wer_predicted", "real_wer"]
 
@@ -365,11 +370,13 @@ def build_model(config: PipelineConfig, reader: StoreReader, teacher: FrozenTeac
 
 
 def loss_weights(settings: Any, step: int) -> LossWeights:
-    """The weights of optimiser step `step`: beta rises linearly from 0, the decoder CE joins in phase 2."""
+    """The weights of optimiser step `step`: beta rises linearly from 0, the decoder terms join in phase 2."""
     beta = settings.kl_beta * (min(1.0, step / settings.kl_anneal_steps) if settings.kl_anneal_steps else 1.0)
-    decoder_ce = settings.decoder_ce_weight if step >= settings.decoder_ce_start else 0.0
+    phase_2 = step >= settings.decoder_ce_start
     return LossWeights(mse=settings.mse_weight, cosine=settings.cosine_weight, length=settings.length_weight,
-                       beta=beta, free_bits=settings.free_bits, decoder_ce=decoder_ce)
+                       beta=beta, free_bits=settings.free_bits,
+                       decoder_ce=settings.decoder_ce_weight if phase_2 else 0.0,
+                       decoder_kl=settings.decoder_kl_weight if phase_2 else 0.0)
 
 
 # --- validation --------------------------------------------------------------------------------------
@@ -591,17 +598,24 @@ def run(config: PipelineConfig) -> TrainTLEResult:
             target = tle.normalise(batch.states)  # (B, T, D)
             out = model(batch.text.tle_tokens, batch.text.tle_mask, batch.language_ids, durations=batch.durations,
                         target=target)
-            decoder_ce = real_ce = ce_term = None
-            if weights.decoder_ce > 0:
+            decoder_ce = real_ce = ce_term = kl_term = None
+            if weights.decoder_ce > 0 or weights.decoder_kl > 0:
                 window = tle.full_window(tle.denormalise(out.states), out.lengths)  # (B, F, D)
-                decoder_ce = ce_term = decoder_cross_entropy(teacher, window, batch.text, out.states.shape[1])[0]
-                if settings.decoder_ce_floor > 0:
-                    # push only down to a fraction of what the decoder makes of the real speech
+                labels = batch.text.labels
+                logits = decoder_logits(teacher, window, batch.text, out.states.shape[1]).logits.float()  # (B, S, V)
+                decoder_ce = ce_term = label_cross_entropy(logits, labels)[0]
+                if settings.decoder_ce_floor > 0 or weights.decoder_kl > 0:
+                    # what the decoder makes of the same batch's real speech
                     with torch.no_grad():
                         real_window = tle.full_window(batch.states, out.lengths)
-                        real_ce = decoder_cross_entropy(teacher, real_window, batch.text, batch.states.shape[1])[0]
-                    ce_term = torch.relu(decoder_ce - settings.decoder_ce_floor * real_ce)
-            terms = tle_loss(out, target, batch.durations, batch.text.tle_mask, weights, ce_term)
+                        real_logits = decoder_logits(teacher, real_window, batch.text,
+                                                     batch.states.shape[1]).logits.float()  # (B, S, V)
+                        real_ce = label_cross_entropy(real_logits, labels)[0]
+                    if settings.decoder_ce_floor > 0:  # push only down to a fraction of the real speech's CE
+                        ce_term = torch.relu(decoder_ce - settings.decoder_ce_floor * real_ce)
+                    if weights.decoder_kl > 0:
+                        kl_term = decoder_kl(real_logits, logits, labels)
+            terms = tle_loss(out, target, batch.durations, batch.text.tle_mask, weights, ce_term, kl_term)
             accelerator.backward(terms.total)
             if accelerator.sync_gradients and settings.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -613,6 +627,7 @@ def run(config: PipelineConfig) -> TrainTLEResult:
         for name, value in (("loss", terms.total.item()), ("mse", terms.mse), ("cosine", terms.cosine),
                             ("kl", terms.kl), ("length", terms.length), ("length_error", length_error),
                             ("decoder_ce", None if decoder_ce is None else decoder_ce.item()),
+                            ("decoder_kl", terms.decoder_kl),
                             ("real_decoder_ce", None if real_ce is None else real_ce.item())):
             if value is not None:
                 window_sums[name] = window_sums.get(name, 0.0) + value

@@ -111,6 +111,9 @@ def test_tiny_tle_overfits_a_tiny_store(tle_store, tiny_teacher_dir, tmp_path):
     # phase 2 starts after 80 optimiser steps: the decoder CE is logged from step 81 on, never before
     assert all(r["decoder_ce"] == "" for r in rows[:80]) and all(r["decoder_ce"] != "" for r in rows[80:])
     assert float(rows[80]["decoder_ce_weight"]) == 1.0 and float(rows[79]["decoder_ce_weight"]) == 0.0
+    # with the default floor and distillation, phase 2 also reads the real states
+    assert all(r["decoder_kl"] == "" and r["real_decoder_ce"] == "" for r in rows[:80])
+    assert all(float(r["decoder_kl"]) > 0 and float(r["real_decoder_ce"]) > 0 for r in rows[80:])
     assert float(rows[0]["beta"]) == 0.0 and float(rows[-1]["beta"]) == pytest.approx(0.01)
     validation = read_log(out / "validation.csv")
     assert [int(r["step"]) for r in validation] == [50, 100]
@@ -127,6 +130,44 @@ def test_tiny_tle_overfits_a_tiny_store(tle_store, tiny_teacher_dir, tmp_path):
     with torch.no_grad():
         speech, lengths = tle.speech_frames(tokens, torch.ones_like(tokens, dtype=torch.bool), tle.language_ids(["en"]))
         assert tle.full_window(speech, lengths).shape == (1, MAX_FRAMES, D_MODEL)
+
+
+def test_distillation_pulls_the_decoders_reading_toward_the_real_states(tmp_path):
+    """Phase 2 with the KL term alone (and a faint regression anchor): the frozen decoder's next-token
+    distributions on the TLE's windows approach its distributions on the real states."""
+    from transformers import WhisperForConditionalGeneration
+
+    from conftest import make_tiny_teacher
+    from stages.train_tle import run
+
+    # a random decoder at init barely reads its input and is unsure of every token (KL ~1e-5 between two random
+    # windows); with its cross-attention 3x and its final norm 30x louder it reads them (KL ~0.4), as a real one does
+    teacher_dir = make_tiny_teacher(tmp_path / "teacher", seed=1)
+    whisper = WhisperForConditionalGeneration.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        for layer in whisper.model.decoder.layers:
+            for projection in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj, layer.encoder_attn.out_proj):
+                projection.weight.mul_(3.0)
+        whisper.model.decoder.layer_norm.weight.mul_(30.0)
+    whisper.save_pretrained(teacher_dir)
+    store = write_tle_store(tmp_path / "store", teacher_dir)
+
+    def last_kl(weight: float) -> tuple[list[dict[str, str]], float]:
+        out = tmp_path / f"kl-{weight}"
+        run(tle_config(store, teacher_dir, out, "train_tle.steps=3"))  # aligns the store
+        use_true_alignment(out)
+        run(tle_config(store, teacher_dir, out, "train_tle.steps=80", "train_tle.decoder_ce_start=5",
+                       "train_tle.decoder_ce_weight=0.0", f"train_tle.decoder_kl_weight={weight}",
+                       "train_tle.mse_weight=1e-4", "train_tle.cosine_weight=0.0", "train_tle.val_every=100",
+                       "train_tle.val_wer_size=0", "train_tle.checkpoint_every=100", "train_tle.resume=false"))
+        rows = read_log(out / "train_log.csv")
+        return rows, float(np.mean([float(r["decoder_kl"]) for r in rows[-20:]]))
+
+    # the same run (same data order, same initialisation), the KL once pulling and once only measured
+    rows, pulled = last_kl(10.0)
+    _, measured = last_kl(1e-6)
+    assert all(r["decoder_kl"] == "" for r in rows[:5]) and all(float(r["decoder_kl"]) > 0 for r in rows[5:])
+    assert pulled < 0.7 * measured, f"KL {measured:.4f} (measured only) vs {pulled:.4f} (pulled)"
 
 
 def test_resume_continues_the_same_run(tle_store, tiny_teacher_dir, tmp_path):

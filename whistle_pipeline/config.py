@@ -191,6 +191,7 @@ class TrainTLEConfig:
     decoder_ce_weight: float
     decoder_ce_start: int
     decoder_ce_floor: float
+    decoder_kl_weight: float
     val_fraction: float
     val_size: int
     val_wer_size: int
@@ -232,7 +233,7 @@ class TrainTLEConfig:
         if self.val_wer_size > self.val_size:
             out.append(f"train_tle.val_wer_size = {self.val_wer_size} exceeds train_tle.val_size = {self.val_size}: "
                        "the round-trip WER decodes some of the validation utterances")
-        for name in ("mse_weight", "cosine_weight", "length_weight", "kl_beta", "decoder_ce_weight"):
+        for name in ("mse_weight", "cosine_weight", "length_weight", "kl_beta", "decoder_ce_weight", "decoder_kl_weight"):
             out += _in_range(f"train_tle.{name}", getattr(self, name), 0.0)
         if self.warmup_steps >= self.steps:
             out.append(f"train_tle.warmup_steps = {self.warmup_steps} must be below train_tle.steps = {self.steps}")
