@@ -62,11 +62,16 @@ def make_accelerator(teacher_device: str, mixed_precision: str, grad_accum: int,
                      ) -> tuple[Any, list[str]]:
     """(Accelerator, trackers): one per run; tensorboard logging when it is installed."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import is_tensorboard_available
 
     trackers = ["tensorboard"] if is_tensorboard_available() else []
     # without cpu=True, accelerate treats a torchrun / accelerate launch without GPUs as one process
     on_cpu = teacher_device == "cpu" or not torch.cuda.is_available()
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision
+    # (train-tle in bf16, then finetune in fp32, in one process: the demo, a notebook). Each run is a fresh
+    # start, so drop that state; the distributed part (process group, device) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=resolve_mixed_precision(mixed_precision, on_cpu),
                               gradient_accumulation_steps=grad_accum, log_with=trackers or None,
                               project_dir=str(output_dir))
