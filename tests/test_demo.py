@@ -29,12 +29,19 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
             assert 0.0 <= wer < 5.0
             change = report["relative_wer_change"][arm][name]
             assert change == pytest.approx((wer - report["wer_before"][name]) / report["wer_before"][name])
+        if arm != "source-only":
+            assert report["beyond_control"][arm]["target"] == pytest.approx(
+                report["wer_after"]["source-only"]["target"] - report["wer_after"][arm]["target"])
+    assert "source-only" not in report["beyond_control"]
     assert report["sizes"]["test_clips"] == {"source": 8, "target": 8}
     assert report["steps"]["mix"]["whistle"] == {"audio": 0.5, "tts": 0.0, "text": 0.5}
     seen = {arm: report["steps"]["arms"][arm]["examples_seen"] for arm in arms}
     assert seen["whistle"]["text"] > 0 and seen["whistle"]["tts"] == 0
     assert seen["tts-only"]["text"] == 0 and seen["tts-only"]["tts"] > 0
-    assert seen["whistle-tts"]["text"] == seen["whistle-tts"]["tts"] > 0
+    # whistle + TTS keeps every TTS example of tts-only and adds the text in half of the source audio's share
+    assert seen["whistle-tts"]["tts"] == seen["tts-only"]["tts"] and seen["whistle-tts"]["text"] > 0
+    assert seen["whistle-tts"]["audio"] == seen["whistle-tts"]["text"] < seen["tts-only"]["audio"]
+    assert report["precision"]["training"] in ("auto", "bf16")
     assert (workdir / "report.png").stat().st_size > 10_000
     assert (workdir / "adapted" / "whistle" / "model.safetensors").exists()
 
