@@ -17,6 +17,8 @@ The baseline (real audio) is measured in the same run on the same utterances.
     python bench/tle_validation.py TLE_DIR --teacher tiny.en --store store-test --text examples/target/test.txt
 
 --text adds the text-only round trip of other sentences (no audio needed), e.g. the target domain's.
+--voices MANIFEST (the `whistle synthesize` manifest of the store's clips) adds the real audio's decoder CE and
+WER per voice: how hard each voice is for the decoder, the scale to read the TLE's own pair of figures on.
 
 Prints a table and `name=value` lines; --json writes them to a file.
 """
@@ -45,10 +47,13 @@ import torch
               help="Also the text-only round trip (predicted lengths) of every line of this file, e.g. the "
               "target domain's sentences (repeatable; figure text_wer_<file stem>).")
 @click.option("--text-lines", default=40, show_default=True, help="Lines of each --text file to use.")
+@click.option("--voices", "voices_path", type=click.Path(exists=True, dir_okay=False),
+              help="The synthesize manifest of the store's clips (id, voice): real CE and WER per voice.")
 def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_path: str | None,
-         figure: str | None, examples: int, weights: str | None, text_files: tuple[str, ...], text_lines: int) -> None:
+         figure: str | None, examples: int, weights: str | None, text_files: tuple[str, ...], text_lines: int,
+         voices_path: str | None) -> None:
     from stages.train_tle import Collate, DurationTable, align_shard, open_store, validate
-    from whistle_pipeline.decoder import greedy_transcribe, load_frozen_teacher
+    from whistle_pipeline.decoder import decoder_cross_entropy, greedy_transcribe, load_frozen_teacher
     from whistle_pipeline.metrics import corpus_wer
     from whistle_pipeline.tle import TLEModel
 
@@ -78,6 +83,7 @@ def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_
 
     # the round trip at the TRUE lengths too, and transcripts to look at
     hypotheses, predicted_hypotheses, real_hypotheses, references = [], [], [], []
+    real_ce, label_tokens = [], []  # per utterance: the decoder's CE per token on the real states, token count
     with torch.no_grad():
         for batch in batches:
             text, mask = batch.text, batch.text.tle_mask
@@ -90,6 +96,8 @@ def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_
                                                       longest, speech.shape[1])
             real = tle.full_window(batch.states, batch.durations.sum(1))
             real_hypotheses += greedy_transcribe(teacher, real, text.languages, longest, batch.states.shape[1])
+            real_ce += decoder_cross_entropy(teacher, real, text, batch.states.shape[1])[1].tolist()
+            label_tokens += (text.labels != -100).sum(1).tolist()
             references += text.texts
     languages = [item["language"] for item in items]
     metrics["wer_true"] = corpus_wer(references, hypotheses, languages)
@@ -103,6 +111,9 @@ def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_
         predicted = text_round_trip(tle, teacher, texts, batch_size)
         metrics[f"text_wer_{Path(path).stem}"] = corpus_wer(texts, predicted, ["en"] * len(texts))
         text_examples += list(zip(texts, predicted))[:examples]
+    if voices_path:
+        metrics["voices"] = per_voice(voices_path, [item["id"] for item in items], references, real_hypotheses,
+                                      real_ce, label_tokens)
     if weights is not None:
         metrics["weights"] = weights
     summary_path = Path(tle_dir) / "summary.json"
@@ -127,12 +138,34 @@ def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_
         click.echo(f"  ref:  {reference}\n  tle:  {hypothesis}\n  pred: {predicted}\n  real: {real}")
     for reference, predicted in text_examples:
         click.echo(f"  text: {reference}\n  pred: {predicted}")
+    if "voices" in metrics:
+        click.echo(f"real audio per voice (TLE: WER {metrics['wer_predicted']:.1%} at CE "
+                   f"{metrics['decoder_ce_predicted']:.3f}, predicted lengths):")
+        for voice, row in sorted(metrics["voices"].items(), key=lambda kv: kv[1]["wer"]):
+            click.echo(f"  {voice:20s} {row['clips']:4d} clips  WER {row['wer']:6.1%}  CE/token {row['decoder_ce']:.3f}")
     for name, value in metrics.items():
         click.echo(f"{name}={value:.6g}" if isinstance(value, float) else f"{name}={value}")
     if json_path:
         Path(json_path).write_text(json.dumps(metrics, indent=2))
     if figure:
         plot_example(tle, batches[0], figure)
+
+
+def per_voice(manifest: str, ids: list[str], references: list[str], hypotheses: list[str], ce: list[float],
+              tokens: list[int]) -> dict[str, dict[str, float]]:
+    """{voice: {clips, wer, decoder_ce}} of the real audio, the voice (without its variant) from the manifest."""
+    from whistle_pipeline.metrics import corpus_wer
+
+    rows = [json.loads(line) for line in Path(manifest).read_text(encoding="utf-8").splitlines() if line.strip()]
+    voice_of = {row["id"]: row["voice"].split("+")[0] for row in rows}
+    groups: dict[str, list[int]] = {}
+    for i, utt_id in enumerate(ids):
+        groups.setdefault(voice_of[utt_id], []).append(i)
+    return {voice: {"clips": len(members),
+                    "wer": corpus_wer([references[i] for i in members], [hypotheses[i] for i in members],
+                                      ["en"] * len(members)),
+                    "decoder_ce": sum(ce[i] * tokens[i] for i in members) / sum(tokens[i] for i in members)}
+            for voice, members in groups.items()}
 
 
 def text_round_trip(tle, teacher, texts: list[str], batch_size: int) -> list[str]:
