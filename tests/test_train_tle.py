@@ -132,16 +132,29 @@ def test_tiny_tle_overfits_a_tiny_store(tle_store, tiny_teacher_dir, tmp_path):
         assert tle.full_window(speech, lengths).shape == (1, MAX_FRAMES, D_MODEL)
 
 
-def test_distillation_pulls_the_decoders_reading_toward_the_real_states(tmp_path):
-    """Phase 2 with the KL term alone (and a faint regression anchor): the frozen decoder's next-token
-    distributions on the TLE's windows approach its distributions on the real states."""
+def test_loss_weights_switch_to_phase_2_at_decoder_ce_start():
+    from stages.train_tle import loss_weights
+
+    settings = load_config(overrides=[
+        "train_tle.decoder_ce_start=10", "train_tle.kl_anneal_steps=20", "train_tle.cosine_weight=0.5",
+        "train_tle.phase_2_cosine_weight=6.0", "train_tle.decoder_ce_weight=1.5", "train_tle.decoder_kl_weight=0.7",
+        "train_tle.decoder_margin=1.0", "train_tle.decoder_margin_weight=0.3"]).train_tle
+    before, after = loss_weights(settings, 9), loss_weights(settings, 10)
+    assert (before.cosine, before.decoder_ce, before.decoder_kl, before.decoder_margin) == (0.5, 0.0, 0.0, 0.0)
+    assert (after.cosine, after.decoder_ce, after.decoder_kl, after.decoder_margin) == (6.0, 1.5, 0.7, 0.3)
+    assert before.beta == pytest.approx(settings.kl_beta * 9 / 20) and after.mse == before.mse == settings.mse_weight
+    no_margin = load_config(overrides=["train_tle.decoder_ce_start=10", "train_tle.decoder_margin=0.0"]).train_tle
+    assert loss_weights(no_margin, 10).decoder_margin == 0.0  # margin 0 turns the term off whatever its weight
+
+
+def loud_teacher_and_store(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny teacher that reads its input, and a store of it. A random decoder at init barely reads the
+    encoder states and is unsure of every token (KL ~1e-5 between two random windows); with its
+    cross-attention 3x and its final norm 30x louder it reads them (KL ~0.4), as a real one does."""
     from transformers import WhisperForConditionalGeneration
 
     from conftest import make_tiny_teacher
-    from stages.train_tle import run
 
-    # a random decoder at init barely reads its input and is unsure of every token (KL ~1e-5 between two random
-    # windows); with its cross-attention 3x and its final norm 30x louder it reads them (KL ~0.4), as a real one does
     teacher_dir = make_tiny_teacher(tmp_path / "teacher", seed=1)
     whisper = WhisperForConditionalGeneration.from_pretrained(teacher_dir)
     with torch.no_grad():
@@ -150,24 +163,50 @@ def test_distillation_pulls_the_decoders_reading_toward_the_real_states(tmp_path
                 projection.weight.mul_(3.0)
         whisper.model.decoder.layer_norm.weight.mul_(30.0)
     whisper.save_pretrained(teacher_dir)
-    store = write_tle_store(tmp_path / "store", teacher_dir)
+    return teacher_dir, write_tle_store(tmp_path / "store", teacher_dir)
 
-    def last_kl(weight: float) -> tuple[list[dict[str, str]], float]:
-        out = tmp_path / f"kl-{weight}"
-        run(tle_config(store, teacher_dir, out, "train_tle.steps=3"))  # aligns the store
-        use_true_alignment(out)
-        run(tle_config(store, teacher_dir, out, "train_tle.steps=80", "train_tle.decoder_ce_start=5",
-                       "train_tle.decoder_ce_weight=0.0", f"train_tle.decoder_kl_weight={weight}",
-                       "train_tle.mse_weight=1e-4", "train_tle.cosine_weight=0.0", "train_tle.val_every=100",
-                       "train_tle.val_wer_size=0", "train_tle.checkpoint_every=100", "train_tle.resume=false"))
-        rows = read_log(out / "train_log.csv")
-        return rows, float(np.mean([float(r["decoder_kl"]) for r in rows[-20:]]))
 
-    # the same run (same data order, same initialisation), the KL once pulling and once only measured
-    rows, pulled = last_kl(10.0)
-    _, measured = last_kl(1e-6)
+def phase_2_only(tmp_path: Path, teacher_dir: Path, store: Path, name: str, column: str, *overrides: str
+                 ) -> tuple[list[dict[str, str]], float]:
+    """80 steps with the decoder terms from step 5, a faint regression anchor and the given decoder term ->
+    (log rows, mean of `column` over the last 20 steps). Same data order and initialisation for every name."""
+    from stages.train_tle import run
+
+    out = tmp_path / name
+    run(tle_config(store, teacher_dir, out, "train_tle.steps=3"))  # aligns the store
+    use_true_alignment(out)
+    run(tle_config(store, teacher_dir, out, "train_tle.steps=80", "train_tle.decoder_ce_start=5",
+                   "train_tle.decoder_ce_weight=0.0", "train_tle.decoder_kl_weight=0.0", "train_tle.mse_weight=1e-4",
+                   "train_tle.cosine_weight=0.0", "train_tle.phase_2_cosine_weight=0.0", "train_tle.val_every=100",
+                   "train_tle.val_wer_size=0",
+                   "train_tle.checkpoint_every=100", "train_tle.resume=false", *overrides))
+    rows = read_log(out / "train_log.csv")
+    return rows, float(np.mean([float(r[column]) for r in rows[-20:]]))
+
+
+def test_distillation_pulls_the_decoders_reading_toward_the_real_states(tmp_path):
+    """Phase 2 with the KL term alone (and a faint regression anchor): the frozen decoder's next-token
+    distributions on the TLE's windows approach its distributions on the real states."""
+    teacher_dir, store = loud_teacher_and_store(tmp_path)
+    # the same run, the KL once pulling and once only measured
+    rows, pulled = phase_2_only(tmp_path, teacher_dir, store, "pulled", "decoder_kl", "train_tle.decoder_kl_weight=10.0")
+    _, measured = phase_2_only(tmp_path, teacher_dir, store, "measured", "decoder_kl", "train_tle.decoder_kl_weight=1e-6")
     assert all(r["decoder_kl"] == "" for r in rows[:5]) and all(float(r["decoder_kl"]) > 0 for r in rows[5:])
     assert pulled < 0.7 * measured, f"KL {measured:.4f} (measured only) vs {pulled:.4f} (pulled)"
+
+
+def test_the_margin_term_makes_the_decoder_pick_the_labels(tmp_path):
+    """Phase 2 with the label-margin hinge alone: the teacher-forced decoder's label logits come to lead the
+    others (the hinge falls), against the same run where the term is only measured."""
+    teacher_dir, store = loud_teacher_and_store(tmp_path)
+    margin = ("train_tle.decoder_margin=2.0", "train_tle.decoder_ce_floor=0.0")
+    rows, pulled = phase_2_only(tmp_path, teacher_dir, store, "pulled", "decoder_margin", *margin,
+                                "train_tle.decoder_margin_weight=10.0")
+    _, measured = phase_2_only(tmp_path, teacher_dir, store, "measured", "decoder_margin", *margin,
+                               "train_tle.decoder_margin_weight=1e-6")
+    assert all(r["decoder_margin"] == "" and r["real_decoder_ce"] == "" for r in rows[:5])
+    assert all(float(r["decoder_margin"]) >= 0 for r in rows[5:])
+    assert pulled < 0.7 * measured, f"hinge {measured:.4f} (measured only) vs {pulled:.4f} (pulled)"
 
 
 def test_resume_continues_the_same_run(tle_store, tiny_teacher_dir, tmp_path):

@@ -152,6 +152,20 @@ def decoder_kl(reference_logits: torch.Tensor, logits: torch.Tensor, labels: tor
     return F.kl_div(predicted, reference, log_target=True, reduction="batchmean")
 
 
+def decoder_margin_hinge(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean over label tokens of max(0, margin - (z_label - max other z)) -> (); logits (B, S, V), labels (B, S).
+
+    Zero once the label's logit leads every other by `margin`: the decoder's greedy choice (teacher-forced)
+    is right with room to spare, whatever probability it gives the token. With the CE held near real
+    speech's, the decoder reads the right words while staying as unsure as it is of speech.
+    """
+    keep = labels != IGNORE_INDEX  # (B, S)
+    z, y = logits[keep].float(), labels[keep]  # (N, V), (N,)
+    label = z.gather(1, y[:, None])[:, 0]  # (N,)
+    best_other = z.scatter(1, y[:, None], float("-inf")).max(1).values  # (N,)
+    return F.relu(margin - (label - best_other)).mean()
+
+
 @torch.no_grad()
 def greedy_transcribe(teacher: FrozenTeacher, window: torch.Tensor, languages: Sequence[str], max_new_tokens: int,
                       speech_frames: int | None = None) -> list[str]:
