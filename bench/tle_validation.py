@@ -55,6 +55,7 @@ def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_
     from stages.train_tle import Collate, DurationTable, align_shard, open_store, validate
     from whistle_pipeline.decoder import decoder_cross_entropy, greedy_transcribe, load_frozen_teacher
     from whistle_pipeline.metrics import corpus_wer
+    from whistle_pipeline.text import IGNORE_INDEX
     from whistle_pipeline.tle import TLEModel
 
     started = time.time()
@@ -97,7 +98,7 @@ def main(tle_dir: str, teacher_path: str, store_url: str, batch_size: int, json_
             real = tle.full_window(batch.states, batch.durations.sum(1))
             real_hypotheses += greedy_transcribe(teacher, real, text.languages, longest, batch.states.shape[1])
             real_ce += decoder_cross_entropy(teacher, real, text, batch.states.shape[1])[1].tolist()
-            label_tokens += (text.labels != -100).sum(1).tolist()
+            label_tokens += (text.labels != IGNORE_INDEX).sum(1).tolist()
             references += text.texts
     languages = [item["language"] for item in items]
     metrics["wer_true"] = corpus_wer(references, hypotheses, languages)
@@ -157,7 +158,12 @@ def per_voice(manifest: str, ids: list[str], references: list[str], hypotheses: 
     from whistle_pipeline.metrics import corpus_wer
 
     rows = [json.loads(line) for line in Path(manifest).read_text(encoding="utf-8").splitlines() if line.strip()]
-    voice_of = {row["id"]: row["voice"].split("+")[0] for row in rows}
+    voice_of = {row["id"]: row["voice"].split("+")[0] for row in rows if "voice" in row}
+    missing = [utt_id for utt_id in ids if utt_id not in voice_of]
+    if missing:
+        raise click.ClickException(f"--voices {manifest}: {len(missing)} of the store's {len(ids)} clips have no row "
+                                   f"with a voice (first: {missing[0]!r}); pass the synthesize manifest the store "
+                                   "was precomputed from")
     groups: dict[str, list[int]] = {}
     for i, utt_id in enumerate(ids):
         groups.setdefault(voice_of[utt_id], []).append(i)

@@ -44,7 +44,7 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint(stage, tmp_path):
     assert trial.where != "(the run had finished)", trial
     assert trial.ok, trial
     resumed = int(re.search(r"resumed from step (\d+)", trial.outcome).group(1))
-    assert resumed in range(4, 16, 2), trial
+    assert resumed in range(2, 16, 2), trial  # 2 when struck before checkpoint 4 was complete
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -313,3 +313,22 @@ def test_two_processes_train_one_tle(tle_store, tiny_teacher_dir, tmp_path):
     assert {"state-rank0.json", "state-rank1.json", "COMPLETE"} <= {p.name for p in last.iterdir()}
     assert json.loads((last / "COMPLETE").read_text())["processes"] == 2
     assert (out / "model.safetensors").exists()
+
+
+def test_tle_validation_groups_real_audio_by_voice(tmp_path):
+    """bench/tle_validation.py --voices: WER per voice over its clips, CE per voice weighted by label tokens,
+    the voice's variant (+f3) folded in; a clip the manifest lacks is a clear error, not a KeyError."""
+    import click
+
+    from conftest import load_bench
+
+    per_voice = load_bench("tle_validation").per_voice
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(row) for row in [
+        {"id": "a", "voice": "en-us"}, {"id": "b", "voice": "en-us+f3"}, {"id": "c", "voice": "en-gb-scotland"}]))
+    rows = per_voice(str(manifest), ["a", "b", "c"], ["red fox", "the cat sat down", "blue sky"],
+                     ["red fox", "the cat", "blue"], [1.0, 2.0, 0.5], [2, 6, 3])
+    assert rows["en-us"] == {"clips": 2, "wer": pytest.approx(2 / 6), "decoder_ce": pytest.approx((2 + 12) / 8)}
+    assert rows["en-gb-scotland"] == {"clips": 1, "wer": pytest.approx(0.5), "decoder_ce": pytest.approx(0.5)}
+    with pytest.raises(click.ClickException, match="1 of the store's 4 clips have no row with a voice .*'d'"):
+        per_voice(str(manifest), ["a", "b", "c", "d"], ["x"] * 4, ["x"] * 4, [1.0] * 4, [1] * 4)

@@ -239,13 +239,13 @@ class TrainTLEConfig:
         if self.val_wer_size > self.val_size:
             out.append(f"train_tle.val_wer_size = {self.val_wer_size} exceeds train_tle.val_size = {self.val_size}: "
                        "the round-trip WER decodes some of the validation utterances")
-        for name in ("mse_weight", "cosine_weight", "phase_2_cosine_weight", "length_weight", "kl_beta", "decoder_ce_weight", "decoder_kl_weight",
-                     "decoder_margin_weight"):
+        for name in ("mse_weight", "cosine_weight", "phase_2_cosine_weight", "length_weight", "kl_beta",
+                     "decoder_ce_weight", "decoder_kl_weight", "decoder_margin_weight"):
             out += _in_range(f"train_tle.{name}", getattr(self, name), 0.0)
         if 0 < self.decoder_ce_floor < self.decoder_ce_lift_below:
-            out.append(f"train_tle.decoder_ce_lift_below = {self.decoder_ce_lift_below} exceeds train_tle.decoder_ce_floor "
-                       f"= {self.decoder_ce_floor}: the decoder CE would be pushed up and down at once; keep lift_below "
-                       "at or under the floor")
+            out.append(f"train_tle.decoder_ce_lift_below = {self.decoder_ce_lift_below} exceeds "
+                       f"train_tle.decoder_ce_floor = {self.decoder_ce_floor}: the decoder CE would be pushed up and "
+                       "down at once; keep lift_below at or under the floor")
         if self.warmup_steps >= self.steps:
             out.append(f"train_tle.warmup_steps = {self.warmup_steps} must be below train_tle.steps = {self.steps}")
         if self.mse_weight == 0 and self.cosine_weight == 0:
