@@ -4,10 +4,15 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import make_whisper_tokenizer
+
 from whistle_pipeline.errors import WhistleError
-from whistle_pipeline.prompting import domain_terms, prompt_budget, prompt_from_terms, prompt_ids
+from whistle_pipeline.prompting import (
+    domain_terms,
+    prompt_budget,
+    prompt_from_terms,
+    prompt_ids,
+)
 
 
 @pytest.fixture(scope="module")

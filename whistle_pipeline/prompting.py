@@ -28,7 +28,8 @@ Cost: one tokenizer call per prompt (`prompt_ids`) or per candidate prefix of th
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import normalize
