@@ -7,8 +7,8 @@
 What is added. transformers' beam search (`_beam_search`) takes the decoder's logits, applies
 log-softmax, then the logits processors, and adds the result to each beam's running score, so a
 processor's additions are summed over the decoded tokens. `ShallowFusion` adds, for a candidate token c
-that follows beam tokens ... with current partial word P (the tokens since the last word start) and the
-completed words h (after <s>):
+on a beam whose transcript so far holds the completed words h (after <s>) and the partial word P (the
+tokens since the last word start):
 
 - c starts a word (a space-prefixed byte-level BPE piece, or the first transcript token) or c is
   <|endoftext|>: P is complete, and its words w (P decoded and normalised as `lm_words` does, so one
