@@ -39,6 +39,7 @@ vocabulary and the phoneme limit, so a TLE saved with it rebuilds the same front
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import unicodedata
@@ -47,6 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from whistle_pipeline.errors import WhistleError
@@ -247,6 +249,7 @@ def _is_han(char: str) -> bool:
     return 0x3400 <= code <= 0x9FFF or 0xF900 <= code <= 0xFAFF or 0x20000 <= code <= 0x3134F
 
 
+@functools.lru_cache(maxsize=65536)  # a corpus uses few distinct characters; the lookup is the hot loop
 def _is_word_char(char: str) -> bool:
     return unicodedata.category(char)[0] in "LMN" and not _is_han(char)
 
@@ -480,15 +483,16 @@ class PronunciationFrontEnd:
         rows = [self.pronounce(tokenizer, tokens[b][token_mask[b]].tolist(), languages[b]) for b in range(B)]
         encoded = [[self.vocabulary.encode(token.phonemes)[: self.max_phonemes] for token in row] for row in rows]
         longest = max((len(ids) for row in encoded for ids in row), default=0)
-        phonemes = torch.full((B, L, max(longest, 1)), PAD, dtype=torch.long)  # (B, L, P)
-        piece_index = torch.zeros((B, L), dtype=torch.long)  # (B, L)
-        piece_count = torch.zeros((B, L), dtype=torch.long)  # (B, L)
-        spelled = torch.zeros((B, L), dtype=torch.bool)  # (B, L)
+        # filled in numpy: a torch indexing call per token cost more than the rest of the front end
+        phonemes = np.full((B, L, max(longest, 1)), PAD, dtype=np.int64)  # (B, L, P)
+        pieces = np.zeros((2, B, L), dtype=np.int64)  # piece index, piece count
+        spelled = np.zeros((B, L), dtype=bool)  # (B, L)
         for b, (row, row_ids) in enumerate(zip(rows, encoded)):
             positions = token_mask[b].nonzero().flatten().tolist()
             for position, token, ids in zip(positions, row, row_ids):
-                phonemes[b, position, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                piece_index[b, position] = token.piece_index
-                piece_count[b, position] = token.piece_count
+                phonemes[b, position, : len(ids)] = ids
+                pieces[:, b, position] = token.piece_index, token.piece_count
                 spelled[b, position] = token.spelled and bool(ids)
+        phonemes, spelled = torch.from_numpy(phonemes), torch.from_numpy(spelled)
+        piece_index, piece_count = torch.from_numpy(pieces)
         return PronunciationBatch(phonemes, phonemes != PAD, piece_index, piece_count, spelled)
