@@ -78,6 +78,8 @@ class G2PBackend(Protocol):
 
 # Whisper language codes whose eSpeak NG voice has another name; every other code is used as it is.
 ESPEAK_VOICES = {"en": "en-us", "zh": "cmn", "fr": "fr-fr", "no": "nb"}
+# Voices that crash libespeak-ng (1.52, espeakng-loader 0.2.4: Greenlandic segfaults): treated as missing.
+ESPEAK_BROKEN_VOICES = frozenset({"kl"})
 
 
 class EspeakG2P:
@@ -112,7 +114,7 @@ class EspeakG2P:
 
     def _load(self, voice: str) -> Any:
         backend_class, self._separator = _phonemizer()
-        if voice not in backend_class.supported_languages():
+        if voice in ESPEAK_BROKEN_VOICES or voice not in backend_class.supported_languages():
             return None
         quiet = logging.getLogger(f"{__name__}.phonemizer")
         quiet.setLevel(logging.ERROR)  # it warns on every call that it removed the language-switch flags
