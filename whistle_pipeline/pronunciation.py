@@ -73,7 +73,7 @@ class G2PBackend(Protocol):
         """Phonemes of each word (spoken in isolation); only called for languages `voice` accepts."""
 
     def to_dict(self) -> dict[str, Any]:
-        """What rebuilds the backend: {"name": ..., settings, "version": ...}."""
+        """What rebuilds the backend (`from_dict`, a classmethod): {"name": ..., settings, "version": ...}."""
 
 
 # Whisper language codes whose eSpeak NG voice has another name; every other code is used as it is.
