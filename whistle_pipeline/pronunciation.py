@@ -157,8 +157,8 @@ def _phonemizer() -> tuple[Any, Any]:
     except ImportError:
         raise WhistleError("the pronunciation front end needs phonemizer and espeakng-loader: "
                            "pip install 'whistle[g2p]'") from None
-    EspeakWrapper.set_library(espeakng_loader.get_library_path())  # set_data_path: phonemizer >= 3.4
-    EspeakWrapper.set_data_path(espeakng_loader.get_data_path())
+    EspeakWrapper.set_library(espeakng_loader.get_library_path())
+    EspeakWrapper.set_data_path(espeakng_loader.get_data_path())  # new in phonemizer 3.4
     return EspeakBackend, Separator(phone="", syllable="", word=WORD_BOUNDARY)
 
 
