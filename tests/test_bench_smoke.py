@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -65,3 +67,12 @@ def test_finetune_step_quick():
 def test_memory_quick():
     values = run_bench("memory.py")
     assert float(values["writer_peak_mb_shard8_queue1"]) > 0 and float(values["stage_peak_mb_shard2"]) > 0
+
+
+@pytest.mark.espeak
+@pytest.mark.real_weights
+def test_pronunciation_quick():
+    values = run_bench("pronunciation.py")
+    # the first 200 lexicon sentences: their words, each counted once at its first token
+    assert (int(values["sentences"]), int(values["words"]), int(values["distinct_words"])) == (200, 1790, 1675)
+    assert float(values["cold_seconds"]) > 0 and float(values["cached_phonemes_per_s"]) > 0
