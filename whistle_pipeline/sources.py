@@ -321,7 +321,7 @@ class DatasetSource(Source):
 
 
 def _load_dataset(config: DataConfig, kind: str):
-    import datasets
+    import datasets  # on use: it takes seconds to import, and only the `datasets` kinds need it
 
     try:
         if kind == "hf_disk":
@@ -343,7 +343,7 @@ def _load_dataset(config: DataConfig, kind: str):
 
 def _undecoded_audio(dataset, column: str, name: str):
     """Make the audio column yield {"bytes", "path"} (never decoded by datasets) or keep a path column."""
-    import datasets
+    import datasets  # on use, as in _load_dataset
 
     feature = dataset.features[column]
     if isinstance(feature, datasets.Audio):
