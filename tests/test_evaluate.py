@@ -128,7 +128,7 @@ def test_known_set_gives_the_hand_computed_wer(models, audio_set, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert {(s["model"], s["set"]): s["wer"] for s in saved["scores"]}[("scripted", "known")] == pytest.approx(0.5)
     lines = [json.loads(line) for line in (out / "hypotheses.jsonl").read_text().splitlines()]
-    assert [(l["id"], l["word_errors"]["scripted"]) for l in lines] == [("a", 0), ("b", 1), ("c", 2)]
+    assert [(row["id"], row["word_errors"]["scripted"]) for row in lines] == [("a", 0), ("b", 1), ("c", 2)]
     assert "| known | 3 | 50.0" in (out / "table.md").read_text()
     diffs = (out / "diffs.md").read_text()
     assert "3 of 3 clips changed" in diffs and "<- LOOP" in diffs and "hello world {+hello" in diffs
