@@ -65,7 +65,7 @@ from stages.finetune import (
     stored_examples,
     token_losses,
 )
-from stages.precompute import ClipDataset, collate
+from stages.audio_batches import ClipDataset, collate
 from store import StoreReader
 from whistle_pipeline.config import load_config
 from whistle_pipeline.sources import open_source
@@ -141,7 +141,7 @@ class Finetuner:
             batch = self._next_audio()
             with torch.inference_mode():
                 windows = teacher_states(self.model.model.encoder, batch.audio.to(self.device), self.geometry)
-            lengths = np.array([clip.n_samples // self.geometry.samples_per_frame for clip in batch.clips])
+            lengths = np.array([n_samples // self.geometry.samples_per_frame for n_samples in batch.n_samples])
             return windows.clone(), text_batch(lengths, self.rng, self.vocab_size).to(self.device), None
         text = text_batch(lengths, self.rng, self.vocab_size).to(self.device)
         window, tail = self.windows.build_with_tail(examples, text, training=True)

@@ -62,7 +62,8 @@ def writer_child(store: str, shard_size: int, write_queue: int, write_threads: i
     """Feed `clips` large-v3-shaped clips through BackgroundWriter as the stage's deliver() does."""
     import torch
 
-    from stages.precompute import BackgroundWriter, batch_sums
+    from stages.background_writer import BackgroundWriter
+    from stages.precompute import batch_sums
     from store import StoreSpec, StoreWriter, TeacherInfo
 
     results.put(("imported", own_rss()))

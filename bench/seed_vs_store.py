@@ -48,7 +48,7 @@ from _common import (
     token_batch,
     write_clips,
 )
-from stages.precompute import ClipDataset, collate
+from stages.audio_batches import ClipDataset, collate
 from stages.precompute import run as precompute
 from stages.train_tle import build_optimizer, loss_weights
 from store.dataset import FeatureDataset, pad_batch
@@ -85,7 +85,7 @@ def seed_epoch(trainer: Trainer, encoder, geometry, config, batch_size: int, epo
     began = time.perf_counter()
     for batch in loader:
         windows = teacher_states(encoder, batch.audio, geometry)  # (B, M, D): the teacher, again, every step
-        lengths = np.array([speech_frames(clip.n_samples, geometry, 2) for clip in batch.clips])  # (B,)
+        lengths = np.array([speech_frames(n_samples, geometry, 2) for n_samples in batch.n_samples])  # (B,)
         states = windows[:, : lengths.max()].clone()  # (B, T, D)
         states[torch.arange(states.shape[1]) >= torch.from_numpy(lengths)[:, None]] = 0.0
         trainer.step(states, lengths)

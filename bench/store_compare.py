@@ -74,7 +74,8 @@ from _common import (
     table,
     whisper_config,
 )
-from stages.precompute import BackgroundWriter, batch_sums  # imported here: torch's import must not count as writing
+from stages.background_writer import BackgroundWriter  # imported here: torch's import must not count as writing
+from stages.precompute import batch_sums
 from store import StoreReader, StoreSpec, StoreWriter, TeacherInfo
 
 D_MODEL = 1280

@@ -12,7 +12,7 @@ The source domain is everyday English (examples/source: template sentences plus 
 the paired speech holds the sounds of ~19,000 words, not the 507 of the templates — a TLE trained on
 templates alone could not say an unseen drug name), the target domain medication talk
 (examples/target); the target test set is free-form sentences, not the templates the target text
-was built from (DESIGN.md §7: a template-built test only measures memorisation). The arms see the
+was built from (a test built from the templates would only measure memorisation). The arms see the
 same target sentences at the same budget (shares of every batch: source audio / TTS speech / text):
 
     tts-only      1/2 source audio, 1/2 target sentences as eSpeak speech (ordinary TTS fine-tuning)
@@ -25,20 +25,35 @@ cut that its target data made. On a CPU with bfloat16 in hardware the encoder an
 run in bfloat16, as on a GPU (the full plan then fits in ~25 minutes on 2 cores).
 
 Every step records itself in demo.json when it finishes, so a rerun skips what is done (and each
-stage resumes its own partial work). `quick` is a smoke run of a few minutes with tiny sizes.
+stage resumes its own partial work). The sizes are a plan file beside this module: demo-plans/full.toml,
+and demo-plans/quick.toml for `quick`, a smoke run of a few minutes with tiny sizes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from whistle_pipeline.config import PipelineConfig, load_config
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+import torch
+
+from stages import evaluate, finetune, precompute, train_tle
+from whistle_pipeline import tts
+from whistle_pipeline.config import ConfigError, PipelineConfig, load_config
+from whistle_pipeline.ct2 import import_ct2
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.plots import plot_wer_bars
+from whistle_pipeline.teacher import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +74,14 @@ BASELINE = "tiny.en"
 GOALS = {"target_cut": 0.30, "source_rise": 0.05}  # relative WER: >= 30 % lower on target, <= 5 % higher on source
 
 
+PLANS = Path(__file__).with_name("demo-plans")  # full.toml, quick.toml
+PLAN_SECTIONS = ("tle", "train_tle", "finetune", "evaluate")  # the pipeline sections a plan may set
+
+
 @dataclass(frozen=True)
 class Plan:
-    """How big the demo is. Sentences are the first N lines of each examples/ file."""
+    """How big the demo is: a plan file's [demo] sizes and its pipeline sections. Sentences are the first N
+    lines of each examples/ file."""
 
     source_train: int  # paired source clips from the templates: the TLE's training data and the arms' audio steps
     source_lexicon: int  # + this many lexicon sentences (examples/source/lexicon.txt) in the same paired set
@@ -73,33 +93,32 @@ class Plan:
     finetune: dict[str, Any]  # [finetune] settings shared by the arms
     evaluate: dict[str, Any]  # [evaluate] settings
 
-
-FULL = Plan(  # the TLE of run K2 (bench/RESULTS.md, "TLE"; its loss weights are the defaults), sized for a 2-core CPU
-    source_train=1200, source_lexicon=1200, source_test=110, target_train=800, target_test=114,
-    tle={"hidden_size": 192, "text_layers": 2, "frame_layers": 2, "num_heads": 4, "ffn_multiplier": 3,
-         "latent_size": 16, "conv_layers": 1, "dropout": 0.1, "spelling_channels": 64},
-    train_tle={"steps": 1200, "batch_size": 12, "learning_rate": 1e-3, "warmup_steps": 50, "decoder_ce_start": 800,
-               "kl_anneal_steps": 300, "val_fraction": 0.05, "val_size": 48, "val_wer_size": 24, "val_every": 400,
-               "checkpoint_every": 200, "log_every": 25, "num_workers": 1, "shuffle_buffer": 512,
-               "length_bucket": 48},
-    finetune={"steps": 200, "batch_size": 12, "learning_rate": 1e-4, "warmup_steps": 20, "val_fraction": 0.05,
-              "val_size": 48, "val_every": 50, "checkpoint_every": 50, "log_every": 10, "num_workers": 1,
-              "shuffle_buffer": 256},
-    evaluate={"batch_size": 16, "max_new_tokens": 96},
-)
-QUICK = Plan(
-    source_train=48, source_lexicon=16, source_test=8, target_train=24, target_test=8,
-    tle={"hidden_size": 64, "text_layers": 1, "frame_layers": 1, "num_heads": 2, "ffn_multiplier": 2,
-         "latent_size": 4, "conv_layers": 1, "dropout": 0.0},
-    train_tle={"steps": 30, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 5, "decoder_ce_start": 20,
-               "kl_anneal_steps": 10, "val_fraction": 0.1, "val_size": 8, "val_wer_size": 4, "val_every": 30,
-               "checkpoint_every": 30, "log_every": 10, "num_workers": 0, "shuffle_buffer": 64,
-               "length_bucket": 0},
-    finetune={"steps": 8, "batch_size": 8, "learning_rate": 1e-4, "warmup_steps": 2, "val_fraction": 0.1,
-              "val_size": 8, "val_every": 8, "checkpoint_every": 8, "log_every": 4, "num_workers": 0,
-              "shuffle_buffer": 32},
-    evaluate={"batch_size": 12, "max_new_tokens": 48},
-)
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read and check a plan file: [demo] must give every size (whole numbers >= 0) and nothing else;
+        the other sections must be among PLAN_SECTIONS and pass `load_config` over pipeline.toml's defaults.
+        Raises ConfigError listing every problem."""
+        try:
+            with open(path, "rb") as handle:
+                values = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError([f"cannot read the demo plan {path}: {err}"], str(path)) from err
+        sizes = values.pop("demo", {})
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in PLAN_SECTIONS]
+        problems = [f"[demo] has no key {key!r}; it takes {', '.join(names)}" for key in sizes if key not in names]
+        problems += [f"[demo] {name} is missing" for name in names if name not in sizes]
+        problems += [f"[demo] {name} = {sizes[name]!r} should be a whole number >= 0" for name in names
+                     if name in sizes and (type(sizes[name]) is not int or sizes[name] < 0)]
+        problems += [f"a plan sets only [demo] and [{'], ['.join(PLAN_SECTIONS)}], not [{section}]"
+                     for section in values if section not in PLAN_SECTIONS]
+        try:
+            load_config(updates={section: keys for section, keys in values.items() if section in PLAN_SECTIONS})
+        except ConfigError as err:
+            problems += err.problems
+        if problems:
+            raise ConfigError(problems, str(path))
+        return cls(**{name: sizes[name] for name in names}, **{section: values.get(section, {})
+                                                              for section in PLAN_SECTIONS})
 
 
 @dataclass
@@ -186,8 +205,6 @@ def write_lines(sources: Sequence[tuple[Path, int]], out: Path) -> int:
 
 def synthesized(texts: Path, out: Path, seed: int, progress: bool) -> int:
     """Clips in `out` after speaking `texts` there (an interrupted synthesis resumes; a finished one is kept)."""
-    from whistle_pipeline import tts
-
     if not (out / tts.RUN_RECORD).is_file():
         tts.synthesize(texts, out, seed=seed, workers=os.cpu_count() or 1, progress=progress)
     return sum(1 for line in (out / tts.MANIFEST).read_text(encoding="utf-8").splitlines() if line.strip())
@@ -195,14 +212,8 @@ def synthesized(texts: Path, out: Path, seed: int, progress: bool) -> int:
 
 def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool = True) -> DemoResult:
     """Run (or resume) the demo in `workdir`; `overrides` are --set section.key=value applied to every stage."""
-    import torch
-
-    from stages import evaluate, finetune, precompute, train_tle
-    from whistle_pipeline.ct2 import import_ct2
-    from whistle_pipeline.teacher import cpu_has_native_bf16
-
     started = time.perf_counter()
-    plan = QUICK if quick else FULL
+    plan = Plan.load(PLANS / ("quick.toml" if quick else "full.toml"))
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     steps = Steps(work, plan, quick, overrides)
@@ -233,7 +244,7 @@ def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool
     store_settings = {"frames": "speech", "shard_size": 256}
     precompute_settings = {"batch_size": 8, "num_workers": 1, "progress": progress, "overwrite": False}
     # bfloat16 where the CPU computes it in hardware, as on a GPU ("auto" there): the encoder ~1.7x faster, the
-    # training steps ~1.45x, the same WER within a run's noise (bench/RESULTS.md, "demo in 30 minutes")
+    # training steps ~1.45x, the same WER within a run's noise (bench/RESULTS.md, "demo")
     bf16_cpu = not torch.cuda.is_available() and cpu_has_native_bf16()
     encoder_dtype, mixed_precision = ("bfloat16", "bf16") if bf16_cpu else ("auto", "auto")
     for name, store in (("source-train", "source"), ("target-train", "target-tts")):
@@ -271,7 +282,9 @@ def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool
                           time.perf_counter() - started)
     report["precision"] = {"encoder": encoder_dtype, "training": mixed_precision}
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    chart = plot_report(report, work / "report.png")
+    chart = plot_wer_bars({BASELINE: report["wer_before"], **report["wer_after"]},
+                          f"whistle demo{' (quick)' if quick else ''}: Whisper tiny.en before and after",
+                          work / "report.png")
     return DemoResult(str(work), report, chart, time.perf_counter() - started, steps.skipped)
 
 
@@ -328,32 +341,3 @@ def build_report(quick: bool, plan: Plan, counts: dict[str, int], scores: dict[s
         "tle_validation": tle_validation,
         "seconds": {**seconds, "total": round(total, 1)},
     }
-
-
-def plot_report(report: dict[str, Any], path: Path) -> str | None:
-    """report.png: WER per test set, the unadapted model beside the three arms."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no report.png (pip install 'whistle[demo]')")
-        return None
-    models = [BASELINE, *ARMS]
-    sets = list(report["wer_before"])
-    values = {BASELINE: report["wer_before"], **report["wer_after"]}
-    figure, axis = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(models)
-    for m, model in enumerate(models):
-        xs = [s + (m - (len(models) - 1) / 2) * width for s in range(len(sets))]
-        bars = axis.bar(xs, [100 * values[model][name] for name in sets], width, label=model)
-        axis.bar_label(bars, fmt="%.1f", fontsize=7)
-    axis.set_xticks(range(len(sets)), [f"{name} test" for name in sets])
-    axis.set_ylabel("WER %")
-    axis.set_title(f"whistle demo{' (quick)' if report['quick'] else ''}: Whisper tiny.en before and after")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return str(path)

@@ -1,8 +1,9 @@
-"""precompute: audio -> frozen Whisper encoder -> feature store (DESIGN.md §4-§5).
+"""precompute: audio -> frozen Whisper encoder -> feature store.
 
 The GPU is the cost, so nothing else may hold it up:
 
     DataLoader workers         main process (one per GPU)              writer threads
+    (audio_batches)            (this module)                           (background_writer)
     decode (soundfile)   ──►   log-mel + encoder on the device   ──►   ShardWriter.add / close
     resample (soxr)            float16, non-blocking copy to           (stats, compression, writes;
     augment, pad to 30 s       pinned host memory, one batch of        bounded queues hold the
@@ -29,20 +30,20 @@ import functools
 import json
 import logging
 import math
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from accelerate import PartialState
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
+from stages.audio_batches import Batch, ClipDataset, collate, quiet_worker
+from stages.background_writer import BackgroundWriter
 from store import ShardRecord, StoreReader, StoreSpec, StoreWriter
 from store.writer import NON_FINITE_REASON
-from whistle_pipeline.audio import AudioError, augment, load_audio
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.sources import Source, SourceReject, open_source
@@ -56,75 +57,10 @@ from whistle_pipeline.teacher import (
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "precompute.json"
-MESSAGES_PER_WRITER = 64  # utterances queued per writer thread before the main process waits
 END_OF_RUN_TIMEOUT = datetime.timedelta(days=7)  # how long finished processes wait for the last one
 
 
-# --- worker side: rows -> decoded, padded clips ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Clip:
-    """A decoded clip's metadata (its samples travel in the batch tensor)."""
-
-    row: int
-    id: str
-    text: str
-    language: str
-    n_samples: int  # at the teacher's rate, before padding to the window
-
-
-@dataclass
-class Batch:
-    """What a DataLoader worker hands over: padded audio of the usable rows and the rejected rows."""
-
-    audio: torch.Tensor  # (B, n_samples) float32, zero-padded 30 s windows
-    clips: list[Clip]
-    rejects: list[SourceReject]
-
-    def pin_memory(self) -> "Batch":
-        # called by the DataLoader's pinning thread, so the host->device copy can be asynchronous
-        return dataclasses.replace(self, audio=self.audio.pin_memory())
-
-
-class ClipDataset(Dataset):
-    """Row -> (Clip, samples) or SourceReject; runs in the DataLoader workers."""
-
-    def __init__(self, source: Source, geometry: TeacherGeometry, augmentation: str):
-        self.source = source
-        self.geometry = geometry
-        self.augmentation = augmentation
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, row: int) -> tuple[Clip, np.ndarray] | SourceReject:
-        geometry = self.geometry
-        try:
-            item = self.source[row]
-            if isinstance(item, SourceReject):
-                return item
-            audio = load_audio(item.audio, geometry.sample_rate, max_seconds=geometry.window_seconds,
-                               name=item.audio_name)
-        except AudioError as err:
-            return SourceReject(row, item.id, err.reason)
-        except Exception as err:  # one unreadable row must never end a long run: it is recorded instead
-            log.warning("row %d: unexpected error reading it", row, exc_info=True)
-            return SourceReject(row, self.source.row_id(row), f"read error: {type(err).__name__}: {err}")
-        audio = augment(audio[: geometry.n_samples], geometry.sample_rate, self.augmentation)  # resampling may add 1
-        return Clip(row, item.id, item.text, item.language, audio.shape[0]), audio
-
-
-def collate(items: list[tuple[Clip, np.ndarray] | SourceReject], n_samples: int) -> Batch:
-    clips = [item for item in items if not isinstance(item, SourceReject)]
-    audio = torch.zeros(len(clips), n_samples)  # (B, n_samples): Whisper pads with silence
-    for i, (_, samples) in enumerate(clips):
-        audio[i, : samples.shape[0]] = torch.from_numpy(samples)
-    return Batch(audio, [clip for clip, _ in clips], [item for item in items if isinstance(item, SourceReject)])
-
-
-def _quiet_worker(_: int) -> None:
-    torch.set_num_threads(1)  # workers decode with numpy/soxr; torch threads would only fight the encoder
+# --- the shards' batches ------------------------------------------------------------------------
 
 
 def _batches(store: StoreWriter, shards: list[range], shard_size: int, batch_size: int,
@@ -138,114 +74,6 @@ def _batches(store: StoreWriter, shards: list[range], shard_size: int, batch_siz
             busy.append(rows.start // shard_size)
             continue
         yield from (list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
-
-
-# --- writer side: ordered per-shard calls on background threads -------------------------------------
-
-
-class BackgroundWriter:
-    """Runs each shard's ShardWriter calls, in order, on thread `shard % threads`.
-
-    Per-thread queues are bounded (the main process waits when writers fall behind), and at most
-    `max_closing` shards may be waiting to be compressed and written at once (bounds host memory).
-    An error on a writer thread is re-raised in the main process at its next call.
-    """
-
-    def __init__(self, store: StoreWriter, threads: int, max_closing: int):
-        self.store = store
-        self.records: list[ShardRecord] = []
-        self.wait_seconds = 0.0  # the main process blocked on full queues: the writers are the bottleneck
-        self._queues = [queue.Queue(maxsize=MESSAGES_PER_WRITER) for _ in range(threads)]
-        self._closing = threading.Semaphore(max_closing)
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._work, args=(q,), name=f"shard-writer-{i}", daemon=True)
-                         for i, q in enumerate(self._queues)]
-        for thread in self._threads:
-            thread.start()
-
-    def add(self, shard: int, **utterance: Any) -> None:
-        self._put(shard, ("add", utterance))
-
-    def add_sums(self, shard: int, **sums: Any) -> None:
-        self._put(shard, ("add_sums", sums))
-
-    def reject(self, shard: int, utt_id: str, reason: str) -> None:
-        self._put(shard, ("reject", {"id": utt_id, "reason": reason}))
-
-    def close(self, shard: int) -> None:
-        began = time.perf_counter()
-        while not self._closing.acquire(timeout=1.0):
-            self.raise_if_failed()  # a writer that failed never frees its closing slot
-        self.wait_seconds += time.perf_counter() - began
-        self._put(shard, ("close", {}))
-
-    def _put(self, shard: int, message: tuple[str, dict[str, Any]]) -> None:
-        target = self._queues[shard % len(self._queues)]
-        began = time.perf_counter()
-        while True:
-            self.raise_if_failed()
-            try:
-                target.put((shard, message), timeout=1.0)
-                break
-            except queue.Full:
-                continue
-        self.wait_seconds += time.perf_counter() - began
-
-    def raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _work(self, messages: queue.Queue) -> None:
-        open_shards: dict[int, Any] = {}
-        while True:
-            item = messages.get()
-            if item is None:
-                return
-            shard, (kind, arguments) = item
-            if self._error is not None:
-                continue  # drain: the main process is stopping
-            try:
-                if shard not in open_shards:
-                    open_shards[shard] = self.store.shard(shard)  # deletes an incomplete shard left by a crash
-                writer = open_shards[shard]
-                if kind == "add":
-                    writer.add(**arguments)
-                elif kind == "add_sums":
-                    writer.add_sums(**arguments)
-                elif kind == "reject":
-                    writer.reject(**arguments)
-                else:
-                    try:
-                        record = open_shards.pop(shard).close()
-                    finally:
-                        self._closing.release()
-                    with self._lock:
-                        self.records.append(record)
-            except BaseException as err:  # noqa: BLE001 — handed to the main process
-                self._error = err
-
-    def finish(self) -> list[ShardRecord]:
-        """Wait for every queued call; return the records of the shards written."""
-        for q in self._queues:
-            q.put(None)
-        for thread in self._threads:
-            thread.join()
-        self.raise_if_failed()
-        return sorted(self.records, key=lambda record: record.index)
-
-    def abandon(self) -> None:
-        """Stop after a failure in the main process; shards not closed stay incomplete (redone on resume)."""
-        self._error = self._error or RuntimeError("precompute stopped")
-        for q in self._queues:
-            while True:
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    break
-            q.put(None)
-        for thread in self._threads:
-            thread.join()
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -341,9 +169,7 @@ class PrecomputeResult:
                 "audio_hours_per_hour": self.audio_hours_per_hour}
 
 
-def _state(config: PipelineConfig):
-    from accelerate import PartialState
-
+def _state(config: PipelineConfig) -> PartialState:
     # without cpu=True, accelerate treats a torchrun/accelerate launch without GPUs as one process
     return PartialState(cpu=config.teacher.device == "cpu" or not torch.cuda.is_available())
 
@@ -497,66 +323,20 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
     if not shards:
         return []
     options = config.precompute
-    workers = options.num_workers
-    busy: list[int] = []
-    loader = DataLoader(
-        ClipDataset(source, geometry, options.augment),
-        batch_sampler=_batches(store, shards, config.store.shard_size, options.batch_size, busy),
-        num_workers=workers,
-        prefetch_factor=options.prefetch_factor if workers else None,
-        collate_fn=functools.partial(collate, n_samples=geometry.n_samples),
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_quiet_worker if workers else None,
-    )
     shard_size = config.store.shard_size
-    left = {rows.start // shard_size: len(rows) for rows in shards}  # rows each shard still waits for
+    busy: list[int] = []
+    loader = _loader(config, source, geometry, store, shards, device, busy)
     writer = BackgroundWriter(store, options.write_threads, options.write_queue)
-    margin, full = config.store.speech_margin_frames, config.store.frames == "full"
     progress = _progress(stats.rows, enabled=main and options.progress)
-
-    def deliver(flight: _InFlight) -> None:
-        """Hand a finished batch to the writers (rows in order), closing each shard at its last row."""
-        if flight.copied is not None:
-            flight.copied.synchronize()
-        states = flight.states.numpy() if flight.states is not None else None  # (B, F, D) float16
-        finite = flight.finite.numpy() if flight.finite is not None else None  # (B,)
-        for shard, sums in flight.sums.items():  # before the shard's close, which checks them
-            writer.add_sums(shard, **{name: values.numpy() for name, values in sums.items()})
-        done = [(reject.row, reject) for reject in flight.batch.rejects]
-        done += [(clip.row, (i, clip)) for i, clip in enumerate(flight.batch.clips)]
-        for row, item in sorted(done, key=lambda pair: pair[0]):
-            shard = row // shard_size
-            if isinstance(item, SourceReject):
-                writer.reject(shard, item.id, item.reason)
-                stats.count_reject(item.reason)
-            else:
-                i, clip = item
-                frames = speech_frames(clip.n_samples, geometry, margin)
-                duration = clip.n_samples / geometry.sample_rate
-                if finite is not None and not finite[i]:  # left out of the sums on the device
-                    writer.reject(shard, clip.id, NON_FINITE_REASON)
-                    stats.count_reject(NON_FINITE_REASON)
-                else:
-                    window = states[i]  # (F, D)
-                    writer.add(shard, id=clip.id, text=clip.text, language=clip.language, duration_s=duration,
-                               states=window if full else window[:frames], speech_frames=frames,
-                               summed=not full)
-                    stats.clips += 1
-                    stats.audio_seconds += duration
-            left[shard] -= 1
-            if left[shard] == 0:
-                writer.close(shard)
-        progress.update(len(done))
-        elapsed = progress.format_dict["elapsed"] or 1e-9
-        progress.set_postfix_str(f"{stats.audio_seconds / elapsed:.0f} audio-h/h", refresh=False)
-
+    deliver = _Delivery(writer, stats, geometry, config, shards, progress)
+    speech = None if deliver.full else (deliver.margin, shard_size)
     in_flight: _InFlight | None = None
     began = time.perf_counter()
     try:
         waited = began
         for batch in loader:
             stats.input_wait_seconds += time.perf_counter() - waited
-            current = _launch(batch, encoder, geometry, device, None if full else (margin, shard_size))
+            current = _launch(batch, encoder, geometry, device, speech)
             if in_flight is not None:
                 deliver(in_flight)  # overlaps the copy (and on GPU the encoder) of `current`
             in_flight = current
@@ -579,6 +359,70 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
     return records
 
 
+def _loader(config: PipelineConfig, source: Source, geometry: TeacherGeometry, store: StoreWriter,
+            shards: list[range], device: torch.device, busy: list[int]) -> DataLoader:
+    """Batches of decoded, padded clips from DataLoader workers (shards claimed as the loader reaches them)."""
+    options = config.precompute
+    workers = options.num_workers
+    return DataLoader(
+        ClipDataset(source, geometry, options.augment),
+        batch_sampler=_batches(store, shards, config.store.shard_size, options.batch_size, busy),
+        num_workers=workers,
+        prefetch_factor=options.prefetch_factor if workers else None,
+        collate_fn=functools.partial(collate, n_samples=geometry.n_samples),
+        pin_memory=device.type == "cuda",
+        worker_init_fn=quiet_worker if workers else None,
+    )
+
+
+class _Delivery:
+    """Hands each finished batch to the writer threads (rows in order), closing each shard at its last row."""
+
+    def __init__(self, writer: BackgroundWriter, stats: RankStats, geometry: TeacherGeometry,
+                 config: PipelineConfig, shards: list[range], progress: tqdm):
+        self.writer, self.stats, self.geometry, self.progress = writer, stats, geometry, progress
+        self.shard_size = config.store.shard_size
+        self.margin, self.full = config.store.speech_margin_frames, config.store.frames == "full"
+        self.left = {rows.start // self.shard_size: len(rows) for rows in shards}  # rows each shard still waits for
+
+    def __call__(self, flight: _InFlight) -> None:
+        writer, stats, geometry = self.writer, self.stats, self.geometry
+        if flight.copied is not None:
+            flight.copied.synchronize()
+        states = flight.states.numpy() if flight.states is not None else None  # (B, F, D) float16
+        finite = flight.finite.numpy() if flight.finite is not None else None  # (B,)
+        for shard, sums in flight.sums.items():  # before the shard's close, which checks them
+            writer.add_sums(shard, **{name: values.numpy() for name, values in sums.items()})
+        done = [(reject.row, reject) for reject in flight.batch.rejects]
+        done += [(clip.row, (i, clip)) for i, clip in enumerate(flight.batch.clips)]
+        for row, item in sorted(done, key=lambda pair: pair[0]):
+            shard = row // self.shard_size
+            if isinstance(item, SourceReject):
+                writer.reject(shard, item.id, item.reason)
+                stats.count_reject(item.reason)
+            else:
+                i, clip = item
+                n_samples = flight.batch.n_samples[i]
+                frames = speech_frames(n_samples, geometry, self.margin)
+                duration = n_samples / geometry.sample_rate
+                if finite is not None and not finite[i]:  # left out of the sums on the device
+                    writer.reject(shard, clip.id, NON_FINITE_REASON)
+                    stats.count_reject(NON_FINITE_REASON)
+                else:
+                    window = states[i]  # (F, D)
+                    writer.add(shard, id=clip.id, text=clip.text, language=clip.language, duration_s=duration,
+                               states=window if self.full else window[:frames], speech_frames=frames,
+                               summed=not self.full)
+                    stats.clips += 1
+                    stats.audio_seconds += duration
+            self.left[shard] -= 1
+            if self.left[shard] == 0:
+                writer.close(shard)
+        self.progress.update(len(done))
+        elapsed = self.progress.format_dict["elapsed"] or 1e-9
+        self.progress.set_postfix_str(f"{stats.audio_seconds / elapsed:.0f} audio-h/h", refresh=False)
+
+
 def _launch(batch: Batch, encoder, geometry: TeacherGeometry, device: torch.device,
             speech: tuple[int, int] | None) -> _InFlight:
     """Start the encoder on a batch and the non-blocking copies of its results to host memory.
@@ -593,7 +437,7 @@ def _launch(batch: Batch, encoder, geometry: TeacherGeometry, device: torch.devi
     finite, sums = None, {}
     if speech is not None:
         margin, shard_size = speech
-        frames = [speech_frames(clip.n_samples, geometry, margin) for clip in batch.clips]
+        frames = [speech_frames(n_samples, geometry, margin) for n_samples in batch.n_samples]
         finite, sums = batch_sums(states, frames, [clip.row // shard_size for clip in batch.clips])
         states = states[:, : max(frames)]  # (B, Tmax, D): only speech frames cross to the host
     if device.type != "cuda":
@@ -645,8 +489,6 @@ def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
+def _progress(total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, unit="clip", desc="precompute", disable=not enabled, dynamic_ncols=True,
                 smoothing=0.05)

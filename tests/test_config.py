@@ -56,10 +56,42 @@ def test_shipped_configs_are_found():
     assert str(REPO / "pipeline.toml") in SHIPPED_CONFIGS
 
 
+DEMO_PLANS = REPO / "stages" / "demo-plans"
+
+
+def test_the_demo_plans_are_shipped_configs():
+    assert {Path(path).name for path in SHIPPED_CONFIGS if Path(path).parent == DEMO_PLANS} == {"full.toml", "quick.toml"}
+
+
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
 def test_every_shipped_toml_loads(path):
-    config = load_config(path)
-    assert isinstance(config, PipelineConfig)
+    """A pipeline config loads with load_config; a demo plan (its pipeline sections checked by the same
+    loader, its [demo] sizes by the Plan record) with Plan.load."""
+    if Path(path).parent == DEMO_PLANS:
+        from stages.demo import PLAN_SECTIONS, Plan  # the demo stage imports every stage: only for plan files
+
+        plan = Plan.load(path)
+        assert all(isinstance(getattr(plan, section), dict) for section in PLAN_SECTIONS)
+    else:
+        config = load_config(path)
+        assert isinstance(config, PipelineConfig)
+
+
+def test_a_demo_plan_reports_every_problem(tmp_path):
+    from stages.demo import Plan
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[demo]\nsource_train = 8\nsource_tests = 2\ntarget_train = -1\n'
+                    '[tle]\nhiden_size = 64\n[finetune]\nsteps = "many"\n[store]\nframes = "full"\n')
+    with pytest.raises(ConfigError) as caught:
+        Plan.load(plan)
+    problems = "\n".join(caught.value.problems)
+    assert "[demo] has no key 'source_tests'" in problems
+    assert "[demo] source_lexicon is missing" in problems and "[demo] source_test is missing" in problems
+    assert "[demo] target_train = -1 should be a whole number >= 0" in problems
+    assert "unknown key tle.hiden_size (did you mean 'hidden_size'?)" in problems
+    assert "finetune.steps = 'many' should be" in problems
+    assert "not [store]" in problems
 
 
 def test_layers_apply_in_order(tmp_path):

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import make_tiny_teacher, write_clip
-from stages.evaluate import Named, Transcript, repetition_loop, run, score_clip, word_diff
+
+from stages.evaluate import run, word_diff
 from whistle_pipeline.cli import cli
 from whistle_pipeline.config import load_config
 from whistle_pipeline.text import text_tokens
+from whistle_pipeline.transcribe import Named, load_model
 
 SCRIPT_SCALE = 10.0  # position signal against the (unit) token signal: the scripted token always wins
 
@@ -51,7 +52,11 @@ def script_decoder(model, tokenizer, script: list[int], prompt_length: int, cycl
 def scripted_model(teacher_dir: Path, out: Path, words: str, end: bool) -> Path:
     """A copy of the tiny teacher (same encoder) that transcribes everything as `words` (+ the end token
     if `end`, else `words` over and over, never ending)."""
-    from transformers import AutoTokenizer, WhisperForConditionalGeneration, WhisperFeatureExtractor
+    from transformers import (
+        AutoTokenizer,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
 
     model = WhisperForConditionalGeneration.from_pretrained(teacher_dir)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
@@ -123,41 +128,24 @@ def test_known_set_gives_the_hand_computed_wer(models, audio_set, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert {(s["model"], s["set"]): s["wer"] for s in saved["scores"]}[("scripted", "known")] == pytest.approx(0.5)
     lines = [json.loads(line) for line in (out / "hypotheses.jsonl").read_text().splitlines()]
-    assert [(l["id"], l["word_errors"]["scripted"]) for l in lines] == [("a", 0), ("b", 1), ("c", 2)]
+    assert [(row["id"], row["word_errors"]["scripted"]) for row in lines] == [("a", 0), ("b", 1), ("c", 2)]
     assert "| known | 3 | 50.0" in (out / "table.md").read_text()
     diffs = (out / "diffs.md").read_text()
     assert "3 of 3 clips changed" in diffs and "<- LOOP" in diffs and "hello world {+hello" in diffs
 
 
 def test_models_with_one_encoder_share_the_encoder_pass(models):
-    from stages.evaluate import load_model
-
-    loaded = [load_model(Named(k, str(p)), "main", torch.device("cpu"), "float32", "sdpa") for k, p in models.items()]
+    loaded = [load_model(Named(label=k, path=str(p)), "main", torch.device("cpu"), "float32", "sdpa")
+              for k, p in models.items()]
     assert loaded[0].encoder_key == loaded[1].encoder_key
 
 
-def test_scoring_normalises_and_counts_by_hand():
-    clip = score_clip("x", "The colour is 20%.", Transcript("the color is twenty percent", True), "en")
-    assert (clip.word_errors, clip.ref_words, clip.loop) == (0, 4, False)
-    clip = score_clip("y", "red green blue", Transcript("red blue black", True), "en")
-    assert (clip.word_errors, clip.ref_words) == (2, 3)  # "green" deleted, "black" inserted
-    empty = score_clip("z", "(laughs)", Transcript("hello there", True), "en")
-    assert (empty.word_errors, empty.ref_words) == (2, 0)
-    assert score_clip("w", "a b", Transcript("a b", False), "en").loop  # cut off: a loop even if it matches
-
-
-def test_repetition_loops_and_word_diffs():
-    assert repetition_loop("we go to the the the the park")
-    assert repetition_loop("thank you thank you thank you thank you")
-    assert not repetition_loop("thank you thank you thank you")
-    assert not repetition_loop("no no no no", reference="no no no no")  # the reference says it too
+def test_word_diffs():
     assert word_diff("take two tablets daily", "take two tablet daily please") == \
         "take two [-tablets-] {+tablet+} daily {+please+}"
 
 
-def test_labels_and_cli(models, audio_set, tmp_path):
-    assert Named.parse("base=/models/tiny") == Named("base", "/models/tiny")
-    assert Named.parse("/models/tiny/") == Named("tiny", "/models/tiny/")
+def test_cli(models, audio_set, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli-eval"
     result = runner.invoke(cli, ["evaluate", f"scripted={models['hello']}", "--audio", str(audio_set),

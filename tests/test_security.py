@@ -214,11 +214,11 @@ def pickled_whisper(tmp_path_factory):
 
 
 def test_whisper_folders_holding_only_a_pickle_are_refused_by_every_loader(pickled_whisper):
-    from stages.evaluate import Named, load_model
     from stages.finetune import load_teacher
     from whistle_pipeline.config import load_config
     from whistle_pipeline.decoder import load_frozen_teacher
     from whistle_pipeline.teacher import load_encoder
+    from whistle_pipeline.transcribe import Named, load_model
 
     folder, marker = pickled_whisper
     loaders = {

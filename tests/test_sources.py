@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_clip
+
 from whistle_pipeline.config import load_config
 from whistle_pipeline.errors import WhistleError
-from whistle_pipeline.sources import SourceItem, SourceReject, detect_kind, open_source
+from whistle_pipeline.sources import Clip, SourceReject, detect_kind, open_source
 
 
 def data_config(path, **keys):
@@ -40,15 +40,15 @@ def test_csv_manifest_rows_rejects_and_ids(clips):
     source = open_source(data_config(manifest, audio_column="path", language_column="language"))
     assert source.kind == "manifest" and len(source) == 6
     rows = list(source)
-    assert rows[0] == SourceItem(0, "spk1/a", "Hello there", "en", str(clips / "spk1" / "a.wav"))
-    assert rows[1] == SourceItem(1, "spk1/b", "Guten Tag", "de", str(clips / "spk1" / "b.flac"))
+    assert rows[0] == Clip(row=0, id="spk1/a", text="Hello there", language="en", audio=str(clips / "spk1" / "a.wav"))
+    assert rows[1] == Clip(row=1, id="spk1/b", text="Guten Tag", language="de", audio=str(clips / "spk1" / "b.flac"))
     assert rows[2] == SourceReject(2, "spk1/a", "duplicate id: first used by row 0")
     assert rows[3] == SourceReject(3, "spk1/c", "empty text")
     assert rows[4] == SourceReject(4, "row-00000004", "no audio: the audio column is empty")
     assert rows[5] == SourceReject(5, "row-00000005", "bad row: line 7 of manifest.csv has 1 field(s), the header has 4")
     with_ids = open_source(data_config(manifest, audio_column="path", id_column="speaker_id"))
     assert [with_ids.row_id(r) for r in range(6)] == ["s1", "s2", "s3", "s4", "s5", "row-00000005"]
-    assert isinstance(with_ids[2], SourceItem)  # unique ids now
+    assert isinstance(with_ids[2], Clip)  # unique ids now
 
 
 def test_tsv_and_jsonl_manifests(clips):
@@ -67,9 +67,9 @@ def test_tsv_and_jsonl_manifests(clips):
     ]), encoding="utf-8")
     source = open_source(data_config(jsonl, id_column="id", language_column="language"))
     rows = list(source)
-    assert rows[0] == SourceItem(0, "u1", "first", "fr", str(clips / "spk1" / "a.wav"))
+    assert rows[0] == Clip(row=0, id="u1", text="first", language="fr", audio=str(clips / "spk1" / "a.wav"))
     assert rows[1].reason.startswith("bad row: line 2 of manifest.jsonl is not valid JSON")
-    assert rows[2] == SourceItem(2, "spk1/b", "absolute path", "en", str(clips / "spk1" / "b.flac"))
+    assert rows[2] == Clip(row=2, id="spk1/b", text="absolute path", language="en", audio=str(clips / "spk1" / "b.flac"))
     assert rows[3].reason == "bad row: line 4 of manifest.jsonl is not a JSON object"
     assert rows[4] == SourceReject(4, "spk1/c", "bad row: no 'text' in this row")
     assert len(source) == 5  # the blank line is no row
@@ -91,8 +91,8 @@ def _common_voice(root: Path) -> Path:
     header = "client_id\tpath\tsentence_id\tsentence\tsentence_domain\tup_votes\tdown_votes\tage\tgender\taccents" \
              "\tvariant\tlocale\tsegment\n"
     lines = [
-        f"c1\tcommon_voice_zh-CN_1.mp3\ts1\t他说\"你好\"。\t\t2\t0\t\t\t\t\tzh-CN\t\n",
-        f"c2\tcommon_voice_zh-CN_2.mp3\ts2\t\t\t2\t0\t\t\t\t\tzh-CN\t\n",
+        "c1\tcommon_voice_zh-CN_1.mp3\ts1\t他说\"你好\"。\t\t2\t0\t\t\t\t\tzh-CN\t\n",
+        "c2\tcommon_voice_zh-CN_2.mp3\ts2\t\t\t2\t0\t\t\t\t\tzh-CN\t\n",
     ]
     for name in ("common_voice_zh-CN_1.mp3", "common_voice_zh-CN_2.mp3"):
         write_clip(folder / "clips" / name, 0.5, 48000)
@@ -106,8 +106,8 @@ def test_common_voice_folder(tmp_path):
     assert detect_kind(str(folder)) == "common_voice"
     source = open_source(data_config(folder))  # split "train" -> train.tsv
     first, second = list(source)
-    assert first == SourceItem(0, "common_voice_zh-CN_1", '他说"你好"。', "zh",
-                               str(folder.resolve() / "clips" / "common_voice_zh-CN_1.mp3"))
+    assert first == Clip(row=0, id="common_voice_zh-CN_1", text='他说"你好"。', language="zh",
+                         audio=str(folder.resolve() / "clips" / "common_voice_zh-CN_1.mp3"))
     assert second == SourceReject(1, "common_voice_zh-CN_2", "empty text")
     assert len(open_source(data_config(folder, subset="validated"))) == 1
     with pytest.raises(WhistleError, match=r"has no dev.tsv .* it has: train, validated"):
@@ -138,7 +138,7 @@ def test_save_to_disk_dataset(clips, tmp_path):
     assert isinstance(first.audio, bytes) and first.audio == (clips / "spk1" / "a.wav").read_bytes()
     assert (first.id, first.text, first.language) == ("x1", "embedded bytes", "de")
     # save_to_disk embeds local files: the path row comes back as bytes too
-    assert second == SourceItem(1, "x2", "a path", "en", (clips / "spk1" / "b.flac").read_bytes())
+    assert second == Clip(row=1, id="x2", text="a path", language="en", audio=(clips / "spk1" / "b.flac").read_bytes())
     assert third == SourceReject(2, "x3", "no audio: the audio column is empty")
     with pytest.raises(WhistleError, match="has no split 'train'"):
         open_source(data_config(tmp_path / "ds", text_column="sentence"))

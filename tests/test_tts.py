@@ -105,12 +105,12 @@ def test_plan_is_a_function_of_the_seed():
 
 def test_manifest_loads_as_a_precompute_source(synthesized):
     from whistle_pipeline.config import load_config
-    from whistle_pipeline.sources import SourceItem, open_source
+    from whistle_pipeline.sources import Clip, open_source
 
     config = load_config(updates={"data": {"path": str(synthesized / "manifest.jsonl"), "id_column": "id"}})
     source = open_source(config.data)
     items = [source[i] for i in range(len(source))]
-    assert all(isinstance(item, SourceItem) for item in items), items
+    assert all(isinstance(item, Clip) for item in items), items
     assert [item.id for item in items] == [r["id"] for r in manifest_rows(synthesized)]
     assert all(Path(item.audio).is_file() and item.language == "en" for item in items)
     assert items[0].text == "Take one tablet."

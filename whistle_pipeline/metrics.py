@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jiwer
+
 from whistle_pipeline.errors import WhistleError
 
 UNSPACED_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my", "km", "bo"})  # no spaces between words
@@ -48,6 +50,7 @@ class ErrorRates:
 @functools.lru_cache(maxsize=None)
 def normalizer(language: str) -> Callable[[str], str]:
     """The text normaliser Whisper's evaluations use for `language` (a Whisper code: "en", "de", "yue", ...)."""
+    # imported on use: transformers is slow to import, and import-ct2 reads this module (english_spelling_path)
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
     if language == "en":
@@ -67,8 +70,6 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], language: 
     Utterances whose reference normalises to nothing add their hypothesis words as insertions.
     Raises WhistleError if the lists differ in length or no reference has a word left.
     """
-    import jiwer
-
     if len(references) != len(hypotheses):
         raise WhistleError(f"{len(references)} references but {len(hypotheses)} hypotheses: they must pair up")
     refs = [normalize(r, language) for r in references]

@@ -1,12 +1,33 @@
-"""Pictures of stored teacher states (matplotlib is optional: `pip install 'whistle[plot]'`)."""
+"""The pictures whistle draws: a stored utterance's teacher states (`whistle inspect-store --plot`) and
+the demo's WER chart (report.png).
+
+matplotlib is optional (`pip install 'whistle[plot]'`) and slow to import, so it is imported only when
+a picture is drawn (`_figure`). Figures are drawn on matplotlib's Agg canvas directly, not through
+pyplot: no global backend to switch, no figure left open.
+"""
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from whistle_pipeline.errors import WhistleError
+
+log = logging.getLogger(__name__)
+
+
+def _figure(figsize: tuple[float, float], dpi: int) -> Any:
+    """A new matplotlib Figure on an Agg canvas; raises ImportError when matplotlib is not installed."""
+    # imported here: matplotlib is optional and slow to import
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def plot_utterance(store_path: str, utt_id: str, out_png: str | Path) -> Path:
@@ -17,10 +38,10 @@ def plot_utterance(store_path: str, utt_id: str, out_png: str | Path) -> Path:
     where the stored speech frames end.
     """
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        figure = _figure(figsize=(12, 4.5), dpi=100)
     except ImportError as err:
         raise WhistleError("--plot needs matplotlib, which is not installed: pip install 'whistle[plot]'") from err
+    # imported on use: the library depends on the store only where it reads one
     from store.reader import StoreReader
 
     reader = StoreReader(store_path)
@@ -29,8 +50,6 @@ def plot_utterance(store_path: str, utt_id: str, out_png: str | Path) -> Path:
     teacher = reader.teacher
     boundary = utt.speech_frames
 
-    figure = Figure(figsize=(12, 4.5), dpi=100)
-    FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     limit = float(np.percentile(np.abs(window), 99)) or 1.0  # robust colour range: a few huge channels
     image = axes.imshow(window.T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit,
@@ -58,3 +77,28 @@ def plot_utterance(store_path: str, utt_id: str, out_png: str | Path) -> Path:
         except OSError as err:
             raise WhistleError(f"could not write the plot to {out}: {err}") from err
     return out
+
+
+def plot_wer_bars(wer: dict[str, dict[str, float]], title: str, path: Path) -> str | None:
+    """A bar chart of WER % per test set, one bar per model: `wer` is {model: {set: WER}}, models in
+    the order drawn. Returns the PNG's path, or None (with a warning) when matplotlib is not installed."""
+    try:
+        figure = _figure(figsize=(7, 4), dpi=110)
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s (pip install 'whistle[plot]')", path.name)
+        return None
+    models = list(wer)
+    sets = list(wer[models[0]])
+    axis = figure.add_subplot()
+    width = 0.8 / len(models)
+    for m, model in enumerate(models):
+        xs = [s + (m - (len(models) - 1) / 2) * width for s in range(len(sets))]
+        bars = axis.bar(xs, [100 * wer[model][name] for name in sets], width, label=model)
+        axis.bar_label(bars, fmt="%.1f", fontsize=7)
+    axis.set_xticks(range(len(sets)), [f"{name} test" for name in sets])
+    axis.set_ylabel("WER %")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    return str(path)

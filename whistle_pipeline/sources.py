@@ -1,6 +1,6 @@
 """Paired audio + text sources: the rows precompute reads, as small frozen records.
 
-Three kinds (DESIGN.md §4), all random-access by row so that shard k can be given rows
+Three kinds, all random-access by row so that shard k can be given rows
 [k*S, (k+1)*S) on any process:
 
 - "hf" / "hf_disk": a `datasets` dataset, by hub name (+ config, split) or a `save_to_disk` folder.
@@ -12,7 +12,7 @@ Three kinds (DESIGN.md §4), all random-access by row so that shard k can be giv
 
     source = open_source(config.data)
     len(source), source.fingerprint
-    source[17]  # SourceItem(row=17, id=..., text=..., language=..., audio=path or bytes) or SourceReject
+    source[17]  # Clip(row=17, id=..., text=..., language=..., audio=path or bytes) or SourceReject
 
 A bad row (no audio, empty text, duplicate id, unreadable JSON line) is a SourceReject with the
 reason ("kind: detail", as the store groups them), never an exception; a problem with the whole source (missing file, missing column) raises
@@ -26,9 +26,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from whistle_pipeline.config import DataConfig
 from whistle_pipeline.errors import WhistleError
@@ -43,9 +44,12 @@ NOT_UTF8 = re.compile("[\ud800-\udfff]")
 NOT_UTF8_FIX = "not valid UTF-8 text: re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
 
 
-@dataclass(frozen=True)
-class SourceItem:
-    """One usable row: its audio is a file path or the encoded bytes of a file."""
+@dataclass(frozen=True, kw_only=True)
+class Clip:
+    """One usable row of a source: its audio is a file path or the encoded bytes of a file.
+
+    The one record of a clip: precompute reads it, and `whistle evaluate` and finetune's validation
+    transcribe it (`whistle_pipeline.transcribe`)."""
 
     row: int
     id: str
@@ -96,10 +100,10 @@ class Source(abc.ABC):
         """The utterance id of `row` (known even when the row turns out to be unusable)."""
         return self._ids[row]
 
-    def __iter__(self) -> Iterator[SourceItem | SourceReject]:
+    def __iter__(self) -> Iterator[Clip | SourceReject]:
         return (self[row] for row in range(len(self)))
 
-    def __getitem__(self, row: int) -> SourceItem | SourceReject:
+    def __getitem__(self, row: int) -> Clip | SourceReject:
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} is outside the source's {len(self)} rows")
         utt_id = self._ids[row]
@@ -115,7 +119,7 @@ class Source(abc.ABC):
             return SourceReject(row, utt_id, "no language: the language column is empty and data.language is not set")
         if not audio:
             return SourceReject(row, utt_id, "no audio: the audio column is empty")
-        return SourceItem(row, utt_id, text, language, audio)
+        return Clip(row=row, id=utt_id, text=text, language=language, audio=audio)
 
     @abc.abstractmethod
     def _fields(self, row: int) -> tuple[str, str, str | bytes] | str:
@@ -317,7 +321,7 @@ class DatasetSource(Source):
 
 
 def _load_dataset(config: DataConfig, kind: str):
-    import datasets
+    import datasets  # on use: it takes seconds to import, and only the `datasets` kinds need it
 
     try:
         if kind == "hf_disk":
@@ -339,7 +343,7 @@ def _load_dataset(config: DataConfig, kind: str):
 
 def _undecoded_audio(dataset, column: str, name: str):
     """Make the audio column yield {"bytes", "path"} (never decoded by datasets) or keep a path column."""
-    import datasets
+    import datasets  # on use, as in _load_dataset
 
     feature = dataset.features[column]
     if isinstance(feature, datasets.Audio):
