@@ -12,7 +12,6 @@ from conftest import add_utterance, store_spec, synthetic_utterances, write_synt
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
-import store.format
 import store.reader
 from store import StoreError, StoreReader, StoreWriter, TeacherInfo
 
@@ -299,20 +298,6 @@ def test_direct_reads_equal_zarr_reads(tmp_path, codec, bitround, direct):
         np.testing.assert_array_equal(fast.read_rows(0, start, stop), reference.read_rows(0, start, stop))
     with pytest.raises(IndexError, match="outside"):
         fast.read_rows(0, 0, n_rows + 1)
-
-
-@pytest.mark.parametrize("codec", ["blosc-lz4", "blosc-zstd", "none"])
-def test_shard_objects_written_directly_are_the_ones_zarr_writes(tmp_path, codec):
-    spec = store_spec(shard_size=5, chunk_frames=100, codec=codec)
-    utts = synthetic_utterances(spec, 5, seed=9)
-    write_synthetic_store(tmp_path / "s", spec, utts)
-    states = np.concatenate([u["window"][: u["speech_frames"]] for u in utts])  # (n_frames, D)
-    rows = -(-len(states) // 100) * 100
-    through_zarr = zarr.create_array(str(tmp_path / "z"), shape=states.shape, dtype=np.float16, chunks=(100, 32),
-                                     shards=(rows, 32), fill_value=0, config={"write_empty_chunks": True},
-                                     **store.format.states_codecs(spec))
-    through_zarr[...] = states
-    assert (tmp_path / "s/shards/00000/states/c/0/0").read_bytes() == (tmp_path / "z/c/0/0").read_bytes()
 
 
 def test_direct_reads_check_every_chunk_and_the_index(tmp_path):
