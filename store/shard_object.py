@@ -1,8 +1,7 @@
 """A shard's states array and the bytes of its one Zarr shard object, written and read without zarr.
 
-The only module that knows the sharding codec's byte layout (written down in store/format.py):
-the inner chunks back to back, each bytes -> [Blosc] -> crc32c, then the index, one little-endian
-uint64 (offset, nbytes) pair per inner chunk, then the index's crc32c.
+The only module that knows the byte layout of zarr's sharding codec (written down with the rest
+of the format in store/format.py, under `states`).
 
     array = create_states_array(group, n_frames, spec)
     write_states(store, array, pieces, spec)        # the whole shard object in one store write

@@ -55,6 +55,7 @@ from store.format import (
 )
 from store.shard_writer import NON_FINITE_REASON, ShardRecord, ShardWriter
 
+# ShardWriter and its names are part of the writing API, importable from here as before.
 __all__ = ["NON_FINITE_REASON", "ShardBusy", "ShardRecord", "ShardWriter", "StoreWriter"]
 
 log = logging.getLogger(__name__)
