@@ -396,7 +396,7 @@ def measure(fmt, corpus: Corpus, root: Path, shard_size: int, repeats: int, pick
 
 
 def writer_profile(corpus: Corpus, repeats: int) -> list[tuple[str, float]]:
-    """Per clip, the host work ShardWriter does for one utterance (the numpy operations of store/writer.py's
+    """Per clip, the host work ShardWriter does for one utterance (the numpy operations of store/shard_writer.py's
     add, _sum, add_sums and close, timed one by one on the same windows): before (each tail handed to
     add) and now (tails summed per batch where the encoder runs, only speech frames reach the host)."""
     import numcodecs
@@ -409,7 +409,7 @@ def writer_profile(corpus: Corpus, repeats: int) -> list[tuple[str, float]]:
     blosc, crc = numcodecs.Blosc("zstd", 3, numcodecs.Blosc.SHUFFLE), numcodecs.CRC32C()
     speech = np.concatenate([w[:f] for w, f in zip(windows, frames)])  # (frames, D)
 
-    def finite(values: np.ndarray) -> bool:  # store/writer.py _finite
+    def finite(values: np.ndarray) -> bool:  # store/shard_writer.py _finite
         return not ((values.view(np.uint16) & 0x7C00) == 0x7C00).any()
 
     def stat_sums():
@@ -535,7 +535,7 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
             click.echo(f"{name} read through with_format('numpy') (float32 copies): "
                        f"{r['numpy_format_warm_utt_per_s']:.1f} utt/s warm")
 
-    click.echo("\nwhere whistle's write time goes, per clip (the numpy work of store/writer.py, each alone, one thread):")
+    click.echo("\nwhere whistle's write time goes, per clip (the numpy work of store/shard_writer.py, each alone, one thread):")
     click.echo(table(["step", "ms per clip"], profile))
     before_ms = sum(ms for name, ms in profile[:5])
     now_ms = profile[4][1] + profile[5][1] + profile[6][1]

@@ -6,7 +6,8 @@ A leaf package: it depends on zarr, numcodecs and numpy only. The torch dataset 
 from store.format import FORMAT_VERSION, StoreError, StoreSpec, TeacherInfo
 from store.inspect import Fault, StoreReport, inspect_store
 from store.reader import StoreReader, Utterance
-from store.writer import ShardRecord, ShardWriter, StoreWriter
+from store.shard_writer import ShardRecord, ShardWriter
+from store.writer import StoreWriter
 
 __all__ = [
     "FORMAT_VERSION",

@@ -25,7 +25,12 @@ Layout::
                     ceil(n_frames / chunk_frames) inner chunks of `chunk_frames` rows (the last
                     one padded with zeros): BitRound (optional, lossy) -> bytes -> Blosc (lz4/zstd,
                     byte shuffle; or nothing) -> crc32c. The checksum makes any damaged byte a read
-                    error instead of silently wrong states.
+                    error instead of silently wrong states. Its bytes (STORE/shards/00000/states/
+                    c/0/0): the encoded inner chunks back to back in row order, each ending in its
+                    crc32c; then the index at the end, one (offset, nbytes) little-endian uint64
+                    pair per inner chunk (both 2**64 - 1 for a chunk never written), then the
+                    index's crc32c (little-endian uint32). store/shard_object.py writes and reads
+                    these bytes itself where it knows the codecs, byte for byte what zarr does.
       offsets       (n + 1,) int64: utterance i is states[offsets[i]:offsets[i + 1]]
       speech_frames (n,) int32: frames that cover the audio (+ margin); in speech mode the number
                     of rows stored, in full mode where the speech ends inside the stored window
@@ -84,18 +89,12 @@ import importlib.metadata
 import json
 import os
 import warnings
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import google_crc32c
-import numcodecs
-import numpy as np
 import zarr
 from zarr.abc.store import Store
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.errors import ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore
@@ -108,14 +107,6 @@ MAX_BITROUND_KEEPBITS = 9  # float16 has 10 mantissa bits; keeping all 10 is no 
 SHARDS_GROUP = "shards"
 CACHE_GROUP = "cache"
 ATTRS_KEY = "whistle"
-# A states shard object (Zarr v3 sharding codec, index at the end): the inner chunks back to back, each
-# followed by its crc32c; then one (offset, nbytes) little-endian uint64 pair per inner chunk and the crc32c
-# of those pairs. store/writer.py writes it and store/reader.py reads it directly (zarr for anything else).
-CHECKSUM_BYTES = 4
-INDEX_ENTRY_BYTES = 16
-MISSING_CHUNK = 2**64 - 1  # both values of the index entry of a chunk never written (zarr reads the fill value)
-BLOSC_HEADER_BYTES = 16  # its bytes 4-7: the decoded size, little-endian uint32
-ENCODE_THREADS = min(4, os.cpu_count() or 1)  # threads compressing one shard object's chunks
 
 # BitRound is a numcodecs codec that zarr-python (not the Zarr v3 spec) knows; zarr warns on every
 # construction, including each time such an array is opened. We chose it knowingly (opt-in only).
@@ -131,6 +122,22 @@ class RecordError(StoreError, ValueError):
     callers that take such damage as "incomplete" (read_shard_attrs) keep doing so."""
 
 
+class DamagedShardError(StoreError):
+    """A complete shard that cannot be read back; says how to repair it."""
+
+    def __init__(self, url: str, shard: int | None = None, detail: str | None = None) -> None:
+        self.shard, self.detail = shard, detail
+        if shard is None:  # rebuilt from its message alone (torch re-raises a DataLoader worker's error so)
+            super().__init__(url)
+            return
+        name = shard_name(shard)
+        super().__init__(
+            f"shard {name} of store {url} is damaged: {detail}. Delete {url}/{SHARDS_GROUP}/{name} and run "
+            "`whistle precompute` on this store again to recompute it (`whistle inspect-store --check` lists "
+            "every damaged shard)."
+        )
+
+
 def whistle_version() -> str:
     """The installed whistle version (store/ is a leaf and cannot import whistle_pipeline)."""
     try:
@@ -140,7 +147,7 @@ def whistle_version() -> str:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -267,100 +274,6 @@ class StoreSpec:
         return spec
 
 
-def states_codecs(spec: StoreSpec) -> dict[str, Any]:
-    """Zarr `filters` and `compressors` for the states array of a shard (inner-chunk codecs)."""
-    filters = []
-    if spec.bitround_keepbits:
-        from zarr.codecs.numcodecs import BitRound
-
-        filters.append(BitRound(keepbits=spec.bitround_keepbits))
-    compressors: list[Any] = []
-    if spec.codec.startswith("blosc-"):
-        compressors.append(BloscCodec(cname=spec.codec.removeprefix("blosc-"), clevel=spec.compression_level,
-                                      shuffle="shuffle", typesize=2))
-    compressors.append(Crc32cCodec())
-    return {"filters": filters, "compressors": compressors}
-
-
-def states_compressor(spec: StoreSpec) -> numcodecs.Blosc | None:
-    """The Blosc compressor of the states' inner chunks as numcodecs builds it (zarr's BloscCodec does the same)."""
-    if not spec.codec.startswith("blosc-"):
-        return None
-    return numcodecs.Blosc(cname=spec.codec.removeprefix("blosc-"), clevel=spec.compression_level,
-                           shuffle=numcodecs.Blosc.SHUFFLE, blocksize=0, typesize=2)
-
-
-def direct_compression(array: zarr.Array) -> bool | None:
-    """Whether a states array's inner chunks are Blosc-compressed, when whistle reads and writes its shard object
-    itself (one shard object; bytes -> [Blosc] -> crc32c inside; the index as bytes -> crc32c at the end); None
-    when zarr must (BitRound filters, other codecs or layouts)."""
-    codecs = array.metadata.codecs
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or array.shards is None:
-        return None
-    sharding = codecs[0]
-    inner = list(sharding.codecs)
-    if array.ndim != 2 or array.shards[0] < array.shape[0] or array.shards[1] != array.shape[1] \
-            or array.chunks[1] != array.shape[1] or array.dtype != np.float16:
-        return None
-    index_codecs = list(sharding.index_codecs)
-    if sharding.index_location != ShardingCodecIndexLocation.end or len(index_codecs) != 2 \
-            or not _little_endian_bytes(index_codecs[0]) or not isinstance(index_codecs[1], Crc32cCodec):
-        return None
-    if len(inner) < 2 or not _little_endian_bytes(inner[0]) or not isinstance(inner[-1], Crc32cCodec):
-        return None
-    middle = inner[1:-1]
-    if not middle:
-        return False
-    return True if len(middle) == 1 and isinstance(middle[0], BloscCodec) else None
-
-
-def _little_endian_bytes(codec: Any) -> bool:
-    return isinstance(codec, BytesCodec) and codec.endian is not None and codec.endian.value == "little"
-
-
-def checksum_ok(payload: np.ndarray) -> bool:
-    """payload (n,) uint8: data followed by its crc32c (little-endian uint32)."""
-    body, stored = payload[:-CHECKSUM_BYTES], payload[-CHECKSUM_BYTES:]
-    return google_crc32c.value(body) == int.from_bytes(stored.tobytes(), "little")
-
-
-def encode_shard_object(pieces: list[np.ndarray], d_model: int, chunk_rows: int,
-                        compressor: numcodecs.Blosc | None) -> bytes:
-    """The shard object of a states array held in one shard: the rows of `pieces` (each (T, D) float16, in
-    order) in inner chunks of `chunk_rows` rows (the last one padded with zeros), each compressed and
-    checksummed, then the index. Chunks are gathered one by one (the rows are never joined whole) and
-    compressed on ENCODE_THREADS threads, at most twice as many chunks in flight (Blosc frees the GIL)."""
-    n_frames = sum(len(piece) for piece in pieces)
-    n_chunks = max(1, -(-n_frames // chunk_rows))
-
-    def encode(chunk: np.ndarray) -> bytes:
-        body = compressor.encode(chunk) if compressor is not None else chunk.tobytes()
-        return body + google_crc32c.value(body).to_bytes(CHECKSUM_BYTES, "little")
-
-    encoded: list[bytes] = []
-    with ThreadPoolExecutor(ENCODE_THREADS) as pool:
-        in_flight: deque[Future] = deque()
-        piece_index, start = 0, 0  # the next row to gather: pieces[piece_index][start]
-        for _ in range(n_chunks):
-            chunk = np.zeros((chunk_rows, d_model), "<f2")  # (chunk_rows, D); the last one's rest is padding
-            filled = 0
-            while filled < chunk_rows and piece_index < len(pieces):
-                piece = pieces[piece_index]
-                take = min(chunk_rows - filled, len(piece) - start)
-                chunk[filled : filled + take] = piece[start : start + take]
-                filled, start = filled + take, start + take
-                if start == len(piece):
-                    piece_index, start = piece_index + 1, 0
-            in_flight.append(pool.submit(encode, chunk))
-            if len(in_flight) >= 2 * ENCODE_THREADS:
-                encoded.append(in_flight.popleft().result())
-        encoded += [future.result() for future in in_flight]
-    sizes = np.array([len(part) for part in encoded], np.uint64)  # (n_chunks,)
-    index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8")  # (n_chunks, 2): offset, nbytes
-    table = index.tobytes()
-    return b"".join([*encoded, table, google_crc32c.value(table).to_bytes(CHECKSUM_BYTES, "little")])
-
-
 def url_text(url: str | os.PathLike | Store) -> str:
     """How to name a store in messages."""
     return repr(url) if isinstance(url, Store) else os.fspath(url)
@@ -441,6 +354,16 @@ def read_shard_attrs(store: Store, index: int) -> dict[str, Any] | None:
                                                            "unreadable": "its zarr.json has no attributes"}
 
 
+def missing_objects(store: Store, group: zarr.Group, group_path: str, names: tuple[str, ...]) -> list[str]:
+    """Arrays among `names` whose one stored object is absent (zarr would silently read zeros)."""
+    missing = []
+    for name in names:
+        array = group[name]
+        if array.size and not run_sync(store.exists(f"{group_path}/{name}/{array.metadata.encode_chunk_key((0,) * array.ndim)}")):
+            missing.append(name)
+    return missing
+
+
 async def _list_dir(store: Store, prefix: str) -> list[str]:
     return [name async for name in store.list_dir(prefix)]
 
@@ -454,8 +377,6 @@ def shard_name(index: int) -> str:
 
 def read_json(store: Store, key: str) -> dict[str, Any] | None:
     """A JSON object stored under `key`, or None when there is none."""
-    from zarr.core.buffer import default_buffer_prototype
-
     buffer = run_sync(store.get(key, prototype=default_buffer_prototype()))
     if buffer is None:
         return None
@@ -467,8 +388,6 @@ def read_json(store: Store, key: str) -> dict[str, Any] | None:
 
 def write_json(store: Store, key: str, data: dict[str, Any]) -> None:
     """Store a JSON object under `key` in one write."""
-    from zarr.core.buffer import default_buffer_prototype
-
     payload = json.dumps(data, indent=2, ensure_ascii=False).encode()
     run_sync(store.set(key, default_buffer_prototype().buffer.from_bytes(payload)))
 

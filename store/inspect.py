@@ -15,10 +15,16 @@ import zarr
 from zarr.abc.store import Store
 from zarr.core.common import concurrent_map
 
-from store.format import SHARDS_GROUP, run_sync, shard_name
-from store.reader import READ_BLOCK_BYTES, DamagedShardError, StoreReader, missing_objects
+from store.format import (
+    SHARDS_GROUP,
+    DamagedShardError,
+    missing_objects,
+    run_sync,
+    shard_name,
+)
+from store.reader import READ_BLOCK_BYTES, StoreReader
+from store.reduction import SUM_ARRAYS
 
-SUM_ARRAYS = ("tail_sum", "tail_count", "stat_sum", "stat_sqsum", "stat_count")
 SUM_RTOL = 1e-7  # stored float64 sums vs a recomputation in another order
 
 
@@ -96,8 +102,8 @@ class StoreReport:
         lines = [
             f"whistle store {self.url}",
             f"  format       {self.format} ({policy}, margin {self.speech_margin_frames} frames)",
-            f"  teacher      {t['name_or_path']} @ {t['revision']}: d_model {t['d_model']}, {t['n_mels']} mels, "
-            f"{t['max_frames']} frames per window ({t['frames_per_second']}/s)",
+            (f"  teacher      {t['name_or_path']} @ {t['revision']}: d_model {t['d_model']}, {t['n_mels']} mels, "
+             f"{t['max_frames']} frames per window ({t['frames_per_second']}/s)"),
             f"  shards       {self.complete_shards} complete, {len(self.incomplete_shards)} incomplete"
             + (f" ({', '.join(self.incomplete_shards[:8])}{', ...' if len(self.incomplete_shards) > 8 else ''})"
                if self.incomplete_shards else "")
@@ -109,8 +115,8 @@ class StoreReport:
                                              if rejects else ""),
             f"  on disk      {_size(self.bytes_on_disk)} ({_size(self.states_bytes)} of states)",
             f"  raw fp16     {_size(self.raw_fp16_bytes)} (compression {_ratio(self.compression_ratio)})",
-            f"  full window  {_size(self.full_window_fp16_bytes)} as fp16 (trimming {_ratio(self.trimming_ratio)}; "
-            f"overall {_ratio(self.full_window_fp16_bytes / self.bytes_on_disk if self.bytes_on_disk else None)})",
+            (f"  full window  {_size(self.full_window_fp16_bytes)} as fp16 (trimming {_ratio(self.trimming_ratio)}; "
+             f"overall {_ratio(self.full_window_fp16_bytes / self.bytes_on_disk if self.bytes_on_disk else None)})"),
             f"  codec        {self.codec}{level}{lossy}; chunks of {self.chunk_frames} frames",
             f"  dataset      fingerprint {self.dataset_fingerprint}, augment {self.augment}",
             f"  written by   {self.created_by} (last opened by {self.updated_by})",

@@ -9,79 +9,44 @@
 The reader sees the shards that were complete when it was opened (`refresh()` looks again), so all
 ranks of a training run agree on one list while precompute may still be adding shards.
 
-States are read *directly*: the byte range of a shard object that holds the wanted inner chunks is
-fetched in one store request, the Zarr v3 sharding index (at the object's end: one little-endian
-uint64 (offset, nbytes) pair per inner chunk, then a crc32c of the index) tells where each chunk
-lies, and each chunk's crc32c is checked before Blosc decodes it straight into the output array.
-That is what zarr's sharding codec does too, minus its per-chunk buffer assembly (most of its read
-time for float16 states). Arrays this path does not know (BitRound filters, other codecs, several
-shard objects, an unwritten chunk) are read through zarr; `direct=False` reads everything so.
+States are read *directly* where store/shard_object.py knows the codecs: the byte range of the
+shard object holding the wanted inner chunks in one store request, each chunk checked and decoded
+straight into the output (faster than zarr's sharding codec). Anything else is read through zarr;
+`direct=False` reads everything so (the reference path). The tail template and the statistics
+come from store/reduction.py.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numcodecs.blosc
 import numpy as np
 import zarr
-from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
-from zarr.core.buffer import default_buffer_prototype
+from zarr.abc.store import Store
 
 from store.format import (
-    BLOSC_HEADER_BYTES,
-    CACHE_GROUP,
-    CHECKSUM_BYTES,
-    INDEX_ENTRY_BYTES,
-    MISSING_CHUNK,
     SHARDS_GROUP,
+    DamagedShardError,
     StoreError,
     StoreSpec,
     TeacherInfo,
-    checksum_ok,
-    direct_compression,
+    missing_objects,
     open_root,
     open_zarr_store,
     read_json,
-    run_sync,
     shard_attrs,
     shard_name,
     url_text,
-    version_stamp,
 )
-
-log = logging.getLogger(__name__)
+from store.reduction import Reduction, reduce_shards
+from store.shard_object import ShardLayout, ShardObjectError, read_chunks, read_layout
 
 READ_BLOCK_BYTES = 64 * 2**20  # iter_shard reads the states in blocks of about this size
-STD_FLOOR = 1e-6  # statistics() floors the std so that a dead channel never divides by zero
 INDEX_CACHE_SHARDS = 8  # shard indexes (offsets, ids, text, ...) kept in memory
-REDUCE_THREADS = 8  # shards read at once when reducing the template (I/O bound)
 INDEX_ARRAYS = ("offsets", "speech_frames", "ids", "text", "language", "duration")
-CACHE_ARRAYS = ("tail_template", "tail_count", "mean", "std")
-
-
-class DamagedShardError(StoreError):
-    """A complete shard that cannot be read back; says how to repair it."""
-
-    def __init__(self, url: str, shard: int | None = None, detail: str | None = None) -> None:
-        self.shard, self.detail = shard, detail
-        if shard is None:  # rebuilt from its message alone (torch re-raises a DataLoader worker's error so)
-            super().__init__(url)
-            return
-        name = shard_name(shard)
-        super().__init__(
-            f"shard {name} of store {url} is damaged: {detail}. Delete {url}/{SHARDS_GROUP}/{name} and run "
-            "`whistle precompute` on this store again to recompute it (`whistle inspect-store --check` lists "
-            "every damaged shard)."
-        )
 
 
 @dataclass(frozen=True)
@@ -112,16 +77,6 @@ class ShardIndex:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """Where the inner chunks of a shard's states object lie, for reading them without zarr's sharding codec."""
-
-    key: str  # the shard object's key in the store
-    chunk_rows: int  # rows per inner chunk (the last one is padded with zeros)
-    blosc: bool  # Blosc-compressed chunks (else raw little-endian float16)
-    chunks: np.ndarray  # (n_chunks, 2) uint64: byte offset and length of each chunk in the object
 
 
 def index_problems(index: ShardIndex, attrs: dict[str, Any], spec: StoreSpec) -> list[str]:
@@ -179,7 +134,7 @@ class StoreReader:
         self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
         self._layouts: dict[int, ShardLayout | None] = {}  # for the shards in self._indexes
         self._id_index: dict[str, tuple[int, int]] | None = None
-        self._reduction: dict[str, np.ndarray] | None = None
+        self._reduction: Reduction | None = None
         self.refresh()
 
     @property
@@ -262,85 +217,27 @@ class StoreReader:
     def layout(self, shard: int) -> ShardLayout | None:
         """The sharding index of a shard's states object (read once), or None when zarr must read the array."""
         index = self.index(shard)
-        if shard in self._layouts:
-            return self._layouts[shard]
-        blosc = direct_compression(index.states) if self.direct else None
-        layout = None
-        if blosc is not None and index.states.size:
-            group_path = f"{SHARDS_GROUP}/{shard_name(shard)}/states"
-            key = f"{group_path}/{index.states.metadata.encode_chunk_key((0, 0))}"
-            chunk_rows = index.states.chunks[0]
-            n_chunks = index.states.shards[0] // chunk_rows
-            size = n_chunks * INDEX_ENTRY_BYTES + CHECKSUM_BYTES
-            raw = self._fetch(shard, key, SuffixByteRequest(size), size, "its sharding index")
-            if not checksum_ok(raw):
-                raise self._damaged(shard, "the sharding index of states fails its checksum - the shard object is "
-                                           "corrupt or truncated")
-            chunks = raw[:-CHECKSUM_BYTES].view("<u8").reshape(n_chunks, 2)  # (n_chunks, 2): offset, nbytes
-            layout = ShardLayout(key, chunk_rows, blosc, chunks)
-        self._layouts[shard] = layout
-        return layout
+        if shard not in self._layouts:
+            try:
+                self._layouts[shard] = read_layout(self.store, index.states) if self.direct else None
+            except ShardObjectError as err:
+                raise self._damaged(shard, str(err)) from err
+            except OSError as err:
+                raise self._unreadable(shard, "its sharding index", err) from err
+        return self._layouts[shard]
 
-    def _fetch(self, shard: int, key: str, request: Any, size: int, what: str) -> np.ndarray:
-        """`size` bytes of an object as (size,) uint8; a shorter answer is damage (a truncated object)."""
-        try:
-            buffer = run_sync(self.store.get(key, prototype=default_buffer_prototype(), byte_range=request))
-        except OSError as err:
-            raise StoreError(f"reading {what} of shard {shard_name(shard)} of store {self.url} failed: {err}") from err
-        if buffer is None:
-            raise self._damaged(shard, f"the states object {key} is missing")
-        data = buffer.as_numpy_array().view(np.uint8).reshape(-1)
-        if data.size != size:
-            raise self._damaged(shard, f"{what} is {data.size} bytes where the index says {size} - the shard object "
-                                       "is corrupt or truncated")
-        return data
+    def _unreadable(self, shard: int, what: str, err: OSError) -> StoreError:
+        return StoreError(f"reading {what} of shard {shard_name(shard)} of store {self.url} failed: {err}")
 
     def _direct_chunks(self, shard: int, layout: ShardLayout, start: int, stop: int,
                        out: np.ndarray | None) -> Iterator[tuple[int, np.ndarray]]:
-        """Rows [start, stop) through the sharding index, one inner chunk at a time: (first row, rows) pairs in
-        order. Decoded into `out` ((chunks x chunk_rows, D): every row of the chunks touched) when given, else
-        into one reused chunk buffer, so a pair is valid only until the next one is asked for."""
-        d_model = self.spec.teacher.d_model
-        rows = layout.chunk_rows
-        first, last = start // rows, -(-stop // rows)  # inner chunks [first, last)
-        entries = layout.chunks[first:last]  # (k, 2)
-        offsets, lengths = entries[:, 0].astype(np.int64), entries[:, 1].astype(np.int64)  # (k,)
-        begin, end = int(offsets.min()), int((offsets + lengths).max())
-        contiguous = end - begin == int(lengths.sum())  # zarr writes a shard's chunks back to back
-        data = None
-        if contiguous:
-            data = self._fetch(shard, layout.key, RangeByteRequest(begin, end), end - begin, "states")
-        buffer = np.empty((rows, d_model), np.float16) if out is None else None  # (rows, D)
-        chunk_bytes = rows * d_model * 2
-        for c, (offset, length) in enumerate(zip(offsets.tolist(), lengths.tolist())):
-            if data is None:
-                payload = self._fetch(shard, layout.key, RangeByteRequest(offset, offset + length), length, "states")
-            else:
-                payload = data[offset - begin : offset - begin + length]
-            row = (first + c) * rows
-            where = f"inner chunk {first + c} of states (rows {row}-{row + rows - 1})"
-            if length <= CHECKSUM_BYTES or not checksum_ok(payload):
-                raise self._damaged(shard, f"{where} fails its checksum - the shard object is corrupt or truncated")
-            body = payload[:-CHECKSUM_BYTES]
-            target = buffer if out is None else out[c * rows : (c + 1) * rows]  # (rows, D)
-            try:
-                if layout.blosc:
-                    # Blosc's 16-byte header holds the decoded size at bytes 4-7 (little-endian uint32)
-                    decoded = int.from_bytes(body[4:8].tobytes(), "little") if body.size >= BLOSC_HEADER_BYTES else -1
-                    if decoded != chunk_bytes:
-                        raise ValueError(f"it decodes to {decoded} bytes, not {chunk_bytes}")
-                    numcodecs.blosc.decompress(body, target)
-                elif body.size == chunk_bytes and out is None:
-                    target = body.view(np.float16).reshape(rows, d_model)  # uncompressed: the fetched bytes as they are
-                elif body.size == chunk_bytes:
-                    target.view(np.uint8).reshape(-1)[:] = body
-                else:
-                    raise ValueError(f"it holds {body.size} bytes, not {chunk_bytes}")
-            except (ValueError, RuntimeError) as err:
-                raise self._damaged(shard, f"{where} cannot be decoded ({err}) - the shard object is corrupt or "
-                                           "truncated") from err
-            low, high = max(start, row), min(stop, row + rows)
-            yield low, target[low - row : high - row]
+        """store.shard_object.read_chunks, its errors naming the shard."""
+        try:
+            yield from read_chunks(self.store, layout, start, stop, out)
+        except ShardObjectError as err:
+            raise self._damaged(shard, str(err)) from err
+        except OSError as err:
+            raise self._unreadable(shard, "states", err) from err
 
     def _read_zarr(self, shard: int, start: int, stop: int) -> np.ndarray:
         try:
@@ -352,10 +249,7 @@ class StoreReader:
     def _direct(self, shard: int, start: int, stop: int) -> ShardLayout | None:
         """The layout to read rows [start, stop) with, or None for zarr (unknown codecs, an unwritten chunk)."""
         layout = self.layout(shard) if start < stop else None
-        if layout is None:
-            return None
-        rows = layout.chunk_rows
-        return None if (layout.chunks[start // rows : -(-stop // rows)] == MISSING_CHUNK).any() else layout
+        return layout if layout is not None and layout.covers(start, stop) else None
 
     def read_rows(self, shard: int, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a shard's states (only the chunks they touch are read): (stop - start, D)."""
@@ -473,16 +367,16 @@ class StoreReader:
         observed position, the encoder's answer to padding right after speech; with no tail
         frames at all, every position holds the per-channel mean.
         """
-        return self._reduce()["tail_template"]
+        return self._reduce().tail_template
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel mean and std (D,) float32 over every speech frame (std floored at 1e-6)."""
         reduction = self._reduce()
-        return reduction["mean"], reduction["std"]
+        return reduction.mean, reduction.std
 
     def tail_counts(self) -> np.ndarray:
         """(max_frames,) int64: utterances that contributed to each template position."""
-        return self._reduce()["tail_count"]
+        return self._reduce().tail_count
 
     def full_window(self, states: np.ndarray) -> np.ndarray:
         """(max_frames, D) float32: `states` (T, D) followed by tail_template()[T:]."""
@@ -495,116 +389,8 @@ class StoreReader:
         window[n_frames:] = template[n_frames:]
         return window
 
-    def _reduction_key(self) -> str:
-        shards = [[k, self._shard_attrs[k]["n"], self._shard_attrs[k]["n_frames"]] for k in self._complete]
-        return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
-
-    def _reduce(self) -> dict[str, np.ndarray]:
-        if self._reduction is not None:
-            return self._reduction
-        if not self._complete:
-            raise StoreError(f"store {self.url} has no complete shards yet: there is no tail template or statistics")
-        key = self._reduction_key()
-        reduction = self._read_cache(key)
-        if reduction is None:
-            reduction = self._compute_reduction()
-            self._write_cache(key, reduction)
-        for array in reduction.values():
-            array.flags.writeable = False  # shared by every caller
-        self._reduction = reduction
-        return reduction
-
-    def _shard_sums(self, shard: int) -> tuple[np.ndarray, ...]:
-        group_path = f"{SHARDS_GROUP}/{shard_name(shard)}"
-        try:
-            group = self.root[group_path]
-            return tuple(group[name][...] for name in ("tail_sum", "tail_count", "stat_sum", "stat_sqsum", "stat_count"))
-        except Exception as err:
-            raise self._damaged(shard, f"its sums are unreadable ({type(err).__name__}: {err})") from err
-
-    def _compute_reduction(self) -> dict[str, np.ndarray]:
-        teacher = self.spec.teacher
-        tail_sum = np.zeros((teacher.max_frames, teacher.d_model), np.float64)  # (M, D)
-        tail_count = np.zeros(teacher.max_frames, np.int64)  # (M,)
-        stat_sum = np.zeros(teacher.d_model, np.float64)  # (D,)
-        stat_sqsum = np.zeros(teacher.d_model, np.float64)  # (D,)
-        stat_count = 0
-        with ThreadPoolExecutor(REDUCE_THREADS) as pool:
-            for sums in pool.map(self._shard_sums, self._complete):  # summed in shard order: reproducible
-                tail_sum += sums[0]
-                tail_count += sums[1]
-                stat_sum += sums[2]
-                stat_sqsum += sums[3]
-                stat_count += int(sums[4][0])
-        if stat_count == 0:
-            raise StoreError(f"store {self.url} has complete shards but no utterances: nothing to reduce")
-        mean = stat_sum / stat_count  # (D,)
-        std = np.sqrt(np.maximum(stat_sqsum / stat_count - mean**2, 0.0))  # (D,)
-        seen = tail_count > 0
-        template = np.empty_like(tail_sum)  # (M, D)
-        template[seen] = tail_sum[seen] / tail_count[seen, None]
-        if seen.any():
-            # Counts only grow with p (an utterance contributes to every p >= its end), so unseen
-            # positions form a prefix; each takes the first seen position after it.
-            first_seen = int(np.argmax(seen))
-            template[~seen] = template[first_seen]
-        else:
-            template[:] = mean
-        return {
-            "tail_template": template.astype(np.float32),
-            "tail_count": tail_count,
-            "mean": mean.astype(np.float32),
-            "std": np.maximum(std, STD_FLOOR).astype(np.float32),
-        }
-
-    def _read_cache(self, key: str) -> dict[str, np.ndarray] | None:
-        """A complete, whole cache entry for `key`, or None (then the caller computes the reduction)."""
-        teacher = self.spec.teacher
-        try:
-            entries = list(self.root[CACHE_GROUP].groups())
-        except (KeyError, ValueError, TypeError):  # no cache yet, or an entry whose write was cut short
-            return None
-        for name, group in entries:
-            try:
-                if name.split(".")[0] != key or group.attrs.get("complete") is not True:
-                    continue
-                if missing_objects(self.store, group, f"{CACHE_GROUP}/{name}", CACHE_ARRAYS):
-                    continue  # being deleted by another reader: zarr would read zeros
-                reduction = {array: group[array][...] for array in CACHE_ARRAYS}
-            except Exception as err:  # replaced while we read it
-                log.debug("cache entry %s of %s unusable: %s", name, self.url, err)
-                continue
-            if reduction["tail_template"].shape == (teacher.max_frames, teacher.d_model):
-                return reduction
-        return None
-
-    def _write_cache(self, key: str, reduction: dict[str, np.ndarray]) -> None:
-        """Keep the reduction in the store for the next reader; a read-only store just goes without.
-
-        Every writer makes its own entry `<key>.<random>` and marks it complete last, so ranks that
-        open the store at the same moment never write into each other's entry. Entries for other
-        shard sets are stale and deleted.
-        """
-        try:
-            writable = self.store.with_read_only(False)
-            cache = zarr.open_group(writable, path=CACHE_GROUP, mode="a")
-            for stale in list(cache.group_keys()):
-                if stale.split(".")[0] != key:
-                    run_sync(writable.delete_dir(f"{CACHE_GROUP}/{stale}"))
-            group = cache.create_group(f"{key}.{uuid.uuid4().hex[:8]}", attributes={"complete": False})
-            for name in CACHE_ARRAYS:
-                group.create_array(name, data=reduction[name], chunks=reduction[name].shape,
-                                   config={"write_empty_chunks": True})
-            group.update_attributes({"complete": True, "shards": self._complete, **version_stamp("written")})
-        except Exception as err:
-            log.info("could not cache the tail template in %s (%s); it is recomputed next time", self.url, err)
-
-
-def missing_objects(store: Store, group: zarr.Group, group_path: str, names: tuple[str, ...]) -> list[str]:
-    """Arrays among `names` whose one stored object is absent (zarr would silently read zeros)."""
-    missing = []
-    for name in names:
-        array = group[name]
-        if array.size and not run_sync(store.exists(f"{group_path}/{name}/{array.metadata.encode_chunk_key((0,) * array.ndim)}")):
-            missing.append(name)
-    return missing
+    def _reduce(self) -> Reduction:
+        if self._reduction is None:
+            complete = {k: self._shard_attrs[k] for k in self._complete}
+            self._reduction = reduce_shards(self.root, self.url, self.spec.teacher, complete)
+        return self._reduction

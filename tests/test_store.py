@@ -12,7 +12,6 @@ from conftest import add_utterance, store_spec, synthetic_utterances, write_synt
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
-import store.format
 import store.reader
 from store import StoreError, StoreReader, StoreWriter, TeacherInfo
 
@@ -301,20 +300,6 @@ def test_direct_reads_equal_zarr_reads(tmp_path, codec, bitround, direct):
         fast.read_rows(0, 0, n_rows + 1)
 
 
-@pytest.mark.parametrize("codec", ["blosc-lz4", "blosc-zstd", "none"])
-def test_shard_objects_written_directly_are_the_ones_zarr_writes(tmp_path, codec):
-    spec = store_spec(shard_size=5, chunk_frames=100, codec=codec)
-    utts = synthetic_utterances(spec, 5, seed=9)
-    write_synthetic_store(tmp_path / "s", spec, utts)
-    states = np.concatenate([u["window"][: u["speech_frames"]] for u in utts])  # (n_frames, D)
-    rows = -(-len(states) // 100) * 100
-    through_zarr = zarr.create_array(str(tmp_path / "z"), shape=states.shape, dtype=np.float16, chunks=(100, 32),
-                                     shards=(rows, 32), fill_value=0, config={"write_empty_chunks": True},
-                                     **store.format.states_codecs(spec))
-    through_zarr[...] = states
-    assert (tmp_path / "s/shards/00000/states/c/0/0").read_bytes() == (tmp_path / "z/c/0/0").read_bytes()
-
-
 def test_direct_reads_check_every_chunk_and_the_index(tmp_path):
     spec = store_spec(shard_size=6, chunk_frames=100, codec="blosc-lz4")
     utts = synthetic_utterances(spec, 6, seed=5)
@@ -377,56 +362,6 @@ def test_sums_made_by_the_caller_must_add_up(tmp_path):
         full.shard(0).add("u", "t", "en", 1.0, utts[0]["window"], summed=True)
 
 
-def test_tail_template_and_statistics_reduce_exactly(tmp_path):
-    spec = store_spec(shard_size=4)
-    utts = synthetic_utterances(spec, 10, seed=3)
-    write_synthetic_store(tmp_path / "s", spec, utts, shards=[0, 1])
-    reader = StoreReader(tmp_path / "s")
-    written = utts[:8]
-    max_frames, d_model = spec.teacher.max_frames, spec.teacher.d_model
-    sums, counts = np.zeros((max_frames, d_model)), np.zeros(max_frames)
-    for utt in written:
-        sums[utt["speech_frames"]:] += utt["window"][utt["speech_frames"]:]
-        counts[utt["speech_frames"]:] += 1
-    first = min(u["speech_frames"] for u in written)
-    expected = sums / np.maximum(counts, 1)[:, None]
-    expected[:first] = expected[first]  # positions no utterance reached repeat the first one reached
-    template = reader.tail_template()
-    assert template.dtype == np.float32 and template.shape == (max_frames, d_model)
-    np.testing.assert_allclose(template, expected, rtol=1e-6)
-    np.testing.assert_array_equal(reader.tail_counts(), counts)
-    speech = np.concatenate([u["window"][:u["speech_frames"]] for u in written]).astype(np.float64)
-    mean, std = reader.statistics()
-    np.testing.assert_allclose(mean, speech.mean(axis=0), rtol=1e-6)
-    np.testing.assert_allclose(std, speech.std(axis=0), rtol=1e-5)
-    window = reader.full_window(utts[0]["window"][:700])
-    np.testing.assert_array_equal(window[:700], utts[0]["window"][:700].astype(np.float32))
-    np.testing.assert_array_equal(window[700:], template[700:])
-
-    # Cached in the store, keyed by the complete shards; a new shard makes the cache stale.
-    assert len(list((tmp_path / "s" / "cache").iterdir())) == 2  # zarr.json + one key
-    np.testing.assert_array_equal(StoreReader(tmp_path / "s").tail_template(), template)
-    write_synthetic_store(tmp_path / "s", spec, utts, shards=[2])
-    grown = StoreReader(tmp_path / "s")
-    all_speech = np.concatenate([u["window"][:u["speech_frames"]] for u in utts]).astype(np.float64)
-    np.testing.assert_allclose(grown.statistics()[0], all_speech.mean(axis=0), rtol=1e-6)
-    assert len(list((tmp_path / "s" / "cache").iterdir())) == 2  # the stale entry was replaced
-
-
-def test_full_mode_statistics_use_speech_frames_only(tmp_path):
-    spec = store_spec("full", shard_size=5)
-    utts = synthetic_utterances(spec, 5, seed=4)
-    write_synthetic_store(tmp_path / "s", spec, utts)
-    reader = StoreReader(tmp_path / "s")
-    assert [u.speech_frames for u in reader.iter_shard(0)] == [u["speech_frames"] for u in utts]
-    speech = np.concatenate([u["window"][:u["speech_frames"]] for u in utts]).astype(np.float64)
-    np.testing.assert_allclose(reader.statistics()[0], speech.mean(axis=0), rtol=1e-6)
-    last = utts[int(np.argmin([u["speech_frames"] for u in utts]))]
-    np.testing.assert_allclose(reader.tail_template()[1499], np.mean([u["window"][1499] for u in utts], axis=0,
-                                                                       dtype=np.float64), rtol=1e-6)
-    assert reader.tail_counts()[last["speech_frames"] - 1] == 0
-
-
 @pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr version 3")
 def test_bitround_is_lossy_within_its_bits(tmp_path):
     spec = store_spec(shard_size=3, bitround_keepbits=7)
@@ -446,24 +381,6 @@ def test_run_records(tmp_path):
     assert StoreReader(tmp_path / "s").record("train.json") is None
     with pytest.raises(ValueError, match="record name"):
         writer.write_record("../escape.json", {})
-
-
-def test_readers_reducing_at_once_agree_and_leave_whole_cache_entries(tmp_path):
-    spec = store_spec(shard_size=3)
-    write_synthetic_store(tmp_path / "s", spec, synthetic_utterances(spec, 9, seed=8))
-
-    def template(_):
-        return StoreReader(tmp_path / "s").tail_template()
-
-    with ThreadPoolExecutor(4) as pool:  # like the ranks of a training run starting together
-        templates = list(pool.map(template, range(4)))
-    for other in templates[1:]:
-        np.testing.assert_array_equal(other, templates[0])
-    entries = [p for p in (tmp_path / "s" / "cache").iterdir() if p.is_dir()]
-    assert 1 <= len(entries) <= 4
-    for entry in entries:
-        assert json.loads((entry / "zarr.json").read_text())["attributes"]["complete"] is True
-    np.testing.assert_array_equal(StoreReader(tmp_path / "s").tail_template(), templates[0])
 
 
 @pytest.mark.filterwarnings("ignore:Object at .*partial is not recognized")  # a rank mid-write
