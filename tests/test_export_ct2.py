@@ -302,3 +302,20 @@ def test_real_tiny_en_exports_back_with_identical_greedy_ids(tmp_path):
     ids = runtime.generate(ctranslate2.StorageView.from_array(features), [[50257, 50362]], beam_size=1)[0]
     text = AutoTokenizer.from_pretrained(tmp_path / "tiny.en-ct2").decode(ids.sequences_ids[0])
     assert error_rates([sentences[0]], [text], "en").wer <= 0.5, text  # the check ran on speech, not noise
+
+
+def test_a_different_model_is_reported_clip_by_clip(model_dir, float32_export, tmp_path):
+    from transformers import WhisperForConditionalGeneration
+
+    _, out = float32_export
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    model = WhisperForConditionalGeneration.from_pretrained(other)
+    widen(model, seed=5)
+    model.save_pretrained(other)
+    verification = verify_ct2(other, out, random_features(3))
+    assert verification.identical < 3 and not verification.passed
+    first = verification.mismatches[0]
+    assert first["transformers"][:first["position"]] == first["ctranslate2"][:first["position"]]
+    assert first["transformers"][first["position"]:first["position"] + 1] != \
+        first["ctranslate2"][first["position"]:first["position"] + 1]

@@ -271,6 +271,9 @@ def verify_ct2(model_dir: str | Path, ct2_dir: str | Path, features: np.ndarray,
     prompt = [generation.decoder_start_token_id]
     options: dict[str, Any] = {}
     if getattr(generation, "lang_to_id", None):
+        if f"<|{language}|>" not in generation.lang_to_id:
+            raise ExportError(f"{model_dir}: the generation config's lang_to_id has no <|{language}|>; verify in one "
+                              f"of {', '.join(sorted(generation.lang_to_id)[:8])}, ...")
         prompt += [generation.lang_to_id[f"<|{language}|>"], generation.task_to_id["transcribe"]]
         options = {"language": language, "task": "transcribe"}
     prompt.append(generation.no_timestamps_token_id)
@@ -456,12 +459,10 @@ def export_ct2(model_dir: str | Path, out_dir: str | Path, *, quantization: str 
     inputs = f"{len(clips)} clip(s) of {verify_audio}" if verify_audio else f"{len(clips)} synthetic clips"
 
     partial = out_dir.with_name(f".{out_dir.name}.partial")
-    convert(model_dir, partial, quantization)
-    verification = None
-    if verify:
-        verification = verify_ct2(model_dir, partial, log_mel(model_dir, clips), inputs=inputs)
-        if not verification.passed:
-            shutil.rmtree(partial)
+    try:
+        convert(model_dir, partial, quantization)
+        verification = verify_ct2(model_dir, partial, log_mel(model_dir, clips), inputs=inputs) if verify else None
+        if verification is not None and not verification.passed:
             first = verification.mismatches[0]
             raise ExportError(
                 f"the {quantization} export of {model_dir} transcribes differently from transformers on "
@@ -470,10 +471,13 @@ def export_ct2(model_dir: str | Path, out_dir: str | Path, *, quantization: str 
                 f"ctranslate2 {first['ctranslate2'][:12]}); nothing was written to {out_dir}. Please report this "
                 "with the versions of transformers and ctranslate2."
             )
-    (partial / CARD_FILE).write_text(model_card(model_dir, quantization=quantization, verification=verification,
-                                                evaluation=evaluation, title=out_dir.name), encoding="utf-8")
-    for path in partial.iterdir():
-        os.chmod(path, FILE_MODE)
+        (partial / CARD_FILE).write_text(model_card(model_dir, quantization=quantization, verification=verification,
+                                                    evaluation=evaluation, title=out_dir.name), encoding="utf-8")
+        for path in partial.iterdir():
+            os.chmod(path, FILE_MODE)
+    except BaseException:  # a failed or interrupted export leaves nothing behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
