@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from whistle_pipeline.ct2 import read_model_bin
+from whistle_pipeline.ct2 import PROVENANCE_FILE, read_model_bin
 from whistle_pipeline.errors import WhistleError
 
 try:
@@ -52,7 +52,6 @@ FILE_MODE = 0o644  # ordinary: readable by all, as any downloaded model
 INSTALL_HINT = "pip install 'whistle[ct2]'"
 FINETUNE_SUMMARY = "finetune.json"  # stages.finetune.SUMMARY (not imported: it would load torch for a card)
 FINETUNE_CONFIG = "config.toml"
-IMPORT_PROVENANCE = "whistle-import.json"  # whistle_pipeline.ct2.PROVENANCE_FILE
 EVALUATION_TABLE = "table.md"  # written by `whistle evaluate`
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".m4a", ".aiff", ".aif")
 SYNTHETIC_CLIPS = 4
@@ -175,10 +174,14 @@ def _converter(model_dir: Path) -> Any:
     transformers 5 renamed the tokenizer's `additional_special_tokens` to `extra_special_tokens`.
     CTranslate2's Whisper loader reads the old name to list the language tokens of a model whose
     generation config has no `lang_to_id` (English-only checkpoints), and would write no lang_ids.
+    The weights are read from safetensors only (never a pickled pytorch_model.bin).
     """
     from ctranslate2.converters import TransformersConverter
 
     class Converter(TransformersConverter):
+        def load_model(self, model_class: Any, model_name_or_path: str, **kwargs: Any) -> Any:
+            return super().load_model(model_class, model_name_or_path, use_safetensors=True, **kwargs)
+
         def load_tokenizer(self, tokenizer_class: Any, model_name_or_path: str, **kwargs: Any) -> Any:
             tokenizer = super().load_tokenizer(tokenizer_class, model_name_or_path, **kwargs)
             if not hasattr(tokenizer, "additional_special_tokens"):
@@ -262,7 +265,8 @@ def verify_ct2(model_dir: str | Path, ct2_dir: str | Path, features: np.ndarray,
     ctranslate2 = _require_ctranslate2()
     quantization = stored_weight_type(ct2_dir)
     exact = quantization in EXACT_QUANTIZATIONS
-    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                            use_safetensors=True).eval()
     if quantization in ("float16", "bfloat16"):  # the reference holds the exported (rounded) weights
         with torch.no_grad():
             for parameter in model.parameters():
@@ -336,7 +340,7 @@ def base_model(model_dir: Path) -> str:
     if teacher.get("name_or_path"):
         revision = teacher.get("revision")
         return teacher["name_or_path"] + (f" (revision {revision})" if revision and revision != "main" else "")
-    imported = _read_json(model_dir / IMPORT_PROVENANCE)
+    imported = _read_json(model_dir / PROVENANCE_FILE)
     if imported:
         return f"{imported.get('package') or imported.get('source')} (CTranslate2, imported by whistle import-ct2)"
     return _read_json(model_dir / "config.json").get("_name_or_path") or "unknown (a save_pretrained Whisper)"
@@ -394,8 +398,8 @@ def model_card(model_dir: str | Path, *, quantization: str | None = None, verifi
     model_dir = Path(model_dir)
     config = _read_json(model_dir / "config.json")
     lines = [f"# {title or model_dir.name}", "",
-             (f"Whisper {'for CTranslate2 / faster-whisper' if quantization else '(transformers checkpoint)'}, "
-              f"made with whistle from `{model_dir.name}`."), "",
+             (f"Whisper for CTranslate2 / faster-whisper, exported by whistle from `{model_dir.name}`." if quantization
+              else "Whisper (transformers checkpoint), made with whistle."), "",
              f"- Base model: {base_model(model_dir)}"]
     if config:
         languages = "multilingual" if config.get("vocab_size", 0) >= 51865 else "English-only"
