@@ -80,6 +80,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     Tools:
       whistle inspect-store  what a store holds, how big, whether it is whole
       whistle import-ct2     CTranslate2 (faster-whisper) model -> transformers checkpoint
+      whistle export-ct2     transformers checkpoint -> CTranslate2 (faster-whisper) model, verified
       whistle synthesize     text -> speech with eSpeak NG (an audio folder + manifest)
       whistle demo           the whole method on the bundled example, offline
 
@@ -271,6 +272,51 @@ def import_ct2_command(paths: tuple[str, ...], package: str | None, dtype: str, 
         raise click.UsageError("give SRC and OUT, or --from-package NAME and OUT")
     source = None if package else paths[0]
     result = import_ct2(source, paths[-1], package=package, dtype=dtype, overwrite=overwrite)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
+
+
+# whistle_pipeline.ct2_export.QUANTIZATIONS, spelled out so that `whistle --help` need not import numpy (a test
+# keeps the two equal)
+CT2_QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16", "int8_bfloat16",
+                     "int16")
+
+
+@cli.command("export-ct2")
+@click.argument("model_dir", metavar="MODEL", type=click.Path())
+@click.argument("out_dir", metavar="OUT", type=click.Path())
+@click.option("--quantization", type=click.Choice(CT2_QUANTIZATIONS), default="float16", show_default=True,
+              help="How model.bin stores the weights (faster-whisper's compute_type can still convert them at load).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Transcribe with ctranslate2 and transformers on CPU and compare the greedy token ids.")
+@click.option("--verify-audio", type=click.Path(), default=None, metavar="AUDIO_OR_MANIFEST",
+              help="An audio file, folder of audio files or manifest to verify on (default: 4 synthetic clips).")
+@click.option("--evaluation", type=click.Path(), default=None, metavar="EVAL_DIR",
+              help="A `whistle evaluate` output folder (or its table.md) whose table goes into the model card.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def export_ct2_command(model_dir: str, out_dir: str, quantization: str, verify: bool, verify_audio: str | None,
+                       evaluation: str | None, overwrite: bool, as_json: bool) -> None:
+    """Convert a Whisper checkpoint into a CTranslate2 model for faster-whisper (and WhisperX, ...).
+
+    MODEL is a `whistle finetune` or `import-ct2` output, or any save_pretrained Whisper with its
+    tokenizer.json and preprocessor_config.json. CTranslate2's own converter writes OUT (model.bin,
+    config.json, vocabulary.json, the two copied files); then both runtimes transcribe the same clips
+    greedily on CPU: float32/float16/bfloat16 exports must give identical token ids (OUT is written
+    only if they do), int8/int16 report their agreement. OUT/README.md is the model card. Needs
+    `pip install 'whistle[ct2]'`.
+
+    \b
+    Examples:
+      whistle export-ct2 whistle-adapted whistle-adapted-ct2
+      whistle export-ct2 whistle-adapted adapted-int8 --quantization int8 --verify-audio test/manifest.csv
+      whistle export-ct2 whisper-tiny.en tiny.en-ct2 --quantization float32 --evaluation eval-run --overwrite
+    """
+    import json
+
+    from whistle_pipeline.ct2_export import export_ct2
+
+    result = export_ct2(model_dir, out_dir, quantization=quantization, overwrite=overwrite, verify=verify,
+                        verify_audio=verify_audio, evaluation=evaluation)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
 
 
