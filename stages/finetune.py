@@ -19,7 +19,7 @@ GPU, gradient clipping, warmup + cosine). Validation every val_every steps: the 
 held-out sentences (through the TLE, z = prior mean) and held-out stored utterances, and the WER on
 val_audio with the real encoder (its states computed once: the encoder is frozen). The best step by
 finetune.select_by is kept (long fine-tuning can fall into repetition loops on source audio).
-Checkpoints (whistle_pipeline.training) hold the trainable weights, optimiser state, scheduler, each
+Checkpoints (stages.training) hold the trainable weights, optimiser state, scheduler, each
 rank's data positions and RNG states as safetensors + JSON: resuming unpickles nothing.
 
 output_dir/  config.json, model.safetensors, generation_config.json   the adapted Whisper (original encoder)
@@ -48,12 +48,12 @@ import torch.nn.functional as F
 
 from store import StoreReader
 from store.dataset import FeatureDataset
-from whistle_pipeline import training
+from stages import training
 from whistle_pipeline.config import ConfigError, PipelineConfig
 from whistle_pipeline.corpus import TextReject, TextRow, is_held_out, read_corpus
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, TextBatch, encode_texts, is_multilingual, text_tokens
-from whistle_pipeline.training import (
+from stages.training import (
     CsvLog,
     DamagedShard,
     WithoutIds,
@@ -481,7 +481,7 @@ def select_by(settings: Any) -> str:
 
 def save_checkpoint(accelerator: Any, directory: Path, model: Any, optimizer: Any, scheduler: Any, step: int,
                     positions: dict[str, tuple[int, int]], history: dict[str, Any], best_dir: Path, keep: int) -> None:
-    """checkpoints/step-N/ (whistle_pipeline.training): trainable weights, the best weights so far, validation
+    """checkpoints/step-N/ (stages.training): trainable weights, the best weights so far, validation
     history, optimiser, scheduler, every rank's data positions and RNG. Older checkpoints beyond `keep` go."""
     training.save_checkpoint(accelerator, directory, step, {"positions": positions},
                              partial(write_weights, model, history, best_dir), optimizer, scheduler, keep)

@@ -21,7 +21,7 @@ The loop is written out with accelerate (one Accelerator, prepare, accumulate, m
 GPU). Every rank streams its own share of the shards and starts its next epoch when its share runs
 out, so ranks never wait for each other at epoch ends. Checkpoints hold everything needed to continue
 the same run: weights, optimiser state, scheduler, step, each rank's data position and RNG states, as
-safetensors + JSON (whistle_pipeline.training): resuming unpickles nothing.
+safetensors + JSON (stages.training): resuming unpickles nothing.
 
 output_dir/  config.json + model.safetensors   the TLE (TLEModel.from_pretrained(output_dir))
              config.toml                       the resolved pipeline configuration
@@ -67,7 +67,7 @@ from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import corpus_wer
 from whistle_pipeline.text import TextBatch, encode_texts, text_tokens
 from whistle_pipeline.tle import LossWeights, TLEConfig, TLEModel, masked_cosine, masked_mse, tle_loss
-from whistle_pipeline.training import (
+from stages.training import (
     CsvLog,
     DamagedShard,
     build_optimizer,

@@ -390,7 +390,7 @@ def test_shared_tail_gives_the_same_logits_and_gradients_and_leaves_the_checkpoi
 def test_a_run_in_bf16_then_one_in_fp32_follow_each_other_in_one_process(tmp_path):
     """accelerate keeps one process-wide state: train-tle in bf16 then finetune in fp32 (the demo on a CPU
     without native bf16 after one with it, a notebook) must each get the precision they asked for."""
-    from whistle_pipeline.training import make_accelerator
+    from stages.training import make_accelerator
 
     first, _ = make_accelerator("cpu", "bf16", 1, tmp_path / "a")
     assert first.mixed_precision == "bf16"

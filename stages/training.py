@@ -1,4 +1,4 @@
-"""What train-tle and finetune share around their (separate, written-out) loops.
+"""What train-tle and finetune share around their (separate, written-out) loops (not a stage: no `run`).
 
     accelerator    make_accelerator: CPU ranks under torchrun, mixed precision resolved, tensorboard if installed
     optimiser      build_optimizer: AdamW (no decay on biases, norms, embeddings), warmup then cosine decay
@@ -33,7 +33,15 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import is_tensorboard_available
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
+from store import StoreReader
+from store.dataset import FeatureDataset
+from store.reader import DamagedShardError
 from whistle_pipeline.errors import WhistleError
 
 log = logging.getLogger(__name__)
@@ -43,7 +51,6 @@ CHECKPOINT_PREFIX = "step-"
 COMPLETE = "COMPLETE"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_SETTINGS = "optimizer.json"
-LEGACY_OPTIMIZER = "optimizer.pt"  # checkpoints written before optimizer.safetensors
 
 
 # --- accelerator ---------------------------------------------------------------------------------------
@@ -61,10 +68,6 @@ def resolve_mixed_precision(setting: str, on_cpu: bool) -> str:
 def make_accelerator(teacher_device: str, mixed_precision: str, grad_accum: int, output_dir: Path
                      ) -> tuple[Any, list[str]]:
     """(Accelerator, trackers): one per run; tensorboard logging when it is installed."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import is_tensorboard_available
-
     trackers = ["tensorboard"] if is_tensorboard_available() else []
     # without cpu=True, accelerate treats a torchrun / accelerate launch without GPUs as one process
     on_cpu = teacher_device == "cpu" or not torch.cuda.is_available()
@@ -138,8 +141,6 @@ def save_checkpoint(accelerator: Any, directory: Path, step: int, rank_state: di
     Every rank writes its `rank_state` (its data position; JSON-able) and RNG states; the main process then
     calls write_weights(folder) and writes the optimiser and scheduler.
     """
-    from safetensors.torch import save_file
-
     path = directory / f"{CHECKPOINT_PREFIX}{step:07d}"
     rank = accelerator.process_index
     if accelerator.is_main_process:
@@ -173,8 +174,6 @@ def load_checkpoint(accelerator: Any, path: Path, optimizer: Any, scheduler: Any
     """Restore the optimiser, the scheduler and this rank's RNG from `path`; return this rank's state
     ({step, <data position>}). The stage restores its weights itself. `section` names the config table
     whose `resume` key the error suggests."""
-    from safetensors.torch import load_file
-
     processes = json.loads((path / COMPLETE).read_text())["processes"]
     if processes != accelerator.num_processes:
         raise WhistleError(f"checkpoint {path} was written by {processes} processes, this run has "
@@ -189,8 +188,6 @@ def load_checkpoint(accelerator: Any, path: Path, optimizer: Any, scheduler: Any
 
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """optimizer.safetensors (state tensors) + optimizer.json (param_groups, non-tensor state)."""
-    from safetensors.torch import save_file
-
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict[str, Any]] = {}
@@ -206,17 +203,6 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Restore what save_optimizer wrote (load_state_dict moves each tensor to its parameter's device)."""
-    from safetensors.torch import load_file
-
-    if not (folder / OPTIMIZER_TENSORS).exists() and (folder / LEGACY_OPTIMIZER).exists():
-        # written before optimizer.safetensors: tensors only, read by torch's restricted unpickler
-        try:
-            optimizer.load_state_dict(torch.load(folder / LEGACY_OPTIMIZER, weights_only=True, map_location="cpu"))
-        except Exception as err:  # UnpicklingError for anything but tensors and plain containers
-            raise WhistleError(f"{folder / LEGACY_OPTIMIZER} holds more than tensors and was not loaded "
-                               f"({type(err).__name__}): delete {folder} to resume from an older checkpoint, or "
-                               "start over") from err
-        return
     settings = json.loads((folder / OPTIMIZER_SETTINGS).read_text())
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in load_file(str(folder / OPTIMIZER_TENSORS)).items():
@@ -257,8 +243,6 @@ def endless_epochs(dataset: Any, seed: int, epoch: int, skip: int, **loader_opti
     """(epoch, items read this epoch, item) forever from DataLoader(dataset, **loader_options): a new epoch
     starts when this rank's share runs out; the first `skip` items of the first epoch are read and dropped
     (resuming at a data position). `dataset` is a FeatureDataset (or anything with set_epoch and url)."""
-    from torch.utils.data import DataLoader
-
     while True:
         dataset.set_epoch(epoch)
         # its own generator, so starting workers never draws from the global RNG (exact resume)
@@ -278,8 +262,6 @@ def endless_epochs(dataset: Any, seed: int, epoch: int, skip: int, **loader_opti
 
 def held_out_items(url: str, keep: Callable[[str], bool], size: int, skip_damaged: bool) -> list[dict[str, Any]]:
     """The first `size` utterances of a store that `keep` accepts, in store order (FeatureDataset items)."""
-    from store.dataset import FeatureDataset
-
     dataset = FeatureDataset(url, shuffle=False, keep=keep, rank=0, world_size=1, skip_damaged=skip_damaged)
     items = []
     for item in dataset:
@@ -317,9 +299,6 @@ def damaged_shards(accelerator: Any, url: str, scan_dir: Path) -> tuple[list[Dam
     Each rank's findings go through a JSON file in `scan_dir`, so every rank returns the same list. A shard
     damaged after this scan is still skipped by FeatureDataset(skip_damaged=True), with an error logged.
     """
-    from store import StoreReader
-    from store.reader import DamagedShardError
-
     reader = StoreReader(url)
     rank, world = accelerator.process_index, accelerator.num_processes
     found = []
