@@ -12,10 +12,8 @@ states the decoder cannot read, the decoder loss from scratch finds a shortcut. 
 decoder_ce_floor = f > 0 the term is max(0, CE_tle - f * CE_real), CE_real being the decoder's
 cross-entropy on the same batch's real states: the TLE is made as readable as speech, not more. With
 decoder_kl_weight > 0 phase 2 also distils: KL(p_real || p_tle) of the decoder's next-token
-distributions reading the real states and the TLE's window, so that it reads both alike. With
-decoder_ce_lift_below = l > 0 a CE under l * CE_real is pushed back up, and decoder_margin = m > 0
-adds decoder_margin_weight * max(0, m - (z_label - max other z)) per label token: the decoder reads
-the right words (teacher-forced greedy) while staying about as unsure of them as of real speech.
+distributions reading the real states and the TLE's window, so that it reads both alike
+(whistle_pipeline.decoder.phase_2_terms).
 
 The loop is written out with accelerate (one Accelerator, prepare, accumulate, mixed precision on
 GPU). Every rank streams its own share of the shards and starts its next epoch when its share runs
@@ -54,19 +52,17 @@ from whistle_pipeline.alignment import align_batch, alignment_heads
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import (
+    DecoderTerms,
     FrozenTeacher,
     decoder_cross_entropy,
-    decoder_kl,
-    decoder_logits,
-    decoder_margin_hinge,
+    phase_2_terms,
     greedy_transcribe,
-    label_cross_entropy,
     load_frozen_teacher,
 )
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import corpus_wer
 from whistle_pipeline.text import TextBatch, encode_texts, text_tokens
-from whistle_pipeline.tle import LossWeights, TLEConfig, TLEModel, masked_cosine, masked_mse, tle_loss
+from whistle_pipeline.tle import LossTerms, LossWeights, TLEConfig, TLEModel, masked_cosine, masked_mse, tle_loss
 from stages.training import (
     CsvLog,
     DamagedShard,
@@ -89,7 +85,7 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG = "train_log.csv"
 VALIDATION_LOG = "validation.csv"
 TRAIN_COLUMNS = ["step", "epoch", "loss", "mse", "cosine", "kl", "beta", "length", "length_error", "decoder_ce",
-                 "real_decoder_ce", "decoder_kl", "decoder_margin", "decoder_ce_weight", "lr", "frames_per_s"]
+                 "real_decoder_ce", "decoder_kl", "decoder_ce_weight", "lr", "frames_per_s"]
 VALIDATION_COLUMNS = ["step", "mse", "cosine", "length_error", "duration_mae", "decoder_ce", "decoder_ce_predicted",
                       "real_decoder_ce", "wer_predicted", "real_wer"]
 
@@ -377,12 +373,23 @@ def loss_weights(settings: Any, step: int) -> LossWeights:
     """The weights of optimiser step `step`: beta rises linearly from 0, the decoder terms join in phase 2."""
     beta = settings.kl_beta * (min(1.0, step / settings.kl_anneal_steps) if settings.kl_anneal_steps else 1.0)
     phase_2 = step >= settings.decoder_ce_start
-    cosine = settings.phase_2_cosine_weight if phase_2 else settings.cosine_weight
-    return LossWeights(mse=settings.mse_weight, cosine=cosine, length=settings.length_weight,
+    return LossWeights(mse=settings.mse_weight, cosine=settings.cosine_weight, length=settings.length_weight,
                        beta=beta, free_bits=settings.free_bits,
                        decoder_ce=settings.decoder_ce_weight if phase_2 else 0.0,
-                       decoder_kl=settings.decoder_kl_weight if phase_2 else 0.0,
-                       decoder_margin=settings.decoder_margin_weight if phase_2 and settings.decoder_margin > 0 else 0.0)
+                       decoder_kl=settings.decoder_kl_weight if phase_2 else 0.0)
+
+
+def step_values(terms: LossTerms, decoder: DecoderTerms | None, length_error: float) -> dict[str, float]:
+    """What one micro-batch adds to the train log: the loss, its terms, and the decoder's CE in phase 2."""
+    values = {"loss": terms.total.item(), "mse": terms.mse, "cosine": terms.cosine, "kl": terms.kl,
+              "length": terms.length, "length_error": length_error}
+    if decoder is not None:
+        values["decoder_ce"] = decoder.ce.item()
+        if decoder.kl is not None:
+            values["decoder_kl"] = decoder.kl.item()
+        if decoder.real_ce is not None:
+            values["real_decoder_ce"] = decoder.real_ce.item()
+    return values
 
 
 # --- validation --------------------------------------------------------------------------------------
@@ -604,28 +611,12 @@ def run(config: PipelineConfig) -> TrainTLEResult:
             target = tle.normalise(batch.states)  # (B, T, D)
             out = model(batch.text.tle_tokens, batch.text.tle_mask, batch.language_ids, durations=batch.durations,
                         target=target)
-            decoder_ce = real_ce = ce_term = kl_term = margin_term = None
-            if weights.decoder_ce > 0 or weights.decoder_kl > 0 or weights.decoder_margin > 0:
-                window = tle.full_window(tle.denormalise(out.states), out.lengths)  # (B, F, D)
-                labels = batch.text.labels
-                logits = decoder_logits(teacher, window, batch.text, out.states.shape[1]).logits.float()  # (B, S, V)
-                decoder_ce = ce_term = label_cross_entropy(logits, labels)[0]
-                if settings.decoder_ce_floor > 0 or settings.decoder_ce_lift_below > 0 or weights.decoder_kl > 0:
-                    # what the decoder makes of the same batch's real speech
-                    with torch.no_grad():
-                        real_window = tle.full_window(batch.states, out.lengths)
-                        real_logits = decoder_logits(teacher, real_window, batch.text,
-                                                     batch.states.shape[1]).logits.float()  # (B, S, V)
-                        real_ce = label_cross_entropy(real_logits, labels)[0]
-                    if settings.decoder_ce_floor > 0:  # push only down to a fraction of the real speech's CE
-                        ce_term = torch.relu(decoder_ce - settings.decoder_ce_floor * real_ce)
-                    if settings.decoder_ce_lift_below > 0:  # and back up when below a (lower) fraction of it
-                        ce_term = ce_term + torch.relu(settings.decoder_ce_lift_below * real_ce - decoder_ce)
-                    if weights.decoder_kl > 0:
-                        kl_term = decoder_kl(real_logits, logits, labels)
-                if weights.decoder_margin > 0:
-                    margin_term = decoder_margin_hinge(logits, labels, settings.decoder_margin)
-            terms = tle_loss(out, target, batch.durations, batch.text.tle_mask, weights, ce_term, kl_term, margin_term)
+            decoder = None
+            if weights.decoder_ce > 0 or weights.decoder_kl > 0:  # phase 2
+                decoder = phase_2_terms(teacher, tle, out, batch.states, batch.text, settings.decoder_ce_floor,
+                                        weights.decoder_kl)
+            terms = tle_loss(out, target, batch.durations, batch.text.tle_mask, weights,
+                             decoder and decoder.charged_ce, decoder and decoder.kl)
             accelerator.backward(terms.total)
             if accelerator.sync_gradients and settings.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -634,13 +625,8 @@ def run(config: PipelineConfig) -> TrainTLEResult:
         with torch.no_grad():
             predicted = tle.durations_from_log(out.log_durations.detach(), batch.text.tle_mask).sum(1)
             length_error = ((predicted - out.lengths).abs() / out.lengths).float().mean().item()
-        for name, value in (("loss", terms.total.item()), ("mse", terms.mse), ("cosine", terms.cosine),
-                            ("kl", terms.kl), ("length", terms.length), ("length_error", length_error),
-                            ("decoder_ce", None if decoder_ce is None else decoder_ce.item()),
-                            ("decoder_kl", terms.decoder_kl), ("decoder_margin", terms.decoder_margin),
-                            ("real_decoder_ce", None if real_ce is None else real_ce.item())):
-            if value is not None:
-                window_sums[name] = window_sums.get(name, 0.0) + value
+        for name, value in step_values(terms, decoder, length_error).items():
+            window_sums[name] = window_sums.get(name, 0.0) + value
         window_count += 1
         window_frames += float(out.lengths.sum())
         if not accelerator.sync_gradients:

@@ -184,7 +184,6 @@ class TrainTLEConfig:
     mixed_precision: MixedPrecision
     mse_weight: float
     cosine_weight: float
-    phase_2_cosine_weight: float
     length_weight: float
     kl_beta: float
     kl_anneal_steps: int
@@ -192,9 +191,6 @@ class TrainTLEConfig:
     decoder_ce_weight: float
     decoder_ce_start: int
     decoder_ce_floor: float
-    decoder_ce_lift_below: float
-    decoder_margin: float
-    decoder_margin_weight: float
     decoder_kl_weight: float
     val_fraction: float
     val_size: int
@@ -223,8 +219,6 @@ class TrainTLEConfig:
             + _in_range("train_tle.free_bits", self.free_bits, 0.0)
             + _in_range("train_tle.decoder_ce_start", self.decoder_ce_start, 0)
             + _in_range("train_tle.decoder_ce_floor", self.decoder_ce_floor, 0.0, 2.0)
-            + _in_range("train_tle.decoder_ce_lift_below", self.decoder_ce_lift_below, 0.0, 2.0)
-            + _in_range("train_tle.decoder_margin", self.decoder_margin, 0.0)
             + _in_range("train_tle.val_fraction", self.val_fraction, 0.0, 0.5)
             + _in_range("train_tle.val_size", self.val_size, 1)
             + _in_range("train_tle.val_wer_size", self.val_wer_size, 0)
@@ -239,13 +233,9 @@ class TrainTLEConfig:
         if self.val_wer_size > self.val_size:
             out.append(f"train_tle.val_wer_size = {self.val_wer_size} exceeds train_tle.val_size = {self.val_size}: "
                        "the round-trip WER decodes some of the validation utterances")
-        for name in ("mse_weight", "cosine_weight", "phase_2_cosine_weight", "length_weight", "kl_beta",
-                     "decoder_ce_weight", "decoder_kl_weight", "decoder_margin_weight"):
+        for name in ("mse_weight", "cosine_weight", "length_weight", "kl_beta", "decoder_ce_weight",
+                     "decoder_kl_weight"):
             out += _in_range(f"train_tle.{name}", getattr(self, name), 0.0)
-        if 0 < self.decoder_ce_floor < self.decoder_ce_lift_below:
-            out.append(f"train_tle.decoder_ce_lift_below = {self.decoder_ce_lift_below} exceeds "
-                       f"train_tle.decoder_ce_floor = {self.decoder_ce_floor}: the decoder CE would be pushed up and "
-                       "down at once; keep lift_below at or under the floor")
         if self.warmup_steps >= self.steps:
             out.append(f"train_tle.warmup_steps = {self.warmup_steps} must be below train_tle.steps = {self.steps}")
         if self.mse_weight == 0 and self.cosine_weight == 0:
