@@ -6,7 +6,9 @@
                    optimiser state, RNG states as safetensors; optimiser settings, scheduler and per-rank
                    data positions as JSON. Nothing in a checkpoint is a pickle, so resuming runs no code.
     logs           CsvLog: rows appended; on resume, the rows after the resumed step are dropped
-    stores         held_out_items, and damaged_shards for skip_damaged (the data shrank: the stages say by how much)
+    resume         check_resumable: a run continues only with the settings it was started with
+    stores         open_store (complete shards of this teacher's geometry), held_out_items, and damaged_shards
+                   for skip_damaged (the data shrank: the stages say by how much)
 
 A checkpoint folder:
 
@@ -27,9 +29,9 @@ import logging
 import math
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,14 +43,22 @@ from torch.utils.data import DataLoader
 
 from store import StoreReader
 from store.dataset import FeatureDataset
+from store.format import TeacherInfo
 from store.reader import DamagedShardError
+from whistle_pipeline.config import ConfigError, PipelineConfig, load_config
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.teacher import check_teacher
 
 log = logging.getLogger(__name__)
 
 FINAL_LR_FRACTION = 0.1  # the cosine schedule decays to this fraction of the peak
 CHECKPOINT_PREFIX = "step-"
 COMPLETE = "COMPLETE"
+SAVED_CONFIG = "config.toml"  # the resolved configuration a run saves beside its outputs
+# Loop settings that may change between a run and its resumption (how often it logs, validates and saves, how
+# it reads): any other change makes another run, which the checkpoints cannot continue.
+RESUMABLE_KEYS = frozenset({"progress", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
+                            "num_workers", "resume", "skip_damaged"})
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_SETTINGS = "optimizer.json"
 
@@ -213,6 +223,37 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": settings["param_groups"]})
 
 
+# --- resume ------------------------------------------------------------------------------------------
+
+
+def check_resumable(output_dir: Path, config: PipelineConfig, section: str, compared: Sequence[str]) -> None:
+    """Refuse to continue the run in output_dir when a setting it depends on changed.
+
+    `compared` names whole sections ("teacher") or single keys ("store.path"); in `section` (the
+    stage's own table) the RESUMABLE_KEYS may change. Each change is named with its old and new value.
+    """
+    saved_path = output_dir / SAVED_CONFIG
+    if not saved_path.exists():
+        return
+    fix = (f"Use a new {section}.output_dir, or set {section}.resume=false (--no-resume) to start over in "
+           "this one.")
+    try:
+        saved = load_config(saved_path)
+    except ConfigError as err:
+        raise WhistleError(f"{output_dir} holds checkpoints of a run whose settings ({saved_path}) this version "
+                           f"cannot read:\n{err}\n{fix}") from err
+    changes = []
+    for name in compared:
+        table, _, only = name.partition(".")
+        for key, value in asdict(getattr(config, table)).items():
+            old = getattr(getattr(saved, table), key)
+            if (not only or key == only) and not (table == section and key in RESUMABLE_KEYS) and old != value:
+                changes.append(f"{table}.{key}: {old!r} (checkpoint) vs {value!r} (now)")
+    if changes:
+        raise WhistleError(f"{output_dir} holds checkpoints of a run with other settings:\n  - "
+                           + "\n  - ".join(changes) + f"\n{fix}")
+
+
 # --- logs ----------------------------------------------------------------------------------------------
 
 
@@ -258,6 +299,22 @@ def endless_epochs(dataset: Any, seed: int, epoch: int, skip: int, **loader_opti
 
 
 # --- stores --------------------------------------------------------------------------------------------
+
+
+def open_store(url: str, key: str, teacher: TeacherInfo) -> StoreReader:
+    """A store of teacher states to train on (`key` names the setting that gave it); refuses one without a
+    complete shard, or of another teacher geometry than `teacher`'s."""
+    reader = StoreReader(url)
+    if not reader.shards():
+        incomplete = len(reader.incomplete_shards())
+        raise WhistleError(
+            f"{key} {url} has no complete shards ({incomplete} incomplete): run `whistle precompute` on it first"
+            + (" and let it finish (a rerun completes the missing shards)" if incomplete else "")
+        )
+    check_teacher(reader.teacher, teacher, f"{key} {url}", "Use the teacher that made the store "
+                  "(teacher.name_or_path), or precompute the store with this one.")
+    return reader
+
 
 
 def held_out_items(url: str, keep: Callable[[str], bool], size: int, skip_damaged: bool) -> list[dict[str, Any]]:

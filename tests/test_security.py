@@ -215,17 +215,14 @@ def pickled_whisper(tmp_path_factory):
 
 def test_whisper_folders_holding_only_a_pickle_are_refused_by_every_loader(pickled_whisper):
     from stages.evaluate import Named, load_model
-    from stages.finetune import load_teacher
-    from whistle_pipeline.config import load_config
     from whistle_pipeline.decoder import load_frozen_teacher
-    from whistle_pipeline.teacher import load_encoder
+    from whistle_pipeline.teacher import load_encoder, load_teacher
 
     folder, marker = pickled_whisper
     loaders = {
         "precompute's encoder": lambda: load_encoder(str(folder), "main", "cpu", torch.float32, "eager"),
         "train-tle's teacher": lambda: load_frozen_teacher(str(folder), "main", "cpu", torch.float32),
-        "finetune's teacher": lambda: load_teacher(load_config(overrides=[
-            f"teacher.name_or_path={json.dumps(str(folder))}"])),
+        "finetune's teacher": lambda: load_teacher(str(folder), "main", "full", "cpu", torch.float32),
         "evaluate's model": lambda: load_model(Named("adapted", str(folder)), "main", "cpu", "float32", "eager"),
     }
     for what, load in loaders.items():
@@ -238,7 +235,7 @@ def test_whisper_folders_holding_only_a_pickle_are_refused_by_every_loader(pickl
 def test_a_tle_folder_holding_only_a_pickle_is_refused(tmp_path):
     from test_tle import tiny_tle
 
-    from stages.finetune import load_tle
+    from stages.finetune_data import load_tle
     from store import TeacherInfo
 
     folder = tmp_path / "tle"

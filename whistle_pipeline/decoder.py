@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from whistle_pipeline.errors import WhistleError
+from store.format import TeacherInfo
+from whistle_pipeline.teacher import load_teacher
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, TextBatch, is_multilingual
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class FrozenTeacher:
     tokenizer: Any
     specials: SpecialTokens
     suppress_ids: torch.Tensor  # (N,) tokens greedy decoding never emits: specials but <|endoftext|>, timestamps
+    info: TeacherInfo  # what a store records of this teacher
     projections: list[TailTemplateProjection] = field(default_factory=list)  # every cross-attention k/v
 
     @property
@@ -81,33 +83,23 @@ class FrozenTeacher:
                 projection.speech_frames = None
 
 
-def load_frozen_teacher(name_or_path: str, revision: str, device: torch.device | str, dtype: torch.dtype) -> FrozenTeacher:
-    """Load a Whisper model and tokenizer for decoder use only; the encoder is dropped (never run here:
-    encoder states come from the store or the TLE), which frees its memory."""
-    from transformers import AutoTokenizer, WhisperForConditionalGeneration
-
-    try:
-        model = WhisperForConditionalGeneration.from_pretrained(name_or_path, revision=revision, dtype=dtype,
-                                                                use_safetensors=True)  # never a pickle
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-    except OSError as err:
-        raise WhistleError(
-            f"cannot load the Whisper teacher {name_or_path!r} (revision {revision!r}): {err}. Give a hub name or "
-            "a folder written by save_pretrained or `whistle import-ct2` (teacher.name_or_path)."
-        ) from err
-    model.model.encoder = None
+def load_frozen_teacher(name_or_path: str, revision: str, device: torch.device | str, dtype: torch.dtype,
+                        attn: str = "sdpa") -> FrozenTeacher:
+    """The teacher for decoder use only (`load_teacher` part "decoder": the encoder is dropped, never run
+    here: encoder states come from the store or the TLE), its cross-attention projections tail-aware."""
+    loaded = load_teacher(name_or_path, revision, "decoder", device, dtype, attn)
+    model, tokenizer = loaded.model, loaded.tokenizer
     projections = []
     for layer in model.model.decoder.layers:
         attention = layer.encoder_attn
         attention.k_proj, attention.v_proj = TailTemplateProjection(attention.k_proj), TailTemplateProjection(attention.v_proj)
         projections += [attention.k_proj, attention.v_proj]
-    model.requires_grad_(False).eval().to(device)
     specials = SpecialTokens.from_tokenizer(tokenizer, is_multilingual(model.config, model.generation_config))
     suppress = set(tokenizer.all_special_ids) | set(getattr(model.generation_config, "suppress_tokens", None) or [])
     suppress |= set(range(specials.no_timestamps + 1, model.config.vocab_size))  # timestamp tokens
     suppress.discard(specials.end_of_text)
     suppress_ids = torch.tensor(sorted(i for i in suppress if i < model.config.vocab_size), device=device)
-    return FrozenTeacher(model, tokenizer, specials, suppress_ids, projections)
+    return FrozenTeacher(model, tokenizer, specials, suppress_ids, loaded.info, projections)
 
 
 def decoder_logits(teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatch, speech_frames: int | None = None,
