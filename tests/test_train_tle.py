@@ -238,6 +238,25 @@ def test_cli_trains_and_writes_a_loadable_tle(tle_store, tiny_teacher_dir, tmp_p
     assert "resumed at step 6" in again.output
 
 
+def test_resume_refuses_changed_settings_and_names_each(tle_store, tiny_teacher_dir, tmp_path):
+    """A changed [tle] key or loss weight is another run: refused with the key, both values and the fix; a
+    changed logging frequency continues the run."""
+    from stages.train_tle import run
+
+    out = tmp_path / "out"
+    settings = ["train_tle.steps=3", "train_tle.checkpoint_every=3", "train_tle.val_every=3", "train_tle.val_wer_size=0"]
+    run(tle_config(tle_store, tiny_teacher_dir, out, *settings))
+    with pytest.raises(WhistleError, match=r"other settings:\n  - tle\.hidden_size: 32 \(checkpoint\) vs 48 \(now\)"
+                                           r"\nUse a new train_tle\.output_dir, or set train_tle\.resume=false"):
+        run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "tle.hidden_size=48"))
+    with pytest.raises(WhistleError, match=r"train_tle\.mse_weight: 1\.0 \(checkpoint\) vs 2\.0 \(now\)"):
+        run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "train_tle.mse_weight=2.0"))
+    assert run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "train_tle.log_every=2")).resumed_from == 3
+    # starting over is the way to change them
+    assert run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "train_tle.mse_weight=2.0",
+                          "train_tle.resume=false")).resumed_from == 0
+
+
 def test_refuses_a_store_of_another_teacher_geometry(tiny_teacher_dir, tmp_path):
     from stages.train_tle import run
 
