@@ -317,14 +317,11 @@ def test_two_processes_train_one_tle(tle_store, tiny_teacher_dir, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
-def test_tle_validation_groups_real_audio_by_voice(tmp_path):
-    """bench/tle_validation.py --voices: WER per voice over its clips, CE per voice weighted by label tokens,
-    the voice's variant (+f3) folded in; a clip the manifest lacks is a clear error, not a KeyError."""
-    import click
+def test_validate_tle_groups_real_audio_by_voice(tmp_path):
+    """validate-tle --voices: WER per voice over its clips, CE per voice weighted by label tokens, the voice's
+    variant (+f3) folded in; a clip the manifest lacks is a clear error, not a KeyError."""
+    from stages.validate_tle import per_voice
 
-    from conftest import load_bench
-
-    per_voice = load_bench("tle_validation").per_voice
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(row) for row in [
         {"id": "a", "voice": "en-us"}, {"id": "b", "voice": "en-us+f3"}, {"id": "c", "voice": "en-gb-scotland"}]))
@@ -332,5 +329,37 @@ def test_tle_validation_groups_real_audio_by_voice(tmp_path):
                      ["red fox", "the cat", "blue"], [1.0, 2.0, 0.5], [2, 6, 3])
     assert rows["en-us"] == {"clips": 2, "wer": pytest.approx(2 / 6), "decoder_ce": pytest.approx((2 + 12) / 8)}
     assert rows["en-gb-scotland"] == {"clips": 1, "wer": pytest.approx(0.5), "decoder_ce": pytest.approx(0.5)}
-    with pytest.raises(click.ClickException, match="1 of the store's 4 clips have no row with a voice .*'d'"):
+    with pytest.raises(WhistleError, match="1 of the store's 4 clips have no row with a voice .*'d'"):
         per_voice(str(manifest), ["a", "b", "c", "d"], ["x"] * 4, ["x"] * 4, [1.0] * 4, [1] * 4)
+
+
+def test_cli_validates_a_tle_against_the_real_states(tle_store, tiny_teacher_dir, tmp_path):
+    """`whistle validate-tle`: the table beside the real states' figures, the text-only round trip, per-voice
+    figures and the JSON; a voice manifest that lacks the store's clips fails with the reason."""
+    from click.testing import CliRunner
+
+    from stages.train_tle import run
+    from whistle_pipeline.cli import cli
+
+    out = tmp_path / "tle"
+    run(tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=3", "train_tle.val_wer_size=0"))
+    manifest = tmp_path / "voices.jsonl"
+    manifest.write_text("\n".join(json.dumps({"id": f"utt{i:03d}", "voice": "en-us" if i % 2 else "de+m3"})
+                                  for i in range(32)))
+    text = tmp_path / "target.txt"
+    text.write_text("the lazy dog\nhello world\n")
+    args = ["validate-tle", str(out), "--store", str(tle_store), "--teacher", str(tiny_teacher_dir),
+            "--batch-size", "8", "--text", str(text), "--voices", str(manifest), "--json", str(tmp_path / "v.json"),
+            "--examples", "2"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "round-trip WER, predicted length" in result.output and "real audio per voice" in result.output
+    assert "utterances=32" in result.output
+    figures = json.loads((tmp_path / "v.json").read_text())
+    assert {"cosine", "decoder_ce", "real_decoder_ce", "wer_true", "wer_predicted", "real_wer",
+            "text_wer_target"} <= set(figures)
+    assert set(figures["voices"]) == {"en-us", "de"} and figures["voices"]["de"]["clips"] == 16
+    assert figures["train_steps"] == 3
+    manifest.write_text(json.dumps({"id": "utt000", "voice": "en-us"}))
+    failed = CliRunner().invoke(cli, args)
+    assert failed.exit_code == 1 and "31 of the store's 32 clips have no row with a voice" in failed.output

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -140,6 +141,13 @@ def resolve_revision(name_or_path: str, revision: str) -> str:
         return ""
     resolved = hub_resolve_revision(name_or_path, revision or None)
     return getattr(resolved, "resolved", None) or resolved or revision
+
+
+def resolve_device(name: str) -> torch.device:
+    """`teacher.device` -> torch device: "auto" is accelerate's device for this process (a GPU when there is one)."""
+    if name == "auto":
+        return PartialState().device
+    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
