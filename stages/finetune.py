@@ -36,22 +36,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from stages import training as loop
-from stages.evaluate import LoadedModel, Named, decoded_batches, encode, generate, open_set, score_clip
 from stages.finetune_data import (
     HeldOut,
     StoreStream,
@@ -64,6 +59,8 @@ from stages.finetune_data import (
     stored_examples,
     text_examples,
 )
+from stages.finetune_checkpoints import load_checkpoint, load_trainable, save_adapted, save_best, save_checkpoint
+from stages.finetune_validation import ValidationData, outliers, prepare_val_audio, select_by, validate
 from stages.training import (
     CsvLog,
     DamagedShard,
@@ -78,8 +75,7 @@ from stages.training import (
 )
 from store import StoreReader
 from whistle_pipeline.config import ConfigError, FinetuneConfig, PipelineConfig
-from whistle_pipeline.errors import WhistleError
-from whistle_pipeline.teacher import LoadedTeacher, TeacherGeometry, load_teacher
+from whistle_pipeline.teacher import LoadedTeacher, load_teacher
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts, is_multilingual
 from whistle_pipeline.windows import (
     Example,
@@ -88,7 +84,6 @@ from whistle_pipeline.windows import (
     kind_losses,
     select_trainable,
     token_losses,
-    trainable_state,
 )
 
 log = logging.getLogger(__name__)
@@ -460,7 +455,7 @@ def validate_step(setup: Setup, inputs: Inputs, training: Training, val_data: Va
                   ) -> list[Any]:
     """Validate at training.step (main process), log it, keep the best weights; val_audio's clip scores."""
     history, step, accelerator = training.history, training.step, setup.accelerator
-    metrics, scores = validate(training.whisper, inputs, val_data, setup.config)
+    metrics, scores = validate_with(training.whisper, inputs, val_data, setup.config)
     metrics["step"] = step
     history["validation"].append(metrics)
     logs.validation.write({**metrics, "loops": len(metrics.get("loops", []))})
@@ -486,9 +481,9 @@ def finish(setup: Setup, inputs: Inputs, training: Training, val_data: Validatio
             load_trainable(whisper, best, accelerator.device)
             saved_step = history["best_step"]
             if val_data.audio_clips:  # per-clip scores of the weights that are saved
-                last_scores = validate(whisper, inputs, val_data, setup.config)[1]
+                last_scores = validate_with(whisper, inputs, val_data, setup.config)[1]
         elif val_data.audio_clips and not last_scores:  # a rerun of a finished run validated nothing
-            last_scores = validate(whisper, inputs, val_data, setup.config)[1]
+            last_scores = validate_with(whisper, inputs, val_data, setup.config)[1]
         save_adapted(whisper, inputs.teacher, output_dir)
     result = FinetuneResult(
         output_dir=str(output_dir), steps=step, resumed_from=training.resumed_from,
@@ -508,166 +503,12 @@ def finish(setup: Setup, inputs: Inputs, training: Training, val_data: Validatio
     return result
 
 
+def validate_with(model: Any, inputs: Inputs, data: ValidationData, config: PipelineConfig
+                  ) -> tuple[dict[str, Any], list[Any]]:
+    """`validate` with this run's windows, ratios and tokenizer."""
+    return validate(model, inputs.windows, inputs.ratios, inputs.teacher.tokenizer, inputs.specials, data, config)
+
+
 def store_url(settings: FinetuneConfig, kind: str) -> str:
     """The store setting of a stored kind ("audio", "tts")."""
     return {"audio": settings.audio_store, "tts": settings.tts_store}[kind]
-
-
-# ---- validation -------------------------------------------------------------------------------------
-
-@dataclass
-class ValidationData:
-    """Held-out examples (in memory) and val_audio's cached encoder states."""
-
-    examples: dict[str, list[Example]]  # kind -> held-out examples
-    audio_clips: list[Any]  # stages.evaluate.Clip of val_audio
-    audio_states: list[torch.Tensor]  # per batch: (b, max_frames, D) encoder states, float16 on CPU
-    audio_rejects: list[dict[str, str]]
-
-
-def prepare_val_audio(config: PipelineConfig, model: Any, tokenizer: Any, geometry: TeacherGeometry
-                      ) -> tuple[list[Any], list[torch.Tensor], list[dict[str, str]]]:
-    """Read val_audio (any precompute source) and run the frozen encoder over it once."""
-    settings = config.finetune
-    clips, rejects = open_set(Named("val_audio", settings.val_audio), config)
-    clips = clips[: settings.val_size]
-    loaded = LoadedModel(Named("teacher", ""), model, tokenizer, geometry, False, "")
-    kept, states = [], []
-    for batch, audio, bad in decoded_batches(clips, geometry.sample_rate, geometry.window_seconds,
-                                             config.evaluate.batch_size):
-        rejects += bad
-        if batch:
-            kept += batch
-            states.append(encode(loaded, audio).to("cpu", torch.float16))  # (b, F, D)
-    if not kept:
-        raise WhistleError(f"finetune.val_audio {settings.val_audio} has no usable clip"
-                           + (f" (first reject: {rejects[0]['id']}: {rejects[0]['reason']})" if rejects else ""))
-    log.info("val_audio: %d clips encoded once (%d skipped)", len(kept), len(rejects))
-    return kept, states, rejects
-
-
-@torch.no_grad()
-def validate(model: Any, inputs: Inputs, data: ValidationData, config: PipelineConfig
-             ) -> tuple[dict[str, Any], list[Any]]:
-    """Held-out decoder loss per kind (plain cross-entropy), their ratio-weighted mean, and val_audio's
-    WER/CER/loops with the real encoder's states -> (metrics, val_audio clip scores)."""
-    settings = config.finetune
-    tokenizer, specials = inputs.teacher.tokenizer, inputs.specials
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    metrics: dict[str, Any] = {}
-    for kind, examples in data.examples.items():
-        total, tokens = 0.0, 0
-        for start in range(0, len(examples), settings.batch_size):
-            chunk = examples[start: start + settings.batch_size]
-            text = encode_texts(tokenizer, specials, [e.text for e in chunk], [e.language for e in chunk],
-                                model.config.max_target_positions).to(device)
-            window = inputs.windows.build(chunk, text, training=False)
-            logits = model(encoder_outputs=(window.to(model.dtype),), decoder_input_ids=text.decoder_input_ids).logits
-            total += float(token_losses(logits, text.labels, 0.0).sum())
-            tokens += int((text.labels != IGNORE_INDEX).sum())
-        metrics[f"loss_{kind}"] = total / max(tokens, 1)
-    weights = {kind: inputs.ratios[kind] for kind in data.examples if data.examples[kind]}
-    metrics["loss"] = sum(metrics[f"loss_{k}"] * w for k, w in weights.items()) / sum(weights.values()) if weights else math.nan
-    clip_scores = []
-    if data.audio_clips:
-        evaluated = LoadedModel(Named("adapted", ""), model, tokenizer, None, specials.multilingual, "")
-        clips = iter(data.audio_clips)
-        for states in data.audio_states:
-            batch = [next(clips) for _ in range(len(states))]
-            transcripts = generate(evaluated, states, [c.language for c in batch], config.evaluate.num_beams,
-                                   config.evaluate.max_new_tokens)
-            clip_scores += [score_clip(c.id, c.text, t, c.language) for c, t in zip(batch, transcripts)]
-        words = sum(c.ref_words for c in clip_scores)
-        metrics["wer"] = sum(c.word_errors for c in clip_scores) / max(words, 1)
-        metrics["cer"] = sum(c.char_errors for c in clip_scores) / max(sum(c.ref_chars for c in clip_scores), 1)
-        metrics["loops"] = [c.id for c in clip_scores if c.loop]
-    metrics["metric"] = metrics["wer"] if select_by(settings) == "wer" else metrics["loss"]
-    model.train(was_training)
-    return metrics, clip_scores
-
-
-def select_by(settings: Any) -> str:
-    if settings.select_by == "auto":
-        return "wer" if settings.val_audio else "loss"
-    return settings.select_by
-
-
-# ---- checkpoints --------------------------------------------------------------------------------------
-
-def save_checkpoint(accelerator: Any, directory: Path, model: Any, optimizer: Any, scheduler: Any, step: int,
-                    positions: dict[str, tuple[int, int]], history: dict[str, Any], best_dir: Path, keep: int) -> None:
-    """checkpoints/step-N/ (stages.training): trainable weights, the best weights so far, validation
-    history, optimiser, scheduler, every rank's data positions and RNG. Older checkpoints beyond `keep` go."""
-    loop.save_checkpoint(accelerator, directory, step, {"positions": positions},
-                             partial(write_weights, model, history, best_dir), optimizer, scheduler, keep)
-
-
-def write_weights(model: Any, history: dict[str, Any], best_dir: Path, folder: Path) -> None:
-    """The main process's part of a checkpoint: trainable.safetensors, best.safetensors, history.json."""
-    save_file(trainable_state(model), str(folder / "trainable.safetensors"))
-    best = best_dir / "trainable.safetensors"
-    if best.exists():  # the best step so far: a resumed run must not see a later (crashed) run's best
-        try:
-            os.link(best, folder / "best.safetensors")
-        except OSError:  # no hard links on this file system
-            shutil.copyfile(best, folder / "best.safetensors")
-    (folder / "history.json").write_text(json.dumps(history))
-
-
-def load_trainable(model: Any, path: Path, device: Any) -> None:
-    """Copy saved trainable weights into `model`; every saved name must be a trainable weight of it."""
-    state = load_file(str(path), device=str(device))
-    parameters = dict(model.named_parameters())
-    unknown = sorted(set(state) - {n for n, p in parameters.items() if p.requires_grad})
-    if unknown:
-        raise WhistleError(f"{path} holds weights this run does not train ({', '.join(unknown[:3])}…): it was "
-                           "written with another finetune.train_embeddings; use a new output_dir")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            parameters[name].copy_(tensor)
-
-
-def load_checkpoint(accelerator: Any, path: Path, model: Any, optimizer: Any, scheduler: Any, best_dir: Path
-                    ) -> dict[str, Any]:
-    """Restore weights, the best weights so far, optimiser, scheduler and this rank's RNG;
-    return {step, positions, history}."""
-    state = loop.load_checkpoint(accelerator, path, optimizer, scheduler, "finetune")
-    load_trainable(model, path / "trainable.safetensors", accelerator.device)
-    state["history"] = json.loads((path / "history.json").read_text())
-    if accelerator.is_main_process:
-        shutil.rmtree(best_dir, ignore_errors=True)
-        if (path / "best.safetensors").exists():
-            best_dir.mkdir(parents=True)
-            shutil.copyfile(path / "best.safetensors", best_dir / "trainable.safetensors")
-    return state
-
-
-def save_best(model: Any, directory: Path) -> None:
-    """best/trainable.safetensors: the trainable weights of the best step so far.
-
-    Written to a new file and renamed over the old one, so hard links to the previous best (kept in
-    checkpoints) keep their content.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / "trainable.safetensors.partial"
-    save_file(trainable_state(model), str(partial))
-    os.replace(partial, directory / "trainable.safetensors")
-
-
-def outliers(clip_scores: Sequence[Any], count: int) -> list[dict[str, Any]]:
-    """val_audio's repetition loops, then its clips with the most word errors."""
-    ranked = sorted(clip_scores, key=lambda c: (c.loop, c.word_errors), reverse=True)
-    return [{"id": c.id, "word_errors": c.word_errors, "ref_words": c.ref_words, "loop": c.loop,
-             "reference": c.reference, "hypothesis": c.hypothesis} for c in ranked[:count] if c.word_errors or c.loop]
-
-
-def save_adapted(model: Any, teacher: LoadedTeacher, output_dir: Path) -> None:
-    """The complete Whisper (teacher encoder, adapted decoder) + feature extractor, tokenizer and generation
-    config, loadable by transformers.pipeline("automatic-speech-recognition", model=output_dir)."""
-    model.save_pretrained(output_dir)  # config.json, model.safetensors, generation_config.json
-    # the feature extractor and tokenizer on their own (not processor_config.json), which every transformers
-    # version reads
-    teacher.features.save_pretrained(output_dir)  # preprocessor_config.json
-    teacher.tokenizer.save_pretrained(output_dir)
