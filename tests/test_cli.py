@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from whistle_pipeline.cli import cli
 
-COMMANDS = {"precompute", "train-tle", "finetune", "evaluate", "inspect-store", "import-ct2", "synthesize", "demo"}
+COMMANDS = {"precompute", "train-tle", "finetune", "evaluate", "inspect-store", "validate-tle", "import-ct2", "synthesize",
+            "demo"}
 
 
 def test_help_lists_every_command():

@@ -79,6 +79,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
       whistle evaluate       WER/CER of models side by side
     Tools:
       whistle inspect-store  what a store holds, how big, whether it is whole
+      whistle validate-tle   how close a TLE comes to the teacher, and whether the decoder reads it
       whistle import-ct2     CTranslate2 (faster-whisper) model -> transformers checkpoint
       whistle synthesize     text -> speech with eSpeak NG (an audio folder + manifest)
       whistle demo           the whole method on the bundled example, offline
