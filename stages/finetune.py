@@ -62,15 +62,17 @@ from stages.finetune_data import (
 from stages.finetune_checkpoints import load_checkpoint, load_trainable, save_adapted, save_best, save_checkpoint
 from stages.finetune_validation import ValidationData, outliers, prepare_val_audio, select_by, validate
 from stages.training import (
-    CsvLog,
+    CHECKPOINTS_DIR,
+    Logs,
+    Setup,
+    open_logs,
+    start_run,
     DamagedShard,
     WithoutIds,
     build_optimizer,
-    check_resumable,
     damage_summary,
     damaged_shards,
     latest_checkpoint,
-    make_accelerator,
     open_store,
 )
 from store import StoreReader
@@ -89,10 +91,7 @@ from whistle_pipeline.windows import (
 log = logging.getLogger(__name__)
 
 KINDS = ("audio", "tts", "text")  # the order of the kinds inside a batch
-CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
-TRAIN_LOG = "train_log.csv"
-VALIDATION_LOG = "validation.csv"
 SUMMARY = "finetune.json"
 TRAIN_COLUMNS = ["step", "epoch_text", "loss", "loss_audio", "loss_tts", "loss_text", "lr", "grad_norm",
                  "examples_per_s"]
@@ -174,20 +173,6 @@ def check_inputs(config: PipelineConfig) -> None:
 # ---- the recipe: start, inputs, restore, streams, validation data, the loop, finish ----------------------
 
 @dataclass
-class Setup:
-    """Where the run writes and who runs it."""
-
-    config: PipelineConfig
-    output_dir: Path
-    accelerator: Any  # accelerate.Accelerator
-    trackers: list[str]
-
-    @property
-    def settings(self) -> FinetuneConfig:
-        return self.config.finetune
-
-
-@dataclass
 class Inputs:
     """The Whisper to adapt and what it learns from."""
 
@@ -234,19 +219,11 @@ def run(config: PipelineConfig) -> FinetuneResult:
 
 def start(config: PipelineConfig) -> Setup:
     """Check the inputs and that a resumed run keeps its settings; one Accelerator; the resolved config saved."""
-    settings = config.finetune
     check_inputs(config)
-    output_dir = Path(settings.output_dir)
-    if settings.resume and latest_checkpoint(output_dir / CHECKPOINTS_DIR) is not None:
-        check_resumable(output_dir, config, "finetune", ("teacher", "finetune"))
-    accelerator, trackers = make_accelerator(config.teacher.device, settings.mixed_precision, settings.grad_accum,
-                                             output_dir)
+    setup = start_run(config, "finetune", ("teacher", "finetune"))
     # latent draws and dropout differ per rank; a resumed run restores these generators from its checkpoint
-    set_seed(settings.seed + accelerator.process_index)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(output_dir)
-    return Setup(config, output_dir, accelerator, trackers)
+    set_seed(config.finetune.seed + setup.accelerator.process_index)
+    return setup
 
 
 def open_inputs(setup: Setup) -> Inputs:
@@ -342,7 +319,8 @@ def train(setup: Setup, inputs: Inputs, training: Training, streams: dict[str, A
     settings, accelerator, device = setup.settings, setup.accelerator, setup.accelerator.device
     model, optimizer, scheduler, history = training.model, training.optimizer, training.scheduler, training.history
     tokenizer = inputs.teacher.tokenizer
-    logs = open_logs(setup, training)
+    logs = open_logs(setup, (TRAIN_COLUMNS, VALIDATION_COLUMNS), training.step if training.resumed_from else None,
+                     asdict(settings))
     bar = tqdm(total=settings.steps, initial=training.step, desc="finetune", unit="step",
                disable=not (settings.progress and accelerator.is_main_process))
     seen = {k: history["examples"].get(k, 0) for k in KINDS}
@@ -394,26 +372,6 @@ def train(setup: Setup, inputs: Inputs, training: Training, streams: dict[str, A
     history["examples"] = seen
     accelerator.wait_for_everyone()
     return last_scores
-
-
-@dataclass
-class Logs:
-    """The main process's CSV logs (None on the other ranks)."""
-
-    train: CsvLog | None = None
-    validation: CsvLog | None = None
-
-
-def open_logs(setup: Setup, training: Training) -> Logs:
-    """train_log.csv and validation.csv (on resume, cut back to the resumed step), and TensorBoard."""
-    if not setup.accelerator.is_main_process:
-        return Logs()
-    resume_step = training.step if training.resumed_from else None
-    if setup.trackers:
-        setup.accelerator.init_trackers("tensorboard", config={k: v for k, v in asdict(setup.settings).items()
-                                                                if isinstance(v, (int, float, str, bool))})
-    return Logs(CsvLog(setup.output_dir / TRAIN_LOG, TRAIN_COLUMNS, resume_step),
-                CsvLog(setup.output_dir / VALIDATION_LOG, VALIDATION_COLUMNS, resume_step))
 
 
 def next_examples(streams: dict[str, Any], counts: dict[str, int]) -> list[Example]:

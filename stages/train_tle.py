@@ -60,21 +60,25 @@ from stages.tle_data import (
     validation_batches,
 )
 from stages.training import (
-    CsvLog,
+    CHECKPOINTS_DIR,
+    TRAIN_LOG,
+    VALIDATION_LOG,
+    Logs,
+    Setup,
+    open_logs,
+    start_run,
     DamagedShard,
     build_optimizer,
-    check_resumable,
     damage_summary,
     damaged_shards,
     latest_checkpoint,
     load_checkpoint,
-    make_accelerator,
     open_store,
     save_checkpoint,
 )
 from store import StoreReader
 from store.dataset import FeatureDataset
-from whistle_pipeline.config import PipelineConfig, TrainTLEConfig
+from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import DecoderTerms, FrozenTeacher, load_frozen_teacher, phase_2_terms
 from whistle_pipeline.errors import WhistleError
@@ -84,9 +88,6 @@ log = logging.getLogger(__name__)
 
 DURATIONS_DIR = "durations"
 DAMAGE_DIR = "damaged-shards"  # each rank's scan of the store under skip_damaged
-CHECKPOINTS_DIR = "checkpoints"
-TRAIN_LOG = "train_log.csv"
-VALIDATION_LOG = "validation.csv"
 TRAIN_COLUMNS = ["step", "epoch", "loss", "mse", "cosine", "kl", "beta", "length", "length_error", "decoder_ce",
                  "real_decoder_ce", "decoder_kl", "decoder_ce_weight", "lr", "frames_per_s"]
 VALIDATION_COLUMNS = ["step", "mse", "cosine", "length_error", "duration_mae", "decoder_ce", "decoder_ce_predicted",
@@ -236,21 +237,7 @@ def _previous_validation(output_dir: Path) -> dict[str, float]:
     return {k: float(v) for k, v in rows[-1].items() if v not in ("", "None")} if rows else {}
 
 
-# --- the recipe: start, inputs, restore, batches, validation data, the loop, finish ------------------------
-
-
-@dataclass
-class Setup:
-    """Where the run writes and who runs it."""
-
-    config: PipelineConfig
-    output_dir: Path
-    accelerator: Any  # accelerate.Accelerator
-    trackers: list[str]
-
-    @property
-    def settings(self) -> TrainTLEConfig:
-        return self.config.train_tle
+# --- the recipe: start (stages.training.start_run), inputs, restore, batches, validation data, the loop, finish ------------------------
 
 
 @dataclass
@@ -287,28 +274,13 @@ class Training:
 def run(config: PipelineConfig) -> TrainTLEResult:
     """Train the TLE on config.store.path against the teacher config.teacher.name_or_path."""
     started = time.time()
-    setup = start(config)
+    setup = start_run(config, "train_tle", ("teacher", "store.path", "tle", "train_tle"))
     inputs = open_inputs(setup)
     training = restore(setup, inputs)
     batches = open_batches(setup, inputs, training)
     val_batches = validation_data(setup, inputs)
     last_validation = train(setup, inputs, training, batches, val_batches)
     return finish(setup, inputs, training, last_validation, started)
-
-
-def start(config: PipelineConfig) -> Setup:
-    """Check that a resumed run keeps its settings; one Accelerator; the resolved config saved."""
-    settings = config.train_tle
-    output_dir = Path(settings.output_dir)
-    if settings.resume and latest_checkpoint(output_dir / CHECKPOINTS_DIR) is not None:
-        check_resumable(output_dir, config, "train_tle", ("teacher", "store.path", "tle", "train_tle"))
-    accelerator, trackers = make_accelerator(config.teacher.device, settings.mixed_precision, settings.grad_accum,
-                                             output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(output_dir)
-        log.info("resolved configuration saved to %s", output_dir / "config.toml")
-    return Setup(config, output_dir, accelerator, trackers)
 
 
 def open_inputs(setup: Setup) -> Inputs:
@@ -390,7 +362,8 @@ def train(setup: Setup, inputs: Inputs, training: Training, batches: Iterator[tu
     validate and checkpoint on schedule. Returns the last validation's metrics."""
     settings, accelerator, device = setup.settings, setup.accelerator, setup.accelerator.device
     model, tle, optimizer, scheduler = training.model, training.tle, training.optimizer, training.scheduler
-    logs = open_logs(setup, training)
+    logs = open_logs(setup, (TRAIN_COLUMNS, VALIDATION_COLUMNS), training.step if training.resumed_from else None,
+                     {**asdict(setup.config.tle), **asdict(settings)})
     bar = tqdm(total=settings.steps, initial=training.step, desc="train-tle", unit="step",
                disable=not (settings.progress and accelerator.is_main_process))
     window = TrainWindow()
@@ -442,28 +415,6 @@ def train(setup: Setup, inputs: Inputs, training: Training, batches: Iterator[tu
     bar.close()
     accelerator.wait_for_everyone()
     return validation
-
-
-@dataclass
-class Logs:
-    """The main process's CSV logs (None on the other ranks)."""
-
-    train: CsvLog | None = None
-    validation: CsvLog | None = None
-
-
-def open_logs(setup: Setup, training: Training) -> Logs:
-    """train_log.csv and validation.csv (on resume, cut back to the resumed step), and TensorBoard."""
-    if not setup.accelerator.is_main_process:
-        return Logs()
-    resume_step = training.step if training.resumed_from else None
-    logs = Logs(CsvLog(setup.output_dir / TRAIN_LOG, TRAIN_COLUMNS, resume_step),
-                CsvLog(setup.output_dir / VALIDATION_LOG, VALIDATION_COLUMNS, resume_step))
-    if setup.trackers:
-        setup.accelerator.init_trackers("tensorboard", config={
-            k: v for section in ("tle", "train_tle") for k, v in asdict(getattr(setup.config, section)).items()
-            if isinstance(v, (int, float, str, bool))})
-    return logs
 
 
 @torch.no_grad()

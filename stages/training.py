@@ -55,6 +55,9 @@ FINAL_LR_FRACTION = 0.1  # the cosine schedule decays to this fraction of the pe
 CHECKPOINT_PREFIX = "step-"
 COMPLETE = "COMPLETE"
 SAVED_CONFIG = "config.toml"  # the resolved configuration a run saves beside its outputs
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_LOG = "train_log.csv"
+VALIDATION_LOG = "validation.csv"
 # Loop settings that may change between a run and its resumption (how often it logs, validates and saves, how
 # it reads): any other change makes another run, which the checkpoints cannot continue.
 RESUMABLE_KEYS = frozenset({"progress", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
@@ -254,7 +257,65 @@ def check_resumable(output_dir: Path, config: PipelineConfig, section: str, comp
                            + "\n  - ".join(changes) + f"\n{fix}")
 
 
+# --- a run's start ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Where a training run writes and who runs it; `section` is the stage's table ("train_tle", "finetune")."""
+
+    config: PipelineConfig
+    section: str
+    output_dir: Path
+    accelerator: Any  # accelerate.Accelerator
+    trackers: list[str]
+
+    @property
+    def settings(self) -> Any:
+        return getattr(self.config, self.section)
+
+
+def start_run(config: PipelineConfig, section: str, compared: Sequence[str]) -> Setup:
+    """Refuse a resume whose `compared` settings changed (check_resumable), make the one Accelerator, and
+    save the resolved configuration beside the outputs."""
+    settings = getattr(config, section)
+    output_dir = Path(settings.output_dir)
+    if settings.resume and latest_checkpoint(output_dir / CHECKPOINTS_DIR) is not None:
+        check_resumable(output_dir, config, section, compared)
+    accelerator, trackers = make_accelerator(config.teacher.device, settings.mixed_precision, settings.grad_accum,
+                                             output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir, SAVED_CONFIG)
+        log.info("resolved configuration saved to %s", output_dir / SAVED_CONFIG)
+    return Setup(config, section, output_dir, accelerator, trackers)
+
+
 # --- logs ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Logs:
+    """The main process's CSV logs (None on the other ranks)."""
+
+    train: CsvLog | None = None
+    validation: CsvLog | None = None
+
+
+def open_logs(setup: Setup, columns: tuple[list[str], list[str]], resume_step: int | None,
+              tracked: dict[str, Any]) -> Logs:
+    """train_log.csv and validation.csv with these `columns` (on resume, cut back to `resume_step`), and
+    TensorBoard with the `tracked` settings (its plain values), on the main process."""
+    if not setup.accelerator.is_main_process:
+        return Logs()
+    logs = Logs(CsvLog(setup.output_dir / TRAIN_LOG, columns[0], resume_step),
+                CsvLog(setup.output_dir / VALIDATION_LOG, columns[1], resume_step))
+    if setup.trackers:
+        setup.accelerator.init_trackers("tensorboard", config={k: v for k, v in tracked.items()
+                                                                if isinstance(v, (int, float, str, bool))})
+    return logs
+
+
 
 
 class CsvLog:
