@@ -12,7 +12,7 @@ decoder's layers (select_trainable) — and differs in where the full windows co
   encoder  MP3 clips decoded by precompute's ClipDataset (1 worker) -> log-mel + the encoder on 30 s
            windows -> full windows (what fine-tuning on audio costs without a store)
   stored, tail shared   as stored, with the decoder's cross-attention key/value projections of the
-           tail template made once per batch instead of once per example (stages.finetune.SharedTail,
+           tail template made once per batch instead of once per example (whistle_pipeline.windows.SharedTail,
            which finetune's training steps use since it was measured here; exact — the largest logit
            difference is printed). The other kinds project every frame of every example.
 
@@ -53,24 +53,15 @@ from _common import (
     write_clips,
     write_store,
 )
-from stages.finetune import (
-    CommonTail,
-    Example,
-    HeldOut,
-    SharedTail,
-    StoreStream,
-    Windows,
-    build_optimizer,
-    select_trainable,
-    stored_examples,
-    token_losses,
-)
+from stages.finetune_data import HeldOut, StoreStream, stored_examples
+from stages.training import build_optimizer
 from stages.audio_batches import ClipDataset, collate
 from store import StoreReader
 from whistle_pipeline.config import load_config
 from whistle_pipeline.sources import open_source
 from whistle_pipeline.teacher import TeacherGeometry, teacher_states
 from whistle_pipeline.text import IGNORE_INDEX, TextBatch
+from whistle_pipeline.windows import CommonTail, Example, SharedTail, Windows, select_trainable, token_losses
 
 KINDS = ("stored", "text", "encoder", "stored, tail shared")
 START_OF_TRANSCRIPT, NO_TIMESTAMPS, END_OF_TEXT = 50257, 50362, 50256  # English-only Whisper ids

@@ -50,7 +50,8 @@ from _common import (
 )
 from stages.audio_batches import ClipDataset, collate
 from stages.precompute import run as precompute
-from stages.train_tle import build_optimizer, loss_weights
+from stages.train_tle import loss_weights
+from stages.training import build_optimizer
 from store.dataset import FeatureDataset, pad_batch
 from whistle_pipeline.config import load_config
 from whistle_pipeline.sources import open_source

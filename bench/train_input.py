@@ -92,7 +92,8 @@ def measure_step(batches: list[tuple], device: torch.device, steps: int) -> tupl
     """(seconds per step, frames per step, FLOPs of one step, TLE parameters) of phase-1 train-tle steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stages.train_tle import build_optimizer, loss_weights
+    from stages.train_tle import loss_weights
+    from stages.training import build_optimizer
     from whistle_pipeline.config import load_config
 
     settings = load_config().train_tle

@@ -151,6 +151,18 @@ def _now() -> str:
 
 
 @dataclass(frozen=True)
+class FieldDifference:
+    """One field of a TeacherInfo on which the recorded teacher and the given one disagree."""
+
+    field: str
+    recorded: Any  # what the store (or a model trained on it) recorded
+    given: Any
+
+    def describe(self, recorded_by: str = "store") -> str:
+        return f"teacher.{self.field}: {self.recorded!r} ({recorded_by}) vs {self.given!r} (given)"
+
+
+@dataclass(frozen=True)
 class TeacherInfo:
     """Identity and geometry of the Whisper encoder whose states a store holds."""
 
@@ -170,13 +182,17 @@ class TeacherInfo:
     def from_dict(cls, data: dict[str, Any]) -> TeacherInfo:
         return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)})
 
-    def differences(self, other: TeacherInfo) -> list[str]:
-        """One line per field that differs: "d_model: 384 (store) vs 1280 (given)"."""
+    def field_differences(self, other: TeacherInfo) -> list[FieldDifference]:
+        """The fields that differ, with this (recorded) value and the other's (given) one."""
         return [
-            f"teacher.{field.name}: {getattr(self, field.name)!r} (store) vs {getattr(other, field.name)!r} (given)"
+            FieldDifference(field.name, getattr(self, field.name), getattr(other, field.name))
             for field in dataclasses.fields(self)
             if getattr(self, field.name) != getattr(other, field.name)
         ]
+
+    def differences(self, other: TeacherInfo) -> list[str]:
+        """One line per field that differs: "teacher.d_model: 384 (store) vs 1280 (given)"."""
+        return [difference.describe() for difference in self.field_differences(other)]
 
     def problems(self) -> list[str]:
         out = [

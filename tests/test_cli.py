@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from whistle_pipeline.cli import cli
 
-COMMANDS = {"precompute", "train-tle", "finetune", "evaluate", "inspect-store", "import-ct2", "export-ct2", "synthesize",
+COMMANDS = {"precompute", "train-tle", "finetune", "evaluate", "inspect-store", "validate-tle", "import-ct2", "export-ct2", "synthesize",
             "demo"}
 
 

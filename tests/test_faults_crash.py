@@ -51,7 +51,7 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint(stage, tmp_path):
 def test_a_stored_stream_resumes_exactly_when_a_batch_crosses_an_epoch_end(tmp_path, workers):
     """finetune's saved data position (epoch, items taken) must count only the new epoch's items when a
     batch straddles two epochs; counting the whole batch skipped data on resume."""
-    from stages.finetune import HeldOut, StoreStream
+    from stages.finetune_data import HeldOut, StoreStream
 
     spec = store_spec(shard_size=3, chunk_frames=64)
     url = str(tmp_path / "store")

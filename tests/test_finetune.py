@@ -122,7 +122,7 @@ def text_loss(model_dir: Path, world, sentences: list[str]) -> float:
     """Decoder cross-entropy of `sentences` read from the TLE's full windows (z = prior mean)."""
     from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
-    from stages.finetune import Example, Windows, token_losses
+    from whistle_pipeline.windows import Example, Windows, token_losses
     from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts
     from whistle_pipeline.tle import TLEModel
 
@@ -206,7 +206,7 @@ def test_resume_continues_exactly_where_the_run_stopped(world, tmp_path):
 
 
 def test_mix_counts_hold_the_fractions_exactly():
-    from stages.finetune import mix_counts
+    from stages.finetune_data import mix_counts
 
     totals = {"audio": 0, "tts": 0, "text": 0}
     for index in range(100):
@@ -222,7 +222,8 @@ def test_mix_counts_hold_the_fractions_exactly():
 def test_labels_prefix_and_language_tokens_come_from_the_tokenizer(world, tmp_path):
     """A multilingual teacher: the decoder gets <|sot|> <|lang|> <|transcribe|> <|notimestamps|> + text,
     padding never reaches the inputs as -100, and the loss skips the prefix."""
-    from stages.finetune import run, token_losses
+    from stages.finetune import run
+    from whistle_pipeline.windows import token_losses
     from whistle_pipeline.text import IGNORE_INDEX
 
     root = tmp_path / "multi"
@@ -332,7 +333,7 @@ def test_shared_tail_gives_the_same_logits_and_gradients_and_leaves_the_checkpoi
     give exactly what projecting every example's frames gives, in the outputs and in the weights' gradients."""
     from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
-    from stages.finetune import Example, SharedTail, Windows, token_losses
+    from whistle_pipeline.windows import Example, SharedTail, Windows, token_losses
     from store import StoreReader
     from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts
     from whistle_pipeline.tle import TLEModel
@@ -390,7 +391,7 @@ def test_shared_tail_gives_the_same_logits_and_gradients_and_leaves_the_checkpoi
 def test_a_run_in_bf16_then_one_in_fp32_follow_each_other_in_one_process(tmp_path):
     """accelerate keeps one process-wide state: train-tle in bf16 then finetune in fp32 (the demo on a CPU
     without native bf16 after one with it, a notebook) must each get the precision they asked for."""
-    from whistle_pipeline.training import make_accelerator
+    from stages.training import make_accelerator
 
     first, _ = make_accelerator("cpu", "bf16", 1, tmp_path / "a")
     assert first.mixed_precision == "bf16"

@@ -214,18 +214,15 @@ def pickled_whisper(tmp_path_factory):
 
 
 def test_whisper_folders_holding_only_a_pickle_are_refused_by_every_loader(pickled_whisper):
-    from stages.finetune import load_teacher
-    from whistle_pipeline.config import load_config
-    from whistle_pipeline.decoder import load_frozen_teacher
-    from whistle_pipeline.teacher import load_encoder
     from whistle_pipeline.transcribe import Named, load_model
+    from whistle_pipeline.decoder import load_frozen_teacher
+    from whistle_pipeline.teacher import load_encoder, load_teacher
 
     folder, marker = pickled_whisper
     loaders = {
         "precompute's encoder": lambda: load_encoder(str(folder), "main", "cpu", torch.float32, "eager"),
         "train-tle's teacher": lambda: load_frozen_teacher(str(folder), "main", "cpu", torch.float32),
-        "finetune's teacher": lambda: load_teacher(load_config(overrides=[
-            f"teacher.name_or_path={json.dumps(str(folder))}"])),
+        "finetune's teacher": lambda: load_teacher(str(folder), "main", "full", "cpu", torch.float32),
         "evaluate's model": lambda: load_model(Named("adapted", str(folder)), "main", "cpu", "float32", "eager"),
     }
     for what, load in loaders.items():
@@ -238,7 +235,7 @@ def test_whisper_folders_holding_only_a_pickle_are_refused_by_every_loader(pickl
 def test_a_tle_folder_holding_only_a_pickle_is_refused(tmp_path):
     from test_tle import tiny_tle
 
-    from stages.finetune import load_tle
+    from stages.finetune_data import load_tle
     from store import TeacherInfo
 
     folder = tmp_path / "tle"
@@ -262,7 +259,7 @@ def _trained(seed: int):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
     settings = type("Settings", (), dict(weight_decay=0.01, learning_rate=1e-2, warmup_steps=2, steps=10))
-    from whistle_pipeline.training import build_optimizer
+    from stages.training import build_optimizer
 
     optimizer, scheduler = build_optimizer(model, settings)
     return model, optimizer, scheduler
@@ -273,7 +270,7 @@ def test_checkpoints_are_safetensors_and_json_and_resume_exactly(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from whistle_pipeline.training import latest_checkpoint, load_checkpoint, save_checkpoint
+    from stages.training import latest_checkpoint, load_checkpoint, save_checkpoint
 
     accelerator = Accelerator(cpu=True)
     model, optimizer, scheduler = _trained(0)
@@ -310,19 +307,3 @@ def test_checkpoints_are_safetensors_and_json_and_resume_exactly(tmp_path):
         opt.step()
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)  # same weights, same Adam moments and step counts
-
-
-def test_a_legacy_optimizer_pickle_with_code_is_refused(tmp_path):
-    from accelerate import Accelerator
-
-    from whistle_pipeline.training import load_checkpoint
-
-    marker = tmp_path / "MARKER"
-    folder = tmp_path / "step-0000003"
-    folder.mkdir()
-    (folder / "COMPLETE").write_text(json.dumps({"step": 3, "processes": 1}))
-    (folder / "optimizer.pt").write_bytes(evil_pickle(marker))
-    _, optimizer, scheduler = _trained(0)
-    with pytest.raises(WhistleError, match="optimizer.pt holds more than tensors and was not loaded"):
-        load_checkpoint(Accelerator(cpu=True), folder, optimizer, scheduler, "finetune")
-    assert not marker.exists()

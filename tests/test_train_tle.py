@@ -137,14 +137,11 @@ def test_loss_weights_switch_to_phase_2_at_decoder_ce_start():
 
     settings = load_config(overrides=[
         "train_tle.decoder_ce_start=10", "train_tle.kl_anneal_steps=20", "train_tle.cosine_weight=0.5",
-        "train_tle.phase_2_cosine_weight=6.0", "train_tle.decoder_ce_weight=1.5", "train_tle.decoder_kl_weight=0.7",
-        "train_tle.decoder_margin=1.0", "train_tle.decoder_margin_weight=0.3"]).train_tle
+        "train_tle.decoder_ce_weight=1.5", "train_tle.decoder_kl_weight=0.7"]).train_tle
     before, after = loss_weights(settings, 9), loss_weights(settings, 10)
-    assert (before.cosine, before.decoder_ce, before.decoder_kl, before.decoder_margin) == (0.5, 0.0, 0.0, 0.0)
-    assert (after.cosine, after.decoder_ce, after.decoder_kl, after.decoder_margin) == (6.0, 1.5, 0.7, 0.3)
+    assert (before.cosine, before.decoder_ce, before.decoder_kl) == (0.5, 0.0, 0.0)
+    assert (after.cosine, after.decoder_ce, after.decoder_kl) == (0.5, 1.5, 0.7)
     assert before.beta == pytest.approx(settings.kl_beta * 9 / 20) and after.mse == before.mse == settings.mse_weight
-    no_margin = load_config(overrides=["train_tle.decoder_ce_start=10", "train_tle.decoder_margin=0.0"]).train_tle
-    assert loss_weights(no_margin, 10).decoder_margin == 0.0  # margin 0 turns the term off whatever its weight
 
 
 def loud_teacher_and_store(tmp_path: Path) -> tuple[Path, Path]:
@@ -177,7 +174,7 @@ def phase_2_only(tmp_path: Path, teacher_dir: Path, store: Path, name: str, colu
     use_true_alignment(out)
     run(tle_config(store, teacher_dir, out, "train_tle.steps=80", "train_tle.decoder_ce_start=5",
                    "train_tle.decoder_ce_weight=0.0", "train_tle.decoder_kl_weight=0.0", "train_tle.mse_weight=1e-4",
-                   "train_tle.cosine_weight=0.0", "train_tle.phase_2_cosine_weight=0.0", "train_tle.val_every=100",
+                   "train_tle.cosine_weight=0.0", "train_tle.val_every=100",
                    "train_tle.val_wer_size=0",
                    "train_tle.checkpoint_every=100", "train_tle.resume=false", *overrides))
     rows = read_log(out / "train_log.csv")
@@ -193,20 +190,6 @@ def test_distillation_pulls_the_decoders_reading_toward_the_real_states(tmp_path
     _, measured = phase_2_only(tmp_path, teacher_dir, store, "measured", "decoder_kl", "train_tle.decoder_kl_weight=1e-6")
     assert all(r["decoder_kl"] == "" for r in rows[:5]) and all(float(r["decoder_kl"]) > 0 for r in rows[5:])
     assert pulled < 0.7 * measured, f"KL {measured:.4f} (measured only) vs {pulled:.4f} (pulled)"
-
-
-def test_the_margin_term_makes_the_decoder_pick_the_labels(tmp_path):
-    """Phase 2 with the label-margin hinge alone: the teacher-forced decoder's label logits come to lead the
-    others (the hinge falls), against the same run where the term is only measured."""
-    teacher_dir, store = loud_teacher_and_store(tmp_path)
-    margin = ("train_tle.decoder_margin=2.0", "train_tle.decoder_ce_floor=0.0")
-    rows, pulled = phase_2_only(tmp_path, teacher_dir, store, "pulled", "decoder_margin", *margin,
-                                "train_tle.decoder_margin_weight=10.0")
-    _, measured = phase_2_only(tmp_path, teacher_dir, store, "measured", "decoder_margin", *margin,
-                               "train_tle.decoder_margin_weight=1e-6")
-    assert all(r["decoder_margin"] == "" and r["real_decoder_ce"] == "" for r in rows[:5])
-    assert all(float(r["decoder_margin"]) >= 0 for r in rows[5:])
-    assert pulled < 0.7 * measured, f"hinge {measured:.4f} (measured only) vs {pulled:.4f} (pulled)"
 
 
 def test_resume_continues_the_same_run(tle_store, tiny_teacher_dir, tmp_path):
@@ -253,6 +236,25 @@ def test_cli_trains_and_writes_a_loadable_tle(tle_store, tiny_teacher_dir, tmp_p
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert "resumed at step 6" in again.output
+
+
+def test_resume_refuses_changed_settings_and_names_each(tle_store, tiny_teacher_dir, tmp_path):
+    """A changed [tle] key or loss weight is another run: refused with the key, both values and the fix; a
+    changed logging frequency continues the run."""
+    from stages.train_tle import run
+
+    out = tmp_path / "out"
+    settings = ["train_tle.steps=3", "train_tle.checkpoint_every=3", "train_tle.val_every=3", "train_tle.val_wer_size=0"]
+    run(tle_config(tle_store, tiny_teacher_dir, out, *settings))
+    with pytest.raises(WhistleError, match=r"other settings:\n  - tle\.hidden_size: 32 \(checkpoint\) vs 48 \(now\)"
+                                           r"\nUse a new train_tle\.output_dir, or set train_tle\.resume=false"):
+        run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "tle.hidden_size=48"))
+    with pytest.raises(WhistleError, match=r"train_tle\.mse_weight: 1\.0 \(checkpoint\) vs 2\.0 \(now\)"):
+        run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "train_tle.mse_weight=2.0"))
+    assert run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "train_tle.log_every=2")).resumed_from == 3
+    # starting over is the way to change them
+    assert run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "train_tle.mse_weight=2.0",
+                          "train_tle.resume=false")).resumed_from == 0
 
 
 def test_refuses_a_store_of_another_teacher_geometry(tiny_teacher_dir, tmp_path):
@@ -315,14 +317,11 @@ def test_two_processes_train_one_tle(tle_store, tiny_teacher_dir, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
-def test_tle_validation_groups_real_audio_by_voice(tmp_path):
-    """bench/tle_validation.py --voices: WER per voice over its clips, CE per voice weighted by label tokens,
-    the voice's variant (+f3) folded in; a clip the manifest lacks is a clear error, not a KeyError."""
-    import click
+def test_validate_tle_groups_real_audio_by_voice(tmp_path):
+    """validate-tle --voices: WER per voice over its clips, CE per voice weighted by label tokens, the voice's
+    variant (+f3) folded in; a clip the manifest lacks is a clear error, not a KeyError."""
+    from stages.validate_tle import per_voice
 
-    from conftest import load_bench
-
-    per_voice = load_bench("tle_validation").per_voice
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(row) for row in [
         {"id": "a", "voice": "en-us"}, {"id": "b", "voice": "en-us+f3"}, {"id": "c", "voice": "en-gb-scotland"}]))
@@ -330,5 +329,37 @@ def test_tle_validation_groups_real_audio_by_voice(tmp_path):
                      ["red fox", "the cat", "blue"], [1.0, 2.0, 0.5], [2, 6, 3])
     assert rows["en-us"] == {"clips": 2, "wer": pytest.approx(2 / 6), "decoder_ce": pytest.approx((2 + 12) / 8)}
     assert rows["en-gb-scotland"] == {"clips": 1, "wer": pytest.approx(0.5), "decoder_ce": pytest.approx(0.5)}
-    with pytest.raises(click.ClickException, match="1 of the store's 4 clips have no row with a voice .*'d'"):
+    with pytest.raises(WhistleError, match="1 of the store's 4 clips have no row with a voice .*'d'"):
         per_voice(str(manifest), ["a", "b", "c", "d"], ["x"] * 4, ["x"] * 4, [1.0] * 4, [1] * 4)
+
+
+def test_cli_validates_a_tle_against_the_real_states(tle_store, tiny_teacher_dir, tmp_path):
+    """`whistle validate-tle`: the table beside the real states' figures, the text-only round trip, per-voice
+    figures and the JSON; a voice manifest that lacks the store's clips fails with the reason."""
+    from click.testing import CliRunner
+
+    from stages.train_tle import run
+    from whistle_pipeline.cli import cli
+
+    out = tmp_path / "tle"
+    run(tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=3", "train_tle.val_wer_size=0"))
+    manifest = tmp_path / "voices.jsonl"
+    manifest.write_text("\n".join(json.dumps({"id": f"utt{i:03d}", "voice": "en-us" if i % 2 else "de+m3"})
+                                  for i in range(32)))
+    text = tmp_path / "target.txt"
+    text.write_text("the lazy dog\nhello world\n")
+    args = ["validate-tle", str(out), "--store", str(tle_store), "--teacher", str(tiny_teacher_dir),
+            "--batch-size", "8", "--text", str(text), "--voices", str(manifest), "--json", str(tmp_path / "v.json"),
+            "--examples", "2"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "round-trip WER, predicted length" in result.output and "real audio per voice" in result.output
+    assert "utterances=32" in result.output
+    figures = json.loads((tmp_path / "v.json").read_text())
+    assert {"cosine", "decoder_ce", "real_decoder_ce", "wer_true", "wer_predicted", "real_wer",
+            "text_wer_target"} <= set(figures)
+    assert set(figures["voices"]) == {"en-us", "de"} and figures["voices"]["de"]["clips"] == 16
+    assert figures["train_steps"] == 3
+    manifest.write_text(json.dumps({"id": "utt000", "voice": "en-us"}))
+    failed = CliRunner().invoke(cli, args)
+    assert failed.exit_code == 1 and "31 of the store's 32 clips have no row with a voice" in failed.output

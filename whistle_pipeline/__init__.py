@@ -20,6 +20,7 @@ _EXPORTS = {
     "tle_loss": "whistle_pipeline.tle",
     "LossWeights": "whistle_pipeline.tle",
     # the frozen Whisper teacher
+    "load_teacher": "whistle_pipeline.teacher",
     "load_encoder": "whistle_pipeline.teacher",
     "teacher_states": "whistle_pipeline.teacher",
     "TeacherGeometry": "whistle_pipeline.teacher",

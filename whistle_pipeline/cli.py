@@ -79,6 +79,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
       whistle evaluate       WER/CER of models side by side
     Tools:
       whistle inspect-store  what a store holds, how big, whether it is whole
+      whistle validate-tle   how close a TLE comes to the teacher, and whether the decoder reads it
       whistle import-ct2     CTranslate2 (faster-whisper) model -> transformers checkpoint
       whistle export-ct2     transformers checkpoint -> CTranslate2 (faster-whisper) model, verified
       whistle synthesize     text -> speech with eSpeak NG (an audio folder + manifest)
@@ -201,6 +202,46 @@ def train_tle_command(store, teacher, revision, output_dir, steps, batch_size, l
                       "decoder_ce_weight": decoder_ce_weight, "resume": resume, "skip_damaged": skip_damaged},
     })
     click.echo(run(config).summary())
+
+
+@cli.command("validate-tle")
+@click.argument("tle_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--store", required=True, help="An evaluation store of the teacher's states (held-out sentences).")
+@click.option("--teacher", help="The Whisper the store was made with [teacher.name_or_path].")
+@click.option("--revision", help="Hub revision of the teacher [teacher.revision].")
+@click.option("--batch-size", default=16, show_default=True, help="Utterances per batch.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Evaluate these weights (a "
+              "checkpoint's model.safetensors, e.g. the end of phase 1) with TLE_DIR's configuration.")
+@click.option("--text", "text_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Also the text-only round trip (predicted lengths) of every line of this file, e.g. the "
+              "target domain's sentences (repeatable; figure text_wer_<file stem>).")
+@click.option("--text-lines", default=40, show_default=True, help="Lines of each --text file to use.")
+@click.option("--voices", type=click.Path(exists=True, dir_okay=False),
+              help="The synthesize manifest of the store's clips (id, voice): real CE and WER per voice.")
+@click.option("--examples", default=5, show_default=True, help="Round-trip transcripts to print.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures here as JSON.")
+@click.option("--figure", type=click.Path(dir_okay=False), help="PNG: real vs TLE states of one utterance.")
+@config_options
+def validate_tle_command(tle_dir, store, teacher, revision, batch_size, weights, text_files, text_lines, voices,
+                         examples, json_path, figure, config_path, overrides) -> None:
+    """How good is a TLE? Its states against the teacher's, and the frozen decoder reading them.
+
+    On every utterance of an evaluation store (sentences the TLE never saw): cosine and MSE to the
+    teacher's states at the true durations, the length error, the decoder's cross-entropy and the
+    greedy round-trip WER (text -> TLE -> decoder -> text) at true and predicted lengths, each beside
+    the same figure on the real states. Prints a table and `name=value` lines.
+
+    \b
+    Examples:
+      whistle validate-tle tle-de --teacher openai/whisper-large-v3 --store held-out-store
+      whistle validate-tle runs/a --teacher tiny.en --store store-test --text examples/target/test.txt --json a.json
+    """
+    from stages.validate_tle import ValidateTLEOptions, run
+
+    config = _load(config_path, overrides, {"teacher": {"name_or_path": teacher, "revision": revision}})
+    options = ValidateTLEOptions(tle_dir, store, batch_size, weights, tuple(text_files), text_lines, voices, examples,
+                                 json_path, figure)
+    click.echo(run(config, options).summary())
 
 
 @cli.command("inspect-store")

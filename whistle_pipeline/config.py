@@ -172,7 +172,10 @@ MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 
 
 @dataclass(frozen=True)
-class TrainTLEConfig:
+class LoopConfig:
+    """The settings train-tle and finetune share around their loops, written once: both tables list them
+    flat (`[train_tle] learning_rate = ...`) and each section's class inherits these fields and checks."""
+
     output_dir: str
     steps: int
     batch_size: int
@@ -182,23 +185,8 @@ class TrainTLEConfig:
     weight_decay: float
     grad_clip: float
     mixed_precision: MixedPrecision
-    mse_weight: float
-    cosine_weight: float
-    phase_2_cosine_weight: float
-    length_weight: float
-    kl_beta: float
-    kl_anneal_steps: int
-    free_bits: float
-    decoder_ce_weight: float
-    decoder_ce_start: int
-    decoder_ce_floor: float
-    decoder_ce_lift_below: float
-    decoder_margin: float
-    decoder_margin_weight: float
-    decoder_kl_weight: float
     val_fraction: float
     val_size: int
-    val_wer_size: int
     val_every: int
     checkpoint_every: int
     keep_checkpoints: int
@@ -206,55 +194,65 @@ class TrainTLEConfig:
     skip_damaged: bool
     log_every: int
     shuffle_buffer: int
-    length_bucket: int
     num_workers: int
     progress: bool
     seed: int
 
+    def loop_problems(self, section: str) -> list[str]:
+        """The rules on the loop settings, named as `section.key`."""
+        out = [
+            problem
+            for name, low, high in (("steps", 1, None), ("batch_size", 1, None), ("grad_accum", 1, None),
+                                    ("learning_rate", 0.0, None), ("warmup_steps", 0, None),
+                                    ("weight_decay", 0.0, None), ("grad_clip", 0.0, None),
+                                    ("val_fraction", 0.0, 0.5), ("val_size", 1, None), ("val_every", 1, None),
+                                    ("checkpoint_every", 1, None), ("keep_checkpoints", 1, None),
+                                    ("log_every", 1, None), ("shuffle_buffer", 1, None), ("num_workers", 0, None))
+            for problem in _in_range(f"{section}.{name}", getattr(self, name), low, high)
+        ]
+        if self.warmup_steps >= self.steps:
+            out.append(f"{section}.warmup_steps = {self.warmup_steps} must be below {section}.steps = {self.steps}")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainTLEConfig(LoopConfig):
+    mse_weight: float
+    cosine_weight: float
+    length_weight: float
+    kl_beta: float
+    kl_anneal_steps: int
+    free_bits: float
+    decoder_ce_weight: float
+    decoder_ce_start: int
+    decoder_ce_floor: float
+    decoder_kl_weight: float
+    val_wer_size: int
+    length_bucket: int
+
     def problems(self) -> list[str]:
         out = (
-            _in_range("train_tle.steps", self.steps, 1)
-            + _in_range("train_tle.batch_size", self.batch_size, 1)
-            + _in_range("train_tle.grad_accum", self.grad_accum, 1)
-            + _in_range("train_tle.learning_rate", self.learning_rate, 0.0)
-            + _in_range("train_tle.warmup_steps", self.warmup_steps, 0)
-            + _in_range("train_tle.grad_clip", self.grad_clip, 0.0)
+            self.loop_problems("train_tle")
             + _in_range("train_tle.kl_anneal_steps", self.kl_anneal_steps, 0)
             + _in_range("train_tle.free_bits", self.free_bits, 0.0)
             + _in_range("train_tle.decoder_ce_start", self.decoder_ce_start, 0)
             + _in_range("train_tle.decoder_ce_floor", self.decoder_ce_floor, 0.0, 2.0)
-            + _in_range("train_tle.decoder_ce_lift_below", self.decoder_ce_lift_below, 0.0, 2.0)
-            + _in_range("train_tle.decoder_margin", self.decoder_margin, 0.0)
-            + _in_range("train_tle.val_fraction", self.val_fraction, 0.0, 0.5)
-            + _in_range("train_tle.val_size", self.val_size, 1)
             + _in_range("train_tle.val_wer_size", self.val_wer_size, 0)
-            + _in_range("train_tle.val_every", self.val_every, 1)
-            + _in_range("train_tle.checkpoint_every", self.checkpoint_every, 1)
-            + _in_range("train_tle.keep_checkpoints", self.keep_checkpoints, 1)
-            + _in_range("train_tle.log_every", self.log_every, 1)
-            + _in_range("train_tle.shuffle_buffer", self.shuffle_buffer, 1)
             + _in_range("train_tle.length_bucket", self.length_bucket, 0)
-            + _in_range("train_tle.num_workers", self.num_workers, 0)
         )
         if self.val_wer_size > self.val_size:
             out.append(f"train_tle.val_wer_size = {self.val_wer_size} exceeds train_tle.val_size = {self.val_size}: "
                        "the round-trip WER decodes some of the validation utterances")
-        for name in ("mse_weight", "cosine_weight", "phase_2_cosine_weight", "length_weight", "kl_beta",
-                     "decoder_ce_weight", "decoder_kl_weight", "decoder_margin_weight"):
+        for name in ("mse_weight", "cosine_weight", "length_weight", "kl_beta", "decoder_ce_weight",
+                     "decoder_kl_weight"):
             out += _in_range(f"train_tle.{name}", getattr(self, name), 0.0)
-        if 0 < self.decoder_ce_floor < self.decoder_ce_lift_below:
-            out.append(f"train_tle.decoder_ce_lift_below = {self.decoder_ce_lift_below} exceeds "
-                       f"train_tle.decoder_ce_floor = {self.decoder_ce_floor}: the decoder CE would be pushed up and "
-                       "down at once; keep lift_below at or under the floor")
-        if self.warmup_steps >= self.steps:
-            out.append(f"train_tle.warmup_steps = {self.warmup_steps} must be below train_tle.steps = {self.steps}")
         if self.mse_weight == 0 and self.cosine_weight == 0:
             out.append("train_tle.mse_weight and cosine_weight are both 0: the TLE needs a regression anchor")
         return out
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(LoopConfig):
     tle_path: str
     text: str
     text_column: str
@@ -266,32 +264,11 @@ class FinetuneConfig:
     audio_ratio: float
     tts_ratio: float
     sample_latent: bool
-    output_dir: str
-    steps: int
-    batch_size: int
-    grad_accum: int
-    learning_rate: float
-    warmup_steps: int
-    weight_decay: float
-    grad_clip: float
-    mixed_precision: MixedPrecision
     label_smoothing: float
     train_embeddings: bool
     val_audio: str
-    val_fraction: float
-    val_size: int
-    val_every: int
     select_by: Literal["auto", "wer", "loss"]
     select_best: bool
-    checkpoint_every: int
-    keep_checkpoints: int
-    resume: bool
-    skip_damaged: bool
-    log_every: int
-    shuffle_buffer: int
-    num_workers: int
-    seed: int
-    progress: bool
 
     @property
     def text_ratio(self) -> float:
@@ -304,22 +281,8 @@ class FinetuneConfig:
         out = (
             _in_range("finetune.audio_ratio", self.audio_ratio, 0.0, 1.0)
             + _in_range("finetune.tts_ratio", self.tts_ratio, 0.0, 1.0)
-            + _in_range("finetune.steps", self.steps, 1)
-            + _in_range("finetune.batch_size", self.batch_size, 1)
-            + _in_range("finetune.grad_accum", self.grad_accum, 1)
-            + _in_range("finetune.learning_rate", self.learning_rate, 0.0)
-            + _in_range("finetune.warmup_steps", self.warmup_steps, 0)
-            + _in_range("finetune.weight_decay", self.weight_decay, 0.0)
-            + _in_range("finetune.grad_clip", self.grad_clip, 0.0)
+            + self.loop_problems("finetune")
             + _in_range("finetune.label_smoothing", self.label_smoothing, 0.0, 0.5)
-            + _in_range("finetune.val_fraction", self.val_fraction, 0.0, 0.5)
-            + _in_range("finetune.val_size", self.val_size, 1)
-            + _in_range("finetune.val_every", self.val_every, 1)
-            + _in_range("finetune.checkpoint_every", self.checkpoint_every, 1)
-            + _in_range("finetune.keep_checkpoints", self.keep_checkpoints, 1)
-            + _in_range("finetune.log_every", self.log_every, 1)
-            + _in_range("finetune.shuffle_buffer", self.shuffle_buffer, 1)
-            + _in_range("finetune.num_workers", self.num_workers, 0)
         )
         if self.select_by == "wer" and not self.val_audio:
             out.append('finetune.select_by = "wer" needs finetune.val_audio (an audio set to transcribe)')
@@ -328,8 +291,6 @@ class FinetuneConfig:
                 f"finetune.audio_ratio + finetune.tts_ratio = {self.audio_ratio + self.tts_ratio:g} exceeds 1: "
                 "they are fractions of one batch (the rest is text through the TLE)"
             )
-        if self.warmup_steps >= self.steps:
-            out.append(f"finetune.warmup_steps = {self.warmup_steps} must be below finetune.steps = {self.steps}")
         if not self.language and not self.language_column:
             out.append("finetune.language is empty and finetune.language_column is not set: every row needs a language")
         return out

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from whistle_pipeline.errors import WhistleError
+from store.format import TeacherInfo
+from whistle_pipeline.teacher import load_teacher
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, TextBatch, is_multilingual
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class FrozenTeacher:
     tokenizer: Any
     specials: SpecialTokens
     suppress_ids: torch.Tensor  # (N,) tokens greedy decoding never emits: specials but <|endoftext|>, timestamps
+    info: TeacherInfo  # what a store records of this teacher
     projections: list[TailTemplateProjection] = field(default_factory=list)  # every cross-attention k/v
 
     @property
@@ -81,33 +83,23 @@ class FrozenTeacher:
                 projection.speech_frames = None
 
 
-def load_frozen_teacher(name_or_path: str, revision: str, device: torch.device | str, dtype: torch.dtype) -> FrozenTeacher:
-    """Load a Whisper model and tokenizer for decoder use only; the encoder is dropped (never run here:
-    encoder states come from the store or the TLE), which frees its memory."""
-    from transformers import AutoTokenizer, WhisperForConditionalGeneration
-
-    try:
-        model = WhisperForConditionalGeneration.from_pretrained(name_or_path, revision=revision, dtype=dtype,
-                                                                use_safetensors=True)  # never a pickle
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-    except OSError as err:
-        raise WhistleError(
-            f"cannot load the Whisper teacher {name_or_path!r} (revision {revision!r}): {err}. Give a hub name or "
-            "a folder written by save_pretrained or `whistle import-ct2` (teacher.name_or_path)."
-        ) from err
-    model.model.encoder = None
+def load_frozen_teacher(name_or_path: str, revision: str, device: torch.device | str, dtype: torch.dtype,
+                        attn: str = "sdpa") -> FrozenTeacher:
+    """The teacher for decoder use only (`load_teacher` part "decoder": the encoder is dropped, never run
+    here: encoder states come from the store or the TLE), its cross-attention projections tail-aware."""
+    loaded = load_teacher(name_or_path, revision, "decoder", device, dtype, attn)
+    model, tokenizer = loaded.model, loaded.tokenizer
     projections = []
     for layer in model.model.decoder.layers:
         attention = layer.encoder_attn
         attention.k_proj, attention.v_proj = TailTemplateProjection(attention.k_proj), TailTemplateProjection(attention.v_proj)
         projections += [attention.k_proj, attention.v_proj]
-    model.requires_grad_(False).eval().to(device)
     specials = SpecialTokens.from_tokenizer(tokenizer, is_multilingual(model.config, model.generation_config))
     suppress = set(tokenizer.all_special_ids) | set(getattr(model.generation_config, "suppress_tokens", None) or [])
     suppress |= set(range(specials.no_timestamps + 1, model.config.vocab_size))  # timestamp tokens
     suppress.discard(specials.end_of_text)
     suppress_ids = torch.tensor(sorted(i for i in suppress if i < model.config.vocab_size), device=device)
-    return FrozenTeacher(model, tokenizer, specials, suppress_ids, projections)
+    return FrozenTeacher(model, tokenizer, specials, suppress_ids, loaded.info, projections)
 
 
 def decoder_logits(teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatch, speech_frames: int | None = None,
@@ -139,6 +131,42 @@ def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     return per_token.sum() / counts.sum(), per_token.sum(1) / counts
 
 
+@dataclass
+class DecoderTerms:
+    """Phase 2's decoder terms of one train-tle batch: what the loss charges and what is logged."""
+
+    charged_ce: torch.Tensor  # () the CE the loss charges: `ce`, or max(0, ce - floor * real_ce) with a floor
+    ce: torch.Tensor  # () the decoder's CE per label token reading the TLE's window
+    real_ce: torch.Tensor | None = None  # () its CE reading the same batch's real states (floor or distillation)
+    kl: torch.Tensor | None = None  # () KL(p_real || p_tle) per label token (distillation)
+
+
+def phase_2_terms(teacher: FrozenTeacher, tle: Any, output: Any, real_states: torch.Tensor, batch: TextBatch,
+                  ce_floor: float, kl_weight: float) -> DecoderTerms:
+    """The frozen decoder's terms for a TLE forward `output` (TLEOutput at the true durations) of `batch`.
+
+    The decoder reads the TLE's full window; with ce_floor > 0 or kl_weight > 0 it also reads the real
+    states (B, T, D) of the same batch, without gradients: the floor charges the CE only down to
+    ce_floor * the real states' CE (states more readable than speech teach fine-tuning nothing about
+    speech), the KL pulls the TLE's next-token distributions toward the real states' ones.
+    `tle` is the TLEModel (full_window, denormalise); the teacher knows its tail template.
+    """
+    window = tle.full_window(tle.denormalise(output.states), output.lengths)  # (B, F, D)
+    logits = decoder_logits(teacher, window, batch, output.states.shape[1]).logits.float()  # (B, S, V)
+    ce = label_cross_entropy(logits, batch.labels)[0]
+    terms = DecoderTerms(charged_ce=ce, ce=ce)
+    if ce_floor > 0 or kl_weight > 0:
+        with torch.no_grad():
+            real_window = tle.full_window(real_states, output.lengths)  # (B, F, D)
+            real_logits = decoder_logits(teacher, real_window, batch, real_states.shape[1]).logits.float()  # (B, S, V)
+            terms.real_ce = label_cross_entropy(real_logits, batch.labels)[0]
+        if ce_floor > 0:
+            terms.charged_ce = torch.relu(ce - ce_floor * terms.real_ce)
+        if kl_weight > 0:
+            terms.kl = decoder_kl(real_logits, logits, batch.labels)
+    return terms
+
+
 def decoder_kl(reference_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """KL(p_reference || p) of the next-token distributions, mean per label token -> ().
 
@@ -150,20 +178,6 @@ def decoder_kl(reference_logits: torch.Tensor, logits: torch.Tensor, labels: tor
     reference = F.log_softmax(reference_logits[keep].float(), dim=-1)  # (N, V)
     predicted = F.log_softmax(logits[keep].float(), dim=-1)  # (N, V)
     return F.kl_div(predicted, reference, log_target=True, reduction="batchmean")
-
-
-def decoder_margin_hinge(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
-    """Mean over label tokens of max(0, margin - (z_label - max other z)) -> (); logits (B, S, V), labels (B, S).
-
-    Zero once the label's logit leads every other by `margin`: the decoder's greedy choice (teacher-forced)
-    is right with room to spare, whatever probability it gives the token. With the CE held near real
-    speech's, the decoder reads the right words while staying as unsure as it is of speech.
-    """
-    keep = labels != IGNORE_INDEX  # (B, S)
-    z, y = logits[keep].float(), labels[keep]  # (N, V), (N,)
-    label = z.gather(1, y[:, None])[:, 0]  # (N,)
-    best_other = z.scatter(1, y[:, None], float("-inf")).max(1).values  # (N,)
-    return F.relu(margin - (label - best_other)).mean()
 
 
 @torch.no_grad()

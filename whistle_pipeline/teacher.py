@@ -1,12 +1,19 @@
-"""The frozen Whisper teacher: its geometry, its encoder alone, and log-mel features in torch.
+"""The frozen Whisper teacher: one loader, its geometry, and log-mel features in torch.
 
-    encoder, geometry = load_encoder("openai/whisper-large-v3", "main", "cuda", torch.bfloat16)
-    states = teacher_states(encoder, audio, geometry)   # (B, N) 16 kHz -> (B, 1500, 1280)
-    n = speech_frames(audio_samples, geometry, margin=2) # frames covering the clip
+    teacher = load_teacher("openai/whisper-large-v3", "main", "encoder", "cuda", torch.bfloat16)
+    states = teacher_states(teacher.model, audio, teacher.geometry)  # (B, N) 16 kHz -> (B, 1500, 1280)
+    n = speech_frames(audio_samples, teacher.geometry, margin=2)     # frames covering the clip
 
+`load_teacher` is the one way every stage loads a Whisper: part "encoder" (precompute: the decoder,
+half of the parameters, is never instantiated), "decoder" (train-tle: the encoder is dropped) or
+"full" (finetune, evaluate). One revision policy: a hub revision is resolved to its commit once, and
+config, feature extractor, tokenizer and weights are all read at that commit; a local folder has none.
 Geometry is read from the checkpoint (config.json + preprocessor_config.json), never assumed:
-80 mel bins before large-v3 and 128 after, d_model 384..1280. Only the encoder's weights are
-loaded: the decoder (half of the parameters) is never instantiated.
+80 mel bins before large-v3 and 128 after, d_model 384..1280.
+
+What a store (or a TLE trained on one) records of its teacher is a `store.TeacherInfo`;
+`check_teacher` compares one with the teacher given now: another geometry is refused, another
+name or revision alone is logged (the same weights may live in another folder).
 """
 from __future__ import annotations
 
@@ -15,13 +22,17 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from torch import nn
-from transformers import WhisperConfig, WhisperFeatureExtractor
+from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils.hub import resolve_revision as hub_resolve_revision
 
+from store.format import FieldDifference, TeacherInfo
 from whistle_pipeline.errors import WhistleError
 
 log = logging.getLogger(__name__)
@@ -87,18 +98,20 @@ class TeacherGeometry:
     def window_seconds(self) -> float:
         return self.n_samples / self.sample_rate
 
-    def teacher_info(self, name_or_path: str, revision: str):
+    def teacher_info(self, name_or_path: str, revision: str) -> TeacherInfo:
         """The store's record of this teacher (`store.TeacherInfo`), the same from every stage.
 
         A local folder is recorded by its absolute path (revision ""), a hub name with the commit
         `revision` resolves to, so a store refuses states of other weights.
         """
-        from store import TeacherInfo
+        return self.record(name_or_path, resolve_revision(name_or_path, revision))
 
+    def record(self, name_or_path: str, resolved_revision: str) -> TeacherInfo:
+        """teacher_info with the revision already resolved (resolve_revision)."""
         local = os.path.isdir(name_or_path)
         return TeacherInfo(
             name_or_path=os.path.abspath(name_or_path) if local else name_or_path,
-            revision=resolve_revision(name_or_path, revision),
+            revision=resolved_revision,
             d_model=self.d_model,
             n_mels=self.n_mels,
             sample_rate=self.sample_rate,
@@ -126,10 +139,15 @@ def resolve_revision(name_or_path: str, revision: str) -> str:
     """
     if os.path.isdir(name_or_path):
         return ""
-    from transformers.utils.hub import resolve_revision as hub_resolve
-
-    resolved = hub_resolve(name_or_path, revision or None)
+    resolved = hub_resolve_revision(name_or_path, revision or None)
     return getattr(resolved, "resolved", None) or resolved or revision
+
+
+def resolve_device(name: str) -> torch.device:
+    """`teacher.device` -> torch device: "auto" is accelerate's device for this process (a GPU when there is one)."""
+    if name == "auto":
+        return PartialState().device
+    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -151,22 +169,67 @@ def cpu_has_native_bf16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
-def load_encoder(
+TeacherPart = Literal["encoder", "decoder", "full"]
+
+
+@dataclass
+class LoadedTeacher:
+    """A Whisper checkpoint as `load_teacher` gives it: frozen, in eval mode, on its device."""
+
+    model: Any  # part "encoder": TeacherEncoder; "decoder" / "full": WhisperForConditionalGeneration
+    geometry: TeacherGeometry
+    info: TeacherInfo  # what a store records of this teacher (resolved revision, absolute local path)
+    features: WhisperFeatureExtractor
+    tokenizer: Any | None  # None for part "encoder"
+
+
+def load_teacher(
     name_or_path: str,
     revision: str = "main",
+    part: TeacherPart = "full",
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = "auto",
     attn: str = "sdpa",
-) -> tuple[TeacherEncoder, TeacherGeometry]:
-    """Load only the encoder of a Whisper checkpoint (hub name or folder), frozen, in eval mode, on `device`.
+) -> LoadedTeacher:
+    """Load a Whisper checkpoint (hub name or folder) for `part`; weights from safetensors only.
 
-    `revision` (branch, tag or commit) applies to hub names. Geometry comes from config.json and
-    preprocessor_config.json; a checkpoint without the latter gets Whisper's standard extractor for its
-    mel bins (logged). Raises WhistleError when the checkpoint cannot be read or holds no encoder.
+    "encoder": the encoder alone (the decoder is never instantiated); "decoder": the whole model with
+    its encoder dropped (encoder states come from a store or a TLE), which frees its memory; "full":
+    the whole model. `revision` (branch, tag or commit) applies to hub names and is resolved to one
+    commit. A checkpoint without preprocessor_config.json gets Whisper's standard extractor for its mel
+    bins (logged). `dtype`: a torch dtype or a `teacher.dtype` name. Every weight is frozen; a stage
+    that trains some turns them back on. Raises WhistleError when the checkpoint cannot be read.
     """
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
-    revision = resolve_revision(name_or_path, revision) or None  # one commit for config, extractor and weights
+    resolved = resolve_revision(name_or_path, revision)
+    at = resolved or None  # one commit for config, extractor, tokenizer and weights
+    config = whisper_config(name_or_path, at)
+    features = feature_extractor(name_or_path, at, config.num_mel_bins)
+    geometry = TeacherGeometry.from_pretrained(config, features)
+    if part == "encoder":
+        model, tokenizer = _encoder(name_or_path, at, config, dtype, attn), None
+    else:
+        try:
+            model = WhisperForConditionalGeneration.from_pretrained(
+                name_or_path, revision=at, config=config, dtype=dtype, attn_implementation=attn,
+                use_safetensors=True)  # never a pickle
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=at)
+        except (OSError, ValueError) as err:
+            raise WhistleError(
+                f"cannot load the Whisper model {name_or_path!r} (revision {revision!r}): {err}. Give a hub name or "
+                "a folder written by save_pretrained or `whistle import-ct2` (teacher.name_or_path), with its "
+                "tokenizer."
+            ) from err
+        if part == "decoder":
+            model.model.encoder = None
+    model.requires_grad_(False)
+    return LoadedTeacher(model.to(device).eval(), geometry, geometry.record(name_or_path, resolved), features,
+                         tokenizer)
+
+
+def whisper_config(name_or_path: str, revision: str | None) -> WhisperConfig:
+    """The checkpoint's config.json, which must be a Whisper's."""
     try:
         config = WhisperConfig.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as err:
@@ -176,13 +239,22 @@ def load_encoder(
         ) from err
     if config.model_type != "whisper":
         raise WhistleError(f"{name_or_path!r} is a {config.model_type!r} model, not Whisper")
+    return config
+
+
+def feature_extractor(name_or_path: str, revision: str | None, n_mels: int) -> WhisperFeatureExtractor:
+    """The checkpoint's feature extractor, or Whisper's standard one for its mel bins when it has none."""
     try:
-        features = WhisperFeatureExtractor.from_pretrained(name_or_path, revision=revision)
+        return WhisperFeatureExtractor.from_pretrained(name_or_path, revision=revision)
     except OSError:
         log.warning("%s has no preprocessor_config.json: using Whisper's standard %d-bin feature extractor",
-                    name_or_path, config.num_mel_bins)
-        features = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
-    geometry = TeacherGeometry.from_pretrained(config, features)
+                    name_or_path, n_mels)
+        return WhisperFeatureExtractor(feature_size=n_mels)
+
+
+def _encoder(name_or_path: str, revision: str | None, config: WhisperConfig, dtype: torch.dtype,
+             attn: str) -> TeacherEncoder:
+    """The encoder's weights alone from a full checkpoint (or a saved encoder)."""
     try:
         encoder, info = TeacherEncoder.from_pretrained(
             name_or_path, revision=revision, config=config, dtype=dtype, attn_implementation=attn,
@@ -196,8 +268,42 @@ def load_encoder(
             f"{name_or_path!r} holds no complete Whisper encoder: {len(missing)} weight(s) missing "
             f"(e.g. {', '.join(missing[:3])}). Point teacher.name_or_path at a full Whisper checkpoint."
         )
-    encoder.requires_grad_(False)
-    return encoder.to(device).eval(), geometry
+    return encoder
+
+
+def load_encoder(
+    name_or_path: str,
+    revision: str = "main",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = "auto",
+    attn: str = "sdpa",
+) -> tuple[TeacherEncoder, TeacherGeometry]:
+    """(encoder, geometry): load_teacher(part="encoder"), the library's short form for teacher_states."""
+    teacher = load_teacher(name_or_path, revision, "encoder", device, dtype, attn)
+    return teacher.model, teacher.geometry
+
+
+# ---- is a store (or a TLE) of this teacher? ---------------------------------------------------------
+
+WEIGHTS_FIELDS = ("name_or_path", "revision")  # which weights; every other TeacherInfo field is geometry
+
+
+def geometry_differences(recorded: TeacherInfo, given: TeacherInfo) -> list[FieldDifference]:
+    """The geometry fields on which a recorded teacher and the given one disagree (name and revision aside)."""
+    return [d for d in recorded.field_differences(given) if d.field not in WEIGHTS_FIELDS]
+
+
+def check_teacher(recorded: TeacherInfo, given: TeacherInfo, what: str, fix: str, recorded_by: str = "store") -> None:
+    """Refuse `what` (made by the `recorded` teacher) for a teacher of another geometry, saying `fix`; a
+    different name or revision alone is logged: the same weights may live in another folder."""
+    differences = geometry_differences(recorded, given)
+    if differences:
+        raise WhistleError(f"{what} holds states of another teacher geometry than {given.name_or_path!r}:\n  - "
+                           + "\n  - ".join(d.describe(recorded_by) for d in differences) + f"\n{fix}")
+    if (recorded.name_or_path, recorded.revision) != (given.name_or_path, given.revision):
+        log.warning("%s was made with teacher %r (revision %r), the teacher now is %r (revision %r): make sure "
+                    "they are the same weights", what, recorded.name_or_path, recorded.revision, given.name_or_path,
+                    given.revision)
 
 
 class LogMel(nn.Module):

@@ -498,7 +498,6 @@ class LossWeights:
     free_bits: float
     decoder_ce: float
     decoder_kl: float = 0.0
-    decoder_margin: float = 0.0
 
 
 @dataclass
@@ -512,7 +511,6 @@ class LossTerms:
     length: float
     decoder_ce: float | None
     decoder_kl: float | None = None
-    decoder_margin: float | None = None
 
 
 def tle_loss(
@@ -523,12 +521,11 @@ def tle_loss(
     weights: LossWeights,
     decoder_ce: torch.Tensor | None = None,
     decoder_kl: torch.Tensor | None = None,
-    decoder_margin: torch.Tensor | None = None,
 ) -> LossTerms:
     """Combine the terms. output from forward(durations=the true durations, target=target);
-    target (B, T, D) normalised teacher frames; decoder_ce, decoder_kl and decoder_margin () from
+    target (B, T, D) normalised teacher frames; decoder_ce and decoder_kl () from
     whistle_pipeline.decoder (the decoder's cross-entropy on the labels, its KL to the real states'
-    distributions, its label-margin hinge) or None."""
+    distributions) or None."""
     frame_mask = output.frame_mask
     target = target[:, : frame_mask.shape[1]]
     mse = masked_mse(output.states.float(), target.float(), frame_mask)
@@ -541,11 +538,8 @@ def tle_loss(
         total = total + weights.decoder_ce * decoder_ce
     if decoder_kl is not None:
         total = total + weights.decoder_kl * decoder_kl
-    if decoder_margin is not None:
-        total = total + weights.decoder_margin * decoder_margin
     return LossTerms(
         total=total, mse=mse.item(), cosine=cosine.item(), kl=kl.sum(1).mean().item(), length=length.item(),
         decoder_ce=None if decoder_ce is None else decoder_ce.item(),
         decoder_kl=None if decoder_kl is None else decoder_kl.item(),
-        decoder_margin=None if decoder_margin is None else decoder_margin.item(),
     )

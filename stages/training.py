@@ -1,4 +1,4 @@
-"""What train-tle and finetune share around their (separate, written-out) loops.
+"""What train-tle and finetune share around their (separate, written-out) loops (not a stage: no `run`).
 
     accelerator    make_accelerator: CPU ranks under torchrun, mixed precision resolved, tensorboard if installed
     optimiser      build_optimizer: AdamW (no decay on biases, norms, embeddings), warmup then cosine decay
@@ -6,7 +6,9 @@
                    optimiser state, RNG states as safetensors; optimiser settings, scheduler and per-rank
                    data positions as JSON. Nothing in a checkpoint is a pickle, so resuming runs no code.
     logs           CsvLog: rows appended; on resume, the rows after the resumed step are dropped
-    stores         held_out_items, and damaged_shards for skip_damaged (the data shrank: the stages say by how much)
+    resume         check_resumable: a run continues only with the settings it was started with
+    stores         open_store (complete shards of this teacher's geometry), held_out_items, and damaged_shards
+                   for skip_damaged (the data shrank: the stages say by how much)
 
 A checkpoint folder:
 
@@ -27,23 +29,41 @@ import logging
 import math
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import is_tensorboard_available
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
+from store import StoreReader
+from store.dataset import FeatureDataset
+from store.format import TeacherInfo
+from store.reader import DamagedShardError
+from whistle_pipeline.config import ConfigError, PipelineConfig, load_config
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.teacher import check_teacher
 
 log = logging.getLogger(__name__)
 
 FINAL_LR_FRACTION = 0.1  # the cosine schedule decays to this fraction of the peak
 CHECKPOINT_PREFIX = "step-"
 COMPLETE = "COMPLETE"
+SAVED_CONFIG = "config.toml"  # the resolved configuration a run saves beside its outputs
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_LOG = "train_log.csv"
+VALIDATION_LOG = "validation.csv"
+# Loop settings that may change between a run and its resumption (how often it logs, validates and saves, how
+# it reads): any other change makes another run, which the checkpoints cannot continue.
+RESUMABLE_KEYS = frozenset({"progress", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
+                            "num_workers", "resume", "skip_damaged"})
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_SETTINGS = "optimizer.json"
-LEGACY_OPTIMIZER = "optimizer.pt"  # checkpoints written before optimizer.safetensors
 
 
 # --- accelerator ---------------------------------------------------------------------------------------
@@ -61,10 +81,6 @@ def resolve_mixed_precision(setting: str, on_cpu: bool) -> str:
 def make_accelerator(teacher_device: str, mixed_precision: str, grad_accum: int, output_dir: Path
                      ) -> tuple[Any, list[str]]:
     """(Accelerator, trackers): one per run; tensorboard logging when it is installed."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import is_tensorboard_available
-
     trackers = ["tensorboard"] if is_tensorboard_available() else []
     # without cpu=True, accelerate treats a torchrun / accelerate launch without GPUs as one process
     on_cpu = teacher_device == "cpu" or not torch.cuda.is_available()
@@ -138,8 +154,6 @@ def save_checkpoint(accelerator: Any, directory: Path, step: int, rank_state: di
     Every rank writes its `rank_state` (its data position; JSON-able) and RNG states; the main process then
     calls write_weights(folder) and writes the optimiser and scheduler.
     """
-    from safetensors.torch import save_file
-
     path = directory / f"{CHECKPOINT_PREFIX}{step:07d}"
     rank = accelerator.process_index
     if accelerator.is_main_process:
@@ -173,8 +187,6 @@ def load_checkpoint(accelerator: Any, path: Path, optimizer: Any, scheduler: Any
     """Restore the optimiser, the scheduler and this rank's RNG from `path`; return this rank's state
     ({step, <data position>}). The stage restores its weights itself. `section` names the config table
     whose `resume` key the error suggests."""
-    from safetensors.torch import load_file
-
     processes = json.loads((path / COMPLETE).read_text())["processes"]
     if processes != accelerator.num_processes:
         raise WhistleError(f"checkpoint {path} was written by {processes} processes, this run has "
@@ -189,8 +201,6 @@ def load_checkpoint(accelerator: Any, path: Path, optimizer: Any, scheduler: Any
 
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """optimizer.safetensors (state tensors) + optimizer.json (param_groups, non-tensor state)."""
-    from safetensors.torch import save_file
-
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict[str, Any]] = {}
@@ -206,17 +216,6 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Restore what save_optimizer wrote (load_state_dict moves each tensor to its parameter's device)."""
-    from safetensors.torch import load_file
-
-    if not (folder / OPTIMIZER_TENSORS).exists() and (folder / LEGACY_OPTIMIZER).exists():
-        # written before optimizer.safetensors: tensors only, read by torch's restricted unpickler
-        try:
-            optimizer.load_state_dict(torch.load(folder / LEGACY_OPTIMIZER, weights_only=True, map_location="cpu"))
-        except Exception as err:  # UnpicklingError for anything but tensors and plain containers
-            raise WhistleError(f"{folder / LEGACY_OPTIMIZER} holds more than tensors and was not loaded "
-                               f"({type(err).__name__}): delete {folder} to resume from an older checkpoint, or "
-                               "start over") from err
-        return
     settings = json.loads((folder / OPTIMIZER_SETTINGS).read_text())
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in load_file(str(folder / OPTIMIZER_TENSORS)).items():
@@ -227,7 +226,96 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": settings["param_groups"]})
 
 
+# --- resume ------------------------------------------------------------------------------------------
+
+
+def check_resumable(output_dir: Path, config: PipelineConfig, section: str, compared: Sequence[str]) -> None:
+    """Refuse to continue the run in output_dir when a setting it depends on changed.
+
+    `compared` names whole sections ("teacher") or single keys ("store.path"); in `section` (the
+    stage's own table) the RESUMABLE_KEYS may change. Each change is named with its old and new value.
+    """
+    saved_path = output_dir / SAVED_CONFIG
+    if not saved_path.exists():
+        return
+    fix = (f"Use a new {section}.output_dir, or set {section}.resume=false (--no-resume) to start over in "
+           "this one.")
+    try:
+        saved = load_config(saved_path)
+    except ConfigError as err:
+        raise WhistleError(f"{output_dir} holds checkpoints of a run whose settings ({saved_path}) this version "
+                           f"cannot read:\n{err}\n{fix}") from err
+    changes = []
+    for name in compared:
+        table, _, only = name.partition(".")
+        for key, value in asdict(getattr(config, table)).items():
+            old = getattr(getattr(saved, table), key)
+            if (not only or key == only) and not (table == section and key in RESUMABLE_KEYS) and old != value:
+                changes.append(f"{table}.{key}: {old!r} (checkpoint) vs {value!r} (now)")
+    if changes:
+        raise WhistleError(f"{output_dir} holds checkpoints of a run with other settings:\n  - "
+                           + "\n  - ".join(changes) + f"\n{fix}")
+
+
+# --- a run's start ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Where a training run writes and who runs it; `section` is the stage's table ("train_tle", "finetune")."""
+
+    config: PipelineConfig
+    section: str
+    output_dir: Path
+    accelerator: Any  # accelerate.Accelerator
+    trackers: list[str]
+
+    @property
+    def settings(self) -> Any:
+        return getattr(self.config, self.section)
+
+
+def start_run(config: PipelineConfig, section: str, compared: Sequence[str]) -> Setup:
+    """Refuse a resume whose `compared` settings changed (check_resumable), make the one Accelerator, and
+    save the resolved configuration beside the outputs."""
+    settings = getattr(config, section)
+    output_dir = Path(settings.output_dir)
+    if settings.resume and latest_checkpoint(output_dir / CHECKPOINTS_DIR) is not None:
+        check_resumable(output_dir, config, section, compared)
+    accelerator, trackers = make_accelerator(config.teacher.device, settings.mixed_precision, settings.grad_accum,
+                                             output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir, SAVED_CONFIG)
+        log.info("resolved configuration saved to %s", output_dir / SAVED_CONFIG)
+    return Setup(config, section, output_dir, accelerator, trackers)
+
+
 # --- logs ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Logs:
+    """The main process's CSV logs (None on the other ranks)."""
+
+    train: CsvLog | None = None
+    validation: CsvLog | None = None
+
+
+def open_logs(setup: Setup, columns: tuple[list[str], list[str]], resume_step: int | None,
+              tracked: dict[str, Any]) -> Logs:
+    """train_log.csv and validation.csv with these `columns` (on resume, cut back to `resume_step`), and
+    TensorBoard with the `tracked` settings (its plain values), on the main process."""
+    if not setup.accelerator.is_main_process:
+        return Logs()
+    logs = Logs(CsvLog(setup.output_dir / TRAIN_LOG, columns[0], resume_step),
+                CsvLog(setup.output_dir / VALIDATION_LOG, columns[1], resume_step))
+    if setup.trackers:
+        setup.accelerator.init_trackers("tensorboard", config={k: v for k, v in tracked.items()
+                                                                if isinstance(v, (int, float, str, bool))})
+    return logs
+
+
 
 
 class CsvLog:
@@ -257,8 +345,6 @@ def endless_epochs(dataset: Any, seed: int, epoch: int, skip: int, **loader_opti
     """(epoch, items read this epoch, item) forever from DataLoader(dataset, **loader_options): a new epoch
     starts when this rank's share runs out; the first `skip` items of the first epoch are read and dropped
     (resuming at a data position). `dataset` is a FeatureDataset (or anything with set_epoch and url)."""
-    from torch.utils.data import DataLoader
-
     while True:
         dataset.set_epoch(epoch)
         # its own generator, so starting workers never draws from the global RNG (exact resume)
@@ -276,10 +362,24 @@ def endless_epochs(dataset: Any, seed: int, epoch: int, skip: int, **loader_opti
 # --- stores --------------------------------------------------------------------------------------------
 
 
+def open_store(url: str, key: str, teacher: TeacherInfo) -> StoreReader:
+    """A store of teacher states to train on (`key` names the setting that gave it); refuses one without a
+    complete shard, or of another teacher geometry than `teacher`'s."""
+    reader = StoreReader(url)
+    if not reader.shards():
+        incomplete = len(reader.incomplete_shards())
+        raise WhistleError(
+            f"{key} {url} has no complete shards ({incomplete} incomplete): run `whistle precompute` on it first"
+            + (" and let it finish (a rerun completes the missing shards)" if incomplete else "")
+        )
+    check_teacher(reader.teacher, teacher, f"{key} {url}", "Use the teacher that made the store "
+                  "(teacher.name_or_path), or precompute the store with this one.")
+    return reader
+
+
+
 def held_out_items(url: str, keep: Callable[[str], bool], size: int, skip_damaged: bool) -> list[dict[str, Any]]:
     """The first `size` utterances of a store that `keep` accepts, in store order (FeatureDataset items)."""
-    from store.dataset import FeatureDataset
-
     dataset = FeatureDataset(url, shuffle=False, keep=keep, rank=0, world_size=1, skip_damaged=skip_damaged)
     items = []
     for item in dataset:
@@ -317,9 +417,6 @@ def damaged_shards(accelerator: Any, url: str, scan_dir: Path) -> tuple[list[Dam
     Each rank's findings go through a JSON file in `scan_dir`, so every rank returns the same list. A shard
     damaged after this scan is still skipped by FeatureDataset(skip_damaged=True), with an error logged.
     """
-    from store import StoreReader
-    from store.reader import DamagedShardError
-
     reader = StoreReader(url)
     rank, world = accelerator.process_index, accelerator.num_processes
     found = []

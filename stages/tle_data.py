@@ -1,0 +1,276 @@
+"""What train-tle and validate-tle share: the teacher's per-token durations, the held-out split, batches,
+and the held-out metrics of a TLE.
+
+    store ──► align_store / align_shard: frames per TLE token from the frozen teacher's alignment heads + DTW
+          ──► KeepSplit (stable hash of each id) ──► Collate ──► TrainBatch ──► validate (held-out metrics)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from stages.training import endless_epochs, held_out_items
+from store import StoreReader
+from store.dataset import FeatureDataset, pad_batch
+from whistle_pipeline.alignment import align_batch, alignment_heads
+from whistle_pipeline.corpus import is_held_out
+from whistle_pipeline.decoder import FrozenTeacher, decoder_cross_entropy, greedy_transcribe
+from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.metrics import corpus_wer
+from whistle_pipeline.text import TextBatch, encode_texts, text_tokens
+from whistle_pipeline.tle import TLEModel, masked_cosine, masked_mse
+
+log = logging.getLogger(__name__)
+
+
+class DurationTable:
+    """Frames per TLE token of every aligned utterance, packed in two arrays (compact to send to workers)."""
+
+    def __init__(self, durations: dict[str, list[int]]):
+        self.index = {utt_id: i for i, utt_id in enumerate(durations)}
+        self.offsets = np.cumsum([0] + [len(row) for row in durations.values()])  # (N + 1,)
+        self.values = np.concatenate([np.asarray(row, np.int32) for row in durations.values()]) if durations \
+            else np.zeros(0, np.int32)
+
+    def __contains__(self, utt_id: str) -> bool:
+        return utt_id in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, utt_id: str) -> np.ndarray:
+        i = self.index[utt_id]
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+
+@dataclass
+class Alignment:
+    """Durations of the usable utterances, every utterance's language, and why the others are unusable."""
+
+    durations: DurationTable
+    languages: dict[str, str]
+    rejects: dict[str, str]
+
+
+def alignment_fingerprint(reader: StoreReader, teacher_name: str, teacher: FrozenTeacher) -> dict[str, Any]:
+    """What the cached durations depend on, as it reads back from JSON."""
+    return json.loads(json.dumps({"teacher": teacher_name, "vocab_size": teacher.model.config.vocab_size,
+                                  "store_teacher": reader.teacher.to_dict(), "heads": alignment_heads(teacher.model)}))
+
+
+def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_size: int) -> dict[str, Any]:
+    """Durations of one shard's utterances from the teacher reading their real full windows."""
+    heads = alignment_heads(teacher.model)
+    record: dict[str, Any] = {"durations": {}, "languages": {}, "rejects": {}}
+    pending = []
+    speech_mode = reader.spec.frames == "speech"  # then every window's tail is this store's template
+    if speech_mode:
+        teacher.set_tail_template(torch.tensor(reader.tail_template()))
+
+    def flush() -> None:
+        windows = torch.from_numpy(np.stack([reader.full_window(u.states) for u in pending]))  # (B, F, D)
+        windows = windows.to(teacher.model.device)
+        batch = encode_texts(teacher.tokenizer, teacher.specials, [u.text for u in pending],
+                             [u.language for u in pending], teacher.max_positions)
+        lengths = torch.tensor([u.speech_frames for u in pending])
+        speech_frames = max(len(u.states) for u in pending) if speech_mode else None
+        aligned = align_batch(teacher, heads, windows, batch.to(windows.device), lengths, speech_frames)
+        for utt, durations in zip(pending, aligned):
+            if durations is None:
+                record["rejects"][utt.id] = f"{utt.speech_frames} speech frames for more text tokens"
+            else:
+                record["durations"][utt.id] = durations.tolist()
+        pending.clear()
+
+    for utt in reader.iter_shard(shard):
+        record["languages"][utt.id] = utt.language
+        if not utt.text.strip():
+            record["rejects"][utt.id] = "empty transcript"
+            continue
+        if teacher.specials.multilingual and utt.language not in teacher.specials.languages:
+            record["rejects"][utt.id] = f"language {utt.language!r} has no token in the teacher's tokenizer"
+            continue
+        n_tokens = len(text_tokens(teacher.tokenizer, utt.text))
+        prompt = len(teacher.specials.prefix(utt.language))
+        if n_tokens + prompt > teacher.max_positions:
+            record["rejects"][utt.id] = f"{n_tokens} text tokens exceed the decoder's {teacher.max_positions} positions"
+            continue
+        pending.append(utt)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return record
+
+
+def align_store(accelerator: Any, reader: StoreReader, teacher: FrozenTeacher, teacher_name: str, out_dir: Path,
+                batch_size: int, progress: bool, damaged: frozenset[int] = frozenset()) -> Alignment:
+    """Align every complete shard but the `damaged` ones once (rank r takes the shards at positions r, r + W,
+    ...), cache each shard's result as JSON in out_dir, and return the union. Reruns reuse the cache while the
+    teacher and the store's teacher are the same."""
+    fingerprint = alignment_fingerprint(reader, teacher_name, teacher)
+    meta_path = out_dir / "alignment.json"
+    if accelerator.is_main_process:
+        if out_dir.exists() and (not meta_path.exists() or json.loads(meta_path.read_text()) != fingerprint):
+            log.info("the cached durations in %s were made with another teacher: aligning again", out_dir)
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(fingerprint, indent=1))
+    accelerator.wait_for_everyone()
+    shards = [k for k in reader.shards() if k not in damaged]
+    mine = [k for k in shards[accelerator.process_index::accelerator.num_processes]
+            if not (out_dir / f"{k:05d}.json").exists()]
+    for shard in tqdm(mine, desc="aligning tokens", unit="shard", disable=not (progress and mine)):
+        record = align_shard(reader, shard, teacher, batch_size)
+        partial = out_dir / f"{shard:05d}.json.partial"
+        partial.write_text(json.dumps(record))
+        os.replace(partial, out_dir / f"{shard:05d}.json")  # a shard's file appears whole or not at all
+    accelerator.wait_for_everyone()
+    durations: dict[str, list[int]] = {}
+    alignment = Alignment(DurationTable({}), {}, {})
+    for shard in shards:
+        record = json.loads((out_dir / f"{shard:05d}.json").read_text())
+        durations.update(record["durations"])
+        alignment.languages.update(record["languages"])
+        alignment.rejects.update(record["rejects"])
+    alignment.durations = DurationTable(durations)
+    return alignment
+
+
+# --- batches -----------------------------------------------------------------------------------------
+
+
+class KeepSplit:
+    """FeatureDataset `keep`: aligned utterances on one side of the held-out split (picklable for workers)."""
+
+    def __init__(self, durations: DurationTable, held_out: bool, fraction: float, seed: int):
+        self.durations, self.held_out, self.fraction, self.seed = durations, held_out, fraction, seed
+
+    def __call__(self, utt_id: str) -> bool:
+        return utt_id in self.durations and is_held_out(utt_id, self.fraction, self.seed) == self.held_out
+
+
+@dataclass
+class TrainBatch:
+    states: torch.Tensor  # (B, T, D) teacher-scale speech frames, zero-padded
+    durations: torch.Tensor  # (B, L) frames per TLE token; row sums are the speech frames
+    language_ids: torch.Tensor  # (B,)
+    text: TextBatch
+    ids: list[str]
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        return TrainBatch(self.states.to(device, non_blocking=True), self.durations.to(device),
+                          self.language_ids.to(device), self.text.to(device), self.ids)
+
+
+class Collate:
+    """FeatureDataset items -> TrainBatch (runs in the DataLoader workers; picklable)."""
+
+    def __init__(self, tokenizer: Any, specials: Any, durations: DurationTable, languages: list[str],
+                 max_positions: int):
+        self.tokenizer, self.specials, self.durations = tokenizer, specials, durations
+        self.languages, self.max_positions = languages, max_positions
+
+    def __call__(self, items: list[dict[str, Any]]) -> TrainBatch:
+        padded = pad_batch(items)
+        text = encode_texts(self.tokenizer, self.specials, padded["texts"], padded["languages"], self.max_positions)
+        durations = torch.zeros_like(text.tle_tokens)  # (B, L)
+        for b, utt_id in enumerate(padded["ids"]):
+            row = self.durations[utt_id]
+            if len(row) != int(text.tle_mask[b].sum()) or row.sum() != int(padded["speech_frames"][b]):
+                raise WhistleError(f"cached durations of {utt_id!r} do not fit its tokens or frames: delete the "
+                                   "durations/ folder of the output directory to align again")
+            durations[b, : len(row)] = torch.from_numpy(row)
+        speech = int(padded["speech_frames"].max())  # full-window stores: only the speech frames are targets
+        language_ids = torch.tensor([self.languages.index(code) for code in padded["languages"]])
+        return TrainBatch(padded["states"][:, :speech], durations, language_ids, text, padded["ids"])
+
+
+def stream_batches(dataset: FeatureDataset, collate: Collate, batch_size: int, num_workers: int, seed: int,
+                   epoch: int, skip: int) -> Iterator[tuple[int, int, TrainBatch]]:
+    """(epoch, batches read this epoch, batch) forever: a new epoch starts when this rank's share runs out.
+    `skip` batches of the first epoch are read and dropped (resuming at a data position)."""
+    return endless_epochs(dataset, seed, epoch, skip, batch_size=batch_size, collate_fn=collate,
+                          num_workers=num_workers)
+
+
+def validation_batches(url: str, collate: Collate, keep: KeepSplit, size: int, batch_size: int,
+                       skip_damaged: bool) -> list[TrainBatch]:
+    """The first `size` held-out utterances in store order, batched once and kept in memory."""
+    items = held_out_items(url, keep, size, skip_damaged)
+    return [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+# --- held-out metrics --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(model: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch], wer_size: int,
+             device: torch.device, reference: dict[str, float] | None = None) -> dict[str, float]:
+    """Held-out metrics of the text-only TLE (z = prior mean, no posterior); the teacher's tail template
+    must be the model's (teacher.set_tail_template(model.tail_template)):
+    mse, cosine (normalised space, true durations); length_error (|predicted - true| / true frames);
+    duration_mae (frames per token); decoder_ce on the TLE full window at true and predicted lengths;
+    wer_predicted: greedy round trip text -> TLE -> decoder at predicted lengths on the first
+    `wer_size` utterances. `reference` (real_decoder_ce, real_wer on the real states) is computed when
+    None and returned in the result either way."""
+    model.eval()
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    hypotheses, references, languages = [], [], []
+    real_hypotheses = []
+
+    def add(name: str, value: float, weight: int) -> None:
+        totals[name] = totals.get(name, 0.0) + value * weight
+        counts[name] = counts.get(name, 0) + weight
+
+    for batch in batches:
+        batch = batch.to(device)
+        text, mask = batch.text, batch.text.tle_mask
+        true_lengths = batch.durations.sum(1)  # (B,)
+        target = model.normalise(batch.states)  # (B, T, D)
+        out = model(text.tle_tokens, mask, batch.language_ids, durations=batch.durations)
+        n = len(batch.ids)
+        add("mse", masked_mse(out.states.float(), target.float(), out.frame_mask).item(), int(true_lengths.sum()))
+        add("cosine", masked_cosine(out.states, target, out.frame_mask).item(), int(true_lengths.sum()))
+        predicted = model.durations_from_log(out.log_durations, mask)  # (B, L)
+        add("length_error", ((predicted.sum(1) - true_lengths).abs() / true_lengths).mean().item(), n)
+        add("duration_mae", ((predicted - batch.durations).abs() * mask).sum().item() / mask.sum().item(),
+            int(mask.sum()))
+        # every window below is built with the model's tail template, which the teacher knows
+        window = model.full_window(model.denormalise(out.states), out.lengths)
+        add("decoder_ce", decoder_cross_entropy(teacher, window, text, out.states.shape[1])[0].item(), n)
+        speech, lengths = model.speech_frames(text.tle_tokens, mask, batch.language_ids)
+        predicted_window = model.full_window(speech, lengths)
+        add("decoder_ce_predicted", decoder_cross_entropy(teacher, predicted_window, text, speech.shape[1])[0].item(), n)
+        real_window = model.full_window(batch.states, true_lengths)
+        if reference is None:
+            add("real_decoder_ce", decoder_cross_entropy(teacher, real_window, text, batch.states.shape[1])[0].item(), n)
+        decode = max(0, min(n, wer_size - len(hypotheses)))
+        if decode:
+            longest = 2 * int(mask[:decode].sum(1).max()) + 10
+            hypotheses += greedy_transcribe(teacher, predicted_window[:decode], text.languages[:decode], longest,
+                                            speech.shape[1])
+            references += text.texts[:decode]
+            languages += text.languages[:decode]
+            if reference is None:
+                real_hypotheses += greedy_transcribe(teacher, real_window[:decode], text.languages[:decode], longest,
+                                                     batch.states.shape[1])
+    metrics = {name: totals[name] / max(counts[name], 1) for name in totals}
+    if hypotheses:
+        metrics["wer_predicted"] = corpus_wer(references, hypotheses, languages)
+        if reference is None:
+            metrics["real_wer"] = corpus_wer(references, real_hypotheses, languages)
+    if reference is not None:
+        metrics.update(reference)
+    model.train()
+    return metrics
