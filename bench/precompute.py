@@ -1,7 +1,7 @@
 """precompute throughput: the whole stage vs the encoder alone, same model, device and batches.
 
 The encoder's FLOPs per 30 s window are fixed, so its speed on ready-made log-mel inputs is the
-ceiling (DESIGN.md §5). The stage adds everything else: MP3 decoding and resampling in DataLoader
+ceiling (docs/design.md, "precompute keeps the accelerator fed"). The stage adds everything else: MP3 decoding and resampling in DataLoader
 workers, the log-mel on the device, float16 conversion, the device->host copy, template and
 statistics sums, compression and Zarr writes on background threads. `ratio` = stage clips/s over
 encoder clips/s, measured in the same process on the same clips, batch size, device and dtype; each

@@ -37,7 +37,7 @@ writes >= 2x the clips/s one GPU process of precompute produces (large-v3, from 
 and an H100's bf16 peak at --gpu-mfu, or --gpu-clips-per-s measured with bench/precompute.py).
 
 Random normal states compress a little worse than real encoder outputs (~1.07x with zstd on real
-tiny.en states, DESIGN.md §4): sizes of compressed formats are an upper bound.
+tiny.en states, docs/design.md, "The feature store"): sizes of compressed formats are an upper bound.
 
     python bench/store_compare.py                      # 192 utterances, 3 repeats
     python bench/store_compare.py --quick              # a smoke run

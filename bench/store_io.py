@@ -8,7 +8,7 @@ disk, is a plain float16 file written with ndarray.tofile and read with np.fromf
 what the store's format (compression, checksums, sharding, tail sums) costs or saves.
 
 MB/s are of raw float16 speech frames (1 MB = 10^6 bytes). Random normal states compress a little
-worse than real encoder outputs (~1.07x with zstd on real tiny.en states, DESIGN.md §4), so the
+worse than real encoder outputs (~1.07x with zstd on real tiny.en states, docs/design.md, "The feature store"), so the
 sizes here are an upper bound. Writes go to the page cache, as in practice, for store and baseline
 alike.
 

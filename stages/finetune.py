@@ -1,4 +1,4 @@
-"""finetune: adapt Whisper's decoder to target-domain text through the frozen TLE (DESIGN.md §7).
+"""finetune: adapt Whisper's decoder to target-domain text through the frozen TLE (docs/finetune.md).
 
 Every training example is a full window of encoder states (B, max_frames, D) plus its transcript:
 
@@ -63,6 +63,8 @@ from stages.finetune_checkpoints import load_checkpoint, load_trainable, save_ad
 from stages.finetune_validation import ValidationData, outliers, prepare_val_audio, select_by, validate
 from stages.training import (
     CHECKPOINTS_DIR,
+    TRAIN_LOG,
+    VALIDATION_LOG,
     Logs,
     Setup,
     open_logs,
@@ -77,6 +79,7 @@ from stages.training import (
 )
 from store import StoreReader
 from whistle_pipeline.config import ConfigError, FinetuneConfig, PipelineConfig
+from whistle_pipeline.plots import plot_training_curves
 from whistle_pipeline.teacher import LoadedTeacher, load_teacher
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts, is_multilingual
 from whistle_pipeline.windows import (
@@ -97,6 +100,12 @@ TRAIN_COLUMNS = ["step", "epoch_text", "loss", "loss_audio", "loss_tts", "loss_t
                  "examples_per_s"]
 VALIDATION_COLUMNS = ["step", "metric", "loss", "loss_audio", "loss_tts", "loss_text", "wer", "cer", "loops"]
 DAMAGE_DIR = "damaged-shards"  # each rank's scan of the stores under skip_damaged
+# loss_curves.png: (title, [(column, log)]) per panel
+CURVES = [("training loss", [(f"loss{k}", "train") for k in ("", "_audio", "_tts", "_text")]),
+          ("held-out loss", [(f"loss{k}", "held-out") for k in ("", "_audio", "_tts", "_text")]),
+          ("val_audio WER / CER", [("wer", "held-out"), ("cer", "held-out")]),
+          ("learning rate", [("lr", "train")]), ("gradient norm", [("grad_norm", "train")]),
+          ("examples / s", [("examples_per_s", "train")])]
 
 
 # ---- result ---------------------------------------------------------------------------------------
@@ -457,6 +466,8 @@ def finish(setup: Setup, inputs: Inputs, training: Training, val_data: Validatio
     )
     if accelerator.is_main_process:
         (output_dir / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        plot_training_curves(output_dir / TRAIN_LOG, output_dir / VALIDATION_LOG, CURVES,
+                             output_dir / "loss_curves.png")
     accelerator.end_training()
     return result
 

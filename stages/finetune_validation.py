@@ -10,11 +10,12 @@ from typing import Any, Sequence
 
 import torch
 
-from stages.evaluate import LoadedModel, Named, decoded_batches, encode, generate, open_set, score_clip
 from whistle_pipeline.config import FinetuneConfig, PipelineConfig
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.sources import Clip
 from whistle_pipeline.teacher import TeacherGeometry
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts
+from whistle_pipeline.transcribe import LoadedModel, Named, decoded_batches, encode, generate, open_set, score_clip
 from whistle_pipeline.windows import Example, Windows, token_losses
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ class ValidationData:
     """Held-out examples (in memory) and val_audio's cached encoder states."""
 
     examples: dict[str, list[Example]]  # kind -> held-out examples
-    audio_clips: list[Any]  # stages.evaluate.Clip of val_audio
+    audio_clips: list[Clip]  # val_audio's clips
     audio_states: list[torch.Tensor]  # per batch: (b, max_frames, D) encoder states, float16 on CPU
     audio_rejects: list[dict[str, str]]
 
@@ -34,9 +35,10 @@ def prepare_val_audio(config: PipelineConfig, model: Any, tokenizer: Any, geomet
                       ) -> tuple[list[Any], list[torch.Tensor], list[dict[str, str]]]:
     """Read val_audio (any precompute source) and run the frozen encoder over it once."""
     settings = config.finetune
-    clips, rejects = open_set(Named("val_audio", settings.val_audio), config)
+    clips, rejects = open_set(Named(label="val_audio", path=settings.val_audio), config)
     clips = clips[: settings.val_size]
-    loaded = LoadedModel(Named("teacher", ""), model, tokenizer, geometry, False, "")
+    loaded = LoadedModel(named=Named(label="teacher", path=""), model=model, tokenizer=tokenizer, geometry=geometry,
+                         multilingual=False, encoder_key="")
     kept, states = [], []
     for batch, audio, bad in decoded_batches(clips, geometry.sample_rate, geometry.window_seconds,
                                              config.evaluate.batch_size):
@@ -76,7 +78,8 @@ def validate(model: Any, windows: Windows, ratios: dict[str, float], tokenizer: 
     metrics["loss"] = sum(metrics[f"loss_{k}"] * w for k, w in weights.items()) / sum(weights.values()) if weights else math.nan
     clip_scores = []
     if data.audio_clips:
-        evaluated = LoadedModel(Named("adapted", ""), model, tokenizer, None, specials.multilingual, "")
+        evaluated = LoadedModel(named=Named(label="adapted", path=""), model=model, tokenizer=tokenizer, geometry=None,
+                                multilingual=specials.multilingual, encoder_key="")
         clips = iter(data.audio_clips)
         for states in data.audio_states:
             batch = [next(clips) for _ in range(len(states))]

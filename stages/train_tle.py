@@ -1,4 +1,4 @@
-"""train-tle: learn the text-to-latent encoder from a feature store (DESIGN.md §6).
+"""train-tle: learn the text-to-latent encoder from a feature store (docs/tle.md).
 
     store ──► held-out split (stable hash of each id)
           ──► per-token durations from the frozen teacher's alignment heads + DTW (cached in output_dir;
@@ -44,7 +44,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -82,6 +81,7 @@ from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import DecoderTerms, FrozenTeacher, load_frozen_teacher, phase_2_terms
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.plots import plot_training_curves
 from whistle_pipeline.tle import LossTerms, LossWeights, TLEConfig, TLEModel, tle_loss
 
 log = logging.getLogger(__name__)
@@ -190,41 +190,12 @@ def write_weights(model: TLEModel, folder: Path) -> None:
     save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(folder / "model.safetensors"))
 
 
-def plot_curves(output_dir: Path) -> Path | None:
-    """loss_curves.png: training loss terms and held-out metrics against the step."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no loss_curves.png (pip install 'whistle[plot]')")
-        return None
-
-    def read(name: str) -> dict[str, np.ndarray]:
-        with open(output_dir / name, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        return {k: np.array([float(r[k]) if r[k] not in ("", "None") else np.nan for r in rows]) for k in rows[0]} if rows else {}
-
-    train, val = read(TRAIN_LOG), read(VALIDATION_LOG)
-    panels = [("training loss", [("loss", train)]), ("masked MSE (normalised)", [("mse", train), ("mse", val)]),
-              ("decoder cross-entropy", [("decoder_ce", train), ("decoder_ce", val), ("real_decoder_ce", val)]),
-              ("held-out cosine / WER", [("cosine", val), ("wer_predicted", val), ("real_wer", val)]),
-              ("length", [("length", train), ("length_error", val)]), ("KL (x beta: see beta)", [("kl", train)])]
-    figure, axes = plt.subplots(2, 3, figsize=(14, 7))
-    for axis, (title, series) in zip(axes.flat, panels):
-        for name, table in series:
-            if table and name in table and np.isfinite(table[name]).any():
-                label = f"{name} ({'held-out' if table is val else 'train'})"
-                axis.plot(table["step"], table[name], marker="o" if table is val else None, ms=3, label=label)
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    path = output_dir / "loss_curves.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+# loss_curves.png: (title, [(column, log)]) per panel
+CURVES = [("training loss", [("loss", "train")]), ("masked MSE (normalised)", [("mse", "train"), ("mse", "held-out")]),
+          ("decoder cross-entropy", [("decoder_ce", "train"), ("decoder_ce", "held-out"),
+                                     ("real_decoder_ce", "held-out")]),
+          ("held-out cosine / WER", [("cosine", "held-out"), ("wer_predicted", "held-out"), ("real_wer", "held-out")]),
+          ("length", [("length", "train"), ("length_error", "held-out")]), ("KL (x beta: see beta)", [("kl", "train")])]
 
 
 def _previous_validation(output_dir: Path) -> dict[str, float]:
@@ -475,7 +446,8 @@ def finish(setup: Setup, inputs: Inputs, training: Training, last_validation: di
     )
     if accelerator.is_main_process:
         training.tle.save_pretrained(output_dir)
-        plot_curves(output_dir)
+        plot_training_curves(output_dir / TRAIN_LOG, output_dir / VALIDATION_LOG, CURVES,
+                             output_dir / "loss_curves.png")
         (output_dir / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
     accelerator.end_training()
     return result

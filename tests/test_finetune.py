@@ -173,6 +173,7 @@ def test_finetune_trains_only_the_decoder_lowers_the_text_loss_and_saves_a_pipel
     summary = json.loads((out / "finetune.json").read_text())
     assert summary["saved_step"] == result.saved_step and summary["held_out"]["val_audio"] == 3
     assert (out / "config.toml").exists() and (out / "train_log.csv").exists()
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # train and held-out curves drawn
 
     asr = pipeline("automatic-speech-recognition", model=str(out), device="cpu")
     transcript = asr(np.zeros(16000, dtype=np.float32), generate_kwargs={"max_new_tokens": 5})

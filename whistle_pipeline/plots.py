@@ -1,5 +1,5 @@
-"""The pictures whistle draws: a stored utterance's teacher states (`whistle inspect-store --plot`) and
-the demo's WER chart (report.png).
+"""The pictures whistle draws: a stored utterance's teacher states (`whistle inspect-store --plot`),
+a training run's curves (train-tle's loss_curves.png) and the demo's WER chart (report.png).
 
 matplotlib is optional (`pip install 'whistle[plot]'`) and slow to import, so it is imported only when
 a picture is drawn (`_figure`). Figures are drawn on matplotlib's Agg canvas directly, not through
@@ -7,6 +7,7 @@ pyplot: no global backend to switch, no figure left open.
 """
 from __future__ import annotations
 
+import csv
 import logging
 import warnings
 from pathlib import Path
@@ -102,3 +103,38 @@ def plot_wer_bars(wer: dict[str, dict[str, float]], title: str, path: Path) -> s
     figure.tight_layout()
     figure.savefig(path)
     return str(path)
+
+
+def read_log(path: Path) -> dict[str, np.ndarray]:
+    """A training CSV log as {column: values}, empty cells as NaN ({} for a missing or empty log)."""
+    if not path.exists():
+        return {}
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {k: np.array([float(r[k]) if r[k] not in ("", "None") else np.nan for r in rows]) for k in rows[0]} if rows else {}
+
+
+def plot_training_curves(train_log: Path, validation_log: Path,
+                         panels: list[tuple[str, list[tuple[str, str]]]], path: Path) -> Path | None:
+    """One panel per (title, [(column, "train" | "held-out"), ...]) against the step, from a run's two CSV
+    logs. Returns the PNG's path, or None (with a warning) when matplotlib is not installed."""
+    try:
+        figure = _figure(figsize=(14, 7), dpi=100)
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s (pip install 'whistle[plot]')", path.name)
+        return None
+    tables = {"train": read_log(train_log), "held-out": read_log(validation_log)}
+    columns = 3
+    for n, (title, series) in enumerate(panels):
+        axis = figure.add_subplot(-(-len(panels) // columns), columns, n + 1)
+        for name, which in series:
+            table = tables[which]
+            if table and name in table and np.isfinite(table[name]).any():
+                axis.plot(table["step"], table[name], marker="o" if which == "held-out" else None, ms=3,
+                          label=f"{name} ({which})")
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path

@@ -9,7 +9,7 @@ labels[j] is the token that follows decoder input j: the prefix is given, never 
 appears only in `labels`. Language and task tokens are written only for multilingual models
 (English-only models such as tiny.en never saw them). The text tokens t_1 ... t_n are
 `tokenizer(" " + text)`: Whisper's transcripts start with a space-prefixed token, and without it the
-first token's cross-entropy on real audio was 10.1 instead of 2.5 (DESIGN.md §6).
+first token's cross-entropy on real audio was 10.1 instead of 2.5 (docs/tle.md).
 
 The TLE reads t_1 ... t_n <|endoftext|> — the same text tokens plus the end token, whose duration is
 the silence after speech. The language enters the TLE as an embedding, not as a token. Every id comes
