@@ -85,6 +85,10 @@ def unique_labels(specs: Sequence[str], what: str) -> list[Named]:
     return named
 
 
+def _count(items: Sequence[Any], noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -203,7 +207,7 @@ class EvaluateResult:
                            lambda s: len(self.score(first, s).clips), wer_cell)
         if "terms" in self.aids:
             lines += [""] + self._grid(
-                f"Term error rate % (term insertions) B-WER % / U-WER %, {len(self.aids['terms']['terms'])} terms:",
+                f"Term error rate % (term insertions) B-WER % / U-WER % ({_count(self.aids['terms']['terms'], 'term')}):",
                 "term occurrences", lambda s: self.score(first, s).terms.reference_terms,
                 lambda score, _: f"{_percent(score.terms.term_error_rate)} ({score.terms.inserted}) "
                                  f"{_percent(score.terms.biased_wer)} / {_percent(score.terms.unbiased_wer)}")
@@ -215,6 +219,12 @@ class EvaluateResult:
 
     def summary(self) -> str:
         text = [self.table()]
+        if "prompt" in self.aids:
+            tokens = {c.model: c.prompt_tokens for c in self.columns if c.prompt_tokens}
+            text.append(f"prompt: {self.aids['prompt']['origin']}; its tokens per model: "
+                        + ", ".join(f"{model} {count}" for model, count in tokens.items()))
+        if "lm" in self.aids:
+            text.append(f"LM: {self.aids['lm']['path']}, {self.aids['lm']['made']}, {self.aids['lm']['words']} words")
         for label, fit in self.aids.get("fusion_fit", {}).get("columns", {}).items():
             text.append(f"{label}: alpha {fit['alpha']:g}, beta {fit['beta']:g} (dev WER {100 * fit['dev_wer']:.1f} % "
                         f"on {self.aids['fusion_fit']['dev']['clips']} clips)")

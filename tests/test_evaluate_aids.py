@@ -245,7 +245,7 @@ def test_cli_with_prompt_and_terms(models, audio_set, tmp_path):
         "cpu", "--max-new-tokens", "8", "--set", "data.id_column=id", "--prompt", "hello world", "--terms", str(terms)])
     assert result.exit_code == 0, result.output
     assert "| set | clips | scripted | scripted+prompt |" in result.output
-    assert "Term error rate % (term insertions) B-WER % / U-WER %, 1 terms:" in result.output
+    assert "Term error rate % (term insertions) B-WER % / U-WER % (1 term):" in result.output
     assert f"| {audio_set.name} | 8 | " in result.output
     assert json.loads((out / "results.json").read_text())["prompt"]["text"] == "hello world"
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,14 @@ class Aids:
     prompt: PromptSource | None
     scorer: Any  # ngram.ArpaScorer or KenlmScorer; None without fusion
     language: str
+    _prompt_ids: dict[str, tuple[int, ...]] = field(default_factory=dict)  # by model label
+
+    def prompt_ids(self, model: LoadedModel, max_new_tokens: int) -> tuple[int, ...]:
+        """The prompt in `model`'s tokens, cut to the room it has (built once per model)."""
+        if model.named.label not in self._prompt_ids:
+            budget = prompt_room(model, max_new_tokens)
+            self._prompt_ids[model.named.label] = tuple(self.prompt.ids(model.tokenizer, budget))
+        return self._prompt_ids[model.named.label]
 
 
 def prepare_aids(config: PipelineConfig, variants: Sequence[str], tokenizer: Any, output_dir: Path
@@ -236,7 +244,7 @@ def decoding(model: LoadedModel, variant: str, aids: Aids, settings: EvaluateCon
     """How `model` decodes in `variant`; `weights` (alpha, beta) for the fusion variants."""
     prompt = ()
     if "prompt" in variant:
-        prompt = tuple(aids.prompt.ids(model.tokenizer, prompt_room(model, settings.max_new_tokens)))
+        prompt = aids.prompt_ids(model, settings.max_new_tokens)
     if "fusion" not in variant:
         return Decoding(num_beams=settings.num_beams, prompt_ids=prompt)
     fusion = ShallowFusion(aids.scorer, model.tokenizer, alpha=weights[0], beta=weights[1], language=aids.language,
