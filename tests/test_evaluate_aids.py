@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import make_tiny_teacher, write_clip
 from test_evaluate import scripted_model

@@ -66,9 +66,13 @@ DEV_SEED = 0  # the hash seed that holds dev clips out of the first set
 
 def resolve_variants(settings: EvaluateConfig) -> list[str]:
     """evaluate.variants, or (when empty) plain plus each aid that is configured on its own."""
-    if settings.variants:
-        return list(settings.variants)
-    return ["plain"] + ["prompt"] * settings.prompt_given + ["fusion"] * bool(settings.lm)
+    if not settings.variants:
+        return ["plain"] + ["prompt"] * settings.prompt_given + ["fusion"] * bool(settings.lm)
+    if settings.prompt_given and not any("prompt" in v for v in settings.variants):
+        log.warning("a prompt is set, but no variant in evaluate.variants uses it: no column is prompted")
+    if settings.lm and not any("fusion" in v for v in settings.variants):
+        log.warning("evaluate.lm is set, but no variant in evaluate.variants uses fusion: it is not read")
+    return list(settings.variants)
 
 
 def column_label(model_label: str, variant: str) -> str:
