@@ -213,7 +213,7 @@ class Aids:
     prompt: PromptSource | None
     scorer: Any  # ngram.ArpaScorer or KenlmScorer; None without fusion
     language: str
-    _prompt_ids: dict[str, tuple[int, ...]] = field(default_factory=dict)  # by model label
+    _prompt_ids: dict[str, tuple[int, ...]] = field(default_factory=dict, init=False, repr=False)  # by model label
 
     def prompt_ids(self, model: LoadedModel, max_new_tokens: int) -> tuple[int, ...]:
         """The prompt in `model`'s tokens, cut to the room it has (built once per model)."""
