@@ -491,6 +491,19 @@ def finetune_command(teacher, revision, tle_path, text, text_column, language, a
     click.echo(run(config).summary())
 
 
+def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    return None if value is None else [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _number_or_auto(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor auto") from None
+
+
 @cli.command("evaluate")
 @click.argument("models", nargs=-1, metavar="MODEL...")
 @click.option("--audio", "sets", multiple=True, metavar="[LABEL=]SET",
@@ -503,20 +516,43 @@ def finetune_command(teacher, revision, tle_path, text, text_column, language, a
 @click.option("--max-clips", type=int, help="Score at most this many clips of each set [evaluate.max_clips].")
 @click.option("--diffs/--no-diffs", default=None, help="Write diffs.md, the words that changed per clip "
               "[evaluate.write_diffs].")
+@click.option("--variants", callback=_comma_list, metavar="V1,V2", help="Decoding variants, each a column per "
+              "model: plain, prompt, fusion, prompt+fusion [evaluate.variants; default: plain + each aid set].")
+@click.option("--prompt", help="Decoder prompt text (Whisper's prompt_ids) [evaluate.prompt].")
+@click.option("--prompt-file", help="Prompt from a file: one term per line, or free text [evaluate.prompt_file].")
+@click.option("--prompt-from", metavar="CORPUS", help="Prompt with the domain terms of a text corpus "
+              "[evaluate.prompt_from].")
+@click.option("--exclude-from", metavar="CORPUS", help="Text (e.g. the source domain's) whose words are no domain "
+              "terms [evaluate.exclude_from].")
+@click.option("--lm", metavar="ARPA|CORPUS", help="Shallow fusion LM: an ARPA file, or a text corpus to build one "
+              "from [evaluate.lm].")
+@click.option("--lm-alpha", callback=_number_or_auto, metavar="A|auto", help="LM weight [evaluate.lm_alpha].")
+@click.option("--lm-beta", callback=_number_or_auto, metavar="B|auto", help="Bonus per word [evaluate.lm_beta].")
+@click.option("--lm-dev", metavar="[LABEL=]SET", help="Audio set that chooses the auto weights (default: held "
+              "out of the first set) [evaluate.lm_dev].")
+@click.option("--fusion-beams", type=int, help="Beams of the fusion variants [evaluate.fusion_num_beams].")
+@click.option("--terms", metavar="FILE", help="Domain terms, one per line, for the term error rate "
+              "[evaluate.terms].")
+@click.option("--terms-from", metavar="CORPUS", help="Derive the domain terms from a text corpus "
+              "[evaluate.terms_from].")
 @click.option("--audio-column", help="Column with the audio [data.audio_column].")
 @click.option("--text-column", help="Column with the reference transcript [data.text_column].")
 @click.option("--device", help="auto, cpu, cuda, cuda:N [teacher.device].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype "
               "[teacher.dtype].")
 @config_options
-def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_tokens, max_clips, diffs, audio_column,
-                     text_column, device, dtype, config_path, overrides) -> None:
-    """WER and CER of Whisper models side by side on audio sets (Whisper's text normalisers).
+def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_tokens, max_clips, diffs, variants,
+                     prompt, prompt_file, prompt_from, exclude_from, lm, lm_alpha, lm_beta, lm_dev, fusion_beams, terms,
+                     terms_from, audio_column, text_column, device, dtype, config_path, overrides) -> None:
+    """WER and CER of Whisper models side by side on audio sets (Whisper's text normalisers), beside
+    a decoder prompt and shallow fusion with a domain LM, with rare-word (domain term) metrics.
 
     MODEL is a folder (whistle finetune / import-ct2 output, any save_pretrained Whisper) or a
-    hub name; LABEL=PATH names its column. The first model is the baseline: the table shows each
-    other model's relative WER change, and diffs.md the words each one changed. Repetition loops
-    (transcripts cut off at --max-new-tokens, or a phrase repeated 4+ times) are listed per model.
+    hub name; LABEL=PATH names its column. Each model is decoded in every variant, a column each
+    (MODEL, MODEL+prompt, MODEL+fusion, MODEL+prompt+fusion). The first column is the baseline: the
+    table shows each other column's relative WER change, and diffs.md the words each one changed.
+    Repetition loops (transcripts cut off at --max-new-tokens, or a phrase repeated 4+ times) are
+    listed per column; decoding seconds per clip are reported for every column.
 
     \b
     Examples:
@@ -524,6 +560,8 @@ def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_to
           --audio source=source-test/manifest.jsonl
       whistle evaluate openai/whisper-large-v3 whistle-adapted --audio cv-corpus-21.0/de --max-clips 500 \\
           --set data.subset=test --num-beams 5
+      whistle evaluate whisper-tiny.en --audio target-test/manifest.jsonl --prompt-from target/train.txt \\
+          --exclude-from source/train.txt --lm target/train.txt --terms-from target/train.txt
       whistle evaluate whistle-adapted --config my.toml --output-dir eval-run2
     """
     from stages.evaluate import run
@@ -531,7 +569,10 @@ def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_to
     config = _load(config_path, overrides, {
         "evaluate": {"models": list(models) or None, "sets": list(sets) or None, "output_dir": output_dir,
                      "batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
-                     "max_clips": max_clips, "write_diffs": diffs},
+                     "max_clips": max_clips, "write_diffs": diffs, "variants": variants, "prompt": prompt,
+                     "prompt_file": prompt_file, "prompt_from": prompt_from, "exclude_from": exclude_from, "lm": lm,
+                     "lm_alpha": lm_alpha, "lm_beta": lm_beta, "lm_dev": lm_dev, "fusion_num_beams": fusion_beams,
+                     "terms": terms, "terms_from": terms_from},
         "data": {"audio_column": audio_column, "text_column": text_column},
         "teacher": {"device": device, "dtype": dtype},
     })

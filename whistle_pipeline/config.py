@@ -296,6 +296,19 @@ class FinetuneConfig(LoopConfig):
         return out
 
 
+EVALUATE_VARIANTS = ("plain", "prompt", "fusion", "prompt+fusion")
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")  # text corpora read from a file (else a datasets name)
+AutoOrNumber = float | Literal["auto"]
+
+
+def _file_problems(name: str, path: str, corpus: bool = False) -> list[str]:
+    """A local file that must exist; with `corpus`, only paths with a corpus file suffix are files (the
+    rest are `datasets` names or folders, checked when they are read)."""
+    if not path or (corpus and Path(path).suffix.lower() not in CORPUS_SUFFIXES + (".arpa",)):
+        return []
+    return [] if Path(path).is_file() else [f"{name} = {path!r}: no such file"]
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     models: list[str]
@@ -307,15 +320,78 @@ class EvaluateConfig:
     output_dir: str
     write_diffs: bool
     outliers: int
+    variants: list[str]
+    prompt: str
+    prompt_file: str
+    prompt_from: str
+    exclude_from: str
+    lm: str
+    lm_order: int
+    lm_alpha: AutoOrNumber
+    lm_beta: AutoOrNumber
+    lm_top_k: int
+    fusion_num_beams: int
+    lm_dev: str
+    lm_dev_fraction: float
+    terms: str
+    terms_from: str
+    max_terms: int
+
+    @property
+    def prompt_given(self) -> bool:
+        return bool(self.prompt or self.prompt_file or self.prompt_from)
+
+    @property
+    def fits_fusion(self) -> bool:
+        """Whether alpha or beta is chosen on a dev split."""
+        return "auto" in (self.lm_alpha, self.lm_beta)
 
     def problems(self) -> list[str]:
-        return (
+        out = (
             _in_range("evaluate.max_clips", self.max_clips, 0)
             + _in_range("evaluate.batch_size", self.batch_size, 1)
             + _in_range("evaluate.num_beams", self.num_beams, 1)
             + _in_range("evaluate.max_new_tokens", self.max_new_tokens, 1, 444)
             + _in_range("evaluate.outliers", self.outliers, 0)
+            + _in_range("evaluate.lm_order", self.lm_order, 1, 10)
+            + _in_range("evaluate.lm_top_k", self.lm_top_k, 0)
+            + _in_range("evaluate.fusion_num_beams", self.fusion_num_beams, 2)
+            + _in_range("evaluate.lm_dev_fraction", self.lm_dev_fraction, 0.0, 0.5)
+            + _in_range("evaluate.max_terms", self.max_terms, 0)
+            + self._aid_problems()
         )
+        for name in ("prompt_file", "terms"):
+            out += _file_problems(f"evaluate.{name}", getattr(self, name))
+        for name in ("prompt_from", "exclude_from", "lm", "terms_from"):
+            out += _file_problems(f"evaluate.{name}", getattr(self, name), corpus=True)
+        return out
+
+    def _aid_problems(self) -> list[str]:
+        """Rules that tie the variants to the prompt, LM and term settings they need."""
+        out = [f"evaluate.variants: unknown variant {v!r}{_suggest(v, EVALUATE_VARIANTS)}; use "
+               + ", ".join(EVALUATE_VARIANTS) for v in self.variants if v not in EVALUATE_VARIANTS]
+        out += [f"evaluate.variants lists {v!r} twice" for v in sorted(set(self.variants)) if self.variants.count(v) > 1]
+        if sum(bool(p) for p in (self.prompt, self.prompt_file, self.prompt_from)) > 1:
+            out.append("evaluate.prompt, prompt_file and prompt_from each give the prompt: set only one")
+        if self.terms and self.terms_from:
+            out.append("evaluate.terms and terms_from each give the term list: set only one")
+        if self.exclude_from and not (self.prompt_from or self.terms_from):
+            out.append("evaluate.exclude_from only filters the terms derived by prompt_from or terms_from: set one")
+        if any("prompt" in v for v in self.variants) and not self.prompt_given:
+            out.append("evaluate.variants asks for a prompt: set evaluate.prompt, prompt_file or prompt_from")
+        if any("fusion" in v for v in self.variants) and not self.lm:
+            out.append("evaluate.variants asks for fusion: set evaluate.lm (an ARPA file or a text corpus)")
+        for name in ("lm_alpha", "lm_beta"):
+            value = getattr(self, name)
+            if value != "auto" and value < 0:
+                out.append(f"evaluate.{name} = {value!r} must be \"auto\" or at least 0")
+        if self.lm and self.fits_fusion and not self.lm_dev and not self.lm_dev_fraction:
+            out.append('evaluate.lm_alpha/lm_beta = "auto" needs a dev split: evaluate.lm_dev (an audio set) or '
+                       "evaluate.lm_dev_fraction > 0 (clips held out of the first set)")
+        if self.lm_top_k and self.lm_top_k < 2 * self.fusion_num_beams:
+            out.append(f"evaluate.lm_top_k = {self.lm_top_k} is below 2 x evaluate.fusion_num_beams = "
+                       f"{2 * self.fusion_num_beams}, the candidates beam search keeps per step (0 = exactly that)")
+        return out
 
 
 @dataclass(frozen=True)
@@ -376,6 +452,8 @@ def _type_name(annotation: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     if typing.get_origin(annotation) is list:
         return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(annotation))
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(annotation, str(annotation))
 
 

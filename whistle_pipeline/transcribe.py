@@ -3,10 +3,15 @@ finetune's validation on real audio share.
 
     models = [load_model(Named(label="base", path="openai/whisper-tiny.en"), "main", device, "auto", "sdpa")]
     clips, rejects = open_set(Named(label="test", path="test/manifest.jsonl"), config)
-    scores, seconds, bad = transcribe_set(models, clips, batch_size=16, num_beams=1, max_new_tokens=128)
+    columns = [Column(label="base", model=models[0]),
+               Column(label="base+prompt", model=models[0],
+                      decoding=Decoding(prompt_ids=tuple(prompt_ids(models[0].tokenizer, "warfarin, apixaban"))))]
+    result = transcribe_set(columns, clips, batch_size=16, max_new_tokens=128)
+    result.scores["base+prompt"]  # [ClipScore, ...]
 
 Every set is any source precompute reads (`whistle_pipeline.sources`) and is decoded once per batch
-for all models; models whose encoder weights are identical (an adapted model and its teacher:
+for all columns (a column is a model and how it decodes: beams, a prompt, logits processors such as
+shallow fusion); models whose encoder weights are identical (an adapted model and its teacher:
 finetune never changes the encoder) share one encoder pass. Generation is transformers' own
 (`model.generate`, greedy or beam search) on the real encoder's output — what
 `pipeline("automatic-speech-recognition")` does for a clip of at most one window. Scoring uses
@@ -89,6 +94,11 @@ class ClipScore:
     @property
     def wer(self) -> float:
         return self.word_errors / self.ref_words if self.ref_words else float(self.word_errors > 0)
+
+
+def corpus_wer(scores: Sequence[ClipScore]) -> float:
+    """All word errors over all reference words (0 reference words: 0)."""
+    return sum(c.word_errors for c in scores) / max(1, sum(c.ref_words for c in scores))
 
 
 # ---- scoring --------------------------------------------------------------------------------------
@@ -203,11 +213,19 @@ def quiet_generation() -> Iterator[None]:
 
 
 def generate(model: LoadedModel, states: torch.Tensor, languages: Sequence[str], num_beams: int,
-             max_new_tokens: int) -> list[Transcript]:
-    """Transcripts of encoder states (B, max_frames, D) with transformers' Whisper generation."""
+             max_new_tokens: int, prompt_ids: Sequence[int] = (), logits_processors: Sequence[Any] = ()
+             ) -> list[Transcript]:
+    """Transcripts of encoder states (B, max_frames, D) with transformers' Whisper generation.
+
+    `prompt_ids`: <|startofprev|> + text tokens (`whistle_pipeline.prompting`), given before the decoder's
+    start tokens; `logits_processors`: e.g. `fusion.ShallowFusion`, applied after the log-softmax."""
     options: dict[str, Any] = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "return_timestamps": False}
     if model.multilingual:  # English-only models refuse language/task tokens
         options.update(language=list(languages), task="transcribe")
+    if prompt_ids:
+        options["prompt_ids"] = torch.tensor(list(prompt_ids), device=model.device)  # (P,)
+    if logits_processors:
+        options["logits_processor"] = list(logits_processors)
     encoder_outputs = BaseModelOutput(last_hidden_state=states.to(model.device, model.model.dtype))
     with torch.inference_mode(), quiet_generation():
         sequences = model.model.generate(encoder_outputs=encoder_outputs, **options)  # (B, S)
@@ -219,6 +237,30 @@ def generate(model: LoadedModel, states: torch.Tensor, languages: Sequence[str],
     lengths = (sequences != pad).sum(1).tolist()  # (B,)
     texts = model.tokenizer.batch_decode(sequences, skip_special_tokens=True)
     return [Transcript(text=text.strip(), ended=n < max_new_tokens) for text, n in zip(texts, lengths)]
+
+
+def start_tokens(model: LoadedModel) -> int:
+    """Decoder tokens generate puts before the transcript: <|startoftranscript|> [<|lang|> <|transcribe|>]
+    <|notimestamps|>."""
+    return 4 if model.multilingual else 2
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How one column decodes: beam width, a prompt, logits processors (e.g. shallow fusion)."""
+
+    num_beams: int = 1
+    prompt_ids: tuple[int, ...] = ()
+    logits_processors: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class Column:
+    """One column of a results table: a model decoded one way."""
+
+    label: str
+    model: LoadedModel
+    decoding: Decoding = Decoding()
 
 
 # ---- audio sets -----------------------------------------------------------------------------------
@@ -271,34 +313,47 @@ def check_geometry(models: Sequence[LoadedModel]) -> None:
             )
 
 
-def transcribe_set(models: Sequence[LoadedModel], clips: Sequence[Clip], batch_size: int, num_beams: int,
-                   max_new_tokens: int, progress: Any = None) -> tuple[dict[str, list[ClipScore]], dict[str, float],
-                                                                      list[dict[str, str]]]:
-    """Every model's scored transcripts of `clips` -> ({model label: scores}, {label: seconds}, rejects).
+@dataclass(kw_only=True)
+class SetTranscripts:
+    """What `transcribe_set` returns, per column label: scored transcripts and timings."""
+
+    scores: dict[str, list[ClipScore]]
+    seconds: dict[str, float]  # generation + this column's share of the encoder passes
+    decode_seconds: dict[str, float]  # generation alone (the decoding loop, prompt and fusion included)
+    rejects: list[dict[str, str]]  # clips whose audio could not be read: {id, reason}
+
+
+def transcribe_set(columns: Sequence[Column], clips: Sequence[Clip], batch_size: int, max_new_tokens: int,
+                   progress: Any = None) -> SetTranscripts:
+    """Every column's scored transcripts of `clips`. Each batch's audio is decoded once, each distinct
+    encoder runs once per batch (columns of one model, or of models sharing an encoder, share its states).
 
     `progress` (a tqdm bar, optional) is advanced by the clips of each batch."""
-    first = models[0]
-    groups: dict[str, list[LoadedModel]] = {}
-    for model in models:
-        groups.setdefault(model.encoder_key, []).append(model)
-    scores: dict[str, list[ClipScore]] = {m.named.label: [] for m in models}
-    seconds = {m.named.label: 0.0 for m in models}
-    rejects: list[dict[str, str]] = []
+    groups: dict[str, list[Column]] = {}
+    for column in columns:
+        groups.setdefault(column.model.encoder_key, []).append(column)
+    first = columns[0].model
+    result = SetTranscripts(scores={c.label: [] for c in columns}, seconds={c.label: 0.0 for c in columns},
+                            decode_seconds={c.label: 0.0 for c in columns}, rejects=[])
     for batch, audio, bad in decoded_batches(clips, first.geometry.sample_rate, first.geometry.window_seconds,
                                              batch_size):
-        rejects += bad
+        result.rejects += bad
         if batch:
             languages = [clip.language for clip in batch]
             for group in groups.values():
                 started = time.perf_counter()
-                states = encode(group[0], audio)  # (B, max_frames, D), once for the whole group
+                states = encode(group[0].model, audio)  # (B, max_frames, D), once for the whole group
                 shared = (time.perf_counter() - started) / len(group)
-                for model in group:
+                for column in group:
                     started = time.perf_counter()
-                    transcripts = generate(model, states, languages, num_beams, max_new_tokens)
-                    seconds[model.named.label] += shared + time.perf_counter() - started
-                    scores[model.named.label] += [score_clip(c.id, c.text, t, c.language)
-                                                  for c, t in zip(batch, transcripts)]
+                    options = column.decoding
+                    transcripts = generate(column.model, states, languages, options.num_beams, max_new_tokens,
+                                           options.prompt_ids, options.logits_processors)
+                    decoding = time.perf_counter() - started
+                    result.decode_seconds[column.label] += decoding
+                    result.seconds[column.label] += shared + decoding
+                    result.scores[column.label] += [score_clip(c.id, c.text, t, c.language)
+                                                    for c, t in zip(batch, transcripts)]
         if progress is not None:
             progress.update(len(batch) + len(bad))
-    return scores, seconds, rejects
+    return result
