@@ -51,10 +51,9 @@ from whistle_pipeline.decoding import (
 )
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.sources import Clip
+from whistle_pipeline.teacher import resolve_device
 from whistle_pipeline.terms import TermRates, term_rates
 
-# The names marked "finetune" are imported only for stages/finetune.py, which imports them from here until
-# it imports them from whistle_pipeline.transcribe (temporary).
 from whistle_pipeline.transcribe import (
     ClipScore,
     Column,
@@ -62,13 +61,8 @@ from whistle_pipeline.transcribe import (
     Named,
     check_geometry,
     corpus_wer,
-    decoded_batches,  # noqa: F401  finetune
-    encode,  # noqa: F401  finetune
-    generate,  # noqa: F401  finetune
     load_model,
     open_set,
-    resolve_device,
-    score_clip,  # noqa: F401  finetune
     transcribe_set,
 )
 

@@ -223,7 +223,7 @@ def test_whisper_folders_holding_only_a_pickle_are_refused_by_every_loader(pickl
         "precompute's encoder": lambda: load_encoder(str(folder), "main", "cpu", torch.float32, "eager"),
         "train-tle's teacher": lambda: load_frozen_teacher(str(folder), "main", "cpu", torch.float32),
         "finetune's teacher": lambda: load_teacher(str(folder), "main", "full", "cpu", torch.float32),
-        "evaluate's model": lambda: load_model(Named("adapted", str(folder)), "main", "cpu", "float32", "eager"),
+        "evaluate's model": lambda: load_model(Named(label="adapted", path=str(folder)), "main", "cpu", "float32", "eager"),
     }
     for what, load in loaders.items():
         with pytest.raises(WhistleError, match="model.safetensors") as caught:

@@ -35,12 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
-from transformers import (
-    AutoTokenizer,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-)
 from transformers.modeling_outputs import BaseModelOutput
 
 from whistle_pipeline.audio import AudioError, load_audio
@@ -48,7 +42,7 @@ from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import error_rates, normalize
 from whistle_pipeline.sources import Clip, SourceReject, open_source
-from whistle_pipeline.teacher import TeacherGeometry, resolve_dtype, teacher_states
+from whistle_pipeline.teacher import TeacherGeometry, load_teacher, teacher_states
 from whistle_pipeline.text import is_multilingual
 
 LOOP_MAX_NGRAM = 4  # longest repeated phrase (words) looked for
@@ -56,7 +50,7 @@ LOOP_MIN_REPEATS = 4  # consecutive repeats that make a loop
 AUDIO_THREADS = 4  # clips decoded in parallel (soundfile and soxr release the GIL)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Named:
     """A model or audio set with the label it gets in tables ("LABEL=PATH", or the path's last part)."""
 
@@ -137,7 +131,7 @@ def score_clip(clip_id: str, reference: str, transcript: Transcript, language: s
 
 # ---- models and generation ------------------------------------------------------------------------
 
-@dataclass
+@dataclass(kw_only=True)
 class LoadedModel:
     """A Whisper model ready for batched generation, and what is needed to feed it."""
 
@@ -153,13 +147,6 @@ class LoadedModel:
         return self.model.device
 
 
-def resolve_device(name: str) -> torch.device:
-    """teacher.device -> torch.device ("auto": accelerate's device for this process, else CPU)."""
-    if name == "auto":
-        return PartialState().device
-    return torch.device(name)
-
-
 def encoder_fingerprint(model: Any) -> str:
     """A hash of every encoder weight: equal for models that share an encoder bit for bit."""
     digest = hashlib.sha256()
@@ -170,24 +157,12 @@ def encoder_fingerprint(model: Any) -> str:
 
 
 def load_model(named: Named, revision: str, device: Any, dtype_name: str, attn: str) -> LoadedModel:
-    """Load a complete Whisper (model, tokenizer, feature extractor geometry) for evaluation."""
-    dtype = resolve_dtype(dtype_name, device)
-    revision = revision if not Path(named.path).is_dir() else None
-    try:
-        model = WhisperForConditionalGeneration.from_pretrained(named.path, revision=revision, dtype=dtype,
-                                                                attn_implementation=attn, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(named.path, revision=revision)
-        features = WhisperFeatureExtractor.from_pretrained(named.path, revision=revision)
-    except (OSError, ValueError) as err:
-        raise WhistleError(
-            f"cannot load the Whisper model {named.label} from {named.path!r}: {err}. Give a folder written by "
-            "`whistle finetune`, `whistle import-ct2` or save_pretrained (with its tokenizer), or a hub name."
-        ) from err
-    model.requires_grad_(False).eval().to(device)
-    return LoadedModel(named=named, model=model, tokenizer=tokenizer,
-                       geometry=TeacherGeometry.from_pretrained(model.config, features),
-                       multilingual=is_multilingual(model.config, model.generation_config),
-                       encoder_key=encoder_fingerprint(model))
+    """Load a complete Whisper (model, tokenizer, feature extractor geometry) for evaluation, through the
+    one teacher loader (its revision policy, safetensors only, the feature-extractor fallback)."""
+    loaded = load_teacher(named.path, revision, "full", device, dtype_name, attn)
+    return LoadedModel(named=named, model=loaded.model, tokenizer=loaded.tokenizer, geometry=loaded.geometry,
+                       multilingual=is_multilingual(loaded.model.config, loaded.model.generation_config),
+                       encoder_key=encoder_fingerprint(loaded.model))
 
 
 def encode(model: LoadedModel, audio: list[Any]) -> torch.Tensor:
