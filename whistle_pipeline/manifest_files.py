@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -207,3 +208,9 @@ def json_type(value: Any) -> str:
     if isinstance(value, (int, float)):
         return "number"
     return {list: "list", dict: "object", str: "string"}.get(type(value), type(value).__name__)
+
+
+def is_blank(text: str) -> bool:
+    """True for text with nothing to read: empty, or only white space, control, format and zero-width
+    characters (Unicode categories Z* and C*: zero-width space, no-break space, BEL, ...)."""
+    return all(unicodedata.category(char)[0] in "CZ" for char in text)

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from whistle_pipeline.manifest_files import (
     JSON_LINES_SUFFIXES,
     TABLE_SUFFIXES,
     Record,
+    is_blank,
     json_type,
     manifest_suffix,
     read_records,
@@ -111,12 +111,6 @@ def cell_text(cells: dict[str, Any], column: str, *, integers: bool = False) -> 
     if integers and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     raise BadCell(f"{column!r} holds a JSON {json_type(value)}, not text")
-
-
-def is_blank(text: str) -> bool:
-    """True for text with nothing to read: empty, or only white space, control, format and zero-width
-    characters (Unicode categories Z* and C*: "\u200b", "\u00a0", "\x07", ...)."""
-    return all(unicodedata.category(char)[0] in "CZ" for char in text)
 
 
 def whisper_language(value: str) -> str:
