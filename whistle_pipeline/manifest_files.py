@@ -28,6 +28,7 @@ import gzip
 import io
 import json
 import logging
+import math
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -214,3 +215,36 @@ def is_blank(text: str) -> bool:
     """True for text with nothing to read: empty, or only white space, control, format and zero-width
     characters (Unicode categories Z* and C*: zero-width space, no-break space, BEL, ...)."""
     return all(unicodedata.category(char)[0] in "CZ" for char in text)
+
+
+class BadCell(ValueError):
+    """A manifest cell of the wrong type; its message is the reject's detail."""
+
+
+def cell_text(cells: dict[str, Any], column: str, *, integers: bool = False) -> str:
+    """A manifest cell as text: a string (stripped), "" for a missing cell or JSON null, and with `integers`
+    an integer's digits (ids). Anything else — a list, an object, a boolean, a number — raises BadCell:
+    str() would store its Python spelling ("['a', 'b']", "True") as if it were the text."""
+    value = cells.get(column)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if integers and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise BadCell(f"{column!r} holds a JSON {json_type(value)}, not text")
+
+
+def nemo_segment(cells: dict[str, Any]) -> tuple[float, float | None] | None:
+    """The (offset, duration) a NeMo row gives — NeMo's datasets read exactly that part of the file."""
+    times = {name: cells.get(name) for name in ("offset", "duration")}
+    for name, value in times.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise BadCell(f"{name!r} is {json.dumps(value)}, not a number of seconds")
+    if times["duration"] == 0:
+        raise BadCell("'duration' is 0")
+    offset, duration = float(times["offset"] or 0.0), times["duration"]
+    if duration is None:
+        return (offset, None) if offset else None
+    return offset, float(duration)

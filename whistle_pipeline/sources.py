@@ -28,7 +28,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,10 +40,12 @@ from whistle_pipeline.lhotse_manifests import LhotseRow, is_lhotse, read_lhotse
 from whistle_pipeline.manifest_files import (
     JSON_LINES_SUFFIXES,
     TABLE_SUFFIXES,
+    BadCell,
     Record,
+    cell_text,
     is_blank,
-    json_type,
     manifest_suffix,
+    nemo_segment,
     read_records,
     read_table,
 )
@@ -91,26 +92,8 @@ class SourceReject:
     reason: str
 
 
-class BadCell(ValueError):
-    """A manifest cell of the wrong type; its message is the reject's detail."""
-
-
 def _clean(value: Any) -> str:
     return "" if value is None else str(value).strip()
-
-
-def cell_text(cells: dict[str, Any], column: str, *, integers: bool = False) -> str:
-    """A manifest cell as text: a string (stripped), "" for a missing cell or JSON null, and with `integers`
-    an integer's digits (ids). Anything else — a list, an object, a boolean, a number — raises BadCell:
-    str() would store its Python spelling ("['a', 'b']", "True") as if it were the text."""
-    value = cells.get(column)
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value.strip()
-    if integers and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise BadCell(f"{column!r} holds a JSON {json_type(value)}, not text")
 
 
 def whisper_language(value: str) -> str:
@@ -209,21 +192,6 @@ class Layout:
     language: str
     id: str  # "" = derived from the audio path
     segments: bool = False  # NeMo: "offset" and "duration" (seconds) say which part of the file
-
-
-def nemo_segment(cells: dict[str, Any]) -> Segment | None:
-    """The (offset, duration) a NeMo row gives — NeMo's datasets read exactly that part of the file."""
-    times = {name: cells.get(name) for name in ("offset", "duration")}
-    for name, value in times.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0):
-            raise BadCell(f"{name!r} is {json.dumps(value)}, not a number of seconds")
-    if times["duration"] == 0:
-        raise BadCell("'duration' is 0")
-    offset, duration = float(times["offset"] or 0.0), times["duration"]
-    if duration is None:
-        return (offset, None) if offset else None
-    return offset, float(duration)
 
 
 class TableSource(Source):
