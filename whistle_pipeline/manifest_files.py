@@ -20,6 +20,10 @@ number of the line it starts on. Nothing is merged, dropped or filled silently:
 
 So a file's rows plus its rejects are exactly its records: its non-blank lines after the header,
 less the extra lines of CSV fields that span lines (logged, with their lines, when there are any).
+
+The cell helpers the manifest sources share are here too: `cell_text` (a cell as text, or BadCell for
+a list, object, boolean or number), `is_blank` (nothing visible) and `nemo_segment` (NeMo's offset and
+duration).
 """
 from __future__ import annotations
 
