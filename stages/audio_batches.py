@@ -54,7 +54,7 @@ class ClipDataset(Dataset):
             if isinstance(item, SourceReject):
                 return item
             audio = load_audio(item.audio, geometry.sample_rate, max_seconds=geometry.window_seconds,
-                               name=item.audio_name)
+                               name=item.audio_name, segment=item.segment)
         except AudioError as err:
             return SourceReject(row, item.id, err.reason)
         except Exception as err:  # one unreadable row must never end a long run: it is recorded instead

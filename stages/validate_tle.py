@@ -18,6 +18,7 @@ how hard each voice is for the decoder, the scale to read the TLE's own pair of 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -31,10 +32,12 @@ from safetensors.torch import load_file
 
 from stages.tle_data import Collate, DurationTable, TrainBatch, align_shard, validate
 from stages.training import open_store
+from store import StoreReader
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.decoder import FrozenTeacher, decoder_cross_entropy, greedy_transcribe, load_frozen_teacher
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import corpus_wer
+from whistle_pipeline.sources import open_source
 from whistle_pipeline.teacher import resolve_device
 from whistle_pipeline.text import IGNORE_INDEX, encode_texts
 from whistle_pipeline.tle import TLEModel
@@ -115,6 +118,8 @@ class RoundTrips:
 def run(config: PipelineConfig, options: ValidateTLEOptions) -> ValidateTLEResult:
     """Validate the TLE in options.tle_dir on options.store against config.teacher."""
     started = time.time()
+    # the voices manifest is read (any manifest format) and matched to the store before anything is computed
+    voice_of = read_voices(options.voices, stored_ids(options.store), config) if options.voices else None
     device = resolve_device(config.teacher.device)
     teacher = load_frozen_teacher(config.teacher.name_or_path, config.teacher.revision, device, torch.float32,
                                   config.teacher.attn_implementation)
@@ -133,9 +138,8 @@ def run(config: PipelineConfig, options: ValidateTLEOptions) -> ValidateTLEResul
         predicted = text_round_trip(tle, teacher, lines, options.batch_size)
         metrics[f"text_wer_{Path(path).stem}"] = corpus_wer(lines, predicted, ["en"] * len(lines))
         text_transcripts += [{"reference": r, "predicted": p} for r, p in zip(lines, predicted)][: options.examples]
-    if options.voices:
-        metrics["voices"] = per_voice(options.voices, ids, trips.references, trips.real, trips.real_ce,
-                                      trips.label_tokens)
+    if voice_of is not None:
+        metrics["voices"] = per_voice(voice_of, ids, trips.references, trips.real, trips.real_ce, trips.label_tokens)
     if options.weights is not None:
         metrics["weights"] = options.weights
     summary_path = Path(options.tle_dir) / "summary.json"
@@ -206,16 +210,32 @@ def round_trips(tle: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch]
     return trips
 
 
-def per_voice(manifest: str, ids: list[str], references: list[str], hypotheses: list[str], ce: list[float],
-              tokens: list[int]) -> dict[str, dict[str, float]]:
-    """{voice: {clips, wer, decoder_ce}} of the real audio, the voice (without its variant) from the manifest."""
-    rows = [json.loads(line) for line in Path(manifest).read_text(encoding="utf-8").splitlines() if line.strip()]
-    voice_of = {row["id"]: row["voice"].split("+")[0] for row in rows if "voice" in row}
+def stored_ids(url: str) -> list[str]:
+    """The utterance ids of a store's complete shards (its small index arrays only)."""
+    reader = StoreReader(url)
+    return [utt_id for shard in reader.shards() for utt_id in reader.index(shard).ids]
+
+
+def read_voices(manifest: str, ids: list[str], config: PipelineConfig) -> dict[str, str]:
+    """{utterance id: voice, without its variant} for every one of `ids`, from the `whistle synthesize` manifest
+    (read as a precompute source: any manifest format, the [data] columns, an "id" column by default)."""
+    source = open_source(dataclasses.replace(config.data, path=manifest, kind="auto", max_clips=0))
+    voices = source.column("voice")
+    if voices is None:
+        raise WhistleError(f"--voices {manifest} has no 'voice' column; pass the `whistle synthesize` manifest "
+                           "the store was precomputed from")
+    voice_of = {source.row_id(row): voice.split("+")[0] for row, voice in enumerate(voices) if voice}
     missing = [utt_id for utt_id in ids if utt_id not in voice_of]
     if missing:
         raise WhistleError(f"--voices {manifest}: {len(missing)} of the store's {len(ids)} clips have no row "
                            f"with a voice (first: {missing[0]!r}); pass the synthesize manifest the store "
                            "was precomputed from")
+    return voice_of
+
+
+def per_voice(voice_of: dict[str, str], ids: list[str], references: list[str], hypotheses: list[str],
+              ce: list[float], tokens: list[int]) -> dict[str, dict[str, float]]:
+    """{voice: {clips, wer, decoder_ce}} of the real audio, by `read_voices`' voice of each utterance."""
     groups: dict[str, list[int]] = {}
     for i, utt_id in enumerate(ids):
         groups.setdefault(voice_of[utt_id], []).append(i)

@@ -108,14 +108,16 @@ def test_every_bad_input_is_processed_or_rejected_as_the_table_says(tiny_whisper
         precompute(tiny_whisper_dir, folder / "manifest.jsonl", store, strict=True)
 
 
-def test_csv_rows_with_wrong_field_counts_or_encodings(tiny_whisper_dir, corpus, tmp_path):
+@pytest.mark.parametrize("name", ["rows.csv", "rows.tsv"])
+def test_table_rows_with_wrong_field_counts_encodings_or_quotes(tiny_whisper_dir, corpus, tmp_path, name):
+    """Every record of the file is stored or rejected (with its line): a stray quote costs one row at most."""
     folder, expected = corpus
-    items = expected["manifests"]["rows.csv"]
+    items = expected["manifests"][name]
     kept, rejects = expected_counts(items)
-    result = precompute(tiny_whisper_dir, folder / "rows.csv", tmp_path / "csv")
-    assert (result.clips, result.rejects) == (kept, rejects)
-    assert inspect_store(tmp_path / "csv").rejects == rejects
-    check_items(StoreReader(str(tmp_path / "csv")), items)
+    result = precompute(tiny_whisper_dir, folder / name, tmp_path / "table")
+    assert (result.rows, result.clips, result.rejects) == (len(items), kept, rejects)
+    assert inspect_store(tmp_path / "table").rejects == rejects
+    check_items(StoreReader(str(tmp_path / "table")), items)
 
 
 def test_a_manifest_without_a_needed_column_is_refused_naming_it(tiny_whisper_dir, corpus, tmp_path):

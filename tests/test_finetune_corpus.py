@@ -39,7 +39,7 @@ def test_jsonl_reads_the_column_and_per_row_language_and_records_bad_rows(tmp_pa
     assert "not valid JSON" in reasons["corpus.jsonl:3"]
     assert "no 'sentence' field" in reasons["corpus.jsonl:4"]
     assert reasons["corpus.jsonl:5"] == "empty text"
-    assert "not an object" in reasons["corpus.jsonl:6"]
+    assert "not a JSON object" in reasons["corpus.jsonl:6"]
     assert "2 sentences" in corpus.summary() and "4 rejected" in corpus.summary()
 
 
@@ -54,6 +54,24 @@ def test_csv_and_tsv_with_a_missing_column_name_the_columns(tmp_path):
     assert read_corpus(str(tsv_path), text_column="sentence", language="en").rows[0].text == "one two"
     with pytest.raises(WhistleError, match=r"has no column 'text' \(its columns: path, sentence\)"):
         read_corpus(str(tsv_path), text_column="text", language="en")
+
+
+def test_corpora_are_read_as_manifests_are(tmp_path):
+    """BOM dropped, TSV unquoted, a stray CSV quote costs its own line, invisible text is empty."""
+    txt = tmp_path / "bom.txt"
+    txt.write_text("\ufeffhello\n\u200b\u200c\n", encoding="utf-8")
+    corpus = read_corpus(str(txt), text_column="text", language="en")
+    assert corpus.rows == [TextRow("bom.txt:1", "hello", "en")]
+    assert corpus.rejects == [TextReject("bom.txt:2", "empty text")]
+    tsv = tmp_path / "q.tsv"
+    tsv.write_text('\ufeffsentence\n"stray quote\nnext\n', encoding="utf-8")
+    assert [r.text for r in read_corpus(str(tsv), text_column="sentence", language="en").rows] == [
+        '"stray quote', "next"]
+    table = tmp_path / "q.csv"
+    table.write_text('text\n"never closed\nnext\n', encoding="utf-8")
+    corpus = read_corpus(str(table), text_column="text", language="en")
+    assert corpus.rows == [TextRow("q.csv:3", "next", "en")]
+    assert corpus.rejects[0].id == "q.csv:2" and "quote that does not close" in corpus.rejects[0].reason
 
 
 def test_datasets_folder_reads_only_the_text_columns(tmp_path):

@@ -133,7 +133,7 @@ def test_manifest_of_every_format_matches_the_encoder(tiny_whisper_dir, audio_fo
     assert rejects["long"] == "too long: 31.0 s, the window is 30 s"
     assert rejects["garbage"].startswith("undecodable audio: ")
     assert rejects["nan"] == "non-finite audio: NaN or infinite samples"
-    assert rejects["empty-text"] == "empty text"
+    assert rejects["empty-text"] == "empty text: line 10 of manifest.jsonl"
 
     record = reader.record("precompute.json")
     assert record["clips"] == 5 and record["rejects"]["too long"] == 1 and record["shards_written"] == 4

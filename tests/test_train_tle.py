@@ -320,17 +320,40 @@ def test_two_processes_train_one_tle(tle_store, tiny_teacher_dir, tmp_path):
 def test_validate_tle_groups_real_audio_by_voice(tmp_path):
     """validate-tle --voices: WER per voice over its clips, CE per voice weighted by label tokens, the voice's
     variant (+f3) folded in; a clip the manifest lacks is a clear error, not a KeyError."""
-    from stages.validate_tle import per_voice
+    from stages.validate_tle import per_voice, read_voices
+    from whistle_pipeline.config import load_config
 
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(row) for row in [
         {"id": "a", "voice": "en-us"}, {"id": "b", "voice": "en-us+f3"}, {"id": "c", "voice": "en-gb-scotland"}]))
-    rows = per_voice(str(manifest), ["a", "b", "c"], ["red fox", "the cat sat down", "blue sky"],
+    voice_of = read_voices(str(manifest), ["a", "b", "c"], load_config())
+    rows = per_voice(voice_of, ["a", "b", "c"], ["red fox", "the cat sat down", "blue sky"],
                      ["red fox", "the cat", "blue"], [1.0, 2.0, 0.5], [2, 6, 3])
     assert rows["en-us"] == {"clips": 2, "wer": pytest.approx(2 / 6), "decoder_ce": pytest.approx((2 + 12) / 8)}
     assert rows["en-gb-scotland"] == {"clips": 1, "wer": pytest.approx(0.5), "decoder_ce": pytest.approx(0.5)}
     with pytest.raises(WhistleError, match="1 of the store's 4 clips have no row with a voice .*'d'"):
-        per_voice(str(manifest), ["a", "b", "c", "d"], ["x"] * 4, ["x"] * 4, [1.0] * 4, [1] * 4)
+        read_voices(str(manifest), ["a", "b", "c", "d"], load_config())
+
+
+def test_validate_tle_reads_any_manifest_format_before_computing(tle_store, tmp_path):
+    """--voices is read as a precompute source (a CSV here) and checked before the teacher or the TLE is
+    loaded: a manifest without a voice column fails at once, naming it, with nothing computed."""
+    from click.testing import CliRunner
+
+    from stages.validate_tle import read_voices, stored_ids
+    from whistle_pipeline.cli import cli
+    from whistle_pipeline.config import load_config
+
+    ids = stored_ids(str(tle_store))
+    table = tmp_path / "voices.csv"
+    table.write_text("id,audio,text,voice\n" + "".join(f"{utt_id},a.wav,x,en-us+m{i % 3}\n"
+                                                       for i, utt_id in enumerate(ids)), encoding="utf-8")
+    assert set(read_voices(str(table), ids, load_config()).values()) == {"en-us"}
+    table.write_text("id,audio,text\n" + "".join(f"{utt_id},a.wav,x\n" for utt_id in ids), encoding="utf-8")
+    args = ["validate-tle", str(tmp_path), "--store", str(tle_store), "--teacher",
+            str(tmp_path / "no-teacher"), "--voices", str(table)]
+    failed = CliRunner().invoke(cli, args)
+    assert failed.exit_code == 1 and "voices.csv has no 'voice' column" in failed.output, failed.output
 
 
 def test_cli_validates_a_tle_against_the_real_states(tle_store, tiny_teacher_dir, tmp_path):

@@ -107,7 +107,7 @@ def test_manifest_loads_as_a_precompute_source(synthesized):
     from whistle_pipeline.config import load_config
     from whistle_pipeline.sources import Clip, open_source
 
-    config = load_config(updates={"data": {"path": str(synthesized / "manifest.jsonl"), "id_column": "id"}})
+    config = load_config(updates={"data": {"path": str(synthesized / "manifest.jsonl")}})  # its "id" is the id
     source = open_source(config.data)
     items = [source[i] for i in range(len(source))]
     assert all(isinstance(item, Clip) for item in items), items

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import soundfile
@@ -57,14 +57,17 @@ AudioSource = str | os.PathLike | bytes
 
 
 def load_audio(
-    source: AudioSource, sample_rate: int, *, max_seconds: float | None = None, name: str | None = None
+    source: AudioSource, sample_rate: int, *, max_seconds: float | None = None, name: str | None = None,
+    segment: tuple[float, float | None] | None = None,
 ) -> np.ndarray:
     """Decode `source` (a file path or the encoded bytes of a file) to float32 mono at `sample_rate`.
 
     Integer PCM is scaled to [-1, 1); channels are averaged; other rates are resampled with soxr (HQ).
-    Raises AudioError (naming the file, or `name` for bytes) when the file is missing or cannot be
-    decoded, is truncated (fewer samples than its header declares), is empty, holds NaN/inf samples, or
-    is longer than `max_seconds` (checked before decoding).
+    `segment` = (start, duration) in seconds reads only that part (duration None: to the end), as a
+    NeMo offset or a lhotse supervision asks. Raises AudioError (naming the file, or `name` for bytes)
+    when the file is missing or cannot be decoded, is truncated (fewer samples than its header
+    declares), is empty, holds NaN/inf samples, is longer than `max_seconds` (checked before decoding),
+    or ends before the segment does.
     """
     name = name or (f"<{len(source)} bytes>" if isinstance(source, bytes) else os.fspath(source))
     if not isinstance(source, bytes) and not os.path.isfile(source):
@@ -74,10 +77,13 @@ def load_audio(
     try:
         with soundfile.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as handle:
             rate, declared = handle.samplerate, handle.frames
-            if max_seconds is not None and declared > max_seconds * rate:
-                raise AudioError(f"too long: {declared / rate:.1f} s, the window is {max_seconds:g} s", name)
+            first, wanted = (0, declared) if segment is None else _segment_frames(segment, rate, declared, name)
+            if max_seconds is not None and wanted > max_seconds * rate:
+                raise AudioError(f"too long: {wanted / rate:.1f} s, the window is {max_seconds:g} s", name)
             cut = _cut_data_chunk(handle.extra_info)
-            samples = handle.read(dtype="float32", always_2d=True)  # (N, C)
+            if first:
+                handle.seek(first)
+            samples = handle.read(-1 if segment is None else wanted, dtype="float32", always_2d=True)  # (N, C)
     except soundfile.LibsndfileError as err:
         raise AudioError(f"undecodable audio: {err.error_string}", name) from err
     except (RuntimeError, TypeError, ValueError) as err:  # truncated or malformed streams fail while reading
@@ -85,9 +91,9 @@ def load_audio(
     if cut:
         raise AudioError(f"truncated audio: the header declares {cut[0]} bytes of samples, the file holds {cut[1]}",
                          name)
-    if samples.shape[0] < declared - TRUNCATION_SLACK_SECONDS * rate:
-        raise AudioError(f"truncated audio: the header declares {declared / rate:.2f} s, only "
-                         f"{samples.shape[0] / rate:.2f} s could be decoded", name)
+    if samples.shape[0] < wanted - TRUNCATION_SLACK_SECONDS * rate:
+        raise AudioError(f"truncated audio: the header declares {(first + wanted) / rate:.2f} s, only "
+                         f"{(first + samples.shape[0]) / rate:.2f} s could be decoded", name)
     if samples.shape[0] == 0:
         raise AudioError("empty audio: 0 samples", name)
     audio = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]  # (N,)
@@ -96,6 +102,19 @@ def load_audio(
     if rate != sample_rate:
         audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _segment_frames(segment: tuple[float, float | None], rate: int, declared: int, name: str) -> tuple[int, int]:
+    """(first frame, frame count) of a (start, duration) segment of a file of `declared` frames. A segment that
+    ends up to TRUNCATION_SLACK_SECONDS after the file (a rounded duration) is cut at the file's end."""
+    start, duration = segment
+    first = round(start * rate)
+    wanted = declared - first if duration is None else round(duration * rate)
+    if first >= declared or first + wanted > declared + TRUNCATION_SLACK_SECONDS * rate:
+        end = "the end" if duration is None else f"{start + duration:.2f} s"
+        raise AudioError(f"segment beyond the audio: the file is {declared / rate:.2f} s, the segment is "
+                         f"{start:.2f} s to {end}", name)
+    return first, min(wanted, declared - first)
 
 
 def _cut_data_chunk(log: str) -> tuple[int, int] | None:

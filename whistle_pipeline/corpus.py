@@ -2,9 +2,12 @@
 
 Four kinds, chosen from the path:
 
-- ``*.txt``: one sentence per line (blank lines are skipped); every line is in ``language``;
+- ``*.txt``: one sentence per line (blank lines are skipped); every line is in ``language``; any of these
+  files may start with a byte-order mark;
 - ``*.jsonl``: one JSON object per line, the sentence in ``text_column``;
 - ``*.csv`` / ``*.tsv``: a header row, the sentence in ``text_column``;
+  (JSON lines, CSV and TSV are read as manifests are, by `whistle_pipeline.manifest_files`: TSV
+  unquoted, a CSV quote that does not close costs its own line, a key named twice is a reject)
 - anything else: a Hugging Face ``datasets`` dataset, a ``save_to_disk`` folder or a hub name
   (``split`` / ``subset``); only the text (and language) columns are read, so audio is never decoded.
 
@@ -17,14 +20,14 @@ is empty fall back to ``language``). Bad rows (no text, unreadable JSON, no lang
 """
 from __future__ import annotations
 
-import csv
-import json
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.manifest_files import is_blank, read_json_lines, read_table
 
 FILE_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
@@ -66,7 +69,7 @@ class TextCorpus:
 
 def is_held_out(item_id: str, fraction: float, seed: int) -> bool:
     """A stable, seed-dependent coin for `item_id` that comes up `fraction` of the time."""
-    bucket = zlib.crc32(f"{seed}:{item_id}".encode("utf-8")) / 0xFFFFFFFF
+    bucket = zlib.crc32(f"{seed}:{item_id}".encode()) / 0xFFFFFFFF
     return bucket < fraction
 
 
@@ -124,7 +127,7 @@ def _add_row(corpus: TextCorpus, row_id: str, cells: dict[str, Any], text_column
         corpus.rejects.append(TextReject(row_id, f"{text_column!r} is {type(text).__name__}, not text"))
         return
     text = clean_text(text)
-    if not text:
+    if is_blank(text):
         corpus.rejects.append(TextReject(row_id, "empty text"))
         return
     row_language = cells.get(language_column) if language_column else None
@@ -142,43 +145,31 @@ def _txt_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any] | TextReject]]:
-    for number, line in enumerate(_lines(path), start=1):
-        row_id = f"{path.name}:{number}"
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield row_id, TextReject(row_id, f"not valid JSON: {err.msg} at column {err.colno}")
-            continue
-        if not isinstance(value, dict):
-            yield row_id, TextReject(row_id, f"a JSON {type(value).__name__}, not an object")
-            continue
-        yield row_id, value
+    # read as manifests are (whistle_pipeline.manifest_files): BOM dropped, a key named twice is a reject
+    for record in read_json_lines(path):
+        row_id = f"{path.name}:{record.line}"
+        yield row_id, record.cells if record.cells is not None else TextReject(row_id, record.reason)
 
 
 def _csv_records(path: Path, delimiter: str, text_column: str, language_column: str
-                 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            columns = reader.fieldnames or []
-            for wanted in filter(None, (text_column, language_column)):
-                if wanted not in columns:
-                    raise WhistleError(
-                        f"{path} has no column {wanted!r} (its columns: {', '.join(columns) or 'none'}); "
-                        "set finetune.text_column / finetune.language_column"
-                    )
-            # Line numbers count the header, so "file:N" is the N-th line of the file for one-line rows.
-            for number, row in enumerate(reader, start=2):
-                yield f"{path.name}:{number}", row
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise WhistleError(f"cannot read {path} as {'TSV' if delimiter == chr(9) else 'CSV'}: {err}") from err
+                 ) -> Iterator[tuple[str, dict[str, Any] | TextReject]]:
+    # read as manifests are: TSV unquoted, a CSV quote that does not close costs its own line, BOM dropped
+    records, columns = read_table(path, delimiter)
+    for wanted in filter(None, (text_column, language_column)):
+        if wanted not in columns:
+            raise WhistleError(
+                f"{path} has no column {wanted!r} (its columns: {', '.join(columns) or 'none'}); "
+                "set finetune.text_column / finetune.language_column"
+            )
+    # "file:N" is the line the row starts on (the header is line 1)
+    for record in records:
+        row_id = f"{path.name}:{record.line}"
+        yield row_id, record.cells if record.cells is not None else TextReject(row_id, record.reason)
 
 
 def _lines(path: Path) -> Iterable[str]:
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is no part of the first line
             yield from handle
     except UnicodeDecodeError as err:
         raise WhistleError(f"{path} is not UTF-8 text ({err}); convert it, e.g. with iconv") from err

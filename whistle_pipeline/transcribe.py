@@ -258,7 +258,7 @@ def decoded_batches(clips: Sequence[Clip], sample_rate: int, window_seconds: flo
     """(clips, audio arrays, rejects) per batch; the next batch decodes on threads while this one runs."""
     def load(clip: Clip) -> Any:
         try:
-            return load_audio(clip.audio, sample_rate, max_seconds=window_seconds, name=clip.id)
+            return load_audio(clip.audio, sample_rate, max_seconds=window_seconds, name=clip.id, segment=clip.segment)
         except AudioError as err:
             return err
 

@@ -7,8 +7,11 @@ precomputes the result. Every item is either *processed* (stored, with the durat
 language the table gives) or *rejected* with a reason of the given kind (the text before the first
 colon, as the store and inspect-store group them) and a detail that names what is wrong.
 
-    OUT_DIR/manifest.jsonl       the main corpus (id column "id"; one line is not UTF-8, one not JSON)
-    OUT_DIR/rows.csv             CSV rows: short, too long (an unquoted comma), not UTF-8
+    OUT_DIR/manifest.jsonl       the main corpus (id column "id"; one line is not UTF-8, one not JSON, one names
+                                 a key twice; cells of the wrong JSON type)
+    OUT_DIR/rows.csv             CSV rows: short, too long (an unquoted comma), not UTF-8, a quote that never
+                                 closes (costing its own row only), zero-width text; the file starts with a BOM
+    OUT_DIR/rows.tsv             TSV rows with stray quotes (TSV is unquoted); the file starts with a BOM
     OUT_DIR/missing_column.csv   a manifest without the text column: the whole source is refused
     OUT_DIR/clips/               the audio, made with soundfile from seeded signals
     OUT_DIR/expected.json        {"manifests": {name: [item, ...]}, "refused": {name: fragment}}
@@ -108,6 +111,14 @@ def make_corpus(folder: Path) -> dict[str, Any]:
     rejected(f"row-{len(lines) - 1:08d}", "transcript in Latin-1, not UTF-8", "bad row", "not valid UTF-8")
     rejected("ok-16k", "duplicate id (the first row's)", "duplicate id", "first used by row 0",
              clip_row("ok-16k", "pcm-24.wav"))
+    rejected("text-zero-width", "transcript of zero-width characters only", "empty text", "",
+             {**clip_row("text-zero-width", "ok.wav"), "text": "\u200b\u200c\u2060"})
+    rejected("text-list", "transcript that is a JSON list", "bad row", "'text' holds a JSON list",
+             {**clip_row("text-list", "ok.wav"), "text": ["a", "b"]})
+    rejected("lang-bool", "language that is a JSON boolean", "bad row", "'language' holds a JSON boolean",
+             {**clip_row("lang-bool", "ok.wav"), "language": True})
+    lines.append(b'{"id": "key-twice", "audio": "clips/ok.wav", "text": "one", "text": "two", "language": "en"}')
+    rejected(f"row-{len(lines) - 1:08d}", "a JSON line with the key 'text' twice", "bad row", "key 'text' twice")
 
     # --- audio that must be rejected ------------------------------------------------------------------------
     soundfile.write(clips / "whole.wav", tone(1.0, RATE), RATE, subtype="PCM_16")
@@ -150,7 +161,7 @@ def make_corpus(folder: Path) -> dict[str, Any]:
     rejected(f"row-{len(lines) - 1:08d}", "line that is not JSON", "bad row", "not valid JSON")
     (folder / "manifest.jsonl").write_bytes(b"\n".join(lines) + b"\n")
 
-    # --- CSV: field counts and encodings --------------------------------------------------------------------
+    # --- CSV / TSV: field counts, encodings, quotes, a byte-order mark --------------------------------------
     csv_items = [
         {"id": "csv-ok", "what": "CSV row", "outcome": "processed", "samples": RATE, "peak": AMPLITUDE, "mean": 0.0,
          "text": "a quoted, comma", "language": "en"},
@@ -160,13 +171,29 @@ def make_corpus(folder: Path) -> dict[str, Any]:
          "kind": "bad row", "detail": "5 field(s), the header has 4"},
         {"id": "row-00000003", "what": "CSV row in Latin-1, not UTF-8", "outcome": "rejected", "kind": "bad row",
          "detail": "not valid UTF-8"},
+        {"id": "row-00000004", "what": "CSV row with a quote that never closes", "outcome": "rejected",
+         "kind": "bad row", "detail": "line 6 of rows.csv has a quote that does not close"},
+        {"id": "csv-after-quote", "what": "the row after it (not swallowed)", "outcome": "processed", "samples": RATE,
+         "peak": AMPLITUDE, "mean": 0.0, "text": "after the quote", "language": "en"},
+        {"id": "csv-zero-width", "what": "CSV transcript of zero-width characters", "outcome": "rejected",
+         "kind": "empty text", "detail": "line 8 of rows.csv"},
     ]
     (folder / "rows.csv").write_bytes(
-        b'id,audio,text,language\ncsv-ok,clips/ok.wav,"a quoted, comma",en\ncsv-short,clips/ok.wav,en\n'
-        b"csv-long,clips/ok.wav,a comma, unquoted,en\ncsv-latin1,clips/ok.wav,caf\xe9,en\n")
+        b'\xef\xbb\xbfid,audio,text,language\ncsv-ok,clips/ok.wav,"a quoted, comma",en\ncsv-short,clips/ok.wav,en\n'
+        b"csv-long,clips/ok.wav,a comma, unquoted,en\ncsv-latin1,clips/ok.wav,caf\xe9,en\n"
+        b'csv-quote,clips/ok.wav,"an unclosed quote,en\ncsv-after-quote,clips/ok.wav,after the quote,en\n'
+        + "csv-zero-width,clips/ok.wav,\u200b\u200d,en\n".encode())
+    tsv_items = [
+        {"id": "tsv-quote", "what": "TSV row with a stray quote (TSV is unquoted: it is text)", "outcome": "processed",
+         "samples": RATE, "peak": AMPLITUDE, "mean": 0.0, "text": '"she said hi', "language": "en"},
+        {"id": "tsv-next", "what": "the row after it (not swallowed)", "outcome": "processed", "samples": RATE,
+         "peak": AMPLITUDE, "mean": 0.0, "text": 'next "row"', "language": "en"},
+    ]
+    (folder / "rows.tsv").write_bytes(b'\xef\xbb\xbfid\taudio\ttext\tlanguage\ntsv-quote\tclips/ok.wav\t"she said hi\ten\n'
+                                      b'tsv-next\tclips/ok.wav\tnext "row"\ten\n')
     (folder / "missing_column.csv").write_text("id,audio\nm1,clips/ok.wav\n", encoding="utf-8")
 
-    expected = {"manifests": {"manifest.jsonl": items, "rows.csv": csv_items},
+    expected = {"manifests": {"manifest.jsonl": items, "rows.csv": csv_items, "rows.tsv": tsv_items},
                 "refused": {"missing_column.csv": "data.text_column = 'text'"}}
     (folder / "expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False), encoding="utf-8")
     return expected
