@@ -227,15 +227,16 @@ def read_verification_audio(path: str | Path, max_clips: int = 16) -> list[np.nd
     if path.suffix.lower() in AUDIO_SUFFIXES:
         return [load_audio(path, SAMPLE_RATE, max_seconds=window_seconds)]
     from whistle_pipeline.config import load_config
-    from whistle_pipeline.sources import SourceItem, open_source
+    from whistle_pipeline.sources import Clip, open_source
 
     source = open_source(load_config(None, updates={"data": {"path": str(path), "max_clips": max_clips}}).data)
-    items = [item for item in source if isinstance(item, SourceItem)]
+    items = [item for item in source if isinstance(item, Clip)]
     if len(items) < len(source):
         log.warning("%s: %d of %d rows unusable, verifying on the rest", path, len(source) - len(items), len(source))
     if not items:
         raise ExportError(f"--verify-audio {path}: no usable rows ({source.describe()})")
-    return [load_audio(item.audio, SAMPLE_RATE, max_seconds=window_seconds, name=item.audio_name) for item in items]
+    return [load_audio(item.audio, SAMPLE_RATE, max_seconds=window_seconds, name=item.audio_name, segment=item.segment)
+            for item in items]
 
 
 def log_mel(model_dir: str | Path, clips: Sequence[np.ndarray]) -> np.ndarray:
