@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from conftest import load_bench, make_tiny_teacher, store_spec, synthetic_utterances, write_synthetic_store
+from conftest import (
+    load_bench,
+    make_tiny_teacher,
+    store_spec,
+    synthetic_utterances,
+    write_synthetic_store,
+)
 
 from store import StoreError, StoreReader, inspect_store
 from store.format import DamagedShardError
@@ -85,11 +91,13 @@ ARRAY_KINDS = ("offsets", "speech_frames", "ids", "text", "language", "duration"
 
 
 def flip_one_bit(array_folder, seed=0):
-    """Flip one random bit of an array's one stored object (c/0, c/0/0: a single chunk or a shard object)."""
+    """Flip one random bit among the last bytes before the final crc32c of an array's one stored object (c/0,
+    c/0/0: a single chunk or a shard object): in a small array, the last values (before format 1.1, a silent
+    change of them)."""
     [target] = [path for path in (array_folder / "c").rglob("*") if path.is_file()]
     raw = np.frombuffer(target.read_bytes(), np.uint8).copy()
     rng = np.random.default_rng(seed)
-    raw[rng.integers(raw.size)] ^= np.uint8(1 << int(rng.integers(8)))
+    raw[raw.size - 5 - rng.integers(min(8, raw.size - 4))] ^= np.uint8(1 << int(rng.integers(8)))
     target.write_bytes(raw.tobytes())
 
 
