@@ -232,3 +232,10 @@ def test_finetune_skip_damaged_leaves_the_shard_out_and_says_so(tmp_path):
     assert f"skipped 1 damaged shard(s) ({lost} utterances) of {reader.url}: 00000" in result.summary()
     saved = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert saved["damaged_shards"] == result.damaged_shards
+
+
+@pytest.mark.parametrize("kind,cache", [("text", False), ("tail_sum", False), ("mean", True)])
+def test_bench_bit_flip_trials(fault_world, tmp_path, kind, cache):
+    world, clean, reference = fault_world
+    trial = faults.bit_flip_trial(world, tmp_path, clean, kind, cache, 0, reference)
+    assert trial.ok, trial
