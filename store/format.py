@@ -1,4 +1,4 @@
-"""The whistle feature store, format 1: what is on disk, and how to open it.
+"""The whistle feature store, format 1 (minor 1): what is on disk, and how to open it.
 
 A store is a Zarr v3 group, a local folder or any fsspec URL (``s3://bucket/store``,
 ``gs://...``, ``memory://...``). Every record in it is JSON or a typed array; nothing is pickled.
@@ -19,8 +19,13 @@ Layout::
                                   "created_by", "created_at", "updated_by", "updated_at"}
     STORE/<name>.json           run records (e.g. precompute.json), plain JSON
     STORE/shards/00000/zarr.json   attrs: {"complete": false, started_by, started_at} when begun; then
-                                   n, n_frames, audio_seconds, rejects [{id, reason}], written_by,
-                                   written_at and "complete": true, in the shard's last write
+                                   n, n_frames, audio_seconds, rejects [{id, reason}], format_minor (1),
+                                   write_id (a random hex id of this write of the shard), written_by,
+                                   written_at and "complete": true, in the shard's last write. Readers
+                                   type-check a complete shard's attrs (n, n_frames, format_minor counts;
+                                   audio_seconds a number; rejects a list of {id, reason} strings;
+                                   write_id a string): malformed, it counts as incomplete (named, and
+                                   rewritten by the next precompute run), like an unparsable zarr.json
       states        (n_frames, d_model) float16. One Zarr shard object (sharding codec) of
                     ceil(n_frames / chunk_frames) inner chunks of `chunk_frames` rows (the last
                     one padded with zeros): BitRound (optional, lossy) -> bytes -> Blosc (lz4/zstd,
@@ -41,10 +46,14 @@ Layout::
       tail_count    (max_frames,) int64: how many utterances contributed to each position
       stat_sum, stat_sqsum   (d_model,) float64: per-channel sums of speech frames and of squares
       stat_count    (1,) int64: speech frames summed
-                    (every array but states is a single chunk with zarr's default codecs)
+                    (every array but states is a single chunk: bytes (or vlen-utf8) -> Zstd (level 0,
+                    zarr's default) -> crc32c, so any damaged byte of it is a read error; shards of
+                    format 1.0 (no format_minor) have no crc32c there and are read unchecked)
     STORE/cache/<key>.<tag>/    the reduction of the complete shards (tail_template, tail_count, mean,
-                                std; attrs complete, shards), <key> = hash of the complete shards'
-                                (index, n, n_frames); only ever a cache, recomputed when stale
+                                std, each a single chunk ending in crc32c; attrs complete, shards),
+                                <key> = hash of the complete shards' (index, write_id; for format 1.0
+                                shards n, n_frames, written_at); only ever a cache, recomputed when stale,
+                                and never used when damaged (a WARNING names the entry; it is replaced)
     STORE/locks/<shard name>    an empty file per shard being written, locked with fcntl.flock by the
                                 process writing it (local stores only; not part of the data: readers
                                 never look at it, a completed shard's file is deleted, a crashed
@@ -79,7 +88,12 @@ Protocol (what lets any number of processes write one store with no locks):
 - Rejected inputs are listed per shard as {id, reason}. A reason reads "kind: detail"; reports
   group rejects by the kind (the text before the first colon).
 
-Format history: 1 (this one) — first release.
+Format history: 1 — first release. 1.1 (this one; a shard's attrs say "format_minor": 1) — every
+array of a shard, not only states, and every array of the cache ends in a crc32c; shard attrs carry
+format_minor and write_id, and the cache is keyed by write_id. Readers read every minor of format 1
+(zarr checks the codecs each array declares), so 1.0 shards read as before, unverified:
+`inspect-store` names them "not verifiable". A shard that says format_minor 1 but has an array
+without its crc32c is damaged. Whistle versions before 1.1 read 1.1 stores too.
 """
 from __future__ import annotations
 
