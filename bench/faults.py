@@ -1,9 +1,11 @@
 """Fault-injection trials: what a crash, a full disk or a second run does to a store or a training run.
 
     python bench/faults.py                    # every trial: 12 precompute kills, 3 train-tle and 3 finetune
-                                              # kills, 3 concurrent runs, 24 disk-full limits (~15 min, 2 cores)
+                                              # kills, 3 concurrent runs, 24 disk-full limits, 16 bit flips
+                                              # (~17 min, 2 cores)
     python bench/faults.py --kills 20 --seed 7
     python bench/faults.py --quick            # one trial of each kind (a smoke run)
+    python bench/faults.py --only bit-flip --bit-flips 3   # only these trials
 
 Every trial runs the real thing — `python -m whistle_pipeline ...` processes killed with SIGKILL,
 a real Zarr store on disk — with a tiny random Whisper and synthetic clips made here (the same
@@ -26,6 +28,12 @@ and `name=value` totals; exits 1 if any trial lost or corrupted anything.
                    unknown language, duplicate ids, missing files, broken manifest rows) precomputed once: each
                    item must be stored as its table says or rejected with its reason's kind, and a manifest
                    without the text column refused whole.
+  bit-flip         one bit flipped, at a seeded random place, in the stored object of each array kind of a
+                   shard (offsets ... states: ARRAY_KINDS, the shard seeded too) and of the cache (CACHE_ARRAYS)
+                   of a copy of the clean store: `inspect-store --check` must exit 1 naming the shard (or the
+                   cache entry) and the array; the reader must refuse the shard with a DamagedShardError naming
+                   both, or for the cache not use it (the template and statistics equal the clean run's). Then
+                   the repair the error names: delete the shard, rerun precompute: identical to the clean run.
   train-tle-kill / finetune-kill
                    SIGKILL after a random number of logged steps (plus a random part of a step); the rerun
                    resumes from the last complete checkpoint: every step logged once, losses within 1e-4 of
@@ -373,6 +381,77 @@ def disk_full_trial(world: World, folder: Path, limit: int, partial: bool, refer
     return Trial("disk-full", f"{limit:,} B, {mode}", where, outcome, not problems, time.monotonic() - began)
 
 
+ARRAY_KINDS = ("offsets", "speech_frames", "ids", "text", "language", "duration", "tail_sum", "tail_count",
+               "stat_sum", "stat_sqsum", "stat_count", "states")
+CACHE_KINDS = ("tail_template", "tail_count", "mean", "std")
+
+
+def flip_random_bit(path: Path, rng: np.random.Generator) -> str:
+    """Flip one bit anywhere in the file; says where."""
+    raw = np.frombuffer(path.read_bytes(), np.uint8).copy()
+    bit = int(rng.integers(8 * raw.size))
+    raw[bit // 8] ^= np.uint8(1 << (bit % 8))
+    path.write_bytes(raw.tobytes())
+    return f"bit {bit} of {raw.size:,} B"
+
+
+def bit_flip_trial(world: World, folder: Path, clean: Path, kind: str, cache: bool, seed: int,
+                   reference: dict[Any, Any]) -> Trial:
+    """One bit flipped in one array of a copy of the clean store (see the module docstring)."""
+    from click.testing import CliRunner
+
+    from store import StoreReader
+    from store.format import DamagedShardError
+    from store.reduction import shard_sums
+    from whistle_pipeline.cli import cli
+
+    rng = np.random.default_rng([seed, (ARRAY_KINDS + CACHE_KINDS).index(kind) + 100 * cache])
+    store = folder / f"flip-{'cache-' if cache else ''}{kind}-{seed}"
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.copytree(clean, store)
+    began = time.monotonic()
+    if cache:
+        [entry] = [path for path in (store / "cache").iterdir() if path.is_dir()]
+        owner, named = f"cache entry {entry.name}", f"cache: entry {entry.name}: {kind} is unreadable"
+        array = entry / kind
+    else:
+        shard = int(rng.integers(len(StoreReader(str(clean)).shards())))
+        owner, named = f"shard {shard:05d}", f"shard {shard:05d}: "
+        array = store / "shards" / f"{shard:05d}" / kind
+    [target] = [path for path in (array / "c").rglob("*") if path.is_file()]
+    where = f"{owner}, {kind}: {flip_random_bit(target, rng)}"
+    problems = []
+    check = CliRunner().invoke(cli, ["inspect-store", str(store), "--check"])
+    if check.exit_code != 1 or named not in check.output or kind not in check.output.split(named, 1)[1].split("\n")[0]:
+        problems.append(f"--check exit {check.exit_code} did not name {owner} and {kind}: {check.output[-300:]}")
+    reader = StoreReader(str(store))
+    if cache:
+        if not (np.array_equal(reader.tail_template(), reference["template"])
+                and all(np.array_equal(a, b) for a, b in zip(reader.statistics(), reference["statistics"]))):
+            problems.append("the reduction differs from the clean run's")
+        if entry.exists():
+            problems.append("the damaged cache entry was kept")
+        repair = "the cache was not used: recomputed, equal to the clean run's, the entry replaced"
+    else:
+        try:
+            for _ in reader.iter_shard(shard):
+                pass
+            shard_sums(reader.root, reader.url, reader.teacher, shard)
+            problems.append("the reader read the shard")
+        except DamagedShardError as err:
+            if f"shard {shard:05d} of store" not in str(err) or kind not in str(err):
+                problems.append(f"the reader's error names another shard or array: {err}")
+        shutil.rmtree(store / "shards" / f"{shard:05d}")
+        if precompute(world, str(store)).exit_code != 0:
+            problems.append("the repair's precompute failed")
+        repair = "refused by the reader naming both; shard deleted, precompute rerun"
+    problems += store_differences(str(store), reference)
+    outcome = (f"--check named {owner} and {kind}; {repair}; identical to the clean run" if not problems
+               else "PROBLEM: " + "; ".join(problems[:3]))
+    return Trial("bit-flip", f"{'cache ' if cache else ''}{kind}, seed {seed}", where, outcome, not problems,
+                 time.monotonic() - began)
+
+
 # --- training runs ------------------------------------------------------------------------------------
 
 TRAINING_STEPS = {"train-tle": 16, "finetune": 12}
@@ -571,6 +650,9 @@ def bad_input_trials(folder: Path) -> list[Trial]:
     return trials
 
 
+FAULTS = ("precompute-kill", "concurrent", "disk-full", "bit-flip", "train-tle-kill", "finetune-kill", "bad-input")
+
+
 def print_table(trials: list[Trial]) -> None:
     click.echo("| fault | trial | where it struck | outcome |")
     click.echo("|---|---|---|---|")
@@ -584,36 +666,44 @@ def print_table(trials: list[Trial]) -> None:
 @click.option("--concurrent", "concurrent_runs", default=3, show_default=True, help="Trials of two runs at once.")
 @click.option("--disk-limits", default=12, show_default=True,
               help="Byte limits swept over a run's writes, each with atomic and with partial failed writes.")
+@click.option("--bit-flips", default=1, show_default=True,
+              help="Rounds of bit-flip trials: one per array kind of a shard and of the cache each round.")
 @click.option("--seed", default=0, show_default=True, help="First seed.")
 @click.option("--quick", is_flag=True, help="One trial of each kind.")
+@click.option("--only", multiple=True, type=click.Choice(FAULTS), help="Run only these faults (repeatable).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Keep the trial folders here.")
-def main(kills: int, training_kills: int, concurrent_runs: int, disk_limits: int, seed: int, quick: bool,
-         workdir: str | None) -> None:
+def main(kills: int, training_kills: int, concurrent_runs: int, disk_limits: int, bit_flips: int, seed: int,
+         quick: bool, only: tuple[str, ...], workdir: str | None) -> None:
     """Run the fault-injection trials and print the table of faults and outcomes."""
     import logging
 
     logging.disable(logging.WARNING)
     if quick:
-        kills, training_kills, concurrent_runs, disk_limits = 1, 1, 1, 1
+        kills, training_kills, concurrent_runs, disk_limits, bit_flips = 1, 1, 1, 1, 1
+    chosen = set(only or FAULTS)
     folder = Path(workdir or tempfile.mkdtemp(prefix="whistle-faults-"))
     world = make_world(folder / "world")
     reference, startup, work = timed_clean_run(world, folder)
     click.echo(f"clean run: store created {startup:.1f} s after start, written in {work:.1f} s more")
     trials: list[Trial] = []
-    for k in range(seed, seed + kills):
+    for k in range(seed, seed + kills if "precompute-kill" in chosen else seed):
         trials.append(precompute_kill_trial(world, folder, k, reference, startup, work))
-    for k in range(seed, seed + concurrent_runs):
+    for k in range(seed, seed + concurrent_runs if "concurrent" in chosen else seed):
         trials.append(concurrent_trial(world, folder, k, reference, work))
     total = sum(p.stat().st_size for p in (folder / "clean").rglob("*") if p.is_file())
-    for limit in np.linspace(0, total, disk_limits + 2)[1:-1].astype(int):
+    for limit in np.linspace(0, total, disk_limits + 2)[1:-1].astype(int) if "disk-full" in chosen else []:
         for partial in (False, True):
             trials.append(disk_full_trial(world, folder, int(limit), partial, reference))
+    for k in range(seed, seed + bit_flips if "bit-flip" in chosen else seed):
+        trials += [bit_flip_trial(world, folder, folder / "clean", kind, False, k, reference) for kind in ARRAY_KINDS]
+        trials += [bit_flip_trial(world, folder, folder / "clean", kind, True, k, reference) for kind in CACHE_KINDS]
     for stage in ("train-tle", "finetune"):
-        if training_kills:
+        if training_kills and f"{stage}-kill" in chosen:
             reference_dir = training_reference(stage, folder)
             for k in range(seed, seed + training_kills):
                 trials.append(training_kill_trial(stage, folder, k, reference_dir))
-    trials += bad_input_trials(folder)
+    if "bad-input" in chosen:
+        trials += bad_input_trials(folder)
     print_table(trials)
     failed = [t for t in trials if not t.ok]
     for fault in dict.fromkeys(t.fault for t in trials):

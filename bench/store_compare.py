@@ -36,6 +36,13 @@ format for 5 s clips; its streaming read >= 1.0x the fastest alternative's (utte
 writes >= 2x the clips/s one GPU process of precompute produces (large-v3, from the encoder FLOPs
 and an H100's bf16 peak at --gpu-mfu, or --gpu-clips-per-s measured with bench/precompute.py).
 
+The checksum cost (format 1.1: every array of a shard, not only the states, ends in a crc32c) is measured in
+the same run on a whistle-speech store of the length mix: writing a shard's small arrays (offsets ... the
+tail and statistics sums) with crc32c and without (format 1.0's codecs: zarr's default Zstd alone), beside
+the whole shard's write; and reading the store back as written and after its small arrays are rewritten
+without checksums: streaming every shard's index and states (training's reads), and the tail template and
+statistics from every shard's sums (computed once per shard set, then cached): the before/after.
+
 Random normal states compress a little worse than real encoder outputs (~1.07x with zstd on real
 tiny.en states, docs/design.md, "The feature store"): sizes of compressed formats are an upper bound.
 
@@ -57,6 +64,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import zarr
 from datasets import Array2D, Dataset, Features, Value, concatenate_datasets, disable_progress_bars
 
 import torch
@@ -77,6 +85,8 @@ from _common import (
 from stages.background_writer import BackgroundWriter  # imported here: torch's import must not count as writing
 from stages.precompute import batch_sums
 from store import StoreReader, StoreSpec, StoreWriter, TeacherInfo
+from store.format import checked_compressors
+from store.reduction import compute_reduction
 
 D_MODEL = 1280
 POOL_FRAMES = 20_000  # distinct random frames the windows are cut from (~51 MB)
@@ -453,6 +463,83 @@ def writer_profile(corpus: Corpus, repeats: int) -> list[tuple[str, float]]:
     return out
 
 
+SMALL_ARRAYS = ("offsets", "speech_frames", "ids", "text", "language", "duration", "tail_sum", "tail_count",
+                "stat_sum", "stat_sqsum", "stat_count")
+
+
+def write_small_arrays(group: zarr.Group, arrays: dict[str, np.ndarray], checksums: bool) -> None:
+    """A shard's small arrays written as ShardWriter writes them (one chunk each, in one call), with crc32c
+    (format 1.1) or with zarr's default codecs alone (format 1.0)."""
+    for name, values in arrays.items():
+        array = group.create_array(name, shape=values.shape, dtype=str if values.dtype.kind in "OTU" else values.dtype,
+                                   chunks=tuple(max(1, size) for size in values.shape),
+                                   compressors=checked_compressors() if checksums else "auto",
+                                   config={"write_empty_chunks": True}, overwrite=True)
+        if values.size:
+            array[...] = values
+
+
+def stream_all(path: Path) -> float:
+    """Seconds to read every utterance of a store as training does (each shard's index, then its states)."""
+    began = time.perf_counter()
+    reader = StoreReader(path)
+    batch = Batch()
+    for shard in reader.shards():
+        for utt in reader.iter_shard(shard):
+            batch.take(utt.states)
+    return time.perf_counter() - began
+
+
+def reduce_all(path: Path) -> float:
+    """Seconds to compute the tail template and statistics from every shard's sums (what the cache then keeps)."""
+    began = time.perf_counter()
+    reader = StoreReader(path)
+    compute_reduction(reader.root, reader.url, reader.teacher, reader.shards())
+    return time.perf_counter() - began
+
+
+def checksum_cost(corpus: Corpus, root: Path, shard_size: int, repeats: int,
+                  sums: dict[int, dict[str, np.ndarray]]) -> dict[str, float]:
+    """Format 1.1's crc32c on every small array against format 1.0 (see the module docstring): milliseconds per
+    shard to write its small arrays each way, beside a whole shard's write; reads of the store each way. The
+    two ways alternate, so that both see the same machine."""
+    checked, unchecked = root / "checksum-cost-1.1", root / "checksum-cost-1.0"
+    began = time.perf_counter()
+    Whistle("speech").write(corpus, checked, shard_size, sums)
+    shard_seconds = (time.perf_counter() - began) / -(-len(corpus) // shard_size)
+    shutil.copytree(checked, unchecked)
+    shards = sorted((unchecked / "shards").glob("0*"))
+    arrays = [{name: zarr.open_array(str(shard / name), mode="r")[...] for name in SMALL_ARRAYS} for shard in shards]
+    for shard, values in zip(shards, arrays):  # the same store as format 1.0 wrote it
+        group = zarr.open_group(str(shard), mode="r+")
+        write_small_arrays(group, values, checksums=False)
+        for key in ("format_minor", "write_id"):
+            del group.attrs[key]
+    scratch = zarr.open_group(str(root / "small-arrays"), mode="w")
+    writes: dict[bool, list[float]] = {True: [], False: []}
+    streams: dict[bool, list[float]] = {True: [], False: []}
+    reductions: dict[bool, list[float]] = {True: [], False: []}
+    for path in (checked, unchecked):  # page cache warm
+        stream_all(path), reduce_all(path)
+    for _ in range(max(3 * repeats, 10)):  # short measurements on a shared machine: many rounds, medians
+        for checksums in (False, True):
+            began = time.perf_counter()
+            for values in arrays:
+                write_small_arrays(scratch, values, checksums)
+            writes[checksums].append((time.perf_counter() - began) / len(arrays))
+            streams[checksums].append(stream_all(checked if checksums else unchecked))
+            reductions[checksums].append(reduce_all(checked if checksums else unchecked))
+    for path in (checked, unchecked, root / "small-arrays"):
+        shutil.rmtree(path)
+    return {"small_arrays_write_ms_per_shard_crc32c": 1e3 * median(writes[True]),
+            "small_arrays_write_ms_per_shard_no_crc32c": 1e3 * median(writes[False]),
+            "shard_write_ms": 1e3 * shard_seconds,
+            "stream_utt_per_s_crc32c": len(corpus) / median(streams[True]),
+            "stream_utt_per_s_no_crc32c": len(corpus) / median(streams[False]),
+            "reduction_ms_per_shard_crc32c": 1e3 * median(reductions[True]) / len(shards),
+            "reduction_ms_per_shard_no_crc32c": 1e3 * median(reductions[False]) / len(shards)}
+
+
 def whistle_five_second_bytes(root: Path, n: int, shard_size: int, rng: np.random.Generator) -> float:
     """Bytes per utterance of a whistle-speech store of 5 s clips in one full shard (overhead amortised as
     in a real store)."""
@@ -496,6 +583,7 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
             click.echo(f"  measured {fmt.name}", err=True)
         five_second = whistle_five_second_bytes(root, five_second_utterances, five_second_utterances, rng)
         profile = writer_profile(corpus, repeats)
+        checksums = checksum_cost(corpus, root, shard_size, repeats, sums)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -543,6 +631,18 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
                f"{1e3 / before_ms:.0f} clips/s); now (tail and statistics sums made where the encoder runs, only speech frames "
                f"copied): {now_ms:.2f} ms ({1e3 / now_ms:.0f} clips/s)")
 
+    added_ms = checksums["small_arrays_write_ms_per_shard_crc32c"] - checksums["small_arrays_write_ms_per_shard_no_crc32c"]
+    stream_ratio = checksums["stream_utt_per_s_crc32c"] / checksums["stream_utt_per_s_no_crc32c"]
+    click.echo(f"\nchecksums on every small array (format 1.1) vs states only (1.0), same run: a shard's small arrays "
+               f"write in {checksums['small_arrays_write_ms_per_shard_crc32c']:.1f} ms with crc32c, "
+               f"{checksums['small_arrays_write_ms_per_shard_no_crc32c']:.1f} ms without ({added_ms:+.1f} ms, "
+               f"{100 * added_ms / checksums['shard_write_ms']:+.2f}% of the {checksums['shard_write_ms']:.0f} ms "
+               f"a whole shard of {shard_size} takes to write); the store streams (indexes and states) at "
+               f"{checksums['stream_utt_per_s_crc32c']:.1f} utt/s with, {checksums['stream_utt_per_s_no_crc32c']:.1f} "
+               f"without ({stream_ratio:.3f}x); the reduction of the sums (once per shard set, then cached) takes "
+               f"{checksums['reduction_ms_per_shard_crc32c']:.1f} ms per shard with, "
+               f"{checksums['reduction_ms_per_shard_no_crc32c']:.1f} without")
+
     figures = {
         "utterances": utterances, "mean_seconds": float(corpus.seconds.mean()),
         "size_ratio_5s": smallest_full / five_second, "whistle_speech_bytes_per_5s_utt": five_second,
@@ -557,6 +657,8 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
         "write_host_tails_vs_gpu_precompute": ours["write_host_tails_clips_per_s"] / gpu_rate,
         "device_tail_sums_write_speedup": ours["write_clips_per_s"] / ours["write_host_tails_clips_per_s"],
         "writer_host_ms_per_clip_before": before_ms, "writer_host_ms_per_clip": now_ms,
+        **checksums, "checksum_write_overhead_of_shard_write": added_ms / checksums["shard_write_ms"],
+        "checksum_stream_ratio": stream_ratio,
     }
     for name, r in results.items():
         key = name.replace("-", "_").replace(" (", "_").replace(")", "")

@@ -1,4 +1,4 @@
-"""The whistle feature store, format 1: what is on disk, and how to open it.
+"""The whistle feature store, format 1 (minor 1): what is on disk, and how to open it.
 
 A store is a Zarr v3 group, a local folder or any fsspec URL (``s3://bucket/store``,
 ``gs://...``, ``memory://...``). Every record in it is JSON or a typed array; nothing is pickled.
@@ -19,8 +19,13 @@ Layout::
                                   "created_by", "created_at", "updated_by", "updated_at"}
     STORE/<name>.json           run records (e.g. precompute.json), plain JSON
     STORE/shards/00000/zarr.json   attrs: {"complete": false, started_by, started_at} when begun; then
-                                   n, n_frames, audio_seconds, rejects [{id, reason}], written_by,
-                                   written_at and "complete": true, in the shard's last write
+                                   n, n_frames, audio_seconds, rejects [{id, reason}], format_minor (1),
+                                   write_id (a random hex id of this write of the shard), written_by,
+                                   written_at and "complete": true, in the shard's last write. Readers
+                                   type-check a complete shard's attrs (n, n_frames, format_minor counts;
+                                   audio_seconds a number; rejects a list of {id, reason} strings;
+                                   write_id a string): malformed, it counts as incomplete (named, and
+                                   rewritten by the next precompute run), like an unparsable zarr.json
       states        (n_frames, d_model) float16. One Zarr shard object (sharding codec) of
                     ceil(n_frames / chunk_frames) inner chunks of `chunk_frames` rows (the last
                     one padded with zeros): BitRound (optional, lossy) -> bytes -> Blosc (lz4/zstd,
@@ -41,10 +46,14 @@ Layout::
       tail_count    (max_frames,) int64: how many utterances contributed to each position
       stat_sum, stat_sqsum   (d_model,) float64: per-channel sums of speech frames and of squares
       stat_count    (1,) int64: speech frames summed
-                    (every array but states is a single chunk with zarr's default codecs)
+                    (every array but states is a single chunk: bytes (or vlen-utf8) -> Zstd (level 0,
+                    zarr's default) -> crc32c, so any damaged byte of it is a read error; shards of
+                    format 1.0 (no format_minor) have no crc32c there and are read unchecked)
     STORE/cache/<key>.<tag>/    the reduction of the complete shards (tail_template, tail_count, mean,
-                                std; attrs complete, shards), <key> = hash of the complete shards'
-                                (index, n, n_frames); only ever a cache, recomputed when stale
+                                std, each a single chunk ending in crc32c; attrs complete, shards),
+                                <key> = hash of the complete shards' (index, write_id; for format 1.0
+                                shards n, n_frames, written_at); only ever a cache, recomputed when stale,
+                                and never used when damaged (a WARNING names the entry; it is replaced)
     STORE/locks/<shard name>    an empty file per shard being written, locked with fcntl.flock by the
                                 process writing it (local stores only; not part of the data: readers
                                 never look at it, a completed shard's file is deleted, a crashed
@@ -79,7 +88,12 @@ Protocol (what lets any number of processes write one store with no locks):
 - Rejected inputs are listed per shard as {id, reason}. A reason reads "kind: detail"; reports
   group rejects by the kind (the text before the first colon).
 
-Format history: 1 (this one) — first release.
+Format history: 1 — first release. 1.1 (this one; a shard's attrs say "format_minor": 1) — every
+array of a shard, not only states, and every array of the cache ends in a crc32c; shard attrs carry
+format_minor and write_id, and the cache is keyed by write_id. Readers read every minor of format 1
+(zarr checks the codecs each array declares), so 1.0 shards read as before, unverified:
+`inspect-store` names them "not verifiable". A shard that says format_minor 1 but has an array
+without its crc32c is damaged. Whistle versions before 1.1 read 1.1 stores too.
 """
 from __future__ import annotations
 
@@ -87,6 +101,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -94,12 +109,14 @@ from typing import Any, Literal
 
 import zarr
 from zarr.abc.store import Store
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.errors import ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore
 
 FORMAT_VERSION = 1
+FORMAT_MINOR = 1  # 1.1: every array of a shard checksummed; a shard's attrs say its minor (none: 1.0)
 STATES_DTYPE = "float16"
 FRAME_POLICIES = ("speech", "full")
 CODECS = ("blosc-lz4", "blosc-zstd", "none")
@@ -136,6 +153,13 @@ class DamagedShardError(StoreError):
             "`whistle precompute` on this store again to recompute it (`whistle inspect-store --check` lists "
             "every damaged shard)."
         )
+
+
+def array_damage(name: str, err: Exception) -> str:
+    """How a DamagedShardError names an array of a shard that could not be read back."""
+    if "checksum" in str(err):
+        return f"{name} is unreadable (its stored bytes fail their crc32c checksum) - its object is corrupt or truncated"
+    return f"{name} is unreadable ({type(err).__name__}: {err}) - its object is corrupt or truncated"
 
 
 def whistle_version() -> str:
@@ -348,7 +372,7 @@ def shard_attrs(root: zarr.Group) -> dict[int, dict[str, Any]]:
     redone by the next precompute run instead of making the whole store unreadable."""
     try:
         shards = root[SHARDS_GROUP]
-        return {int(name): group.attrs.asdict() for name, group in shards.groups() if name.isdigit()}
+        return {int(name): _well_formed(group.attrs.asdict()) for name, group in shards.groups() if name.isdigit()}
     except KeyError:
         return {}
     except (ValueError, TypeError):  # a damaged zarr.json: read the shards' one by one
@@ -366,8 +390,60 @@ def read_shard_attrs(store: Store, index: int) -> dict[str, Any] | None:
     if metadata is None:
         return None
     attributes = metadata.get("attributes") if isinstance(metadata, dict) else None
-    return attributes if isinstance(attributes, dict) else {"complete": False,
-                                                           "unreadable": "its zarr.json has no attributes"}
+    if not isinstance(attributes, dict):
+        return {"complete": False, "unreadable": "its zarr.json has no attributes"}
+    return _well_formed(attributes)
+
+
+def _well_formed(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A shard's attributes, or for a complete shard whose attributes are malformed the "unreadable" record
+    that makes it count as incomplete (so the next precompute run rewrites it)."""
+    problems = shard_attr_problems(attrs) if attrs.get("complete") is True else []
+    if problems:
+        return {"complete": False, "unreadable": "its attributes are malformed: " + "; ".join(problems)}
+    return attrs
+
+
+def shard_attr_problems(attrs: dict[str, Any]) -> list[str]:
+    """What is malformed in a complete shard's attributes, one message per attribute (empty when well-formed)."""
+    out = [f"{name} is {attrs.get(name)!r}, not a count" for name in ("n", "n_frames", "format_minor")
+           if not _is_count(attrs.get(name, 0))]
+    seconds = attrs.get("audio_seconds")
+    if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+            and seconds >= 0):
+        out.append(f"audio_seconds is {seconds!r}, not a number of seconds")
+    rejects = attrs.get("rejects")
+    if not isinstance(rejects, list):
+        out.append(f"rejects is {_short(rejects)}, not a list of {{id, reason}}")
+    else:
+        bad = [r for r in rejects if not (isinstance(r, dict) and isinstance(r.get("id"), str)
+                                          and isinstance(r.get("reason"), str) and r["reason"])]
+        if bad:
+            out.append(f"rejects has {len(bad)} entries that are not {{id, reason}} strings, e.g. {_short(bad[0])}")
+    if not isinstance(attrs.get("write_id", ""), str):
+        out.append(f"write_id is {_short(attrs['write_id'])}, not a string")
+    return out
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def checked_compressors() -> tuple[Any, ...]:
+    """The compressors of every array but states, and of the cache's arrays (format 1.1): zarr's default Zstd,
+    then crc32c, so any damaged byte of the stored chunk is a read error instead of a wrong value."""
+    return (ZstdCodec(level=0, checksum=False), Crc32cCodec())
+
+
+def is_checked(array: zarr.Array) -> bool:
+    """Whether a (non-sharded) array's stored chunks end in a crc32c checksum that zarr verifies on read."""
+    codecs = array.metadata.codecs
+    return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
 
 
 def missing_objects(store: Store, group: zarr.Group, group_path: str, names: tuple[str, ...]) -> list[str]:

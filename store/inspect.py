@@ -1,8 +1,10 @@
 """What a store holds, how big it is, and (with check=True) whether every complete shard is whole.
 
 `inspect_store(url)` reads only metadata (root and shard attributes, object sizes), so it is fast
-on any store; `inspect_store(url, check=True)` also reads every complete shard in full and lists
-what is wrong with each, as `Fault(shard, problem)` records.
+on any store; `inspect_store(url, check=True)` also reads every array of every complete shard in
+full (each checked against its crc32c) and every cache entry, and lists what is wrong with each, as
+`Fault(shard, problem)` records (`shard` "cache" for the cache). Shards written before format 1.1
+have no checksums on their small arrays: they are listed as not verifiable, a warning, not a fault.
 """
 from __future__ import annotations
 
@@ -16,21 +18,30 @@ from zarr.abc.store import Store
 from zarr.core.common import concurrent_map
 
 from store.format import (
+    CACHE_GROUP,
+    FORMAT_MINOR,
     SHARDS_GROUP,
     DamagedShardError,
+    StoreError,
     missing_objects,
     run_sync,
     shard_name,
 )
 from store.reader import READ_BLOCK_BYTES, StoreReader
-from store.reduction import SUM_ARRAYS
+from store.reduction import (
+    CACHE_ARRAYS,
+    cache_key,
+    compute_reduction,
+    read_cache_arrays,
+    shard_sums,
+)
 
 SUM_RTOL = 1e-7  # stored float64 sums vs a recomputation in another order
 
 
 @dataclass(frozen=True)
 class Fault:
-    """One problem found in one shard (`shard` is its folder name, e.g. "00003")."""
+    """One problem found in one shard (`shard` is its folder name, e.g. "00003"), or in the cache ("cache")."""
 
     shard: str
     problem: str
@@ -66,6 +77,7 @@ class StoreReport:
     rejects: dict[str, int]  # by kind (the reason's text before its first ':')
     checked: bool
     faults: list[Fault] = field(default_factory=list)
+    unverifiable: dict[str, list[str]] = field(default_factory=dict)  # written_by -> complete format 1.0 shards
 
     @property
     def ok(self) -> bool:
@@ -121,12 +133,18 @@ class StoreReport:
             f"  dataset      fingerprint {self.dataset_fingerprint}, augment {self.augment}",
             f"  written by   {self.created_by} (last opened by {self.updated_by})",
         ]
+        for written_by, names in self.unverifiable.items():
+            lines.append(f"  warning      not verifiable: {len(names)} shard(s) written by {written_by} < format 1.1 "
+                         f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): only their states carry "
+                         "checksums, the other arrays are read unchecked. Delete them and rerun `whistle precompute` "
+                         "on this store to make them verifiable")
         if self.checked:
             if self.ok:
                 lines.append(f"  check        ok: {self.complete_shards} complete shards read in full, no faults")
             else:
                 lines.append(f"  check        {len(self.faults)} FAULT(S):")
-                lines += [f"    shard {fault.shard}: {fault.problem}" for fault in self.faults]
+                lines += [f"    {'shard ' if fault.shard.isdigit() else ''}{fault.shard}: {fault.problem}"
+                          for fault in self.faults]
         return "\n".join(lines)
 
 
@@ -176,10 +194,14 @@ def inspect_store(url: str | os.PathLike | Store, check: bool = False) -> StoreR
         complete_shards=len(complete), incomplete_shards=[shard_name(k) for k in reader.incomplete_shards()],
         rejects=rejects, checked=check,
     )
+    for shard in complete:
+        if attrs[shard].get("format_minor", 0) < FORMAT_MINOR:
+            report.unverifiable.setdefault(attrs[shard].get("written_by", "unknown"), []).append(shard_name(shard))
     if check:
         first_seen: dict[str, int] = {}
         for shard in complete:
             report.faults += [Fault(shard_name(shard), problem) for problem in check_shard(reader, shard, first_seen)]
+        report.faults += [Fault("cache", problem) for problem in check_cache(reader)]
         for shard in reader.incomplete_shards():
             unreadable = reader.shard_attrs(shard).get("unreadable")
             if unreadable:
@@ -203,7 +225,6 @@ def check_shard(reader: StoreReader, shard: int, first_seen: dict[str, int]) -> 
         return [err.detail]
     spec, teacher = reader.spec, reader.spec.teacher
     attrs = reader.shard_attrs(shard)
-    group_path = f"{SHARDS_GROUP}/{shard_name(shard)}"
     problems = []
     duplicates = [utt_id for utt_id in index.ids if first_seen.setdefault(utt_id, shard) != shard]
     if len(set(index.ids)) != len(index.ids) or duplicates:
@@ -212,19 +233,13 @@ def check_shard(reader: StoreReader, shard: int, first_seen: dict[str, int]) -> 
     audio_seconds = float(np.sum(index.durations, dtype=np.float64))
     if not np.isclose(audio_seconds, attrs.get("audio_seconds", -1.0), rtol=1e-6):
         problems.append(f"durations sum to {audio_seconds:.3f} s, attrs say {attrs.get('audio_seconds')}")
-    if not all(isinstance(r, dict) and r.get("id") is not None and r.get("reason") for r in attrs.get("rejects", [])):
-        problems.append("rejects attribute has entries without an id or reason")
     try:
-        group = reader.root[group_path]
-        missing = missing_objects(reader.store, group, group_path, SUM_ARRAYS)
-        if missing:
-            return problems + [f"objects missing from the store: {', '.join(missing)}"]
-        tail_sum, tail_count, stat_sum, stat_sqsum, stat_count = (group[name][...] for name in SUM_ARRAYS)
-    except Exception as err:
-        return problems + [f"sums unreadable ({type(err).__name__}: {err})"]
+        _, tail_count, stat_sum, stat_sqsum, stat_count = shard_sums(reader.root, reader.url, teacher, shard)
+    except DamagedShardError as err:
+        return problems + [err.detail]
     speech_frames = index.speech_frames.astype(np.int64)  # (n,)
     ends = np.bincount(speech_frames, minlength=teacher.max_frames + 1)[: teacher.max_frames]
-    if tail_sum.shape != (teacher.max_frames, teacher.d_model) or not np.array_equal(tail_count, np.cumsum(ends)):
+    if not np.array_equal(tail_count, np.cumsum(ends)):
         problems.append("tail_sum/tail_count do not match the utterances' speech_frames")
     if int(stat_count[0]) != int(speech_frames.sum()):
         problems.append(f"stat_count {int(stat_count[0])} != {int(speech_frames.sum())} speech frames")
@@ -237,6 +252,45 @@ def check_shard(reader: StoreReader, shard: int, first_seen: dict[str, int]) -> 
     elif not (_close(stat_sum, recomputed_sum) and _close(stat_sqsum, recomputed_sqsum)):
         problems.append("stat_sum/stat_sqsum differ from the stored speech frames")
     return problems
+
+
+def check_cache(reader: StoreReader) -> list[str]:
+    """Every problem of the cache's complete entries, reading all of them (each array against its crc32c); the
+    entry for the current shards must also equal the reduction of their sums. A damaged entry is never used:
+    the next reader recomputes and replaces it."""
+    repair = f"readers do not use it (they recompute it); delete {reader.url}/{CACHE_GROUP} to remove it"
+    try:
+        entries = list(reader.root[CACHE_GROUP].groups())
+    except KeyError:
+        return []
+    except (ValueError, TypeError) as err:
+        return [f"an entry's zarr.json is damaged ({err}); {repair}"]
+    complete = {k: reader.shard_attrs(k) for k in reader.shards()}
+    key = cache_key(complete) if complete else None
+    problems = []
+    for name, group in entries:
+        if group.attrs.get("complete") is not True:
+            continue  # being written, or left by a reader that was stopped: never read
+        path = f"{CACHE_GROUP}/{name}"
+        missing = missing_objects(reader.store, group, path, CACHE_ARRAYS)
+        if missing:
+            problems.append(f"entry {name}: objects missing from the store: {', '.join(missing)}; {repair}")
+            continue
+        values, damage = read_cache_arrays({array: group[array] for array in CACHE_ARRAYS}, reader.spec.teacher)
+        if not damage and name.split(".")[0] == key:
+            damage = _cache_differences(reader, complete, values)
+        problems += [f"entry {name}: {problem}; {repair}" for problem in damage]
+    return problems
+
+
+def _cache_differences(reader: StoreReader, complete: dict[int, Any], cached: dict[str, np.ndarray]) -> list[str]:
+    """The cached arrays that differ from the reduction of the complete shards' sums (shard faults say why)."""
+    try:
+        expected = compute_reduction(reader.root, reader.url, reader.spec.teacher, sorted(complete)).arrays()
+    except (DamagedShardError, StoreError):  # a shard's sums are damaged: check_shard names it
+        return []
+    return [f"{name} differs from the reduction of the shards' sums" for name, values in expected.items()
+            if not np.allclose(cached[name], values, rtol=SUM_RTOL, atol=0)]
 
 
 def _speech_sums(reader: StoreReader, shard: int, index: Any, all_rows_speech: bool) -> tuple[np.ndarray, np.ndarray, int]:

@@ -17,6 +17,7 @@ come from store/reduction.py.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -33,6 +34,8 @@ from store.format import (
     StoreError,
     StoreSpec,
     TeacherInfo,
+    array_damage,
+    is_checked,
     missing_objects,
     open_root,
     open_zarr_store,
@@ -43,6 +46,8 @@ from store.format import (
 )
 from store.reduction import Reduction, reduce_shards
 from store.shard_object import ShardLayout, ShardObjectError, read_chunks, read_layout
+
+log = logging.getLogger(__name__)
 
 READ_BLOCK_BYTES = 64 * 2**20  # iter_shard reads the states in blocks of about this size
 INDEX_CACHE_SHARDS = 8  # shard indexes (offsets, ids, text, ...) kept in memory
@@ -145,6 +150,10 @@ class StoreReader:
         """Look again for shards completed since the reader was opened."""
         self._shard_attrs = shard_attrs(self.root)
         self._complete = sorted(k for k, attrs in self._shard_attrs.items() if attrs.get("complete") is True)
+        for shard, attrs in sorted(self._shard_attrs.items()):
+            if "unreadable" in attrs:
+                log.warning("shard %s of store %s is not read: %s. It counts as incomplete: run `whistle precompute` "
+                            "on this store again to rewrite it", shard_name(shard), self.url, attrs["unreadable"])
         self._reduction = None
         self._id_index = None
 
@@ -189,13 +198,17 @@ class StoreReader:
             missing = missing_objects(self.store, group, group_path, INDEX_ARRAYS + ("states",))
             if missing:
                 raise self._damaged(shard, f"objects missing from the store: {', '.join(missing)}")
+            arrays = {name: group[name] for name in INDEX_ARRAYS}
+            unchecked = [name for name, array in arrays.items() if not is_checked(array)]
+            if unchecked and self._shard_attrs[shard].get("format_minor", 0) >= 1:
+                raise self._damaged(shard, f"{', '.join(unchecked)} lack the crc32c checksum every array of a format "
+                                           "1.1 shard has - their metadata was rewritten")
             values = {}
-            for name in INDEX_ARRAYS:
+            for name, array in arrays.items():
                 try:
-                    values[name] = group[name][...]
+                    values[name] = array[...]
                 except Exception as err:
-                    raise self._damaged(shard, f"{name} is unreadable ({type(err).__name__}: {err}) - its object is "
-                                               "corrupt or truncated") from err
+                    raise self._damaged(shard, array_damage(name, err)) from err
             index = ShardIndex(
                 offsets=values["offsets"], speech_frames=values["speech_frames"], ids=values["ids"].tolist(),
                 texts=values["text"].tolist(), languages=values["language"].tolist(), durations=values["duration"],
@@ -350,7 +363,7 @@ class StoreReader:
                 try:
                     ids = self.root[f"{SHARDS_GROUP}/{shard_name(shard)}/ids"][...].tolist()
                 except Exception as err:
-                    raise self._damaged(shard, f"ids unreadable ({type(err).__name__}: {err})") from err
+                    raise self._damaged(shard, array_damage("ids", err)) from err
                 for i, found in enumerate(ids):
                     self._id_index.setdefault(found, (shard, i))
         if utt_id not in self._id_index:

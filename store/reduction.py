@@ -6,8 +6,10 @@
 
 Each shard stores its own sums (tail_sum, tail_count, stat_sum, stat_sqsum, stat_count; see
 store/format.py), so the reduction reads a few small arrays per shard, never the states. Its result
-is kept under STORE/cache/<key>.<tag>/ for the next reader, <key> a hash of the shard set; a
-read-only store just goes without.
+is kept under STORE/cache/<key>.<tag>/ for the next reader, <key> a hash of the shard set (each
+complete shard's index and identity: the random `write_id` of the write that completed it); a
+read-only store just goes without. Every cache array ends in a crc32c: an entry that fails it (or is
+otherwise not whole) is never used: it is named in a WARNING, recomputed and replaced.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from store.format import (
     DamagedShardError,
     StoreError,
     TeacherInfo,
+    array_damage,
+    checked_compressors,
+    is_checked,
     missing_objects,
     run_sync,
     shard_name,
@@ -69,26 +74,48 @@ def reduce_shards(root: zarr.Group, url: str, teacher: TeacherInfo, shards: dict
     if not shards:
         raise StoreError(f"store {url} has no complete shards yet: there is no tail template or statistics")
     key = cache_key(shards)
-    reduction = read_cache(root, url, teacher, key)
+    reduction, damaged = read_cache(root, url, teacher, key)
     if reduction is None:
         reduction = compute_reduction(root, url, teacher, sorted(shards))
-        write_cache(root, url, key, reduction, sorted(shards))
+        write_cache(root, url, key, reduction, sorted(shards), damaged)
     return reduction
 
 
 def cache_key(shards: dict[int, dict[str, Any]]) -> str:
-    """A hash of the shard set: each complete shard's (index, n, n_frames)."""
-    listed = [[k, shards[k]["n"], shards[k]["n_frames"]] for k in sorted(shards)]
+    """A hash of the shard set: each complete shard's index and identity (its `write_id`; shards written before
+    format 1.1 have none: their counts and write time instead)."""
+    listed = [[k, shards[k].get("write_id") or [shards[k]["n"], shards[k]["n_frames"], shards[k].get("written_at")]]
+              for k in sorted(shards)]
     return hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:16]
 
 
-def shard_sums(root: zarr.Group, url: str, shard: int) -> tuple[np.ndarray, ...]:
-    """A shard's tail_sum, tail_count, stat_sum, stat_sqsum and stat_count."""
+def sum_shapes(teacher: TeacherInfo) -> dict[str, tuple[int, ...]]:
+    """The shape of each of a shard's sums (SUM_ARRAYS)."""
+    return {"tail_sum": (teacher.max_frames, teacher.d_model), "tail_count": (teacher.max_frames,),
+            "stat_sum": (teacher.d_model,), "stat_sqsum": (teacher.d_model,), "stat_count": (1,)}
+
+
+def shard_sums(root: zarr.Group, url: str, teacher: TeacherInfo, shard: int) -> tuple[np.ndarray, ...]:
+    """A shard's tail_sum, tail_count, stat_sum, stat_sqsum and stat_count, each checked (crc32c where the shard
+    has them, shape always); DamagedShardError names the array that is not whole."""
+    group_path = f"{SHARDS_GROUP}/{shard_name(shard)}"
     try:
-        group = root[f"{SHARDS_GROUP}/{shard_name(shard)}"]
-        return tuple(group[name][...] for name in SUM_ARRAYS)
+        group = root[group_path]
+        missing = missing_objects(root.store, group, group_path, SUM_ARRAYS)
     except Exception as err:
         raise DamagedShardError(url, shard, f"its sums are unreadable ({type(err).__name__}: {err})") from err
+    if missing:
+        raise DamagedShardError(url, shard, f"objects missing from the store: {', '.join(missing)}")
+    out = []
+    for name, shape in sum_shapes(teacher).items():
+        try:
+            values = group[name][...]
+        except Exception as err:
+            raise DamagedShardError(url, shard, array_damage(name, err)) from err
+        if values.shape != shape:
+            raise DamagedShardError(url, shard, f"{name} has shape {values.shape}, expected {shape}")
+        out.append(values)
+    return tuple(out)
 
 
 def compute_reduction(root: zarr.Group, url: str, teacher: TeacherInfo, shards: list[int]) -> Reduction:
@@ -100,7 +127,7 @@ def compute_reduction(root: zarr.Group, url: str, teacher: TeacherInfo, shards: 
     stat_sqsum = np.zeros(teacher.d_model, np.float64)  # (D,)
     stat_count = 0
     with ThreadPoolExecutor(REDUCE_THREADS) as pool:
-        for sums in pool.map(lambda shard: shard_sums(root, url, shard), shards):  # in shard order
+        for sums in pool.map(lambda shard: shard_sums(root, url, teacher, shard), shards):  # in shard order
             tail_sum += sums[0]
             tail_count += sums[1]
             stat_sum += sums[2]
@@ -124,43 +151,73 @@ def compute_reduction(root: zarr.Group, url: str, teacher: TeacherInfo, shards: 
                      mean=mean.astype(np.float32), std=np.maximum(std, STD_FLOOR).astype(np.float32))
 
 
-def read_cache(root: zarr.Group, url: str, teacher: TeacherInfo, key: str) -> Reduction | None:
-    """A complete, whole cache entry for `key`, or None (then the caller computes the reduction)."""
+def read_cache(root: zarr.Group, url: str, teacher: TeacherInfo, key: str) -> tuple[Reduction | None, list[str]]:
+    """A complete, whole cache entry for `key`, or None (then the caller computes the reduction); and the names
+    of the entries for `key` found damaged (each named in a WARNING: the caller replaces them)."""
     try:
         entries = list(root[CACHE_GROUP].groups())
     except (KeyError, ValueError, TypeError):  # no cache yet, or an entry whose write was cut short
-        return None
+        return None, []
+    damaged = []
     for name, group in entries:
         try:
             if name.split(".")[0] != key or group.attrs.get("complete") is not True:
                 continue
             if missing_objects(root.store, group, f"{CACHE_GROUP}/{name}", CACHE_ARRAYS):
                 continue  # being deleted by another reader: zarr would read zeros
-            arrays = {array: group[array][...] for array in CACHE_ARRAYS}
+            arrays = {array: group[array] for array in CACHE_ARRAYS}
         except Exception as err:  # replaced while we read it
             log.debug("cache entry %s of %s unusable: %s", name, url, err)
             continue
-        if arrays["tail_template"].shape == (teacher.max_frames, teacher.d_model):
-            return Reduction(**arrays)
-    return None
+        values, problems = read_cache_arrays(arrays, teacher)
+        if not problems:
+            return Reduction(**values), damaged
+        log.warning("the cached tail template and statistics %s/%s/%s are damaged (%s): not used; recomputing them "
+                    "from the shards' sums", url, CACHE_GROUP, name, "; ".join(problems))
+        damaged.append(name)
+    return None, damaged
 
 
-def write_cache(root: zarr.Group, url: str, key: str, reduction: Reduction, shards: list[int]) -> None:
+def read_cache_arrays(arrays: dict[str, zarr.Array], teacher: TeacherInfo) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A cache entry's arrays read (each checked against its crc32c) and what makes them untrustworthy (empty
+    when whole: checksummed, of the teacher's shapes, finite)."""
+    shapes = {"tail_template": (teacher.max_frames, teacher.d_model), "tail_count": (teacher.max_frames,),
+              "mean": (teacher.d_model,), "std": (teacher.d_model,)}
+    values, problems = {}, []
+    for name, array in arrays.items():
+        if not is_checked(array):
+            problems.append(f"{name} has no crc32c checksum (written before format 1.1)")
+            continue
+        try:
+            values[name] = array[...]
+        except Exception as err:
+            problems.append(array_damage(name, err))
+            continue
+        if values[name].shape != shapes[name]:
+            problems.append(f"{name} has shape {values[name].shape}, expected {shapes[name]}")
+        elif not np.isfinite(values[name]).all():
+            problems.append(f"{name} has non-finite values")
+    return values, problems
+
+
+def write_cache(root: zarr.Group, url: str, key: str, reduction: Reduction, shards: list[int],
+                damaged: list[str]) -> None:
     """Keep the reduction in the store for the next reader; a read-only store just goes without.
 
     Every writer makes its own entry `<key>.<random>` and marks it complete last, so ranks that
     open the store at the same moment never write into each other's entry. Entries for other
-    shard sets are stale and deleted.
+    shard sets are stale and deleted, and so are the `damaged` entries for this one.
     """
     try:
         writable = root.store.with_read_only(False)
         cache = zarr.open_group(writable, path=CACHE_GROUP, mode="a")
         for stale in list(cache.group_keys()):
-            if stale.split(".")[0] != key:
+            if stale.split(".")[0] != key or stale in damaged:
                 run_sync(writable.delete_dir(f"{CACHE_GROUP}/{stale}"))
         group = cache.create_group(f"{key}.{uuid.uuid4().hex[:8]}", attributes={"complete": False})
         for name, array in reduction.arrays().items():
-            group.create_array(name, data=array, chunks=array.shape, config={"write_empty_chunks": True})
+            group.create_array(name, data=array, chunks=array.shape, compressors=checked_compressors(),
+                               config={"write_empty_chunks": True})
         group.update_attributes({"complete": True, "shards": shards, **version_stamp("written")})
     except Exception as err:
         log.info("could not cache the tail template in %s (%s); it is recomputed next time", url, err)

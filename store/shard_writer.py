@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,15 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 import zarr
 
-from store.format import SHARDS_GROUP, StoreError, run_sync, shard_name, version_stamp
+from store.format import (
+    FORMAT_MINOR,
+    SHARDS_GROUP,
+    StoreError,
+    checked_compressors,
+    run_sync,
+    shard_name,
+    version_stamp,
+)
 from store.shard_object import create_states_array, write_states
 
 if TYPE_CHECKING:
@@ -278,7 +287,7 @@ class ShardWriter:
         audio_seconds = float(np.sum(np.asarray(self._durations, np.float32), dtype=np.float64))
         group.update_attributes({
             "n": n, "n_frames": n_frames, "audio_seconds": audio_seconds, "rejects": self._rejects,
-            **version_stamp("written"), "complete": True,
+            "format_minor": FORMAT_MINOR, "write_id": uuid.uuid4().hex, **version_stamp("written"), "complete": True,
         })
         nbytes = run_sync(self.writer.store.getsize_prefix(f"{SHARDS_GROUP}/{self.name}"))
         log.debug("shard %s: %d utterances, %d frames, %d rejects, %d bytes", self.name, n, n_frames,
@@ -292,8 +301,10 @@ def _finite(values: np.ndarray) -> bool:
 
 
 def _write_whole(group: zarr.Group, name: str, data: np.ndarray, dtype: Any = None) -> None:
-    """A small array as a single chunk, written in one call (even when all zeros: readers check it exists)."""
+    """A small array as a single chunk ending in its crc32c, written in one call (even when all zeros: readers
+    check it exists)."""
     array = group.create_array(name, shape=data.shape, dtype=dtype or data.dtype,
-                               chunks=tuple(max(1, size) for size in data.shape), config={"write_empty_chunks": True})
+                               chunks=tuple(max(1, size) for size in data.shape), compressors=checked_compressors(),
+                               config={"write_empty_chunks": True})
     if data.size:
         array[...] = data

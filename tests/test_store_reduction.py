@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -76,3 +77,17 @@ def test_readers_reducing_at_once_agree_and_leave_whole_cache_entries(tmp_path):
     for entry in entries:
         assert json.loads((entry / "zarr.json").read_text())["attributes"]["complete"] is True
     np.testing.assert_array_equal(StoreReader(tmp_path / "s").tail_template(), templates[0])
+
+
+def test_a_shard_rewritten_with_the_same_counts_makes_the_cache_stale(tmp_path):
+    spec = store_spec(shard_size=4)
+    utts = synthetic_utterances(spec, 8, seed=5)
+    write_synthetic_store(tmp_path / "s", spec, utts)
+    before = StoreReader(tmp_path / "s").statistics()[0]
+    shutil.rmtree(tmp_path / "s" / "shards" / "00001")
+    louder = [{**utt, "window": utt["window"] * 2} for utt in utts]  # same ids, lengths and counts; other values
+    write_synthetic_store(tmp_path / "s", spec, louder, shards=[1])
+    speech = np.concatenate([u["window"][:u["speech_frames"]] for u in utts[:4] + louder[4:]]).astype(np.float64)
+    after = StoreReader(tmp_path / "s").statistics()[0]
+    np.testing.assert_allclose(after, speech.mean(axis=0), rtol=1e-6)
+    assert not np.allclose(after, before)
