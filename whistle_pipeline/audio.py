@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 from typing import Callable
 
 import numpy as np
@@ -62,13 +63,14 @@ def load_audio(
     """Decode `source` (a file path or the encoded bytes of a file) to float32 mono at `sample_rate`.
 
     Integer PCM is scaled to [-1, 1); channels are averaged; other rates are resampled with soxr (HQ).
-    Raises AudioError (naming the file, or `name` for bytes) when the file is missing or cannot be
-    decoded, is truncated (fewer samples than its header declares), is empty, holds NaN/inf samples, or
-    is longer than `max_seconds` (checked before decoding).
+    Raises AudioError (naming the file, or `name` for bytes) when the file is missing, is not a regular
+    file or cannot be decoded, is truncated (fewer samples than its header declares), is empty (also
+    when it resamples to no sample at all), holds NaN/inf samples, or is longer than `max_seconds`
+    (checked before decoding).
     """
     name = name or (f"<{len(source)} bytes>" if isinstance(source, bytes) else os.fspath(source))
-    if not isinstance(source, bytes) and not os.path.isfile(source):
-        raise AudioError(f"audio not found: {name}", name)
+    if not isinstance(source, bytes):
+        _check_regular_file(source, name)
     if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
         raise AudioError("undecodable audio: the file is empty (0 bytes)", name)  # libsndfile: "Format not recognised"
     try:
@@ -95,7 +97,25 @@ def load_audio(
         raise AudioError("non-finite audio: NaN or infinite samples", name)
     if rate != sample_rate:
         audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
+    if audio.shape[0] == 0:  # e.g. 1 sample at 44.1 kHz, or a header claiming an absurd rate
+        raise AudioError(f"empty audio: {samples.shape[0]} sample(s) at {rate} Hz resample to none at "
+                         f"{sample_rate} Hz", name)
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _check_regular_file(path: str | os.PathLike, name: str) -> None:
+    """Raise AudioError unless `path` is a regular file (a FIFO would block the reader for ever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise AudioError(f"audio not found: {name}", name) from None
+    except OSError as err:
+        raise AudioError(f"unreadable audio: {err.strerror}", name) from err
+    if stat.S_ISDIR(mode):
+        raise AudioError(f"not a file: {name} is a directory", name)
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise AudioError(f"not a file: {name} is {kind}, not a regular file", name)
 
 
 def _cut_data_chunk(log: str) -> tuple[int, int] | None:
