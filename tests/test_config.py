@@ -182,3 +182,13 @@ def test_configs_are_frozen():
     config = load_config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.store.frames = "full"
+
+
+def test_inf_and_nan_are_refused_for_every_float_setting_all_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["finetune.learning_rate=inf", "train_tle.kl_beta=nan", "finetune.grad_clip=-inf",
+                               "tle.dropout=+inf"])
+    assert sorted(info.value.problems) == ["finetune.grad_clip = -inf should be a finite number",
+                                           "finetune.learning_rate = inf should be a finite number",
+                                           "tle.dropout = inf should be a finite number",
+                                           "train_tle.kl_beta = nan should be a finite number"]

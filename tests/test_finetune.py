@@ -398,3 +398,23 @@ def test_a_run_in_bf16_then_one_in_fp32_follow_each_other_in_one_process(tmp_pat
     assert first.mixed_precision == "bf16"
     second, _ = make_accelerator("cpu", "no", 2, tmp_path / "b")
     assert (second.mixed_precision, second.gradient_accumulation_steps) == ("no", 2)
+
+
+def test_stored_utterances_the_decoder_cannot_take_are_left_out_and_counted(world, tmp_path):
+    """One over-long transcript (480 tokens for 64 positions) and one empty one in the audio store: counted
+    and skipped with their reasons, as train-tle skips them, instead of stopping the run at their batch."""
+    from stages.finetune import run
+
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(SOURCE_WORDS, size=int(rng.integers(2, 6)))) for _ in range(16)]
+    texts[3], texts[9] = " ".join(["hello world"] * 60), "   "
+    store = write_store(tmp_path / "long-store", world["teacher"], texts, seed=5)
+    result = run(finetune_config(world, tmp_path / "out", "finetune.steps=3", "finetune.audio_ratio=1",
+                                 "finetune.tts_ratio=0", "finetune.tle_path=''", "finetune.text=''",
+                                 f"finetune.audio_store={json.dumps(str(store))}", stores=False))
+    assert result.store_rejects == [
+        {"store": "audio", "id": "utt5-003", "reason": "480 text tokens exceed the decoder's 64 positions"},
+        {"store": "audio", "id": "utt5-009", "reason": "empty transcript"},
+    ]
+    assert (result.train_examples["audio"], result.examples_seen["audio"]) == (14, 24)
+    assert "2 stored utterance(s) not used (first: audio utt5-003: 480 text tokens" in result.summary()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -376,11 +377,12 @@ def _type_name(annotation: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     if typing.get_origin(annotation) is list:
         return f"a list of {_type_name(typing.get_args(annotation)[0])}"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(annotation, str(annotation))
+    return {str: "a string", int: "an integer", float: "a finite number", bool: "true or false"}.get(annotation, str(annotation))
 
 
 def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
-    """(ok, value converted to the annotation) — ints are accepted where floats are expected."""
+    """(ok, value converted to the annotation) — ints are accepted where floats are expected; a float must be
+    finite (TOML reads inf and nan, which no setting can use: a learning rate of inf trains NaN)."""
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return value in typing.get_args(annotation), value
@@ -397,7 +399,7 @@ def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
                 return True, converted
         return False, value
     if annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return ok, float(value) if ok else value
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value
