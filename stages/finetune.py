@@ -73,6 +73,8 @@ from stages.training import (
     DamagedShard,
     WithoutIds,
     build_optimizer,
+    check_finite,
+    clip_and_check,
     damage_summary,
     damaged_shards,
     latest_checkpoint,
@@ -359,13 +361,17 @@ def train(setup: Setup, inputs: Inputs, training: Training, streams: dict[str, A
                     logits = model(encoder_outputs=(windows,), decoder_input_ids=text.decoder_input_ids).logits  # (B, S, V)
                 per_token = token_losses(logits, text.labels, settings.label_smoothing)  # (B, S)
                 loss = per_token.sum() / (text.labels != IGNORE_INDEX).sum()
+                kinds = [e.kind for e in examples]
+                losses = kind_losses(per_token, text.labels, kinds)
+                terms = {"loss": loss.item(), **{f"loss_{k}": total / max(n, 1) for k, (total, n) in losses.items()}}
+                check_finite(training.step + 1, terms)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and settings.grad_clip > 0:
-                    window.grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip))
+                if accelerator.sync_gradients:
+                    window.grad_norm = clip_and_check(accelerator, model.parameters(), settings.grad_clip,
+                                                      training.step + 1, terms)
                 optimizer.step()  # no-ops between accumulation boundaries
                 optimizer.zero_grad()
-            kinds = [e.kind for e in examples]
-            window.add(kind_losses(per_token, text.labels, kinds), len(examples) * accelerator.num_processes)
+            window.add(losses, len(examples) * accelerator.num_processes)
             for kind in set(kinds):
                 seen[kind] += kinds.count(kind) * accelerator.num_processes
         scheduler.step()

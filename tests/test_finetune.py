@@ -418,3 +418,18 @@ def test_stored_utterances_the_decoder_cannot_take_are_left_out_and_counted(worl
     ]
     assert (result.train_examples["audio"], result.examples_seen["audio"]) == (14, 24)
     assert "2 stored utterance(s) not used (first: audio utt5-003: 480 text tokens" in result.summary()
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_no_model(world, tmp_path):
+    """finetune.learning_rate=inf is refused by the config; 1e30 (finite) trains NaN from step 2: the run stops
+    there, names the step and the loss terms, and writes no model (it used to save 50 of 74 tensors NaN)."""
+    from stages.finetune import run
+    from stages.training import NonFiniteStep
+
+    with pytest.raises(ConfigError, match="finetune.learning_rate = inf should be a finite number"):
+        finetune_config(world, tmp_path / "inf", "finetune.learning_rate=inf")
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteStep, match=r"^step 2: non-finite loss, loss_audio, loss_tts, loss_text \(loss nan"):
+        run(finetune_config(world, out, "finetune.steps=6", "finetune.learning_rate=1e30", "finetune.warmup_steps=0",
+                            "finetune.audio_ratio=0.25", "finetune.tts_ratio=0.25", "finetune.val_every=100"))
+    assert not (out / "model.safetensors").exists()

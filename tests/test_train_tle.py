@@ -363,3 +363,18 @@ def test_cli_validates_a_tle_against_the_real_states(tle_store, tiny_teacher_dir
     manifest.write_text(json.dumps({"id": "utt000", "voice": "en-us"}))
     failed = CliRunner().invoke(cli, args)
     assert failed.exit_code == 1 and "31 of the store's 32 clips have no row with a voice" in failed.output
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing(tle_store, tiny_teacher_dir, tmp_path):
+    """A learning rate of 1e30 (finite, so the config takes it) turns the weights to garbage at step 1: step 2's
+    loss is NaN. The run stops there naming the step and the terms; no TLE is written, the step-1 checkpoint
+    stays the last one."""
+    from stages.train_tle import run
+    from stages.training import NonFiniteStep
+
+    out = tmp_path / "tle"
+    with pytest.raises(NonFiniteStep, match=r"^step 2: non-finite loss.*\(loss nan, mse nan.*learning rate too high"):
+        run(tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=6", "train_tle.learning_rate=1e30",
+                       "train_tle.warmup_steps=0", "train_tle.checkpoint_every=1", "train_tle.val_every=100"))
+    assert not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
