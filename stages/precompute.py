@@ -42,13 +42,13 @@ from tqdm.auto import tqdm
 
 from stages.audio_batches import Batch, ClipDataset, collate, quiet_worker
 from stages.background_writer import BackgroundWriter
-from store import ShardRecord, StoreReader, StoreSpec, StoreWriter
+from store import ShardRecord, StoreReader, StoreSpec, StoreWriter, TeacherInfo
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.sources import Source, SourceReject, open_source
 from whistle_pipeline.teacher import (
     TeacherGeometry,
-    load_encoder,
+    load_teacher,
     speech_frames,
     teacher_states,
 )
@@ -182,10 +182,10 @@ def _device(config: PipelineConfig, state) -> torch.device:
     return device
 
 
-def _spec(config: PipelineConfig, geometry: TeacherGeometry, source: Source) -> StoreSpec:
-    store, teacher = config.store, config.teacher
+def _spec(config: PipelineConfig, teacher: TeacherInfo, source: Source) -> StoreSpec:
+    store = config.store
     return StoreSpec(
-        teacher=geometry.teacher_info(teacher.name_or_path, teacher.revision),
+        teacher=teacher,
         frames=store.frames, speech_margin_frames=store.speech_margin_frames, shard_size=store.shard_size,
         chunk_frames=store.chunk_frames, codec=store.codec, compression_level=store.compression_level,
         bitround_keepbits=store.bitround_keepbits, dataset_fingerprint=source.fingerprint,
@@ -194,10 +194,15 @@ def _spec(config: PipelineConfig, geometry: TeacherGeometry, source: Source) -> 
 
 
 def _open_store(config: PipelineConfig, spec: StoreSpec, state) -> StoreWriter:
-    """Rank 0 creates (or with overwrite, replaces) the store before anyone else opens it."""
+    """Rank 0 creates (or with overwrite, replaces) the store before anyone else opens it. StoreWriter.open
+    refuses a store of other teacher encoder weights (another fingerprint: a replaced teacher folder)."""
     writer = None
     if state.is_main_process:
         writer = StoreWriter.open(config.store.path, spec, overwrite=config.precompute.overwrite)
+        if not writer.spec.teacher.encoder_fingerprint:
+            log.warning("store %s records no fingerprint of its teacher's encoder weights (written before whistle "
+                        "kept one): whether %r has the weights that made its shards cannot be checked", writer.url,
+                        config.teacher.name_or_path)
     state.wait_for_everyone()
     return writer or StoreWriter.open(config.store.path, spec)
 
@@ -234,13 +239,14 @@ def run(config: PipelineConfig) -> PrecomputeResult:
         if not len(source):
             raise WhistleError(f"{source.describe()}: nothing to precompute. Check data.path, data.split/subset "
                                "and data.max_clips.")
-        encoder, geometry = load_encoder(config.teacher.name_or_path, config.teacher.revision, device,
-                                         config.teacher.dtype, config.teacher.attn_implementation)
+        teacher = load_teacher(config.teacher.name_or_path, config.teacher.revision, "encoder", device,
+                               config.teacher.dtype, config.teacher.attn_implementation)
+        encoder, geometry = teacher.model, teacher.geometry
     if state.is_main_process:
         used = {name: dataclasses.asdict(getattr(config, name)) for name in ("teacher", "data", "store", "precompute")}
         log.info("resolved configuration: %s", json.dumps(used))
         log.info("source: %s, fingerprint %s", source.describe(), source.fingerprint)
-    spec = _spec(config, geometry, source)
+    spec = _spec(config, teacher.info, source)
     store = _open_store(config, spec, state)
 
     shard_size = config.store.shard_size

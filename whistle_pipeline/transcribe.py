@@ -43,7 +43,7 @@ from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import error_rates, normalize
 from whistle_pipeline.sources import Clip, SourceReject, open_source
-from whistle_pipeline.teacher import TeacherGeometry, resolve_dtype, teacher_states
+from whistle_pipeline.teacher import TeacherGeometry, check_finite_weights, resolve_dtype, teacher_states
 from whistle_pipeline.text import is_multilingual
 
 LOOP_MAX_NGRAM = 4  # longest repeated phrase (words) looked for
@@ -173,6 +173,7 @@ def load_model(named: Named, revision: str, device: Any, dtype_name: str, attn: 
             f"cannot load the Whisper model {named.label} from {named.path!r}: {err}. Give a folder written by "
             "`whistle finetune`, `whistle import-ct2` or save_pretrained (with its tokenizer), or a hub name."
         ) from err
+    check_finite_weights(model, f"the Whisper model {named.label} ({named.path!r})")
     model.requires_grad_(False).eval().to(device)
     return LoadedModel(named=named, model=model, tokenizer=tokenizer,
                        geometry=TeacherGeometry.from_pretrained(model.config, features),
