@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import types
 import typing
@@ -29,6 +30,8 @@ except ModuleNotFoundError:  # Python < 3.11
 from whistle_pipeline.errors import WhistleError
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("pipeline.toml")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(WhistleError):
@@ -462,7 +465,8 @@ def load_config(
     overrides: Sequence[str] = (),
     updates: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PipelineConfig:
-    """Defaults, then the file at `path`, then `updates` (CLI flags), then `--set` overrides.
+    """Defaults, then the file at `path`, then `updates` (CLI flags), then `--set` overrides (a `--set` beats a
+    flag for the same key whatever their order on the command line: logged when their values differ).
 
     Raises ConfigError listing every unknown key, missing key, wrong type and broken rule.
     """
@@ -485,6 +489,12 @@ def load_config(
             problems += err.problems
             continue
         parsed.setdefault(section, {})[key] = value
+    for section, keys in parsed.items():
+        for key, value in keys.items():
+            flag = (updates or {}).get(section, {}).get(key)
+            if flag is not None and flag != value:
+                log.warning("--set %s.%s=%r overrides the command-line option's %r (a --set wins over flags)",
+                            section, key, value, flag)
     _merge(values, parsed, "--set", problems)
 
     sections = {}
