@@ -220,8 +220,10 @@ class TLEModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> "TLEModel":
-        """PreTrainedModel.from_pretrained, refusing a TLE with inf/nan weights (saved by a run that diverged)."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        """PreTrainedModel.from_pretrained from safetensors only, refusing a TLE with inf/nan weights (saved by a
+        run that diverged)."""
+        kwargs.pop("use_safetensors", None)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, use_safetensors=True, **kwargs)
         check_finite_weights(model, f"the TLE in {pretrained_model_name_or_path}")
         return model
 
