@@ -579,7 +579,7 @@ def _outcome(action) -> tuple[str, Exception | None]:
     try:
         action()
         return "done", None
-    except Exception as err:  # the trial records whatever stopped it
+    except Exception as err:  # noqa: BLE001 — the trial records whatever stopped it
         return f"refused: {type(err).__name__}: {str(err).splitlines()[0][:160]}", err
 
 
@@ -641,7 +641,7 @@ def non_finite_trials(folder: Path) -> list[Trial]:
 
     trials = []
     for setting in ("finetune.learning_rate=inf", "train_tle.learning_rate=nan", "tle.dropout=-inf"):
-        outcome, err = _outcome(lambda: load_config(overrides=[setting]))
+        outcome, err = _outcome(lambda setting=setting: load_config(overrides=[setting]))
         trials.append(Trial("non-finite", f"--set {setting}", "the configuration", outcome,
                             isinstance(err, ConfigError)))
     for stage in ("train-tle", "finetune"):
@@ -650,7 +650,7 @@ def non_finite_trials(folder: Path) -> list[Trial]:
         section = "train_tle" if stage == "train-tle" else "finetune"
         config = dataclasses.replace(config, **{section: dataclasses.replace(
             getattr(config, section), learning_rate=1e30, warmup_steps=0)})
-        outcome, err = _outcome(lambda: run_training(stage, config))
+        outcome, err = _outcome(lambda stage=stage, config=config: run_training(stage, config))
         trials.append(Trial("non-finite", f"{stage}: learning_rate=1e30", "training step 2", outcome,
                             isinstance(err, NonFiniteStep) and not (out / "model.safetensors").exists()))
     _tests_on_path()

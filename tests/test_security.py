@@ -323,9 +323,9 @@ def _poison(weights_file, names: list[str]) -> None:
 
 
 def test_whisper_folders_with_nan_weights_are_refused_by_every_loader_naming_the_count(tmp_path):
-    from whistle_pipeline.transcribe import Named, load_model
     from whistle_pipeline.decoder import load_frozen_teacher
     from whistle_pipeline.teacher import load_encoder, load_teacher
+    from whistle_pipeline.transcribe import Named, load_model
 
     folder = make_tiny_teacher(tmp_path / "teacher")
     _poison(folder / "model.safetensors", ["model.encoder.layers.0.fc1.weight", "model.decoder.layers.1.fc2.bias"])

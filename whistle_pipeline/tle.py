@@ -219,7 +219,7 @@ class TLEModel(PreTrainedModel):
     main_input_name = "tokens"
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> "TLEModel":
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> TLEModel:
         """PreTrainedModel.from_pretrained from safetensors only, refusing a TLE with inf/nan weights (saved by a
         run that diverged)."""
         kwargs.pop("use_safetensors", None)

@@ -43,7 +43,12 @@ from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import error_rates, normalize
 from whistle_pipeline.sources import Clip, SourceReject, open_source
-from whistle_pipeline.teacher import TeacherGeometry, check_finite_weights, resolve_dtype, teacher_states
+from whistle_pipeline.teacher import (
+    TeacherGeometry,
+    check_finite_weights,
+    resolve_dtype,
+    teacher_states,
+)
 from whistle_pipeline.text import is_multilingual
 
 LOOP_MAX_NGRAM = 4  # longest repeated phrase (words) looked for
