@@ -49,6 +49,7 @@ from whistle_pipeline.sources import Source, SourceReject, open_source
 from whistle_pipeline.teacher import (
     TeacherGeometry,
     load_teacher,
+    non_finite_reason,
     speech_frames,
     teacher_states,
 )
@@ -456,20 +457,6 @@ def _launch(batch: Batch, encoder, geometry: TeacherGeometry, device: torch.devi
     copied = torch.cuda.Event()
     copied.record()
     return _InFlight(batch, host_states, copied, host_finite, host_sums)
-
-
-def non_finite_reason(dtype: torch.dtype, peak: float) -> str:
-    """The reject reason of a clip whose encoder states hold inf/nan, from what can cause it: audio far out of
-    the decoded [-1, 1] range, a float16 encoder overflowing, or values beyond the store's float16."""
-    name = str(dtype).removeprefix("torch.")
-    if not math.isfinite(peak) or peak > 1.0:
-        return (f"non-finite states: the input audio is out of range (peak amplitude {peak:.3g}, decoded audio lies "
-                f"within [-1, 1]); the {name} encoder produced inf/nan")
-    if dtype == torch.float16:
-        return (f"non-finite states: the float16 encoder overflowed (peak amplitude {peak:.3g}): set "
-                "teacher.dtype = float32 or bfloat16")
-    return (f"non-finite states: the {name} encoder produced inf/nan or values beyond float16, the store's type "
-            f"(peak amplitude {peak:.3g})")
 
 
 def batch_sums(states: torch.Tensor, frames: list[int], shards: list[int]

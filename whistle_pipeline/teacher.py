@@ -447,6 +447,20 @@ def teacher_states(encoder: WhisperEncoder, audio: torch.Tensor, geometry: Teach
     return encoder(features.to(encoder.dtype)).last_hidden_state  # (B, max_frames, d_model)
 
 
+def non_finite_reason(dtype: torch.dtype, peak: float) -> str:
+    """The reject reason of a clip whose encoder states hold inf/nan, from what can cause it: audio far out of
+    the decoded [-1, 1] range, a float16 encoder overflowing, or values beyond the store's float16."""
+    name = str(dtype).removeprefix("torch.")
+    if not math.isfinite(peak) or peak > 1.0:
+        return (f"non-finite states: the input audio is out of range (peak amplitude {peak:.3g}, decoded audio lies "
+                f"within [-1, 1]); the {name} encoder produced inf/nan")
+    if dtype == torch.float16:
+        return (f"non-finite states: the float16 encoder overflowed (peak amplitude {peak:.3g}): set "
+                "teacher.dtype = float32 or bfloat16")
+    return (f"non-finite states: the {name} encoder produced inf/nan or values beyond float16, the store's type "
+            f"(peak amplitude {peak:.3g})")
+
+
 def speech_frames(n_samples: int, geometry: TeacherGeometry, margin: int) -> int:
     """Encoder frames that cover a clip of `n_samples` samples, plus `margin` frames, capped at the window."""
     return min(geometry.max_frames, math.ceil(n_samples / geometry.samples_per_frame) + margin)
