@@ -650,7 +650,151 @@ def bad_input_trials(folder: Path) -> list[Trial]:
     return trials
 
 
-FAULTS = ("precompute-kill", "concurrent", "disk-full", "bit-flip", "train-tle-kill", "finetune-kill", "bad-input")
+FAULTS = ("precompute-kill", "concurrent", "disk-full", "bit-flip", "train-tle-kill", "finetune-kill", "bad-input", "one-item", "non-finite",
+          "teacher-swap")
+# --- reliability round 2: one item never stops a run, no NaN trains or loads, the store knows its teacher ---
+
+
+def _outcome(action) -> tuple[str, Exception | None]:
+    """Run `action`: ("done", None) or ("refused: <first line>", the error)."""
+    try:
+        action()
+        return "done", None
+    except Exception as err:  # noqa: BLE001 — the trial records whatever stopped it
+        return f"refused: {type(err).__name__}: {str(err).splitlines()[0][:160]}", err
+
+
+def one_item_trials(world: World, folder: Path) -> list[Trial]:
+    """Clips that resample to nothing, are not files, or overflow the encoder: each a counted reject with its
+    reason, and the run (and a rerun) finishes; a clip of zeros is stored."""
+    import os
+    import struct
+
+    import soundfile
+
+    from stages.precompute import run
+    from store import StoreReader
+    from whistle_pipeline.config import load_config
+
+    clips = folder / "one-item"
+    clips.mkdir(parents=True, exist_ok=True)
+    soundfile.write(clips / "one.wav", np.array([0.25], np.float32), 44100)
+    soundfile.write(clips / "absurd.wav", np.full(100, 0.1, np.float32), 16000, subtype="PCM_16")
+    data = bytearray((clips / "absurd.wav").read_bytes())
+    data[24:28] = struct.pack("<I", 2_000_000_000)
+    (clips / "absurd.wav").write_bytes(bytes(data))
+    soundfile.write(clips / "loud.wav", np.full(16000, 1e30, np.float32), 16000, subtype="FLOAT")
+    soundfile.write(clips / "zeros.wav", np.zeros(16000, np.float32), 16000)
+    (clips / "folder.wav").mkdir(exist_ok=True)
+    if not (clips / "fifo.wav").exists():
+        os.mkfifo(clips / "fifo.wav")
+    expected = {"one": "empty audio", "absurd": "empty audio", "loud": "non-finite states", "zeros": "stored",
+                "folder": "not a file", "fifo": "not a file"}
+    (clips / "manifest.jsonl").write_text("".join(json.dumps({"id": n, "audio": f"{n}.wav", "text": n}) + "\n"
+                                                  for n in expected))
+    config = load_config(updates={
+        "teacher": {"name_or_path": str(world.teacher), "device": "cpu", "dtype": "float32"},
+        "data": {"path": str(clips / "manifest.jsonl"), "id_column": "id"},
+        "store": {"path": str(clips / "store"), "shard_size": 4}, "precompute": {"num_workers": 0, "progress": False}})
+    outcome, _ = _outcome(lambda: run(config))
+    rerun, _ = _outcome(lambda: run(config))
+    reader = StoreReader(str(clips / "store")) if outcome == "done" else None
+    reasons = {r["id"]: r["reason"] for k in reader.shards() for r in reader.shard_attrs(k)["rejects"]} if reader else {}
+    trials = []
+    for name, kind in expected.items():
+        got = reasons.get(name, "stored" if reader and name not in reasons else outcome)
+        trials.append(Trial("one-item", f"precompute: {name}.wav", "decoding / the encoder",
+                            got.replace(str(clips) + "/", "") + f"; rerun {rerun}",
+                            got.split(":", 1)[0] == kind and rerun == "done"))
+    return trials
+
+
+def non_finite_trials(folder: Path) -> list[Trial]:
+    """inf/nan settings refused; a step whose loss turns NaN stops the run and saves no model; a stored
+    over-long transcript is skipped and counted; a Whisper or a TLE with NaN weights is refused at load."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from stages.training import NonFiniteStep
+    from whistle_pipeline.config import ConfigError, load_config
+    from whistle_pipeline.teacher import load_teacher
+
+    trials = []
+    for setting in ("finetune.learning_rate=inf", "train_tle.learning_rate=nan", "tle.dropout=-inf"):
+        outcome, err = _outcome(lambda setting=setting: load_config(overrides=[setting]))
+        trials.append(Trial("non-finite", f"--set {setting}", "the configuration", outcome,
+                            isinstance(err, ConfigError)))
+    for stage in ("train-tle", "finetune"):
+        out = folder / f"nan-{stage}"
+        config = training_config(stage, folder, out, steps=6, checkpoint_every=100)
+        section = "train_tle" if stage == "train-tle" else "finetune"
+        config = dataclasses.replace(config, **{section: dataclasses.replace(
+            getattr(config, section), learning_rate=1e30, warmup_steps=0)})
+        outcome, err = _outcome(lambda stage=stage, config=config: run_training(stage, config))
+        trials.append(Trial("non-finite", f"{stage}: learning_rate=1e30", "training step 2", outcome,
+                            isinstance(err, NonFiniteStep) and not (out / "model.safetensors").exists()))
+    _tests_on_path()
+    from test_finetune import SOURCE_WORDS, write_store
+
+    config = training_config("finetune", folder, folder / "long-finetune", steps=3, checkpoint_every=100)
+    texts = [" ".join(SOURCE_WORDS[i % 5: i % 5 + 3]) for i in range(16)]
+    texts[3] = " ".join(["hello world"] * 60)
+    long_store = write_store(folder / "long-store", Path(config.teacher.name_or_path), texts, seed=5)
+    config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, audio_store=str(long_store)))
+    result = None
+
+    def finetune_long() -> None:
+        nonlocal result
+        result = run_training("finetune", config)
+
+    outcome, _ = _outcome(finetune_long)
+    skipped = result.store_rejects if result else []
+    trials.append(Trial("one-item", "finetune: a 480-token transcript in the audio store", "the training batches",
+                        f"{outcome}; skipped {[r['id'] + ': ' + r['reason'] for r in skipped]}",
+                        [r["id"] for r in skipped] == ["utt5-003"]))
+    poisoned = folder / "nan-teacher"
+    if not poisoned.exists():
+        _tests_on_path()
+        from conftest import make_tiny_teacher
+
+        make_tiny_teacher(poisoned)
+        tensors = load_file(str(poisoned / "model.safetensors"))
+        tensors["model.decoder.layers.0.fc1.weight"].view(-1)[0] = float("nan")
+        save_file(tensors, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
+    outcome, err = _outcome(lambda: load_teacher(str(poisoned), "main", "full", "cpu", "float32"))
+    trials.append(Trial("non-finite", "a Whisper with a NaN weight", "load_teacher",
+                        outcome.replace(str(folder) + "/", ""), "non-finite weights: 1 of" in str(err)))
+    return trials
+
+
+def teacher_swap_trials(world: World, folder: Path) -> list[Trial]:
+    """A teacher folder's weights replaced between a run and its resume: refused; the same weights in
+    another folder: accepted."""
+    import shutil
+
+    _tests_on_path()
+    from conftest import make_tiny_whisper
+
+    teacher = folder / "swap-teacher"
+    shutil.rmtree(teacher, ignore_errors=True)
+    shutil.copytree(world.teacher, teacher)
+    elsewhere = folder / "swap-teacher-copy"
+    shutil.rmtree(elsewhere, ignore_errors=True)
+    shutil.copytree(world.teacher, elsewhere)
+    store = str(folder / "swap-store")
+    first = precompute(World(teacher, world.manifest), store)
+    make_tiny_whisper(teacher, window_seconds=2, seed=1)  # same size, other weights
+    swapped = precompute(World(teacher, world.manifest), store)
+    moved = precompute(World(elsewhere, world.manifest), store)
+    refusal = [line.strip() for line in swapped.output.splitlines() if "encoder_fingerprint" in line]
+    return [
+        Trial("teacher-swap", "resume after the teacher folder's weights were replaced", "opening the store",
+              f"exit {swapped.exit_code}: {refusal[0][:120] if refusal else swapped.output[-200:]}",
+              first.exit_code == 0 and swapped.exit_code != 0 and bool(refusal)),
+        Trial("teacher-swap", "resume with the same weights in another folder", "opening the store",
+              f"exit {moved.exit_code}", moved.exit_code == 0),
+    ]
 
 
 def print_table(trials: list[Trial]) -> None:
@@ -704,6 +848,12 @@ def main(kills: int, training_kills: int, concurrent_runs: int, disk_limits: int
                 trials.append(training_kill_trial(stage, folder, k, reference_dir))
     if "bad-input" in chosen:
         trials += bad_input_trials(folder)
+    if "one-item" in chosen:
+        trials += one_item_trials(world, folder)
+    if "non-finite" in chosen:
+        trials += non_finite_trials(folder)
+    if "teacher-swap" in chosen:
+        trials += teacher_swap_trials(world, folder)
     print_table(trials)
     failed = [t for t in trials if not t.ok]
     for fault in dict.fromkeys(t.fault for t in trials):

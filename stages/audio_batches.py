@@ -55,12 +55,12 @@ class ClipDataset(Dataset):
                 return item
             audio = load_audio(item.audio, geometry.sample_rate, max_seconds=geometry.window_seconds,
                                name=item.audio_name, segment=item.segment)
+            audio = augment(audio[: geometry.n_samples], geometry.sample_rate, self.augmentation)  # resampling may add 1
         except AudioError as err:
             return SourceReject(row, item.id, err.reason)
         except Exception as err:  # one unreadable row must never end a long run: it is recorded instead
             log.warning("row %d: unexpected error reading it", row, exc_info=True)
             return SourceReject(row, self.source.row_id(row), f"read error: {type(err).__name__}: {err}")
-        audio = augment(audio[: geometry.n_samples], geometry.sample_rate, self.augmentation)  # resampling may add 1
         # the encoded audio (bytes, for a `datasets` source) stays here: only its samples cross to the main process
         return dataclasses.replace(item, audio=""), audio
 

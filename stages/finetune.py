@@ -58,6 +58,7 @@ from stages.finetune_data import (
     read_text,
     stored_examples,
     text_examples,
+    unusable_utterances,
 )
 from stages.finetune_checkpoints import load_checkpoint, load_trainable, save_adapted, save_best, save_checkpoint
 from stages.finetune_validation import ValidationData, outliers, prepare_val_audio, select_by, validate
@@ -72,6 +73,8 @@ from stages.training import (
     DamagedShard,
     WithoutIds,
     build_optimizer,
+    check_finite,
+    clip_and_check,
     damage_summary,
     damaged_shards,
     latest_checkpoint,
@@ -126,6 +129,7 @@ class FinetuneResult:
     outliers: list[dict[str, Any]] = field(default_factory=list)  # val_audio's worst clips at the saved step
     wall_seconds: float = 0.0
     damaged_shards: list[dict[str, Any]] = field(default_factory=list)  # left out under finetune.skip_damaged
+    store_rejects: list[dict[str, str]] = field(default_factory=list)  # stored utterances the decoder cannot take
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +142,10 @@ class FinetuneResult:
         if self.corpus_rejects:
             first = self.corpus_rejects[0]
             lines.append(f"  {len(self.corpus_rejects)} sentence(s) not used (first: {first['id']}: {first['reason']})")
+        if self.store_rejects:
+            first = self.store_rejects[0]
+            lines.append(f"  {len(self.store_rejects)} stored utterance(s) not used (first: {first['store']} "
+                         f"{first['id']}: {first['reason']})")
         if self.damaged_shards:
             lines.append(damage_summary([DamagedShard(**d) for d in self.damaged_shards]))
         saved = next((v for v in self.validation if v["step"] == self.saved_step), None)
@@ -193,6 +201,7 @@ class Inputs:
     dropped: frozenset[str]  # ids of the damaged shards' utterances, left out whole
     windows: Windows
     text: TextSplit  # empty when no text is drawn
+    store_rejects: list[dict[str, str]]  # stored utterances left out (in `dropped` too): store kind, id, reason
 
     @property
     def max_positions(self) -> int:
@@ -252,6 +261,10 @@ def open_inputs(setup: Setup) -> Inputs:
         for kind in stores:
             found, ids = damaged_shards(accelerator, store_url(settings, kind), setup.output_dir / DAMAGE_DIR / kind)
             damaged, dropped = damaged + found, dropped | ids
+    store_rejects = [reject for kind, reader in stores.items() for reject in unusable_utterances(
+        reader, kind, teacher.tokenizer, specials, model.config.max_target_positions,
+        frozenset(d.shard for d in damaged if d.store == reader.url))]
+    dropped |= {reject["id"] for reject in store_rejects}
     templates = {k: torch.from_numpy(np.array(r.tail_template())).to(device) for k, r in stores.items()}
     tle, text = None, TextSplit([], [], [])
     if ratios["text"] > 1e-9:
@@ -259,7 +272,7 @@ def open_inputs(setup: Setup) -> Inputs:
         text = read_text(settings, teacher.tokenizer, specials, model.config.max_target_positions,
                          list(tle.config.languages))
     return Inputs(teacher, specials, ratios, stores, damaged, dropped, Windows(tle, templates, settings.sample_latent),
-                  text)
+                  text, store_rejects)
 
 
 def restore(setup: Setup, inputs: Inputs) -> Training:
@@ -348,13 +361,17 @@ def train(setup: Setup, inputs: Inputs, training: Training, streams: dict[str, A
                     logits = model(encoder_outputs=(windows,), decoder_input_ids=text.decoder_input_ids).logits  # (B, S, V)
                 per_token = token_losses(logits, text.labels, settings.label_smoothing)  # (B, S)
                 loss = per_token.sum() / (text.labels != IGNORE_INDEX).sum()
+                kinds = [e.kind for e in examples]
+                losses = kind_losses(per_token, text.labels, kinds)
+                terms = {"loss": loss.item(), **{f"loss_{k}": total / max(n, 1) for k, (total, n) in losses.items()}}
+                check_finite(training.step + 1, terms)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and settings.grad_clip > 0:
-                    window.grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip))
+                if accelerator.sync_gradients:
+                    window.grad_norm = clip_and_check(accelerator, model.parameters(), settings.grad_clip,
+                                                      training.step + 1, terms)
                 optimizer.step()  # no-ops between accumulation boundaries
                 optimizer.zero_grad()
-            kinds = [e.kind for e in examples]
-            window.add(kind_losses(per_token, text.labels, kinds), len(examples) * accelerator.num_processes)
+            window.add(losses, len(examples) * accelerator.num_processes)
             for kind in set(kinds):
                 seen[kind] += kinds.count(kind) * accelerator.num_processes
         scheduler.step()
@@ -456,6 +473,7 @@ def finish(setup: Setup, inputs: Inputs, training: Training, val_data: Validatio
         output_dir=str(output_dir), steps=step, resumed_from=training.resumed_from,
         train_examples={"text": len(inputs.text.train),
                         **{k: len(r) - sum(d.utterances for d in inputs.damaged if d.store == r.url)
+                           - sum(reject["store"] == k for reject in inputs.store_rejects)
                            for k, r in inputs.stores.items()}},
         held_out={k: len(v) for k, v in val_data.examples.items()} | (
             {"val_audio": len(val_data.audio_clips)} if settings.val_audio else {}),
@@ -463,6 +481,7 @@ def finish(setup: Setup, inputs: Inputs, training: Training, val_data: Validatio
         best_step=history["best_step"], select_by=select_by(settings), saved_step=saved_step,
         validation=history["validation"], outliers=outliers(last_scores, setup.config.evaluate.outliers),
         wall_seconds=time.time() - started, damaged_shards=[asdict(d) for d in inputs.damaged],
+        store_rejects=inputs.store_rejects,
     )
     if accelerator.is_main_process:
         (output_dir / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")

@@ -13,13 +13,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from stages.training import endless_epochs, held_out_items
-from store import TeacherInfo
+from store import StoreReader, TeacherInfo
 from store.dataset import FeatureDataset
 from whistle_pipeline.config import FinetuneConfig
 from whistle_pipeline.corpus import TextReject, TextRow, is_held_out, read_corpus
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.teacher import check_teacher
-from whistle_pipeline.text import SpecialTokens, text_tokens
+from whistle_pipeline.text import SpecialTokens, text_tokens, transcript_problem
 from whistle_pipeline.tle import TLEModel
 from whistle_pipeline.windows import Example
 
@@ -156,6 +156,23 @@ def usable_rows(rows: Sequence[TextRow], tokenizer: Any, specials: SpecialTokens
         else:
             kept.append(row)
     return kept, rejects
+
+
+def unusable_utterances(reader: StoreReader, kind: str, tokenizer: Any, specials: SpecialTokens,
+                        max_positions: int, damaged: frozenset[int]) -> list[dict[str, str]]:
+    """The stored utterances of `kind` the decoder cannot take (transcript_problem), with the reason: left out
+    of training and validation and counted, as train-tle leaves them out, never stopping the run mid-way.
+    Reads the shards' small arrays only (the `damaged` shards, left out whole, are not read)."""
+    rejects = []
+    for shard in reader.shards():
+        if shard in damaged:
+            continue
+        index = reader.index(shard)
+        for utt_id, text, language in zip(index.ids, index.texts, index.languages):
+            problem = transcript_problem(tokenizer, specials, text, language, max_positions)
+            if problem:
+                rejects.append({"store": kind, "id": utt_id, "reason": problem})
+    return rejects
 
 
 def load_tle(path: str, teacher: TeacherInfo, device: Any) -> TLEModel:

@@ -42,14 +42,14 @@ from tqdm.auto import tqdm
 
 from stages.audio_batches import Batch, ClipDataset, collate, quiet_worker
 from stages.background_writer import BackgroundWriter
-from store import ShardRecord, StoreReader, StoreSpec, StoreWriter
-from store.writer import NON_FINITE_REASON
+from store import ShardRecord, StoreReader, StoreSpec, StoreWriter, TeacherInfo
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.sources import Source, SourceReject, open_source
 from whistle_pipeline.teacher import (
     TeacherGeometry,
-    load_encoder,
+    load_teacher,
+    non_finite_reason,
     speech_frames,
     teacher_states,
 )
@@ -183,10 +183,10 @@ def _device(config: PipelineConfig, state) -> torch.device:
     return device
 
 
-def _spec(config: PipelineConfig, geometry: TeacherGeometry, source: Source) -> StoreSpec:
-    store, teacher = config.store, config.teacher
+def _spec(config: PipelineConfig, teacher: TeacherInfo, source: Source) -> StoreSpec:
+    store = config.store
     return StoreSpec(
-        teacher=geometry.teacher_info(teacher.name_or_path, teacher.revision),
+        teacher=teacher,
         frames=store.frames, speech_margin_frames=store.speech_margin_frames, shard_size=store.shard_size,
         chunk_frames=store.chunk_frames, codec=store.codec, compression_level=store.compression_level,
         bitround_keepbits=store.bitround_keepbits, dataset_fingerprint=source.fingerprint,
@@ -195,10 +195,15 @@ def _spec(config: PipelineConfig, geometry: TeacherGeometry, source: Source) -> 
 
 
 def _open_store(config: PipelineConfig, spec: StoreSpec, state) -> StoreWriter:
-    """Rank 0 creates (or with overwrite, replaces) the store before anyone else opens it."""
+    """Rank 0 creates (or with overwrite, replaces) the store before anyone else opens it. StoreWriter.open
+    refuses a store of other teacher encoder weights (another fingerprint: a replaced teacher folder)."""
     writer = None
     if state.is_main_process:
         writer = StoreWriter.open(config.store.path, spec, overwrite=config.precompute.overwrite)
+        if not writer.spec.teacher.encoder_fingerprint:
+            log.warning("store %s records no fingerprint of its teacher's encoder weights (written before whistle "
+                        "kept one): whether %r has the weights that made its shards cannot be checked", writer.url,
+                        config.teacher.name_or_path)
     state.wait_for_everyone()
     return writer or StoreWriter.open(config.store.path, spec)
 
@@ -235,13 +240,14 @@ def run(config: PipelineConfig) -> PrecomputeResult:
         if not len(source):
             raise WhistleError(f"{source.describe()}: nothing to precompute. Check data.path, data.split/subset "
                                "and data.max_clips.")
-        encoder, geometry = load_encoder(config.teacher.name_or_path, config.teacher.revision, device,
-                                         config.teacher.dtype, config.teacher.attn_implementation)
+        teacher = load_teacher(config.teacher.name_or_path, config.teacher.revision, "encoder", device,
+                               config.teacher.dtype, config.teacher.attn_implementation)
+        encoder, geometry = teacher.model, teacher.geometry
     if state.is_main_process:
         used = {name: dataclasses.asdict(getattr(config, name)) for name in ("teacher", "data", "store", "precompute")}
         log.info("resolved configuration: %s", json.dumps(used))
         log.info("source: %s, fingerprint %s", source.describe(), source.fingerprint)
-    spec = _spec(config, geometry, source)
+    spec = _spec(config, teacher.info, source)
     store = _open_store(config, spec, state)
 
     shard_size = config.store.shard_size
@@ -312,7 +318,7 @@ class _InFlight:
     states: torch.Tensor | None  # (B, F, D) float16 on the host (pinned when copied from a GPU); F = max_frames in
     #                              full mode, the batch's most speech frames in speech mode
     copied: torch.cuda.Event | None
-    finite: torch.Tensor | None = None  # (B,) bool: no inf/nan in the window (speech mode)
+    finite: torch.Tensor | None = None  # (B,) bool: no inf/nan in the window
     sums: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # shard -> ShardWriter.add_sums
     #                              arguments (speech mode; see batch_sums)
 
@@ -328,7 +334,7 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
     loader = _loader(config, source, geometry, store, shards, device, busy)
     writer = BackgroundWriter(store, options.write_threads, options.write_queue)
     progress = _progress(stats.rows, enabled=main and options.progress)
-    deliver = _Delivery(writer, stats, geometry, config, shards, progress)
+    deliver = _Delivery(writer, stats, geometry, config, shards, progress, encoder.dtype)
     speech = None if deliver.full else (deliver.margin, shard_size)
     in_flight: _InFlight | None = None
     began = time.perf_counter()
@@ -379,8 +385,9 @@ class _Delivery:
     """Hands each finished batch to the writer threads (rows in order), closing each shard at its last row."""
 
     def __init__(self, writer: BackgroundWriter, stats: RankStats, geometry: TeacherGeometry,
-                 config: PipelineConfig, shards: list[range], progress: tqdm):
+                 config: PipelineConfig, shards: list[range], progress: tqdm, dtype: torch.dtype):
         self.writer, self.stats, self.geometry, self.progress = writer, stats, geometry, progress
+        self.dtype = dtype
         self.shard_size = config.store.shard_size
         self.margin, self.full = config.store.speech_margin_frames, config.store.frames == "full"
         self.left = {rows.start // self.shard_size: len(rows) for rows in shards}  # rows each shard still waits for
@@ -390,7 +397,7 @@ class _Delivery:
         if flight.copied is not None:
             flight.copied.synchronize()
         states = flight.states.numpy() if flight.states is not None else None  # (B, F, D) float16
-        finite = flight.finite.numpy() if flight.finite is not None else None  # (B,)
+        finite = flight.finite.numpy() if flight.finite is not None else None  # (B,); None: no clip in the batch
         for shard, sums in flight.sums.items():  # before the shard's close, which checks them
             writer.add_sums(shard, **{name: values.numpy() for name, values in sums.items()})
         done = [(reject.row, reject) for reject in flight.batch.rejects]
@@ -405,9 +412,10 @@ class _Delivery:
                 n_samples = flight.batch.n_samples[i]
                 frames = speech_frames(n_samples, geometry, self.margin)
                 duration = n_samples / geometry.sample_rate
-                if finite is not None and not finite[i]:  # left out of the sums on the device
-                    writer.reject(shard, clip.id, NON_FINITE_REASON)
-                    stats.count_reject(NON_FINITE_REASON)
+                if not finite[i]:  # left out of the sums on the device
+                    reason = non_finite_reason(self.dtype, flight.batch.audio[i].abs().max().item())
+                    writer.reject(shard, clip.id, reason)
+                    stats.count_reject(reason)
                 else:
                     window = states[i]  # (F, D)
                     writer.add(shard, id=clip.id, text=clip.text, language=clip.language, duration_s=duration,
@@ -434,15 +442,16 @@ def _launch(batch: Batch, encoder, geometry: TeacherGeometry, device: torch.devi
         return _InFlight(batch, None, None)
     audio = batch.audio.to(device, non_blocking=True)  # (B, n_samples)
     states = teacher_states(encoder, audio, geometry).to(torch.float16)  # (B, M, D), the store's dtype
-    finite, sums = None, {}
-    if speech is not None:
+    if speech is None:
+        finite, sums = torch.isfinite(states.sum(dim=(1, 2), dtype=torch.float32)), {}  # (B,), as in batch_sums
+    else:
         margin, shard_size = speech
         frames = [speech_frames(n_samples, geometry, margin) for n_samples in batch.n_samples]
         finite, sums = batch_sums(states, frames, [clip.row // shard_size for clip in batch.clips])
         states = states[:, : max(frames)]  # (B, Tmax, D): only speech frames cross to the host
     if device.type != "cuda":
-        return _InFlight(batch, states.cpu(), None, finite, sums)
-    host_states, host_finite = _pinned_copy(states), None if finite is None else _pinned_copy(finite)
+        return _InFlight(batch, states.cpu(), None, finite.cpu(), sums)
+    host_states, host_finite = _pinned_copy(states), _pinned_copy(finite)
     host_sums = {shard: {name: _pinned_copy(values) for name, values in shard_sums.items()}
                  for shard, shard_sums in sums.items()}
     copied = torch.cuda.Event()

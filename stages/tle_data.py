@@ -26,7 +26,7 @@ from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import FrozenTeacher, decoder_cross_entropy, greedy_transcribe
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import corpus_wer
-from whistle_pipeline.text import TextBatch, encode_texts, text_tokens
+from whistle_pipeline.text import TextBatch, encode_texts, transcript_problem
 from whistle_pipeline.tle import TLEModel, masked_cosine, masked_mse
 
 log = logging.getLogger(__name__)
@@ -93,16 +93,10 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
 
     for utt in reader.iter_shard(shard):
         record["languages"][utt.id] = utt.language
-        if not utt.text.strip():
-            record["rejects"][utt.id] = "empty transcript"
-            continue
-        if teacher.specials.multilingual and utt.language not in teacher.specials.languages:
-            record["rejects"][utt.id] = f"language {utt.language!r} has no token in the teacher's tokenizer"
-            continue
-        n_tokens = len(text_tokens(teacher.tokenizer, utt.text))
-        prompt = len(teacher.specials.prefix(utt.language))
-        if n_tokens + prompt > teacher.max_positions:
-            record["rejects"][utt.id] = f"{n_tokens} text tokens exceed the decoder's {teacher.max_positions} positions"
+        problem = transcript_problem(teacher.tokenizer, teacher.specials, utt.text, utt.language,
+                                     teacher.max_positions)
+        if problem:
+            record["rejects"][utt.id] = problem
             continue
         pending.append(utt)
         if len(pending) == batch_size:

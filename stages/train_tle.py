@@ -68,6 +68,8 @@ from stages.training import (
     start_run,
     DamagedShard,
     build_optimizer,
+    check_finite,
+    clip_and_check,
     damage_summary,
     damaged_shards,
     latest_checkpoint,
@@ -354,12 +356,14 @@ def train(setup: Setup, inputs: Inputs, training: Training, batches: Iterator[tu
                                         weights.decoder_kl)
             terms = tle_loss(out, target, batch.durations, batch.text.tle_mask, weights,
                              None if decoder is None else decoder.charged_ce, None if decoder is None else decoder.kl)
+            values = step_values(terms, decoder, length_error(tle, out, batch))
+            check_finite(training.step + 1, values)
             accelerator.backward(terms.total)
-            if accelerator.sync_gradients and settings.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            if accelerator.sync_gradients:
+                clip_and_check(accelerator, model.parameters(), settings.grad_clip, training.step + 1, values)
             optimizer.step()  # no-ops between accumulation boundaries
             optimizer.zero_grad()
-        window.add(step_values(terms, decoder, length_error(tle, out, batch)), float(out.lengths.sum()))
+        window.add(values, float(out.lengths.sum()))
         if not accelerator.sync_gradients:
             continue
         scheduler.step()

@@ -120,6 +120,40 @@ def build_optimizer(model: torch.nn.Module, settings: Any) -> tuple[torch.optim.
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
+class NonFiniteStep(WhistleError):
+    """A training step whose loss or gradient norm is inf/nan: the run stops before applying it."""
+
+
+def clip_and_check(accelerator: Any, parameters: Any, grad_clip: float, step: int, losses: dict[str, float]) -> float:
+    """At an optimiser step (accelerator.sync_gradients): clip the gradients to `grad_clip` (0: no clipping) and
+    return their norm, stopping the run (check_finite) when it is inf/nan — except under fp16's gradient scaler,
+    whose overflowing steps are expected and skipped by the scaler itself."""
+    norm = float(accelerator.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else math.inf))  # inf: norm only
+    if accelerator.scaler is None:
+        check_finite(step, losses, norm)
+    return norm
+
+
+def check_finite(step: int, losses: dict[str, float], grad_norm: float | None = None) -> None:
+    """Raise NonFiniteStep when a loss term of optimiser step `step` (or its gradient norm) is inf/nan, before the
+    optimiser applies it: nothing is stepped or saved after it, so the last checkpoint keeps the last good weights
+    (a NaN that training went on with would reach every weight and the saved model)."""
+    bad = [name for name, value in losses.items() if not math.isfinite(value)]
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        bad.append("gradient norm")
+    if not bad:
+        return
+    terms = ", ".join(f"{name} {value:.4g}" for name, value in losses.items())
+    norm = "" if grad_norm is None else f", gradient norm {grad_norm:.4g}"
+    raise NonFiniteStep(
+        f"step {step}: non-finite {', '.join(bad)} ({terms}{norm}); the run stopped before applying it and saved "
+        "nothing more (the last checkpoint holds the last good weights). Likely causes: a learning rate too high "
+        "(lower learning_rate, or raise warmup_steps), a mixed-precision overflow (set mixed_precision = \"no\"), or "
+        "a damaged input (`whistle inspect-store --check` on the stores). Fix it and run again (changed settings "
+        "start over: --no-resume)."
+    )
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,8 @@ Layout::
     STORE/zarr.json             attrs.whistle = {
                                   "format": 1,
                                   "teacher": {name_or_path, revision, d_model, n_mels, sample_rate,
-                                              samples_per_frame, frames_per_second, max_frames},
+                                              samples_per_frame, frames_per_second, max_frames,
+                                              encoder_fingerprint (absent in stores written before it)},
                                   "frames": "speech" | "full",  "speech_margin_frames": int,
                                   "dtype": "float16",  "codec": "blosc-lz4" | "blosc-zstd" | "none",
                                   "compression_level": int,  "bitround_keepbits": int (0 = lossless),
@@ -198,20 +199,31 @@ class TeacherInfo:
     samples_per_frame: int  # 320 = hop 160 x conv stride 2
     frames_per_second: int  # 50 = sample_rate / samples_per_frame
     max_frames: int  # 1500 encoder frames per 30 s window
+    # sha256 of the encoder's weights as stored (whistle_pipeline.teacher.encoder_fingerprint): the same
+    # weights give the same one from any folder; "" when not known (stores written before it was recorded)
+    encoder_fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TeacherInfo:
-        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)})
+        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)
+                      if field.name in data or field.default is dataclasses.MISSING})
 
     def field_differences(self, other: TeacherInfo) -> list[FieldDifference]:
-        """The fields that differ, with this (recorded) value and the other's (given) one."""
+        """The fields that differ, with this (recorded) value and the other's (given) one. Fingerprints are
+        compared when both records have one; when they match, the weights are the same wherever they were
+        read from, so name and revision are not compared (the other way round when one is unknown)."""
+        if self.encoder_fingerprint and other.encoder_fingerprint:
+            same_weights = self.encoder_fingerprint == other.encoder_fingerprint
+            skipped = {"name_or_path", "revision"} if same_weights else set()
+        else:
+            skipped = {"encoder_fingerprint"}
         return [
             FieldDifference(field.name, getattr(self, field.name), getattr(other, field.name))
             for field in dataclasses.fields(self)
-            if getattr(self, field.name) != getattr(other, field.name)
+            if field.name not in skipped and getattr(self, field.name) != getattr(other, field.name)
         ]
 
     def differences(self, other: TeacherInfo) -> list[str]:

@@ -1,6 +1,9 @@
 """whistle_pipeline.audio: decoding every format and layout to 16 kHz mono, rejects, telephone augmentation."""
 from __future__ import annotations
 
+import os
+import struct
+
 import numpy as np
 import pytest
 import soundfile
@@ -83,6 +86,36 @@ def test_bad_audio_is_an_audio_error_with_a_grouped_reason(tmp_path):
     assert _reason(long, max_seconds=2.0) == "too long: 3.0 s, the window is 2 s"
     with pytest.raises(AudioError, match=f"cannot use audio {garbage}"):
         load_audio(garbage, SAMPLE_RATE)
+
+
+def _rate_in_header(path, rate: int) -> None:
+    """Overwrite a canonical WAV header's sample rate (bytes 24-27), as a damaged or hostile file would."""
+    data = bytearray(path.read_bytes())
+    data[24:28] = struct.pack("<I", rate)
+    path.write_bytes(bytes(data))
+
+
+def test_a_clip_that_resamples_to_no_sample_is_empty_audio(tmp_path):
+    one = tmp_path / "one.wav"
+    soundfile.write(one, np.array([0.25], np.float32), 44100)
+    assert _reason(one) == "empty audio: 1 sample(s) at 44100 Hz resample to none at 16000 Hz"
+    absurd = tmp_path / "absurd.wav"
+    soundfile.write(absurd, np.full(100, 0.1, np.float32), SAMPLE_RATE, subtype="PCM_16")
+    _rate_in_header(absurd, 2_000_000_000)
+    assert _reason(absurd) == "empty audio: 100 sample(s) at 2000000000 Hz resample to none at 16000 Hz"
+    silence = tmp_path / "silence.wav"  # all zeros is a clip like any other
+    soundfile.write(silence, np.zeros(1600, np.float32), SAMPLE_RATE)
+    np.testing.assert_array_equal(load_audio(silence, SAMPLE_RATE), np.zeros(1600, np.float32))
+
+
+def test_a_folder_or_a_fifo_is_named_for_what_it_is_not_missing(tmp_path):
+    folder = tmp_path / "clip.wav"
+    folder.mkdir()
+    assert _reason(folder) == f"not a file: {folder} is a directory"
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    assert _reason(fifo) == f"not a file: {fifo} is a named pipe (FIFO), not a regular file"  # never opened: it would block
+    assert _reason(tmp_path / "missing" / "x.wav") == f"audio not found: {tmp_path / 'missing' / 'x.wav'}"
 
 
 def _tone(freq: float, seconds: float = 1.0) -> np.ndarray:

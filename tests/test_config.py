@@ -182,3 +182,24 @@ def test_configs_are_frozen():
     config = load_config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.store.frames = "full"
+
+
+def test_inf_and_nan_are_refused_for_every_float_setting_all_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["finetune.learning_rate=inf", "train_tle.kl_beta=nan", "finetune.grad_clip=-inf",
+                               "tle.dropout=+inf"])
+    assert sorted(info.value.problems) == ["finetune.grad_clip = -inf should be a finite number",
+                                           "finetune.learning_rate = inf should be a finite number",
+                                           "tle.dropout = inf should be a finite number",
+                                           "train_tle.kl_beta = nan should be a finite number"]
+
+
+def test_a_set_beats_a_flag_for_the_same_key_and_says_so_when_they_differ(caplog):
+    """README's layers: flags, then --set. Whatever their order on the command line, --set wins; a warning
+    names both values when they differ (none when they agree)."""
+    with caplog.at_level("WARNING", logger="whistle_pipeline.config"):
+        config = load_config(overrides=["precompute.batch_size=8", "store.frames=full"],
+                             updates={"precompute": {"batch_size": 32}, "store": {"frames": "full"}})
+    assert (config.precompute.batch_size, config.store.frames) == (8, "full")
+    assert [r.getMessage() for r in caplog.records] == [
+        "--set precompute.batch_size=8 overrides the command-line option's 32 (a --set wins over flags)"]

@@ -398,3 +398,38 @@ def test_a_run_in_bf16_then_one_in_fp32_follow_each_other_in_one_process(tmp_pat
     assert first.mixed_precision == "bf16"
     second, _ = make_accelerator("cpu", "no", 2, tmp_path / "b")
     assert (second.mixed_precision, second.gradient_accumulation_steps) == ("no", 2)
+
+
+def test_stored_utterances_the_decoder_cannot_take_are_left_out_and_counted(world, tmp_path):
+    """One over-long transcript (480 tokens for 64 positions) and one empty one in the audio store: counted
+    and skipped with their reasons, as train-tle skips them, instead of stopping the run at their batch."""
+    from stages.finetune import run
+
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(SOURCE_WORDS, size=int(rng.integers(2, 6)))) for _ in range(16)]
+    texts[3], texts[9] = " ".join(["hello world"] * 60), "   "
+    store = write_store(tmp_path / "long-store", world["teacher"], texts, seed=5)
+    result = run(finetune_config(world, tmp_path / "out", "finetune.steps=3", "finetune.audio_ratio=1",
+                                 "finetune.tts_ratio=0", "finetune.tle_path=''", "finetune.text=''",
+                                 f"finetune.audio_store={json.dumps(str(store))}", stores=False))
+    assert result.store_rejects == [
+        {"store": "audio", "id": "utt5-003", "reason": "480 text tokens exceed the decoder's 64 positions"},
+        {"store": "audio", "id": "utt5-009", "reason": "empty transcript"},
+    ]
+    assert (result.train_examples["audio"], result.examples_seen["audio"]) == (14, 24)
+    assert "2 stored utterance(s) not used (first: audio utt5-003: 480 text tokens" in result.summary()
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_no_model(world, tmp_path):
+    """finetune.learning_rate=inf is refused by the config; 1e30 (finite) trains NaN from step 2: the run stops
+    there, names the step and the loss terms, and writes no model (it used to save 50 of 74 tensors NaN)."""
+    from stages.finetune import run
+    from stages.training import NonFiniteStep
+
+    with pytest.raises(ConfigError, match="finetune.learning_rate = inf should be a finite number"):
+        finetune_config(world, tmp_path / "inf", "finetune.learning_rate=inf")
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteStep, match=r"^step 2: non-finite loss, loss_audio, loss_tts, loss_text \(loss nan"):
+        run(finetune_config(world, out, "finetune.steps=6", "finetune.learning_rate=1e30", "finetune.warmup_steps=0",
+                            "finetune.audio_ratio=0.25", "finetune.tts_ratio=0.25", "finetune.val_every=100"))
+    assert not (out / "model.safetensors").exists()

@@ -137,3 +137,39 @@ def test_two_processes_write_the_same_store_as_one(teacher, clips_manifest, tmp_
     record = StoreReader(str(tmp_path / "two")).record("precompute.json")
     assert record["world_size"] == 2 and [r["shards_written"] for r in record["per_rank"]] == [4, 4]
     assert record["clips"] == 15 and record["rejects"] == {"audio not found": 1}
+
+
+def test_a_resume_with_other_teacher_weights_is_refused_and_the_same_weights_elsewhere_are_not(
+        clips_manifest, tmp_path, caplog):
+    """The store records a fingerprint of the encoder's weights: replacing the teacher folder's weights (same
+    size, other values) between a run and its resume is refused naming both fingerprints; a copy of the same
+    weights in another folder continues the store (the fingerprint is content-based, not path-based)."""
+    import shutil
+
+    from store import StoreError
+    from whistle_pipeline.teacher import encoder_fingerprint
+
+    teacher = make_tiny_whisper(tmp_path / "teacher", window_seconds=2)
+    copy = shutil.copytree(teacher, tmp_path / "same-weights-elsewhere")
+    first = encoder_fingerprint([str(teacher / "model.safetensors")])
+    store = tmp_path / "store"
+    clean_run(teacher, clips_manifest, store)
+    recorded = StoreReader(str(store)).teacher
+    assert (recorded.encoder_fingerprint, recorded.revision) == (first, "")
+
+    make_tiny_whisper(teacher, window_seconds=2, seed=1)  # the folder's contents replaced: other weights
+    second = encoder_fingerprint([str(teacher / "model.safetensors")])
+    assert second != first
+    with pytest.raises(StoreError, match=f"teacher.encoder_fingerprint: '{first}' \\(store\\) vs '{second}'"):
+        clean_run(teacher, clips_manifest, store)
+
+    again = clean_run(copy, clips_manifest, store)  # the same weights, another path: nothing left to do
+    assert (again.shards_written, again.store_utterances) == (0, N_CLIPS - 1)
+
+    attrs = json.loads((store / "zarr.json").read_text())  # a store written before fingerprints were kept
+    del attrs["attributes"]["whistle"]["teacher"]["encoder_fingerprint"]
+    (store / "zarr.json").write_text(json.dumps(attrs))
+    assert StoreReader(str(store)).teacher.encoder_fingerprint == ""
+    with caplog.at_level("WARNING"):
+        clean_run(teacher, clips_manifest, store)  # readable, and not refused: it cannot be checked
+    assert "records no fingerprint of its teacher's encoder weights" in caplog.text

@@ -307,3 +307,54 @@ def test_checkpoints_are_safetensors_and_json_and_resume_exactly(tmp_path):
         opt.step()
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)  # same weights, same Adam moments and step counts
+
+
+# --- (d) model folders holding non-finite weights -----------------------------------------------------
+
+
+def _poison(weights_file, names: list[str]) -> None:
+    """Set the first value of each named tensor of a safetensors file to NaN."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights_file))
+    for name in names:
+        tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+
+
+def test_whisper_folders_with_nan_weights_are_refused_by_every_loader_naming_the_count(tmp_path):
+    from whistle_pipeline.decoder import load_frozen_teacher
+    from whistle_pipeline.teacher import load_encoder, load_teacher
+    from whistle_pipeline.transcribe import Named, load_model
+
+    folder = make_tiny_teacher(tmp_path / "teacher")
+    _poison(folder / "model.safetensors", ["model.encoder.layers.0.fc1.weight", "model.decoder.layers.1.fc2.bias"])
+    loaders = {  # what each loads: the encoder, the decoder (train-tle drops the encoder), or both
+        "precompute's encoder": (lambda: load_encoder(str(folder), "main", "cpu", torch.float32, "eager"), "1",
+                                 "fc1.weight"),
+        "train-tle's teacher": (lambda: load_frozen_teacher(str(folder), "main", "cpu", torch.float32), "1",
+                                "fc2.bias"),
+        "finetune's teacher": (lambda: load_teacher(str(folder), "main", "full", "cpu", torch.float32), "2",
+                               "fc1.weight"),
+        "evaluate's model": (lambda: load_model(Named("adapted", str(folder)), "main", "cpu", "float32", "eager"),
+                             "2", "fc1.weight"),
+    }
+    for what, (load, bad, named) in loaders.items():
+        with pytest.raises(WhistleError, match=f"{re.escape(str(folder))}.* has non-finite weights: {bad} of its "
+                                               r"\d+ tensors hold inf/nan") as caught:
+            load()
+        assert named in str(caught.value), what
+
+
+def test_a_tle_with_nan_weights_is_refused(tmp_path):
+    from test_tle import tiny_tle
+
+    from stages.finetune_data import load_tle
+    from store import TeacherInfo
+
+    folder = tmp_path / "tle"
+    tiny_tle().save_pretrained(folder)
+    _poison(folder / "model.safetensors", ["prior.weight", "prior.bias", "text_norm.weight"])
+    teacher = TeacherInfo("t", "main", 8, 80, 16000, 320, 50, 30)
+    with pytest.raises(WhistleError, match=f"the TLE in {re.escape(str(folder))} has non-finite weights: 3 of its"):
+        load_tle(str(folder), teacher, "cpu")

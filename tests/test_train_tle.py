@@ -386,3 +386,57 @@ def test_cli_validates_a_tle_against_the_real_states(tle_store, tiny_teacher_dir
     manifest.write_text(json.dumps({"id": "utt000", "voice": "en-us"}))
     failed = CliRunner().invoke(cli, args)
     assert failed.exit_code == 1 and "31 of the store's 32 clips have no row with a voice" in failed.output
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing(tle_store, tiny_teacher_dir, tmp_path):
+    """A learning rate of 1e30 (finite, so the config takes it) turns the weights to garbage at step 1: step 2's
+    loss is NaN. The run stops there naming the step and the terms; no TLE is written, the step-1 checkpoint
+    stays the last one."""
+    from stages.train_tle import run
+    from stages.training import NonFiniteStep
+
+    out = tmp_path / "tle"
+    with pytest.raises(NonFiniteStep, match=r"^step 2: non-finite loss.*\(loss nan, mse nan.*learning rate too high"):
+        run(tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=6", "train_tle.learning_rate=1e30",
+                       "train_tle.warmup_steps=0", "train_tle.checkpoint_every=1", "train_tle.val_every=100"))
+    assert not (out / "model.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
+
+
+def set_store_fingerprint(store: Path, fingerprint: str) -> None:
+    """Write `fingerprint` as the encoder fingerprint the store records of its teacher."""
+    attrs = json.loads((store / "zarr.json").read_text())
+    attrs["attributes"]["whistle"]["teacher"]["encoder_fingerprint"] = fingerprint
+    (store / "zarr.json").write_text(json.dumps(attrs))
+
+
+def test_refuses_a_store_of_other_teacher_weights_naming_both_fingerprints(tiny_teacher_dir, tmp_path):
+    """Same geometry, other encoder weights: the TLE would learn another teacher's states. Refused before any
+    training, with both fingerprints and the fix."""
+    from stages.train_tle import run
+    from whistle_pipeline.teacher import encoder_fingerprint
+
+    given = encoder_fingerprint([str(tiny_teacher_dir / "model.safetensors")])
+    store = write_tle_store(tmp_path / "store", tiny_teacher_dir, n=8)
+    set_store_fingerprint(store, "f" * 64)
+    with pytest.raises(WhistleError, match=f"(?s)other encoder weights.*{'f' * 64} \\(store, teacher .*\\) vs {given} "
+                                           "\\(given\\).*Use the teacher that made the store"):
+        run(tle_config(store, tiny_teacher_dir, tmp_path / "out", "train_tle.steps=3"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_check_teacher_compares_weights_by_fingerprint_not_by_path(caplog):
+    from store import TeacherInfo
+    from whistle_pipeline.teacher import check_teacher
+
+    def info(path: str, fingerprint: str) -> TeacherInfo:
+        return TeacherInfo(path, "", D_MODEL, 80, 16000, 320, 50, MAX_FRAMES, fingerprint)
+
+    with caplog.at_level("WARNING"):
+        check_teacher(info("/a", "1" * 64), info("/b", "1" * 64), "store s", "fix")  # same weights, moved
+    assert caplog.text == ""
+    with pytest.raises(WhistleError, match="other encoder weights"):
+        check_teacher(info("/a", "1" * 64), info("/a", "2" * 64), "store s", "fix")  # same path, replaced
+    with caplog.at_level("WARNING"):
+        check_teacher(info("/a", ""), info("/a", "2" * 64), "store s", "fix")  # a store from before: a warning
+    assert "records no fingerprint" in caplog.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 from collections.abc import Callable
 
 import numpy as np
@@ -65,13 +66,13 @@ def load_audio(
     Integer PCM is scaled to [-1, 1); channels are averaged; other rates are resampled with soxr (HQ).
     `segment` = (start, duration) in seconds reads only that part (duration None: to the end), as a
     NeMo offset or a lhotse supervision asks. Raises AudioError (naming the file, or `name` for bytes)
-    when the file is missing or cannot be decoded, is truncated (fewer samples than its header
-    declares), is empty, holds NaN/inf samples, is longer than `max_seconds` (checked before decoding),
-    or ends before the segment does.
+    when the file is missing, is not a regular file or cannot be decoded, is truncated (fewer samples
+    than its header declares), is empty (also when it resamples to no sample at all), holds NaN/inf
+    samples, is longer than `max_seconds` (checked before decoding), or ends before the segment does.
     """
     name = name or (f"<{len(source)} bytes>" if isinstance(source, bytes) else os.fspath(source))
-    if not isinstance(source, bytes) and not os.path.isfile(source):
-        raise AudioError(f"audio not found: {name}", name)
+    if not isinstance(source, bytes):
+        _check_regular_file(source, name)
     if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
         raise AudioError("undecodable audio: the file is empty (0 bytes)", name)  # libsndfile: "Format not recognised"
     try:
@@ -101,6 +102,9 @@ def load_audio(
         raise AudioError("non-finite audio: NaN or infinite samples", name)
     if rate != sample_rate:
         audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
+    if audio.shape[0] == 0:  # e.g. 1 sample at 44.1 kHz, or a header claiming an absurd rate
+        raise AudioError(f"empty audio: {samples.shape[0]} sample(s) at {rate} Hz resample to none at "
+                         f"{sample_rate} Hz", name)
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
@@ -115,6 +119,21 @@ def _segment_frames(segment: tuple[float, float | None], rate: int, declared: in
         raise AudioError(f"segment beyond the audio: the file is {declared / rate:.2f} s, the segment is "
                          f"{start:.2f} s to {end}", name)
     return first, min(wanted, declared - first)
+
+
+def _check_regular_file(path: str | os.PathLike, name: str) -> None:
+    """Raise AudioError unless `path` is a regular file (a FIFO would block the reader for ever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise AudioError(f"audio not found: {name}", name) from None
+    except OSError as err:
+        raise AudioError(f"unreadable audio: {err.strerror}", name) from err
+    if stat.S_ISDIR(mode):
+        raise AudioError(f"not a file: {name} is a directory", name)
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise AudioError(f"not a file: {name} is {kind}, not a regular file", name)
 
 
 def _cut_data_chunk(log: str) -> tuple[int, int] | None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ except ModuleNotFoundError:  # Python < 3.11
 from whistle_pipeline.errors import WhistleError
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("pipeline.toml")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(WhistleError):
@@ -454,11 +458,12 @@ def _type_name(annotation: Any) -> str:
         return f"a list of {_type_name(typing.get_args(annotation)[0])}"
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(option) for option in typing.get_args(annotation))
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(annotation, str(annotation))
+    return {str: "a string", int: "an integer", float: "a finite number", bool: "true or false"}.get(annotation, str(annotation))
 
 
 def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
-    """(ok, value converted to the annotation) — ints are accepted where floats are expected."""
+    """(ok, value converted to the annotation) — ints are accepted where floats are expected; a float must be
+    finite (TOML reads inf and nan, which no setting can use: a learning rate of inf trains NaN)."""
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return value in typing.get_args(annotation), value
@@ -475,7 +480,7 @@ def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
                 return True, converted
         return False, value
     if annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return ok, float(value) if ok else value
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value
@@ -538,7 +543,8 @@ def load_config(
     overrides: Sequence[str] = (),
     updates: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PipelineConfig:
-    """Defaults, then the file at `path`, then `updates` (CLI flags), then `--set` overrides.
+    """Defaults, then the file at `path`, then `updates` (CLI flags), then `--set` overrides (a `--set` beats a
+    flag for the same key whatever their order on the command line: logged when their values differ).
 
     Raises ConfigError listing every unknown key, missing key, wrong type and broken rule.
     """
@@ -561,6 +567,12 @@ def load_config(
             problems += err.problems
             continue
         parsed.setdefault(section, {})[key] = value
+    for section, keys in parsed.items():
+        for key, value in keys.items():
+            flag = (updates or {}).get(section, {}).get(key)
+            if flag is not None and flag != value:
+                log.warning("--set %s.%s=%r overrides the command-line option's %r (a --set wins over flags)",
+                            section, key, value, flag)
     _merge(values, parsed, "--set", problems)
 
     sections = {}

@@ -11,16 +11,23 @@ config, feature extractor, tokenizer and weights are all read at that commit; a 
 Geometry is read from the checkpoint (config.json + preprocessor_config.json), never assumed:
 80 mel bins before large-v3 and 128 after, d_model 384..1280.
 
-What a store (or a TLE trained on one) records of its teacher is a `store.TeacherInfo`;
-`check_teacher` compares one with the teacher given now: another geometry is refused, another
-name or revision alone is logged (the same weights may live in another folder).
+What a store (or a TLE trained on one) records of its teacher is a `store.TeacherInfo`, with a
+fingerprint of the encoder's weights (`encoder_fingerprint`) and, for a hub name, the commit read;
+`check_teacher` compares one with the teacher given now: another geometry or other encoder weights
+are refused, another name or revision of the same weights is fine (they may live in another folder).
+A checkpoint with inf/nan weights is refused at load (`check_finite_weights`).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
+import re
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,6 +37,7 @@ from accelerate import PartialState
 from torch import nn
 from transformers import AutoTokenizer, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, extract_commit_hash
 from transformers.utils.hub import resolve_revision as hub_resolve_revision
 
 from store.format import FieldDifference, TeacherInfo
@@ -98,16 +106,9 @@ class TeacherGeometry:
     def window_seconds(self) -> float:
         return self.n_samples / self.sample_rate
 
-    def teacher_info(self, name_or_path: str, revision: str) -> TeacherInfo:
-        """The store's record of this teacher (`store.TeacherInfo`), the same from every stage.
-
-        A local folder is recorded by its absolute path (revision ""), a hub name with the commit
-        `revision` resolves to, so a store refuses states of other weights.
-        """
-        return self.record(name_or_path, resolve_revision(name_or_path, revision))
-
-    def record(self, name_or_path: str, resolved_revision: str) -> TeacherInfo:
-        """teacher_info with the revision already resolved (resolve_revision)."""
+    def record(self, name_or_path: str, resolved_revision: str, encoder_fingerprint: str = "") -> TeacherInfo:
+        """The store's record of this teacher (`store.TeacherInfo`), the same from every stage: a local folder
+        by its absolute path (revision ""), a hub name with its commit; `encoder_fingerprint` names the weights."""
         local = os.path.isdir(name_or_path)
         return TeacherInfo(
             name_or_path=os.path.abspath(name_or_path) if local else name_or_path,
@@ -118,6 +119,7 @@ class TeacherGeometry:
             samples_per_frame=self.samples_per_frame,
             frames_per_second=self.frames_per_second,
             max_frames=self.max_frames,
+            encoder_fingerprint=encoder_fingerprint,
         )
 
 
@@ -129,7 +131,8 @@ class TeacherEncoder(WhisperEncoder):
 
 # A full checkpoint names encoder weights model.encoder.* (WhisperForConditionalGeneration) or encoder.*
 # (WhisperModel); a saved encoder has no prefix.
-_ENCODER_KEYS = {r"^(model\.)?encoder\.": ""}
+ENCODER_PREFIX = re.compile(r"^(model\.)?encoder\.")
+_ENCODER_KEYS = {ENCODER_PREFIX.pattern: ""}
 
 
 def resolve_revision(name_or_path: str, revision: str) -> str:
@@ -223,9 +226,82 @@ def load_teacher(
             ) from err
         if part == "decoder":
             model.model.encoder = None
+    check_finite_weights(model, f"the Whisper checkpoint {name_or_path!r}")
+    files = weight_files(name_or_path, at)
+    if not os.path.isdir(name_or_path):  # the commit of the snapshot read, even when the hub could not be asked
+        resolved = extract_commit_hash(files[0], None) or resolved
     model.requires_grad_(False)
-    return LoadedTeacher(model.to(device).eval(), geometry, geometry.record(name_or_path, resolved), features,
-                         tokenizer)
+    return LoadedTeacher(model.to(device).eval(), geometry,
+                         geometry.record(name_or_path, resolved, encoder_fingerprint(files)), features, tokenizer)
+
+
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """Refuse a model (a Whisper, a TLE) with inf/nan weights: it saw a run that diverged or a damaged file,
+    and could only ever give NaN. One pass over the weights, one host sync."""
+    tensors = {name: t for name, t in model.state_dict().items() if t.is_floating_point() and t.numel()}
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    bad = [name for name, ok in zip(tensors, finite) if not ok]
+    if bad:
+        raise WhistleError(
+            f"{what} has non-finite weights: {len(bad)} of its {len(tensors)} tensors hold inf/nan (e.g. "
+            f"{', '.join(bad[:3])}). It was saved by a training run that diverged, or its file is damaged: use "
+            "another checkpoint (one saved before the divergence) or train it again."
+        )
+
+
+def weight_files(name_or_path: str, revision: str | None) -> list[str]:
+    """The checkpoint's safetensors files (the one file, or the shards of its index), local or in the hub cache."""
+    single = cached_file(name_or_path, SAFE_WEIGHTS_NAME, revision=revision,
+                         _raise_exceptions_for_missing_entries=False)
+    if single:
+        return [single]
+    index = cached_file(name_or_path, SAFE_WEIGHTS_INDEX_NAME, revision=revision,
+                        _raise_exceptions_for_missing_entries=False)
+    if not index:
+        raise WhistleError(f"{name_or_path!r} has no {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}")
+    with open(index, encoding="utf-8") as handle:
+        shards = sorted(set(json.load(handle)["weight_map"].values()))
+    return [cached_file(name_or_path, shard, revision=revision) for shard in shards]
+
+
+HASH_BLOCK = 16 * 2**20  # bytes read per hash update
+
+
+def encoder_fingerprint(files: Sequence[str]) -> str:
+    """sha256 of the encoder's weights as stored in safetensors `files`: each tensor's name (without its
+    model./encoder. prefix, so a saved encoder alone gives the same), dtype, shape and bytes, by name.
+
+    The weights' own bytes, not the headers and sizes: another model of the same size (a fine-tuned one, a
+    replaced folder) has the same headers. Only the encoder's bytes are read (1.3 GB of large-v3's 3.1 GB,
+    about a second, from the page cache the load just filled); the decoder may change (finetune changes
+    only it) without changing what a store holds. Depends on content only: the same weights in another
+    folder, or loaded in another dtype, give the same fingerprint.
+    """
+    tensors: dict[str, tuple[str, int, dict[str, Any]]] = {}  # name -> (file, data start, header entry)
+    for path in files:
+        try:
+            with open(path, "rb") as handle:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(size))
+        except (OSError, ValueError, struct.error) as err:
+            raise WhistleError(f"cannot read the safetensors header of {path}: {err}") from err
+        tensors.update({name: (path, 8 + size, entry) for name, entry in header.items() if name != "__metadata__"})
+    encoder = {ENCODER_PREFIX.sub("", name): value for name, value in tensors.items() if ENCODER_PREFIX.match(name)}
+    digest = hashlib.sha256()
+    for name, (path, start, entry) in sorted((encoder or tensors).items()):  # a saved encoder has no prefix
+        digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
+        begin, end = entry["data_offsets"]
+        with open(path, "rb") as handle:
+            handle.seek(start + begin)
+            while begin < end:
+                block = handle.read(min(HASH_BLOCK, end - begin))
+                if not block:
+                    raise WhistleError(f"{path} ends inside tensor {name}: the file is truncated")
+                digest.update(block)
+                begin += len(block)
+    return digest.hexdigest()
 
 
 def whisper_config(name_or_path: str, revision: str | None) -> WhisperConfig:
@@ -285,21 +361,34 @@ def load_encoder(
 
 # ---- is a store (or a TLE) of this teacher? ---------------------------------------------------------
 
-WEIGHTS_FIELDS = ("name_or_path", "revision")  # which weights; every other TeacherInfo field is geometry
+WEIGHTS_FIELDS = ("name_or_path", "revision", "encoder_fingerprint")  # which weights; the other fields: geometry
 
 
 def geometry_differences(recorded: TeacherInfo, given: TeacherInfo) -> list[FieldDifference]:
-    """The geometry fields on which a recorded teacher and the given one disagree (name and revision aside)."""
+    """The geometry fields on which a recorded teacher and the given one disagree (which weights aside)."""
     return [d for d in recorded.field_differences(given) if d.field not in WEIGHTS_FIELDS]
 
 
 def check_teacher(recorded: TeacherInfo, given: TeacherInfo, what: str, fix: str, recorded_by: str = "store") -> None:
-    """Refuse `what` (made by the `recorded` teacher) for a teacher of another geometry, saying `fix`; a
-    different name or revision alone is logged: the same weights may live in another folder."""
+    """Refuse `what` (made by the `recorded` teacher) for a teacher of another geometry or of other encoder
+    weights (fingerprints), saying `fix`. The same weights under another name or revision are fine; a record
+    without a fingerprint (written before whistle kept one) is logged as unverifiable, with any other name."""
     differences = geometry_differences(recorded, given)
     if differences:
         raise WhistleError(f"{what} holds states of another teacher geometry than {given.name_or_path!r}:\n  - "
                            + "\n  - ".join(d.describe(recorded_by) for d in differences) + f"\n{fix}")
+    if recorded.encoder_fingerprint and given.encoder_fingerprint:
+        if recorded.encoder_fingerprint != given.encoder_fingerprint:
+            raise WhistleError(
+                f"{what} was made by other encoder weights than those of the teacher {given.name_or_path!r} now: "
+                f"encoder fingerprint {recorded.encoder_fingerprint} ({recorded_by}, teacher {recorded.name_or_path!r}"
+                f"{f' at {recorded.revision}' if recorded.revision else ''}) vs {given.encoder_fingerprint} (given"
+                f"{f', at {given.revision}' if given.revision else ''}). Its weights were replaced, or it is another "
+                f"model of the same size.\n{fix}")
+        return
+    if not recorded.encoder_fingerprint:
+        log.warning("%s records no fingerprint of its teacher's encoder weights (written before whistle kept one): "
+                    "whether %r has the same weights cannot be checked", what, given.name_or_path)
     if (recorded.name_or_path, recorded.revision) != (given.name_or_path, given.revision):
         log.warning("%s was made with teacher %r (revision %r), the teacher now is %r (revision %r): make sure "
                     "they are the same weights", what, recorded.name_or_path, recorded.revision, given.name_or_path,
@@ -356,6 +445,20 @@ def teacher_states(encoder: WhisperEncoder, audio: torch.Tensor, geometry: Teach
     audio = nn.functional.pad(audio, (0, geometry.n_samples - audio.shape[-1]))  # (B, n_samples)
     features = _log_mel(geometry, device)(audio)  # (B, n_mels, mel_frames)
     return encoder(features.to(encoder.dtype)).last_hidden_state  # (B, max_frames, d_model)
+
+
+def non_finite_reason(dtype: torch.dtype, peak: float) -> str:
+    """The reject reason of a clip whose encoder states hold inf/nan, from what can cause it: audio far out of
+    the decoded [-1, 1] range, a float16 encoder overflowing, or values beyond the store's float16."""
+    name = str(dtype).removeprefix("torch.")
+    if not math.isfinite(peak) or peak > 1.0:
+        return (f"non-finite states: the input audio is out of range (peak amplitude {peak:.3g}, decoded audio lies "
+                f"within [-1, 1]); the {name} encoder produced inf/nan")
+    if dtype == torch.float16:
+        return (f"non-finite states: the float16 encoder overflowed (peak amplitude {peak:.3g}): set "
+                "teacher.dtype = float32 or bfloat16")
+    return (f"non-finite states: the {name} encoder produced inf/nan or values beyond float16, the store's type "
+            f"(peak amplitude {peak:.3g})")
 
 
 def speech_frames(n_samples: int, geometry: TeacherGeometry, margin: int) -> int:

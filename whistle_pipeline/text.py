@@ -105,6 +105,24 @@ def text_tokens(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
 
 
+def transcript_problem(tokenizer: Any, specials: SpecialTokens, text: str, language: str,
+                       max_positions: int) -> str | None:
+    """Why encode_texts would refuse this stored transcript (the reason a stage records when it leaves the
+    utterance out instead of stopping), or None when it is usable."""
+    if not text.strip():
+        return "empty transcript"
+    if specials.multilingual and language not in specials.languages:
+        return f"language {language!r} has no token in the teacher's tokenizer"
+    prompt = len(specials.prefix(language))
+    # byte-level BPE: every token covers at least one byte, so only long texts need tokenising here
+    if len((" " + text.strip()).encode()) + prompt <= max_positions:
+        return None
+    n_tokens = len(text_tokens(tokenizer, text))
+    if n_tokens + prompt > max_positions:
+        return f"{n_tokens} text tokens exceed the decoder's {max_positions} positions"
+    return None
+
+
 @dataclass
 class TextBatch:
     """Padded token tensors for a batch of transcripts (right padding).

@@ -34,6 +34,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.teacher import check_finite_weights
 
 POSITION_FEATURES = 64  # sinusoid channels for a frame's absolute position and its offset inside its token
 
@@ -216,6 +217,15 @@ class TLEModel(PreTrainedModel):
     config: TLEConfig
     base_model_prefix = "tle"
     main_input_name = "tokens"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> TLEModel:
+        """PreTrainedModel.from_pretrained from safetensors only, refusing a TLE with inf/nan weights (saved by a
+        run that diverged)."""
+        kwargs.pop("use_safetensors", None)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, use_safetensors=True, **kwargs)
+        check_finite_weights(model, f"the TLE in {pretrained_model_name_or_path}")
+        return model
 
     def __init__(self, config: TLEConfig):
         super().__init__(config)
