@@ -336,7 +336,7 @@ def test_whisper_folders_with_nan_weights_are_refused_by_every_loader_naming_the
                                 "fc2.bias"),
         "finetune's teacher": (lambda: load_teacher(str(folder), "main", "full", "cpu", torch.float32), "2",
                                "fc1.weight"),
-        "evaluate's model": (lambda: load_model(Named("adapted", str(folder)), "main", "cpu", "float32", "eager"),
+        "evaluate's model": (lambda: load_model(Named(label="adapted", path=str(folder)), "main", "cpu", "float32", "eager"),
                              "2", "fc1.weight"),
     }
     for what, (load, bad, named) in loaders.items():
