@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from stages.finetune_data import (
     HeldOut,
@@ -80,6 +79,7 @@ from stages.training import (
 from store import StoreReader
 from whistle_pipeline.config import ConfigError, FinetuneConfig, PipelineConfig
 from whistle_pipeline.plots import plot_training_curves
+from whistle_pipeline.progress import progress_bar
 from whistle_pipeline.teacher import LoadedTeacher, load_teacher
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts, is_multilingual
 from whistle_pipeline.windows import (
@@ -330,8 +330,8 @@ def train(setup: Setup, inputs: Inputs, training: Training, streams: dict[str, A
     tokenizer = inputs.teacher.tokenizer
     logs = open_logs(setup, (TRAIN_COLUMNS, VALIDATION_COLUMNS), training.step if training.resumed_from else None,
                      asdict(settings))
-    bar = tqdm(total=settings.steps, initial=training.step, desc="finetune", unit="step",
-               disable=not (settings.progress and accelerator.is_main_process))
+    bar = progress_bar(settings.steps, "finetune", "step", settings.progress and accelerator.is_main_process,
+                       initial=training.step)
     seen = {k: history["examples"].get(k, 0) for k in KINDS}
     window = TrainWindow()
     last_scores: list[Any] = []

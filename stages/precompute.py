@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from stages.audio_batches import Batch, ClipDataset, collate, quiet_worker
 from stages.background_writer import BackgroundWriter
@@ -46,6 +45,7 @@ from store import ShardRecord, StoreReader, StoreSpec, StoreWriter
 from store.writer import NON_FINITE_REASON
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.progress import progress_bar
 from whistle_pipeline.sources import Source, SourceReject, open_source
 from whistle_pipeline.teacher import (
     TeacherGeometry,
@@ -379,8 +379,9 @@ class _Delivery:
     """Hands each finished batch to the writer threads (rows in order), closing each shard at its last row."""
 
     def __init__(self, writer: BackgroundWriter, stats: RankStats, geometry: TeacherGeometry,
-                 config: PipelineConfig, shards: list[range], progress: tqdm):
+                 config: PipelineConfig, shards: list[range], progress: Any):
         self.writer, self.stats, self.geometry, self.progress = writer, stats, geometry, progress
+        self.began = time.perf_counter()
         self.shard_size = config.store.shard_size
         self.margin, self.full = config.store.speech_margin_frames, config.store.frames == "full"
         self.left = {rows.start // self.shard_size: len(rows) for rows in shards}  # rows each shard still waits for
@@ -419,7 +420,7 @@ class _Delivery:
             if self.left[shard] == 0:
                 writer.close(shard)
         self.progress.update(len(done))
-        elapsed = self.progress.format_dict["elapsed"] or 1e-9
+        elapsed = time.perf_counter() - self.began
         self.progress.set_postfix_str(f"{stats.audio_seconds / elapsed:.0f} audio-h/h", refresh=False)
 
 
@@ -489,6 +490,5 @@ def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def _progress(total: int, enabled: bool) -> tqdm:
-    return tqdm(total=total, unit="clip", desc="precompute", disable=not enabled, dynamic_ncols=True,
-                smoothing=0.05)
+def _progress(total: int, enabled: bool) -> Any:
+    return progress_bar(total, "precompute", "clip", enabled, dynamic_ncols=True, smoothing=0.05)

@@ -46,7 +46,6 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from stages.tle_data import (
     Alignment,
@@ -82,6 +81,7 @@ from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import DecoderTerms, FrozenTeacher, load_frozen_teacher, phase_2_terms
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.plots import plot_training_curves
+from whistle_pipeline.progress import progress_bar
 from whistle_pipeline.tle import LossTerms, LossWeights, TLEConfig, TLEModel, tle_loss
 
 log = logging.getLogger(__name__)
@@ -335,8 +335,8 @@ def train(setup: Setup, inputs: Inputs, training: Training, batches: Iterator[tu
     model, tle, optimizer, scheduler = training.model, training.tle, training.optimizer, training.scheduler
     logs = open_logs(setup, (TRAIN_COLUMNS, VALIDATION_COLUMNS), training.step if training.resumed_from else None,
                      {**asdict(setup.config.tle), **asdict(settings)})
-    bar = tqdm(total=settings.steps, initial=training.step, desc="train-tle", unit="step",
-               disable=not (settings.progress and accelerator.is_main_process))
+    bar = progress_bar(settings.steps, "train-tle", "step", settings.progress and accelerator.is_main_process,
+                       initial=training.step)
     window = TrainWindow()
     validation: dict[str, float] = {}
     model.train()
