@@ -126,6 +126,7 @@ class FinetuneResult:
     outliers: list[dict[str, Any]] = field(default_factory=list)  # val_audio's worst clips at the saved step
     wall_seconds: float = 0.0
     damaged_shards: list[dict[str, Any]] = field(default_factory=list)  # left out under finetune.skip_damaged
+    precision_hint: str = ""  # how much faster bf16 would be, for float32 on a CPU with bf16 in hardware
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,6 +148,8 @@ class FinetuneResult:
             lines.append(f"  step {self.saved_step} ({'best by ' + self.select_by if self.saved_step == self.best_step else 'last'}): {shown}")
             if saved.get("loops"):
                 lines.append(f"  repetition loops on val_audio: {', '.join(saved['loops'])}")
+        if self.precision_hint:
+            lines.append(f"  note: {self.precision_hint}")
         lines.append(f"  model: {self.output_dir} (Whisper with the adapted decoder; transformers.pipeline loads it)")
         return "\n".join(lines)
 
@@ -463,6 +466,7 @@ def finish(setup: Setup, inputs: Inputs, training: Training, val_data: Validatio
         best_step=history["best_step"], select_by=select_by(settings), saved_step=saved_step,
         validation=history["validation"], outliers=outliers(last_scores, setup.config.evaluate.outliers),
         wall_seconds=time.time() - started, damaged_shards=[asdict(d) for d in inputs.damaged],
+        precision_hint=setup.precision_hint(),
     )
     if accelerator.is_main_process:
         (output_dir / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")

@@ -49,6 +49,7 @@ from whistle_pipeline.progress import progress_bar
 from whistle_pipeline.sources import Source, SourceReject, open_source
 from whistle_pipeline.teacher import (
     TeacherGeometry,
+    bf16_hint,
     load_encoder,
     speech_frames,
     teacher_states,
@@ -162,6 +163,8 @@ class PrecomputeResult:
         if self.seconds and self.write_wait_seconds > 0.1 * self.seconds:
             lines.append(f"  note        the encoder waited {self.write_wait_seconds:.0f} s for the shard writers: "
                          "raise precompute.write_threads")
+        if hint := bf16_hint(self.device, self.dtype, "--dtype bfloat16"):
+            lines.append(f"  note        {hint}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

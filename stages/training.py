@@ -29,9 +29,10 @@ import logging
 import math
 import random
 import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from store.format import TeacherInfo
 from store.reader import DamagedShardError
 from whistle_pipeline.config import ConfigError, PipelineConfig, load_config
 from whistle_pipeline.errors import WhistleError
-from whistle_pipeline.teacher import check_teacher
+from whistle_pipeline.teacher import bf16_hint, check_teacher
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,12 @@ class Setup:
     @property
     def settings(self) -> Any:
         return getattr(self.config, self.section)
+
+    def precision_hint(self) -> str:
+        """teacher.bf16_hint for this run: float32 steps on a CPU that computes bfloat16 in hardware."""
+        precision = self.accelerator.mixed_precision
+        return bf16_hint(self.accelerator.device.type, "float32" if precision == "no" else precision,
+                         f"--set {self.section}.mixed_precision=bf16")
 
 
 def start_run(config: PipelineConfig, section: str, compared: Sequence[str]) -> Setup:

@@ -60,3 +60,19 @@ def test_a_tracker_that_is_not_installed_names_its_extra():
         load_config(overrides=['finetune.log_with=["tensorboard", "wandb"]'])
     assert info.value.problems == [("finetune.log_with names 'wandb', which is not installed: pip install "
                                     "'whistle[wandb]', or leave it out of finetune.log_with")]
+
+
+def test_float32_training_on_a_cpu_with_bf16_in_hardware_is_told_how_much_faster_bf16_is(tmp_path):
+    from stages.training import start_run
+    from whistle_pipeline.teacher import bf16_hint, cpu_has_native_bf16
+
+    base = [f"train_tle.output_dir={json.dumps(str(tmp_path / 'run'))}", "teacher.device=cpu", "train_tle.log_with=[]"]
+    hint = start_run(load_config(overrides=base), "train_tle", ["teacher"]).precision_hint()
+    if cpu_has_native_bf16():
+        assert hint == ("this CPU computes bfloat16 in hardware: --set train_tle.mixed_precision=bf16 would run about "
+                        "1.5-1.7x faster (bench/RESULTS.md; the demo does)")
+    else:
+        assert hint == ""
+    bf16 = load_config(overrides=[*base, "train_tle.mixed_precision=bf16", "train_tle.resume=false"])
+    assert start_run(bf16, "train_tle", ["teacher"]).precision_hint() == ""
+    assert bf16_hint("cuda", "float32", "--dtype bfloat16") == bf16_hint("cpu", "bfloat16", "--dtype bfloat16") == ""
