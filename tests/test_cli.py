@@ -1,6 +1,7 @@
 """The `whistle` command line as a user meets it: help, exit codes, error messages."""
 from __future__ import annotations
 
+import configparser
 import os
 import subprocess
 import sys
@@ -141,3 +142,19 @@ def test_the_demo_time_is_the_same_in_its_help_the_readme_and_the_results():
     assert "2-core AMD EPYC (AVX512-BF16), 25.4–25.9 minutes" in (root / "README.md").read_text()
     results = (root / "bench" / "RESULTS.md").read_text()
     assert "**Wall time:** 25.4 min" in results and "the rerun 25.9 min" in results and "four arms" in results
+
+
+def test_the_readme_set_up_is_two_commands_that_install_and_run():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    set_up = readme[readme.index("## Set-up"):readme.index("## Status")]
+    commands = [block.split("```", 1)[0].strip() for block in set_up.split("```bash\n")[1:]]
+    assert len(commands) == 2 and all("\n" not in command for command in commands), commands
+    assert "pip install -e '.[demo]' && whistle demo --workdir demo-run" in commands[0]
+    assert commands[1] == "pip install -e '.[test]' && python -m pytest -q"
+    assert "git clone" in set_up  # where the code comes from
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(root / "setup.cfg")
+    extras = setup_cfg["options.extras_require"]
+    assert "tensorboard" in extras["demo"]  # the demo writes event files (train_tle.log_with's default)
+    assert "wandb" in extras["wandb"] and "trackio" in extras["trackio"]
