@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from stages.finetune_data import (
     HeldOut,
@@ -83,6 +82,7 @@ from stages.training import (
 from store import StoreReader
 from whistle_pipeline.config import ConfigError, FinetuneConfig, PipelineConfig
 from whistle_pipeline.plots import plot_training_curves
+from whistle_pipeline.progress import progress_bar
 from whistle_pipeline.teacher import LoadedTeacher, load_teacher
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts, is_multilingual
 from whistle_pipeline.windows import (
@@ -130,6 +130,7 @@ class FinetuneResult:
     wall_seconds: float = 0.0
     damaged_shards: list[dict[str, Any]] = field(default_factory=list)  # left out under finetune.skip_damaged
     store_rejects: list[dict[str, str]] = field(default_factory=list)  # stored utterances the decoder cannot take
+    precision_hint: str = ""  # how much faster bf16 would be, for float32 on a CPU with bf16 in hardware
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +156,8 @@ class FinetuneResult:
             lines.append(f"  step {self.saved_step} ({'best by ' + self.select_by if self.saved_step == self.best_step else 'last'}): {shown}")
             if saved.get("loops"):
                 lines.append(f"  repetition loops on val_audio: {', '.join(saved['loops'])}")
+        if self.precision_hint:
+            lines.append(f"  note: {self.precision_hint}")
         lines.append(f"  model: {self.output_dir} (Whisper with the adapted decoder; transformers.pipeline loads it)")
         return "\n".join(lines)
 
@@ -343,8 +346,8 @@ def train(setup: Setup, inputs: Inputs, training: Training, streams: dict[str, A
     tokenizer = inputs.teacher.tokenizer
     logs = open_logs(setup, (TRAIN_COLUMNS, VALIDATION_COLUMNS), training.step if training.resumed_from else None,
                      asdict(settings))
-    bar = tqdm(total=settings.steps, initial=training.step, desc="finetune", unit="step",
-               disable=not (settings.progress and accelerator.is_main_process))
+    bar = progress_bar(settings.steps, "finetune", "step", settings.progress and accelerator.is_main_process,
+                       initial=training.step)
     seen = {k: history["examples"].get(k, 0) for k in KINDS}
     window = TrainWindow()
     last_scores: list[Any] = []
@@ -482,6 +485,7 @@ def finish(setup: Setup, inputs: Inputs, training: Training, val_data: Validatio
         validation=history["validation"], outliers=outliers(last_scores, setup.config.evaluate.outliers),
         wall_seconds=time.time() - started, damaged_shards=[asdict(d) for d in inputs.damaged],
         store_rejects=inputs.store_rejects,
+        precision_hint=setup.precision_hint(),
     )
     if accelerator.is_main_process:
         (output_dir / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")

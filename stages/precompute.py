@@ -38,16 +38,17 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from stages.audio_batches import Batch, ClipDataset, collate, quiet_worker
 from stages.background_writer import BackgroundWriter
 from store import ShardRecord, StoreReader, StoreSpec, StoreWriter, TeacherInfo
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.progress import progress_bar
 from whistle_pipeline.sources import Source, SourceReject, open_source
 from whistle_pipeline.teacher import (
     TeacherGeometry,
+    bf16_hint,
     load_teacher,
     non_finite_reason,
     speech_frames,
@@ -162,6 +163,8 @@ class PrecomputeResult:
         if self.seconds and self.write_wait_seconds > 0.1 * self.seconds:
             lines.append(f"  note        the encoder waited {self.write_wait_seconds:.0f} s for the shard writers: "
                          "raise precompute.write_threads")
+        if hint := bf16_hint(self.device, self.dtype, "--dtype bfloat16"):
+            lines.append(f"  note        {hint}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -385,9 +388,10 @@ class _Delivery:
     """Hands each finished batch to the writer threads (rows in order), closing each shard at its last row."""
 
     def __init__(self, writer: BackgroundWriter, stats: RankStats, geometry: TeacherGeometry,
-                 config: PipelineConfig, shards: list[range], progress: tqdm, dtype: torch.dtype):
+                 config: PipelineConfig, shards: list[range], progress: Any, dtype: torch.dtype):
         self.writer, self.stats, self.geometry, self.progress = writer, stats, geometry, progress
         self.dtype = dtype
+        self.began = time.perf_counter()
         self.shard_size = config.store.shard_size
         self.margin, self.full = config.store.speech_margin_frames, config.store.frames == "full"
         self.left = {rows.start // self.shard_size: len(rows) for rows in shards}  # rows each shard still waits for
@@ -427,7 +431,7 @@ class _Delivery:
             if self.left[shard] == 0:
                 writer.close(shard)
         self.progress.update(len(done))
-        elapsed = self.progress.format_dict["elapsed"] or 1e-9
+        elapsed = time.perf_counter() - self.began
         self.progress.set_postfix_str(f"{stats.audio_seconds / elapsed:.0f} audio-h/h", refresh=False)
 
 
@@ -498,6 +502,5 @@ def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def _progress(total: int, enabled: bool) -> tqdm:
-    return tqdm(total=total, unit="clip", desc="precompute", disable=not enabled, dynamic_ncols=True,
-                smoothing=0.05)
+def _progress(total: int, enabled: bool) -> Any:
+    return progress_bar(total, "precompute", "clip", enabled, dynamic_ncols=True, smoothing=0.05)

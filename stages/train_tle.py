@@ -46,7 +46,6 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from stages.tle_data import (
     Alignment,
@@ -84,6 +83,7 @@ from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import DecoderTerms, FrozenTeacher, load_frozen_teacher, phase_2_terms
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.plots import plot_training_curves
+from whistle_pipeline.progress import progress_bar
 from whistle_pipeline.tle import LossTerms, LossWeights, TLEConfig, TLEModel, tle_loss
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class TrainTLEResult:
     wall_seconds: float
     validation: dict[str, float] = field(default_factory=dict)  # the last validation
     damaged_shards: list[dict[str, Any]] = field(default_factory=list)  # left out under train_tle.skip_damaged
+    precision_hint: str = ""  # how much faster bf16 would be, for float32 on a CPU with bf16 in hardware
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +130,8 @@ class TrainTLEResult:
         if self.validation:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in self.validation.items() if k != "step" and not math.isnan(v))
             lines.append(f"  held-out: {shown}")
+        if self.precision_hint:
+            lines.append(f"  note: {self.precision_hint}")
         lines.append(f"  model: {self.output_dir} (TLEModel.from_pretrained); logs, curves and checkpoints beside it")
         return "\n".join(lines)
 
@@ -337,8 +340,8 @@ def train(setup: Setup, inputs: Inputs, training: Training, batches: Iterator[tu
     model, tle, optimizer, scheduler = training.model, training.tle, training.optimizer, training.scheduler
     logs = open_logs(setup, (TRAIN_COLUMNS, VALIDATION_COLUMNS), training.step if training.resumed_from else None,
                      {**asdict(setup.config.tle), **asdict(settings)})
-    bar = tqdm(total=settings.steps, initial=training.step, desc="train-tle", unit="step",
-               disable=not (settings.progress and accelerator.is_main_process))
+    bar = progress_bar(settings.steps, "train-tle", "step", settings.progress and accelerator.is_main_process,
+                       initial=training.step)
     window = TrainWindow()
     validation: dict[str, float] = {}
     model.train()
@@ -446,7 +449,7 @@ def finish(setup: Setup, inputs: Inputs, training: Training, last_validation: di
         train_utterances=inputs.usable - inputs.held_out, held_out_utterances=inputs.held_out,
         alignment_rejects=inputs.alignment.rejects, wall_seconds=time.time() - started,
         validation=last_validation or _previous_validation(output_dir),
-        damaged_shards=[asdict(d) for d in inputs.damaged],
+        damaged_shards=[asdict(d) for d in inputs.damaged], precision_hint=setup.precision_hint(),
     )
     if accelerator.is_main_process:
         training.tle.save_pretrained(output_dir)

@@ -1,6 +1,6 @@
 """What train-tle and finetune share around their (separate, written-out) loops (not a stage: no `run`).
 
-    accelerator    make_accelerator: CPU ranks under torchrun, mixed precision resolved, tensorboard if installed
+    accelerator    make_accelerator: CPU ranks under torchrun, mixed precision resolved, the trackers of log_with
     optimiser      build_optimizer: AdamW (no decay on biases, norms, embeddings), warmup then cosine decay
     checkpoints    save_checkpoint / latest_checkpoint / load_checkpoint: COMPLETE written last; weights,
                    optimiser state, RNG states as safetensors; optimiser settings, scheduler and per-rank
@@ -29,15 +29,17 @@ import logging
 import math
 import random
 import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import is_tensorboard_available
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import ProjectConfiguration
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -47,7 +49,7 @@ from store.format import TeacherInfo
 from store.reader import DamagedShardError
 from whistle_pipeline.config import ConfigError, PipelineConfig, load_config
 from whistle_pipeline.errors import WhistleError
-from whistle_pipeline.teacher import check_teacher
+from whistle_pipeline.teacher import bf16_hint, check_teacher
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,13 @@ COMPLETE = "COMPLETE"
 SAVED_CONFIG = "config.toml"  # the resolved configuration a run saves beside its outputs
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG = "train_log.csv"
+TRACKER_DIR = "tensorboard"  # the trackers that write files (tensorboard) write them here
+TRACKER_PROJECT = "whistle"  # the project the trackers file a run under (W&B, trackio, ...)
 VALIDATION_LOG = "validation.csv"
 # Loop settings that may change between a run and its resumption (how often it logs, validates and saves, how
 # it reads): any other change makes another run, which the checkpoints cannot continue.
-RESUMABLE_KEYS = frozenset({"progress", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
-                            "num_workers", "resume", "skip_damaged"})
+RESUMABLE_KEYS = frozenset({"progress", "log_every", "log_with", "val_every", "checkpoint_every",
+                            "keep_checkpoints", "num_workers", "resume", "skip_damaged"})
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_SETTINGS = "optimizer.json"
 
@@ -78,21 +82,29 @@ def resolve_mixed_precision(setting: str, on_cpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def make_accelerator(teacher_device: str, mixed_precision: str, grad_accum: int, output_dir: Path
-                     ) -> tuple[Any, list[str]]:
-    """(Accelerator, trackers): one per run; tensorboard logging when it is installed."""
-    trackers = ["tensorboard"] if is_tensorboard_available() else []
+def resolve_trackers(log_with: Sequence[str] | str) -> list[str]:
+    """The `log_with` setting -> accelerate tracker names: "all" is every installed tracker."""
+    if log_with == "all":
+        return [tracker.value for tracker in get_available_trackers()]
+    return list(log_with)
+
+
+def make_accelerator(teacher_device: str, mixed_precision: str, grad_accum: int, output_dir: Path,
+                     log_with: Sequence[str] | str = ()) -> tuple[Any, list[str]]:
+    """(Accelerator, trackers): one per run, logging to the trackers `log_with` names (the loop's setting,
+    checked by the config loader); tensorboard writes under output_dir/tensorboard/."""
+    trackers = resolve_trackers(log_with)
     # without cpu=True, accelerate treats a torchrun / accelerate launch without GPUs as one process
     on_cpu = teacher_device == "cpu" or not torch.cuda.is_available()
     # accelerate keeps one process-wide state and refuses a second Accelerator with another precision
     # (train-tle in bf16, then finetune in fp32, in one process: the demo, a notebook). Each run is a fresh
     # start, so drop that state; the distributed part (process group, device) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / TRACKER_DIR))
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=resolve_mixed_precision(mixed_precision, on_cpu),
                               gradient_accumulation_steps=grad_accum, log_with=trackers or None,
-                              project_dir=str(output_dir))
-    if not trackers:
-        log.warning("tensorboard is not installed: metrics go to the CSV logs only")
+                              project_config=project)
+    log.info("metrics go to the CSV logs%s", f" and {', '.join(trackers)}" if trackers else " only (log_with = [])")
     return accelerator, trackers
 
 
@@ -308,6 +320,12 @@ class Setup:
     def settings(self) -> Any:
         return getattr(self.config, self.section)
 
+    def precision_hint(self) -> str:
+        """teacher.bf16_hint for this run: float32 steps on a CPU that computes bfloat16 in hardware."""
+        precision = self.accelerator.mixed_precision
+        return bf16_hint(self.accelerator.device.type, "float32" if precision == "no" else precision,
+                         f"--set {self.section}.mixed_precision=bf16")
+
 
 def start_run(config: PipelineConfig, section: str, compared: Sequence[str]) -> Setup:
     """Refuse a resume whose `compared` settings changed (check_resumable), make the one Accelerator, and
@@ -317,7 +335,7 @@ def start_run(config: PipelineConfig, section: str, compared: Sequence[str]) -> 
     if settings.resume and latest_checkpoint(output_dir / CHECKPOINTS_DIR) is not None:
         check_resumable(output_dir, config, section, compared)
     accelerator, trackers = make_accelerator(config.teacher.device, settings.mixed_precision, settings.grad_accum,
-                                             output_dir)
+                                             output_dir, settings.log_with)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         config.save(output_dir, SAVED_CONFIG)
@@ -338,15 +356,18 @@ class Logs:
 
 def open_logs(setup: Setup, columns: tuple[list[str], list[str]], resume_step: int | None,
               tracked: dict[str, Any]) -> Logs:
-    """train_log.csv and validation.csv with these `columns` (on resume, cut back to `resume_step`), and
-    TensorBoard with the `tracked` settings (its plain values), on the main process."""
+    """train_log.csv and validation.csv with these `columns` (on resume, cut back to `resume_step`), and the
+    trackers with the `tracked` settings (their plain values), on the main process. A run is named after its
+    output folder."""
     if not setup.accelerator.is_main_process:
         return Logs()
     logs = Logs(CsvLog(setup.output_dir / TRAIN_LOG, columns[0], resume_step),
                 CsvLog(setup.output_dir / VALIDATION_LOG, columns[1], resume_step))
     if setup.trackers:
-        setup.accelerator.init_trackers("tensorboard", config={k: v for k, v in tracked.items()
-                                                                if isinstance(v, (int, float, str, bool))})
+        run_name = {"name": setup.output_dir.resolve().name}
+        setup.accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in tracked.items()
+                                                                 if isinstance(v, (int, float, str, bool))},
+                                        init_kwargs={"wandb": run_name, "trackio": run_name})
     return logs
 
 

@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 from conftest import make_tiny_teacher, write_clip
 
-from whistle_pipeline.cli import CT2_QUANTIZATIONS, cli
+from whistle_pipeline.cli import cli
+from whistle_pipeline.cli_tools import CT2_QUANTIZATIONS
 from whistle_pipeline.ct2_export import (
     QUANTIZATIONS,
     ExportError,

