@@ -78,6 +78,7 @@ from stages.training import (
     open_store,
 )
 from store import StoreReader
+from whistle_pipeline import preflight
 from whistle_pipeline.config import ConfigError, FinetuneConfig, PipelineConfig
 from whistle_pipeline.plots import plot_training_curves
 from whistle_pipeline.teacher import LoadedTeacher, load_teacher
@@ -216,6 +217,7 @@ class Training:
 
 def run(config: PipelineConfig) -> FinetuneResult:
     """Fine-tune the decoder of config.teacher on config.finetune's text (and stores); save the adapted Whisper."""
+    preflight.finetune(config)
     started = time.time()
     setup = start(config)
     inputs = open_inputs(setup)

@@ -45,6 +45,7 @@ from stages.background_writer import BackgroundWriter
 from store import ShardRecord, StoreReader, StoreSpec, StoreWriter
 from store.writer import NON_FINITE_REASON
 from whistle_pipeline.config import PipelineConfig
+from whistle_pipeline import preflight
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.sources import Source, SourceReject, open_source
 from whistle_pipeline.teacher import (
@@ -226,6 +227,7 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     Raises WhistleError for unusable input or configuration, and — after everything is written and
     recorded — when precompute.strict is set and the store holds rejected clips.
     """
+    preflight.precompute(config)
     started = time.perf_counter()
     state = _state(config)
     end_group = _end_group(state)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from stages.tle_data import Collate, DurationTable, TrainBatch, align_shard, validate
 from stages.training import open_store
+from whistle_pipeline import preflight
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.decoder import FrozenTeacher, decoder_cross_entropy, greedy_transcribe, load_frozen_teacher
 from whistle_pipeline.errors import WhistleError
@@ -114,6 +115,7 @@ class RoundTrips:
 
 def run(config: PipelineConfig, options: ValidateTLEOptions) -> ValidateTLEResult:
     """Validate the TLE in options.tle_dir on options.store against config.teacher."""
+    preflight.validate_tle(config, options)
     started = time.time()
     device = resolve_device(config.teacher.device)
     teacher = load_frozen_teacher(config.teacher.name_or_path, config.teacher.revision, device, torch.float32,

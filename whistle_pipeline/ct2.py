@@ -607,6 +607,9 @@ def import_ct2(source_dir: str | Path | None, output_dir: str | Path, *, package
     import whistle_pipeline
     from transformers import WhisperFeatureExtractor
 
+    from whistle_pipeline import preflight
+
+    preflight.import_ct2(source_dir, output_dir)
     started = time.perf_counter()
     if (source_dir is None) == (package is None):
         raise WhistleError("give either a CTranslate2 model folder or --from-package NAME, not both or neither")
