@@ -43,6 +43,7 @@ import numpy as np
 
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import english_spelling_path
+from whistle_pipeline.model_files import ordinary_modes
 
 log = logging.getLogger(__name__)
 
@@ -630,6 +631,11 @@ def import_ct2(source_dir: str | Path | None, output_dir: str | Path, *, package
     tokenizer, ids = build_tokenizer(source, dims.vocab_size)
     generation_config = build_generation_config(source, dims, ids)
     feature_extractor = WhisperFeatureExtractor(feature_size=dims.n_mels)
+    if (source.directory / "preprocessor_config.json").is_file():  # the source's own (faster-whisper's large-v3)
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(source.directory)
+        if feature_extractor.feature_size != dims.n_mels:
+            raise Ct2Error(f"{source.directory / 'preprocessor_config.json'} makes {feature_extractor.feature_size} "
+                           f"mel bins, the encoder expects {dims.n_mels}; the files come from different models")
     # The encoder's two convolutions halve the mel frames: a 30 s window of 3000 frames gives 1500 positions.
     if feature_extractor.nb_max_frames != 2 * dims.max_source_positions:
         raise Ct2Error(f"{weights.path}: the encoder has {dims.max_source_positions} positions, but Whisper's 30 s "
@@ -662,6 +668,7 @@ def import_ct2(source_dir: str | Path | None, output_dir: str | Path, *, package
         "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in source.files},
     }
     (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    ordinary_modes(partial)  # safetensors writes model.safetensors 0600
     if output_dir.exists():
         shutil.rmtree(output_dir)
     partial.rename(output_dir)

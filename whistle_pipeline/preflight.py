@@ -121,10 +121,6 @@ def output_problems(what: str, path: str, inputs: Sequence[Input], kind: str = "
     if not path or is_url(path):
         return []
     out = resolved(path)
-    if out.exists() and kind == "folder" and not out.is_dir():
-        return [f"{what} = {path!r} is a file, not a folder: choose a folder for the outputs"]
-    if out.is_dir() and kind == "file":
-        return [f"{what} = {path!r} is a folder, not a file: give a file name"]
     problems = []
     for given in inputs:
         if not given.path or is_url(given.path) or not os.path.lexists(os.path.expanduser(given.path)):
@@ -139,6 +135,10 @@ def output_problems(what: str, path: str, inputs: Sequence[Input], kind: str = "
         elif given.whole and out.is_relative_to(source):
             problems.append(f"{what} = {path!r} lies inside {given.what} ({given.path}), a model folder or store "
                             f"that is written and replaced whole. Choose a {what} outside it.")
+    if not problems and out.exists() and kind == "folder" and not out.is_dir():
+        problems.append(f"{what} = {path!r} is a file, not a folder: choose a folder for the outputs")
+    if not problems and out.is_dir() and kind == "file":
+        problems.append(f"{what} = {path!r} is a folder, not a file: give a file name")
     return problems
 
 
