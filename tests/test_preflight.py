@@ -136,6 +136,17 @@ def test_precompute_checks_the_teacher_and_the_source_before_creating_the_store(
     assert not store.exists()
 
 
+def test_precompute_refuses_to_resume_a_store_of_another_teacher_geometry_unless_overwriting(
+        teacher_and_store, tiny_whisper_dir, tmp_path):
+    _, store = teacher_and_store  # the 2 s-window tiny teacher's; tiny_whisper_dir has the 30 s window
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("audio,text\na.wav,hello\n")
+    settings = quoted(data__path=manifest, store__path=store, teacher__name_or_path=tiny_whisper_dir)
+    message = refusal(lambda: preflight.precompute(load_config(overrides=settings)))
+    assert "already holds states of another teacher geometry" in message and "teacher.max_frames: 100" in message
+    preflight.precompute(load_config(overrides=settings + ["precompute.overwrite=true"]))
+
+
 def test_validate_tle_checks_its_inputs_and_outputs(teacher_and_store, tmp_path):
     from stages.validate_tle import ValidateTLEOptions, run
 

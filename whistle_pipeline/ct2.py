@@ -4,7 +4,8 @@ A faster-whisper model is a folder: ``model.bin`` (the weights in CTranslate2's 
 ``config.json`` (suppress lists, alignment heads, language ids), ``tokenizer.json`` and
 ``vocabulary.txt`` (or ``vocabulary.json``). `import_ct2` reads it and writes a complete
 `transformers` Whisper folder with ``save_pretrained``: config, safetensors weights, tokenizer
-(with the timestamp tokens), feature extractor, generation config, plus ``whistle-import.json``
+(with the timestamp tokens), English spelling normaliser, feature extractor (the source's
+``preprocessor_config.json`` where it has one), generation config, plus ``whistle-import.json``
 (where it came from: file hashes, whistle version, date)::
 
     result = import_ct2("faster-whisper-tiny.en", "whisper-tiny.en")

@@ -299,7 +299,8 @@ def precompute(config: PipelineConfig) -> None:
     """The teacher and the source; the store is precompute's output (resumed when it exists)."""
     problems, geometry = _teacher(config, tokenizer=False)
     problems += data_problems(config.data.path, "data.path", config.data.kind)
-    problems += existing_store_problems(config.store.path, "store.path", geometry, config.teacher.name_or_path)
+    if not config.precompute.overwrite:  # else it is replaced (and rank 0 may be replacing it now)
+        problems += existing_store_problems(config.store.path, "store.path", geometry, config.teacher.name_or_path)
     problems += output_problems("store.path", config.store.path,
                                 [_model_input(config), Input("data.path", config.data.path)])
     refuse(problems, "precompute")
