@@ -92,16 +92,16 @@ def looks_local(path: str) -> bool:
 
 
 def path_problems(path: str, what: str, kind: str, hint: str = "") -> list[str]:
-    """`path` must exist and be a `kind` ("folder" or "file")."""
-    local = Path(os.path.expanduser(path))
+    """`path` must exist and be a `kind` ("folder", "file" or "any"); `hint` says what to do if not."""
+    local, fix = Path(os.path.expanduser(path)), f": {hint}" if hint else ""
     if not path:
-        return [f"{what} is empty{': ' + hint if hint else ''}"]
+        return [f"{what} is empty{fix}"]
     if not local.exists():
-        return [f"{what} = {path!r} does not exist{': ' + hint if hint else ''}"]
+        return [f"{what} = {path!r} does not exist{fix}"]
     if kind == "folder" and not local.is_dir():
-        return [f"{what} = {path!r} is a file, not a folder{': ' + hint if hint else ''}"]
+        return [f"{what} = {path!r} is a file, not a folder{fix}"]
     if kind == "file" and not local.is_file():
-        return [f"{what} = {path!r} is a folder, not a file{': ' + hint if hint else ''}"]
+        return [f"{what} = {path!r} is a folder, not a file{fix}"]
     return []
 
 
