@@ -48,7 +48,7 @@ except ModuleNotFoundError:  # Python < 3.11
 import torch
 
 from stages import evaluate, finetune, precompute, train_tle
-from whistle_pipeline import tts
+from whistle_pipeline import preflight, tts
 from whistle_pipeline.config import ConfigError, PipelineConfig, load_config
 from whistle_pipeline.ct2 import import_ct2
 from whistle_pipeline.errors import WhistleError
@@ -212,6 +212,7 @@ def synthesized(texts: Path, out: Path, seed: int, progress: bool) -> int:
 
 def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool = True) -> DemoResult:
     """Run (or resume) the demo in `workdir`; `overrides` are --set section.key=value applied to every stage."""
+    preflight.demo(workdir, overrides, examples_dir(), PACKAGE, STATE)
     started = time.perf_counter()
     plan = Plan.load(PLANS / ("quick.toml" if quick else "full.toml"))
     work = Path(workdir).resolve()

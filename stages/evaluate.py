@@ -37,6 +37,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from whistle_pipeline import preflight
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.decoding import (
     Aids,
@@ -262,6 +263,7 @@ def word_diff(before: str, after: str) -> str:
 
 def run(config: PipelineConfig) -> EvaluateResult:
     """Score every column on every set; write results.json, table.md, hypotheses.jsonl and diffs.md."""
+    preflight.evaluate(config)
     settings = config.evaluate
     if not settings.models:
         raise WhistleError("no model to evaluate: give MODEL arguments (or evaluate.models)")

@@ -60,6 +60,7 @@ from stages.finetune_data import (
     unusable_utterances,
 )
 from stages.finetune_checkpoints import load_checkpoint, load_trainable, save_adapted, save_best, save_checkpoint
+from stages.finetune_checkpoints import write_card
 from stages.finetune_validation import ValidationData, outliers, prepare_val_audio, select_by, validate
 from stages.training import (
     CHECKPOINTS_DIR,
@@ -80,6 +81,7 @@ from stages.training import (
     open_store,
 )
 from store import StoreReader
+from whistle_pipeline import preflight
 from whistle_pipeline.config import ConfigError, FinetuneConfig, PipelineConfig
 from whistle_pipeline.plots import plot_training_curves
 from whistle_pipeline.progress import progress_bar
@@ -228,6 +230,7 @@ class Training:
 
 def run(config: PipelineConfig) -> FinetuneResult:
     """Fine-tune the decoder of config.teacher on config.finetune's text (and stores); save the adapted Whisper."""
+    preflight.finetune(config)
     started = time.time()
     setup = start(config)
     inputs = open_inputs(setup)
@@ -489,6 +492,7 @@ def finish(setup: Setup, inputs: Inputs, training: Training, val_data: Validatio
     )
     if accelerator.is_main_process:
         (output_dir / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        write_card(output_dir)
         plot_training_curves(output_dir / TRAIN_LOG, output_dir / VALIDATION_LOG, CURVES,
                              output_dir / "loss_curves.png")
     accelerator.end_training()

@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stages import training as loop
+from whistle_pipeline.ct2_export import CARD_FILE, model_card
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.model_files import copy_processor, ordinary_modes
 from whistle_pipeline.teacher import LoadedTeacher
 from whistle_pipeline.windows import trainable_state
 
@@ -81,10 +83,19 @@ def save_best(model: Any, directory: Path) -> None:
 
 
 def save_adapted(model: Any, teacher: LoadedTeacher, output_dir: Path) -> None:
-    """The complete Whisper (teacher encoder, adapted decoder) + feature extractor, tokenizer and generation
-    config, loadable by transformers.pipeline("automatic-speech-recognition", model=output_dir)."""
+    """The complete Whisper (teacher encoder, adapted decoder) + the teacher's whole processor (feature
+    extractor, tokenizer, normalizer.json) and generation config, loadable by
+    transformers.pipeline("automatic-speech-recognition", model=output_dir); files readable by all."""
     model.save_pretrained(output_dir)  # config.json, model.safetensors, generation_config.json
     # the feature extractor and tokenizer on their own (not processor_config.json), which every transformers
-    # version reads
+    # version reads; then the teacher's own files over them, byte for byte (save_pretrained drops normalizer.json)
     teacher.features.save_pretrained(output_dir)  # preprocessor_config.json
     teacher.tokenizer.save_pretrained(output_dir)
+    copy_processor(teacher.info.name_or_path, teacher.info.revision, output_dir)
+    ordinary_modes(output_dir)
+
+
+def write_card(output_dir: Path) -> None:
+    """README.md, the model card: base model, method, data sizes, validation at the saved step (from
+    finetune.json and config.toml, so it is written after them)."""
+    (output_dir / CARD_FILE).write_text(model_card(output_dir), encoding="utf-8")

@@ -43,6 +43,7 @@ from stages.audio_batches import Batch, ClipDataset, collate, quiet_worker
 from stages.background_writer import BackgroundWriter
 from store import ShardRecord, StoreReader, StoreSpec, StoreWriter, TeacherInfo
 from whistle_pipeline.config import PipelineConfig
+from whistle_pipeline import preflight
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.progress import progress_bar
 from whistle_pipeline.sources import Source, SourceReject, open_source
@@ -234,6 +235,7 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     Raises WhistleError for unusable input or configuration, and — after everything is written and
     recorded — when precompute.strict is set and the store holds rejected clips.
     """
+    preflight.precompute(config)
     started = time.perf_counter()
     state = _state(config)
     end_group = _end_group(state)

@@ -78,6 +78,7 @@ from stages.training import (
 )
 from store import StoreReader
 from store.dataset import FeatureDataset
+from whistle_pipeline import preflight
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import DecoderTerms, FrozenTeacher, load_frozen_teacher, phase_2_terms
@@ -249,6 +250,7 @@ class Training:
 
 def run(config: PipelineConfig) -> TrainTLEResult:
     """Train the TLE on config.store.path against the teacher config.teacher.name_or_path."""
+    preflight.train_tle(config)
     started = time.time()
     setup = start_run(config, "train_tle", ("teacher", "store.path", "tle", "train_tle"))
     inputs = open_inputs(setup)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from stages.tle_data import Collate, DurationTable, TrainBatch, align_shard, validate
 from stages.training import open_store
 from store import StoreReader
+from whistle_pipeline import preflight
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.decoder import FrozenTeacher, decoder_cross_entropy, greedy_transcribe, load_frozen_teacher
 from whistle_pipeline.errors import WhistleError
@@ -117,6 +118,7 @@ class RoundTrips:
 
 def run(config: PipelineConfig, options: ValidateTLEOptions) -> ValidateTLEResult:
     """Validate the TLE in options.tle_dir on options.store against config.teacher."""
+    preflight.validate_tle(config, options)
     started = time.time()
     # the voices manifest is read (any manifest format) and matched to the store before anything is computed
     voice_of = read_voices(options.voices, stored_ids(options.store), config) if options.voices else None

@@ -4,7 +4,8 @@ A faster-whisper model is a folder: ``model.bin`` (the weights in CTranslate2's 
 ``config.json`` (suppress lists, alignment heads, language ids), ``tokenizer.json`` and
 ``vocabulary.txt`` (or ``vocabulary.json``). `import_ct2` reads it and writes a complete
 `transformers` Whisper folder with ``save_pretrained``: config, safetensors weights, tokenizer
-(with the timestamp tokens), feature extractor, generation config, plus ``whistle-import.json``
+(with the timestamp tokens), English spelling normaliser, feature extractor (the source's
+``preprocessor_config.json`` where it has one), generation config, plus ``whistle-import.json``
 (where it came from: file hashes, whistle version, date)::
 
     result = import_ct2("faster-whisper-tiny.en", "whisper-tiny.en")
@@ -43,6 +44,7 @@ import numpy as np
 
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import english_spelling_path
+from whistle_pipeline.model_files import ordinary_modes
 
 log = logging.getLogger(__name__)
 
@@ -607,6 +609,9 @@ def import_ct2(source_dir: str | Path | None, output_dir: str | Path, *, package
     import whistle_pipeline
     from transformers import WhisperFeatureExtractor
 
+    from whistle_pipeline import preflight
+
+    preflight.import_ct2(source_dir, output_dir)
     started = time.perf_counter()
     if (source_dir is None) == (package is None):
         raise WhistleError("give either a CTranslate2 model folder or --from-package NAME, not both or neither")
@@ -627,6 +632,11 @@ def import_ct2(source_dir: str | Path | None, output_dir: str | Path, *, package
     tokenizer, ids = build_tokenizer(source, dims.vocab_size)
     generation_config = build_generation_config(source, dims, ids)
     feature_extractor = WhisperFeatureExtractor(feature_size=dims.n_mels)
+    if (source.directory / "preprocessor_config.json").is_file():  # the source's own (faster-whisper's large-v3)
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(source.directory)
+        if feature_extractor.feature_size != dims.n_mels:
+            raise Ct2Error(f"{source.directory / 'preprocessor_config.json'} makes {feature_extractor.feature_size} "
+                           f"mel bins, the encoder expects {dims.n_mels}; the files come from different models")
     # The encoder's two convolutions halve the mel frames: a 30 s window of 3000 frames gives 1500 positions.
     if feature_extractor.nb_max_frames != 2 * dims.max_source_positions:
         raise Ct2Error(f"{weights.path}: the encoder has {dims.max_source_positions} positions, but Whisper's 30 s "
@@ -659,6 +669,7 @@ def import_ct2(source_dir: str | Path | None, output_dir: str | Path, *, package
         "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in source.files},
     }
     (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    ordinary_modes(partial)  # safetensors writes model.safetensors 0600
     if output_dir.exists():
         shutil.rmtree(output_dir)
     partial.rename(output_dir)

@@ -290,6 +290,9 @@ def synthesize(texts: str | Path, out_dir: str | Path, *, voices: Sequence[str] 
                audio_format: str = "flac", language: str = "en", workers: int = 1, overwrite: bool = False,
                progress: bool = True) -> SynthesisResult:
     """Speak every line of `texts` into `out_dir` (audio/, manifest.jsonl, synthesize.json); see the module doc."""
+    from whistle_pipeline import preflight  # here, not at the top: it imports this module (and transformers)
+
+    preflight.synthesize(texts, out_dir)
     started = time.perf_counter()
     texts, out = Path(texts), Path(out_dir)
     problems = []
