@@ -166,7 +166,7 @@ def profile_steps(encoder, geometry, paths: list[Path], batch_size: int, device:
 
         sums = measure("tail + statistics sums (batch_sums, on the device)", "main", sums_on_device)
 
-    teacher = geometry.teacher_info("bench-random", "")
+    teacher = geometry.record("bench-random", "")
     spec = StoreSpec(teacher, "speech", 2, n, 2048, "blosc-zstd", 3, 0, "bench-profile", "none")
     shard = StoreWriter.open(store_path, spec, overwrite=True).shard(0)
 

@@ -1,6 +1,6 @@
 """Reading a feature store: utterances, frame ranges, whole shards, the tail template and statistics.
 
-    reader = StoreReader("whistle-store", expect_teacher=geometry.teacher_info(name, revision))
+    reader = StoreReader("whistle-store", expect_teacher=load_teacher(name, revision, "encoder").info)
     for shard in reader.shards():                      # complete shards only
         for utt in reader.iter_shard(shard):           # reads each array of the shard once
             window = reader.full_window(utt.states)    # (max_frames, D): speech + tail template

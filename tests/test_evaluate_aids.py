@@ -263,7 +263,7 @@ def test_config_refuses_every_problem_at_once(tmp_path):
             "terms_from": str(tmp_path / "target.txt"), "lm_top_k": 3, "fusion_num_beams": 1, "lm_order": 0}})
     problems = caught.value.problems
     expected = [
-        "evaluate.lm_beta = 'sometimes' should be a number or one of 'auto'",
+        "evaluate.lm_beta = 'sometimes' should be a finite number or one of 'auto'",
         "evaluate.lm_order = 0 is below its minimum 1",
         "evaluate.fusion_num_beams = 1 is below its minimum 2",
         "evaluate.variants lists 'fusion' twice",

@@ -20,6 +20,7 @@ Paths are compared resolved (~, relative parts, symlinks); hub names and URLs ar
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -43,7 +44,7 @@ from store import StoreReader
 from store.format import StoreError
 from whistle_pipeline.config import ConfigError, PipelineConfig, load_config
 from whistle_pipeline.errors import WhistleError
-from whistle_pipeline.sources import MANIFEST_SUFFIXES
+from whistle_pipeline.sources import MANIFEST_SUFFIXES, open_source
 from whistle_pipeline.teacher import (
     TeacherGeometry,
     feature_extractor,
@@ -395,7 +396,8 @@ def validate_tle(config: PipelineConfig, options: Any) -> None:
     for path in options.text_files:
         problems += path_problems(path, "--text", "file")
     if options.voices is not None:
-        problems += path_problems(options.voices, "--voices", "file")
+        voice_problems = path_problems(options.voices, "--voices", "file")
+        problems += voice_problems or voices_problems(config, options.voices)
     inputs = [_model_input(config), Input("TLE_DIR", options.tle_dir, whole=True),
               Input("--store", options.store, whole=True), Input("--weights", options.weights or ""),
               *(Input("--text", path) for path in options.text_files), Input("--voices", options.voices or "")]
@@ -403,6 +405,19 @@ def validate_tle(config: PipelineConfig, options: Any) -> None:
         if path:
             problems += output_problems(what, path, inputs, kind="file")
     refuse(problems, "validate-tle")
+
+
+def voices_problems(config: PipelineConfig, manifest: str) -> list[str]:
+    """The --voices manifest must read as a precompute source and hold a voice column (its rows are matched
+    to the store's clips after the store is open)."""
+    try:
+        source = open_source(dataclasses.replace(config.data, path=manifest, kind="auto", max_clips=0))
+    except WhistleError as err:
+        return [f"--voices {manifest}: {err}"]
+    if source.column("voice") is None:
+        return [f"--voices {manifest} has no 'voice' column; pass the `whistle synthesize` manifest the store was "
+                "precomputed from"]
+    return []
 
 
 def synthesize(texts: str | os.PathLike, out_dir: str | os.PathLike) -> None:
