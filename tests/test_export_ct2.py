@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_tiny_teacher, write_clip
+from huggingface_hub import constants as hub_constants
 
 from whistle_pipeline.cli import cli
 from whistle_pipeline.cli_tools import CT2_QUANTIZATIONS
@@ -194,6 +195,7 @@ def test_cli_exports_and_prints_the_check(model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # stderr carries the converter's progress bars
     assert summary["quantization"] == "float16" and summary["verification"] is None
+    assert "- Verified: no (exported with --no-verify" in (tmp_path / "out-json" / "README.md").read_text()
 
 
 def test_cli_refuses_an_existing_output_unless_overwrite(model_dir, tmp_path):
@@ -244,6 +246,43 @@ def test_unknown_quantization_and_conflicting_options_are_refused(model_dir, tmp
     assert result.exit_code == 1 and "--verify-audio was given with --no-verify" in result.output
     result = invoke(model_dir, tmp_path / "out", "--evaluation", tmp_path / "no-eval")
     assert result.exit_code == 1 and f"--evaluation {tmp_path / 'no-eval'} does not exist" in result.output
+
+
+def refused_push(model_dir: Path, out: Path, *args: str) -> str:
+    result = invoke(model_dir, out, "--push-to-hub", "me/adapted-ct2", *args)
+    assert result.exit_code == 1, result.output
+    assert f"nothing was exported to {out}" in result.output
+    assert not out.exists() and not out.with_name(f".{out.name}.partial").exists()  # refused before converting
+    return result.output
+
+
+def test_push_to_an_offline_hub_is_refused_before_converting(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    output = refused_push(model_dir, tmp_path / "out", "--token", "hf_not_a_real_token")
+    assert "cannot push to me/adapted-ct2: the hub is offline (HF_HUB_OFFLINE is set)" in output
+    assert "without --push-to-hub" in output
+
+
+def test_push_to_an_unreachable_hub_is_refused_before_converting(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    output = refused_push(model_dir, tmp_path / "out", "--token", "hf_not_a_real_token")
+    assert "cannot push to me/adapted-ct2: the hub at http://127.0.0.1:9 cannot be reached" in output
+
+
+def test_push_without_a_token_or_owner_is_refused_before_converting(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    output = refused_push(model_dir, tmp_path / "out")
+    assert "cannot push to me/adapted-ct2: no hub token" in output and "hf auth login" in output
+    result = invoke(model_dir, tmp_path / "out", "--push-to-hub", "adapted-ct2", "--token", "hf_not_a_real_token")
+    assert result.exit_code == 1 and "'adapted-ct2' has no owner: give owner/name" in result.output
+    result = invoke(model_dir, tmp_path / "out", "--private")
+    assert result.exit_code == 2 and "--private and --token go with --push-to-hub REPO" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_multilingual_prompt_uses_language_and_task_tokens(tmp_path):

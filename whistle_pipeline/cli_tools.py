@@ -64,9 +64,15 @@ CT2_QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "
 @click.option("--evaluation", type=click.Path(), default=None, metavar="EVAL_DIR",
               help="A `whistle evaluate` output folder (or its table.md) whose table goes into the model card.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--push-to-hub", "push_repo", metavar="REPO", default=None,
+              help="Upload OUT to this Hugging Face Hub model repository (owner/name) after the check passes.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
+@click.option("--token", default=None, metavar="TOKEN",
+              help="With --push-to-hub: the hub token [default: HF_TOKEN or `hf auth login`'s].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def export_ct2_command(model_dir: str, out_dir: str, quantization: str, verify: bool, verify_audio: str | None,
-                       evaluation: str | None, overwrite: bool, as_json: bool) -> None:
+                       evaluation: str | None, overwrite: bool, push_repo: str | None, private: bool,
+                       token: str | None, as_json: bool) -> None:
     """Convert a Whisper checkpoint into a CTranslate2 model for faster-whisper (and WhisperX, ...).
 
     MODEL is a `whistle finetune` or `import-ct2` output, or any save_pretrained Whisper with its
@@ -74,21 +80,38 @@ def export_ct2_command(model_dir: str, out_dir: str, quantization: str, verify: 
     config.json, vocabulary.json, the two copied files); then both runtimes transcribe the same clips
     greedily on CPU: float32/float16/bfloat16 exports must give identical token ids (OUT is written
     only if they do), int8/int16 report their agreement. OUT/README.md is the model card. Needs
-    `pip install 'whistle[ct2]'`.
+    `pip install 'whistle[ct2]'`. --push-to-hub checks the hub and token before converting, and
+    uploads OUT only after the export (and its check) succeeded; a failed push keeps OUT.
 
     \b
     Examples:
       whistle export-ct2 whistle-adapted whistle-adapted-ct2
       whistle export-ct2 whistle-adapted adapted-int8 --quantization int8 --verify-audio test/manifest.csv
       whistle export-ct2 whisper-tiny.en tiny.en-ct2 --quantization float32 --evaluation eval-run --overwrite
+      whistle export-ct2 whistle-adapted adapted-ct2 --push-to-hub me/whisper-adapted-ct2 --private
     """
     import json
+    import logging
 
     from whistle_pipeline.ct2_export import export_ct2
+    from whistle_pipeline.hub_push import PushError, check_push, push_to_hub
 
+    if push_repo is None and (private or token):
+        raise click.UsageError("--private and --token go with --push-to-hub REPO")
+    if push_repo is not None:
+        problems = check_push(push_repo, token)  # before anything is converted
+        if problems:
+            raise PushError(f"nothing was exported to {out_dir}:\n  - " + "\n  - ".join(problems))
     result = export_ct2(model_dir, out_dir, quantization=quantization, overwrite=overwrite, verify=verify,
                         verify_audio=verify_audio, evaluation=evaluation)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
+    summary = result.to_dict()
+    if push_repo is not None:
+        if not verify:
+            logging.getLogger(__name__).warning("pushing %s unverified (--no-verify): its model card says so", out_dir)
+        summary["pushed"] = push_to_hub(out_dir, push_repo, private=private, token=token)
+    click.echo(json.dumps(summary, indent=2) if as_json else result.summary())
+    if push_repo is not None and not as_json:
+        click.echo(f"  pushed to {push_repo}: {summary['pushed']}")
 
 
 def _list_voices(ctx: click.Context, _param: click.Parameter, value: bool) -> None:

@@ -412,6 +412,8 @@ def model_card(model_dir: str | Path, *, quantization: str | None = None, verifi
                      "TransformersConverter)")
     if verification is not None:
         lines.append(f"- Verified: {verification.summary()}")
+    elif quantization:
+        lines.append("- Verified: no (exported with --no-verify: not compared with transformers)")
     lines.append("")
     lines += _finetune_section(model_dir)
     table = Path(evaluation) if evaluation else model_dir / EVALUATION_TABLE
