@@ -651,7 +651,7 @@ def bad_input_trials(folder: Path) -> list[Trial]:
 
 
 FAULTS = ("precompute-kill", "concurrent", "disk-full", "bit-flip", "train-tle-kill", "finetune-kill", "bad-input", "one-item", "non-finite",
-          "teacher-swap")
+          "teacher-swap", "overwrite", "manifest-rows")
 # --- reliability round 2: one item never stops a run, no NaN trains or loads, the store knows its teacher ---
 
 
@@ -797,6 +797,205 @@ def teacher_swap_trials(world: World, folder: Path) -> list[Trial]:
     ]
 
 
+# --- reliability round 3: outputs never overwrite inputs, manifests lose no row -----------------------
+
+
+def tree_digest(path: Path) -> str:
+    """sha256 over a file, or over every entry of a folder (relative names, kinds, modes, contents); "absent"."""
+    import hashlib
+
+    if not path.exists():
+        return "absent"
+    digest = hashlib.sha256()
+    for entry in [path] if path.is_file() else sorted(path.rglob("*")):
+        digest.update(f"{entry.relative_to(path) if entry != path else ''}|{entry.is_dir()}|"
+                      f"{entry.stat().st_mode}\n".encode())
+        if entry.is_file():
+            digest.update(entry.read_bytes())
+    return digest.hexdigest()
+
+
+OVERWRITE_PHRASES = {"is": "itself: the run would write over its input", "inside": "lies inside",
+                     "holds": "holds"}
+
+
+def overwrite_trials(world: World, folder: Path) -> list[Trial]:
+    """Each stage given an output that is an input, lies inside a model folder or store it reads, or holds
+    an input: refused before anything is written, naming the relation; every input and the output path
+    hash the same before and after."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from whistle_pipeline.cli import cli
+
+    fine = training_config("finetune", folder, folder / "unused", steps=1, checkpoint_every=1)
+    teacher, tle = Path(fine.teacher.name_or_path), Path(fine.finetune.tle_path)
+    audio_store, tts_store = Path(fine.finetune.audio_store), Path(fine.finetune.tts_store)
+    text, root = Path(fine.finetune.text), Path(fine.finetune.text).parent
+    ct2 = folder / "overwrite-ct2"  # import-ct2's preflight reads only that SRC is a folder
+    ct2.mkdir(exist_ok=True)
+    (ct2 / "model.bin").write_bytes(b"not converted: refused before it is read")
+
+    def cli_run(*arguments: str):
+        def action(out: Path) -> tuple[bool, str]:
+            result = CliRunner().invoke(cli, ["-q", *[str(out) if a == "OUT" else a for a in arguments]])
+            return result.exit_code != 0, result.output
+        return action
+
+    def finetune_run(out: Path) -> tuple[bool, str]:
+        config = dataclasses.replace(fine, finetune=dataclasses.replace(fine.finetune, output_dir=str(out)))
+        outcome, err = _outcome(lambda: run_training("finetune", config))
+        return err is not None, str(err or outcome)
+
+    precompute_run = cli_run("precompute", "--data", str(world.manifest), "--teacher", str(world.teacher),
+                             "--device", "cpu", "--store", "OUT")
+    tle_run = cli_run("train-tle", "--teacher", str(teacher), "--store", str(audio_store), "--output-dir", "OUT",
+                      "--steps", "2")
+    evaluate_run = cli_run("evaluate", str(teacher), "--audio", str(world.manifest), "--output-dir", "OUT",
+                           "--device", "cpu")
+
+    def validate_run(flag: str):
+        return cli_run("validate-tle", str(tle), "--teacher", str(teacher), "--store", str(audio_store), "--text",
+                       str(text), flag, "OUT")
+
+    cases = [  # stage, the input, how OUT relates to it, OUT, the run
+        ("precompute", "teacher", "is", world.teacher, precompute_run),
+        ("precompute", "teacher", "inside", world.teacher / "store", precompute_run),
+        ("precompute", "teacher and manifest", "holds", world.teacher.parent, precompute_run),
+        ("precompute", "manifest", "is", world.manifest, precompute_run),
+        ("train-tle", "teacher", "is", teacher, tle_run),
+        ("train-tle", "teacher", "inside", teacher / "tle", tle_run),
+        ("train-tle", "store", "is", audio_store, tle_run),
+        ("train-tle", "store", "inside", audio_store / "tle", tle_run),
+        ("train-tle", "teacher and store", "holds", root, tle_run),
+        ("finetune", "teacher", "is", teacher, finetune_run),
+        ("finetune", "TLE", "is", tle, finetune_run),
+        ("finetune", "TLE", "inside", tle / "adapted", finetune_run),
+        ("finetune", "audio store", "is", audio_store, finetune_run),
+        ("finetune", "TTS store", "inside", tts_store / "adapted", finetune_run),
+        ("finetune", "text", "is", text, finetune_run),
+        ("finetune", "every input", "holds", root, finetune_run),
+        ("evaluate", "model", "is", teacher, evaluate_run),
+        ("evaluate", "model", "inside", teacher / "eval", evaluate_run),
+        ("evaluate", "model", "holds", root, evaluate_run),
+        ("evaluate", "audio set", "is", world.manifest, evaluate_run),
+        ("evaluate", "audio set", "holds", world.manifest.parent, evaluate_run),
+        ("validate-tle --json", "TLE", "inside", tle / "figures.json", validate_run("--json")),
+        ("validate-tle --json", "--text", "is", text, validate_run("--json")),
+        ("validate-tle --figure", "store", "is", audio_store, validate_run("--figure")),
+        ("validate-tle --json", "every input", "holds", root, validate_run("--json")),
+        ("synthesize", "TEXTS", "is", text, cli_run("synthesize", str(text), "OUT")),
+        ("synthesize", "TEXTS", "holds", root, cli_run("synthesize", str(text), "OUT")),
+        ("import-ct2", "SRC", "is", ct2, cli_run("import-ct2", str(ct2), "OUT")),
+        ("import-ct2", "SRC", "inside", ct2 / "hf", cli_run("import-ct2", str(ct2), "OUT")),
+        ("import-ct2", "SRC", "holds", folder, cli_run("import-ct2", str(ct2), "OUT")),
+    ]
+    watched = [world.teacher, world.manifest, teacher, tle, audio_store, tts_store, text, ct2]
+    trials = []
+    for stage, what, relation, out, action in cases:
+        before = {path: tree_digest(path) for path in [*watched, out]}
+        refused, output = action(out)
+        changed = [str(path.relative_to(folder)) for path in before if tree_digest(path) != before[path]]
+        named = OVERWRITE_PHRASES[relation] in output
+        outcome = (f"{'refused' if refused else 'NOT refused'}{', naming it' if named else ', not naming it'}; "
+                   f"{'changed: ' + ', '.join(changed) if changed else 'nothing changed'}")
+        trials.append(Trial("overwrite", f"{stage}: OUT {relation} the {what}", "preflight", outcome,
+                            refused and named and not changed))
+    return trials
+
+
+def _manifest_cases(audio: list[str]) -> dict[str, tuple[str, list[tuple[int, str]]]]:
+    """name -> (the manifest's text, [(line, expected)] for every physical row): expected is the stored
+    text, or "rejected: FRAGMENT" (the reject must name the line too), or "refused: FRAGMENT" for a manifest
+    refused whole."""
+    a, b, c, d, e = audio[:5]
+    bom = "\ufeff"
+    jsonl = lambda *rows: "".join(json.dumps(row) + "\n" for row in rows)  # noqa: E731
+    return {
+        "quote.tsv": (f'audio\ttext\n{a}\t"she said hi\n{b}\ttwo\n{c}\tthree "quoted"\n{d}\tfour\n',
+                      [(2, '"she said hi'), (3, "two"), (4, 'three "quoted"'), (5, "four")]),
+        "never-closed.csv": (f'audio,text\n{a},"she said hi\n{b},two\n{c},three\n{d},four\n',
+                             [(2, "rejected: has a quote that does not close"), (3, "two"), (4, "three"),
+                              (5, "four")]),
+        "closed-later.csv": (f'audio,text\n{a},"she said hi\n{b},two\n{c},"three" and more\n{d},four\n',
+                             [(2, "rejected: has a quote that does not close"), (3, "two"),
+                              (4, "rejected: has a quote that does not close"), (5, "four")]),
+        "bom.jsonl": (bom + jsonl({"audio": a, "text": "first"}, {"audio": b, "text": "second"}),
+                      [(1, "first"), (2, "second")]),
+        "bom.csv": (f"{bom}audio,text\n{a},first\n{b},second\n", [(2, "first"), (3, "second")]),
+        "bom.tsv": (f"{bom}audio\ttext\n{a}\tfirst\n", [(2, "first")]),
+        "twice.jsonl": (f'{{"audio": "{a}", "text": "one", "text": "two"}}\n{{"audio": "{b}", "text": "fine"}}\n',
+                        [(1, "rejected: has the key 'text' twice"), (2, "fine")]),
+        "twice.csv": (f"audio,text,text\n{a},one,two\n{b},three,four\n",
+                      [(1, "refused: line 1 names the column 'text' twice")]),
+        "types.jsonl": (jsonl({"audio": a, "text": ["a", "b"]}, {"audio": b, "text": "ok", "language": True},
+                              {"audio": c, "text": {"x": 1}}, {"audio": d, "text": 42}, {"audio": e, "text": "fine"}),
+                        [(1, "rejected: 'text' holds a JSON list"), (2, "rejected: 'language' holds a JSON boolean"),
+                         (3, "rejected: 'text' holds a JSON object"), (4, "rejected: 'text' holds a JSON number"),
+                         (5, "fine")]),
+        "invisible.jsonl": (jsonl({"audio": a, "text": "\u200b\u200c"}, {"audio": b, "text": "\x07\x00"},
+                                  {"audio": c, "text": "\u00a0\u2028 \u3000"}, {"audio": d, "text": "\ufeff\u2060"},
+                                  {"audio": e, "text": "visible"}),
+                            [(1, "rejected: empty text"), (2, "rejected: empty text"), (3, "rejected: empty text"),
+                             (4, "rejected: empty text"), (5, "visible")]),
+        "mixed.csv": (f'audio,text\n\n{a},one\n{b}\n{c},"open\n\n{d},x,y\n{e},\u200b\n{e},again\n',
+                      [(3, "one"), (4, "rejected: line 4"), (5, "rejected: line 5"), (7, "rejected: line 7"),
+                       (8, "rejected: empty text"), (9, "rejected: line 9")]),
+    }
+
+
+def manifest_row_trials(world: World, folder: Path) -> list[Trial]:
+    """Manifests with an unbalanced quote (TSV, CSV), a byte-order mark, a key or column named twice, list /
+    boolean / object cells and invisible-only text, each precomputed into a store: every physical row is
+    stored with its own text or rejected with its line; stored + rejected = the rows (one trial per row and
+    one per manifest)."""
+    from stages.precompute import run
+    from store import StoreReader
+    from whistle_pipeline.config import load_config
+
+    manifests = folder / "manifest-rows"
+    manifests.mkdir(parents=True, exist_ok=True)
+    audio = [str(world.manifest.parent / f"c{i:03d}.wav") for i in range(CLIPS) if i != MISSING_ROW]
+    trials = []
+    for name, (content, rows) in _manifest_cases(audio).items():
+        manifest = manifests / name
+        manifest.write_text(content, encoding="utf-8")
+        store = manifests / f"store-{name}"
+        shutil.rmtree(store, ignore_errors=True)
+        config = load_config(updates={
+            "teacher": {"name_or_path": str(world.teacher), "device": "cpu", "dtype": "float32"},
+            "data": {"path": str(manifest), "language_column": "language", "language": "en"},
+            "store": {"path": str(store), "shard_size": 4}, "precompute": {"num_workers": 0, "progress": False}})
+        outcome, err = _outcome(lambda config=config: run(config))
+        if rows[0][1].startswith("refused: "):
+            named = rows[0][1].removeprefix("refused: ") in str(err)
+            trials.append(Trial("manifest-rows", f"{name}: the whole manifest", "opening the source",
+                                f"{outcome}; store {'absent' if not store.exists() else 'created'}",
+                                err is not None and named and not store.exists()))
+            continue
+        reader = StoreReader(str(store)) if err is None else None
+        rejects = [r["reason"] for k in reader.shards() for r in reader.shard_attrs(k)["rejects"]] if reader else []
+        stored = {reader.utterance(k, i).text for k in reader.shards()
+                  for i in range(reader.shard_attrs(k)["n"])} if reader else set()
+        for line, expected in rows:
+            if expected.startswith("rejected: "):
+                fragment = expected.removeprefix("rejected: ")
+                hits = [r for r in rejects if f"line {line} of {name}" in r and fragment in r]
+                produced = f"rejected: {hits[0]}" if hits else "no reject naming the line"
+                ok = bool(hits)
+            else:
+                ok = expected in stored
+                produced = f"stored: {expected!r}" if ok else f"not stored ({outcome})"
+            trials.append(Trial("manifest-rows", f"{name}: line {line}", "reading the manifest",
+                                produced.replace(str(world.manifest.parent) + "/", ""), ok))
+        counted = len(reader) + len(rejects) if reader else 0
+        trials.append(Trial("manifest-rows", f"{name}: the counts", "the store",
+                            f"{len(reader) if reader else 0} stored + {len(rejects)} rejected = {counted} of "
+                            f"{len(rows)} rows", counted == len(rows)))
+    return trials
+
+
 def print_table(trials: list[Trial]) -> None:
     click.echo("| fault | trial | where it struck | outcome |")
     click.echo("|---|---|---|---|")
@@ -854,6 +1053,10 @@ def main(kills: int, training_kills: int, concurrent_runs: int, disk_limits: int
         trials += non_finite_trials(folder)
     if "teacher-swap" in chosen:
         trials += teacher_swap_trials(world, folder)
+    if "overwrite" in chosen:
+        trials += overwrite_trials(world, folder)
+    if "manifest-rows" in chosen:
+        trials += manifest_row_trials(world, folder)
     print_table(trials)
     failed = [t for t in trials if not t.ok]
     for fault in dict.fromkeys(t.fault for t in trials):
