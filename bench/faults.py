@@ -38,6 +38,13 @@ and `name=value` totals; exits 1 if any trial lost or corrupted anything.
                    SIGKILL after a random number of logged steps (plus a random part of a step); the rerun
                    resumes from the last complete checkpoint: every step logged once, losses within 1e-4 of
                    an uninterrupted run (train-tle), identical final weights (finetune).
+  overwrite        each stage (precompute, train-tle, finetune, evaluate, validate-tle, synthesize, import-ct2)
+                   given an output that is an input, lies inside a model folder or store it reads, or holds an
+                   input: refused, naming the relation, with every input and the output path hashing the same
+                   before and after.
+  manifest-rows    manifests with an unbalanced quote (TSV, CSV), a byte-order mark, a key or column named
+                   twice, list/boolean/object cells and invisible-only text, precomputed: every physical row
+                   stored with its own text or rejected naming its line, and stored + rejected = the rows.
 """
 from __future__ import annotations
 
@@ -829,7 +836,7 @@ def overwrite_trials(world: World, folder: Path) -> list[Trial]:
 
     from whistle_pipeline.cli import cli
 
-    fine = training_config("finetune", folder, folder / "unused", steps=1, checkpoint_every=1)
+    fine = training_config("finetune", folder, folder / "unused", steps=4, checkpoint_every=4)
     teacher, tle = Path(fine.teacher.name_or_path), Path(fine.finetune.tle_path)
     audio_store, tts_store = Path(fine.finetune.audio_store), Path(fine.finetune.tts_store)
     text, root = Path(fine.finetune.text), Path(fine.finetune.text).parent
@@ -851,7 +858,7 @@ def overwrite_trials(world: World, folder: Path) -> list[Trial]:
     precompute_run = cli_run("precompute", "--data", str(world.manifest), "--teacher", str(world.teacher),
                              "--device", "cpu", "--store", "OUT")
     tle_run = cli_run("train-tle", "--teacher", str(teacher), "--store", str(audio_store), "--output-dir", "OUT",
-                      "--steps", "2")
+                      "--steps", "2", "--set", "train_tle.warmup_steps=0")
     evaluate_run = cli_run("evaluate", str(teacher), "--audio", str(world.manifest), "--output-dir", "OUT",
                            "--device", "cpu")
 
@@ -859,7 +866,7 @@ def overwrite_trials(world: World, folder: Path) -> list[Trial]:
         return cli_run("validate-tle", str(tle), "--teacher", str(teacher), "--store", str(audio_store), "--text",
                        str(text), flag, "OUT")
 
-    cases = [  # stage, the input, how OUT relates to it, OUT, the run
+    cases = [  # stage, the input, how OUT relates to it, OUT, the run (and what the refusal says, if not preflight)
         ("precompute", "teacher", "is", world.teacher, precompute_run),
         ("precompute", "teacher", "inside", world.teacher / "store", precompute_run),
         ("precompute", "teacher and manifest", "holds", world.teacher.parent, precompute_run),
@@ -875,7 +882,7 @@ def overwrite_trials(world: World, folder: Path) -> list[Trial]:
         ("finetune", "audio store", "is", audio_store, finetune_run),
         ("finetune", "TTS store", "inside", tts_store / "adapted", finetune_run),
         ("finetune", "text", "is", text, finetune_run),
-        ("finetune", "every input", "holds", root, finetune_run),
+        ("finetune", "inputs", "holds", root, finetune_run),
         ("evaluate", "model", "is", teacher, evaluate_run),
         ("evaluate", "model", "inside", teacher / "eval", evaluate_run),
         ("evaluate", "model", "holds", root, evaluate_run),
@@ -883,9 +890,9 @@ def overwrite_trials(world: World, folder: Path) -> list[Trial]:
         ("evaluate", "audio set", "holds", world.manifest.parent, evaluate_run),
         ("validate-tle --json", "TLE", "inside", tle / "figures.json", validate_run("--json")),
         ("validate-tle --json", "--text", "is", text, validate_run("--json")),
-        ("validate-tle --figure", "store", "is", audio_store, validate_run("--figure")),
-        ("validate-tle --json", "every input", "holds", root, validate_run("--json")),
-        ("synthesize", "TEXTS", "is", text, cli_run("synthesize", str(text), "OUT")),
+        ("validate-tle --figure", "--text", "is", text, validate_run("--figure")),
+        ("validate-tle --json", "inputs", "holds", root, validate_run("--json"), "is a directory"),  # click's check
+        ("synthesize", "TEXTS", "is", text, cli_run("synthesize", str(text), "OUT"), "is a file"),  # click's check
         ("synthesize", "TEXTS", "holds", root, cli_run("synthesize", str(text), "OUT")),
         ("import-ct2", "SRC", "is", ct2, cli_run("import-ct2", str(ct2), "OUT")),
         ("import-ct2", "SRC", "inside", ct2 / "hf", cli_run("import-ct2", str(ct2), "OUT")),
@@ -893,14 +900,15 @@ def overwrite_trials(world: World, folder: Path) -> list[Trial]:
     ]
     watched = [world.teacher, world.manifest, teacher, tle, audio_store, tts_store, text, ct2]
     trials = []
-    for stage, what, relation, out, action in cases:
+    for stage, what, relation, out, action, *phrase in cases:
         before = {path: tree_digest(path) for path in [*watched, out]}
         refused, output = action(out)
         changed = [str(path.relative_to(folder)) for path in before if tree_digest(path) != before[path]]
-        named = OVERWRITE_PHRASES[relation] in output
+        named = (phrase[0] if phrase else OVERWRITE_PHRASES[relation]) in " ".join(output.split())
         outcome = (f"{'refused' if refused else 'NOT refused'}{', naming it' if named else ', not naming it'}; "
                    f"{'changed: ' + ', '.join(changed) if changed else 'nothing changed'}")
-        trials.append(Trial("overwrite", f"{stage}: OUT {relation} the {what}", "preflight", outcome,
+        trials.append(Trial("overwrite", f"{stage}: OUT {relation} the {what}",
+                            "the command line" if phrase else "preflight", outcome,
                             refused and named and not changed))
     return trials
 
@@ -911,7 +919,10 @@ def _manifest_cases(audio: list[str]) -> dict[str, tuple[str, list[tuple[int, st
     refused whole."""
     a, b, c, d, e = audio[:5]
     bom = "\ufeff"
-    jsonl = lambda *rows: "".join(json.dumps(row) + "\n" for row in rows)  # noqa: E731
+
+    def jsonl(*rows: dict) -> str:
+        return "".join(json.dumps(row) + "\n" for row in rows)
+
     return {
         "quote.tsv": (f'audio\ttext\n{a}\t"she said hi\n{b}\ttwo\n{c}\tthree "quoted"\n{d}\tfour\n',
                       [(2, '"she said hi'), (3, "two"), (4, 'three "quoted"'), (5, "four")]),
@@ -965,7 +976,7 @@ def manifest_row_trials(world: World, folder: Path) -> list[Trial]:
         shutil.rmtree(store, ignore_errors=True)
         config = load_config(updates={
             "teacher": {"name_or_path": str(world.teacher), "device": "cpu", "dtype": "float32"},
-            "data": {"path": str(manifest), "language_column": "language", "language": "en"},
+            "data": {"path": str(manifest), "language_column": "language" if "language" in content else ""},
             "store": {"path": str(store), "shard_size": 4}, "precompute": {"num_workers": 0, "progress": False}})
         outcome, err = _outcome(lambda config=config: run(config))
         if rows[0][1].startswith("refused: "):
