@@ -439,6 +439,8 @@ def synthesize_command(texts: str, out: str, voices: str | None, variants: str |
 @click.option("--teacher", help="The Whisper to adapt: hub name or folder [teacher.name_or_path].")
 @click.option("--revision", help="Hub revision of the teacher [teacher.revision].")
 @click.option("--tle", "tle_path", help="The trained TLE folder (`whistle train-tle` output) [finetune.tle_path].")
+@click.option("--text-states", type=click.Choice(["tle", "null"]), help="Text examples' encoder windows: the TLE's "
+              "states, or null (content-free: a store's tail template; no TLE) [finetune.text_states].")
 @click.option("--text", help="Target-domain text: .txt (a sentence per line), .jsonl/.csv/.tsv, or a datasets "
               "name/folder [finetune.text].")
 @click.option("--text-column", help="Column of the text in .jsonl/.csv/datasets corpora [finetune.text_column].")
@@ -458,7 +460,7 @@ def synthesize_command(texts: str, out: str, voices: str | None, variants: str |
 @click.option("--skip-damaged/--no-skip-damaged", default=None, help="Leave damaged shards of the stores out (counted "
               "in the summary) instead of stopping at the first one [finetune.skip_damaged].")
 @config_options
-def finetune_command(teacher, revision, tle_path, text, text_column, language, audio_store, tts_store, audio_ratio,
+def finetune_command(teacher, revision, tle_path, text_states, text, text_column, language, audio_store, tts_store, audio_ratio,
                      tts_ratio, output_dir, steps, batch_size, learning_rate, val_audio, device, resume, skip_damaged,
                      config_path, overrides) -> None:
     """Adapt Whisper's decoder to target-domain text through the frozen TLE; write a complete Whisper.
@@ -482,7 +484,7 @@ def finetune_command(teacher, revision, tle_path, text, text_column, language, a
 
     config = _load(config_path, overrides, {
         "teacher": {"name_or_path": teacher, "revision": revision, "device": device},
-        "finetune": {"tle_path": tle_path, "text": text, "text_column": text_column, "language": language,
+        "finetune": {"tle_path": tle_path, "text_states": text_states, "text": text, "text_column": text_column, "language": language,
                      "audio_store": audio_store, "tts_store": tts_store, "audio_ratio": audio_ratio,
                      "tts_ratio": tts_ratio, "output_dir": output_dir, "steps": steps, "batch_size": batch_size,
                      "learning_rate": learning_rate, "val_audio": val_audio, "resume": resume,
