@@ -33,7 +33,8 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
             assert report["beyond_control"][arm]["target"] == pytest.approx(
                 report["wer_after"]["source-only"]["target"] - report["wer_after"][arm]["target"])
     assert "source-only" not in report["beyond_control"]
-    assert report["sizes"]["test_clips"] == {"source": 8, "target": 8}
+    # 6 clips each since the aids' columns joined (the quick plan paid for them with its test sets)
+    assert report["sizes"]["test_clips"] == {"source": 6, "target": 6}
     assert report["steps"]["mix"]["whistle"] == {"audio": 0.5, "tts": 0.0, "text": 0.5}
     seen = {arm: report["steps"]["arms"][arm]["examples_seen"] for arm in arms}
     assert seen["whistle"]["text"] > 0 and seen["whistle"]["tts"] == 0
@@ -59,8 +60,8 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
     assert report["methods"]["unadapted"]["target"]["wer"] == report["wer_before"]["target"]
     assert report["methods"]["fusion"]["columns"] == ["tiny.en+fusion"]
     assert report["methods"]["whistle+prompt"]["columns"] == ["whistle+prompt"]
-    assert set(report["aids"]["fusion_fit"]["columns"]) == {"tiny.en+fusion", "whistle+fusion"}
-    assert report["aids"]["fusion_fit"]["dev"]["set"] == "target-dev" and report["aids"]["terms"]["terms"]
+    assert report["aids"]["lm"]["words"] > 0 and report["aids"]["prompt"]["terms"] > 0  # from the target text
+    assert report["aids"]["terms"]["terms"]  # the term list every column is scored on
     goal_keys = ["whistle below prompt on target by more than the seed spread",
                  "whistle below fusion on target by more than the seed spread",
                  "whistle below text-null on target by more than the seed spread",
