@@ -120,6 +120,7 @@ class Plan:
     target_test: int
     target_dev: int  # target sentences after the training ones, as eSpeak speech: the fusion weights' dev set
     seeds: int  # runs of every training arm (finetune.seed 0, 1, ...): the spread of each arm's figures
+    aided_seeds: int  # the whistle arm's first runs also decoded with a prompt and with fusion (<= seeds)
     tle: dict[str, Any]  # [tle] settings
     train_tle: dict[str, Any]  # [train_tle] settings
     finetune: dict[str, Any]  # [finetune] settings shared by the arms
@@ -141,8 +142,11 @@ class Plan:
         problems += [f"[demo] {name} is missing" for name in names if name not in sizes]
         problems += [f"[demo] {name} = {sizes[name]!r} should be a whole number >= 0" for name in names
                      if name in sizes and (type(sizes[name]) is not int or sizes[name] < 0)]
-        problems += [f"[demo] {name} = 0: at least 1 is needed" for name in ("seeds", "target_dev")
+        problems += [f"[demo] {name} = 0: at least 1 is needed" for name in ("seeds", "aided_seeds", "target_dev")
                      if sizes.get(name) == 0]
+        aided, seeds = sizes.get("aided_seeds"), sizes.get("seeds")
+        if type(aided) is int and type(seeds) is int and aided > seeds:
+            problems.append(f"[demo] aided_seeds = {aided} exceeds seeds = {seeds}")
         problems += [f"a plan sets only [demo] and [{'], ['.join(PLAN_SECTIONS)}], not [{section}]"
                      for section in values if section not in PLAN_SECTIONS]
         try:
@@ -361,10 +365,10 @@ class Demo:
         plain; the unadapted model and the whistle arm's models with a prompt and with fusion. Returns the
         scores by column label and what the aids were (prompt, LM, fitted weights, terms)."""
         plan, texts, seeds = self.plan, self.texts, self.plan.seeds
-        models = [f"{BASELINE}={self.teacher}"] + [f"{label}={self.work / 'adapted' / label}"
-                                                   for label in (run_label(arm, s) for arm in ARMS for s in range(seeds))]
+        runs = [run_label(arm, seed) for arm in ARMS for seed in range(seeds)]
+        models = [f"{BASELINE}={self.teacher}"] + [f"{label}={self.work / 'adapted' / label}" for label in runs]
         aided = [models[0]] + [f"{label}={self.work / 'adapted' / label}"
-                               for label in (run_label(AIDED, s) for s in range(seeds))]
+                               for label in (run_label(AIDED, s) for s in range(plan.aided_seeds))]
         sets = [f"{name}={self.audio / f'{name}-test' / 'manifest.jsonl'}" for name in SETS]
         # terms: the target training text's words that the source training text (and Whisper's general vocabulary)
         # lacks; the prompt is the same terms, the LM the target training text
@@ -418,7 +422,7 @@ def build_report(quick: bool, plan: Plan, counts: dict[str, int], scores: dict[s
                  tle_validation: dict[str, float], seconds: dict[str, float], total: float) -> dict[str, Any]:
     """report.json: every method's figures (`methods`), the arms' WER before/after per set (means over seeds),
     relative changes, points below the control, goals with their numbers, sizes, steps and seconds."""
-    columns = method_columns(list(ARMS), plan.seeds)
+    columns = method_columns(list(ARMS), plan.seeds, plan.aided_seeds)
     minutes = {label: summary["wall_seconds"] / 60 for label, summary in runs.items()}
     methods = method_figures(scores, columns, minutes)
     before = {name: methods["unadapted"][name]["wer"] for name in SETS}

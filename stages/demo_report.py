@@ -2,7 +2,7 @@
 
     methods        unadapted, prompt, fusion (decoding-time aids on the unadapted model); the training arms
                    (text-null, source-only, whistle, tts-only, whistle-tts), each over its seeds; whistle+prompt
-                   and whistle+fusion (the aids on the whistle arm's models)
+                   and whistle+fusion (the aids on the whistle arm's first models: [demo] aided_seeds)
     per method     per test set: WER (mean over seeds, min, max, each seed's), CER, term error rate, decoding
                    seconds per clip, WER relative to the unadapted model, WER points below the control; and
                    the fine-tuning minutes
@@ -32,15 +32,17 @@ def run_label(arm: str, seed: int) -> str:
     return arm if seed == 0 else f"{arm}.s{seed}"
 
 
-def method_columns(arms: Sequence[str], seeds: int) -> dict[str, tuple[str, list[str]]]:
-    """method -> (its decoding variant, the evaluate column labels it averages), in the report's order."""
-    def runs(arm: str, variant: str) -> list[str]:
-        return [column_label(run_label(arm, seed), variant) for seed in range(seeds)]
+def method_columns(arms: Sequence[str], seeds: int, aided_seeds: int) -> dict[str, tuple[str, list[str]]]:
+    """method -> (its decoding variant, the evaluate column labels it averages), in the report's order: the
+    arms over `seeds` runs, whistle with the aids over its first `aided_seeds`."""
+    def runs(arm: str, variant: str, count: int = seeds) -> list[str]:
+        return [column_label(run_label(arm, seed), variant) for seed in range(count)]
 
     methods = {name: (variant, [column_label(BASELINE, variant)])
                for name, variant in (("unadapted", "plain"), ("prompt", "prompt"), ("fusion", "fusion"))}
     methods.update({arm: ("plain", runs(arm, "plain")) for arm in arms})
-    methods.update({f"{AIDED}+{variant}": (variant, runs(AIDED, variant)) for variant in ("prompt", "fusion")})
+    methods.update({f"{AIDED}+{variant}": (variant, runs(AIDED, variant, aided_seeds))
+                    for variant in ("prompt", "fusion")})
     return methods
 
 
@@ -102,9 +104,11 @@ def goals(methods: dict[str, Any], arms: Sequence[str]) -> tuple[dict[str, bool]
         numbers[name] = {AIDED: target[AIDED], other: target[other], "margin": margin, "spread": limit}
     best = min(("prompt", "fusion"), key=target.__getitem__)
     combined = f"{AIDED}+{best}"
+    # whistle alone over the same runs the combination decoded (its first seeds)
+    alone = mean(methods[AIDED]["target"]["wer_seeds"][: methods[combined]["seeds"]])
     name = "whistle + the best decoding-time method below either alone"
-    met[name] = target[combined] < min(target[AIDED], target[best])
-    numbers[name] = {"best": best, combined: target[combined], AIDED: target[AIDED], best: target[best]}
+    met[name] = target[combined] < min(alone, target[best])
+    numbers[name] = {"best": best, combined: target[combined], AIDED: alone, best: target[best]}
     name = f"whistle-tts >= {100 * TTS_MARGIN:g}% relative below tts-only"
     cut = (target["tts-only"] - target["whistle-tts"]) / target["tts-only"] if target["tts-only"] else 0.0
     met[name] = cut >= TTS_MARGIN
@@ -126,7 +130,9 @@ def _percent(value: float | None) -> str:
 
 def _wer_cell(cell: dict[str, Any]) -> str:
     text = _percent(cell["wer"])
-    return text + (f" ({_percent(cell['wer_min'])}–{_percent(cell['wer_max'])})" if len(cell["wer_seeds"]) > 1 else "")
+    if len(cell["wer_seeds"]) > 1:
+        text += f" ({_percent(cell['wer_min'])}–{_percent(cell['wer_max'])})"
+    return text
 
 
 def markdown(report: dict[str, Any]) -> str:

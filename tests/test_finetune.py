@@ -333,7 +333,8 @@ def test_a_null_text_run_reads_no_tle_learns_the_text_and_saves(world, tmp_path)
     from stages.finetune import run
 
     out, missing = tmp_path / "text-null", tmp_path / "no-tle"
-    result = run(finetune_config(world, out, "finetune.text_states=\"null\"", f"finetune.tle_path={json.dumps(str(missing))}",
+    result = run(finetune_config(world, out, "finetune.text_states=\"null\"",
+                                 f"finetune.tle_path={json.dumps(str(missing))}",
                                  f"finetune.audio_store={json.dumps(str(world['audio_store']))}",
                                  "finetune.audio_ratio=0.5", "finetune.steps=12", "finetune.val_every=6",
                                  "finetune.checkpoint_every=12", stores=False))
