@@ -405,7 +405,7 @@ def _scores(result: Any) -> dict[str, Any]:
             "decode_seconds_per_clip": score.decode_seconds_per_clip,
             "worst": [{"id": c.id, "word_errors": c.word_errors, "ref_words": c.ref_words} for c in score.worst(5)]}
     record = result.aids
-    aids: dict[str, Any] = {"terms": record["terms"]}
+    aids: dict[str, Any] = {"terms": record["terms"], "decoders": {c.label: c.decoder for c in result.columns}}
     if "prompt" in record:
         aids["prompt"] = {"origin": record["prompt"]["origin"], "terms": len(record["prompt"]["terms"]),
                           "tokens": {c.label: c.prompt_tokens for c in result.columns if c.prompt_tokens}}
