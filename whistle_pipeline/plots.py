@@ -104,7 +104,7 @@ def plot_wer_bars(wer: dict[str, dict[str, float]], title: str, path: Path,
         bars = axis.bar(xs, heights, width, yerr=errors, capsize=2 if errors else 0, label=model)
         axis.bar_label(bars, fmt="%.1f", fontsize=6 if len(models) > 6 else 7)
     axis.set_xticks(range(len(sets)), [f"{name} test" for name in sets])
-    axis.set_ylabel("WER %" + (" (bars: range over seeds)" if spread is not None else ""))
+    axis.set_ylabel("WER %" + (" (error bars: range over seeds)" if spread is not None else ""))
     axis.set_title(title)
     axis.legend(fontsize=7, ncol=2 if len(models) > 6 else 1)
     figure.tight_layout()
