@@ -3,6 +3,8 @@
 Every training example is a full window of encoder states (B, max_frames, D) plus its transcript:
 
     text   target sentence ──► frozen TLE ──► speech frames (predicted length) + TLE tail template
+           (finetune.text_states = "null": no TLE; a store's tail template over the whole window, a
+           content-free control: the decoder can learn only the text's language model)
     audio  stored teacher states of real paired audio (anti-forgetting) + that store's tail template
     tts    stored teacher states of synthesized target speech (WhisTLE + TTS; TTS-only without text)
            ──► WhisperForConditionalGeneration(encoder_outputs=window, decoder_input_ids) ──► cross-entropy
@@ -174,7 +176,13 @@ def check_inputs(config: PipelineConfig) -> None:
         if not settings.text:
             problems.append(f"finetune.text is empty but {settings.text_ratio:.2f} of each batch is text: give a "
                             "target-domain corpus (or set audio_ratio + tts_ratio = 1 for audio-only fine-tuning)")
-        if not settings.tle_path:
+        drawn_stores = [store for ratio, store in ((settings.audio_ratio, settings.audio_store),
+                                                   (settings.tts_ratio, settings.tts_store)) if ratio > 0 and store]
+        if settings.text_states == "null":
+            if not drawn_stores:
+                problems.append('finetune.text_states = "null" takes the text windows\' tail template from a store: '
+                                "draw audio_store or tts_store (a ratio > 0)")
+        elif not settings.tle_path:
             problems.append("finetune.tle_path is empty but text examples are drawn: give a `whistle train-tle` output")
         elif not Path(settings.tle_path).is_dir():
             problems.append(f"finetune.tle_path = {settings.tle_path!r} is not a folder: train a TLE first "
@@ -273,7 +281,13 @@ def open_inputs(setup: Setup) -> Inputs:
     dropped |= {reject["id"] for reject in store_rejects}
     templates = {k: torch.from_numpy(np.array(r.tail_template())).to(device) for k, r in stores.items()}
     tle, text = None, TextSplit([], [], [])
-    if ratios["text"] > 1e-9:
+    if ratios["text"] > 1e-9 and settings.text_states == "null":
+        templates["text"] = templates["audio" if "audio" in templates else "tts"]
+        if settings.tle_path and Path(settings.tle_path).is_dir():
+            log.warning('finetune.text_states = "null": the TLE in %s is not loaded (text windows hold no content)',
+                        settings.tle_path)
+        text = read_text(settings, teacher.tokenizer, specials, model.config.max_target_positions, None)
+    elif ratios["text"] > 1e-9:
         tle = load_tle(settings.tle_path, teacher.info, device)
         text = read_text(settings, teacher.tokenizer, specials, model.config.max_target_positions,
                          list(tle.config.languages))
@@ -315,7 +329,7 @@ def open_streams(setup: Setup, inputs: Inputs, training: Training) -> dict[str, 
                        settings.skip_damaged)
         for k in inputs.stores
     }
-    if inputs.windows.tle is not None:
+    if inputs.text.train:
         streams["text"] = TextStream(inputs.text.train, settings.seed, accelerator.process_index,
                                      accelerator.num_processes, tuple(positions.get("text", (0, 0))))
     return streams
@@ -330,7 +344,7 @@ def validation_data(setup: Setup, inputs: Inputs, training: Training) -> Validat
     data.examples = {k: held_out_store_examples(
         store_url(settings, k), k, WithoutIds(HeldOut(settings.val_fraction, settings.seed, True), inputs.dropped),
         settings.val_size, settings.skip_damaged) for k in inputs.stores}
-    if inputs.windows.tle is not None:
+    if inputs.text.train:
         data.examples["text"] = text_examples(inputs.text.held_out[: settings.val_size])
     if settings.val_audio:
         data.audio_clips, data.audio_states, data.audio_rejects = prepare_val_audio(

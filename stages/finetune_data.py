@@ -126,8 +126,9 @@ class TextSplit:
 
 
 def read_text(settings: FinetuneConfig, tokenizer: Any, specials: SpecialTokens, max_positions: int,
-              tle_languages: Sequence[str]) -> TextSplit:
-    """finetune.text, split by the stable hash of each id; refuses a corpus with no training sentence."""
+              tle_languages: Sequence[str] | None) -> TextSplit:
+    """finetune.text, split by the stable hash of each id; refuses a corpus with no training sentence.
+    `tle_languages`: the languages the TLE knows (None: no TLE, any language the teacher has)."""
     corpus = read_corpus(settings.text, text_column=settings.text_column, language=settings.language,
                          language_column=settings.language_column, split=settings.text_split)
     rows, rejects = usable_rows(corpus.rows, tokenizer, specials, max_positions, tle_languages)
@@ -143,11 +144,11 @@ def read_text(settings: FinetuneConfig, tokenizer: Any, specials: SpecialTokens,
 
 
 def usable_rows(rows: Sequence[TextRow], tokenizer: Any, specials: SpecialTokens, max_positions: int,
-                tle_languages: Sequence[str]) -> tuple[list[TextRow], list[TextReject]]:
-    """Rows the tokenizer, the decoder and the TLE can take; the others with the reason (never mid-run)."""
+                tle_languages: Sequence[str] | None) -> tuple[list[TextRow], list[TextReject]]:
+    """Rows the tokenizer, the decoder and the TLE (if any) can take; the others with the reason (never mid-run)."""
     kept, rejects = [], []
     for row in rows:
-        if row.language not in tle_languages:
+        if tle_languages is not None and row.language not in tle_languages:
             rejects.append(TextReject(row.id, f"language {row.language!r}: the TLE knows {', '.join(tle_languages)}"))
         elif specials.multilingual and row.language not in specials.languages:
             rejects.append(TextReject(row.id, f"language {row.language!r} has no token in this Whisper"))

@@ -94,6 +94,21 @@ def test_a_demo_plan_reports_every_problem(tmp_path):
     assert "not [store]" in problems
 
 
+def test_a_demo_plan_needs_a_seed_and_aids_on_at_most_every_seed(tmp_path):
+    from stages.demo import Plan
+
+    plan = tmp_path / "plan.toml"
+    sizes = "source_train = 8\nsource_lexicon = 0\nsource_test = 2\ntarget_train = 4\ntarget_test = 2\n"
+    plan.write_text(f"[demo]\n{sizes}target_dev = 0\nseeds = 1\naided_seeds = 2\n")
+    with pytest.raises(ConfigError) as caught:
+        Plan.load(plan)
+    problems = "\n".join(caught.value.problems)
+    assert "[demo] target_dev = 0: at least 1 is needed" in problems
+    assert "[demo] aided_seeds = 2 exceeds seeds = 1" in problems
+    plan.write_text(f"[demo]\n{sizes}target_dev = 1\nseeds = 2\naided_seeds = 1\n")
+    assert (Plan.load(plan).seeds, Plan.load(plan).aided_seeds) == (2, 1)
+
+
 def test_layers_apply_in_order(tmp_path):
     user = tmp_path / "user.toml"
     user.write_text('[store]\nframes = "full"\nshard_size = 10\n[precompute]\nbatch_size = 4\n')

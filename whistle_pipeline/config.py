@@ -284,6 +284,7 @@ class TrainTLEConfig(LoopConfig):
 @dataclass(frozen=True)
 class FinetuneConfig(LoopConfig):
     tle_path: str
+    text_states: Literal["tle", "null"]
     text: str
     text_column: str
     text_split: str
@@ -302,7 +303,7 @@ class FinetuneConfig(LoopConfig):
 
     @property
     def text_ratio(self) -> float:
-        """Fraction of examples that are target-domain text through the TLE."""
+        """Fraction of examples that are target-domain text (through the TLE, or content-free windows)."""
         return 1.0 - self.audio_ratio - self.tts_ratio
 
     def problems(self) -> list[str]:

@@ -80,26 +80,33 @@ def plot_utterance(store_path: str, utt_id: str, out_png: str | Path) -> Path:
     return out
 
 
-def plot_wer_bars(wer: dict[str, dict[str, float]], title: str, path: Path) -> str | None:
-    """A bar chart of WER % per test set, one bar per model: `wer` is {model: {set: WER}}, models in
-    the order drawn. Returns the PNG's path, or None (with a warning) when matplotlib is not installed."""
+def plot_wer_bars(wer: dict[str, dict[str, float]], title: str, path: Path,
+                  spread: dict[str, dict[str, tuple[float, float]]] | None = None) -> str | None:
+    """A grouped bar chart of WER % per test set, one bar per model: `wer` is {model: {set: WER}}, models in
+    the order drawn; `spread` {model: {set: (lowest, highest)}} draws each bar's range as an error bar (a
+    model's seeds). Returns the PNG's path, or None (with a warning) when matplotlib is not installed."""
+    models = list(wer)
     try:
-        figure = _figure(figsize=(7, 4), dpi=110)
+        figure = _figure(figsize=(max(7.0, 0.45 * len(models) * len(wer[models[0]]) + 2.0), 4.5), dpi=110)
     except ImportError:
         log.warning("matplotlib is not installed: no %s (pip install 'whistle[plot]')", path.name)
         return None
-    models = list(wer)
     sets = list(wer[models[0]])
     axis = figure.add_subplot()
     width = 0.8 / len(models)
     for m, model in enumerate(models):
         xs = [s + (m - (len(models) - 1) / 2) * width for s in range(len(sets))]
-        bars = axis.bar(xs, [100 * wer[model][name] for name in sets], width, label=model)
-        axis.bar_label(bars, fmt="%.1f", fontsize=7)
+        heights = [100 * wer[model][name] for name in sets]
+        errors = None
+        if spread is not None:  # matplotlib's yerr: distances below and above each bar
+            errors = [[h - 100 * spread[model][name][0] for h, name in zip(heights, sets)],
+                      [100 * spread[model][name][1] - h for h, name in zip(heights, sets)]]
+        bars = axis.bar(xs, heights, width, yerr=errors, capsize=2 if errors else 0, label=model)
+        axis.bar_label(bars, fmt="%.1f", fontsize=6 if len(models) > 6 else 7)
     axis.set_xticks(range(len(sets)), [f"{name} test" for name in sets])
-    axis.set_ylabel("WER %")
+    axis.set_ylabel("WER %" + (" (error bars: range over seeds)" if spread is not None else ""))
     axis.set_title(title)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7, ncol=2 if len(models) > 6 else 1)
     figure.tight_layout()
     figure.savefig(path)
     return str(path)

@@ -6,6 +6,8 @@
 
 A text example's window comes from the frozen TLE (speech frames at the predicted length + the
 TLE's tail template), a stored example's from its store's states + that store's tail template.
+Without a TLE (finetune.text_states = "null") a text example's window is content-free: a store's tail
+template over the whole window (`Windows.templates["text"]`; see `Windows.null_windows`).
 Only the decoder trains (select_trainable); stages/finetune.py runs the loop.
 """
 from __future__ import annotations
@@ -55,8 +57,8 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
 class Windows:
     """What produces full windows: the frozen TLE and each store's tail template, on the device."""
 
-    tle: TLEModel | None  # eval mode, frozen
-    templates: dict[str, torch.Tensor]  # kind -> (max_frames, D) tail template of its store
+    tle: TLEModel | None  # eval mode, frozen; None: text examples get content-free windows
+    templates: dict[str, torch.Tensor]  # kind -> (max_frames, D) tail template of its store ("text": without a TLE)
     sample_latent: bool
 
     def build(self, examples: Sequence[Example], text: TextBatch, training: bool) -> torch.Tensor:
@@ -71,8 +73,10 @@ class Windows:
         for kind in dict.fromkeys(kinds):  # in the order the examples come
             rows = [i for i, k in enumerate(kinds) if k == kind]
             assert rows == list(range(rows[0], rows[-1] + 1)), "examples are grouped by kind"
-            if kind == "text":
+            if kind == "text" and self.tle is not None:
                 window, lengths = self._tle_windows(text, rows, training)
+            elif kind == "text":
+                window, lengths = self.null_windows(len(rows))
             else:
                 template = self.templates[kind]  # (F, D)
                 lengths = torch.tensor([len(examples[i].states) for i in rows], device=template.device)  # (b,)
@@ -84,6 +88,21 @@ class Windows:
             groups.append((rows[0], rows[-1] + 1))
             longest = max(longest, int(lengths.max()))
         return torch.cat(parts), CommonTail(longest, tuple(groups))  # (B, F, D)
+
+    def null_windows(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` content-free windows (count, F, D), all the "text" tail template, and their speech lengths (0).
+
+        The control for what the TLE's states teach: the same text, mix and steps, but a window that says
+        nothing about the sentence, so the decoder can learn only the text's language model. The tail
+        template over the whole window, rather than a store's mean speech frame over a speech length
+        followed by the template: (1) the window is the same for every sentence, where a speech length
+        would have to come from the text (no TLE predicts it) and would tell the decoder how long the
+        sentence is; (2) the template is what the encoder gives after every clip's speech, so the decoder
+        has cross-attended to it in every window it was trained on, where a mean of speech frames is a state
+        no audio gives.
+        """
+        template = self.templates["text"]  # (F, D)
+        return template.expand(count, -1, -1), torch.zeros(count, dtype=torch.long, device=template.device)
 
     @torch.no_grad()
     def _tle_windows(self, text: TextBatch, rows: list[int], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
