@@ -4,6 +4,7 @@ timing and memory helpers, and the `name=value` output.
 Every script compares against a baseline measured in the same run, repeats each measurement and
 reports the median: the development machine is shared, so single timings are noise.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -14,8 +15,9 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import click
 import numpy as np
@@ -27,13 +29,37 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Whisper shapes (the released checkpoints' config.json values); vocab 51865, 51866 for large-v3.
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(d_model=384, encoder_layers=4, decoder_layers=4, encoder_attention_heads=6,
-                 decoder_attention_heads=6, encoder_ffn_dim=1536, decoder_ffn_dim=1536, num_mel_bins=80),
-    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
-                 decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, num_mel_bins=80),
-    "large-v3": dict(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
-                     decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120, num_mel_bins=128,
-                     vocab_size=51866),
+    "tiny": dict(
+        d_model=384,
+        encoder_layers=4,
+        decoder_layers=4,
+        encoder_attention_heads=6,
+        decoder_attention_heads=6,
+        encoder_ffn_dim=1536,
+        decoder_ffn_dim=1536,
+        num_mel_bins=80,
+    ),
+    "base": dict(
+        d_model=512,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        encoder_ffn_dim=2048,
+        decoder_ffn_dim=2048,
+        num_mel_bins=80,
+    ),
+    "large-v3": dict(
+        d_model=1280,
+        encoder_layers=32,
+        decoder_layers=32,
+        encoder_attention_heads=20,
+        decoder_attention_heads=20,
+        encoder_ffn_dim=5120,
+        decoder_ffn_dim=5120,
+        num_mel_bins=128,
+        vocab_size=51866,
+    ),
 }
 CLIP_RATE = 48000  # Common Voice MP3s
 FRAMES_PER_SECOND, SAMPLES_PER_FRAME, MAX_FRAMES = 50, 320, 1500  # every Whisper: 16 kHz, 30 s windows
@@ -76,9 +102,11 @@ def describe_machine(device: str = "cpu") -> str:
 
         gpu = f"; GPU {torch.cuda.get_device_name(torch.device(device))}"
     shown = ", ".join(f"{k} {v}" for k, v in versions().items())
-    return (f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores{gpu}; load average {load_average()} "
-            f"(1/5/15 min); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}\nversions: {shown}\n"
-            f"date: {datetime.datetime.now().isoformat(timespec='minutes')}")
+    return (
+        f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores{gpu}; load average {load_average()} "
+        f"(1/5/15 min); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}\nversions: {shown}\n"
+        f"date: {datetime.datetime.now().isoformat(timespec='minutes')}"
+    )
 
 
 # --- output -------------------------------------------------------------------------------------------
@@ -260,7 +288,7 @@ class PeakRSS:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, self.sample())
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.baseline = self.peak = self.sample()
         self._thread = threading.Thread(target=self._run, daemon=True, name="peak-rss")
         self._thread.start()
@@ -310,11 +338,21 @@ def default_tle(d_model: int, vocab_size: int, embedding_size: int | None = None
 
     arch = load_config().tle
     config = TLEConfig(
-        vocab_size=vocab_size, embedding_size=embedding_size or d_model, hidden_size=arch.hidden_size,
-        text_layers=arch.text_layers, frame_layers=arch.frame_layers, num_heads=arch.num_heads,
-        ffn_multiplier=arch.ffn_multiplier, latent_size=arch.latent_size, conv_kernel=arch.conv_kernel,
-        conv_layers=arch.conv_layers, dropout=arch.dropout, posterior=arch.posterior, languages=["en"],
-        d_model=d_model, max_frames=MAX_FRAMES,
+        vocab_size=vocab_size,
+        embedding_size=embedding_size or d_model,
+        hidden_size=arch.hidden_size,
+        text_layers=arch.text_layers,
+        frame_layers=arch.frame_layers,
+        num_heads=arch.num_heads,
+        ffn_multiplier=arch.ffn_multiplier,
+        latent_size=arch.latent_size,
+        conv_kernel=arch.conv_kernel,
+        conv_layers=arch.conv_layers,
+        dropout=arch.dropout,
+        posterior=arch.posterior,
+        languages=["en"],
+        d_model=d_model,
+        max_frames=MAX_FRAMES,
     )
     torch.manual_seed(0)
     model = TLEModel(config)
@@ -363,8 +401,15 @@ def tle_train_step(model, optimizer, states, tokens, mask, durations, weights, g
     return float(out.lengths.sum())
 
 
-def write_store(path: Path, seconds: np.ndarray, d_model: int, shard_size: int, codec: str = "blosc-zstd",
-                seed: int = 0, pool_frames: int = 20_000) -> None:
+def write_store(
+    path: Path,
+    seconds: np.ndarray,
+    d_model: int,
+    shard_size: int,
+    codec: str = "blosc-zstd",
+    seed: int = 0,
+    pool_frames: int = 20_000,
+) -> None:
     """A speech-frames store of random float16 states (windows cut from a pool of random frames) for clips of
     `seconds`, written through the store API as precompute writes it (add with the tail; shards closed on a
     thread while the next one fills)."""
@@ -373,8 +418,16 @@ def write_store(path: Path, seconds: np.ndarray, d_model: int, shard_size: int, 
     from store import StoreSpec, StoreWriter, TeacherInfo
 
     rng = np.random.default_rng(seed)
-    teacher = TeacherInfo(f"random-d{d_model}", "main", d_model, 128 if d_model == 1280 else 80, 16000,
-                          SAMPLES_PER_FRAME, FRAMES_PER_SECOND, MAX_FRAMES)
+    teacher = TeacherInfo(
+        f"random-d{d_model}",
+        "main",
+        d_model,
+        128 if d_model == 1280 else 80,
+        16000,
+        SAMPLES_PER_FRAME,
+        FRAMES_PER_SECOND,
+        MAX_FRAMES,
+    )
     spec = StoreSpec(teacher, "speech", 2, shard_size, 2048, codec, 3, 0, f"bench-{len(seconds)}", "none")
     pool = rng.standard_normal((pool_frames, d_model), dtype=np.float32).astype(np.float16)  # (F, D)
     frames = speech_frames(seconds)
@@ -386,8 +439,14 @@ def write_store(path: Path, seconds: np.ndarray, d_model: int, shard_size: int, 
             for i in range(k * shard_size, min(len(seconds), (k + 1) * shard_size)):
                 start = int(rng.integers(0, pool_frames - MAX_FRAMES))
                 window = pool[start : start + MAX_FRAMES]  # (1500, D)
-                shard.add(f"utt{i:07d}", f"synthetic transcript {i}", "en", float(seconds[i]), window[: frames[i]],
-                          tail=window[frames[i]:])
+                shard.add(
+                    f"utt{i:07d}",
+                    f"synthetic transcript {i}",
+                    "en",
+                    float(seconds[i]),
+                    window[: frames[i]],
+                    tail=window[frames[i] :],
+                )
             closing.append(closers.submit(shard.close))
         for future in closing:
             future.result()

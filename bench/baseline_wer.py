@@ -11,6 +11,7 @@ when its output already exists in --workdir:
 
 Prints the table (WER %, CER %) and where results.json / hypotheses.jsonl were written.
 """
+
 from __future__ import annotations
 
 import sys
@@ -41,23 +42,38 @@ def main(workdir: str, batch_size: int, workers: int) -> None:
     for domain in ("source", "target"):
         audio = work / f"{domain}-test"
         if not (audio / RUN_RECORD).is_file():
-            print(synthesize(EXAMPLES / domain / "test.txt", audio, seed=0, workers=workers, overwrite=True,
-                             progress=False).summary())
+            print(
+                synthesize(
+                    EXAMPLES / domain / "test.txt", audio, seed=0, workers=workers, overwrite=True, progress=False
+                ).summary()
+            )
         sets.append(f"{domain}={audio / 'manifest.jsonl'}")
-    config = load_config(updates={
-        "teacher": {"device": "cpu", "dtype": "float32"},
-        "data": {"id_column": "id"},
-        "evaluate": {"models": [f"tiny.en={model}"], "sets": sets, "batch_size": batch_size, "num_beams": 1,
-                     "output_dir": str(work / "eval"), "write_diffs": False},
-    })
+    config = load_config(
+        updates={
+            "teacher": {"device": "cpu", "dtype": "float32"},
+            "data": {"id_column": "id"},
+            "evaluate": {
+                "models": [f"tiny.en={model}"],
+                "sets": sets,
+                "batch_size": batch_size,
+                "num_beams": 1,
+                "output_dir": str(work / "eval"),
+                "write_diffs": False,
+            },
+        }
+    )
     result = run(config)
     print(result.summary())
     for score in result.scores.values():
-        print(f"{score.audio_set}: {len(score.clips)} clips, {score.ref_words} reference words, WER "
-              f"{100 * score.wer:.1f} %, CER {100 * score.cer:.1f} %, loops {len(score.loops)}, "
-              f"{score.seconds:.0f} s")
-    print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}; wall time "
-          f"{time.perf_counter() - started:.0f} s (evaluation {result.seconds:.0f} s)")
+        print(
+            f"{score.audio_set}: {len(score.clips)} clips, {score.ref_words} reference words, WER "
+            f"{100 * score.wer:.1f} %, CER {100 * score.cer:.1f} %, loops {len(score.loops)}, "
+            f"{score.seconds:.0f} s"
+        )
+    print(
+        f"command: {' '.join([Path(sys.executable).name] + sys.argv)}; wall time "
+        f"{time.perf_counter() - started:.0f} s (evaluation {result.seconds:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

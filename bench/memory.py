@@ -22,17 +22,17 @@ message queue (64 utterances) keeps the batch arrays its messages point into ali
     python bench/memory.py --device cuda --stage-size large-v3
     python bench/memory.py --quick                          # a smoke run
 """
+
 from __future__ import annotations
 
-import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import multiprocessing
 import tempfile
 import time
 from pathlib import Path
 
+import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import click
 import numpy as np
-
 from _common import (
     SIZES,
     PeakRSS,
@@ -57,8 +57,9 @@ def own_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def writer_child(store: str, shard_size: int, write_queue: int, write_threads: int, batch_size: int, clips: int,
-                 results) -> None:
+def writer_child(
+    store: str, shard_size: int, write_queue: int, write_threads: int, batch_size: int, clips: int, results
+) -> None:
     """Feed `clips` large-v3-shaped clips through BackgroundWriter as the stage's deliver() does."""
     import torch
 
@@ -86,8 +87,16 @@ def writer_child(store: str, shard_size: int, write_queue: int, write_threads: i
             writer.add_sums(shard, **{name: values.numpy() for name, values in shard_sums.items()})
         for i, row in enumerate(rows):
             n = n_frames[i]
-            writer.add(row // shard_size, id=f"utt{row:07d}", text="synthetic", language="en",
-                       duration_s=float(seconds[row]), states=states[i, :n], speech_frames=n, summed=True)
+            writer.add(
+                row // shard_size,
+                id=f"utt{row:07d}",
+                text="synthetic",
+                language="en",
+                duration_s=float(seconds[row]),
+                states=states[i, :n],
+                speech_frames=n,
+                summed=True,
+            )
             if (row + 1) % shard_size == 0 or row + 1 == clips:
                 writer.close(row // shard_size)
     writer.finish()
@@ -143,8 +152,9 @@ def parse(values: str) -> list[int]:
 @click.option("--batch-size", default=None, type=int, help="Clips per batch (default: precompute.batch_size).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None)
 @click.option("--quick", is_flag=True, help="Small shards, one stage run: a smoke run.")
-def main(shard_sizes, queues, shards_per_run, stage_shard_sizes, stage_clips, stage_size, device, batch_size, workdir,
-         quick) -> None:
+def main(
+    shard_sizes, queues, shards_per_run, stage_shard_sizes, stage_clips, stage_size, device, batch_size, workdir, quick
+) -> None:
     from whistle_pipeline.config import load_config
 
     defaults = load_config().precompute
@@ -159,37 +169,91 @@ def main(shard_sizes, queues, shards_per_run, stage_shard_sizes, stage_clips, st
         sweep += [(256, q) for q in parse(queues) if (256, q) not in sweep and not quick]
         for shard_size, write_queue in sweep:
             clips = shard_size * shards_per_run
-            r = measure(writer_child, (str(tmp / f"w{shard_size}-{write_queue}"), shard_size, write_queue,
-                                       defaults.write_threads, batch_size, clips))
+            r = measure(
+                writer_child,
+                (
+                    str(tmp / f"w{shard_size}-{write_queue}"),
+                    shard_size,
+                    write_queue,
+                    defaults.write_threads,
+                    batch_size,
+                    clips,
+                ),
+            )
             shard_mb = shard_size * speech_frames(np.full(1, 5.5))[0] * D_MODEL * 2 / 1e6
-            writer_rows.append([shard_size, write_queue, clips, shard_mb, r["peak"] / 1e6,
-                                (r["peak"] - r["imported"]) / 1e6, clips / r["seconds"], load_average()])
+            writer_rows.append(
+                [
+                    shard_size,
+                    write_queue,
+                    clips,
+                    shard_mb,
+                    r["peak"] / 1e6,
+                    (r["peak"] - r["imported"]) / 1e6,
+                    clips / r["seconds"],
+                    load_average(),
+                ]
+            )
             figures[f"writer_peak_mb_shard{shard_size}_queue{write_queue}"] = r["peak"] / 1e6
             figures[f"writer_above_imports_mb_shard{shard_size}_queue{write_queue}"] = (r["peak"] - r["imported"]) / 1e6
         (tmp / "clips").mkdir()
         manifest = write_clips(tmp / "clips", stage_clips)
         checkpoint = save_random_encoder(stage_size, tmp / "teacher")
         for shard_size in parse(stage_shard_sizes):
-            updates = {"teacher": {"name_or_path": str(checkpoint), "device": device},
-                       "data": {"path": str(manifest)},
-                       "store": {"path": str(tmp / f"stage{shard_size}"), "shard_size": shard_size},
-                       "precompute": {"batch_size": min(batch_size, shard_size), "num_workers": 1,
-                                      "progress": False, "overwrite": True}}
+            updates = {
+                "teacher": {"name_or_path": str(checkpoint), "device": device},
+                "data": {"path": str(manifest)},
+                "store": {"path": str(tmp / f"stage{shard_size}"), "shard_size": shard_size},
+                "precompute": {
+                    "batch_size": min(batch_size, shard_size),
+                    "num_workers": 1,
+                    "progress": False,
+                    "overwrite": True,
+                },
+            }
             r = measure(stage_child, (updates,))
-            stage_rows.append([shard_size, defaults.write_queue, r["clips"], r["peak"] / 1e6,
-                               (r["peak"] - r["imported"]) / 1e6, r.get("gpu_peak", 0) / 1e6 or "", load_average()])
+            stage_rows.append(
+                [
+                    shard_size,
+                    defaults.write_queue,
+                    r["clips"],
+                    r["peak"] / 1e6,
+                    (r["peak"] - r["imported"]) / 1e6,
+                    r.get("gpu_peak", 0) / 1e6 or "",
+                    load_average(),
+                ]
+            )
             figures[f"stage_peak_mb_shard{shard_size}"] = r["peak"] / 1e6
             if "gpu_peak" in r:
                 figures[f"stage_peak_gpu_mb_shard{shard_size}"] = r["gpu_peak"] / 1e6
 
-    click.echo(f"\nwriter path at large-v3 shape (d_model {D_MODEL}, float16, clips of 2-15 s around 5.5 s), batches of "
-               f"{batch_size}, {defaults.write_threads} write threads:")
-    click.echo(table(["shard size", "write_queue", "clips", "shard MB (raw)", "peak RSS MB", "above imports MB",
-                      "clips/s", "load"], writer_rows))
-    click.echo(f"\nthe whole stage, {stage_size}-sized random encoder on {device}, {stage_clips} MP3 clips, 1 decode "
-               "worker (RSS of the process and its worker):")
-    click.echo(table(["shard size", "write_queue", "clips", "peak RSS MB", "above imports MB", "peak GPU MB", "load"],
-                     stage_rows))
+    click.echo(
+        f"\nwriter path at large-v3 shape (d_model {D_MODEL}, float16, clips of 2-15 s around 5.5 s), batches of "
+        f"{batch_size}, {defaults.write_threads} write threads:"
+    )
+    click.echo(
+        table(
+            [
+                "shard size",
+                "write_queue",
+                "clips",
+                "shard MB (raw)",
+                "peak RSS MB",
+                "above imports MB",
+                "clips/s",
+                "load",
+            ],
+            writer_rows,
+        )
+    )
+    click.echo(
+        f"\nthe whole stage, {stage_size}-sized random encoder on {device}, {stage_clips} MP3 clips, 1 decode "
+        "worker (RSS of the process and its worker):"
+    )
+    click.echo(
+        table(
+            ["shard size", "write_queue", "clips", "peak RSS MB", "above imports MB", "peak GPU MB", "load"], stage_rows
+        )
+    )
     emit(figures)
 
 

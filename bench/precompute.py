@@ -31,26 +31,26 @@ shard close), so the gap between the stage and the encoder can be read off it.
 
 Prints tables and `name=value` lines (ratio=..., stage_clips_per_s=..., encoder_tflops=..., mfu=...).
 """
+
 from __future__ import annotations
 
-import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import json
 import resource
 import tempfile
 import time
 from pathlib import Path
 
+import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import click
 import numpy as np
 import torch
-
 from _common import (
     SIZES,
+    PeakRSS,
     describe_machine,
     emit,
     encoder_flops,
     load_average,
-    PeakRSS,
     matmul_peak_tflops,
     median,
     save_random_encoder,
@@ -94,27 +94,39 @@ def time_encoder(encoder, features: torch.Tensor, batch_size: int, device: torch
     return time.perf_counter() - began, cpu_seconds() - cpu_began
 
 
-def stage_config(checkpoint: Path, manifest: Path, store: Path, device: str, dtype: str, batch_size: int,
-                 num_workers: int, shard_size: int, max_clips: int):
+def stage_config(
+    checkpoint: Path,
+    manifest: Path,
+    store: Path,
+    device: str,
+    dtype: str,
+    batch_size: int,
+    num_workers: int,
+    shard_size: int,
+    max_clips: int,
+):
     from whistle_pipeline.config import load_config
 
-    return load_config(updates={
-        "teacher": {"name_or_path": str(checkpoint), "device": device, "dtype": dtype},
-        "data": {"path": str(manifest), "max_clips": max_clips},
-        "store": {"path": str(store), "shard_size": shard_size},
-        "precompute": {"batch_size": batch_size, "num_workers": num_workers, "progress": False, "overwrite": True},
-    })
+    return load_config(
+        updates={
+            "teacher": {"name_or_path": str(checkpoint), "device": device, "dtype": dtype},
+            "data": {"path": str(manifest), "max_clips": max_clips},
+            "store": {"path": str(store), "shard_size": shard_size},
+            "precompute": {"batch_size": batch_size, "num_workers": num_workers, "progress": False, "overwrite": True},
+        }
+    )
 
 
-def profile_steps(encoder, geometry, paths: list[Path], batch_size: int, device: torch.device,
-                  store_path: Path) -> list[tuple[str, str, float, float]]:
+def profile_steps(
+    encoder, geometry, paths: list[Path], batch_size: int, device: torch.device, store_path: Path
+) -> list[tuple[str, str, float, float]]:
     """Each step of the stage alone on the same clips: (step, where it runs, wall ms per clip, CPU ms per clip)."""
     import numcodecs
     import soundfile
     import soxr
 
-    from store import StoreSpec, StoreWriter
     from stages.precompute import batch_sums
+    from store import StoreSpec, StoreWriter
     from whistle_pipeline.teacher import LogMel, speech_frames
 
     sync = synchronizer(device)
@@ -132,10 +144,14 @@ def profile_steps(encoder, geometry, paths: list[Path], batch_size: int, device:
     from whistle_pipeline.audio import load_audio
 
     load_audio(paths[0], geometry.sample_rate)  # libsndfile and soxr warm
-    decoded = measure("decode (soundfile, MP3 48 kHz)", "workers", lambda: [soundfile.read(p, dtype="float32")
-                                                                            for p in paths])
-    resampled = measure("resample 48 -> 16 kHz (soxr HQ)", "workers",
-                        lambda: [soxr.resample(a, rate, geometry.sample_rate, quality="HQ") for a, rate in decoded])
+    decoded = measure(
+        "decode (soundfile, MP3 48 kHz)", "workers", lambda: [soundfile.read(p, dtype="float32") for p in paths]
+    )
+    resampled = measure(
+        "resample 48 -> 16 kHz (soxr HQ)",
+        "workers",
+        lambda: [soxr.resample(a, rate, geometry.sample_rate, quality="HQ") for a, rate in decoded],
+    )
     audio = torch.zeros(n, geometry.n_samples)  # (N, n_samples)
     for i, samples in enumerate(resampled):
         audio[i, : len(samples)] = torch.from_numpy(samples[: geometry.n_samples])
@@ -161,8 +177,10 @@ def profile_steps(encoder, geometry, paths: list[Path], batch_size: int, device:
         frames = [speech_frames(len(samples), geometry, 2) for samples in resampled]
 
         def sums_on_device():
-            return [batch_sums(s.to(torch.float16), frames[i * batch_size : (i + 1) * batch_size], [0] * len(s))[1][0]
-                    for i, s in enumerate(states)]
+            return [
+                batch_sums(s.to(torch.float16), frames[i * batch_size : (i + 1) * batch_size], [0] * len(s))[1][0]
+                for i, s in enumerate(states)
+            ]
 
         sums = measure("tail + statistics sums (batch_sums, on the device)", "main", sums_on_device)
 
@@ -174,23 +192,28 @@ def profile_steps(encoder, geometry, paths: list[Path], batch_size: int, device:
         for batch in sums:
             shard.add_sums(**{name: values.cpu().numpy() for name, values in batch.items()})
         for i, window in enumerate(windows):
-            shard.add(f"clip{i}", "text", "en", len(resampled[i]) / geometry.sample_rate, window[: frames[i]],
-                      summed=True)
+            shard.add(
+                f"clip{i}", "text", "en", len(resampled[i]) / geometry.sample_rate, window[: frames[i]], summed=True
+            )
 
     measure("ShardWriter.add_sums + add (speech frames: checks, copies)", "writer", add_all)
     measure("shard close (compress, shard object and Zarr writes)", "writer", shard.close)
     speech = np.concatenate([window[:f] for window, f in zip(windows, frames)])  # (frames, D)
     blosc, crc = numcodecs.Blosc("zstd", 3, numcodecs.Blosc.SHUFFLE), numcodecs.CRC32C()
-    measure("  of which compress (Blosc zstd-3 + crc32c)", "writer",
-            lambda: [crc.encode(blosc.encode(speech[i : i + 2048])) for i in range(0, len(speech), 2048)])
+    measure(
+        "  of which compress (Blosc zstd-3 + crc32c)",
+        "writer",
+        lambda: [crc.encode(blosc.encode(speech[i : i + 2048])) for i in range(0, len(speech), 2048)],
+    )
     return rows
 
 
 @click.command()
 @click.option("--size", type=click.Choice(list(SIZES)), default="tiny", show_default=True)
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True
+)
 @click.option("--clips", type=int, default=64, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--num-workers", type=int, default=1, show_default=True)
@@ -218,12 +241,16 @@ def main(size, device, dtype, clips, batch_size, num_workers, shard_size, repeat
         log_mel = LogMel(geometry).to(torch_device)
         with torch.inference_mode():
             audio = padded_audio(paths, geometry.n_samples, geometry.sample_rate)
-            features = torch.cat([log_mel(audio[i : i + batch_size].to(torch_device))
-                                  for i in range(0, clips, batch_size)]).to(torch_dtype)  # (N, n_mels, 3000)
+            features = torch.cat(
+                [log_mel(audio[i : i + batch_size].to(torch_device)) for i in range(0, clips, batch_size)]
+            ).to(torch_dtype)  # (N, n_mels, 3000)
 
         def stage(store: str, max_clips: int):
-            return run(stage_config(checkpoint, manifest, tmp / store, device, dtype, batch_size, num_workers,
-                                    shard_size, max_clips))
+            return run(
+                stage_config(
+                    checkpoint, manifest, tmp / store, device, dtype, batch_size, num_workers, shard_size, max_clips
+                )
+            )
 
         stage("warm-up", batch_size)  # kernels, allocator and thread pools warm, as for the encoder's warm-up
         loads = [load_average()]
@@ -256,44 +283,81 @@ def main(size, device, dtype, clips, batch_size, num_workers, shard_size, repeat
     end_to_end_rate = clips / median(end_to_end_s)
     ratios = [e / s for e, s in zip(encoder_s, pipeline_s)]
     figures = {
-        "size": size, "device": str(torch_device), "dtype": str(torch_dtype).removeprefix("torch."),
-        "clips": clips, "batch_size": batch_size, "num_workers": num_workers, "torch_threads": torch.get_num_threads(),
-        "repeats": repeats, "encoder_clips_per_s": encoder_rate, "stage_clips_per_s": stage_rate,
+        "size": size,
+        "device": str(torch_device),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "clips": clips,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "encoder_clips_per_s": encoder_rate,
+        "stage_clips_per_s": stage_rate,
         "stage_end_to_end_clips_per_s": end_to_end_rate,
-        "ratio": median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ratio": median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
         "ratio_end_to_end": median(e / s for e, s in zip(encoder_s, end_to_end_s)),
-        "encoder_cpu_s_per_clip": median(encoder_cpu) / clips, "stage_cpu_s_per_clip": median(stage_cpu) / clips,
+        "encoder_cpu_s_per_clip": median(encoder_cpu) / clips,
+        "stage_cpu_s_per_clip": median(stage_cpu) / clips,
         "cpu_ratio": median(e / s for e, s in zip(encoder_cpu, stage_cpu)),
-        "input_wait_s": median(input_wait), "write_wait_s": median(write_wait),
-        "encoder_gflop_per_window": flops / 1e9, "matmul_peak_tflops": peak,
-        "encoder_tflops": encoder_rate * flops / 1e12, "stage_tflops": stage_rate * flops / 1e12,
-        "encoder_mfu": encoder_rate * flops / 1e12 / peak, "mfu": stage_rate * flops / 1e12 / peak,
+        "input_wait_s": median(input_wait),
+        "write_wait_s": median(write_wait),
+        "encoder_gflop_per_window": flops / 1e9,
+        "matmul_peak_tflops": peak,
+        "encoder_tflops": encoder_rate * flops / 1e12,
+        "stage_tflops": stage_rate * flops / 1e12,
+        "encoder_mfu": encoder_rate * flops / 1e12 / peak,
+        "mfu": stage_rate * flops / 1e12 / peak,
         "stage_peak_rss_mb": peak_rss / 1e6,
     }
     if torch_device.type == "cuda":
         figures["stage_peak_gpu_mb"] = gpu_peak / 1e6
-    click.echo(f"\n{size}-sized random Whisper encoder ({encoder.num_parameters() / 1e6:.1f} M parameters, "
-               f"{flops / 1e9:.0f} GFLOP per 30 s window) on {torch_device}, {figures['dtype']}; {clips} clips, batches "
-               f"of {batch_size}, {num_workers} decode worker(s); {repeats} repeat(s), load average per repeat: "
-               f"{', '.join(loads)}")
-    click.echo(table(
-        ["", "clips/s (median)", "per repeat", "TFLOP/s", "of matmul peak", "CPU s/clip"],
-        [["encoder alone", encoder_rate, " ".join(f"{clips / s:.3g}" for s in encoder_s), figures["encoder_tflops"],
-          f"{figures['encoder_mfu']:.1%}", figures["encoder_cpu_s_per_clip"]],
-         ["whole stage", stage_rate, " ".join(f"{clips / s:.3g}" for s in pipeline_s), figures["stage_tflops"],
-          f"{figures['mfu']:.1%}", figures["stage_cpu_s_per_clip"]]]))
-    click.echo(f"ratio {figures['ratio']:.3f} (per repeat {' '.join(f'{r:.3f}' for r in ratios)}); cpu_ratio "
-               f"{figures['cpu_ratio']:.3f}; with model loading and store opening {figures['ratio_end_to_end']:.3f}; "
-               f"matmul peak {peak:.3g} TFLOP/s; the stage waited {figures['input_wait_s']:.2f} s for audio and "
-               f"{figures['write_wait_s']:.2f} s for the writers; peak RSS {peak_rss / 1e6:.0f} MB (process + workers)")
+    click.echo(
+        f"\n{size}-sized random Whisper encoder ({encoder.num_parameters() / 1e6:.1f} M parameters, "
+        f"{flops / 1e9:.0f} GFLOP per 30 s window) on {torch_device}, {figures['dtype']}; {clips} clips, batches "
+        f"of {batch_size}, {num_workers} decode worker(s); {repeats} repeat(s), load average per repeat: "
+        f"{', '.join(loads)}"
+    )
+    click.echo(
+        table(
+            ["", "clips/s (median)", "per repeat", "TFLOP/s", "of matmul peak", "CPU s/clip"],
+            [
+                [
+                    "encoder alone",
+                    encoder_rate,
+                    " ".join(f"{clips / s:.3g}" for s in encoder_s),
+                    figures["encoder_tflops"],
+                    f"{figures['encoder_mfu']:.1%}",
+                    figures["encoder_cpu_s_per_clip"],
+                ],
+                [
+                    "whole stage",
+                    stage_rate,
+                    " ".join(f"{clips / s:.3g}" for s in pipeline_s),
+                    figures["stage_tflops"],
+                    f"{figures['mfu']:.1%}",
+                    figures["stage_cpu_s_per_clip"],
+                ],
+            ],
+        )
+    )
+    click.echo(
+        f"ratio {figures['ratio']:.3f} (per repeat {' '.join(f'{r:.3f}' for r in ratios)}); cpu_ratio "
+        f"{figures['cpu_ratio']:.3f}; with model loading and store opening {figures['ratio_end_to_end']:.3f}; "
+        f"matmul peak {peak:.3g} TFLOP/s; the stage waited {figures['input_wait_s']:.2f} s for audio and "
+        f"{figures['write_wait_s']:.2f} s for the writers; peak RSS {peak_rss / 1e6:.0f} MB (process + workers)"
+    )
     if steps:
         encoder_cpu_ms = next(cpu for step, _, _, cpu in steps if step == "encoder")
         others = sum(cpu for step, _, _, cpu in steps if step != "encoder" and not step.startswith("  "))
         figures["profile_cpu_ratio"] = encoder_cpu_ms / (encoder_cpu_ms + others)
         click.echo("\nwhere the time goes (each step alone, same clips; per clip):")
         click.echo(table(["step", "runs on", "wall ms", "CPU ms"], steps))
-        click.echo(f"encoder share of the stage's CPU work: {figures['profile_cpu_ratio']:.3f} (the CPU ratio the "
-                   "profile predicts when every core is busy)")
+        click.echo(
+            f"encoder share of the stage's CPU work: {figures['profile_cpu_ratio']:.3f} (the CPU ratio the "
+            "profile predicts when every core is busy)"
+        )
     emit(figures)
 
 

@@ -10,6 +10,7 @@ the TLE's batches (`encode_texts`), which the loaders pay already.
     python bench/pronunciation.py --texts examples/target/train.txt
     python bench/pronunciation.py --quick                          # the first 200 sentences, once
 """
+
 from __future__ import annotations
 
 import os
@@ -48,11 +49,18 @@ def one_pass(front_end: PronunciationFrontEnd, tokenizer, batches) -> tuple[floa
 
 
 @click.command()
-@click.option("--texts", type=click.Path(exists=True, dir_okay=False), default=str(ROOT / "examples/source/lexicon.txt"),
-              show_default=True, help="One sentence per line.")
+@click.option(
+    "--texts",
+    type=click.Path(exists=True, dir_okay=False),
+    default=str(ROOT / "examples/source/lexicon.txt"),
+    show_default=True,
+    help="One sentence per line.",
+)
 @click.option("--language", default="en", show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--repeats", default=3, show_default=True, help="Cold and cached passes (each cold one a fresh front end).")
+@click.option(
+    "--repeats", default=3, show_default=True, help="Cold and cached passes (each cold one a fresh front end)."
+)
 @click.option("--quick", is_flag=True, help="A smoke run: the first 200 sentences, one repeat.")
 def main(texts: str, language: str, batch_size: int, repeats: int, quick: bool) -> None:
     click.echo(describe_machine())
@@ -63,9 +71,16 @@ def main(texts: str, language: str, batch_size: int, repeats: int, quick: bool) 
     specials = SpecialTokens.from_tokenizer(tokenizer, multilingual=False)
 
     def tokenise() -> list:
-        return [encode_texts(tokenizer, specials, sentences[i:i + batch_size],
-                             [language] * len(sentences[i:i + batch_size]), max_positions=448)
-                for i in range(0, len(sentences), batch_size)]
+        return [
+            encode_texts(
+                tokenizer,
+                specials,
+                sentences[i : i + batch_size],
+                [language] * len(sentences[i : i + batch_size]),
+                max_positions=448,
+            )
+            for i in range(0, len(sentences), batch_size)
+        ]
 
     tokenising = timed(tokenise, repeats)
     batches = tokenise()
@@ -77,20 +92,49 @@ def main(texts: str, language: str, batch_size: int, repeats: int, quick: bool) 
         cached.append(one_pass(front_end, tokenizer, batches))
     _, words, symbols = cold[0]
     distinct = front_end.cache_info().size - 1
-    rows = [[name, median(s for s, _, _ in runs), words / median(s for s, _, _ in runs),
-             symbols / median(s for s, _, _ in runs), " ".join(f"{s:.2f}" for s, _, _ in runs)]
-            for name, runs in (("cold", cold), ("cached", cached))]
+    rows = [
+        [
+            name,
+            median(s for s, _, _ in runs),
+            words / median(s for s, _, _ in runs),
+            symbols / median(s for s, _, _ in runs),
+            " ".join(f"{s:.2f}" for s, _, _ in runs),
+        ]
+        for name, runs in (("cold", cold), ("cached", cached))
+    ]
     rows = [[*row, row[1] / median(tokenising)] for row in rows]
-    rows.append(["tokenising alone (baseline)", median(tokenising), words / median(tokenising), "", " ".join(
-        f"{s:.2f}" for s in tokenising), 1.0])
-    click.echo(f"\n{len(sentences)} sentences, {words} words ({distinct} distinct), {symbols} phoneme symbols, "
-               f"batches of {batch_size}:")
+    rows.append(
+        [
+            "tokenising alone (baseline)",
+            median(tokenising),
+            words / median(tokenising),
+            "",
+            " ".join(f"{s:.2f}" for s in tokenising),
+            1.0,
+        ]
+    )
+    click.echo(
+        f"\n{len(sentences)} sentences, {words} words ({distinct} distinct), {symbols} phoneme symbols, "
+        f"batches of {batch_size}:"
+    )
     click.echo(table(["pass", "seconds", "words/s", "phonemes/s", "per repeat s", "x tokenising"], rows))
-    emit({"sentences": len(sentences), "words": words, "distinct_words": distinct, "phonemes": symbols,
-          "cold_seconds": rows[0][1], "cold_phonemes_per_s": rows[0][3], "cold_words_per_s": rows[0][2],
-          "cached_seconds": rows[1][1], "cached_phonemes_per_s": rows[1][3], "cached_words_per_s": rows[1][2],
-          "tokenising_seconds": median(tokenising), "cold_vs_tokenising": rows[0][5],
-          "cached_vs_tokenising": rows[1][5]})
+    emit(
+        {
+            "sentences": len(sentences),
+            "words": words,
+            "distinct_words": distinct,
+            "phonemes": symbols,
+            "cold_seconds": rows[0][1],
+            "cold_phonemes_per_s": rows[0][3],
+            "cold_words_per_s": rows[0][2],
+            "cached_seconds": rows[1][1],
+            "cached_phonemes_per_s": rows[1][3],
+            "cached_words_per_s": rows[1][2],
+            "tokenising_seconds": median(tokenising),
+            "cold_vs_tokenising": rows[0][5],
+            "cached_vs_tokenising": rows[1][5],
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -21,20 +21,19 @@ The teacher is a random-weight Whisper encoder of a released size (same FLOPs as
     python bench/seed_vs_store.py --sizes base --clips 64
     python bench/seed_vs_store.py --quick                 # a smoke run
 """
+
 from __future__ import annotations
 
-import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import functools
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import click
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-
 from _common import (
     SIZES,
     default_tle,
@@ -48,6 +47,8 @@ from _common import (
     token_batch,
     write_clips,
 )
+from torch.utils.data import DataLoader
+
 from stages.audio_batches import ClipDataset, collate
 from stages.precompute import run as precompute
 from stages.train_tle import loss_weights
@@ -80,9 +81,14 @@ class Trainer:
 def seed_epoch(trainer: Trainer, encoder, geometry, config, batch_size: int, epoch: int) -> float:
     """The seed's epoch: decode, encode every batch with the frozen teacher, train."""
     source = open_source(config.data)
-    loader = DataLoader(ClipDataset(source, geometry, "none"), batch_size=batch_size, shuffle=True, num_workers=1,
-                        collate_fn=functools.partial(collate, n_samples=geometry.n_samples),
-                        generator=torch.Generator().manual_seed(epoch))
+    loader = DataLoader(
+        ClipDataset(source, geometry, "none"),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=1,
+        collate_fn=functools.partial(collate, n_samples=geometry.n_samples),
+        generator=torch.Generator().manual_seed(epoch),
+    )
     began = time.perf_counter()
     for batch in loader:
         windows = teacher_states(encoder, batch.audio, geometry)  # (B, M, D): the teacher, again, every step
@@ -107,12 +113,15 @@ def store_epoch(trainer: Trainer, url: Path, batch_size: int, epoch: int) -> flo
 def measure_size(size: str, tmp: Path, manifest: Path, clips: int, batch_size: int, repeats: int) -> dict[str, float]:
     checkpoint = save_random_encoder(size, tmp / f"teacher-{size}")
     store = tmp / f"store-{size}"
-    config = load_config(updates={
-        "teacher": {"name_or_path": str(checkpoint), "device": "cpu"},
-        "data": {"path": str(manifest)},
-        "store": {"path": str(store)},
-        "precompute": {"batch_size": batch_size, "num_workers": 1, "progress": False, "overwrite": True},
-    })
+    config = load_config(
+        updates={
+            "teacher": {"name_or_path": str(checkpoint), "device": "cpu"},
+            "data": {"path": str(manifest)},
+            "store": {"path": str(store)},
+            "precompute": {"batch_size": batch_size, "num_workers": 1, "progress": False, "overwrite": True},
+        }
+    )
+
     def run_precompute() -> float:
         result = precompute(config)
         if result.clips != clips:
@@ -125,16 +134,28 @@ def measure_size(size: str, tmp: Path, manifest: Path, clips: int, batch_size: i
     seed_trainer, store_trainer = Trainer(geometry.d_model, vocab, 0), Trainer(geometry.d_model, vocab, 0)
     precompute_s, seed_s, store_s, loads = [], [], [], []
     store_epoch(store_trainer, store, batch_size, 0)  # warm-up: first-call kernels and allocations, both sides
-    seed_trainer.step(*next((b["states"], b["lengths"].numpy()) for b in DataLoader(
-        FeatureDataset(store, shuffle=False), batch_size=batch_size, collate_fn=pad_batch)))
+    seed_trainer.step(
+        *next(
+            (b["states"], b["lengths"].numpy())
+            for b in DataLoader(FeatureDataset(store, shuffle=False), batch_size=batch_size, collate_fn=pad_batch)
+        )
+    )
     for epoch in range(repeats):  # all three back to back, so each repeat's figures share the machine's load
         precompute_s.append(run_precompute())
         seed_s.append(seed_epoch(seed_trainer, encoder, geometry, config, batch_size, epoch))
         store_s.append(store_epoch(store_trainer, store, batch_size, epoch))
         loads.append(load_average())
-    return {"parameters_m": encoder.num_parameters() / 1e6, "tle_parameters_m": store_trainer.model.num_parameters() / 1e6,
-            "precompute_s": median(precompute_s), "seed_epoch_s": median(seed_s), "store_epoch_s": median(store_s),
-            "loads": ", ".join(loads), "seed_runs": seed_s, "store_runs": store_s, "precompute_runs": precompute_s}
+    return {
+        "parameters_m": encoder.num_parameters() / 1e6,
+        "tle_parameters_m": store_trainer.model.num_parameters() / 1e6,
+        "precompute_s": median(precompute_s),
+        "seed_epoch_s": median(seed_s),
+        "store_epoch_s": median(store_s),
+        "loads": ", ".join(loads),
+        "seed_runs": seed_s,
+        "store_runs": store_s,
+        "precompute_runs": precompute_s,
+    }
 
 
 @click.command()
@@ -163,25 +184,54 @@ def main(sizes: str, clips: int, batch_size: int, repeats: int, quick: bool) -> 
         saved = r["seed_epoch_s"] - r["store_epoch_s"]
         break_even = r["precompute_s"] / saved if saved > 0 else float("inf")
         totals = {k: (k * r["seed_epoch_s"], r["precompute_s"] + k * r["store_epoch_s"]) for k in EPOCH_COUNTS}
-        rows.append([f"{size} ({r['parameters_m']:.1f} M enc.)", r["precompute_s"], r["seed_epoch_s"], r["store_epoch_s"],
-                     r["seed_epoch_s"] / r["store_epoch_s"],
-                     *(f"{seed:.0f} / {ours:.0f} ({seed / ours:.2f}x)" for seed, ours in totals.values()), break_even])
+        rows.append(
+            [
+                f"{size} ({r['parameters_m']:.1f} M enc.)",
+                r["precompute_s"],
+                r["seed_epoch_s"],
+                r["store_epoch_s"],
+                r["seed_epoch_s"] / r["store_epoch_s"],
+                *(f"{seed:.0f} / {ours:.0f} ({seed / ours:.2f}x)" for seed, ours in totals.values()),
+                break_even,
+            ]
+        )
         key = size.replace("-", "_")
-        figures.update({f"{key}_precompute_s": r["precompute_s"], f"{key}_seed_epoch_s": r["seed_epoch_s"],
-                        f"{key}_store_epoch_s": r["store_epoch_s"],
-                        f"{key}_epoch_speedup": r["seed_epoch_s"] / r["store_epoch_s"],
-                        f"{key}_break_even_epochs": break_even})
+        figures.update(
+            {
+                f"{key}_precompute_s": r["precompute_s"],
+                f"{key}_seed_epoch_s": r["seed_epoch_s"],
+                f"{key}_store_epoch_s": r["store_epoch_s"],
+                f"{key}_epoch_speedup": r["seed_epoch_s"] / r["store_epoch_s"],
+                f"{key}_break_even_epochs": break_even,
+            }
+        )
         for k, (seed, ours) in totals.items():
             figures[f"{key}_speedup_{k}_epochs"] = seed / ours
     tle_m = next(iter(results.values()))["tle_parameters_m"]
-    click.echo(f"\n{clips} clips (MP3 48 kHz, 2-8 s), batches of {batch_size}, TLE at the [tle] default size "
-               f"({tle_m:.1f} M parameters with the frozen token embeddings), CPU float32; {repeats} repeat(s), medians")
-    click.echo(table(["teacher", "precompute s", "seed epoch s", "store epoch s", "epoch x",
-                      *(f"{k} epoch(s): seed / whistle s" for k in EPOCH_COUNTS), "break-even epochs"], rows))
+    click.echo(
+        f"\n{clips} clips (MP3 48 kHz, 2-8 s), batches of {batch_size}, TLE at the [tle] default size "
+        f"({tle_m:.1f} M parameters with the frozen token embeddings), CPU float32; {repeats} repeat(s), medians"
+    )
+    click.echo(
+        table(
+            [
+                "teacher",
+                "precompute s",
+                "seed epoch s",
+                "store epoch s",
+                "epoch x",
+                *(f"{k} epoch(s): seed / whistle s" for k in EPOCH_COUNTS),
+                "break-even epochs",
+            ],
+            rows,
+        )
+    )
     for size, r in results.items():
-        click.echo(f"{size}: per repeat seed {' '.join(f'{s:.1f}' for s in r['seed_runs'])}, store "
-                   f"{' '.join(f'{s:.1f}' for s in r['store_runs'])}, precompute "
-                   f"{' '.join(f'{s:.1f}' for s in r['precompute_runs'])} s; load average {r['loads']}")
+        click.echo(
+            f"{size}: per repeat seed {' '.join(f'{s:.1f}' for s in r['seed_runs'])}, store "
+            f"{' '.join(f'{s:.1f}' for s in r['store_runs'])}, precompute "
+            f"{' '.join(f'{s:.1f}' for s in r['precompute_runs'])} s; load average {r['loads']}"
+        )
     emit(figures)
 
 

@@ -49,9 +49,9 @@ tiny.en states, docs/design.md, "The feature store"): sizes of compressed format
     python bench/store_compare.py                      # 192 utterances, 3 repeats
     python bench/store_compare.py --quick              # a smoke run
 """
+
 from __future__ import annotations
 
-import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import io
 import json
 import shutil
@@ -62,13 +62,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import click
 import numpy as np
-import zarr
-from datasets import Array2D, Dataset, Features, Value, concatenate_datasets, disable_progress_bars
-
 import torch
-
+import zarr
 from _common import (
     MAX_FRAMES,
     clip_seconds,
@@ -82,6 +80,8 @@ from _common import (
     table,
     whisper_config,
 )
+from datasets import Array2D, Dataset, Features, Value, concatenate_datasets, disable_progress_bars
+
 from stages.background_writer import BackgroundWriter  # imported here: torch's import must not count as writing
 from stages.precompute import batch_sums
 from store import StoreReader, StoreSpec, StoreWriter, TeacherInfo
@@ -107,7 +107,7 @@ class Corpus:
     seconds: np.ndarray  # (n,)
 
     @classmethod
-    def make(cls, seconds: np.ndarray, rng: np.random.Generator) -> "Corpus":
+    def make(cls, seconds: np.ndarray, rng: np.random.Generator) -> Corpus:
         pool = rng.standard_normal((POOL_FRAMES, D_MODEL), dtype=np.float32).astype(np.float16)
         return cls(pool, rng.integers(0, POOL_FRAMES - MAX_FRAMES, len(seconds)), speech_frames(seconds), seconds)
 
@@ -150,11 +150,13 @@ class Whistle:
 
     def spec(self, shard_size: int) -> StoreSpec:
         teacher = TeacherInfo("openai/whisper-large-v3", "main", D_MODEL, 128, 16000, 320, 50, MAX_FRAMES)
-        return StoreSpec(teacher, "full" if self.full else "speech", 2, shard_size, 2048, self.codec, 3, 0,
-                         "bench", "none")
+        return StoreSpec(
+            teacher, "full" if self.full else "speech", 2, shard_size, 2048, self.codec, 3, 0, "bench", "none"
+        )
 
-    def write(self, corpus: Corpus, path: Path, shard_size: int,
-              sums: dict[int, dict[str, np.ndarray]] | None = None) -> None:
+    def write(
+        self, corpus: Corpus, path: Path, shard_size: int, sums: dict[int, dict[str, np.ndarray]] | None = None
+    ) -> None:
         """`sums` (Corpus.batch_sums) given: as precompute writes now; None: each tail to ShardWriter.add."""
         writer = BackgroundWriter(StoreWriter.open(path, self.spec(shard_size)), WRITE_THREADS, WRITE_QUEUE)
         for i in range(len(corpus)):
@@ -162,10 +164,17 @@ class Whistle:
             if sums is not None and i in sums:
                 writer.add_sums(i // shard_size, **sums[i])
             summed = sums is not None and not self.full
-            writer.add(i // shard_size, id=corpus.key(i), text=corpus.text(i), language="en",
-                       duration_s=float(corpus.seconds[i]), states=window if self.full else window[:frames],
-                       tail=None if self.full or summed else window[frames:], speech_frames=frames,
-                       summed=summed)
+            writer.add(
+                i // shard_size,
+                id=corpus.key(i),
+                text=corpus.text(i),
+                language="en",
+                duration_s=float(corpus.seconds[i]),
+                states=window if self.full else window[:frames],
+                tail=None if self.full or summed else window[frames:],
+                speech_frames=frames,
+                summed=summed,
+            )
             if (i + 1) % shard_size == 0 or i + 1 == len(corpus):
                 writer.close(i // shard_size)
         writer.finish()
@@ -199,8 +208,14 @@ class Npy:
         rows = []
         for i in range(len(corpus)):
             np.save(path / f"{corpus.key(i)}.npy", corpus.kept(i, self.full))
-            rows.append({"id": corpus.key(i), "text": corpus.text(i), "duration": float(corpus.seconds[i]),
-                         "speech_frames": int(corpus.frames[i])})
+            rows.append(
+                {
+                    "id": corpus.key(i),
+                    "text": corpus.text(i),
+                    "duration": float(corpus.seconds[i]),
+                    "speech_frames": int(corpus.frames[i]),
+                }
+            )
         (path / "manifest.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
 
     def _ids(self, path: Path) -> list[str]:
@@ -220,14 +235,25 @@ class Arrow:
         self.name, self.full = f"arrow-{'full' if full else 'speech'}", full
 
     def write(self, corpus: Corpus, path: Path, shard_size: int) -> None:
-        features = Features({"id": Value("string"), "text": Value("string"), "duration": Value("float32"),
-                             "speech_frames": Value("int32"),
-                             "states": Array2D(shape=(MAX_FRAMES if self.full else None, D_MODEL), dtype="float16")})
+        features = Features(
+            {
+                "id": Value("string"),
+                "text": Value("string"),
+                "duration": Value("float32"),
+                "speech_frames": Value("int32"),
+                "states": Array2D(shape=(MAX_FRAMES if self.full else None, D_MODEL), dtype="float16"),
+            }
+        )
 
         def rows():
             for i in range(len(corpus)):
-                yield {"id": corpus.key(i), "text": corpus.text(i), "duration": float(corpus.seconds[i]),
-                       "speech_frames": int(corpus.frames[i]), "states": corpus.kept(i, self.full)}
+                yield {
+                    "id": corpus.key(i),
+                    "text": corpus.text(i),
+                    "duration": float(corpus.seconds[i]),
+                    "speech_frames": int(corpus.frames[i]),
+                    "states": corpus.kept(i, self.full),
+                }
 
         Dataset.from_generator(rows, features=features, cache_dir=str(path))
 
@@ -271,8 +297,13 @@ class Tar:
                 for i in range(first, min(len(corpus), first + shard_size)):
                     buffer = io.BytesIO()
                     np.save(buffer, corpus.kept(i, self.full))
-                    meta = json.dumps({"text": corpus.text(i), "duration": float(corpus.seconds[i]),
-                                       "speech_frames": int(corpus.frames[i])}).encode()
+                    meta = json.dumps(
+                        {
+                            "text": corpus.text(i),
+                            "duration": float(corpus.seconds[i]),
+                            "speech_frames": int(corpus.frames[i]),
+                        }
+                    ).encode()
                     for suffix, data in (("npy", buffer.getvalue()), ("json", meta)):
                         info = tarfile.TarInfo(f"{corpus.key(i)}.{suffix}")
                         info.size = len(data)
@@ -300,8 +331,18 @@ class Tar:
         return read
 
 
-FORMATS = [Whistle("speech"), Whistle("speech", "blosc-lz4"), Whistle("speech", "none"), Whistle("full"),
-           Npy(False), Npy(True), Arrow(False), Arrow(True), Tar(False), Tar(True)]
+FORMATS = [
+    Whistle("speech"),
+    Whistle("speech", "blosc-lz4"),
+    Whistle("speech", "none"),
+    Whistle("full"),
+    Npy(False),
+    Npy(True),
+    Arrow(False),
+    Arrow(True),
+    Tar(False),
+    Tar(True),
+]
 
 
 # --- measuring -------------------------------------------------------------------------------------------
@@ -351,12 +392,20 @@ def random_latencies(opener: Callable[[], Callable[[int], np.ndarray]], picks: n
     return opened, latencies
 
 
-def measure(fmt, corpus: Corpus, root: Path, shard_size: int, repeats: int, picks: np.ndarray,
-            sums: dict[int, dict[str, np.ndarray]]) -> dict[str, float]:
+def measure(
+    fmt,
+    corpus: Corpus,
+    root: Path,
+    shard_size: int,
+    repeats: int,
+    picks: np.ndarray,
+    sums: dict[int, dict[str, np.ndarray]],
+) -> dict[str, float]:
     path = root / fmt.name
     stored = sum(int(corpus.kept(i, fmt.full).nbytes) for i in range(len(corpus)))
     writes, warm, cold, warm_random, cold_random, opens, numpy_reads, zarr_warm, zarr_cold, host_tail_writes = (
-        [] for _ in range(10))
+        [] for _ in range(10)
+    )
     speech_store = isinstance(fmt, Whistle) and not fmt.full
     for _ in range(repeats):
         if speech_store:  # the write as precompute did it before: tails summed on the writer threads
@@ -390,12 +439,21 @@ def measure(fmt, corpus: Corpus, root: Path, shard_size: int, repeats: int, pick
     files, on_disk = files_and_bytes(path)
     shutil.rmtree(path, ignore_errors=True)
     n = len(corpus)
-    out = {"files": files, "bytes": on_disk, "bytes_per_utt": on_disk / n, "write_clips_per_s": n / median(writes),
-           "write_mb_s": stored / 1e6 / median(writes), "warm_utt_per_s": n / median(warm),
-           "warm_mb_s": stored / 1e6 / median(warm), "cold_utt_per_s": n / median(cold),
-           "cold_mb_s": stored / 1e6 / median(cold), "open_ms": 1e3 * median(opens),
-           "random_warm_ms": 1e3 * median(warm_random), "random_warm_p95_ms": 1e3 * float(np.percentile(warm_random, 95)),
-           "random_cold_ms": 1e3 * median(cold_random)}
+    out = {
+        "files": files,
+        "bytes": on_disk,
+        "bytes_per_utt": on_disk / n,
+        "write_clips_per_s": n / median(writes),
+        "write_mb_s": stored / 1e6 / median(writes),
+        "warm_utt_per_s": n / median(warm),
+        "warm_mb_s": stored / 1e6 / median(warm),
+        "cold_utt_per_s": n / median(cold),
+        "cold_mb_s": stored / 1e6 / median(cold),
+        "open_ms": 1e3 * median(opens),
+        "random_warm_ms": 1e3 * median(warm_random),
+        "random_warm_p95_ms": 1e3 * float(np.percentile(warm_random, 95)),
+        "random_cold_ms": 1e3 * median(cold_random),
+    }
     if numpy_reads:
         out["numpy_format_warm_utt_per_s"] = n / median(numpy_reads)
     if host_tail_writes:
@@ -439,16 +497,24 @@ def writer_profile(corpus: Corpus, repeats: int) -> list[tuple[str, float]]:
             tail_sum.__iadd__(batch_sum.copy())
 
     steps = [
-        ("finite check of speech + tail (whole window)", lambda: [finite(w[:f]) and finite(w[f:])
-                                                                  for w, f in zip(windows, frames)]),
-        ("copies of speech + tail (whole window)", lambda: [(w[:f].copy(), w[f:].copy())
-                                                            for w, f in zip(windows, frames)]),
+        (
+            "finite check of speech + tail (whole window)",
+            lambda: [finite(w[:f]) and finite(w[f:]) for w, f in zip(windows, frames)],
+        ),
+        (
+            "copies of speech + tail (whole window)",
+            lambda: [(w[:f].copy(), w[f:].copy()) for w, f in zip(windows, frames)],
+        ),
         ("statistics sums (float64, speech frames)", stat_sums),
         ("tail-template sum (float64, frames after speech)", tail_sums),
-        ("compress speech frames (Blosc zstd-3 + crc32c)",
-         lambda: [crc.encode(blosc.encode(speech[i : i + 2048])) for i in range(0, len(speech), 2048)]),
-        ("finite check + copy of speech frames only", lambda: [finite(w[:f]) and w[:f].copy()
-                                                               for w, f in zip(windows, frames)]),
+        (
+            "compress speech frames (Blosc zstd-3 + crc32c)",
+            lambda: [crc.encode(blosc.encode(speech[i : i + 2048])) for i in range(0, len(speech), 2048)],
+        ),
+        (
+            "finite check + copy of speech frames only",
+            lambda: [finite(w[:f]) and w[:f].copy() for w, f in zip(windows, frames)],
+        ),
         (f"add_sums: one batch's sums per {PRECOMPUTE_BATCH} clips (float32 -> float64)", batch_tail_sums),
     ]
     out = []
@@ -463,18 +529,34 @@ def writer_profile(corpus: Corpus, repeats: int) -> list[tuple[str, float]]:
     return out
 
 
-SMALL_ARRAYS = ("offsets", "speech_frames", "ids", "text", "language", "duration", "tail_sum", "tail_count",
-                "stat_sum", "stat_sqsum", "stat_count")
+SMALL_ARRAYS = (
+    "offsets",
+    "speech_frames",
+    "ids",
+    "text",
+    "language",
+    "duration",
+    "tail_sum",
+    "tail_count",
+    "stat_sum",
+    "stat_sqsum",
+    "stat_count",
+)
 
 
 def write_small_arrays(group: zarr.Group, arrays: dict[str, np.ndarray], checksums: bool) -> None:
     """A shard's small arrays written as ShardWriter writes them (one chunk each, in one call), with crc32c
     (format 1.1) or with zarr's default codecs alone (format 1.0)."""
     for name, values in arrays.items():
-        array = group.create_array(name, shape=values.shape, dtype=str if values.dtype.kind in "OTU" else values.dtype,
-                                   chunks=tuple(max(1, size) for size in values.shape),
-                                   compressors=checked_compressors() if checksums else "auto",
-                                   config={"write_empty_chunks": True}, overwrite=True)
+        array = group.create_array(
+            name,
+            shape=values.shape,
+            dtype=str if values.dtype.kind in "OTU" else values.dtype,
+            chunks=tuple(max(1, size) for size in values.shape),
+            compressors=checked_compressors() if checksums else "auto",
+            config={"write_empty_chunks": True},
+            overwrite=True,
+        )
         if values.size:
             array[...] = values
 
@@ -498,8 +580,9 @@ def reduce_all(path: Path) -> float:
     return time.perf_counter() - began
 
 
-def checksum_cost(corpus: Corpus, root: Path, shard_size: int, repeats: int,
-                  sums: dict[int, dict[str, np.ndarray]]) -> dict[str, float]:
+def checksum_cost(
+    corpus: Corpus, root: Path, shard_size: int, repeats: int, sums: dict[int, dict[str, np.ndarray]]
+) -> dict[str, float]:
     """Format 1.1's crc32c on every small array against format 1.0 (see the module docstring): milliseconds per
     shard to write its small arrays each way, beside a whole shard's write; reads of the store each way. The
     two ways alternate, so that both see the same machine."""
@@ -531,13 +614,15 @@ def checksum_cost(corpus: Corpus, root: Path, shard_size: int, repeats: int,
             reductions[checksums].append(reduce_all(checked if checksums else unchecked))
     for path in (checked, unchecked, root / "small-arrays"):
         shutil.rmtree(path)
-    return {"small_arrays_write_ms_per_shard_crc32c": 1e3 * median(writes[True]),
-            "small_arrays_write_ms_per_shard_no_crc32c": 1e3 * median(writes[False]),
-            "shard_write_ms": 1e3 * shard_seconds,
-            "stream_utt_per_s_crc32c": len(corpus) / median(streams[True]),
-            "stream_utt_per_s_no_crc32c": len(corpus) / median(streams[False]),
-            "reduction_ms_per_shard_crc32c": 1e3 * median(reductions[True]) / len(shards),
-            "reduction_ms_per_shard_no_crc32c": 1e3 * median(reductions[False]) / len(shards)}
+    return {
+        "small_arrays_write_ms_per_shard_crc32c": 1e3 * median(writes[True]),
+        "small_arrays_write_ms_per_shard_no_crc32c": 1e3 * median(writes[False]),
+        "shard_write_ms": 1e3 * shard_seconds,
+        "stream_utt_per_s_crc32c": len(corpus) / median(streams[True]),
+        "stream_utt_per_s_no_crc32c": len(corpus) / median(streams[False]),
+        "reduction_ms_per_shard_crc32c": 1e3 * median(reductions[True]) / len(shards),
+        "reduction_ms_per_shard_no_crc32c": 1e3 * median(reductions[False]) / len(shards),
+    }
 
 
 def whistle_five_second_bytes(root: Path, n: int, shard_size: int, rng: np.random.Generator) -> float:
@@ -553,20 +638,42 @@ def whistle_five_second_bytes(root: Path, n: int, shard_size: int, rng: np.rando
 
 @click.command()
 @click.option("--utterances", default=192, show_default=True, help="Utterances of the length mix.")
-@click.option("--shard-size", default=192, show_default=True,
-              help="Utterances per whistle shard and per tar (whistle's default is 1024).")
-@click.option("--five-second-utterances", default=1024, show_default=True,
-              help="5 s clips in the store whose size per utterance is compared (one full default shard).")
+@click.option(
+    "--shard-size",
+    default=192,
+    show_default=True,
+    help="Utterances per whistle shard and per tar (whistle's default is 1024).",
+)
+@click.option(
+    "--five-second-utterances",
+    default=1024,
+    show_default=True,
+    help="5 s clips in the store whose size per utterance is compared (one full default shard).",
+)
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--random-reads", default=32, show_default=True, help="Random utterances read per repeat.")
-@click.option("--gpu-clips-per-s", type=float, default=None,
-              help="Clips/s of one GPU precompute process (default: large-v3 FLOPs at --gpu-mfu of an H100's peak).")
+@click.option(
+    "--gpu-clips-per-s",
+    type=float,
+    default=None,
+    help="Clips/s of one GPU precompute process (default: large-v3 FLOPs at --gpu-mfu of an H100's peak).",
+)
 @click.option("--gpu-mfu", default=0.5, show_default=True, help="Assumed fraction of the H100 bf16 peak.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where to write (default: /tmp).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quick", is_flag=True, help="16 utterances, one repeat: a smoke run.")
-def main(utterances, shard_size, five_second_utterances, repeats, random_reads, gpu_clips_per_s, gpu_mfu, workdir,
-         seed, quick) -> None:
+def main(
+    utterances,
+    shard_size,
+    five_second_utterances,
+    repeats,
+    random_reads,
+    gpu_clips_per_s,
+    gpu_mfu,
+    workdir,
+    seed,
+    quick,
+) -> None:
     if quick:
         utterances, shard_size, five_second_utterances, repeats, random_reads = 16, 8, 16, 1, 4
     click.echo(describe_machine())
@@ -595,57 +702,112 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
     fastest_warm = max(alternatives, key=lambda name: results[name]["warm_utt_per_s"])
     fastest_cold = max(alternatives, key=lambda name: results[name]["cold_utt_per_s"])
 
-    click.echo(f"\n{utterances} utterances of {corpus.seconds.min():.1f}-{corpus.seconds.max():.1f} s (mean "
-               f"{corpus.seconds.mean():.1f} s, {corpus.frames.mean():.0f} speech frames), d_model {D_MODEL} float16; "
-               f"{repeats} repeat(s), medians; shards of {shard_size}")
-    click.echo(table(
-        ["format", "files", "MB on disk", "MB/utt", "x whistle-speech", "write clips/s", "write MB/s"],
-        [[name, r["files"], r["bytes"] / 1e6, r["bytes_per_utt"] / 1e6, r["bytes"] / ours["bytes"],
-          r["write_clips_per_s"], r["write_mb_s"]] for name, r in results.items()]))
+    click.echo(
+        f"\n{utterances} utterances of {corpus.seconds.min():.1f}-{corpus.seconds.max():.1f} s (mean "
+        f"{corpus.seconds.mean():.1f} s, {corpus.frames.mean():.0f} speech frames), d_model {D_MODEL} float16; "
+        f"{repeats} repeat(s), medians; shards of {shard_size}"
+    )
+    click.echo(
+        table(
+            ["format", "files", "MB on disk", "MB/utt", "x whistle-speech", "write clips/s", "write MB/s"],
+            [
+                [
+                    name,
+                    r["files"],
+                    r["bytes"] / 1e6,
+                    r["bytes_per_utt"] / 1e6,
+                    r["bytes"] / ours["bytes"],
+                    r["write_clips_per_s"],
+                    r["write_mb_s"],
+                ]
+                for name, r in results.items()
+            ],
+        )
+    )
     click.echo("")
-    click.echo(table(
-        ["format", "stream warm utt/s", "MB/s", "stream cold utt/s", "MB/s", "open ms", "random warm ms", "p95",
-         "random cold ms"],
-        [[name, r["warm_utt_per_s"], r["warm_mb_s"], r["cold_utt_per_s"], r["cold_mb_s"], r["open_ms"],
-          r["random_warm_ms"], r["random_warm_p95_ms"], r["random_cold_ms"]] for name, r in results.items()]))
+    click.echo(
+        table(
+            [
+                "format",
+                "stream warm utt/s",
+                "MB/s",
+                "stream cold utt/s",
+                "MB/s",
+                "open ms",
+                "random warm ms",
+                "p95",
+                "random cold ms",
+            ],
+            [
+                [
+                    name,
+                    r["warm_utt_per_s"],
+                    r["warm_mb_s"],
+                    r["cold_utt_per_s"],
+                    r["cold_mb_s"],
+                    r["open_ms"],
+                    r["random_warm_ms"],
+                    r["random_warm_p95_ms"],
+                    r["random_cold_ms"],
+                ]
+                for name, r in results.items()
+            ],
+        )
+    )
     for name, r in results.items():
         if "write_host_tails_clips_per_s" in r:
-            click.echo(f"{name} written with every tail summed on the writer threads (precompute before): "
-                       f"{r['write_host_tails_clips_per_s']:.1f} clips/s; with the sums made where the encoder "
-                       f"runs: {r['write_clips_per_s']:.1f} ({r['write_clips_per_s'] / r['write_host_tails_clips_per_s']:.2f}x)")
+            click.echo(
+                f"{name} written with every tail summed on the writer threads (precompute before): "
+                f"{r['write_host_tails_clips_per_s']:.1f} clips/s; with the sums made where the encoder "
+                f"runs: {r['write_clips_per_s']:.1f} ({r['write_clips_per_s'] / r['write_host_tails_clips_per_s']:.2f}x)"
+            )
         if "zarr_path_warm_utt_per_s" in r:
-            click.echo(f"{name} read through zarr's sharding codec (StoreReader(direct=False), the read path before "
-                       f"the direct one): {r['zarr_path_warm_utt_per_s']:.1f} utt/s warm, "
-                       f"{r['zarr_path_cold_utt_per_s']:.1f} cold; the direct path is "
-                       f"{r['warm_utt_per_s'] / r['zarr_path_warm_utt_per_s']:.2f}x / "
-                       f"{r['cold_utt_per_s'] / r['zarr_path_cold_utt_per_s']:.2f}x faster")
+            click.echo(
+                f"{name} read through zarr's sharding codec (StoreReader(direct=False), the read path before "
+                f"the direct one): {r['zarr_path_warm_utt_per_s']:.1f} utt/s warm, "
+                f"{r['zarr_path_cold_utt_per_s']:.1f} cold; the direct path is "
+                f"{r['warm_utt_per_s'] / r['zarr_path_warm_utt_per_s']:.2f}x / "
+                f"{r['cold_utt_per_s'] / r['zarr_path_cold_utt_per_s']:.2f}x faster"
+            )
         if "numpy_format_warm_utt_per_s" in r:
-            click.echo(f"{name} read through with_format('numpy') (float32 copies): "
-                       f"{r['numpy_format_warm_utt_per_s']:.1f} utt/s warm")
+            click.echo(
+                f"{name} read through with_format('numpy') (float32 copies): "
+                f"{r['numpy_format_warm_utt_per_s']:.1f} utt/s warm"
+            )
 
-    click.echo("\nwhere whistle's write time goes, per clip (the numpy work of store/shard_writer.py, each alone, one thread):")
+    click.echo(
+        "\nwhere whistle's write time goes, per clip (the numpy work of store/shard_writer.py, each alone, one thread):"
+    )
     click.echo(table(["step", "ms per clip"], profile))
     before_ms = sum(ms for name, ms in profile[:5])
     now_ms = profile[4][1] + profile[5][1] + profile[6][1]
-    click.echo(f"host work per clip before (tails on the writer threads): {before_ms:.2f} ms (one thread: "
-               f"{1e3 / before_ms:.0f} clips/s); now (tail and statistics sums made where the encoder runs, only speech frames "
-               f"copied): {now_ms:.2f} ms ({1e3 / now_ms:.0f} clips/s)")
+    click.echo(
+        f"host work per clip before (tails on the writer threads): {before_ms:.2f} ms (one thread: "
+        f"{1e3 / before_ms:.0f} clips/s); now (tail and statistics sums made where the encoder runs, only speech frames "
+        f"copied): {now_ms:.2f} ms ({1e3 / now_ms:.0f} clips/s)"
+    )
 
-    added_ms = checksums["small_arrays_write_ms_per_shard_crc32c"] - checksums["small_arrays_write_ms_per_shard_no_crc32c"]
+    added_ms = (
+        checksums["small_arrays_write_ms_per_shard_crc32c"] - checksums["small_arrays_write_ms_per_shard_no_crc32c"]
+    )
     stream_ratio = checksums["stream_utt_per_s_crc32c"] / checksums["stream_utt_per_s_no_crc32c"]
-    click.echo(f"\nchecksums on every small array (format 1.1) vs states only (1.0), same run: a shard's small arrays "
-               f"write in {checksums['small_arrays_write_ms_per_shard_crc32c']:.1f} ms with crc32c, "
-               f"{checksums['small_arrays_write_ms_per_shard_no_crc32c']:.1f} ms without ({added_ms:+.1f} ms, "
-               f"{100 * added_ms / checksums['shard_write_ms']:+.2f}% of the {checksums['shard_write_ms']:.0f} ms "
-               f"a whole shard of {shard_size} takes to write); the store streams (indexes and states) at "
-               f"{checksums['stream_utt_per_s_crc32c']:.1f} utt/s with, {checksums['stream_utt_per_s_no_crc32c']:.1f} "
-               f"without ({stream_ratio:.3f}x); the reduction of the sums (once per shard set, then cached) takes "
-               f"{checksums['reduction_ms_per_shard_crc32c']:.1f} ms per shard with, "
-               f"{checksums['reduction_ms_per_shard_no_crc32c']:.1f} without")
+    click.echo(
+        f"\nchecksums on every small array (format 1.1) vs states only (1.0), same run: a shard's small arrays "
+        f"write in {checksums['small_arrays_write_ms_per_shard_crc32c']:.1f} ms with crc32c, "
+        f"{checksums['small_arrays_write_ms_per_shard_no_crc32c']:.1f} ms without ({added_ms:+.1f} ms, "
+        f"{100 * added_ms / checksums['shard_write_ms']:+.2f}% of the {checksums['shard_write_ms']:.0f} ms "
+        f"a whole shard of {shard_size} takes to write); the store streams (indexes and states) at "
+        f"{checksums['stream_utt_per_s_crc32c']:.1f} utt/s with, {checksums['stream_utt_per_s_no_crc32c']:.1f} "
+        f"without ({stream_ratio:.3f}x); the reduction of the sums (once per shard set, then cached) takes "
+        f"{checksums['reduction_ms_per_shard_crc32c']:.1f} ms per shard with, "
+        f"{checksums['reduction_ms_per_shard_no_crc32c']:.1f} without"
+    )
 
     figures = {
-        "utterances": utterances, "mean_seconds": float(corpus.seconds.mean()),
-        "size_ratio_5s": smallest_full / five_second, "whistle_speech_bytes_per_5s_utt": five_second,
+        "utterances": utterances,
+        "mean_seconds": float(corpus.seconds.mean()),
+        "size_ratio_5s": smallest_full / five_second,
+        "whistle_speech_bytes_per_5s_utt": five_second,
         "size_ratio_mix": smallest_full / ours["bytes_per_utt"],
         "stream_warm_vs_fastest_alternative": ours["warm_utt_per_s"] / results[fastest_warm]["warm_utt_per_s"],
         "fastest_alternative_warm": fastest_warm,
@@ -653,25 +815,39 @@ def main(utterances, shard_size, five_second_utterances, repeats, random_reads, 
         "fastest_alternative_cold": fastest_cold,
         "direct_vs_zarr_path_warm": ours["warm_utt_per_s"] / ours["zarr_path_warm_utt_per_s"],
         "direct_vs_zarr_path_cold": ours["cold_utt_per_s"] / ours["zarr_path_cold_utt_per_s"],
-        "gpu_precompute_clips_per_s": gpu_rate, "write_vs_gpu_precompute": ours["write_clips_per_s"] / gpu_rate,
+        "gpu_precompute_clips_per_s": gpu_rate,
+        "write_vs_gpu_precompute": ours["write_clips_per_s"] / gpu_rate,
         "write_host_tails_vs_gpu_precompute": ours["write_host_tails_clips_per_s"] / gpu_rate,
         "device_tail_sums_write_speedup": ours["write_clips_per_s"] / ours["write_host_tails_clips_per_s"],
-        "writer_host_ms_per_clip_before": before_ms, "writer_host_ms_per_clip": now_ms,
-        **checksums, "checksum_write_overhead_of_shard_write": added_ms / checksums["shard_write_ms"],
+        "writer_host_ms_per_clip_before": before_ms,
+        "writer_host_ms_per_clip": now_ms,
+        **checksums,
+        "checksum_write_overhead_of_shard_write": added_ms / checksums["shard_write_ms"],
         "checksum_stream_ratio": stream_ratio,
     }
     for name, r in results.items():
         key = name.replace("-", "_").replace(" (", "_").replace(")", "")
-        for measure_name in ("bytes_per_utt", "write_clips_per_s", "warm_utt_per_s", "cold_utt_per_s",
-                             "random_warm_ms", "random_cold_ms", "files", "zarr_path_warm_utt_per_s",
-                             "zarr_path_cold_utt_per_s", "write_host_tails_clips_per_s"):
+        for measure_name in (
+            "bytes_per_utt",
+            "write_clips_per_s",
+            "warm_utt_per_s",
+            "cold_utt_per_s",
+            "random_warm_ms",
+            "random_cold_ms",
+            "files",
+            "zarr_path_warm_utt_per_s",
+            "zarr_path_cold_utt_per_s",
+            "write_host_tails_clips_per_s",
+        ):
             if measure_name in r:
                 figures[f"{key}_{measure_name}"] = r[measure_name]
-    click.echo(f"\ngoals: whistle-speech {figures['size_ratio_5s']:.2f}x smaller than the smallest full-window format "
-               f"for 5 s clips (goal >= 5); streaming read {figures['stream_warm_vs_fastest_alternative']:.2f}x warm / "
-               f"{figures['stream_cold_vs_fastest_alternative']:.2f}x cold the fastest alternative ({fastest_warm} / "
-               f"{fastest_cold}) (goal >= 1.0); writes {figures['write_vs_gpu_precompute']:.2f}x the {gpu_rate:.0f} "
-               f"clips/s of one GPU precompute process (goal >= 2)")
+    click.echo(
+        f"\ngoals: whistle-speech {figures['size_ratio_5s']:.2f}x smaller than the smallest full-window format "
+        f"for 5 s clips (goal >= 5); streaming read {figures['stream_warm_vs_fastest_alternative']:.2f}x warm / "
+        f"{figures['stream_cold_vs_fastest_alternative']:.2f}x cold the fastest alternative ({fastest_warm} / "
+        f"{fastest_cold}) (goal >= 1.0); writes {figures['write_vs_gpu_precompute']:.2f}x the {gpu_rate:.0f} "
+        f"clips/s of one GPU precompute process (goal >= 2)"
+    )
     emit(figures)
 
 

@@ -15,6 +15,7 @@ alike.
     python bench/store_io.py            # 512 utterances (~0.55 GB raw), 4 shards, three codecs
     python bench/store_io.py --quick    # 48 utterances, a smoke run
 """
+
 from __future__ import annotations
 
 import datetime
@@ -32,8 +33,16 @@ import zarr
 from store import StoreReader, StoreSpec, StoreWriter, TeacherInfo, inspect_store
 
 CODECS = ("none", "blosc-lz4", "blosc-zstd")
-TEACHER = TeacherInfo("openai/whisper-large-v3", "main", d_model=1280, n_mels=128, sample_rate=16000,
-                      samples_per_frame=320, frames_per_second=50, max_frames=1500)
+TEACHER = TeacherInfo(
+    "openai/whisper-large-v3",
+    "main",
+    d_model=1280,
+    n_mels=128,
+    sample_rate=16000,
+    samples_per_frame=320,
+    frames_per_second=50,
+    max_frames=1500,
+)
 POOL_FRAMES = 20_000  # distinct random frames the utterances are cut from (~51 MB)
 
 
@@ -47,8 +56,16 @@ def spec_for(codec: str, shard_size: int, chunk_frames: int) -> StoreSpec:
     return StoreSpec(TEACHER, "speech", 2, shard_size, chunk_frames, codec, 3, 0, "bench", "none")
 
 
-def write_store(path: Path, codec: str, shard_size: int, chunk_frames: int, lengths: np.ndarray, starts: np.ndarray,
-                pool: np.ndarray, write_threads: int) -> dict[str, float]:
+def write_store(
+    path: Path,
+    codec: str,
+    shard_size: int,
+    chunk_frames: int,
+    lengths: np.ndarray,
+    starts: np.ndarray,
+    pool: np.ndarray,
+    write_threads: int,
+) -> dict[str, float]:
     """Fill a store as precompute does; seconds spent in add() and in the whole write."""
     writer = StoreWriter.open(path, spec_for(codec, shard_size, chunk_frames))
     add_seconds = 0.0
@@ -59,17 +76,22 @@ def write_store(path: Path, codec: str, shard_size: int, chunk_frames: int, leng
             shard = writer.shard(k)
             tic = time.perf_counter()
             for i in range(k * shard_size, min(len(lengths), (k + 1) * shard_size)):
-                window = pool[starts[i]:starts[i] + TEACHER.max_frames]  # (1500, 1280)
-                shard.add(f"utt{i:06d}", "synthetic", "en", lengths[i] / 50, window[:lengths[i]],
-                          tail=window[lengths[i]:])
+                window = pool[starts[i] : starts[i] + TEACHER.max_frames]  # (1500, 1280)
+                shard.add(
+                    f"utt{i:06d}", "synthetic", "en", lengths[i] / 50, window[: lengths[i]], tail=window[lengths[i] :]
+                )
             add_seconds += time.perf_counter() - tic
             closing.append(closers.submit(shard.close))
         records = [future.result() for future in closing]
     write_s = time.perf_counter() - began
     report = inspect_store(path)
     assert report.utterances == len(lengths) == sum(r.n for r in records)
-    return {"add_s": add_seconds, "write_s": write_s, "store_bytes": report.bytes_on_disk,
-            "states_bytes": report.states_bytes}
+    return {
+        "add_s": add_seconds,
+        "write_s": write_s,
+        "store_bytes": report.bytes_on_disk,
+        "states_bytes": report.states_bytes,
+    }
 
 
 def read_store(path: Path, n_random: int, rng: np.random.Generator) -> dict[str, float]:
@@ -77,8 +99,11 @@ def read_store(path: Path, n_random: int, rng: np.random.Generator) -> dict[str,
     tic = time.perf_counter()
     frames = sum(len(utt.states) for shard in reader.shards() for utt in reader.iter_shard(shard))
     sequential_s = time.perf_counter() - tic
-    picks = [(shard, int(i)) for shard in reader.shards()
-             for i in rng.choice(reader.shard_attrs(shard)["n"], n_random // len(reader.shards()), replace=False)]
+    picks = [
+        (shard, int(i))
+        for shard in reader.shards()
+        for i in rng.choice(reader.shard_attrs(shard)["n"], n_random // len(reader.shards()), replace=False)
+    ]
     reader = StoreReader(path)  # cold index cache
     tic = time.perf_counter()
     for shard, i in picks:
@@ -91,7 +116,7 @@ def baseline(path: Path, lengths: np.ndarray, starts: np.ndarray, pool: np.ndarr
     tic = time.perf_counter()
     with open(path, "wb") as out:
         for start, length in zip(starts, lengths):
-            pool[start:start + length].tofile(out)
+            pool[start : start + length].tofile(out)
     write_s = time.perf_counter() - tic
     tic = time.perf_counter()
     frames = len(np.fromfile(path, dtype=np.float16)) // TEACHER.d_model
@@ -102,13 +127,19 @@ def baseline(path: Path, lengths: np.ndarray, starts: np.ndarray, pool: np.ndarr
 @click.option("--quick", is_flag=True, help="A smoke run: 48 utterances in 3 shards.")
 @click.option("--utterances", type=int, default=512, show_default=True, help="Utterances to write.")
 @click.option("--shard-size", type=int, default=128, show_default=True, help="Utterances per shard.")
-@click.option("--chunk-frames", type=int, default=2048, show_default=True,
-              help="Rows per inner chunk (pipeline.toml's store.chunk_frames); smaller = faster random reads.")
+@click.option(
+    "--chunk-frames",
+    type=int,
+    default=2048,
+    show_default=True,
+    help="Rows per inner chunk (pipeline.toml's store.chunk_frames); smaller = faster random reads.",
+)
 @click.option("--write-threads", type=int, default=2, show_default=True, help="Threads closing shards.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where to write (default: a temp dir).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def main(quick: bool, utterances: int, shard_size: int, chunk_frames: int, write_threads: int, workdir: str | None,
-         seed: int) -> None:
+def main(
+    quick: bool, utterances: int, shard_size: int, chunk_frames: int, write_threads: int, workdir: str | None, seed: int
+) -> None:
     """Measure the store's write and read MB/s against a plain-file baseline.
 
     \b
@@ -138,30 +169,45 @@ def main(quick: bool, utterances: int, shard_size: int, chunk_frames: int, write
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    click.echo(f"store_io: {utterances} utterances of 2-15 s ({lengths.mean():.0f} frames on average), "
-               f"d_model {TEACHER.d_model} float16, {raw_mb:.1f} MB raw speech frames, shards of {shard_size}, "
-               f"{write_threads} write threads")
-    click.echo(f"machine: {platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} "
-               f"cores; python {platform.python_version()}, zarr {zarr.__version__}, numpy {np.__version__}; "
-               f"{datetime.date.today()}")
+    click.echo(
+        f"store_io: {utterances} utterances of 2-15 s ({lengths.mean():.0f} frames on average), "
+        f"d_model {TEACHER.d_model} float16, {raw_mb:.1f} MB raw speech frames, shards of {shard_size}, "
+        f"{write_threads} write threads"
+    )
+    click.echo(
+        f"machine: {platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} "
+        f"cores; python {platform.python_version()}, zarr {zarr.__version__}, numpy {np.__version__}; "
+        f"{datetime.date.today()}"
+    )
     base_write, base_read = raw_mb / base["write_s"], raw_mb / base["read_s"]
-    click.echo(f"{'codec':<12}{'write MB/s':>11}{'(add only)':>11}{'x base':>8}{'read MB/s':>11}{'x base':>8}"
-               f"{'random utt/s':>14}{'ratio':>8}{'+other':>8}")
-    click.echo(f"{'plain file':<12}{base_write:>11.1f}{'':>11}{1.0:>8.2f}{base_read:>11.1f}{1.0:>8.2f}{'':>14}{1.0:>8.2f}{'':>8}")
+    click.echo(
+        f"{'codec':<12}{'write MB/s':>11}{'(add only)':>11}{'x base':>8}{'read MB/s':>11}{'x base':>8}"
+        f"{'random utt/s':>14}{'ratio':>8}{'+other':>8}"
+    )
+    click.echo(
+        f"{'plain file':<12}{base_write:>11.1f}{'':>11}{1.0:>8.2f}{base_read:>11.1f}{1.0:>8.2f}{'':>14}{1.0:>8.2f}{'':>8}"
+    )
     lines = [f"raw_mb={raw_mb:.1f}", f"baseline_write_mb_s={base_write:.1f}", f"baseline_read_mb_s={base_read:.1f}"]
     for codec, written, read in rows:
         write_mb_s, add_mb_s = raw_mb / written["write_s"], raw_mb / written["add_s"]
         read_mb_s, random_per_s = raw_mb / read["read_s"], read["random_n"] / read["random_s"]
         compression = raw_mb * 1e6 / written["states_bytes"]
         overhead = written["store_bytes"] / written["states_bytes"] - 1  # sums, ids, text, metadata
-        click.echo(f"{codec:<12}{write_mb_s:>11.1f}{add_mb_s:>11.1f}{write_mb_s / base_write:>8.2f}{read_mb_s:>11.1f}"
-                   f"{read_mb_s / base_read:>8.2f}{random_per_s:>14.1f}{compression:>8.2f}{overhead:>8.1%}")
+        click.echo(
+            f"{codec:<12}{write_mb_s:>11.1f}{add_mb_s:>11.1f}{write_mb_s / base_write:>8.2f}{read_mb_s:>11.1f}"
+            f"{read_mb_s / base_read:>8.2f}{random_per_s:>14.1f}{compression:>8.2f}{overhead:>8.1%}"
+        )
         key = codec.replace("-", "_")
-        lines += [f"write_mb_s_{key}={write_mb_s:.1f}", f"add_mb_s_{key}={add_mb_s:.1f}",
-                  f"read_mb_s_{key}={read_mb_s:.1f}", f"random_utt_per_s_{key}={random_per_s:.1f}",
-                  f"compression_{key}={compression:.3f}", f"other_arrays_overhead_{key}={overhead:.4f}",
-                  f"write_vs_baseline_{key}={write_mb_s / base_write:.3f}",
-                  f"read_vs_baseline_{key}={read_mb_s / base_read:.3f}"]
+        lines += [
+            f"write_mb_s_{key}={write_mb_s:.1f}",
+            f"add_mb_s_{key}={add_mb_s:.1f}",
+            f"read_mb_s_{key}={read_mb_s:.1f}",
+            f"random_utt_per_s_{key}={random_per_s:.1f}",
+            f"compression_{key}={compression:.3f}",
+            f"other_arrays_overhead_{key}={overhead:.4f}",
+            f"write_vs_baseline_{key}={write_mb_s / base_write:.3f}",
+            f"read_vs_baseline_{key}={read_mb_s / base_read:.3f}",
+        ]
     click.echo("\n".join(lines))
 
 

@@ -20,20 +20,19 @@
     python bench/train_input.py --device cuda     # the step on a GPU
     python bench/train_input.py --quick           # a smoke run
 """
+
 from __future__ import annotations
 
-import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import functools
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import _common  # noqa: F401,I001 — first: it sets OpenMP's wait policy before torch loads
 import click
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-
 from _common import (
     PeakRSS,
     clip_seconds,
@@ -48,14 +47,17 @@ from _common import (
     token_batch,
     write_store,
 )
+from torch.utils.data import DataLoader
+
 from store.dataset import FeatureDataset, pad_batch
 
 D_MODEL = 1280  # large-v3
 VOCAB = 51866
 
 
-def loader_epoch(url: Path, workers: int, batch_size: int, shuffle_buffer: int, length_bucket: int,
-                 epoch: int, collate=pad_batch) -> tuple[float, int]:
+def loader_epoch(
+    url: Path, workers: int, batch_size: int, shuffle_buffer: int, length_bucket: int, epoch: int, collate=pad_batch
+) -> tuple[float, int]:
     """(seconds, speech frames) of one epoch through the DataLoader."""
     dataset = FeatureDataset(url, shuffle=True, seed=0, shuffle_buffer=shuffle_buffer, length_bucket=length_bucket)
     dataset.set_epoch(epoch)
@@ -77,8 +79,9 @@ def step_batches(url: Path, batch_size: int, n_batches: int, device: torch.devic
     """The first batches of a shuffled epoch (no length groups: a mix of lengths like the store's), with random
     transcripts and durations, on the device."""
     rng = np.random.default_rng(seed)
-    loader = DataLoader(FeatureDataset(url, shuffle=True, seed=seed, shuffle_buffer=256),
-                        batch_size=batch_size, collate_fn=pad_batch)
+    loader = DataLoader(
+        FeatureDataset(url, shuffle=True, seed=seed, shuffle_buffer=256), batch_size=batch_size, collate_fn=pad_batch
+    )
     out = []
     for batch in loader:
         tokens, mask, durations = token_batch(batch["lengths"].numpy(), rng, VOCAB)
@@ -123,16 +126,35 @@ def measure_step(batches: list[tuple], device: torch.device, steps: int) -> tupl
 @click.option("--repeats", default=3, show_default=True, help="Epochs per worker count; the median is reported.")
 @click.option("--steps", default=4, show_default=True, help="Timed TLE steps.")
 @click.option("--device", default="cpu", show_default=True, help="Where the TLE step runs.")
-@click.option("--gpu-tflops", default=100.0, show_default=True,
-              help="Projection for a CPU-only run: TFLOP/s a GPU step achieves (~10 % of an H100's bf16 peak: the "
-                   "TLE's 384-wide matmuls are too small to fill it).")
-@click.option("--memory-utterances", default=384, show_default=True,
-              help="Utterances of the small memory store (the large one has 10x).")
+@click.option(
+    "--gpu-tflops",
+    default=100.0,
+    show_default=True,
+    help="Projection for a CPU-only run: TFLOP/s a GPU step achieves (~10 % of an H100's bf16 peak: the "
+    "TLE's 384-wide matmuls are too small to fill it).",
+)
+@click.option(
+    "--memory-utterances",
+    default=384,
+    show_default=True,
+    help="Utterances of the small memory store (the large one has 10x).",
+)
 @click.option("--memory-buffer", default=64, show_default=True, help="shuffle_buffer in the memory runs.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None)
 @click.option("--quick", is_flag=True, help="Tiny stores, one epoch, one step: a smoke run.")
-def main(utterances, shard_size, worker_counts, repeats, steps, device, gpu_tflops, memory_utterances,
-         memory_buffer, workdir, quick) -> None:
+def main(
+    utterances,
+    shard_size,
+    worker_counts,
+    repeats,
+    steps,
+    device,
+    gpu_tflops,
+    memory_utterances,
+    memory_buffer,
+    workdir,
+    quick,
+) -> None:
     from whistle_pipeline.config import load_config
 
     settings = load_config().train_tle
@@ -153,19 +175,32 @@ def main(utterances, shard_size, worker_counts, repeats, steps, device, gpu_tflo
         write_store(small, clip_seconds(memory_utterances, rng), D_MODEL, shard_size)
         write_store(large, clip_seconds(10 * memory_utterances, rng), D_MODEL, shard_size)
         memory_workers = max(workers)
-        memory = {name: peak_memory(path, memory_workers, batch_size, memory_buffer)
-                  for name, path in (("1x", small), ("10x", large))}
-        store_mb = {name: sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
-                    for name, path in (("1x", small), ("10x", large))}
+        memory = {
+            name: peak_memory(path, memory_workers, batch_size, memory_buffer)
+            for name, path in (("1x", small), ("10x", large))
+        }
+        store_mb = {
+            name: sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+            for name, path in (("1x", small), ("10x", large))
+        }
         loads, rates = {}, {}
         for w in workers:
             runs = [loader_epoch(url, w, batch_size, shuffle_buffer, length_bucket, epoch) for epoch in range(repeats)]
             rates[w] = [frames / s for s, frames in runs]
             loads[w] = load_average()
         most = max(workers)
-        half = [loader_epoch(url, most, batch_size, shuffle_buffer, length_bucket, epoch,
-                             functools.partial(pad_batch, dtype=torch.float16))
-                for epoch in range(repeats)]
+        half = [
+            loader_epoch(
+                url,
+                most,
+                batch_size,
+                shuffle_buffer,
+                length_bucket,
+                epoch,
+                functools.partial(pad_batch, dtype=torch.float16),
+            )
+            for epoch in range(repeats)
+        ]
         rates_float16 = [frames / s for s, frames in half]
         batches = step_batches(url, batch_size, min(steps, 4), torch_device, seed=1)
         step_s, step_frames, flops, parameters = measure_step(batches, torch_device, steps)
@@ -175,28 +210,63 @@ def main(utterances, shard_size, worker_counts, repeats, steps, device, gpu_tflo
     step_rate = median(f / s for f, s in zip(step_frames, step_s))
     frames_per_step = median(step_frames)
     projected = gpu_tflops * 1e12 / flops * frames_per_step if torch_device.type == "cpu" else None
-    click.echo(f"\nstore: {utterances} utterances, mean {seconds.mean():.1f} s ({frames_per_step / batch_size:.0f} "
-               f"speech frames per utterance in the timed batches), d_model {D_MODEL} float16 blosc-zstd, shards of "
-               f"{shard_size}; batches of {batch_size}, shuffle buffer {shuffle_buffer}, length groups of "
-               f"{length_bucket}")
-    rows = [[f"loader, {w} worker(s) (load {loads[w]})", median(rates[w]), " ".join(f"{r:.0f}" for r in rates[w]),
-             median(rates[w]) / step_rate, median(rates[w]) / projected if projected else ""] for w in workers]
-    rows.append([f"loader, {most} worker(s), pad_batch(dtype=torch.float16)", median(rates_float16),
-                 " ".join(f"{r:.0f}" for r in rates_float16), median(rates_float16) / step_rate,
-                 median(rates_float16) / projected if projected else ""])
-    rows.append([f"TLE step on {torch_device} ({parameters / 1e6:.1f} M parameters, {flops / 1e12:.2f} TFLOP)",
-                 step_rate, " ".join(f"{f / s:.0f}" for f, s in zip(step_frames, step_s)), 1.0, ""])
+    click.echo(
+        f"\nstore: {utterances} utterances, mean {seconds.mean():.1f} s ({frames_per_step / batch_size:.0f} "
+        f"speech frames per utterance in the timed batches), d_model {D_MODEL} float16 blosc-zstd, shards of "
+        f"{shard_size}; batches of {batch_size}, shuffle buffer {shuffle_buffer}, length groups of "
+        f"{length_bucket}"
+    )
+    rows = [
+        [
+            f"loader, {w} worker(s) (load {loads[w]})",
+            median(rates[w]),
+            " ".join(f"{r:.0f}" for r in rates[w]),
+            median(rates[w]) / step_rate,
+            median(rates[w]) / projected if projected else "",
+        ]
+        for w in workers
+    ]
+    rows.append(
+        [
+            f"loader, {most} worker(s), pad_batch(dtype=torch.float16)",
+            median(rates_float16),
+            " ".join(f"{r:.0f}" for r in rates_float16),
+            median(rates_float16) / step_rate,
+            median(rates_float16) / projected if projected else "",
+        ]
+    )
+    rows.append(
+        [
+            f"TLE step on {torch_device} ({parameters / 1e6:.1f} M parameters, {flops / 1e12:.2f} TFLOP)",
+            step_rate,
+            " ".join(f"{f / s:.0f}" for f, s in zip(step_frames, step_s)),
+            1.0,
+            "",
+        ]
+    )
     if projected:
         rows.append([f"TLE step projected on a GPU at {gpu_tflops:.0f} TFLOP/s", projected, "", "", 1.0])
     click.echo(table(["", "frames/s", "per repeat", "x step", "x GPU step (projected)"], rows))
     click.echo(f"\npeak memory of one epoch ({memory_workers} workers, shuffle buffer {memory_buffer}):")
-    click.echo(table(["store", "MB on disk", "utterances", "peak RSS MB", "RSS before MB", "epoch s"],
-                     [[name, store_mb[name], memory_utterances * (10 if name == "10x" else 1), peak / 1e6,
-                       base / 1e6, s] for name, (peak, base, s) in memory.items()]))
+    click.echo(
+        table(
+            ["store", "MB on disk", "utterances", "peak RSS MB", "RSS before MB", "epoch s"],
+            [
+                [name, store_mb[name], memory_utterances * (10 if name == "10x" else 1), peak / 1e6, base / 1e6, s]
+                for name, (peak, base, s) in memory.items()
+            ],
+        )
+    )
 
-    figures = {"utterances": utterances, "batch_size": batch_size, "step_device": str(torch_device),
-               "tle_parameters_m": parameters / 1e6, "tle_step_tflop": flops / 1e12,
-               "step_seconds": median(step_s), "step_frames_per_s": step_rate}
+    figures = {
+        "utterances": utterances,
+        "batch_size": batch_size,
+        "step_device": str(torch_device),
+        "tle_parameters_m": parameters / 1e6,
+        "tle_step_tflop": flops / 1e12,
+        "step_seconds": median(step_s),
+        "step_frames_per_s": step_rate,
+    }
     for w in workers:
         figures[f"loader_frames_per_s_{w}_workers"] = median(rates[w])
         figures[f"loader_vs_step_{w}_workers"] = median(rates[w]) / step_rate

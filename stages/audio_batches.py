@@ -5,6 +5,7 @@ the augmentation and pads them to the teacher's window; the main process gets a 
 only runs the encoder. A row that cannot be read becomes a SourceReject with its reason, never an
 exception that ends the run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,7 @@ class Batch:
     n_samples: list[int]  # per clip, at the teacher's rate, before padding to the window
     rejects: list[SourceReject]
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         # called by the DataLoader's pinning thread, so the host->device copy can be asynchronous
         return dataclasses.replace(self, audio=self.audio.pin_memory())
 
@@ -53,9 +54,16 @@ class ClipDataset(Dataset):
             item = self.source[row]
             if isinstance(item, SourceReject):
                 return item
-            audio = load_audio(item.audio, geometry.sample_rate, max_seconds=geometry.window_seconds,
-                               name=item.audio_name, segment=item.segment)
-            audio = augment(audio[: geometry.n_samples], geometry.sample_rate, self.augmentation)  # resampling may add 1
+            audio = load_audio(
+                item.audio,
+                geometry.sample_rate,
+                max_seconds=geometry.window_seconds,
+                name=item.audio_name,
+                segment=item.segment,
+            )
+            audio = augment(
+                audio[: geometry.n_samples], geometry.sample_rate, self.augmentation
+            )  # resampling may add 1
         except AudioError as err:
             return SourceReject(row, item.id, err.reason)
         except Exception as err:  # one unreadable row must never end a long run: it is recorded instead
@@ -70,8 +78,12 @@ def collate(items: list[tuple[Clip, np.ndarray] | SourceReject], n_samples: int)
     audio = torch.zeros(len(clips), n_samples)  # (B, n_samples): Whisper pads with silence
     for i, (_, samples) in enumerate(clips):
         audio[i, : samples.shape[0]] = torch.from_numpy(samples)
-    return Batch(audio=audio, clips=[clip for clip, _ in clips], n_samples=[samples.shape[0] for _, samples in clips],
-                 rejects=[item for item in items if isinstance(item, SourceReject)])
+    return Batch(
+        audio=audio,
+        clips=[clip for clip, _ in clips],
+        n_samples=[samples.shape[0] for _, samples in clips],
+        rejects=[item for item in items if isinstance(item, SourceReject)],
+    )
 
 
 def quiet_worker(_: int) -> None:

@@ -4,6 +4,7 @@ The main process hands every utterance, reject, set of sums and close to `Backgr
 them on thread `shard % threads`, so compression and writes overlap the encoder. Queues are bounded:
 when the writers fall behind, the main process waits (and counts the wait, the sign of a write-bound run).
 """
+
 from __future__ import annotations
 
 import queue
@@ -32,8 +33,10 @@ class BackgroundWriter:
         self._closing = threading.Semaphore(max_closing)
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._work, args=(q,), name=f"shard-writer-{i}", daemon=True)
-                         for i, q in enumerate(self._queues)]
+        self._threads = [
+            threading.Thread(target=self._work, args=(q,), name=f"shard-writer-{i}", daemon=True)
+            for i, q in enumerate(self._queues)
+        ]
         for thread in self._threads:
             thread.start()
 

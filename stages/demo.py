@@ -40,6 +40,7 @@ Every step records itself in demo.json when it finishes, so a rerun skips what i
 stage resumes its own partial work). The sizes are a plan file beside this module: demo-plans/full.toml,
 and demo-plans/quick.toml for `quick`, a smoke run of a few minutes with tiny sizes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -140,23 +141,33 @@ class Plan:
         names = [f.name for f in dataclasses.fields(cls) if f.name not in PLAN_SECTIONS]
         problems = [f"[demo] has no key {key!r}; it takes {', '.join(names)}" for key in sizes if key not in names]
         problems += [f"[demo] {name} is missing" for name in names if name not in sizes]
-        problems += [f"[demo] {name} = {sizes[name]!r} should be a whole number >= 0" for name in names
-                     if name in sizes and (type(sizes[name]) is not int or sizes[name] < 0)]
-        problems += [f"[demo] {name} = 0: at least 1 is needed" for name in ("seeds", "aided_seeds", "target_dev")
-                     if sizes.get(name) == 0]
+        problems += [
+            f"[demo] {name} = {sizes[name]!r} should be a whole number >= 0"
+            for name in names
+            if name in sizes and (type(sizes[name]) is not int or sizes[name] < 0)
+        ]
+        problems += [
+            f"[demo] {name} = 0: at least 1 is needed"
+            for name in ("seeds", "aided_seeds", "target_dev")
+            if sizes.get(name) == 0
+        ]
         aided, seeds = sizes.get("aided_seeds"), sizes.get("seeds")
         if type(aided) is int and type(seeds) is int and aided > seeds:
             problems.append(f"[demo] aided_seeds = {aided} exceeds seeds = {seeds}")
-        problems += [f"a plan sets only [demo] and [{'], ['.join(PLAN_SECTIONS)}], not [{section}]"
-                     for section in values if section not in PLAN_SECTIONS]
+        problems += [
+            f"a plan sets only [demo] and [{'], ['.join(PLAN_SECTIONS)}], not [{section}]"
+            for section in values
+            if section not in PLAN_SECTIONS
+        ]
         try:
             load_config(updates={section: keys for section, keys in values.items() if section in PLAN_SECTIONS})
         except ConfigError as err:
             problems += err.problems
         if problems:
             raise ConfigError(problems, str(path))
-        return cls(**{name: sizes[name] for name in names}, **{section: values.get(section, {})
-                                                              for section in PLAN_SECTIONS})
+        return cls(
+            **{name: sizes[name] for name in names}, **{section: values.get(section, {}) for section in PLAN_SECTIONS}
+        )
 
 
 @dataclass
@@ -169,15 +180,20 @@ class DemoResult:
 
     def summary(self) -> str:
         report = self.report
-        lines = [f"whistle demo ({'quick' if report['quick'] else 'full'}) in {self.seconds / 60:.1f} min"
-                 + (f" ({len(self.skipped)} finished steps reused)" if self.skipped else ""),
-                 f"WER % per method (mean of {report['seeds']} seed(s) for the training arms; relative to unadapted):"]
+        lines = [
+            f"whistle demo ({'quick' if report['quick'] else 'full'}) in {self.seconds / 60:.1f} min"
+            + (f" ({len(self.skipped)} finished steps reused)" if self.skipped else ""),
+            f"WER % per method (mean of {report['seeds']} seed(s) for the training arms; relative to unadapted):",
+        ]
         for name, method in report["methods"].items():
-            cells = [f"{test} {100 * method[test]['wer']:.1f} ({100 * method[test]['relative_wer']:+.0f}%)"
-                     for test in SETS]
+            cells = [
+                f"{test} {100 * method[test]['wer']:.1f} ({100 * method[test]['relative_wer']:+.0f}%)" for test in SETS
+            ]
             lines.append(f"  {name:<15} " + ", ".join(cells))
-        lines.append(f"target WER points below the {CONTROL} control: " + ", ".join(
-            f"{arm} {100 * points['target']:+.1f}" for arm, points in report["beyond_control"].items()))
+        lines.append(
+            f"target WER points below the {CONTROL} control: "
+            + ", ".join(f"{arm} {100 * points['target']:+.1f}" for arm, points in report["beyond_control"].items())
+        )
         goals = report["goals"]
         lines.append("goals: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in goals.items()))
         lines.append(f"wrote {self.workdir}/report.json, report.md" + (f" and {self.chart}" if self.chart else ""))
@@ -226,8 +242,10 @@ def examples_dir() -> Path:
     """The bundled corpora (examples/ beside the packages in a source checkout)."""
     folder = Path(__file__).resolve().parents[1] / "examples"
     if not (folder / "source" / "train.txt").is_file():
-        raise WhistleError(f"the demo corpora are not at {folder}: run the demo from a source checkout "
-                           "(git clone ...; pip install -e '.[demo]')")
+        raise WhistleError(
+            f"the demo corpora are not at {folder}: run the demo from a source checkout "
+            "(git clone ...; pip install -e '.[demo]')"
+        )
     return folder
 
 
@@ -237,7 +255,7 @@ def write_lines(sources: Sequence[tuple[Path, int, int]], out: Path) -> int:
     picked = []
     for source, start, count in sources:
         lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-        picked += lines[start: start + count]
+        picked += lines[start : start + count]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(picked) + "\n", encoding="utf-8")
     return len(picked)
@@ -262,18 +280,20 @@ def run(workdir: str, quick: bool, overrides: Sequence[str] = (), progress: bool
     tle_validation = demo.train_tle()
     runs = demo.train_arms()
     scores, aids = demo.evaluate()
-    report = build_report(quick, plan, counts, scores, runs, tle_validation, demo.steps.seconds(),
-                          time.perf_counter() - started)
+    report = build_report(
+        quick, plan, counts, scores, runs, tle_validation, demo.steps.seconds(), time.perf_counter() - started
+    )
     report["aids"] = aids
     report["precision"] = {"encoder": demo.encoder_dtype, "training": demo.mixed_precision}
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (work / "report.md").write_text(markdown(report), encoding="utf-8")
     methods = report["methods"]
-    chart = plot_wer_bars({name: {s: m[s]["wer"] for s in SETS} for name, m in methods.items()},
-                          f"whistle demo{' (quick)' if quick else ''}: Whisper tiny.en, every method on one budget",
-                          work / "report.png",
-                          spread={name: {s: (m[s]["wer_min"], m[s]["wer_max"]) for s in SETS}
-                                  for name, m in methods.items()})
+    chart = plot_wer_bars(
+        {name: {s: m[s]["wer"] for s in SETS} for name, m in methods.items()},
+        f"whistle demo{' (quick)' if quick else ''}: Whisper tiny.en, every method on one budget",
+        work / "report.png",
+        spread={name: {s: (m[s]["wer_min"], m[s]["wer_max"]) for s in SETS} for name, m in methods.items()},
+    )
     return DemoResult(str(work), report, chart, time.perf_counter() - started, demo.steps.skipped)
 
 
@@ -298,8 +318,10 @@ class Demo:
         """Import tiny.en, pick the sentences, speak them, precompute the two stores; the sentences per set."""
         plan, steps, examples = self.plan, self.steps, examples_dir()
         lines = {  # each set's sentences: lines [start, start + count) of these files, in turn
-            "source-train": [(examples / "source" / "train.txt", 0, plan.source_train),
-                             (examples / "source" / "lexicon.txt", 0, plan.source_lexicon)],
+            "source-train": [
+                (examples / "source" / "train.txt", 0, plan.source_train),
+                (examples / "source" / "lexicon.txt", 0, plan.source_lexicon),
+            ],
             "source-test": [(examples / "source" / "test.txt", 0, plan.source_test)],
             "target-train": [(examples / "target" / "train.txt", 0, plan.target_train)],
             "target-test": [(examples / "target" / "test.txt", 0, plan.target_test)],
@@ -307,37 +329,72 @@ class Demo:
             # nor any arm has seen them, and no test sentence
             "target-dev": [(examples / "target" / "train.txt", plan.target_train, plan.target_dev)],
         }
-        steps.run("teacher", f"import Whisper tiny.en from the {PACKAGE} package",
-                  lambda: import_ct2(None, self.teacher, package=PACKAGE, overwrite=True).to_dict()["n_parameters"])
-        counts = steps.run("texts", "pick the demo sentences from examples/", lambda: {
-            name: write_lines(sources, self.texts / f"{name}.txt") for name, sources in lines.items()})
+        steps.run(
+            "teacher",
+            f"import Whisper tiny.en from the {PACKAGE} package",
+            lambda: import_ct2(None, self.teacher, package=PACKAGE, overwrite=True).to_dict()["n_parameters"],
+        )
+        counts = steps.run(
+            "texts",
+            "pick the demo sentences from examples/",
+            lambda: {name: write_lines(sources, self.texts / f"{name}.txt") for name, sources in lines.items()},
+        )
         # the test sets get seed 0, as in the README's baseline (bench/baseline_wer.py), the others their own
-        for name, seed in (("source-train", 1), ("source-test", 0), ("target-train", 2), ("target-test", 0),
-                           ("target-dev", 3)):
-            steps.run(f"synthesize-{name}", f"speak {counts[name]} {name} sentences with eSpeak NG",
-                      lambda name=name, seed=seed: synthesized(self.texts / f"{name}.txt", self.audio / name, seed,
-                                                               self.progress))
+        for name, seed in (
+            ("source-train", 1),
+            ("source-test", 0),
+            ("target-train", 2),
+            ("target-test", 0),
+            ("target-dev", 3),
+        ):
+            steps.run(
+                f"synthesize-{name}",
+                f"speak {counts[name]} {name} sentences with eSpeak NG",
+                lambda name=name, seed=seed: synthesized(
+                    self.texts / f"{name}.txt", self.audio / name, seed, self.progress
+                ),
+            )
         store_settings = {"frames": "speech", "shard_size": 256}
         precompute_settings = {"batch_size": 8, "num_workers": 1, "progress": self.progress, "overwrite": False}
         for name, store in (("source-train", "source"), ("target-train", "target-tts")):
-            steps.run(f"precompute-{store}",
-                      f"run tiny.en's encoder ({self.encoder_dtype}) over {name} into stores/{store}",
-                      lambda name=name, store=store: precompute.run(self.config(
-                          teacher={"name_or_path": str(self.teacher), "device": "auto", "dtype": self.encoder_dtype},
-                          data={"path": str(self.audio / name / "manifest.jsonl"), "audio_column": "audio",
-                                "id_column": "id"},
-                          store={"path": str(self.stores / store), **store_settings}, precompute=precompute_settings,
-                      )).to_dict()["store_utterances"])
+            steps.run(
+                f"precompute-{store}",
+                f"run tiny.en's encoder ({self.encoder_dtype}) over {name} into stores/{store}",
+                lambda name=name, store=store: precompute.run(
+                    self.config(
+                        teacher={"name_or_path": str(self.teacher), "device": "auto", "dtype": self.encoder_dtype},
+                        data={
+                            "path": str(self.audio / name / "manifest.jsonl"),
+                            "audio_column": "audio",
+                            "id_column": "id",
+                        },
+                        store={"path": str(self.stores / store), **store_settings},
+                        precompute=precompute_settings,
+                    )
+                ).to_dict()["store_utterances"],
+            )
         return counts
 
     def train_tle(self) -> dict[str, float]:
         plan = self.plan
-        return self.steps.run("train-tle", f"train the TLE on stores/source ({plan.train_tle['steps']} steps)",
-                              lambda: train_tle.run(self.config(
-                                  store={"path": str(self.stores / "source")}, tle=plan.tle,
-                                  train_tle={**plan.train_tle, "output_dir": str(self.tle), "progress": self.progress,
-                                             "mixed_precision": self.mixed_precision},
-                              )).validation)
+        return self.steps.run(
+            "train-tle",
+            f"train the TLE on stores/source ({plan.train_tle['steps']} steps)",
+            lambda: (
+                train_tle.run(
+                    self.config(
+                        store={"path": str(self.stores / "source")},
+                        tle=plan.tle,
+                        train_tle={
+                            **plan.train_tle,
+                            "output_dir": str(self.tle),
+                            "progress": self.progress,
+                            "mixed_precision": self.mixed_precision,
+                        },
+                    )
+                ).validation
+            ),
+        )
 
     def train_arms(self) -> dict[str, Any]:
         """Fine-tune every arm with every seed (finetune.seed 0, 1, ...); each run's summary by run label."""
@@ -346,20 +403,30 @@ class Demo:
             for seed in range(self.plan.seeds):
                 label = run_label(arm, seed)
                 runs[label] = self.steps.run(
-                    f"finetune-{label}", f"fine-tune tiny.en's decoder: {arm}, seed {seed}",
-                    lambda label=label, mix=mix, seed=seed: _finetune_summary(finetune.run(self.config(
-                        finetune=self.finetune_settings(label, mix, seed)))))
+                    f"finetune-{label}",
+                    f"fine-tune tiny.en's decoder: {arm}, seed {seed}",
+                    lambda label=label, mix=mix, seed=seed: _finetune_summary(
+                        finetune.run(self.config(finetune=self.finetune_settings(label, mix, seed)))
+                    ),
+                )
         return runs
 
     def finetune_settings(self, label: str, mix: Arm, seed: int) -> dict[str, Any]:
         uses_text = mix.text > 0
-        return {**self.plan.finetune, "output_dir": str(self.work / "adapted" / label), "seed": seed,
-                "text": str(self.texts / "target-train.txt") if uses_text else "",
-                "text_states": mix.text_states,
-                "tle_path": str(self.tle) if uses_text and mix.text_states == "tle" else "",
-                "audio_store": str(self.stores / "source"), "audio_ratio": mix.audio,
-                "tts_store": str(self.stores / "target-tts") if mix.tts else "", "tts_ratio": mix.tts,
-                "mixed_precision": self.mixed_precision, "progress": self.progress}
+        return {
+            **self.plan.finetune,
+            "output_dir": str(self.work / "adapted" / label),
+            "seed": seed,
+            "text": str(self.texts / "target-train.txt") if uses_text else "",
+            "text_states": mix.text_states,
+            "tle_path": str(self.tle) if uses_text and mix.text_states == "tle" else "",
+            "audio_store": str(self.stores / "source"),
+            "audio_ratio": mix.audio,
+            "tts_store": str(self.stores / "target-tts") if mix.tts else "",
+            "tts_ratio": mix.tts,
+            "mixed_precision": self.mixed_precision,
+            "progress": self.progress,
+        }
 
     def evaluate(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Two evaluate calls on the source and target test sets, term metrics on every column: every model
@@ -368,31 +435,66 @@ class Demo:
         plan, texts, seeds = self.plan, self.texts, self.plan.seeds
         runs = [run_label(arm, seed) for arm in ARMS for seed in range(seeds)]
         models = [f"{BASELINE}={self.teacher}"] + [f"{label}={self.work / 'adapted' / label}" for label in runs]
-        aided = [models[0]] + [f"{label}={self.work / 'adapted' / label}"
-                               for label in (run_label(AIDED, s) for s in range(plan.aided_seeds))]
+        aided = [models[0]] + [
+            f"{label}={self.work / 'adapted' / label}"
+            for label in (run_label(AIDED, s) for s in range(plan.aided_seeds))
+        ]
         sets = [f"{name}={self.audio / f'{name}-test' / 'manifest.jsonl'}" for name in SETS]
         # terms: the target training text's words that the source training text (and Whisper's general vocabulary)
         # lacks; the prompt is the same terms, the LM the target training text
         terms = {"terms_from": str(texts / "target-train.txt"), "exclude_from": str(texts / "source-train.txt")}
-        plain = self.steps.run("evaluate", f"score all {len(models)} models on the source and target test sets",
-                               lambda: _scores(evaluate.run(self.config(evaluate={
-                                   **plan.evaluate, **terms, "models": models, "sets": sets, "variants": ["plain"],
-                                   "output_dir": str(self.work / "eval")}))))
+        plain = self.steps.run(
+            "evaluate",
+            f"score all {len(models)} models on the source and target test sets",
+            lambda: _scores(
+                evaluate.run(
+                    self.config(
+                        evaluate={
+                            **plan.evaluate,
+                            **terms,
+                            "models": models,
+                            "sets": sets,
+                            "variants": ["plain"],
+                            "output_dir": str(self.work / "eval"),
+                        }
+                    )
+                )
+            ),
+        )
         aids = self.steps.run(
-            "evaluate-aids", f"score {len(aided)} models with a prompt and with fusion (weights fitted on target-dev)",
-            lambda: _scores(evaluate.run(self.config(evaluate={
-                **plan.evaluate, **terms, "models": aided, "sets": sets, "variants": ["prompt", "fusion"],
-                "prompt_from": str(texts / "target-train.txt"), "lm": str(texts / "target-train.txt"),
-                "lm_dev": f"target-dev={self.audio / 'target-dev' / 'manifest.jsonl'}",
-                "output_dir": str(self.work / "eval-aids")}))))
+            "evaluate-aids",
+            f"score {len(aided)} models with a prompt and with fusion (weights fitted on target-dev)",
+            lambda: _scores(
+                evaluate.run(
+                    self.config(
+                        evaluate={
+                            **plan.evaluate,
+                            **terms,
+                            "models": aided,
+                            "sets": sets,
+                            "variants": ["prompt", "fusion"],
+                            "prompt_from": str(texts / "target-train.txt"),
+                            "lm": str(texts / "target-train.txt"),
+                            "lm_dev": f"target-dev={self.audio / 'target-dev' / 'manifest.jsonl'}",
+                            "output_dir": str(self.work / "eval-aids"),
+                        }
+                    )
+                )
+            ),
+        )
         return {**plain["scores"], **aids["scores"]}, aids["aids"]
 
 
 def _finetune_summary(result: Any) -> dict[str, Any]:
     last = result.validation[-1] if result.validation else {}
-    return {"steps": result.steps, "saved_step": result.saved_step, "examples_seen": result.examples_seen,
-            "train_examples": result.train_examples, "wall_seconds": round(result.wall_seconds, 1),
-            "last_validation": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
+    return {
+        "steps": result.steps,
+        "saved_step": result.saved_step,
+        "examples_seen": result.examples_seen,
+        "train_examples": result.train_examples,
+        "wall_seconds": round(result.wall_seconds, 1),
+        "last_validation": {k: v for k, v in last.items() if isinstance(v, (int, float))},
+    }
 
 
 def _scores(result: Any) -> dict[str, Any]:
@@ -401,26 +503,45 @@ def _scores(result: Any) -> dict[str, Any]:
     out: dict[str, dict[str, Any]] = {}
     for (column, audio_set), score in result.scores.items():
         out.setdefault(column, {})[audio_set] = {
-            "wer": score.wer, "cer": score.cer, "loops": score.loops, "clips": len(score.clips),
+            "wer": score.wer,
+            "cer": score.cer,
+            "loops": score.loops,
+            "clips": len(score.clips),
             "term_error_rate": score.terms.term_error_rate if score.terms is not None else None,
             "decode_seconds_per_clip": score.decode_seconds_per_clip,
-            "worst": [{"id": c.id, "word_errors": c.word_errors, "ref_words": c.ref_words} for c in score.worst(5)]}
+            "worst": [{"id": c.id, "word_errors": c.word_errors, "ref_words": c.ref_words} for c in score.worst(5)],
+        }
     record = result.aids
     aids: dict[str, Any] = {"terms": record["terms"], "decoders": {c.label: c.decoder for c in result.columns}}
     if "prompt" in record:
-        aids["prompt"] = {"origin": record["prompt"]["origin"], "terms": len(record["prompt"]["terms"]),
-                          "tokens": {c.label: c.prompt_tokens for c in result.columns if c.prompt_tokens}}
+        aids["prompt"] = {
+            "origin": record["prompt"]["origin"],
+            "terms": len(record["prompt"]["terms"]),
+            "tokens": {c.label: c.prompt_tokens for c in result.columns if c.prompt_tokens},
+        }
     if "lm" in record:
         aids["lm"] = record["lm"]
     if "fusion_fit" in record:
-        aids["fusion_fit"] = {"dev": {k: v for k, v in record["fusion_fit"]["dev"].items() if k != "ids"},
-                              "columns": {label: {k: fit[k] for k in ("alpha", "beta", "dev_wer")}
-                                          for label, fit in record["fusion_fit"]["columns"].items()}}
+        aids["fusion_fit"] = {
+            "dev": {k: v for k, v in record["fusion_fit"]["dev"].items() if k != "ids"},
+            "columns": {
+                label: {k: fit[k] for k in ("alpha", "beta", "dev_wer")}
+                for label, fit in record["fusion_fit"]["columns"].items()
+            },
+        }
     return {"scores": out, "aids": aids}
 
 
-def build_report(quick: bool, plan: Plan, counts: dict[str, int], scores: dict[str, Any], runs: dict[str, Any],
-                 tle_validation: dict[str, float], seconds: dict[str, float], total: float) -> dict[str, Any]:
+def build_report(
+    quick: bool,
+    plan: Plan,
+    counts: dict[str, int],
+    scores: dict[str, Any],
+    runs: dict[str, Any],
+    tle_validation: dict[str, float],
+    seconds: dict[str, float],
+    total: float,
+) -> dict[str, Any]:
     """report.json: every method's figures (`methods`), the arms' WER before/after per set (means over seeds),
     relative changes, points below the control, goals with their numbers, sizes, steps and seconds."""
     columns = method_columns(list(ARMS), plan.seeds, plan.aided_seeds)
@@ -439,8 +560,9 @@ def build_report(quick: bool, plan: Plan, counts: dict[str, int], scores: dict[s
         "relative_wer_change": {arm: {name: methods[arm][name]["relative_wer"] for name in SETS} for arm in ARMS},
         # WER points each arm is below the source-only control, which never sees a target sentence: what the
         # target text or speech adds beyond getting used to the (eSpeak) voices of the audio half
-        "beyond_control": {arm: {name: methods[arm][name]["beyond_control"] for name in SETS}
-                           for arm in ARMS if arm != CONTROL},
+        "beyond_control": {
+            arm: {name: methods[arm][name]["beyond_control"] for name in SETS} for arm in ARMS if arm != CONTROL
+        },
         "cer_before": {name: methods["unadapted"][name]["cer"] for name in SETS},
         "cer_after": {arm: {name: methods[arm][name]["cer"] for name in SETS} for arm in ARMS},
         "loops": {column: {name: s["loops"] for name, s in sets.items()} for column, sets in scores.items()},
@@ -448,12 +570,15 @@ def build_report(quick: bool, plan: Plan, counts: dict[str, int], scores: dict[s
         "goals": met,
         "goal_numbers": numbers,
         "sizes": {"sentences": counts, "test_clips": {name: s["clips"] for name, s in scores[BASELINE].items()}},
-        "steps": {"train_tle": plan.train_tle["steps"], "finetune": plan.finetune["steps"],
-                  "finetune_batch_size": plan.finetune["batch_size"],
-                  "mix": {arm: {"audio": a.audio, "tts": a.tts, "text": a.text} for arm, a in ARMS.items()},
-                  "text_states": {arm: a.text_states for arm, a in ARMS.items()},
-                  "arms": {arm: runs[arm] for arm in ARMS},  # seed 0's run
-                  "runs": runs},
+        "steps": {
+            "train_tle": plan.train_tle["steps"],
+            "finetune": plan.finetune["steps"],
+            "finetune_batch_size": plan.finetune["batch_size"],
+            "mix": {arm: {"audio": a.audio, "tts": a.tts, "text": a.text} for arm, a in ARMS.items()},
+            "text_states": {arm: a.text_states for arm, a in ARMS.items()},
+            "arms": {arm: runs[arm] for arm in ARMS},  # seed 0's run
+            "runs": runs,
+        },
         "tle_validation": tle_validation,
         "seconds": {**seconds, "total": round(total, 1)},
     }

@@ -11,6 +11,7 @@
 A method's seed spread is the range (max - min) of its seeds' target WERs; a decoding-time method on the
 unadapted model is deterministic (spread 0). `markdown` writes report.md's table from report.json.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,14 +36,18 @@ def run_label(arm: str, seed: int) -> str:
 def method_columns(arms: Sequence[str], seeds: int, aided_seeds: int) -> dict[str, tuple[str, list[str]]]:
     """method -> (its decoding variant, the evaluate column labels it averages), in the report's order: the
     arms over `seeds` runs, whistle with the aids over its first `aided_seeds`."""
+
     def runs(arm: str, variant: str, count: int = seeds) -> list[str]:
         return [column_label(run_label(arm, seed), variant) for seed in range(count)]
 
-    methods = {name: (variant, [column_label(BASELINE, variant)])
-               for name, variant in (("unadapted", "plain"), ("prompt", "prompt"), ("fusion", "fusion"))}
+    methods = {
+        name: (variant, [column_label(BASELINE, variant)])
+        for name, variant in (("unadapted", "plain"), ("prompt", "prompt"), ("fusion", "fusion"))
+    }
     methods.update({arm: ("plain", runs(arm, "plain")) for arm in arms})
-    methods.update({f"{AIDED}+{variant}": (variant, runs(AIDED, variant, aided_seeds))
-                    for variant in ("prompt", "fusion")})
+    methods.update(
+        {f"{AIDED}+{variant}": (variant, runs(AIDED, variant, aided_seeds)) for variant in ("prompt", "fusion")}
+    )
     return methods
 
 
@@ -51,8 +56,9 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return mean(known) if len(known) == len(values) and known else None
 
 
-def method_figures(scores: dict[str, Any], columns: dict[str, tuple[str, list[str]]],
-                   training_minutes: dict[str, float]) -> dict[str, Any]:
+def method_figures(
+    scores: dict[str, Any], columns: dict[str, tuple[str, list[str]]], training_minutes: dict[str, float]
+) -> dict[str, Any]:
     """Per method and test set: WER (mean, min, max, per seed), CER, term error rate, decoding seconds per
     clip, relative WER and points below the control; and its training minutes (`training_minutes` by run
     label; 0 for a method that trains nothing)."""
@@ -62,13 +68,23 @@ def method_figures(scores: dict[str, Any], columns: dict[str, tuple[str, list[st
         for name in scores[labels[0]]:
             cells = [scores[label][name] for label in labels]
             wers = [cell["wer"] for cell in cells]
-            sets[name] = {"wer": mean(wers), "wer_min": min(wers), "wer_max": max(wers), "wer_seeds": wers,
-                          "cer": mean(cell["cer"] for cell in cells),
-                          "term_error_rate": _mean([cell["term_error_rate"] for cell in cells]),
-                          "decode_seconds_per_clip": mean(cell["decode_seconds_per_clip"] for cell in cells)}
+            sets[name] = {
+                "wer": mean(wers),
+                "wer_min": min(wers),
+                "wer_max": max(wers),
+                "wer_seeds": wers,
+                "cer": mean(cell["cer"] for cell in cells),
+                "term_error_rate": _mean([cell["term_error_rate"] for cell in cells]),
+                "decode_seconds_per_clip": mean(cell["decode_seconds_per_clip"] for cell in cells),
+            }
         runs = [label.split("+")[0] for label in labels]
-        figures[method] = {"decoding": variant, "columns": labels, "seeds": len(labels),
-                           "training_minutes": mean(training_minutes.get(run, 0.0) for run in runs), **sets}
+        figures[method] = {
+            "decoding": variant,
+            "columns": labels,
+            "seeds": len(labels),
+            "training_minutes": mean(training_minutes.get(run, 0.0) for run in runs),
+            **sets,
+        }
     for method in figures.values():
         for name in scores[BASELINE]:
             cell, before = method[name], figures["unadapted"][name]["wer"]
@@ -91,8 +107,10 @@ def goals(methods: dict[str, Any], arms: Sequence[str]) -> tuple[dict[str, bool]
     met["whistle cuts target WER >= 30%"] = methods[AIDED]["target"]["relative_wer"] <= -TARGET_CUT
     numbers["whistle cuts target WER >= 30%"] = {"relative_wer": methods[AIDED]["target"]["relative_wer"]}
     met["whistle-tts beats tts-only on target"] = target["whistle-tts"] < target["tts-only"]
-    numbers["whistle-tts beats tts-only on target"] = {"whistle-tts": target["whistle-tts"],
-                                                       "tts-only": target["tts-only"]}
+    numbers["whistle-tts beats tts-only on target"] = {
+        "whistle-tts": target["whistle-tts"],
+        "tts-only": target["tts-only"],
+    }
     for arm in arms:
         if arm != CONTROL:
             met[f"{arm} raises source WER <= 5%"] = source[arm] <= SOURCE_RISE
@@ -137,25 +155,31 @@ def _wer_cell(cell: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """report.md: one row per method (target and source figures), then the goals with their numbers."""
-    lines = [f"# whistle demo{' (quick)' if report['quick'] else ''}: every method on one budget", "",
-             f"Whisper tiny.en; training arms: {report['seeds']} seed(s) each, WER mean (min–max over seeds); "
-             f"{report['steps']['finetune']} fine-tuning steps of {report['steps']['finetune_batch_size']} examples. "
-             "Relative: the WER change from the unadapted model; beyond control: target WER points below the "
-             f"{CONTROL} control. Training minutes are the fine-tuning's; the TLE took "
-             f"{report['seconds'].get('train-tle', 0.0) / 60:.1f} min (shared by the text arms through it), the "
-             f"target TTS speech's precompute {report['seconds'].get('precompute-target-tts', 0.0) / 60:.1f} min "
-             "(shared by the TTS arms).", "",
-             "| method | target WER % | target CER % | target term error % | source WER % | source CER % | "
-             "relative target WER | relative source WER | beyond control (points) | decoding s/clip (target) | "
-             "training min |",
-             "|---|" + "---:|" * 10]
+    lines = [
+        f"# whistle demo{' (quick)' if report['quick'] else ''}: every method on one budget",
+        "",
+        f"Whisper tiny.en; training arms: {report['seeds']} seed(s) each, WER mean (min–max over seeds); "
+        f"{report['steps']['finetune']} fine-tuning steps of {report['steps']['finetune_batch_size']} examples. "
+        "Relative: the WER change from the unadapted model; beyond control: target WER points below the "
+        f"{CONTROL} control. Training minutes are the fine-tuning's; the TLE took "
+        f"{report['seconds'].get('train-tle', 0.0) / 60:.1f} min (shared by the text arms through it), the "
+        f"target TTS speech's precompute {report['seconds'].get('precompute-target-tts', 0.0) / 60:.1f} min "
+        "(shared by the TTS arms).",
+        "",
+        "| method | target WER % | target CER % | target term error % | source WER % | source CER % | "
+        "relative target WER | relative source WER | beyond control (points) | decoding s/clip (target) | "
+        "training min |",
+        "|---|" + "---:|" * 10,
+    ]
     for name, method in report["methods"].items():
         target, source = method["target"], method["source"]
-        lines.append(f"| {name} | {_wer_cell(target)} | {_percent(target['cer'])} | "
-                     f"{_percent(target['term_error_rate'])} | {_wer_cell(source)} | {_percent(source['cer'])} | "
-                     f"{100 * target['relative_wer']:+.0f}% | {100 * source['relative_wer']:+.0f}% | "
-                     f"{100 * target['beyond_control']:+.1f} | {target['decode_seconds_per_clip']:.3f} | "
-                     f"{method['training_minutes']:.1f} |")
+        lines.append(
+            f"| {name} | {_wer_cell(target)} | {_percent(target['cer'])} | "
+            f"{_percent(target['term_error_rate'])} | {_wer_cell(source)} | {_percent(source['cer'])} | "
+            f"{100 * target['relative_wer']:+.0f}% | {100 * source['relative_wer']:+.0f}% | "
+            f"{100 * target['beyond_control']:+.1f} | {target['decode_seconds_per_clip']:.3f} | "
+            f"{method['training_minutes']:.1f} |"
+        )
     lines += ["", "## Goals", ""]
     for name, ok in report["goals"].items():
         figures = ", ".join(f"{key} {_figure(value)}" for key, value in report["goal_numbers"][name].items())

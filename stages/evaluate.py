@@ -23,6 +23,7 @@ Outputs in evaluate.output_dir:
                         the words that changed, as [-removed-] {+added+}
     domain-lm.arpa      (evaluate.lm a text corpus) the LM built for fusion
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,7 +55,6 @@ from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.sources import Clip
 from whistle_pipeline.teacher import resolve_device
 from whistle_pipeline.terms import TermRates, term_rates
-
 from whistle_pipeline.transcribe import (
     ClipScore,
     Column,
@@ -126,13 +126,28 @@ class Score:
 
     def to_dict(self, outliers: int) -> dict[str, Any]:
         return {
-            "model": self.model, "set": self.audio_set, "clips": len(self.clips), "ref_words": self.ref_words,
-            "wer": self.wer, "cer": self.cer, "word_errors": sum(c.word_errors for c in self.clips),
-            "loops": self.loops, "seconds": round(self.seconds, 2), "decode_seconds": round(self.decode_seconds, 3),
+            "model": self.model,
+            "set": self.audio_set,
+            "clips": len(self.clips),
+            "ref_words": self.ref_words,
+            "wer": self.wer,
+            "cer": self.cer,
+            "word_errors": sum(c.word_errors for c in self.clips),
+            "loops": self.loops,
+            "seconds": round(self.seconds, 2),
+            "decode_seconds": round(self.decode_seconds, 3),
             "decode_seconds_per_clip": round(self.decode_seconds_per_clip, 4),
             **({"terms": self.terms.to_dict()} if self.terms is not None else {}),
-            "worst": [{"id": c.id, "word_errors": c.word_errors, "ref_words": c.ref_words, "reference": c.reference,
-                       "hypothesis": c.hypothesis} for c in self.worst(outliers)],
+            "worst": [
+                {
+                    "id": c.id,
+                    "word_errors": c.word_errors,
+                    "ref_words": c.ref_words,
+                    "reference": c.reference,
+                    "hypothesis": c.hypothesis,
+                }
+                for c in self.worst(outliers)
+            ],
         }
 
 
@@ -151,9 +166,15 @@ class ColumnInfo:
     @classmethod
     def of(cls, column: Column, variant: str, weights: tuple[float, float] | None) -> ColumnInfo:
         prompt = column.decoding.prompt_ids
-        return cls(label=column.label, model=column.model.named.label, variant=variant,
-                   num_beams=column.decoding.num_beams, prompt_tokens=max(0, len(prompt) - 1),
-                   lm_alpha=weights[0] if weights else None, lm_beta=weights[1] if weights else None)
+        return cls(
+            label=column.label,
+            model=column.model.named.label,
+            variant=variant,
+            num_beams=column.decoding.num_beams,
+            prompt_tokens=max(0, len(prompt) - 1),
+            lm_alpha=weights[0] if weights else None,
+            lm_beta=weights[1] if weights else None,
+        )
 
     @property
     def decoder(self) -> str:
@@ -177,8 +198,12 @@ class EvaluateResult:
 
     def _grid(self, title: str, first_header: str, first_cell: Any, cell: Any) -> list[str]:
         """A Markdown table: one row per set, one column per column; cells from `cell(score, set label)`."""
-        lines = [title, "", f"| set | {first_header} | " + " | ".join(c.label for c in self.columns) + " |",
-                 "|" + "---|" * (len(self.columns) + 2)]
+        lines = [
+            title,
+            "",
+            f"| set | {first_header} | " + " | ".join(c.label for c in self.columns) + " |",
+            "|" + "---|" * (len(self.columns) + 2),
+        ]
         for audio_set in self.sets:
             cells = [cell(self.score(c.label, audio_set.label), audio_set.label) for c in self.columns]
             lines.append(f"| {audio_set.label} | {first_cell(audio_set.label)} | " + " | ".join(cells) + " |")
@@ -198,38 +223,56 @@ class EvaluateResult:
                 text += f" [{len(score.loops)} loop{'s' if len(score.loops) > 1 else ''}]"
             return text
 
-        lines = self._grid("WER % (CER %); relative WER change from the first column:", "clips",
-                           lambda s: len(self.score(first, s).clips), wer_cell)
+        lines = self._grid(
+            "WER % (CER %); relative WER change from the first column:",
+            "clips",
+            lambda s: len(self.score(first, s).clips),
+            wer_cell,
+        )
         if "terms" in self.aids:
             lines += [""] + self._grid(
                 f"Term error rate % (term insertions) B-WER % / U-WER % ({_count(self.aids['terms']['terms'], 'term')}):",
-                "term occurrences", lambda s: self.score(first, s).terms.reference_terms,
-                lambda score, _: f"{_percent(score.terms.term_error_rate)} ({score.terms.inserted}) "
-                                 f"{_percent(score.terms.biased_wer)} / {_percent(score.terms.unbiased_wer)}")
+                "term occurrences",
+                lambda s: self.score(first, s).terms.reference_terms,
+                lambda score, _: (
+                    f"{_percent(score.terms.term_error_rate)} ({score.terms.inserted}) "
+                    f"{_percent(score.terms.biased_wer)} / {_percent(score.terms.unbiased_wer)}"
+                ),
+            )
         decoders = ", ".join(f"{c.label}: {c.decoder}" for c in self.columns)
-        lines += [""] + self._grid(f"Decoding seconds per clip (generation only; {decoders}):", "clips",
-                                   lambda s: len(self.score(first, s).clips),
-                                   lambda score, _: f"{score.decode_seconds_per_clip:.3f}")
+        lines += [""] + self._grid(
+            f"Decoding seconds per clip (generation only; {decoders}):",
+            "clips",
+            lambda s: len(self.score(first, s).clips),
+            lambda score, _: f"{score.decode_seconds_per_clip:.3f}",
+        )
         return "\n".join(lines)
 
     def summary(self) -> str:
         text = [self.table()]
         if "prompt" in self.aids:
             tokens = {c.model: c.prompt_tokens for c in self.columns if c.prompt_tokens}
-            text.append(f"prompt: {self.aids['prompt']['origin']}; its tokens per model: "
-                        + ", ".join(f"{model} {count}" for model, count in tokens.items()))
+            text.append(
+                f"prompt: {self.aids['prompt']['origin']}; its tokens per model: "
+                + ", ".join(f"{model} {count}" for model, count in tokens.items())
+            )
         if "lm" in self.aids:
             text.append(f"LM: {self.aids['lm']['path']}, {self.aids['lm']['made']}, {self.aids['lm']['words']} words")
         for label, fit in self.aids.get("fusion_fit", {}).get("columns", {}).items():
-            text.append(f"{label}: alpha {fit['alpha']:g}, beta {fit['beta']:g} (dev WER {100 * fit['dev_wer']:.1f} % "
-                        f"on {self.aids['fusion_fit']['dev']['clips']} clips)")
+            text.append(
+                f"{label}: alpha {fit['alpha']:g}, beta {fit['beta']:g} (dev WER {100 * fit['dev_wer']:.1f} % "
+                f"on {self.aids['fusion_fit']['dev']['clips']} clips)"
+            )
         for audio_set, rejects in self.rejects.items():
             if rejects:
-                text.append(f"{audio_set}: {len(rejects)} clip(s) skipped (first: {rejects[0]['id']}: "
-                            f"{rejects[0]['reason']})")
-        text.append(f"wrote {self.output_dir}/results.json, table.md, hypotheses.jsonl"
-                    + (", diffs.md" if (Path(self.output_dir) / "diffs.md").exists() else "")
-                    + f" ({self.seconds:.0f} s)")
+                text.append(
+                    f"{audio_set}: {len(rejects)} clip(s) skipped (first: {rejects[0]['id']}: {rejects[0]['reason']})"
+                )
+        text.append(
+            f"wrote {self.output_dir}/results.json, table.md, hypotheses.jsonl"
+            + (", diffs.md" if (Path(self.output_dir) / "diffs.md").exists() else "")
+            + f" ({self.seconds:.0f} s)"
+        )
         return "\n".join(text)
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,6 +288,7 @@ class EvaluateResult:
 
 
 # ---- the stage ------------------------------------------------------------------------------------
+
 
 def word_diff(before: str, after: str) -> str:
     """`after` as an edit of `before`: unchanged words as they are, [-removed-] and {+added+}."""
@@ -276,8 +320,10 @@ def run(config: PipelineConfig) -> EvaluateResult:
     named_models = unique_labels(settings.models, "models")
     named_sets = unique_labels(settings.sets, "audio sets")
     device = resolve_device(config.teacher.device)
-    models = [load_model(n, config.teacher.revision, device, config.teacher.dtype, config.teacher.attn_implementation)
-              for n in named_models]
+    models = [
+        load_model(n, config.teacher.revision, device, config.teacher.dtype, config.teacher.attn_implementation)
+        for n in named_models
+    ]
     check_geometry(models)
     variants = resolve_variants(settings)
     aids, record = prepare_aids(config, variants, models[0].tokenizer, output_dir)
@@ -288,14 +334,28 @@ def run(config: PipelineConfig) -> EvaluateResult:
     weights = fusion_weights(models, variants, aids, config, named_sets, opened, record)
     columns = build_columns(models, variants, aids, settings, weights)
     unique_labels([f"{c.label}={c.model.named.path}" for c in columns], "columns")
-    log.info("evaluating %d column(s) (%d model(s), variants %s; %d encoder pass(es) per batch) on %d set(s), %s",
-             len(columns), len(models), ", ".join(variants), len({m.encoder_key for m in models}), len(named_sets),
-             device)
+    log.info(
+        "evaluating %d column(s) (%d model(s), variants %s; %d encoder pass(es) per batch) on %d set(s), %s",
+        len(columns),
+        len(models),
+        ", ".join(variants),
+        len({m.encoder_key for m in models}),
+        len(named_sets),
+        device,
+    )
 
     variant_of = {column_label(m.named.label, v): v for m in models for v in variants}
-    result = EvaluateResult(output_dir=str(output_dir), models=named_models, sets=named_sets, scores={}, rejects={},
-                            columns=[ColumnInfo.of(c, variant_of[c.label], weights.get(c.label)) for c in columns],
-                            aids=record, outliers=settings.outliers, seconds=0.0)
+    result = EvaluateResult(
+        output_dir=str(output_dir),
+        models=named_models,
+        sets=named_sets,
+        scores={},
+        rejects={},
+        columns=[ColumnInfo.of(c, variant_of[c.label], weights.get(c.label)) for c in columns],
+        aids=record,
+        outliers=settings.outliers,
+        seconds=0.0,
+    )
     for audio_set in named_sets:
         clips, rejects = opened[audio_set.label]
         with tqdm(total=len(clips), desc=f"evaluate {audio_set.label}", unit="clip", disable=None) as progress:
@@ -303,9 +363,13 @@ def run(config: PipelineConfig) -> EvaluateResult:
         result.rejects[audio_set.label] = rejects + decoded.rejects
         for column in columns:
             result.scores[(column.label, audio_set.label)] = Score(
-                model=column.label, audio_set=audio_set.label, clips=decoded.scores[column.label],
-                seconds=decoded.seconds[column.label], decode_seconds=decoded.decode_seconds[column.label],
-                terms=clip_term_rates(decoded.scores[column.label], terms[1]) if terms is not None else None)
+                model=column.label,
+                audio_set=audio_set.label,
+                clips=decoded.scores[column.label],
+                seconds=decoded.seconds[column.label],
+                decode_seconds=decoded.decode_seconds[column.label],
+                terms=clip_term_rates(decoded.scores[column.label], terms[1]) if terms is not None else None,
+            )
     result.seconds = time.perf_counter() - started
     write_outputs(result, settings.write_diffs)
     return result
@@ -315,8 +379,10 @@ def open_usable(audio_set: Named, config: PipelineConfig) -> tuple[list[Clip], l
     """`open_set`, refusing a set without a usable clip."""
     clips, rejects = open_set(audio_set, config)
     if not clips:
-        raise WhistleError(f"audio set {audio_set.label} ({audio_set.path}) has no usable clip"
-                           + (f" (first reject: {rejects[0]['id']}: {rejects[0]['reason']})" if rejects else ""))
+        raise WhistleError(
+            f"audio set {audio_set.label} ({audio_set.path}) has no usable clip"
+            + (f" (first reject: {rejects[0]['id']}: {rejects[0]['reason']})" if rejects else "")
+        )
     return clips, rejects
 
 
@@ -325,8 +391,10 @@ def clip_term_rates(clips: Sequence[ClipScore], terms: Sequence[str]) -> TermRat
     by_language: dict[str, list[ClipScore]] = {}
     for clip in clips:
         by_language.setdefault(clip.language, []).append(clip)
-    parts = [term_rates([c.reference for c in group], [c.hypothesis for c in group], terms, language)
-             for language, group in by_language.items()]
+    parts = [
+        term_rates([c.reference for c in group], [c.hypothesis for c in group], terms, language)
+        for language, group in by_language.items()
+    ]
     return TermRates(*(sum(getattr(part, field.name) for part in parts) for field in dataclasses.fields(TermRates)))
 
 
@@ -337,25 +405,40 @@ def dev_clips(config: PipelineConfig, sets: Sequence[Named], opened: OpenedSets)
     if settings.lm_dev:
         named = Named.parse(settings.lm_dev)
         if named.path in {s.path for s in sets}:
-            raise WhistleError(f"evaluate.lm_dev = {settings.lm_dev} is also a test set: fusion weights must not be "
-                               "chosen on the clips they are scored on")
+            raise WhistleError(
+                f"evaluate.lm_dev = {settings.lm_dev} is also a test set: fusion weights must not be "
+                "chosen on the clips they are scored on"
+            )
         clips, _ = open_usable(named, config)
         return clips, {"set": named.label, "path": named.path, "clips": len(clips)}
     first = sets[0].label
     clips, rejects = opened[first]
     kept, dev = dev_split(clips, settings.lm_dev_fraction)
     if not dev or not kept:
-        raise WhistleError(f"holding out {settings.lm_dev_fraction:g} of {first}'s {len(clips)} clips for the fusion "
-                           f"dev split leaves {len(dev)} dev and {len(kept)} test clips: give evaluate.lm_dev "
-                           "(an audio set) or change evaluate.lm_dev_fraction")
+        raise WhistleError(
+            f"holding out {settings.lm_dev_fraction:g} of {first}'s {len(clips)} clips for the fusion "
+            f"dev split leaves {len(dev)} dev and {len(kept)} test clips: give evaluate.lm_dev "
+            "(an audio set) or change evaluate.lm_dev_fraction"
+        )
     opened[first] = (kept, rejects)
     log.info("fusion dev split: %d of %s's clips (scored in no column)", len(dev), first)
-    return dev, {"set": first, "held_out_fraction": settings.lm_dev_fraction, "clips": len(dev),
-                 "ids": [clip.id for clip in dev]}
+    return dev, {
+        "set": first,
+        "held_out_fraction": settings.lm_dev_fraction,
+        "clips": len(dev),
+        "ids": [clip.id for clip in dev],
+    }
 
 
-def fusion_weights(models: Sequence[LoadedModel], variants: Sequence[str], aids: Aids, config: PipelineConfig,
-                   sets: Sequence[Named], opened: OpenedSets, record: dict[str, Any]) -> dict[str, tuple[float, float]]:
+def fusion_weights(
+    models: Sequence[LoadedModel],
+    variants: Sequence[str],
+    aids: Aids,
+    config: PipelineConfig,
+    sets: Sequence[Named],
+    opened: OpenedSets,
+    record: dict[str, Any],
+) -> dict[str, tuple[float, float]]:
     """(alpha, beta) per fusion column: the configured numbers, or the best of the grid on the dev split
     (recorded in `record["fusion_fit"]`)."""
     settings = config.evaluate
@@ -365,31 +448,56 @@ def fusion_weights(models: Sequence[LoadedModel], variants: Sequence[str], aids:
     dev, dev_record = dev_clips(config, sets, opened)
     grids = grid_columns(models, variants, aids, settings)
     with tqdm(total=len(dev), desc="fusion weights (dev)", unit="clip", disable=None) as progress:
-        decoded = transcribe_set([c for grid in grids.values() for c in grid.values()], dev, settings.batch_size,
-                                 settings.max_new_tokens, progress)
+        decoded = transcribe_set(
+            [c for grid in grids.values() for c in grid.values()],
+            dev,
+            settings.batch_size,
+            settings.max_new_tokens,
+            progress,
+        )
     fits = pick_weights(grids, lambda label: corpus_wer(decoded.scores[label]))
-    record["fusion_fit"] = {"dev": dev_record, "columns": {
-        label: {"alpha": fit.alpha, "beta": fit.beta, "dev_wer": fit.wer,
-                "grid": [{"alpha": a, "beta": b, "dev_wer": w} for a, b, w in fit.grid]} for label, fit in fits.items()}}
+    record["fusion_fit"] = {
+        "dev": dev_record,
+        "columns": {
+            label: {
+                "alpha": fit.alpha,
+                "beta": fit.beta,
+                "dev_wer": fit.wer,
+                "grid": [{"alpha": a, "beta": b, "dev_wer": w} for a, b, w in fit.grid],
+            }
+            for label, fit in fits.items()
+        },
+    }
     return {label: (fit.alpha, fit.beta) for label, fit in fits.items()}
 
 
 def write_outputs(result: EvaluateResult, write_diffs: bool) -> None:
     out = Path(result.output_dir)
-    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     (out / "table.md").write_text(result.table() + "\n", encoding="utf-8")
     labels = [c.label for c in result.columns]
     with open(out / "hypotheses.jsonl", "w", encoding="utf-8") as handle:
         for audio_set in result.sets:
             per_model = [result.score(label, audio_set.label).clips for label in labels]
             for clips in zip(*per_model):
-                handle.write(json.dumps({
-                    "set": audio_set.label, "id": clips[0].id, "language": clips[0].language,
-                    "reference": clips[0].reference, "ref_words": clips[0].ref_words,
-                    "hypotheses": {label: c.hypothesis for label, c in zip(labels, clips)},
-                    "word_errors": {label: c.word_errors for label, c in zip(labels, clips)},
-                    "loops": [label for label, c in zip(labels, clips) if c.loop],
-                }, ensure_ascii=False) + "\n")
+                handle.write(
+                    json.dumps(
+                        {
+                            "set": audio_set.label,
+                            "id": clips[0].id,
+                            "language": clips[0].language,
+                            "reference": clips[0].reference,
+                            "ref_words": clips[0].ref_words,
+                            "hypotheses": {label: c.hypothesis for label, c in zip(labels, clips)},
+                            "word_errors": {label: c.word_errors for label, c in zip(labels, clips)},
+                            "loops": [label for label, c in zip(labels, clips) if c.loop],
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
     diffs = out / "diffs.md"
     if write_diffs and len(labels) > 1:
         diffs.write_text(diff_report(result), encoding="utf-8")
@@ -413,7 +521,11 @@ def diff_report(result: EvaluateResult) -> str:
             lines.append(f"{'reference'.ljust(width)} : {clips[0].reference}")
             lines.append(f"{labels[0].ljust(width)} : {clips[0].hypothesis}")
             for label, clip in zip(labels[1:], clips[1:]):
-                text = word_diff(clips[0].hypothesis, clip.hypothesis) if clip.hypothesis != clips[0].hypothesis else "(same)"
+                text = (
+                    word_diff(clips[0].hypothesis, clip.hypothesis)
+                    if clip.hypothesis != clips[0].hypothesis
+                    else "(same)"
+                )
                 lines.append(f"{label.ljust(width)} : {text}" + ("   <- LOOP" if clip.loop else ""))
             lines += ["```", ""]
     return "\n".join(lines)

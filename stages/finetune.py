@@ -33,6 +33,7 @@ output_dir/  config.json, model.safetensors, generation_config.json   the adapte
              best/, checkpoints/step-NNNNNNN/                         the best step's weights, resumable state
              damaged-shards/                                          under skip_damaged: each rank's scan (JSON)
 """
+
 from __future__ import annotations
 
 import json
@@ -48,6 +49,14 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
+from stages.finetune_checkpoints import (
+    load_checkpoint,
+    load_trainable,
+    save_adapted,
+    save_best,
+    save_checkpoint,
+    write_card,
+)
 from stages.finetune_data import (
     HeldOut,
     StoreStream,
@@ -61,18 +70,14 @@ from stages.finetune_data import (
     text_examples,
     unusable_utterances,
 )
-from stages.finetune_checkpoints import load_checkpoint, load_trainable, save_adapted, save_best, save_checkpoint
-from stages.finetune_checkpoints import write_card
 from stages.finetune_validation import ValidationData, outliers, prepare_val_audio, select_by, validate
 from stages.training import (
     CHECKPOINTS_DIR,
     TRAIN_LOG,
     VALIDATION_LOG,
+    DamagedShard,
     Logs,
     Setup,
-    open_logs,
-    start_run,
-    DamagedShard,
     WithoutIds,
     build_optimizer,
     check_finite,
@@ -80,7 +85,9 @@ from stages.training import (
     damage_summary,
     damaged_shards,
     latest_checkpoint,
+    open_logs,
     open_store,
+    start_run,
 )
 from store import StoreReader
 from whistle_pipeline import preflight
@@ -103,19 +110,32 @@ log = logging.getLogger(__name__)
 KINDS = ("audio", "tts", "text")  # the order of the kinds inside a batch
 BEST_DIR = "best"
 SUMMARY = "finetune.json"
-TRAIN_COLUMNS = ["step", "epoch_text", "loss", "loss_audio", "loss_tts", "loss_text", "lr", "grad_norm",
-                 "examples_per_s"]
+TRAIN_COLUMNS = [
+    "step",
+    "epoch_text",
+    "loss",
+    "loss_audio",
+    "loss_tts",
+    "loss_text",
+    "lr",
+    "grad_norm",
+    "examples_per_s",
+]
 VALIDATION_COLUMNS = ["step", "metric", "loss", "loss_audio", "loss_tts", "loss_text", "wer", "cer", "loops"]
 DAMAGE_DIR = "damaged-shards"  # each rank's scan of the stores under skip_damaged
 # loss_curves.png: (title, [(column, log)]) per panel
-CURVES = [("training loss", [(f"loss{k}", "train") for k in ("", "_audio", "_tts", "_text")]),
-          ("held-out loss", [(f"loss{k}", "held-out") for k in ("", "_audio", "_tts", "_text")]),
-          ("val_audio WER / CER", [("wer", "held-out"), ("cer", "held-out")]),
-          ("learning rate", [("lr", "train")]), ("gradient norm", [("grad_norm", "train")]),
-          ("examples / s", [("examples_per_s", "train")])]
+CURVES = [
+    ("training loss", [(f"loss{k}", "train") for k in ("", "_audio", "_tts", "_text")]),
+    ("held-out loss", [(f"loss{k}", "held-out") for k in ("", "_audio", "_tts", "_text")]),
+    ("val_audio WER / CER", [("wer", "held-out"), ("cer", "held-out")]),
+    ("learning rate", [("lr", "train")]),
+    ("gradient norm", [("grad_norm", "train")]),
+    ("examples / s", [("examples_per_s", "train")]),
+]
 
 
 # ---- result ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class FinetuneResult:
@@ -141,23 +161,32 @@ class FinetuneResult:
 
     def summary(self) -> str:
         mix = ", ".join(f"{self.examples_seen[k]} {k}" for k in KINDS if self.examples_seen.get(k))
-        lines = [f"fine-tuned the decoder for {self.steps} steps"
-                 + (f" (resumed at step {self.resumed_from})" if self.resumed_from else "")
-                 + f" in {self.wall_seconds / 60:.1f} min on {mix or 'no new'} examples"]
+        lines = [
+            f"fine-tuned the decoder for {self.steps} steps"
+            + (f" (resumed at step {self.resumed_from})" if self.resumed_from else "")
+            + f" in {self.wall_seconds / 60:.1f} min on {mix or 'no new'} examples"
+        ]
         if self.corpus_rejects:
             first = self.corpus_rejects[0]
             lines.append(f"  {len(self.corpus_rejects)} sentence(s) not used (first: {first['id']}: {first['reason']})")
         if self.store_rejects:
             first = self.store_rejects[0]
-            lines.append(f"  {len(self.store_rejects)} stored utterance(s) not used (first: {first['store']} "
-                         f"{first['id']}: {first['reason']})")
+            lines.append(
+                f"  {len(self.store_rejects)} stored utterance(s) not used (first: {first['store']} "
+                f"{first['id']}: {first['reason']})"
+            )
         if self.damaged_shards:
             lines.append(damage_summary([DamagedShard(**d) for d in self.damaged_shards]))
         saved = next((v for v in self.validation if v["step"] == self.saved_step), None)
         if saved:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in saved.items()
-                              if k not in ("step", "loops") and isinstance(v, float) and not math.isnan(v))
-            lines.append(f"  step {self.saved_step} ({'best by ' + self.select_by if self.saved_step == self.best_step else 'last'}): {shown}")
+            shown = ", ".join(
+                f"{k} {v:.4g}"
+                for k, v in saved.items()
+                if k not in ("step", "loops") and isinstance(v, float) and not math.isnan(v)
+            )
+            lines.append(
+                f"  step {self.saved_step} ({'best by ' + self.select_by if self.saved_step == self.best_step else 'last'}): {shown}"
+            )
             if saved.get("loops"):
                 lines.append(f"  repetition loops on val_audio: {', '.join(saved['loops'])}")
         if self.precision_hint:
@@ -168,32 +197,46 @@ class FinetuneResult:
 
 # ---- inputs ---------------------------------------------------------------------------------------
 
+
 def check_inputs(config: PipelineConfig) -> None:
     """The inputs the ratios call for must be given, and inputs given must be used (all problems at once)."""
     settings = config.finetune
     problems = []
     if settings.text_ratio > 1e-9:
         if not settings.text:
-            problems.append(f"finetune.text is empty but {settings.text_ratio:.2f} of each batch is text: give a "
-                            "target-domain corpus (or set audio_ratio + tts_ratio = 1 for audio-only fine-tuning)")
-        drawn_stores = [store for ratio, store in ((settings.audio_ratio, settings.audio_store),
-                                                   (settings.tts_ratio, settings.tts_store)) if ratio > 0 and store]
+            problems.append(
+                f"finetune.text is empty but {settings.text_ratio:.2f} of each batch is text: give a "
+                "target-domain corpus (or set audio_ratio + tts_ratio = 1 for audio-only fine-tuning)"
+            )
+        drawn_stores = [
+            store
+            for ratio, store in ((settings.audio_ratio, settings.audio_store), (settings.tts_ratio, settings.tts_store))
+            if ratio > 0 and store
+        ]
         if settings.text_states == "null":
             if not drawn_stores:
-                problems.append('finetune.text_states = "null" takes the text windows\' tail template from a store: '
-                                "draw audio_store or tts_store (a ratio > 0)")
+                problems.append(
+                    'finetune.text_states = "null" takes the text windows\' tail template from a store: '
+                    "draw audio_store or tts_store (a ratio > 0)"
+                )
         elif not settings.tle_path:
             problems.append("finetune.tle_path is empty but text examples are drawn: give a `whistle train-tle` output")
         elif not Path(settings.tle_path).is_dir():
-            problems.append(f"finetune.tle_path = {settings.tle_path!r} is not a folder: train a TLE first "
-                            "(`whistle train-tle`) or point at its output_dir")
+            problems.append(
+                f"finetune.tle_path = {settings.tle_path!r} is not a folder: train a TLE first "
+                "(`whistle train-tle`) or point at its output_dir"
+            )
     elif settings.text:
         problems.append("finetune.text is given but audio_ratio + tts_ratio = 1 leaves no room for text: lower them")
-    for kind, ratio, store in (("audio", settings.audio_ratio, settings.audio_store),
-                               ("tts", settings.tts_ratio, settings.tts_store)):
+    for kind, ratio, store in (
+        ("audio", settings.audio_ratio, settings.audio_store),
+        ("tts", settings.tts_ratio, settings.tts_store),
+    ):
         if ratio > 0 and not store:
-            problems.append(f"finetune.{kind}_ratio = {ratio:g} but finetune.{kind}_store is empty: give the store "
-                            f"or set {kind}_ratio = 0")
+            problems.append(
+                f"finetune.{kind}_ratio = {ratio:g} but finetune.{kind}_store is empty: give the store "
+                f"or set {kind}_ratio = 0"
+            )
         if store and ratio == 0:
             problems.append(f"finetune.{kind}_store is given but finetune.{kind}_ratio = 0: it would never be read")
     if problems:
@@ -201,6 +244,7 @@ def check_inputs(config: PipelineConfig) -> None:
 
 
 # ---- the recipe: start, inputs, restore, streams, validation data, the loop, finish ----------------------
+
 
 @dataclass
 class Inputs:
@@ -262,37 +306,67 @@ def open_inputs(setup: Setup) -> Inputs:
     """The teacher, the stores (checked against it; damaged shards found under skip_damaged), the TLE, the corpus."""
     config, settings, accelerator = setup.config, setup.settings, setup.accelerator
     device = accelerator.device
-    teacher = load_teacher(config.teacher.name_or_path, config.teacher.revision, "full", device, torch.float32,
-                           config.teacher.attn_implementation)
+    teacher = load_teacher(
+        config.teacher.name_or_path,
+        config.teacher.revision,
+        "full",
+        device,
+        torch.float32,
+        config.teacher.attn_implementation,
+    )
     model = teacher.model
     specials = SpecialTokens.from_tokenizer(teacher.tokenizer, is_multilingual(model.config, model.generation_config))
     ratios = {"audio": settings.audio_ratio, "tts": settings.tts_ratio, "text": settings.text_ratio}
-    stores = {k: open_store(store_url(settings, k), f"finetune.{k}_store", teacher.info)
-              for k in ("audio", "tts") if ratios[k] > 1e-9}
+    stores = {
+        k: open_store(store_url(settings, k), f"finetune.{k}_store", teacher.info)
+        for k in ("audio", "tts")
+        if ratios[k] > 1e-9
+    }
     damaged: list[DamagedShard] = []
     dropped: frozenset[str] = frozenset()
     if settings.skip_damaged:
         for kind in stores:
             found, ids = damaged_shards(accelerator, store_url(settings, kind), setup.output_dir / DAMAGE_DIR / kind)
             damaged, dropped = damaged + found, dropped | ids
-    store_rejects = [reject for kind, reader in stores.items() for reject in unusable_utterances(
-        reader, kind, teacher.tokenizer, specials, model.config.max_target_positions,
-        frozenset(d.shard for d in damaged if d.store == reader.url))]
+    store_rejects = [
+        reject
+        for kind, reader in stores.items()
+        for reject in unusable_utterances(
+            reader,
+            kind,
+            teacher.tokenizer,
+            specials,
+            model.config.max_target_positions,
+            frozenset(d.shard for d in damaged if d.store == reader.url),
+        )
+    ]
     dropped |= {reject["id"] for reject in store_rejects}
     templates = {k: torch.from_numpy(np.array(r.tail_template())).to(device) for k, r in stores.items()}
     tle, text = None, TextSplit([], [], [])
     if ratios["text"] > 1e-9 and settings.text_states == "null":
         templates["text"] = templates["audio" if "audio" in templates else "tts"]
         if settings.tle_path and Path(settings.tle_path).is_dir():
-            log.warning('finetune.text_states = "null": the TLE in %s is not loaded (text windows hold no content)',
-                        settings.tle_path)
+            log.warning(
+                'finetune.text_states = "null": the TLE in %s is not loaded (text windows hold no content)',
+                settings.tle_path,
+            )
         text = read_text(settings, teacher.tokenizer, specials, model.config.max_target_positions, None)
     elif ratios["text"] > 1e-9:
         tle = load_tle(settings.tle_path, teacher.info, device)
-        text = read_text(settings, teacher.tokenizer, specials, model.config.max_target_positions,
-                         list(tle.config.languages))
-    return Inputs(teacher, specials, ratios, stores, damaged, dropped, Windows(tle, templates, settings.sample_latent),
-                  text, store_rejects)
+        text = read_text(
+            settings, teacher.tokenizer, specials, model.config.max_target_positions, list(tle.config.languages)
+        )
+    return Inputs(
+        teacher,
+        specials,
+        ratios,
+        stores,
+        damaged,
+        dropped,
+        Windows(tle, templates, settings.sample_latent),
+        text,
+        store_rejects,
+    )
 
 
 def restore(setup: Setup, inputs: Inputs) -> Training:
@@ -307,15 +381,27 @@ def restore(setup: Setup, inputs: Inputs) -> Training:
     if not settings.resume and accelerator.is_main_process and checkpoints.exists():
         shutil.rmtree(checkpoints)
         shutil.rmtree(output_dir / BEST_DIR, ignore_errors=True)
-    state: dict[str, Any] = {"step": 0, "positions": {}, "history": {"validation": [], "best_step": 0,
-                                                                     "best_metric": None, "examples": {}}}
+    state: dict[str, Any] = {
+        "step": 0,
+        "positions": {},
+        "history": {"validation": [], "best_step": 0, "best_metric": None, "examples": {}},
+    }
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler, output_dir / BEST_DIR)
         log.info("resuming from %s (step %d)", resume_from, state["step"])
     # the scheduler is stepped by hand once per optimiser step (a prepared one steps once per process)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    return Training(prepared, accelerator.unwrap_model(prepared), shared_tail, optimizer, scheduler, state["step"],
-                    state["step"] if resume_from is not None else 0, state["positions"], state["history"])
+    return Training(
+        prepared,
+        accelerator.unwrap_model(prepared),
+        shared_tail,
+        optimizer,
+        scheduler,
+        state["step"],
+        state["step"] if resume_from is not None else 0,
+        state["positions"],
+        state["history"],
+    )
 
 
 def open_streams(setup: Setup, inputs: Inputs, training: Training) -> dict[str, StoreStream | TextStream]:
@@ -323,15 +409,25 @@ def open_streams(setup: Setup, inputs: Inputs, training: Training) -> dict[str, 
     settings, accelerator = setup.settings, setup.accelerator
     positions = training.positions
     streams: dict[str, StoreStream | TextStream] = {
-        k: StoreStream(store_url(settings, k), WithoutIds(HeldOut(settings.val_fraction, settings.seed, False),
-                                                          inputs.dropped),
-                       settings.seed, settings.shuffle_buffer, settings.num_workers, tuple(positions.get(k, (0, 0))),
-                       settings.skip_damaged)
+        k: StoreStream(
+            store_url(settings, k),
+            WithoutIds(HeldOut(settings.val_fraction, settings.seed, False), inputs.dropped),
+            settings.seed,
+            settings.shuffle_buffer,
+            settings.num_workers,
+            tuple(positions.get(k, (0, 0))),
+            settings.skip_damaged,
+        )
         for k in inputs.stores
     }
     if inputs.text.train:
-        streams["text"] = TextStream(inputs.text.train, settings.seed, accelerator.process_index,
-                                     accelerator.num_processes, tuple(positions.get("text", (0, 0))))
+        streams["text"] = TextStream(
+            inputs.text.train,
+            settings.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            tuple(positions.get("text", (0, 0))),
+        )
     return streams
 
 
@@ -341,44 +437,69 @@ def validation_data(setup: Setup, inputs: Inputs, training: Training) -> Validat
     data = ValidationData({}, [], [], [])
     if not setup.accelerator.is_main_process:
         return data
-    data.examples = {k: held_out_store_examples(
-        store_url(settings, k), k, WithoutIds(HeldOut(settings.val_fraction, settings.seed, True), inputs.dropped),
-        settings.val_size, settings.skip_damaged) for k in inputs.stores}
+    data.examples = {
+        k: held_out_store_examples(
+            store_url(settings, k),
+            k,
+            WithoutIds(HeldOut(settings.val_fraction, settings.seed, True), inputs.dropped),
+            settings.val_size,
+            settings.skip_damaged,
+        )
+        for k in inputs.stores
+    }
     if inputs.text.train:
         data.examples["text"] = text_examples(inputs.text.held_out[: settings.val_size])
     if settings.val_audio:
         data.audio_clips, data.audio_states, data.audio_rejects = prepare_val_audio(
-            setup.config, training.whisper, inputs.teacher.tokenizer, inputs.teacher.geometry)
+            setup.config, training.whisper, inputs.teacher.tokenizer, inputs.teacher.geometry
+        )
     if settings.val_fraction > 0 and not any(data.examples.values()) and not settings.val_audio:
         log.warning("no held-out example and no val_audio: validation has nothing to score; the last step is kept")
     return data
 
 
-def train(setup: Setup, inputs: Inputs, training: Training, streams: dict[str, Any], val_data: ValidationData
-          ) -> list[Any]:
+def train(
+    setup: Setup, inputs: Inputs, training: Training, streams: dict[str, Any], val_data: ValidationData
+) -> list[Any]:
     """The loop: mixed micro-batches, accumulate, clip, step; log, validate and checkpoint on schedule.
     Returns val_audio's clip scores at the last validation."""
     settings, accelerator, device = setup.settings, setup.accelerator, setup.accelerator.device
     model, optimizer, scheduler, history = training.model, training.optimizer, training.scheduler, training.history
     tokenizer = inputs.teacher.tokenizer
-    logs = open_logs(setup, (TRAIN_COLUMNS, VALIDATION_COLUMNS), training.step if training.resumed_from else None,
-                     asdict(settings))
-    bar = progress_bar(settings.steps, "finetune", "step", settings.progress and accelerator.is_main_process,
-                       initial=training.step)
+    logs = open_logs(
+        setup, (TRAIN_COLUMNS, VALIDATION_COLUMNS), training.step if training.resumed_from else None, asdict(settings)
+    )
+    bar = progress_bar(
+        settings.steps, "finetune", "step", settings.progress and accelerator.is_main_process, initial=training.step
+    )
     seen = {k: history["examples"].get(k, 0) for k in KINDS}
     window = TrainWindow()
     last_scores: list[Any] = []
     model.train()
     while training.step < settings.steps:
         for micro in range(settings.grad_accum):
-            examples = next_examples(streams, mix_counts(settings.batch_size, settings.audio_ratio, settings.tts_ratio,
-                                                         training.step * settings.grad_accum + micro))
-            text = encode_texts(tokenizer, inputs.specials, [e.text for e in examples], [e.language for e in examples],
-                                inputs.max_positions).to(device)
+            examples = next_examples(
+                streams,
+                mix_counts(
+                    settings.batch_size,
+                    settings.audio_ratio,
+                    settings.tts_ratio,
+                    training.step * settings.grad_accum + micro,
+                ),
+            )
+            text = encode_texts(
+                tokenizer,
+                inputs.specials,
+                [e.text for e in examples],
+                [e.language for e in examples],
+                inputs.max_positions,
+            ).to(device)
             with accelerator.accumulate(model), accelerator.autocast():
                 windows, tail = inputs.windows.build_with_tail(examples, text, training=True)  # (B, F, D)
                 with training.shared_tail(tail):
-                    logits = model(encoder_outputs=(windows,), decoder_input_ids=text.decoder_input_ids).logits  # (B, S, V)
+                    logits = model(
+                        encoder_outputs=(windows,), decoder_input_ids=text.decoder_input_ids
+                    ).logits  # (B, S, V)
                 per_token = token_losses(logits, text.labels, settings.label_smoothing)  # (B, S)
                 loss = per_token.sum() / (text.labels != IGNORE_INDEX).sum()
                 kinds = [e.kind for e in examples]
@@ -387,8 +508,9 @@ def train(setup: Setup, inputs: Inputs, training: Training, streams: dict[str, A
                 check_finite(training.step + 1, terms)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    window.grad_norm = clip_and_check(accelerator, model.parameters(), settings.grad_clip,
-                                                      training.step + 1, terms)
+                    window.grad_norm = clip_and_check(
+                        accelerator, model.parameters(), settings.grad_clip, training.step + 1, terms
+                    )
                 optimizer.step()  # no-ops between accumulation boundaries
                 optimizer.zero_grad()
             window.add(losses, len(examples) * accelerator.num_processes)
@@ -412,8 +534,18 @@ def train(setup: Setup, inputs: Inputs, training: Training, streams: dict[str, A
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             history["examples"] = seen
             positions = {k: stream.position for k, stream in streams.items()}
-            save_checkpoint(accelerator, setup.output_dir / CHECKPOINTS_DIR, training.whisper, optimizer, scheduler,
-                            step, positions, history, setup.output_dir / BEST_DIR, settings.keep_checkpoints)
+            save_checkpoint(
+                accelerator,
+                setup.output_dir / CHECKPOINTS_DIR,
+                training.whisper,
+                optimizer,
+                scheduler,
+                step,
+                positions,
+                history,
+                setup.output_dir / BEST_DIR,
+                settings.keep_checkpoints,
+            )
     bar.close()
     history["examples"] = seen
     accelerator.wait_for_everyone()
@@ -449,14 +581,18 @@ class TrainWindow:
         """A train_log.csv row: the loss per label token, overall and per kind."""
         row: dict[str, Any] = {f"loss_{k}": total / max(n, 1) for k, (total, n) in self.losses.items()}
         tokens = sum(n for _, n in self.losses.values())
-        row.update(step=step, loss=sum(t for t, _ in self.losses.values()) / max(1, tokens), lr=lr,
-                   grad_norm=self.grad_norm, examples_per_s=self.examples / (time.time() - self.started),
-                   epoch_text=epoch_text)
+        row.update(
+            step=step,
+            loss=sum(t for t, _ in self.losses.values()) / max(1, tokens),
+            lr=lr,
+            grad_norm=self.grad_norm,
+            examples_per_s=self.examples / (time.time() - self.started),
+            epoch_text=epoch_text,
+        )
         return row
 
 
-def validate_step(setup: Setup, inputs: Inputs, training: Training, val_data: ValidationData, logs: Logs
-                  ) -> list[Any]:
+def validate_step(setup: Setup, inputs: Inputs, training: Training, val_data: ValidationData, logs: Logs) -> list[Any]:
     """Validate at training.step (main process), log it, keep the best weights; val_audio's clip scores."""
     history, step, accelerator = training.history, training.step, setup.accelerator
     metrics, scores = validate_with(training.whisper, inputs, val_data, setup.config)
@@ -464,17 +600,20 @@ def validate_step(setup: Setup, inputs: Inputs, training: Training, val_data: Va
     history["validation"].append(metrics)
     logs.validation.write({**metrics, "loops": len(metrics.get("loops", []))})
     accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step)
-    if not math.isnan(metrics["metric"]) and (history["best_metric"] is None
-                                              or metrics["metric"] < history["best_metric"]):
+    if not math.isnan(metrics["metric"]) and (
+        history["best_metric"] is None or metrics["metric"] < history["best_metric"]
+    ):
         history["best_metric"], history["best_step"] = metrics["metric"], step
         save_best(training.whisper, setup.output_dir / BEST_DIR)
-    log.info("step %d validation: %s", step, ", ".join(
-        f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    log.info(
+        "step %d validation: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    )
     return scores
 
 
-def finish(setup: Setup, inputs: Inputs, training: Training, val_data: ValidationData, last_scores: list[Any],
-           started: float) -> FinetuneResult:
+def finish(
+    setup: Setup, inputs: Inputs, training: Training, val_data: ValidationData, last_scores: list[Any], started: float
+) -> FinetuneResult:
     """Save the best (or last) step's Whisper and the summary."""
     settings, accelerator, output_dir = setup.settings, setup.accelerator, setup.output_dir
     history, whisper, step = training.history, training.whisper, training.step
@@ -490,31 +629,45 @@ def finish(setup: Setup, inputs: Inputs, training: Training, val_data: Validatio
             last_scores = validate_with(whisper, inputs, val_data, setup.config)[1]
         save_adapted(whisper, inputs.teacher, output_dir)
     result = FinetuneResult(
-        output_dir=str(output_dir), steps=step, resumed_from=training.resumed_from,
-        train_examples={"text": len(inputs.text.train),
-                        **{k: len(r) - sum(d.utterances for d in inputs.damaged if d.store == r.url)
-                           - sum(reject["store"] == k for reject in inputs.store_rejects)
-                           for k, r in inputs.stores.items()}},
-        held_out={k: len(v) for k, v in val_data.examples.items()} | (
-            {"val_audio": len(val_data.audio_clips)} if settings.val_audio else {}),
-        examples_seen=history["examples"], corpus_rejects=[asdict(r) for r in inputs.text.rejects],
-        best_step=history["best_step"], select_by=select_by(settings), saved_step=saved_step,
-        validation=history["validation"], outliers=outliers(last_scores, setup.config.evaluate.outliers),
-        wall_seconds=time.time() - started, damaged_shards=[asdict(d) for d in inputs.damaged],
+        output_dir=str(output_dir),
+        steps=step,
+        resumed_from=training.resumed_from,
+        train_examples={
+            "text": len(inputs.text.train),
+            **{
+                k: len(r)
+                - sum(d.utterances for d in inputs.damaged if d.store == r.url)
+                - sum(reject["store"] == k for reject in inputs.store_rejects)
+                for k, r in inputs.stores.items()
+            },
+        },
+        held_out={k: len(v) for k, v in val_data.examples.items()}
+        | ({"val_audio": len(val_data.audio_clips)} if settings.val_audio else {}),
+        examples_seen=history["examples"],
+        corpus_rejects=[asdict(r) for r in inputs.text.rejects],
+        best_step=history["best_step"],
+        select_by=select_by(settings),
+        saved_step=saved_step,
+        validation=history["validation"],
+        outliers=outliers(last_scores, setup.config.evaluate.outliers),
+        wall_seconds=time.time() - started,
+        damaged_shards=[asdict(d) for d in inputs.damaged],
         store_rejects=inputs.store_rejects,
         precision_hint=setup.precision_hint(),
     )
     if accelerator.is_main_process:
         (output_dir / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
         write_card(output_dir)
-        plot_training_curves(output_dir / TRAIN_LOG, output_dir / VALIDATION_LOG, CURVES,
-                             output_dir / "loss_curves.png")
+        plot_training_curves(
+            output_dir / TRAIN_LOG, output_dir / VALIDATION_LOG, CURVES, output_dir / "loss_curves.png"
+        )
     accelerator.end_training()
     return result
 
 
-def validate_with(model: Any, inputs: Inputs, data: ValidationData, config: PipelineConfig
-                  ) -> tuple[dict[str, Any], list[Any]]:
+def validate_with(
+    model: Any, inputs: Inputs, data: ValidationData, config: PipelineConfig
+) -> tuple[dict[str, Any], list[Any]]:
     """`validate` with this run's windows, ratios and tokenizer."""
     return validate(model, inputs.windows, inputs.ratios, inputs.teacher.tokenizer, inputs.specials, data, config)
 

@@ -2,6 +2,7 @@
 far, the history, and the adapted Whisper saved whole (stages.training writes the optimiser, scheduler,
 data positions and RNG states beside them; safetensors + JSON: resuming unpickles nothing).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,30 @@ from whistle_pipeline.teacher import LoadedTeacher
 from whistle_pipeline.windows import trainable_state
 
 
-def save_checkpoint(accelerator: Any, directory: Path, model: Any, optimizer: Any, scheduler: Any, step: int,
-                    positions: dict[str, tuple[int, int]], history: dict[str, Any], best_dir: Path, keep: int) -> None:
+def save_checkpoint(
+    accelerator: Any,
+    directory: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    step: int,
+    positions: dict[str, tuple[int, int]],
+    history: dict[str, Any],
+    best_dir: Path,
+    keep: int,
+) -> None:
     """checkpoints/step-N/ (stages.training): trainable weights, the best weights so far, validation
     history, optimiser, scheduler, every rank's data positions and RNG. Older checkpoints beyond `keep` go."""
-    loop.save_checkpoint(accelerator, directory, step, {"positions": positions},
-                             partial(write_weights, model, history, best_dir), optimizer, scheduler, keep)
+    loop.save_checkpoint(
+        accelerator,
+        directory,
+        step,
+        {"positions": positions},
+        partial(write_weights, model, history, best_dir),
+        optimizer,
+        scheduler,
+        keep,
+    )
 
 
 def write_weights(model: Any, history: dict[str, Any], best_dir: Path, folder: Path) -> None:
@@ -48,15 +67,18 @@ def load_trainable(model: Any, path: Path, device: Any) -> None:
     parameters = dict(model.named_parameters())
     unknown = sorted(set(state) - {n for n, p in parameters.items() if p.requires_grad})
     if unknown:
-        raise WhistleError(f"{path} holds weights this run does not train ({', '.join(unknown[:3])}…): it was "
-                           "written with another finetune.train_embeddings; use a new output_dir")
+        raise WhistleError(
+            f"{path} holds weights this run does not train ({', '.join(unknown[:3])}…): it was "
+            "written with another finetune.train_embeddings; use a new output_dir"
+        )
     with torch.no_grad():
         for name, tensor in state.items():
             parameters[name].copy_(tensor)
 
 
-def load_checkpoint(accelerator: Any, path: Path, model: Any, optimizer: Any, scheduler: Any, best_dir: Path
-                    ) -> dict[str, Any]:
+def load_checkpoint(
+    accelerator: Any, path: Path, model: Any, optimizer: Any, scheduler: Any, best_dir: Path
+) -> dict[str, Any]:
     """Restore weights, the best weights so far, optimiser, scheduler and this rank's RNG;
     return {step, positions, history}."""
     state = loop.load_checkpoint(accelerator, path, optimizer, scheduler, "finetune")

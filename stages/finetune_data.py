@@ -3,12 +3,14 @@
 Each micro-batch holds the configured fractions of the kinds exactly over the run (mix_counts). Every
 stream saves its `position` (epoch, items taken) in checkpoints, so a resumed run reads on from it.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +33,9 @@ def mix_counts(batch_size: int, audio_ratio: float, tts_ratio: float, index: int
     fractions hold exactly over the run and every batch is within one example of them."""
     before, after = index * batch_size, (index + 1) * batch_size
     audio = math.floor(after * audio_ratio + 1e-9) - math.floor(before * audio_ratio + 1e-9)
-    upto_tts = math.floor(after * (audio_ratio + tts_ratio) + 1e-9) - math.floor(before * (audio_ratio + tts_ratio) + 1e-9)
+    upto_tts = math.floor(after * (audio_ratio + tts_ratio) + 1e-9) - math.floor(
+        before * (audio_ratio + tts_ratio) + 1e-9
+    )
     return {"audio": audio, "tts": upto_tts - audio, "text": batch_size - upto_tts}
 
 
@@ -52,13 +56,23 @@ class StoreStream:
     order and skips the items already taken (read and dropped).
     """
 
-    def __init__(self, url: str, keep: Callable[[str], bool], seed: int, shuffle_buffer: int, num_workers: int,
-                 position: tuple[int, int] = (0, 0), skip_damaged: bool = False):
-        self.dataset = FeatureDataset(url, shuffle=True, seed=seed, shuffle_buffer=shuffle_buffer, keep=keep,
-                                      skip_damaged=skip_damaged)
+    def __init__(
+        self,
+        url: str,
+        keep: Callable[[str], bool],
+        seed: int,
+        shuffle_buffer: int,
+        num_workers: int,
+        position: tuple[int, int] = (0, 0),
+        skip_damaged: bool = False,
+    ):
+        self.dataset = FeatureDataset(
+            url, shuffle=True, seed=seed, shuffle_buffer=shuffle_buffer, keep=keep, skip_damaged=skip_damaged
+        )
         self.epoch, self.taken = position
-        self._items = endless_epochs(self.dataset, seed, self.epoch, self.taken, batch_size=None,
-                                     num_workers=num_workers)
+        self._items = endless_epochs(
+            self.dataset, seed, self.epoch, self.taken, batch_size=None, num_workers=num_workers
+        )
 
     def take(self, count: int) -> list[dict[str, Any]]:
         items = []
@@ -75,8 +89,9 @@ class StoreStream:
 class TextStream:
     """Training sentences, reshuffled each epoch (seed + epoch); rank r of W takes every W-th one."""
 
-    def __init__(self, rows: Sequence[TextRow], seed: int, rank: int, world_size: int,
-                 position: tuple[int, int] = (0, 0)):
+    def __init__(
+        self, rows: Sequence[TextRow], seed: int, rank: int, world_size: int, position: tuple[int, int] = (0, 0)
+    ):
         self.rows, self.seed, self.rank, self.world_size = list(rows), seed, rank, world_size
         self.epoch, self.taken = position
         if len(self.rows) < world_size:
@@ -85,7 +100,7 @@ class TextStream:
 
     def _epoch_order(self) -> np.ndarray:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
-        return order[self.rank::self.world_size][: len(self.rows) // self.world_size]  # equal shares
+        return order[self.rank :: self.world_size][: len(self.rows) // self.world_size]  # equal shares
 
     def take(self, count: int) -> list[TextRow]:
         out = []
@@ -110,8 +125,9 @@ def text_examples(rows: Sequence[TextRow]) -> list[Example]:
     return [Example("text", row.text, row.language) for row in rows]
 
 
-def held_out_store_examples(url: str, kind: str, keep: Callable[[str], bool], size: int,
-                            skip_damaged: bool) -> list[Example]:
+def held_out_store_examples(
+    url: str, kind: str, keep: Callable[[str], bool], size: int, skip_damaged: bool
+) -> list[Example]:
     """The first `size` held-out utterances of a store, in store order."""
     return stored_examples(kind, held_out_items(url, keep, size, skip_damaged))
 
@@ -125,26 +141,50 @@ class TextSplit:
     rejects: list[TextReject]
 
 
-def read_text(settings: FinetuneConfig, tokenizer: Any, specials: SpecialTokens, max_positions: int,
-              tle_languages: Sequence[str] | None) -> TextSplit:
+def read_text(
+    settings: FinetuneConfig,
+    tokenizer: Any,
+    specials: SpecialTokens,
+    max_positions: int,
+    tle_languages: Sequence[str] | None,
+) -> TextSplit:
     """finetune.text, split by the stable hash of each id; refuses a corpus with no training sentence.
     `tle_languages`: the languages the TLE knows (None: no TLE, any language the teacher has)."""
-    corpus = read_corpus(settings.text, text_column=settings.text_column, language=settings.language,
-                         language_column=settings.language_column, split=settings.text_split)
+    corpus = read_corpus(
+        settings.text,
+        text_column=settings.text_column,
+        language=settings.language,
+        language_column=settings.language_column,
+        split=settings.text_split,
+    )
     rows, rejects = usable_rows(corpus.rows, tokenizer, specials, max_positions, tle_languages)
-    split = TextSplit([r for r in rows if not is_held_out(r.id, settings.val_fraction, settings.seed)],
-                      [r for r in rows if is_held_out(r.id, settings.val_fraction, settings.seed)],
-                      corpus.rejects + rejects)
+    split = TextSplit(
+        [r for r in rows if not is_held_out(r.id, settings.val_fraction, settings.seed)],
+        [r for r in rows if is_held_out(r.id, settings.val_fraction, settings.seed)],
+        corpus.rejects + rejects,
+    )
     if not split.train:
-        raise WhistleError(f"no usable training sentence in {settings.text} ({len(split.rejects)} rejected, "
-                           f"{len(split.held_out)} held out)")
-    log.info("text: %s; %d for training, %d held out, %d not usable", corpus.summary(), len(split.train),
-             len(split.held_out), len(split.rejects))
+        raise WhistleError(
+            f"no usable training sentence in {settings.text} ({len(split.rejects)} rejected, "
+            f"{len(split.held_out)} held out)"
+        )
+    log.info(
+        "text: %s; %d for training, %d held out, %d not usable",
+        corpus.summary(),
+        len(split.train),
+        len(split.held_out),
+        len(split.rejects),
+    )
     return split
 
 
-def usable_rows(rows: Sequence[TextRow], tokenizer: Any, specials: SpecialTokens, max_positions: int,
-                tle_languages: Sequence[str] | None) -> tuple[list[TextRow], list[TextReject]]:
+def usable_rows(
+    rows: Sequence[TextRow],
+    tokenizer: Any,
+    specials: SpecialTokens,
+    max_positions: int,
+    tle_languages: Sequence[str] | None,
+) -> tuple[list[TextRow], list[TextReject]]:
     """Rows the tokenizer, the decoder and the TLE (if any) can take; the others with the reason (never mid-run)."""
     kept, rejects = [], []
     for row in rows:
@@ -159,8 +199,9 @@ def usable_rows(rows: Sequence[TextRow], tokenizer: Any, specials: SpecialTokens
     return kept, rejects
 
 
-def unusable_utterances(reader: StoreReader, kind: str, tokenizer: Any, specials: SpecialTokens,
-                        max_positions: int, damaged: frozenset[int]) -> list[dict[str, str]]:
+def unusable_utterances(
+    reader: StoreReader, kind: str, tokenizer: Any, specials: SpecialTokens, max_positions: int, damaged: frozenset[int]
+) -> list[dict[str, str]]:
     """The stored utterances of `kind` the decoder cannot take (transcript_problem), with the reason: left out
     of training and validation and counted, as train-tle leaves them out, never stopping the run mid-way.
     Reads the shards' small arrays only (the `damaged` shards, left out whole, are not read)."""
@@ -181,8 +222,15 @@ def load_tle(path: str, teacher: TeacherInfo, device: Any) -> TLEModel:
     try:
         tle = TLEModel.from_pretrained(path, use_safetensors=True)
     except (OSError, ValueError) as err:
-        raise WhistleError(f"cannot load the TLE from {path!r}: {err}. Give a `whistle train-tle` output folder.") from err
+        raise WhistleError(
+            f"cannot load the TLE from {path!r}: {err}. Give a `whistle train-tle` output folder."
+        ) from err
     if tle.config.teacher:
-        check_teacher(TeacherInfo.from_dict(tle.config.teacher), teacher, f"the TLE in {path}",
-                      "Fine-tune the teacher the TLE learned from, or train a TLE on this teacher's store.", "TLE")
+        check_teacher(
+            TeacherInfo.from_dict(tle.config.teacher),
+            teacher,
+            f"the TLE in {path}",
+            "Fine-tune the teacher the TLE learned from, or train a TLE on this teacher's store.",
+            "TLE",
+        )
     return tle.requires_grad_(False).eval().to(device)

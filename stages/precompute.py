@@ -21,6 +21,7 @@ Shard k holds source rows [k*S, (k+1)*S) and belongs to process k % W, so `accel
 one barrier at the start (rank 0 creates or overwrites the store) and one at the end (the run
 record). Complete shards are skipped on a rerun and incomplete ones redone: resume is free.
 """
+
 from __future__ import annotations
 
 import collections
@@ -42,8 +43,8 @@ from torch.utils.data import DataLoader
 from stages.audio_batches import Batch, ClipDataset, collate, quiet_worker
 from stages.background_writer import BackgroundWriter
 from store import ShardRecord, StoreReader, StoreSpec, StoreWriter, TeacherInfo
-from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline import preflight
+from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.progress import progress_bar
 from whistle_pipeline.sources import Source, SourceReject, open_source
@@ -65,8 +66,9 @@ END_OF_RUN_TIMEOUT = datetime.timedelta(days=7)  # how long finished processes w
 # --- the shards' batches ------------------------------------------------------------------------
 
 
-def _batches(store: StoreWriter, shards: list[range], shard_size: int, batch_size: int,
-             busy: list[int]) -> Iterator[list[int]]:
+def _batches(
+    store: StoreWriter, shards: list[range], shard_size: int, batch_size: int, busy: list[int]
+) -> Iterator[list[int]]:
     """Batches within each shard, so a shard's clips are batched alike whichever process runs it and
     whether or not the run is resumed (identical inputs -> identical states). Each shard is claimed
     when the loader reaches it; one another live run is writing (or has completed since) is skipped
@@ -149,7 +151,8 @@ class PrecomputeResult:
             f"  teacher     {self.teacher} on {self.device} ({self.dtype}), {self.frames} frames, "
             f"{self.world_size} process(es)",
             f"  shards      {self.shards_written} written, {self.shards_skipped} skipped (complete from an earlier "
-            f"run), " + (f"{self.shards_busy} left to another run writing them, " if self.shards_busy else "")
+            f"run), "
+            + (f"{self.shards_busy} left to another run writing them, " if self.shards_busy else "")
             + f"{self.shards_total} in all",
             f"  this run    {self.rows} rows: {self.clips} clips stored, {rejected} rejected"
             + (f" ({by_kind})" if by_kind else ""),
@@ -159,18 +162,25 @@ class PrecomputeResult:
             f"  store       {self.store_utterances} utterances, {self.store_rejects} rejects in its complete shards",
         ]
         if self.seconds and self.input_wait_seconds > 0.1 * self.seconds:
-            lines.append(f"  note        the encoder waited {self.input_wait_seconds:.0f} s for audio: raise "
-                         "precompute.num_workers")
+            lines.append(
+                f"  note        the encoder waited {self.input_wait_seconds:.0f} s for audio: raise "
+                "precompute.num_workers"
+            )
         if self.seconds and self.write_wait_seconds > 0.1 * self.seconds:
-            lines.append(f"  note        the encoder waited {self.write_wait_seconds:.0f} s for the shard writers: "
-                         "raise precompute.write_threads")
+            lines.append(
+                f"  note        the encoder waited {self.write_wait_seconds:.0f} s for the shard writers: "
+                "raise precompute.write_threads"
+            )
         if hint := bf16_hint(self.device, self.dtype, "--dtype bfloat16"):
             lines.append(f"  note        {hint}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "clips_per_second": self.clips_per_second,
-                "audio_hours_per_hour": self.audio_hours_per_hour}
+        return {
+            **dataclasses.asdict(self),
+            "clips_per_second": self.clips_per_second,
+            "audio_hours_per_hour": self.audio_hours_per_hour,
+        }
 
 
 def _state(config: PipelineConfig) -> PartialState:
@@ -191,9 +201,14 @@ def _spec(config: PipelineConfig, teacher: TeacherInfo, source: Source) -> Store
     store = config.store
     return StoreSpec(
         teacher=teacher,
-        frames=store.frames, speech_margin_frames=store.speech_margin_frames, shard_size=store.shard_size,
-        chunk_frames=store.chunk_frames, codec=store.codec, compression_level=store.compression_level,
-        bitround_keepbits=store.bitround_keepbits, dataset_fingerprint=source.fingerprint,
+        frames=store.frames,
+        speech_margin_frames=store.speech_margin_frames,
+        shard_size=store.shard_size,
+        chunk_frames=store.chunk_frames,
+        codec=store.codec,
+        compression_level=store.compression_level,
+        bitround_keepbits=store.bitround_keepbits,
+        dataset_fingerprint=source.fingerprint,
         augment=config.precompute.augment,
     )
 
@@ -205,9 +220,12 @@ def _open_store(config: PipelineConfig, spec: StoreSpec, state) -> StoreWriter:
     if state.is_main_process:
         writer = StoreWriter.open(config.store.path, spec, overwrite=config.precompute.overwrite)
         if not writer.spec.teacher.encoder_fingerprint:
-            log.warning("store %s records no fingerprint of its teacher's encoder weights (written before whistle "
-                        "kept one): whether %r has the weights that made its shards cannot be checked", writer.url,
-                        config.teacher.name_or_path)
+            log.warning(
+                "store %s records no fingerprint of its teacher's encoder weights (written before whistle "
+                "kept one): whether %r has the weights that made its shards cannot be checked",
+                writer.url,
+                config.teacher.name_or_path,
+            )
     state.wait_for_everyone()
     return writer or StoreWriter.open(config.store.path, spec)
 
@@ -243,10 +261,17 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     with state.main_process_first():  # one process downloads from the hub; the others read its cache
         source = open_source(config.data)
         if not len(source):
-            raise WhistleError(f"{source.describe()}: nothing to precompute. Check data.path, data.split/subset "
-                               "and data.max_clips.")
-        teacher = load_teacher(config.teacher.name_or_path, config.teacher.revision, "encoder", device,
-                               config.teacher.dtype, config.teacher.attn_implementation)
+            raise WhistleError(
+                f"{source.describe()}: nothing to precompute. Check data.path, data.split/subset and data.max_clips."
+            )
+        teacher = load_teacher(
+            config.teacher.name_or_path,
+            config.teacher.revision,
+            "encoder",
+            device,
+            config.teacher.dtype,
+            config.teacher.attn_implementation,
+        )
         encoder, geometry = teacher.model, teacher.geometry
     if state.is_main_process:
         used = {name: dataclasses.asdict(getattr(config, name)) for name in ("teacher", "data", "store", "precompute")}
@@ -262,8 +287,9 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     todo = [k for k in mine if k not in complete]
     stats = RankStats(rank=state.process_index, shards_skipped=len(mine) - len(todo))
     if stats.shards_skipped:
-        log.info("rank %d: %d of its %d shards are complete and kept", state.process_index, stats.shards_skipped,
-                 len(mine))
+        log.info(
+            "rank %d: %d of its %d shards are complete and kept", state.process_index, stats.shards_skipped, len(mine)
+        )
     shards = [range(k * shard_size, min((k + 1) * shard_size, len(source))) for k in todo]
     stats.rows = sum(len(rows) for rows in shards)
 
@@ -275,16 +301,20 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     everyone = _gather(stats, end_group)
     reader = StoreReader(store.url)
     store_rejects = sum(len(reader.shard_attrs(k).get("rejects", [])) for k in reader.shards())
-    result = _result(config, source, spec, device, encoder.dtype, everyone, n_shards, len(reader), store_rejects,
-                     state.process_index)
+    result = _result(
+        config, source, spec, device, encoder.dtype, everyone, n_shards, len(reader), store_rejects, state.process_index
+    )
     if state.is_main_process:
-        store.write_record(RECORD_NAME, {
-            **result.to_dict(),
-            "source": {**source.identity, "fingerprint": source.fingerprint},
-            "teacher": spec.teacher.to_dict(),
-            "config": config.to_dict(),
-            "config_toml": config.to_toml(),
-        })
+        store.write_record(
+            RECORD_NAME,
+            {
+                **result.to_dict(),
+                "source": {**source.identity, "fingerprint": source.fingerprint},
+                "teacher": spec.teacher.to_dict(),
+                "config": config.to_dict(),
+                "config_toml": config.to_toml(),
+            },
+        )
     if config.precompute.strict and store_rejects:
         raise WhistleError(
             f"precompute.strict: {store_rejects} clip(s) were rejected (by kind this run: {result.rejects}); "
@@ -294,24 +324,46 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     return result
 
 
-def _result(config, source, spec, device, dtype, everyone: list[RankStats], n_shards: int,
-            store_utterances: int, store_rejects: int, rank: int) -> PrecomputeResult:
+def _result(
+    config,
+    source,
+    spec,
+    device,
+    dtype,
+    everyone: list[RankStats],
+    n_shards: int,
+    store_utterances: int,
+    store_rejects: int,
+    rank: int,
+) -> PrecomputeResult:
     rejects: collections.Counter = collections.Counter()
     for stats in everyone:
         rejects.update(stats.rejects)
     return PrecomputeResult(
-        store=str(config.store.path), source=source.describe(), teacher=spec.teacher.name_or_path,
-        frames=spec.frames, device=str(device), dtype=str(dtype).removeprefix("torch."), world_size=len(everyone),
-        shards_total=n_shards, shards_written=sum(s.shards_written for s in everyone),
-        shards_skipped=sum(s.shards_skipped for s in everyone), shards_busy=sum(s.shards_busy for s in everyone),
+        store=str(config.store.path),
+        source=source.describe(),
+        teacher=spec.teacher.name_or_path,
+        frames=spec.frames,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        world_size=len(everyone),
+        shards_total=n_shards,
+        shards_written=sum(s.shards_written for s in everyone),
+        shards_skipped=sum(s.shards_skipped for s in everyone),
+        shards_busy=sum(s.shards_busy for s in everyone),
         rows=sum(s.rows for s in everyone),
-        clips=sum(s.clips for s in everyone), audio_seconds=sum(s.audio_seconds for s in everyone),
-        rejects=dict(rejects), seconds=max(s.seconds for s in everyone), nbytes=sum(s.nbytes for s in everyone),
-        store_utterances=store_utterances, store_rejects=store_rejects,
+        clips=sum(s.clips for s in everyone),
+        audio_seconds=sum(s.audio_seconds for s in everyone),
+        rejects=dict(rejects),
+        seconds=max(s.seconds for s in everyone),
+        nbytes=sum(s.nbytes for s in everyone),
+        store_utterances=store_utterances,
+        store_rejects=store_rejects,
         pipeline_seconds=max(s.pipeline_seconds for s in everyone),
         input_wait_seconds=max(s.input_wait_seconds for s in everyone),
         write_wait_seconds=max(s.write_wait_seconds for s in everyone),
-        per_rank=[dataclasses.asdict(s) for s in everyone], rank=rank,
+        per_rank=[dataclasses.asdict(s) for s in everyone],
+        rank=rank,
     )
 
 
@@ -328,8 +380,17 @@ class _InFlight:
     #                              arguments (speech mode; see batch_sums)
 
 
-def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: TeacherGeometry, store: StoreWriter,
-                 device: torch.device, shards: list[range], stats: RankStats, main: bool) -> list[ShardRecord]:
+def _encode_rows(
+    config: PipelineConfig,
+    source: Source,
+    encoder,
+    geometry: TeacherGeometry,
+    store: StoreWriter,
+    device: torch.device,
+    shards: list[range],
+    stats: RankStats,
+    main: bool,
+) -> list[ShardRecord]:
     """Encode the rows of `shards` and hand them to the writer threads; the records of the shards written."""
     if not shards:
         return []
@@ -358,8 +419,11 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
         stats.pipeline_seconds = time.perf_counter() - began
         stats.write_wait_seconds = writer.wait_seconds
         if busy:
-            log.warning("%d shard(s) were being written by another run on this store and were left to it: %s",
-                        len(busy), ", ".join(map(str, busy[:10])) + (", ..." if len(busy) > 10 else ""))
+            log.warning(
+                "%d shard(s) were being written by another run on this store and were left to it: %s",
+                len(busy),
+                ", ".join(map(str, busy[:10])) + (", ..." if len(busy) > 10 else ""),
+            )
         stats.shards_busy = len(busy)
         stats.rows -= sum(len(rows) for rows in shards if rows.start // shard_size in busy)
     except BaseException:
@@ -370,8 +434,15 @@ def _encode_rows(config: PipelineConfig, source: Source, encoder, geometry: Teac
     return records
 
 
-def _loader(config: PipelineConfig, source: Source, geometry: TeacherGeometry, store: StoreWriter,
-            shards: list[range], device: torch.device, busy: list[int]) -> DataLoader:
+def _loader(
+    config: PipelineConfig,
+    source: Source,
+    geometry: TeacherGeometry,
+    store: StoreWriter,
+    shards: list[range],
+    device: torch.device,
+    busy: list[int],
+) -> DataLoader:
     """Batches of decoded, padded clips from DataLoader workers (shards claimed as the loader reaches them)."""
     options = config.precompute
     workers = options.num_workers
@@ -389,8 +460,16 @@ def _loader(config: PipelineConfig, source: Source, geometry: TeacherGeometry, s
 class _Delivery:
     """Hands each finished batch to the writer threads (rows in order), closing each shard at its last row."""
 
-    def __init__(self, writer: BackgroundWriter, stats: RankStats, geometry: TeacherGeometry,
-                 config: PipelineConfig, shards: list[range], progress: Any, dtype: torch.dtype):
+    def __init__(
+        self,
+        writer: BackgroundWriter,
+        stats: RankStats,
+        geometry: TeacherGeometry,
+        config: PipelineConfig,
+        shards: list[range],
+        progress: Any,
+        dtype: torch.dtype,
+    ):
         self.writer, self.stats, self.geometry, self.progress = writer, stats, geometry, progress
         self.dtype = dtype
         self.began = time.perf_counter()
@@ -424,9 +503,16 @@ class _Delivery:
                     stats.count_reject(reason)
                 else:
                     window = states[i]  # (F, D)
-                    writer.add(shard, id=clip.id, text=clip.text, language=clip.language, duration_s=duration,
-                               states=window if self.full else window[:frames], speech_frames=frames,
-                               summed=not self.full)
+                    writer.add(
+                        shard,
+                        id=clip.id,
+                        text=clip.text,
+                        language=clip.language,
+                        duration_s=duration,
+                        states=window if self.full else window[:frames],
+                        speech_frames=frames,
+                        summed=not self.full,
+                    )
                     stats.clips += 1
                     stats.audio_seconds += duration
             self.left[shard] -= 1
@@ -437,8 +523,9 @@ class _Delivery:
         self.progress.set_postfix_str(f"{stats.audio_seconds / elapsed:.0f} audio-h/h", refresh=False)
 
 
-def _launch(batch: Batch, encoder, geometry: TeacherGeometry, device: torch.device,
-            speech: tuple[int, int] | None) -> _InFlight:
+def _launch(
+    batch: Batch, encoder, geometry: TeacherGeometry, device: torch.device, speech: tuple[int, int] | None
+) -> _InFlight:
     """Start the encoder on a batch and the non-blocking copies of its results to host memory.
 
     `speech` = (margin frames, shard size) in speech mode: then each window is checked for inf/nan and summed
@@ -458,15 +545,17 @@ def _launch(batch: Batch, encoder, geometry: TeacherGeometry, device: torch.devi
     if device.type != "cuda":
         return _InFlight(batch, states.cpu(), None, finite.cpu(), sums)
     host_states, host_finite = _pinned_copy(states), _pinned_copy(finite)
-    host_sums = {shard: {name: _pinned_copy(values) for name, values in shard_sums.items()}
-                 for shard, shard_sums in sums.items()}
+    host_sums = {
+        shard: {name: _pinned_copy(values) for name, values in shard_sums.items()} for shard, shard_sums in sums.items()
+    }
     copied = torch.cuda.Event()
     copied.record()
     return _InFlight(batch, host_states, copied, host_finite, host_sums)
 
 
-def batch_sums(states: torch.Tensor, frames: list[int], shards: list[int]
-               ) -> tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]]:
+def batch_sums(
+    states: torch.Tensor, frames: list[int], shards: list[int]
+) -> tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]]:
     """Where the states are (the GPU): which windows are finite, and per shard the sums ShardWriter would make
     from the finite ones (ShardWriter.add_sums arguments), so that only speech frames need reach the host.
 
@@ -481,11 +570,13 @@ def batch_sums(states: torch.Tensor, frames: list[int], shards: list[int]
     out: dict[int, dict[str, torch.Tensor]] = {}
     for b, (n_frames, shard) in enumerate(zip(frames, shards)):
         if shard not in out:
-            out[shard] = {"tail_sum": torch.zeros(max_frames, d_model, device=device),
-                          "tail_count": torch.zeros(max_frames, dtype=torch.int64, device=device),
-                          "stat_sum": torch.zeros(d_model, device=device),
-                          "stat_sqsum": torch.zeros(d_model, device=device),
-                          "stat_count": torch.zeros((), dtype=torch.int64, device=device)}
+            out[shard] = {
+                "tail_sum": torch.zeros(max_frames, d_model, device=device),
+                "tail_count": torch.zeros(max_frames, dtype=torch.int64, device=device),
+                "stat_sum": torch.zeros(d_model, device=device),
+                "stat_sqsum": torch.zeros(d_model, device=device),
+                "stat_count": torch.zeros((), dtype=torch.int64, device=device),
+            }
         sums = out[shard]
         # torch.where, not a multiply: a non-finite window must add nothing (0 x inf is nan)
         sums["tail_sum"][n_frames:] += torch.where(finite[b], states[b, n_frames:], 0.0)  # (M - T, D)

@@ -4,15 +4,17 @@ and the held-out metrics of a TLE.
     store ──► align_store / align_shard: frames per TLE token from the frozen teacher's alignment heads + DTW
           ──► KeepSplit (stable hash of each id) ──► Collate ──► TrainBatch ──► validate (held-out metrics)
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +40,11 @@ class DurationTable:
     def __init__(self, durations: dict[str, list[int]]):
         self.index = {utt_id: i for i, utt_id in enumerate(durations)}
         self.offsets = np.cumsum([0] + [len(row) for row in durations.values()])  # (N + 1,)
-        self.values = np.concatenate([np.asarray(row, np.int32) for row in durations.values()]) if durations \
+        self.values = (
+            np.concatenate([np.asarray(row, np.int32) for row in durations.values()])
+            if durations
             else np.zeros(0, np.int32)
+        )
 
     def __contains__(self, utt_id: str) -> bool:
         return utt_id in self.index
@@ -49,7 +54,7 @@ class DurationTable:
 
     def __getitem__(self, utt_id: str) -> np.ndarray:
         i = self.index[utt_id]
-        return self.values[self.offsets[i]:self.offsets[i + 1]]
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
 
 
 @dataclass
@@ -63,8 +68,16 @@ class Alignment:
 
 def alignment_fingerprint(reader: StoreReader, teacher_name: str, teacher: FrozenTeacher) -> dict[str, Any]:
     """What the cached durations depend on, as it reads back from JSON."""
-    return json.loads(json.dumps({"teacher": teacher_name, "vocab_size": teacher.model.config.vocab_size,
-                                  "store_teacher": reader.teacher.to_dict(), "heads": alignment_heads(teacher.model)}))
+    return json.loads(
+        json.dumps(
+            {
+                "teacher": teacher_name,
+                "vocab_size": teacher.model.config.vocab_size,
+                "store_teacher": reader.teacher.to_dict(),
+                "heads": alignment_heads(teacher.model),
+            }
+        )
+    )
 
 
 def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_size: int) -> dict[str, Any]:
@@ -79,8 +92,13 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
     def flush() -> None:
         windows = torch.from_numpy(np.stack([reader.full_window(u.states) for u in pending]))  # (B, F, D)
         windows = windows.to(teacher.model.device)
-        batch = encode_texts(teacher.tokenizer, teacher.specials, [u.text for u in pending],
-                             [u.language for u in pending], teacher.max_positions)
+        batch = encode_texts(
+            teacher.tokenizer,
+            teacher.specials,
+            [u.text for u in pending],
+            [u.language for u in pending],
+            teacher.max_positions,
+        )
         lengths = torch.tensor([u.speech_frames for u in pending])
         speech_frames = max(len(u.states) for u in pending) if speech_mode else None
         aligned = align_batch(teacher, heads, windows, batch.to(windows.device), lengths, speech_frames)
@@ -93,8 +111,7 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
 
     for utt in reader.iter_shard(shard):
         record["languages"][utt.id] = utt.language
-        problem = transcript_problem(teacher.tokenizer, teacher.specials, utt.text, utt.language,
-                                     teacher.max_positions)
+        problem = transcript_problem(teacher.tokenizer, teacher.specials, utt.text, utt.language, teacher.max_positions)
         if problem:
             record["rejects"][utt.id] = problem
             continue
@@ -106,8 +123,16 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
     return record
 
 
-def align_store(accelerator: Any, reader: StoreReader, teacher: FrozenTeacher, teacher_name: str, out_dir: Path,
-                batch_size: int, progress: bool, damaged: frozenset[int] = frozenset()) -> Alignment:
+def align_store(
+    accelerator: Any,
+    reader: StoreReader,
+    teacher: FrozenTeacher,
+    teacher_name: str,
+    out_dir: Path,
+    batch_size: int,
+    progress: bool,
+    damaged: frozenset[int] = frozenset(),
+) -> Alignment:
     """Align every complete shard but the `damaged` ones once (rank r takes the shards at positions r, r + W,
     ...), cache each shard's result as JSON in out_dir, and return the union. Reruns reuse the cache while the
     teacher and the store's teacher are the same."""
@@ -121,8 +146,11 @@ def align_store(accelerator: Any, reader: StoreReader, teacher: FrozenTeacher, t
         meta_path.write_text(json.dumps(fingerprint, indent=1))
     accelerator.wait_for_everyone()
     shards = [k for k in reader.shards() if k not in damaged]
-    mine = [k for k in shards[accelerator.process_index::accelerator.num_processes]
-            if not (out_dir / f"{k:05d}.json").exists()]
+    mine = [
+        k
+        for k in shards[accelerator.process_index :: accelerator.num_processes]
+        if not (out_dir / f"{k:05d}.json").exists()
+    ]
     for shard in tqdm(mine, desc="aligning tokens", unit="shard", disable=not (progress and mine)):
         record = align_shard(reader, shard, teacher, batch_size)
         partial = out_dir / f"{shard:05d}.json.partial"
@@ -161,16 +189,22 @@ class TrainBatch:
     text: TextBatch
     ids: list[str]
 
-    def to(self, device: torch.device) -> "TrainBatch":
-        return TrainBatch(self.states.to(device, non_blocking=True), self.durations.to(device),
-                          self.language_ids.to(device), self.text.to(device), self.ids)
+    def to(self, device: torch.device) -> TrainBatch:
+        return TrainBatch(
+            self.states.to(device, non_blocking=True),
+            self.durations.to(device),
+            self.language_ids.to(device),
+            self.text.to(device),
+            self.ids,
+        )
 
 
 class Collate:
     """FeatureDataset items -> TrainBatch (runs in the DataLoader workers; picklable)."""
 
-    def __init__(self, tokenizer: Any, specials: Any, durations: DurationTable, languages: list[str],
-                 max_positions: int):
+    def __init__(
+        self, tokenizer: Any, specials: Any, durations: DurationTable, languages: list[str], max_positions: int
+    ):
         self.tokenizer, self.specials, self.durations = tokenizer, specials, durations
         self.languages, self.max_positions = languages, max_positions
 
@@ -181,35 +215,46 @@ class Collate:
         for b, utt_id in enumerate(padded["ids"]):
             row = self.durations[utt_id]
             if len(row) != int(text.tle_mask[b].sum()) or row.sum() != int(padded["speech_frames"][b]):
-                raise WhistleError(f"cached durations of {utt_id!r} do not fit its tokens or frames: delete the "
-                                   "durations/ folder of the output directory to align again")
+                raise WhistleError(
+                    f"cached durations of {utt_id!r} do not fit its tokens or frames: delete the "
+                    "durations/ folder of the output directory to align again"
+                )
             durations[b, : len(row)] = torch.from_numpy(row)
         speech = int(padded["speech_frames"].max())  # full-window stores: only the speech frames are targets
         language_ids = torch.tensor([self.languages.index(code) for code in padded["languages"]])
         return TrainBatch(padded["states"][:, :speech], durations, language_ids, text, padded["ids"])
 
 
-def stream_batches(dataset: FeatureDataset, collate: Collate, batch_size: int, num_workers: int, seed: int,
-                   epoch: int, skip: int) -> Iterator[tuple[int, int, TrainBatch]]:
+def stream_batches(
+    dataset: FeatureDataset, collate: Collate, batch_size: int, num_workers: int, seed: int, epoch: int, skip: int
+) -> Iterator[tuple[int, int, TrainBatch]]:
     """(epoch, batches read this epoch, batch) forever: a new epoch starts when this rank's share runs out.
     `skip` batches of the first epoch are read and dropped (resuming at a data position)."""
-    return endless_epochs(dataset, seed, epoch, skip, batch_size=batch_size, collate_fn=collate,
-                          num_workers=num_workers)
+    return endless_epochs(
+        dataset, seed, epoch, skip, batch_size=batch_size, collate_fn=collate, num_workers=num_workers
+    )
 
 
-def validation_batches(url: str, collate: Collate, keep: KeepSplit, size: int, batch_size: int,
-                       skip_damaged: bool) -> list[TrainBatch]:
+def validation_batches(
+    url: str, collate: Collate, keep: KeepSplit, size: int, batch_size: int, skip_damaged: bool
+) -> list[TrainBatch]:
     """The first `size` held-out utterances in store order, batched once and kept in memory."""
     items = held_out_items(url, keep, size, skip_damaged)
-    return [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    return [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
 # --- held-out metrics --------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def validate(model: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch], wer_size: int,
-             device: torch.device, reference: dict[str, float] | None = None) -> dict[str, float]:
+def validate(
+    model: TLEModel,
+    teacher: FrozenTeacher,
+    batches: list[TrainBatch],
+    wer_size: int,
+    device: torch.device,
+    reference: dict[str, float] | None = None,
+) -> dict[str, float]:
     """Held-out metrics of the text-only TLE (z = prior mean, no posterior); the teacher's tail template
     must be the model's (teacher.set_tail_template(model.tail_template)):
     mse, cosine (normalised space, true durations); length_error (|predicted - true| / true frames);
@@ -238,27 +283,36 @@ def validate(model: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch],
         add("cosine", masked_cosine(out.states, target, out.frame_mask).item(), int(true_lengths.sum()))
         predicted = model.durations_from_log(out.log_durations, mask)  # (B, L)
         add("length_error", ((predicted.sum(1) - true_lengths).abs() / true_lengths).mean().item(), n)
-        add("duration_mae", ((predicted - batch.durations).abs() * mask).sum().item() / mask.sum().item(),
-            int(mask.sum()))
+        add(
+            "duration_mae",
+            ((predicted - batch.durations).abs() * mask).sum().item() / mask.sum().item(),
+            int(mask.sum()),
+        )
         # every window below is built with the model's tail template, which the teacher knows
         window = model.full_window(model.denormalise(out.states), out.lengths)
         add("decoder_ce", decoder_cross_entropy(teacher, window, text, out.states.shape[1])[0].item(), n)
         speech, lengths = model.speech_frames(text.tle_tokens, mask, batch.language_ids)
         predicted_window = model.full_window(speech, lengths)
-        add("decoder_ce_predicted", decoder_cross_entropy(teacher, predicted_window, text, speech.shape[1])[0].item(), n)
+        add(
+            "decoder_ce_predicted", decoder_cross_entropy(teacher, predicted_window, text, speech.shape[1])[0].item(), n
+        )
         real_window = model.full_window(batch.states, true_lengths)
         if reference is None:
-            add("real_decoder_ce", decoder_cross_entropy(teacher, real_window, text, batch.states.shape[1])[0].item(), n)
+            add(
+                "real_decoder_ce", decoder_cross_entropy(teacher, real_window, text, batch.states.shape[1])[0].item(), n
+            )
         decode = max(0, min(n, wer_size - len(hypotheses)))
         if decode:
             longest = 2 * int(mask[:decode].sum(1).max()) + 10
-            hypotheses += greedy_transcribe(teacher, predicted_window[:decode], text.languages[:decode], longest,
-                                            speech.shape[1])
+            hypotheses += greedy_transcribe(
+                teacher, predicted_window[:decode], text.languages[:decode], longest, speech.shape[1]
+            )
             references += text.texts[:decode]
             languages += text.languages[:decode]
             if reference is None:
-                real_hypotheses += greedy_transcribe(teacher, real_window[:decode], text.languages[:decode], longest,
-                                                     batch.states.shape[1])
+                real_hypotheses += greedy_transcribe(
+                    teacher, real_window[:decode], text.languages[:decode], longest, batch.states.shape[1]
+                )
     metrics = {name: totals[name] / max(counts[name], 1) for name in totals}
     if hypotheses:
         metrics["wer_predicted"] = corpus_wer(references, hypotheses, languages)

@@ -31,6 +31,7 @@ output_dir/  config.json + model.safetensors   the TLE (TLEModel.from_pretrained
              train_log.csv, validation.csv     per-step and per-validation metrics (+ tensorboard/)
              loss_curves.png, summary.json
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,10 +40,11 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,11 +63,9 @@ from stages.training import (
     CHECKPOINTS_DIR,
     TRAIN_LOG,
     VALIDATION_LOG,
+    DamagedShard,
     Logs,
     Setup,
-    open_logs,
-    start_run,
-    DamagedShard,
     build_optimizer,
     check_finite,
     clip_and_check,
@@ -73,8 +73,10 @@ from stages.training import (
     damaged_shards,
     latest_checkpoint,
     load_checkpoint,
+    open_logs,
     open_store,
     save_checkpoint,
+    start_run,
 )
 from store import StoreReader
 from store.dataset import FeatureDataset
@@ -91,10 +93,35 @@ log = logging.getLogger(__name__)
 
 DURATIONS_DIR = "durations"
 DAMAGE_DIR = "damaged-shards"  # each rank's scan of the store under skip_damaged
-TRAIN_COLUMNS = ["step", "epoch", "loss", "mse", "cosine", "kl", "beta", "length", "length_error", "decoder_ce",
-                 "real_decoder_ce", "decoder_kl", "decoder_ce_weight", "lr", "frames_per_s"]
-VALIDATION_COLUMNS = ["step", "mse", "cosine", "length_error", "duration_mae", "decoder_ce", "decoder_ce_predicted",
-                      "real_decoder_ce", "wer_predicted", "real_wer"]
+TRAIN_COLUMNS = [
+    "step",
+    "epoch",
+    "loss",
+    "mse",
+    "cosine",
+    "kl",
+    "beta",
+    "length",
+    "length_error",
+    "decoder_ce",
+    "real_decoder_ce",
+    "decoder_kl",
+    "decoder_ce_weight",
+    "lr",
+    "frames_per_s",
+]
+VALIDATION_COLUMNS = [
+    "step",
+    "mse",
+    "cosine",
+    "length_error",
+    "duration_mae",
+    "decoder_ce",
+    "decoder_ce_predicted",
+    "real_decoder_ce",
+    "wer_predicted",
+    "real_wer",
+]
 
 
 # --- result ----------------------------------------------------------------------------------------
@@ -145,13 +172,25 @@ def build_model(config: PipelineConfig, reader: StoreReader, teacher: FrozenTeac
     arch = config.tle
     decoder_embeddings = teacher.model.model.decoder.embed_tokens.weight  # (V, d_model)
     tle_config = TLEConfig(
-        vocab_size=decoder_embeddings.shape[0], embedding_size=decoder_embeddings.shape[1],
-        hidden_size=arch.hidden_size, text_layers=arch.text_layers, frame_layers=arch.frame_layers,
-        num_heads=arch.num_heads, ffn_multiplier=arch.ffn_multiplier, latent_size=arch.latent_size,
-        conv_kernel=arch.conv_kernel, conv_layers=arch.conv_layers, dropout=arch.dropout, posterior=arch.posterior,
-        languages=languages, d_model=reader.teacher.d_model, max_frames=reader.teacher.max_frames,
-        max_tokens=teacher.max_positions, end_token_id=teacher.specials.end_of_text,
-        teacher=reader.teacher.to_dict(), spelling_channels=arch.spelling_channels,
+        vocab_size=decoder_embeddings.shape[0],
+        embedding_size=decoder_embeddings.shape[1],
+        hidden_size=arch.hidden_size,
+        text_layers=arch.text_layers,
+        frame_layers=arch.frame_layers,
+        num_heads=arch.num_heads,
+        ffn_multiplier=arch.ffn_multiplier,
+        latent_size=arch.latent_size,
+        conv_kernel=arch.conv_kernel,
+        conv_layers=arch.conv_layers,
+        dropout=arch.dropout,
+        posterior=arch.posterior,
+        languages=languages,
+        d_model=reader.teacher.d_model,
+        max_frames=reader.teacher.max_frames,
+        max_tokens=teacher.max_positions,
+        end_token_id=teacher.specials.end_of_text,
+        teacher=reader.teacher.to_dict(),
+        spelling_channels=arch.spelling_channels,
     )
     torch.manual_seed(config.train_tle.seed)
     model = TLEModel(tle_config)
@@ -169,16 +208,27 @@ def loss_weights(settings: Any, step: int) -> LossWeights:
     """The weights of optimiser step `step`: beta rises linearly from 0, the decoder terms join in phase 2."""
     beta = settings.kl_beta * (min(1.0, step / settings.kl_anneal_steps) if settings.kl_anneal_steps else 1.0)
     phase_2 = step >= settings.decoder_ce_start
-    return LossWeights(mse=settings.mse_weight, cosine=settings.cosine_weight, length=settings.length_weight,
-                       beta=beta, free_bits=settings.free_bits,
-                       decoder_ce=settings.decoder_ce_weight if phase_2 else 0.0,
-                       decoder_kl=settings.decoder_kl_weight if phase_2 else 0.0)
+    return LossWeights(
+        mse=settings.mse_weight,
+        cosine=settings.cosine_weight,
+        length=settings.length_weight,
+        beta=beta,
+        free_bits=settings.free_bits,
+        decoder_ce=settings.decoder_ce_weight if phase_2 else 0.0,
+        decoder_kl=settings.decoder_kl_weight if phase_2 else 0.0,
+    )
 
 
 def step_values(terms: LossTerms, decoder: DecoderTerms | None, length_error: float) -> dict[str, float]:
     """What one micro-batch adds to the train log: the loss, its terms, and the decoder's CE in phase 2."""
-    values = {"loss": terms.total.item(), "mse": terms.mse, "cosine": terms.cosine, "kl": terms.kl,
-              "length": terms.length, "length_error": length_error}
+    values = {
+        "loss": terms.total.item(),
+        "mse": terms.mse,
+        "cosine": terms.cosine,
+        "kl": terms.kl,
+        "length": terms.length,
+        "length_error": length_error,
+    }
     if decoder is not None:
         values["decoder_ce"] = decoder.ce.item()
         if decoder.kl is not None:
@@ -193,15 +243,20 @@ def step_values(terms: LossTerms, decoder: DecoderTerms | None, length_error: fl
 
 def write_weights(model: TLEModel, folder: Path) -> None:
     """The TLE's weights in a checkpoint folder (model.safetensors)."""
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(
+        {name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(folder / "model.safetensors")
+    )
 
 
 # loss_curves.png: (title, [(column, log)]) per panel
-CURVES = [("training loss", [("loss", "train")]), ("masked MSE (normalised)", [("mse", "train"), ("mse", "held-out")]),
-          ("decoder cross-entropy", [("decoder_ce", "train"), ("decoder_ce", "held-out"),
-                                     ("real_decoder_ce", "held-out")]),
-          ("held-out cosine / WER", [("cosine", "held-out"), ("wer_predicted", "held-out"), ("real_wer", "held-out")]),
-          ("length", [("length", "train"), ("length_error", "held-out")]), ("KL (x beta: see beta)", [("kl", "train")])]
+CURVES = [
+    ("training loss", [("loss", "train")]),
+    ("masked MSE (normalised)", [("mse", "train"), ("mse", "held-out")]),
+    ("decoder cross-entropy", [("decoder_ce", "train"), ("decoder_ce", "held-out"), ("real_decoder_ce", "held-out")]),
+    ("held-out cosine / WER", [("cosine", "held-out"), ("wer_predicted", "held-out"), ("real_wer", "held-out")]),
+    ("length", [("length", "train"), ("length_error", "held-out")]),
+    ("KL (x beta: see beta)", [("kl", "train")]),
+]
 
 
 def _previous_validation(output_dir: Path) -> dict[str, float]:
@@ -266,28 +321,50 @@ def open_inputs(setup: Setup) -> Inputs:
     (cached), and the held-out split; refuses a store that leaves nothing to train or to validate on."""
     config, settings, accelerator = setup.config, setup.settings, setup.accelerator
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-    teacher = load_frozen_teacher(config.teacher.name_or_path, config.teacher.revision, accelerator.device,
-                                  teacher_dtype, config.teacher.attn_implementation)
+    teacher = load_frozen_teacher(
+        config.teacher.name_or_path,
+        config.teacher.revision,
+        accelerator.device,
+        teacher_dtype,
+        config.teacher.attn_implementation,
+    )
     reader = open_store(config.store.path, "store.path", teacher.info)
     damaged: list[DamagedShard] = []
     if settings.skip_damaged:  # a damaged shard is left out whole (its utterances lack durations below)
         damaged = damaged_shards(accelerator, config.store.path, setup.output_dir / DAMAGE_DIR)[0]
-    alignment = align_store(accelerator, reader, teacher, config.teacher.name_or_path,
-                            setup.output_dir / DURATIONS_DIR, settings.batch_size,
-                            settings.progress and accelerator.is_main_process, frozenset(d.shard for d in damaged))
+    alignment = align_store(
+        accelerator,
+        reader,
+        teacher,
+        config.teacher.name_or_path,
+        setup.output_dir / DURATIONS_DIR,
+        settings.batch_size,
+        settings.progress and accelerator.is_main_process,
+        frozenset(d.shard for d in damaged),
+    )
     usable = alignment.durations.index.keys()
     languages = sorted({alignment.languages[i] for i in usable})
     if not usable:
-        raise WhistleError(f"no utterance of store {config.store.path} is usable for training: "
-                           f"{len(alignment.rejects)} rejected, e.g. {next(iter(alignment.rejects.items()), '')}")
+        raise WhistleError(
+            f"no utterance of store {config.store.path} is usable for training: "
+            f"{len(alignment.rejects)} rejected, e.g. {next(iter(alignment.rejects.items()), '')}"
+        )
     held_out = {i for i in usable if is_held_out(i, settings.val_fraction, settings.seed)}
     if not held_out:
-        raise WhistleError(f"train_tle.val_fraction = {settings.val_fraction} holds out none of the {len(usable)} "
-                           "usable utterances: raise it")
+        raise WhistleError(
+            f"train_tle.val_fraction = {settings.val_fraction} holds out none of the {len(usable)} "
+            "usable utterances: raise it"
+        )
     if len(held_out) == len(usable):
         raise WhistleError("every usable utterance is held out: lower train_tle.val_fraction")
-    log.info("%d utterances: %d for training, %d held out, %d unusable; languages %s", len(alignment.languages),
-             len(usable) - len(held_out), len(held_out), len(alignment.rejects), ", ".join(languages))
+    log.info(
+        "%d utterances: %d for training, %d held out, %d unusable; languages %s",
+        len(alignment.languages),
+        len(usable) - len(held_out),
+        len(held_out),
+        len(alignment.rejects),
+        ", ".join(languages),
+    )
     collate = Collate(teacher.tokenizer, teacher.specials, alignment.durations, languages, teacher.max_positions)
     return Inputs(teacher, reader, damaged, alignment, languages, len(held_out), collate)
 
@@ -309,19 +386,39 @@ def restore(setup: Setup, inputs: Inputs) -> Training:
         log.info("resuming from %s (step %d)", resume_from, position["step"])
     # the scheduler is stepped by hand once per optimiser step (a prepared one steps once per process)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    return Training(prepared, accelerator.unwrap_model(prepared), optimizer, scheduler, position["step"],
-                    position["epoch"], position["position"], position["step"] if resume_from is not None else 0)
+    return Training(
+        prepared,
+        accelerator.unwrap_model(prepared),
+        optimizer,
+        scheduler,
+        position["step"],
+        position["epoch"],
+        position["position"],
+        position["step"] if resume_from is not None else 0,
+    )
 
 
 def open_batches(setup: Setup, inputs: Inputs, training: Training) -> Iterator[tuple[int, int, TrainBatch]]:
     """This rank's training batches, forever, from the restored data position."""
     settings = setup.settings
-    train_set = FeatureDataset(setup.config.store.path, shuffle=True, seed=settings.seed,
-                               shuffle_buffer=settings.shuffle_buffer, length_bucket=settings.length_bucket,
-                               keep=KeepSplit(inputs.alignment.durations, False, settings.val_fraction, settings.seed),
-                               skip_damaged=settings.skip_damaged)
-    return stream_batches(train_set, inputs.collate, settings.batch_size, settings.num_workers, settings.seed,
-                          training.epoch, training.position)
+    train_set = FeatureDataset(
+        setup.config.store.path,
+        shuffle=True,
+        seed=settings.seed,
+        shuffle_buffer=settings.shuffle_buffer,
+        length_bucket=settings.length_bucket,
+        keep=KeepSplit(inputs.alignment.durations, False, settings.val_fraction, settings.seed),
+        skip_damaged=settings.skip_damaged,
+    )
+    return stream_batches(
+        train_set,
+        inputs.collate,
+        settings.batch_size,
+        settings.num_workers,
+        settings.seed,
+        training.epoch,
+        training.position,
+    )
 
 
 def validation_data(setup: Setup, inputs: Inputs) -> list[TrainBatch]:
@@ -329,21 +426,36 @@ def validation_data(setup: Setup, inputs: Inputs) -> list[TrainBatch]:
     settings = setup.settings
     if not setup.accelerator.is_main_process:
         return []
-    return validation_batches(setup.config.store.path, inputs.collate,
-                              KeepSplit(inputs.alignment.durations, True, settings.val_fraction, settings.seed),
-                              settings.val_size, settings.batch_size, settings.skip_damaged)
+    return validation_batches(
+        setup.config.store.path,
+        inputs.collate,
+        KeepSplit(inputs.alignment.durations, True, settings.val_fraction, settings.seed),
+        settings.val_size,
+        settings.batch_size,
+        settings.skip_damaged,
+    )
 
 
-def train(setup: Setup, inputs: Inputs, training: Training, batches: Iterator[tuple[int, int, TrainBatch]],
-          val_batches: list[TrainBatch]) -> dict[str, float]:
+def train(
+    setup: Setup,
+    inputs: Inputs,
+    training: Training,
+    batches: Iterator[tuple[int, int, TrainBatch]],
+    val_batches: list[TrainBatch],
+) -> dict[str, float]:
     """The loop: phase 1 regression, phase 2 adds the frozen decoder's terms; accumulate, clip, step; log,
     validate and checkpoint on schedule. Returns the last validation's metrics."""
     settings, accelerator, device = setup.settings, setup.accelerator, setup.accelerator.device
     model, tle, optimizer, scheduler = training.model, training.tle, training.optimizer, training.scheduler
-    logs = open_logs(setup, (TRAIN_COLUMNS, VALIDATION_COLUMNS), training.step if training.resumed_from else None,
-                     {**asdict(setup.config.tle), **asdict(settings)})
-    bar = progress_bar(settings.steps, "train-tle", "step", settings.progress and accelerator.is_main_process,
-                       initial=training.step)
+    logs = open_logs(
+        setup,
+        (TRAIN_COLUMNS, VALIDATION_COLUMNS),
+        training.step if training.resumed_from else None,
+        {**asdict(setup.config.tle), **asdict(settings)},
+    )
+    bar = progress_bar(
+        settings.steps, "train-tle", "step", settings.progress and accelerator.is_main_process, initial=training.step
+    )
     window = TrainWindow()
     validation: dict[str, float] = {}
     model.train()
@@ -353,14 +465,23 @@ def train(setup: Setup, inputs: Inputs, training: Training, batches: Iterator[tu
         batch = batch.to(device)
         with accelerator.accumulate(model), accelerator.autocast():
             target = tle.normalise(batch.states)  # (B, T, D)
-            out = model(batch.text.tle_tokens, batch.text.tle_mask, batch.language_ids, durations=batch.durations,
-                        target=target)
+            out = model(
+                batch.text.tle_tokens, batch.text.tle_mask, batch.language_ids, durations=batch.durations, target=target
+            )
             decoder = None
             if weights.decoder_ce > 0 or weights.decoder_kl > 0:  # phase 2
-                decoder = phase_2_terms(inputs.teacher, tle, out, batch.states, batch.text, settings.decoder_ce_floor,
-                                        weights.decoder_kl)
-            terms = tle_loss(out, target, batch.durations, batch.text.tle_mask, weights,
-                             None if decoder is None else decoder.charged_ce, None if decoder is None else decoder.kl)
+                decoder = phase_2_terms(
+                    inputs.teacher, tle, out, batch.states, batch.text, settings.decoder_ce_floor, weights.decoder_kl
+                )
+            terms = tle_loss(
+                out,
+                target,
+                batch.durations,
+                batch.text.tle_mask,
+                weights,
+                None if decoder is None else decoder.charged_ce,
+                None if decoder is None else decoder.kl,
+            )
             values = step_values(terms, decoder, length_error(tle, out, batch))
             check_finite(training.step + 1, values)
             accelerator.backward(terms.total)
@@ -381,17 +502,25 @@ def train(setup: Setup, inputs: Inputs, training: Training, batches: Iterator[tu
             if accelerator.is_main_process:
                 logs.train.write(row)
                 accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=step)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", mse=f"{row['mse']:.3f}",
-                                ce=f"{row.get('decoder_ce', float('nan')):.2f}")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}", mse=f"{row['mse']:.3f}", ce=f"{row.get('decoder_ce', float('nan')):.2f}"
+                )
             window = TrainWindow()
         if step % settings.val_every == 0 or step == settings.steps:
             if accelerator.is_main_process:
                 validation = validate_step(setup, inputs, training, val_batches, logs, validation)
             accelerator.wait_for_everyone()
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            save_checkpoint(accelerator, setup.output_dir / CHECKPOINTS_DIR, step,
-                            {"epoch": training.epoch, "position": training.position}, partial(write_weights, tle),
-                            optimizer, scheduler, settings.keep_checkpoints)
+            save_checkpoint(
+                accelerator,
+                setup.output_dir / CHECKPOINTS_DIR,
+                step,
+                {"epoch": training.epoch, "position": training.position},
+                partial(write_weights, tle),
+                optimizer,
+                scheduler,
+                settings.keep_checkpoints,
+            )
     bar.close()
     accelerator.wait_for_everyone()
     return validation
@@ -422,19 +551,32 @@ class TrainWindow:
     def row(self, step: int, epoch: int, weights: LossWeights, lr: float, frames: float) -> dict[str, Any]:
         """A train_log.csv row: the means since the last row; `frames` summed over the ranks."""
         row: dict[str, Any] = {name: value / self.count for name, value in self.sums.items()}
-        row.update(step=step, epoch=epoch, beta=weights.beta, decoder_ce_weight=weights.decoder_ce, lr=lr,
-                   frames_per_s=frames / (time.time() - self.started))
+        row.update(
+            step=step,
+            epoch=epoch,
+            beta=weights.beta,
+            decoder_ce_weight=weights.decoder_ce,
+            lr=lr,
+            frames_per_s=frames / (time.time() - self.started),
+        )
         return row
 
 
-def validate_step(setup: Setup, inputs: Inputs, training: Training, val_batches: list[TrainBatch], logs: Logs,
-                  previous: dict[str, float]) -> dict[str, float]:
+def validate_step(
+    setup: Setup,
+    inputs: Inputs,
+    training: Training,
+    val_batches: list[TrainBatch],
+    logs: Logs,
+    previous: dict[str, float],
+) -> dict[str, float]:
     """Validate at training.step (main process) and log it. The real states' figures are measured at the
     first validation and carried over from `previous` after that: the teacher and the batches stay fixed."""
     step = training.step
     reference = {k: previous[k] for k in ("real_decoder_ce", "real_wer") if k in previous} if previous else None
-    metrics = validate(training.tle, inputs.teacher, val_batches, setup.settings.val_wer_size,
-                       setup.accelerator.device, reference)
+    metrics = validate(
+        training.tle, inputs.teacher, val_batches, setup.settings.val_wer_size, setup.accelerator.device, reference
+    )
     metrics["step"] = step
     logs.validation.write(metrics)
     setup.accelerator.log({f"val/{k}": v for k, v in metrics.items() if k != "step"}, step=step)
@@ -442,21 +584,28 @@ def validate_step(setup: Setup, inputs: Inputs, training: Training, val_batches:
     return metrics
 
 
-def finish(setup: Setup, inputs: Inputs, training: Training, last_validation: dict[str, float],
-           started: float) -> TrainTLEResult:
+def finish(
+    setup: Setup, inputs: Inputs, training: Training, last_validation: dict[str, float], started: float
+) -> TrainTLEResult:
     """Save the TLE, its loss curves and the summary."""
     accelerator, output_dir = setup.accelerator, setup.output_dir
     result = TrainTLEResult(
-        output_dir=str(output_dir), steps=training.step, resumed_from=training.resumed_from,
-        train_utterances=inputs.usable - inputs.held_out, held_out_utterances=inputs.held_out,
-        alignment_rejects=inputs.alignment.rejects, wall_seconds=time.time() - started,
+        output_dir=str(output_dir),
+        steps=training.step,
+        resumed_from=training.resumed_from,
+        train_utterances=inputs.usable - inputs.held_out,
+        held_out_utterances=inputs.held_out,
+        alignment_rejects=inputs.alignment.rejects,
+        wall_seconds=time.time() - started,
         validation=last_validation or _previous_validation(output_dir),
-        damaged_shards=[asdict(d) for d in inputs.damaged], precision_hint=setup.precision_hint(),
+        damaged_shards=[asdict(d) for d in inputs.damaged],
+        precision_hint=setup.precision_hint(),
     )
     if accelerator.is_main_process:
         training.tle.save_pretrained(output_dir)
-        plot_training_curves(output_dir / TRAIN_LOG, output_dir / VALIDATION_LOG, CURVES,
-                             output_dir / "loss_curves.png")
+        plot_training_curves(
+            output_dir / TRAIN_LOG, output_dir / VALIDATION_LOG, CURVES, output_dir / "loss_curves.png"
+        )
         (output_dir / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
     accelerator.end_training()
     return result

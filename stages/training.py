@@ -21,6 +21,7 @@ A checkpoint folder:
                                COMPLETE               {step, processes}: written last; a folder without it is
                                                       ignored (a crash while saving)
 """
+
 from __future__ import annotations
 
 import csv
@@ -64,8 +65,19 @@ TRACKER_PROJECT = "whistle"  # the project the trackers file a run under (W&B, t
 VALIDATION_LOG = "validation.csv"
 # Loop settings that may change between a run and its resumption (how often it logs, validates and saves, how
 # it reads): any other change makes another run, which the checkpoints cannot continue.
-RESUMABLE_KEYS = frozenset({"progress", "log_every", "log_with", "val_every", "checkpoint_every",
-                            "keep_checkpoints", "num_workers", "resume", "skip_damaged"})
+RESUMABLE_KEYS = frozenset(
+    {
+        "progress",
+        "log_every",
+        "log_with",
+        "val_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "num_workers",
+        "resume",
+        "skip_damaged",
+    }
+)
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_SETTINGS = "optimizer.json"
 
@@ -89,8 +101,9 @@ def resolve_trackers(log_with: Sequence[str] | str) -> list[str]:
     return list(log_with)
 
 
-def make_accelerator(teacher_device: str, mixed_precision: str, grad_accum: int, output_dir: Path,
-                     log_with: Sequence[str] | str = ()) -> tuple[Any, list[str]]:
+def make_accelerator(
+    teacher_device: str, mixed_precision: str, grad_accum: int, output_dir: Path, log_with: Sequence[str] | str = ()
+) -> tuple[Any, list[str]]:
     """(Accelerator, trackers): one per run, logging to the trackers `log_with` names (the loop's setting,
     checked by the config loader); tensorboard writes under output_dir/tensorboard/."""
     trackers = resolve_trackers(log_with)
@@ -101,9 +114,13 @@ def make_accelerator(teacher_device: str, mixed_precision: str, grad_accum: int,
     # start, so drop that state; the distributed part (process group, device) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / TRACKER_DIR))
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=resolve_mixed_precision(mixed_precision, on_cpu),
-                              gradient_accumulation_steps=grad_accum, log_with=trackers or None,
-                              project_config=project)
+    accelerator = Accelerator(
+        cpu=on_cpu,
+        mixed_precision=resolve_mixed_precision(mixed_precision, on_cpu),
+        gradient_accumulation_steps=grad_accum,
+        log_with=trackers or None,
+        project_config=project,
+    )
     log.info("metrics go to the CSV logs%s", f" and {', '.join(trackers)}" if trackers else " only (log_with = [])")
     return accelerator, trackers
 
@@ -111,16 +128,19 @@ def make_accelerator(teacher_device: str, mixed_precision: str, grad_accum: int,
 # --- optimiser -----------------------------------------------------------------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, settings: Any) -> tuple[torch.optim.Optimizer,
-                                                                    torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    model: torch.nn.Module, settings: Any
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable weights (no weight decay on biases, norms and embeddings) with linear warmup
     over settings.warmup_steps, then cosine decay to FINAL_LR_FRACTION of the peak at settings.steps."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 and "embed" not in name else no_decay).append(parameter)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.learning_rate)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.learning_rate,
+    )
     warmup, total = settings.warmup_steps, settings.steps
 
     def lr_factor(step: int) -> float:
@@ -160,7 +180,7 @@ def check_finite(step: int, losses: dict[str, float], grad_norm: float | None = 
     raise NonFiniteStep(
         f"step {step}: non-finite {', '.join(bad)} ({terms}{norm}); the run stopped before applying it and saved "
         "nothing more (the last checkpoint holds the last good weights). Likely causes: a learning rate too high "
-        "(lower learning_rate, or raise warmup_steps), a mixed-precision overflow (set mixed_precision = \"no\"), or "
+        '(lower learning_rate, or raise warmup_steps), a mixed-precision overflow (set mixed_precision = "no"), or '
         "a damaged input (`whistle inspect-store --check` on the stores). Fix it and run again (changed settings "
         "start over: --no-resume)."
     )
@@ -173,8 +193,10 @@ def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(JSON-able python/numpy RNG states, torch RNG states as tensors)."""
     version, state, gauss = random.getstate()
     kind, keys, position, has_gauss, cached = np.random.get_state()
-    json_state = {"python": [version, list(state), gauss],
-                  "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)]}
+    json_state = {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
+    }
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -193,8 +215,16 @@ def set_rng_state(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) 
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(accelerator: Any, directory: Path, step: int, rank_state: dict[str, Any],
-                    write_weights: Callable[[Path], None], optimizer: Any, scheduler: Any, keep: int) -> None:
+def save_checkpoint(
+    accelerator: Any,
+    directory: Path,
+    step: int,
+    rank_state: dict[str, Any],
+    write_weights: Callable[[Path], None],
+    optimizer: Any,
+    scheduler: Any,
+    keep: int,
+) -> None:
     """Write directory/step-N/ (COMPLETE last, after every rank's state) and keep only the newest `keep`.
 
     Every rank writes its `rank_state` (its data position; JSON-able) and RNG states; the main process then
@@ -235,8 +265,10 @@ def load_checkpoint(accelerator: Any, path: Path, optimizer: Any, scheduler: Any
     whose `resume` key the error suggests."""
     processes = json.loads((path / COMPLETE).read_text())["processes"]
     if processes != accelerator.num_processes:
-        raise WhistleError(f"checkpoint {path} was written by {processes} processes, this run has "
-                           f"{accelerator.num_processes}: resume with the same number, or set {section}.resume=false")
+        raise WhistleError(
+            f"checkpoint {path} was written by {processes} processes, this run has "
+            f"{accelerator.num_processes}: resume with the same number, or set {section}.resume=false"
+        )
     load_optimizer(optimizer, path)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rank = accelerator.process_index
@@ -284,13 +316,14 @@ def check_resumable(output_dir: Path, config: PipelineConfig, section: str, comp
     saved_path = output_dir / SAVED_CONFIG
     if not saved_path.exists():
         return
-    fix = (f"Use a new {section}.output_dir, or set {section}.resume=false (--no-resume) to start over in "
-           "this one.")
+    fix = f"Use a new {section}.output_dir, or set {section}.resume=false (--no-resume) to start over in this one."
     try:
         saved = load_config(saved_path)
     except ConfigError as err:
-        raise WhistleError(f"{output_dir} holds checkpoints of a run whose settings ({saved_path}) this version "
-                           f"cannot read:\n{err}\n{fix}") from err
+        raise WhistleError(
+            f"{output_dir} holds checkpoints of a run whose settings ({saved_path}) this version "
+            f"cannot read:\n{err}\n{fix}"
+        ) from err
     changes = []
     for name in compared:
         table, _, only = name.partition(".")
@@ -299,8 +332,9 @@ def check_resumable(output_dir: Path, config: PipelineConfig, section: str, comp
             if (not only or key == only) and not (table == section and key in RESUMABLE_KEYS) and old != value:
                 changes.append(f"{table}.{key}: {old!r} (checkpoint) vs {value!r} (now)")
     if changes:
-        raise WhistleError(f"{output_dir} holds checkpoints of a run with other settings:\n  - "
-                           + "\n  - ".join(changes) + f"\n{fix}")
+        raise WhistleError(
+            f"{output_dir} holds checkpoints of a run with other settings:\n  - " + "\n  - ".join(changes) + f"\n{fix}"
+        )
 
 
 # --- a run's start ------------------------------------------------------------------------------------
@@ -323,8 +357,11 @@ class Setup:
     def precision_hint(self) -> str:
         """teacher.bf16_hint for this run: float32 steps on a CPU that computes bfloat16 in hardware."""
         precision = self.accelerator.mixed_precision
-        return bf16_hint(self.accelerator.device.type, "float32" if precision == "no" else precision,
-                         f"--set {self.section}.mixed_precision=bf16")
+        return bf16_hint(
+            self.accelerator.device.type,
+            "float32" if precision == "no" else precision,
+            f"--set {self.section}.mixed_precision=bf16",
+        )
 
 
 def start_run(config: PipelineConfig, section: str, compared: Sequence[str]) -> Setup:
@@ -334,8 +371,9 @@ def start_run(config: PipelineConfig, section: str, compared: Sequence[str]) -> 
     output_dir = Path(settings.output_dir)
     if settings.resume and latest_checkpoint(output_dir / CHECKPOINTS_DIR) is not None:
         check_resumable(output_dir, config, section, compared)
-    accelerator, trackers = make_accelerator(config.teacher.device, settings.mixed_precision, settings.grad_accum,
-                                             output_dir, settings.log_with)
+    accelerator, trackers = make_accelerator(
+        config.teacher.device, settings.mixed_precision, settings.grad_accum, output_dir, settings.log_with
+    )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         config.save(output_dir, SAVED_CONFIG)
@@ -354,23 +392,26 @@ class Logs:
     validation: CsvLog | None = None
 
 
-def open_logs(setup: Setup, columns: tuple[list[str], list[str]], resume_step: int | None,
-              tracked: dict[str, Any]) -> Logs:
+def open_logs(
+    setup: Setup, columns: tuple[list[str], list[str]], resume_step: int | None, tracked: dict[str, Any]
+) -> Logs:
     """train_log.csv and validation.csv with these `columns` (on resume, cut back to `resume_step`), and the
     trackers with the `tracked` settings (their plain values), on the main process. A run is named after its
     output folder."""
     if not setup.accelerator.is_main_process:
         return Logs()
-    logs = Logs(CsvLog(setup.output_dir / TRAIN_LOG, columns[0], resume_step),
-                CsvLog(setup.output_dir / VALIDATION_LOG, columns[1], resume_step))
+    logs = Logs(
+        CsvLog(setup.output_dir / TRAIN_LOG, columns[0], resume_step),
+        CsvLog(setup.output_dir / VALIDATION_LOG, columns[1], resume_step),
+    )
     if setup.trackers:
         run_name = {"name": setup.output_dir.resolve().name}
-        setup.accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in tracked.items()
-                                                                 if isinstance(v, (int, float, str, bool))},
-                                        init_kwargs={"wandb": run_name, "trackio": run_name})
+        setup.accelerator.init_trackers(
+            TRACKER_PROJECT,
+            config={k: v for k, v in tracked.items() if isinstance(v, (int, float, str, bool))},
+            init_kwargs={"wandb": run_name, "trackio": run_name},
+        )
     return logs
-
-
 
 
 class CsvLog:
@@ -395,8 +436,9 @@ class CsvLog:
 # --- data --------------------------------------------------------------------------------------------
 
 
-def endless_epochs(dataset: Any, seed: int, epoch: int, skip: int, **loader_options: Any
-                   ) -> Iterator[tuple[int, int, Any]]:
+def endless_epochs(
+    dataset: Any, seed: int, epoch: int, skip: int, **loader_options: Any
+) -> Iterator[tuple[int, int, Any]]:
     """(epoch, items read this epoch, item) forever from DataLoader(dataset, **loader_options): a new epoch
     starts when this rank's share runs out; the first `skip` items of the first epoch are read and dropped
     (resuming at a data position). `dataset` is a FeatureDataset (or anything with set_epoch and url)."""
@@ -409,8 +451,10 @@ def endless_epochs(dataset: Any, seed: int, epoch: int, skip: int, **loader_opti
             if seen > skip:
                 yield epoch, seen, item
         if seen == 0:
-            raise WhistleError(f"this process got no training utterances from {dataset.url}: the store has fewer "
-                               "usable utterances than processes x workers, or everything is held out")
+            raise WhistleError(
+                f"this process got no training utterances from {dataset.url}: the store has fewer "
+                "usable utterances than processes x workers, or everything is held out"
+            )
         skip, epoch = 0, epoch + 1
 
 
@@ -427,10 +471,13 @@ def open_store(url: str, key: str, teacher: TeacherInfo) -> StoreReader:
             f"{key} {url} has no complete shards ({incomplete} incomplete): run `whistle precompute` on it first"
             + (" and let it finish (a rerun completes the missing shards)" if incomplete else "")
         )
-    check_teacher(reader.teacher, teacher, f"{key} {url}", "Use the teacher that made the store "
-                  "(teacher.name_or_path), or precompute the store with this one.")
+    check_teacher(
+        reader.teacher,
+        teacher,
+        f"{key} {url}",
+        "Use the teacher that made the store (teacher.name_or_path), or precompute the store with this one.",
+    )
     return reader
-
 
 
 def held_out_items(url: str, keep: Callable[[str], bool], size: int, skip_damaged: bool) -> list[dict[str, Any]]:
@@ -484,8 +531,9 @@ def damaged_shards(accelerator: Any, url: str, scan_dir: Path) -> tuple[list[Dam
                 ids = reader.index(shard).ids
             except DamagedShardError:
                 ids = []
-            found.append({"shard": shard, "utterances": reader.shard_attrs(shard)["n"], "reason": err.detail,
-                          "ids": ids})
+            found.append(
+                {"shard": shard, "utterances": reader.shard_attrs(shard)["n"], "reason": err.detail, "ids": ids}
+            )
     scan_dir.mkdir(parents=True, exist_ok=True)
     name = f"rank{rank}.json"
     (scan_dir / f"{name}.partial").write_text(json.dumps(found))
@@ -493,14 +541,25 @@ def damaged_shards(accelerator: Any, url: str, scan_dir: Path) -> tuple[list[Dam
     accelerator.wait_for_everyone()
     records = [r for k in range(world) for r in json.loads((scan_dir / f"rank{k}.json").read_text())]
     accelerator.wait_for_everyone()  # every rank has read the files before the next scan replaces them
-    damaged = sorted((DamagedShard(reader.url, r["shard"], r["utterances"], r["reason"]) for r in records),
-                     key=lambda d: d.shard)
+    damaged = sorted(
+        (DamagedShard(reader.url, r["shard"], r["utterances"], r["reason"]) for r in records), key=lambda d: d.shard
+    )
     for shard in damaged:
-        log.error("skipping damaged shard %05d of store %s (%d utterances): %s", shard.shard, shard.store,
-                  shard.utterances, shard.reason)
+        log.error(
+            "skipping damaged shard %05d of store %s (%d utterances): %s",
+            shard.shard,
+            shard.store,
+            shard.utterances,
+            shard.reason,
+        )
     if damaged:
-        log.warning("training without %d damaged shard(s) of %s: %d of %d utterances left out", len(damaged),
-                    reader.url, sum(d.utterances for d in damaged), len(reader))
+        log.warning(
+            "training without %d damaged shard(s) of %s: %d of %d utterances left out",
+            len(damaged),
+            reader.url,
+            sum(d.utterances for d in damaged),
+            len(reader),
+        )
     return damaged, frozenset(i for r in records for i in r["ids"])
 
 
@@ -509,6 +568,8 @@ def damage_summary(damaged: list[DamagedShard]) -> str:
     utterances = sum(d.utterances for d in damaged)
     names = ", ".join(f"{d.shard:05d}" for d in damaged[:5]) + (", ..." if len(damaged) > 5 else "")
     stores = sorted({d.store for d in damaged})
-    return (f"  skipped {len(damaged)} damaged shard(s) ({utterances} utterances) of {', '.join(stores)}: {names} "
-            f"(first: {damaged[0].reason}); delete them and run `whistle precompute` on the store again to "
-            "train on all of it")
+    return (
+        f"  skipped {len(damaged)} damaged shard(s) ({utterances} utterances) of {', '.join(stores)}: {names} "
+        f"(first: {damaged[0].reason}); delete them and run `whistle precompute` on the store again to "
+        "train on all of it"
+    )

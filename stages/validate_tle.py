@@ -16,6 +16,7 @@ text-only round trip of other sentences (no audio needed), e.g. the target domai
 `whistle synthesize` manifest of the store's clips) adds the real audio's decoder CE and WER per voice:
 how hard each voice is for the decoder, the scale to read the TLE's own pair of figures on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,13 +47,16 @@ from whistle_pipeline.tle import TLEModel
 log = logging.getLogger(__name__)
 
 # the summary's table: label, the TLE's figure, the real audio's figure on the same utterances
-TABLE = [("cosine to teacher (normalised)", "cosine", None), ("masked MSE (normalised)", "mse", None),
-         ("length error (predicted vs true)", "length_error", None),
-         ("duration MAE (frames/token)", "duration_mae", None),
-         ("decoder CE/token, true length", "decoder_ce", "real_decoder_ce"),
-         ("decoder CE/token, predicted length", "decoder_ce_predicted", "real_decoder_ce"),
-         ("round-trip WER, true length", "wer_true", "real_wer"),
-         ("round-trip WER, predicted length", "wer_predicted", "real_wer")]
+TABLE = [
+    ("cosine to teacher (normalised)", "cosine", None),
+    ("masked MSE (normalised)", "mse", None),
+    ("length error (predicted vs true)", "length_error", None),
+    ("duration MAE (frames/token)", "duration_mae", None),
+    ("decoder CE/token, true length", "decoder_ce", "real_decoder_ce"),
+    ("decoder CE/token, predicted length", "decoder_ce_predicted", "real_decoder_ce"),
+    ("round-trip WER, true length", "wer_true", "real_wer"),
+    ("round-trip WER, predicted length", "wer_predicted", "real_wer"),
+]
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,10 @@ class ValidateTLEResult:
 
     def summary(self) -> str:
         metrics = self.metrics
-        lines = [f"{metrics['utterances']} held-out utterances of {self.store}; TLE {self.tle_dir}",
-                 f"{'':38s} {'TLE':>8s} {'real audio':>10s}"]
+        lines = [
+            f"{metrics['utterances']} held-out utterances of {self.store}; TLE {self.tle_dir}",
+            f"{'':38s} {'TLE':>8s} {'real audio':>10s}",
+        ]
         for label, name, baseline in TABLE:
             lines.append(f"{label:38s} {metrics[name]:8.4f} " + (f"{metrics[baseline]:10.4f}" if baseline else ""))
         for t in self.transcripts:
@@ -93,13 +99,17 @@ class ValidateTLEResult:
         for t in self.text_transcripts:
             lines.append(f"  text: {t['reference']}\n  pred: {t['predicted']}")
         if "voices" in metrics:
-            lines.append(f"real audio per voice (TLE: WER {metrics['wer_predicted']:.1%} at CE "
-                         f"{metrics['decoder_ce_predicted']:.3f}, predicted lengths):")
+            lines.append(
+                f"real audio per voice (TLE: WER {metrics['wer_predicted']:.1%} at CE "
+                f"{metrics['decoder_ce_predicted']:.3f}, predicted lengths):"
+            )
             for voice, row in sorted(metrics["voices"].items(), key=lambda kv: kv[1]["wer"]):
-                lines.append(f"  {voice:20s} {row['clips']:4d} clips  WER {row['wer']:6.1%}  "
-                             f"CE/token {row['decoder_ce']:.3f}")
-        lines += [f"{name}={value:.6g}" if isinstance(value, float) else f"{name}={value}"
-                  for name, value in metrics.items()]
+                lines.append(
+                    f"  {voice:20s} {row['clips']:4d} clips  WER {row['wer']:6.1%}  CE/token {row['decoder_ce']:.3f}"
+                )
+        lines += [
+            f"{name}={value:.6g}" if isinstance(value, float) else f"{name}={value}" for name, value in metrics.items()
+        ]
         return "\n".join(lines)
 
 
@@ -123,16 +133,21 @@ def run(config: PipelineConfig, options: ValidateTLEOptions) -> ValidateTLEResul
     # the voices manifest is read (any manifest format) and matched to the store before anything is computed
     voice_of = read_voices(options.voices, stored_ids(options.store), config) if options.voices else None
     device = resolve_device(config.teacher.device)
-    teacher = load_frozen_teacher(config.teacher.name_or_path, config.teacher.revision, device, torch.float32,
-                                  config.teacher.attn_implementation)
+    teacher = load_frozen_teacher(
+        config.teacher.name_or_path, config.teacher.revision, device, torch.float32, config.teacher.attn_implementation
+    )
     tle = load_tle(options.tle_dir, options.weights, device)
     batches, ids, rejects = aligned_batches(options.store, teacher, tle, options.batch_size)
     teacher.set_tail_template(tle.tail_template)  # align_shard set the evaluation store's
     metrics = validate(tle, teacher, batches, len(ids), device)
     trips = round_trips(tle, teacher, batches, device)
     languages = [language for batch in batches for language in batch.text.languages]
-    metrics.update(wer_true=corpus_wer(trips.references, trips.tle, languages), utterances=len(ids),
-                   alignment_rejects=len(rejects), seconds=time.time() - started)
+    metrics.update(
+        wer_true=corpus_wer(trips.references, trips.tle, languages),
+        utterances=len(ids),
+        alignment_rejects=len(rejects),
+        seconds=time.time() - started,
+    )
     text_transcripts = []
     for path in options.text_files:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -147,10 +162,15 @@ def run(config: PipelineConfig, options: ValidateTLEOptions) -> ValidateTLEResul
     summary_path = Path(options.tle_dir) / "summary.json"
     if summary_path.exists() and options.weights is None:
         summary = json.loads(summary_path.read_text())
-        metrics.update(train_steps=summary["steps"], train_minutes=summary["wall_seconds"] / 60,
-                       train_utterances=summary["train_utterances"])
-    transcripts = [{"reference": r, "tle": t, "predicted": p, "real": a}
-                   for r, t, p, a in zip(trips.references, trips.tle, trips.predicted, trips.real)][: options.examples]
+        metrics.update(
+            train_steps=summary["steps"],
+            train_minutes=summary["wall_seconds"] / 60,
+            train_utterances=summary["train_utterances"],
+        )
+    transcripts = [
+        {"reference": r, "tle": t, "predicted": p, "real": a}
+        for r, t, p, a in zip(trips.references, trips.tle, trips.predicted, trips.real)
+    ][: options.examples]
     result = ValidateTLEResult(options.tle_dir, options.store, metrics, transcripts, text_transcripts)
     if options.json_path:
         Path(options.json_path).write_text(json.dumps(metrics, indent=2))
@@ -164,14 +184,17 @@ def load_tle(tle_dir: str, weights: str | None, device: torch.device) -> TLEMode
     try:
         tle = TLEModel.from_pretrained(tle_dir, use_safetensors=True)
     except (OSError, ValueError) as err:
-        raise WhistleError(f"cannot load the TLE from {tle_dir!r}: {err}. Give a `whistle train-tle` output folder.") from err
+        raise WhistleError(
+            f"cannot load the TLE from {tle_dir!r}: {err}. Give a `whistle train-tle` output folder."
+        ) from err
     if weights is not None:
         tle.load_state_dict(load_file(weights))
     return tle.requires_grad_(False).eval().to(device)
 
 
-def aligned_batches(url: str, teacher: FrozenTeacher, tle: TLEModel, batch_size: int
-                    ) -> tuple[list[TrainBatch], list[str], dict[str, str]]:
+def aligned_batches(
+    url: str, teacher: FrozenTeacher, tle: TLEModel, batch_size: int
+) -> tuple[list[TrainBatch], list[str], dict[str, str]]:
     """Every alignable utterance of the store, batched in store order -> (batches, their ids, rejects)."""
     reader = open_store(url, "--store", teacher.info)
     durations, rejects = {}, {}
@@ -179,14 +202,26 @@ def aligned_batches(url: str, teacher: FrozenTeacher, tle: TLEModel, batch_size:
         record = align_shard(reader, shard, teacher, batch_size)
         durations.update(record["durations"])
         rejects.update(record["rejects"])
-    collate = Collate(teacher.tokenizer, teacher.specials, DurationTable(durations), list(tle.config.languages),
-                      teacher.max_positions)
-    items = [{"id": u.id, "text": u.text, "language": u.language, "duration": u.duration,
-              "states": torch.from_numpy(u.states), "n_frames": len(u.states), "speech_frames": u.speech_frames}
-             for shard in reader.shards() for u in reader.iter_shard(shard) if u.id in durations]
+    collate = Collate(
+        teacher.tokenizer, teacher.specials, DurationTable(durations), list(tle.config.languages), teacher.max_positions
+    )
+    items = [
+        {
+            "id": u.id,
+            "text": u.text,
+            "language": u.language,
+            "duration": u.duration,
+            "states": torch.from_numpy(u.states),
+            "n_frames": len(u.states),
+            "speech_frames": u.speech_frames,
+        }
+        for shard in reader.shards()
+        for u in reader.iter_shard(shard)
+        if u.id in durations
+    ]
     if not items:
         raise WhistleError(f"no utterance of {url} could be aligned ({len(rejects)} rejected)")
-    batches = [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    batches = [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     return batches, [item["id"] for item in items], rejects
 
 
@@ -199,11 +234,13 @@ def round_trips(tle: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch]
         text, mask = batch.text, batch.text.tle_mask
         longest = 2 * int(mask.sum(1).max()) + 10
         speech, lengths = tle.speech_frames(text.tle_tokens, mask, batch.language_ids, durations=batch.durations)
-        trips.tle += greedy_transcribe(teacher, tle.full_window(speech, lengths), text.languages, longest,
-                                       speech.shape[1])
+        trips.tle += greedy_transcribe(
+            teacher, tle.full_window(speech, lengths), text.languages, longest, speech.shape[1]
+        )
         speech, lengths = tle.speech_frames(text.tle_tokens, mask, batch.language_ids)
-        trips.predicted += greedy_transcribe(teacher, tle.full_window(speech, lengths), text.languages, longest,
-                                             speech.shape[1])
+        trips.predicted += greedy_transcribe(
+            teacher, tle.full_window(speech, lengths), text.languages, longest, speech.shape[1]
+        )
         real = tle.full_window(batch.states, batch.durations.sum(1))
         trips.real += greedy_transcribe(teacher, real, text.languages, longest, batch.states.shape[1])
         trips.real_ce += decoder_cross_entropy(teacher, real, text, batch.states.shape[1])[1].tolist()
@@ -224,28 +261,43 @@ def read_voices(manifest: str, ids: list[str], config: PipelineConfig) -> dict[s
     source = open_source(dataclasses.replace(config.data, path=manifest, kind="auto", max_clips=0))
     voices = source.column("voice")
     if voices is None:
-        raise WhistleError(f"--voices {manifest} has no 'voice' column; pass the `whistle synthesize` manifest "
-                           "the store was precomputed from")
+        raise WhistleError(
+            f"--voices {manifest} has no 'voice' column; pass the `whistle synthesize` manifest "
+            "the store was precomputed from"
+        )
     voice_of = {source.row_id(row): voice.split("+")[0] for row, voice in enumerate(voices) if voice}
     missing = [utt_id for utt_id in ids if utt_id not in voice_of]
     if missing:
-        raise WhistleError(f"--voices {manifest}: {len(missing)} of the store's {len(ids)} clips have no row "
-                           f"with a voice (first: {missing[0]!r}); pass the synthesize manifest the store "
-                           "was precomputed from")
+        raise WhistleError(
+            f"--voices {manifest}: {len(missing)} of the store's {len(ids)} clips have no row "
+            f"with a voice (first: {missing[0]!r}); pass the synthesize manifest the store "
+            "was precomputed from"
+        )
     return voice_of
 
 
-def per_voice(voice_of: dict[str, str], ids: list[str], references: list[str], hypotheses: list[str],
-              ce: list[float], tokens: list[int]) -> dict[str, dict[str, float]]:
+def per_voice(
+    voice_of: dict[str, str],
+    ids: list[str],
+    references: list[str],
+    hypotheses: list[str],
+    ce: list[float],
+    tokens: list[int],
+) -> dict[str, dict[str, float]]:
     """{voice: {clips, wer, decoder_ce}} of the real audio, by `read_voices`' voice of each utterance."""
     groups: dict[str, list[int]] = {}
     for i, utt_id in enumerate(ids):
         groups.setdefault(voice_of[utt_id], []).append(i)
-    return {voice: {"clips": len(members),
-                    "wer": corpus_wer([references[i] for i in members], [hypotheses[i] for i in members],
-                                      ["en"] * len(members)),
-                    "decoder_ce": sum(ce[i] * tokens[i] for i in members) / sum(tokens[i] for i in members)}
-            for voice, members in groups.items()}
+    return {
+        voice: {
+            "clips": len(members),
+            "wer": corpus_wer(
+                [references[i] for i in members], [hypotheses[i] for i in members], ["en"] * len(members)
+            ),
+            "decoder_ce": sum(ce[i] * tokens[i] for i in members) / sum(tokens[i] for i in members),
+        }
+        for voice, members in groups.items()
+    }
 
 
 @torch.no_grad()
@@ -253,13 +305,15 @@ def text_round_trip(tle: TLEModel, teacher: FrozenTeacher, texts: list[str], bat
     """Text only -> TLE full window at the predicted length -> frozen decoder, greedy (English)."""
     hypotheses = []
     for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        batch = encode_texts(teacher.tokenizer, teacher.specials, chunk, ["en"] * len(chunk),
-                             teacher.max_positions).to(tle.device)
+        chunk = texts[start : start + batch_size]
+        batch = encode_texts(teacher.tokenizer, teacher.specials, chunk, ["en"] * len(chunk), teacher.max_positions).to(
+            tle.device
+        )
         speech, lengths = tle.speech_frames(batch.tle_tokens, batch.tle_mask, tle.language_ids(batch.languages))
         longest = 2 * int(batch.tle_mask.sum(1).max()) + 10
-        hypotheses += greedy_transcribe(teacher, tle.full_window(speech, lengths), batch.languages, longest,
-                                        speech.shape[1])
+        hypotheses += greedy_transcribe(
+            teacher, tle.full_window(speech, lengths), batch.languages, longest, speech.shape[1]
+        )
     return hypotheses
 
 
@@ -277,16 +331,20 @@ def plot_example(tle: TLEModel, batch: TrainBatch, path: str) -> None:
     text, mask = batch.text, batch.text.tle_mask
     n = int(batch.durations[0].sum())
     with torch.no_grad():
-        true_len, _ = tle.speech_frames(text.tle_tokens[:1], mask[:1], batch.language_ids[:1],
-                                        durations=batch.durations[:1])
+        true_len, _ = tle.speech_frames(
+            text.tle_tokens[:1], mask[:1], batch.language_ids[:1], durations=batch.durations[:1]
+        )
         predicted, lengths = tle.speech_frames(text.tle_tokens[:1], mask[:1], batch.language_ids[:1])
-    panels = [("teacher (real audio)", tle.normalise(batch.states[0, :n])),
-              ("TLE, true durations", tle.normalise(true_len[0, :n])),
-              (f"TLE, predicted length ({int(lengths[0])} frames)", tle.normalise(predicted[0, : int(lengths[0])]))]
+    panels = [
+        ("teacher (real audio)", tle.normalise(batch.states[0, :n])),
+        ("TLE, true durations", tle.normalise(true_len[0, :n])),
+        (f"TLE, predicted length ({int(lengths[0])} frames)", tle.normalise(predicted[0, : int(lengths[0])])),
+    ]
     figure, axes = plt.subplots(3, 1, figsize=(10, 8))
     for axis, (title, states) in zip(axes, panels):
-        axis.imshow(states[:, :64].T.float().cpu().numpy(), aspect="auto", origin="lower", vmin=-3, vmax=3,
-                    cmap="RdBu_r")
+        axis.imshow(
+            states[:, :64].T.float().cpu().numpy(), aspect="auto", origin="lower", vmin=-3, vmax=3, cmap="RdBu_r"
+        )
         axis.set_title(f"{title}: {text.texts[0]}", fontsize=9)
         axis.set_ylabel("channel")
         bounds = np.cumsum(batch.durations[0, : int(mask[0].sum())].cpu().numpy())

@@ -3,6 +3,7 @@
 A leaf package: it depends on zarr, numcodecs and numpy only. The torch dataset lives in
 `store.dataset` and is not imported here, so that reading a store never imports torch.
 """
+
 from store.format import FORMAT_VERSION, StoreError, StoreSpec, TeacherInfo
 from store.inspect import Fault, StoreReport, inspect_store
 from store.reader import StoreReader, Utterance

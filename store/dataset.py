@@ -33,6 +33,7 @@ A shard found damaged while reading (see `whistle inspect-store --check`) ends t
 DamagedShardError naming it and the repair; with `skip_damaged=True` it is logged as an error and the
 worker moves on to its next unit instead (the caller must say so to the user: the data shrank).
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,16 +61,28 @@ class FeatureDataset(IterableDataset):
     Yields dict(id, text, language, duration, states (T, D) torch.float16, n_frames, speech_frames).
     """
 
-    def __init__(self, url: str | os.PathLike | Store, *, shuffle: bool = True, seed: int = 0,
-                 shuffle_buffer: int = 1024, length_bucket: int = 0, keep: Callable[[str], bool] | None = None,
-                 rank: int | None = None, world_size: int | None = None, skip_damaged: bool = False) -> None:
+    def __init__(
+        self,
+        url: str | os.PathLike | Store,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_buffer: int = 1024,
+        length_bucket: int = 0,
+        keep: Callable[[str], bool] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        skip_damaged: bool = False,
+    ) -> None:
         super().__init__()
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
         if world_size is not None and not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         if shuffle_buffer < 1 or length_bucket < 0:
-            raise ValueError(f"shuffle_buffer must be >= 1 and length_bucket >= 0, got {shuffle_buffer}, {length_bucket}")
+            raise ValueError(
+                f"shuffle_buffer must be >= 1 and length_bucket >= 0, got {shuffle_buffer}, {length_bucket}"
+            )
         reader = StoreReader(url)
         self.url = url
         self.shards = reader.shards()  # fixed now, so every rank and epoch sees the same list
@@ -114,7 +127,7 @@ class FeatureDataset(IterableDataset):
     def assigned_units(self, rank: int, world_size: int, worker: int, num_workers: int) -> list[Unit]:
         """The units consumer (rank, worker) reads this epoch."""
         consumers = world_size * num_workers
-        return self.units(consumers, self.epoch)[rank * num_workers + worker::consumers]
+        return self.units(consumers, self.epoch)[rank * num_workers + worker :: consumers]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size = self._world()
@@ -131,14 +144,19 @@ class FeatureDataset(IterableDataset):
             stream = _length_grouped(stream, self.length_bucket)
         for utt in stream:
             yield {
-                "id": utt.id, "text": utt.text, "language": utt.language, "duration": utt.duration,
+                "id": utt.id,
+                "text": utt.text,
+                "language": utt.language,
+                "duration": utt.duration,
                 "states": torch.from_numpy(utt.states),  # (T, D) float16
-                "n_frames": len(utt.states), "speech_frames": utt.speech_frames,
+                "n_frames": len(utt.states),
+                "speech_frames": utt.speech_frames,
             }
 
 
-def _read_units(reader: StoreReader, units: list[Unit], keep: Callable[[str], bool] | None,
-                skip_damaged: bool) -> Iterator[Utterance]:
+def _read_units(
+    reader: StoreReader, units: list[Unit], keep: Callable[[str], bool] | None, skip_damaged: bool
+) -> Iterator[Utterance]:
     for shard, first, stop in units:
         try:
             yield from reader.iter_shard(shard, first, stop, keep=keep)

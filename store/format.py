@@ -96,6 +96,7 @@ format_minor and write_id, and the cache is keyed by write_id. Readers read ever
 `inspect-store` names them "not verifiable". A shard that says format_minor 1 but has an array
 without its crc32c is damaged. Whistle versions before 1.1 read 1.1 stores too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -159,7 +160,9 @@ class DamagedShardError(StoreError):
 def array_damage(name: str, err: Exception) -> str:
     """How a DamagedShardError names an array of a shard that could not be read back."""
     if "checksum" in str(err):
-        return f"{name} is unreadable (its stored bytes fail their crc32c checksum) - its object is corrupt or truncated"
+        return (
+            f"{name} is unreadable (its stored bytes fail their crc32c checksum) - its object is corrupt or truncated"
+        )
     return f"{name} is unreadable ({type(err).__name__}: {err}) - its object is corrupt or truncated"
 
 
@@ -208,8 +211,13 @@ class TeacherInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TeacherInfo:
-        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)
-                      if field.name in data or field.default is dataclasses.MISSING})
+        return cls(
+            **{
+                field.name: data[field.name]
+                for field in dataclasses.fields(cls)
+                if field.name in data or field.default is dataclasses.MISSING
+            }
+        )
 
     def field_differences(self, other: TeacherInfo) -> list[FieldDifference]:
         """The fields that differ, with this (recorded) value and the other's (given) one. Fingerprints are
@@ -372,7 +380,9 @@ def open_root(store: Store, url: str) -> tuple[zarr.Group, dict[str, Any]]:
         ) from err
     attrs = root.attrs.asdict()
     if not isinstance(attrs.get(ATTRS_KEY), dict):
-        raise StoreError(f"{url} is a Zarr group but not a whistle store (its zarr.json has no '{ATTRS_KEY}' attributes)")
+        raise StoreError(
+            f"{url} is a Zarr group but not a whistle store (its zarr.json has no '{ATTRS_KEY}' attributes)"
+        )
     return root, attrs[ATTRS_KEY]
 
 
@@ -418,18 +428,30 @@ def _well_formed(attrs: dict[str, Any]) -> dict[str, Any]:
 
 def shard_attr_problems(attrs: dict[str, Any]) -> list[str]:
     """What is malformed in a complete shard's attributes, one message per attribute (empty when well-formed)."""
-    out = [f"{name} is {attrs.get(name)!r}, not a count" for name in ("n", "n_frames", "format_minor")
-           if not _is_count(attrs.get(name, 0))]
+    out = [
+        f"{name} is {attrs.get(name)!r}, not a count"
+        for name in ("n", "n_frames", "format_minor")
+        if not _is_count(attrs.get(name, 0))
+    ]
     seconds = attrs.get("audio_seconds")
-    if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
-            and seconds >= 0):
+    if not (
+        isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds) and seconds >= 0
+    ):
         out.append(f"audio_seconds is {seconds!r}, not a number of seconds")
     rejects = attrs.get("rejects")
     if not isinstance(rejects, list):
         out.append(f"rejects is {_short(rejects)}, not a list of {{id, reason}}")
     else:
-        bad = [r for r in rejects if not (isinstance(r, dict) and isinstance(r.get("id"), str)
-                                          and isinstance(r.get("reason"), str) and r["reason"])]
+        bad = [
+            r
+            for r in rejects
+            if not (
+                isinstance(r, dict)
+                and isinstance(r.get("id"), str)
+                and isinstance(r.get("reason"), str)
+                and r["reason"]
+            )
+        ]
         if bad:
             out.append(f"rejects has {len(bad)} entries that are not {{id, reason}} strings, e.g. {_short(bad[0])}")
     if not isinstance(attrs.get("write_id", ""), str):
@@ -463,7 +485,9 @@ def missing_objects(store: Store, group: zarr.Group, group_path: str, names: tup
     missing = []
     for name in names:
         array = group[name]
-        if array.size and not run_sync(store.exists(f"{group_path}/{name}/{array.metadata.encode_chunk_key((0,) * array.ndim)}")):
+        if array.size and not run_sync(
+            store.exists(f"{group_path}/{name}/{array.metadata.encode_chunk_key((0,) * array.ndim)}")
+        ):
             missing.append(name)
     return missing
 

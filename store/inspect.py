@@ -6,6 +6,7 @@ full (each checked against its crc32c) and every cache entry, and lists what is 
 `Fault(shard, problem)` records (`shard` "cache" for the cache). Shards written before format 1.1
 have no checksums on their small arrays: they are listed as not verifiable, a warning, not a fault.
 """
+
 from __future__ import annotations
 
 import os
@@ -114,37 +115,52 @@ class StoreReport:
         lines = [
             f"whistle store {self.url}",
             f"  format       {self.format} ({policy}, margin {self.speech_margin_frames} frames)",
-            (f"  teacher      {t['name_or_path']} @ {t['revision']}: d_model {t['d_model']}, {t['n_mels']} mels, "
-             f"{t['max_frames']} frames per window ({t['frames_per_second']}/s)"),
+            (
+                f"  teacher      {t['name_or_path']} @ {t['revision']}: d_model {t['d_model']}, {t['n_mels']} mels, "
+                f"{t['max_frames']} frames per window ({t['frames_per_second']}/s)"
+            ),
             f"  shards       {self.complete_shards} complete, {len(self.incomplete_shards)} incomplete"
-            + (f" ({', '.join(self.incomplete_shards[:8])}{', ...' if len(self.incomplete_shards) > 8 else ''})"
-               if self.incomplete_shards else "")
+            + (
+                f" ({', '.join(self.incomplete_shards[:8])}{', ...' if len(self.incomplete_shards) > 8 else ''})"
+                if self.incomplete_shards
+                else ""
+            )
             + f"; {self.shard_size} source rows per shard",
             f"  utterances   {self.utterances:,} ({self.audio_seconds / 3600:.2f} h of audio)",
             f"  frames       {self.frames:,} ({per_utt:.1f} per utterance)",
-            f"  rejects      {rejects:,}" + (": " + ", ".join(f"{kind} {count:,}" for kind, count in
-                                                            sorted(self.rejects.items(), key=lambda kv: -kv[1]))
-                                             if rejects else ""),
+            f"  rejects      {rejects:,}"
+            + (
+                ": "
+                + ", ".join(f"{kind} {count:,}" for kind, count in sorted(self.rejects.items(), key=lambda kv: -kv[1]))
+                if rejects
+                else ""
+            ),
             f"  on disk      {_size(self.bytes_on_disk)} ({_size(self.states_bytes)} of states)",
             f"  raw fp16     {_size(self.raw_fp16_bytes)} (compression {_ratio(self.compression_ratio)})",
-            (f"  full window  {_size(self.full_window_fp16_bytes)} as fp16 (trimming {_ratio(self.trimming_ratio)}; "
-             f"overall {_ratio(self.full_window_fp16_bytes / self.bytes_on_disk if self.bytes_on_disk else None)})"),
+            (
+                f"  full window  {_size(self.full_window_fp16_bytes)} as fp16 (trimming {_ratio(self.trimming_ratio)}; "
+                f"overall {_ratio(self.full_window_fp16_bytes / self.bytes_on_disk if self.bytes_on_disk else None)})"
+            ),
             f"  codec        {self.codec}{level}{lossy}; chunks of {self.chunk_frames} frames",
             f"  dataset      fingerprint {self.dataset_fingerprint}, augment {self.augment}",
             f"  written by   {self.created_by} (last opened by {self.updated_by})",
         ]
         for written_by, names in self.unverifiable.items():
-            lines.append(f"  warning      not verifiable: {len(names)} shard(s) written by {written_by} < format 1.1 "
-                         f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): only their states carry "
-                         "checksums, the other arrays are read unchecked. Delete them and rerun `whistle precompute` "
-                         "on this store to make them verifiable")
+            lines.append(
+                f"  warning      not verifiable: {len(names)} shard(s) written by {written_by} < format 1.1 "
+                f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''}): only their states carry "
+                "checksums, the other arrays are read unchecked. Delete them and rerun `whistle precompute` "
+                "on this store to make them verifiable"
+            )
         if self.checked:
             if self.ok:
                 lines.append(f"  check        ok: {self.complete_shards} complete shards read in full, no faults")
             else:
                 lines.append(f"  check        {len(self.faults)} FAULT(S):")
-                lines += [f"    {'shard ' if fault.shard.isdigit() else ''}{fault.shard}: {fault.problem}"
-                          for fault in self.faults]
+                lines += [
+                    f"    {'shard ' if fault.shard.isdigit() else ''}{fault.shard}: {fault.problem}"
+                    for fault in self.faults
+                ]
         return "\n".join(lines)
 
 
@@ -181,18 +197,31 @@ def inspect_store(url: str | os.PathLike | Store, check: bool = False) -> StoreR
     sizes = run_sync(_object_sizes(store))  # one listing of the whole store
     states_prefixes = tuple(f"{SHARDS_GROUP}/{shard_name(k)}/states/" for k in complete)
     report = StoreReport(
-        url=reader.url, format=reader.attrs["format"], teacher=teacher.to_dict(), frame_policy=spec.frames,
-        speech_margin_frames=spec.speech_margin_frames, codec=spec.codec, compression_level=spec.compression_level,
-        bitround_keepbits=spec.bitround_keepbits, chunk_frames=spec.chunk_frames, shard_size=spec.shard_size,
-        dataset_fingerprint=spec.dataset_fingerprint, augment=spec.augment,
-        created_by=reader.attrs.get("created_by", "unknown"), updated_by=reader.attrs.get("updated_by", "unknown"),
-        utterances=utterances, audio_seconds=sum(a["audio_seconds"] for a in attrs.values()), frames=frames,
+        url=reader.url,
+        format=reader.attrs["format"],
+        teacher=teacher.to_dict(),
+        frame_policy=spec.frames,
+        speech_margin_frames=spec.speech_margin_frames,
+        codec=spec.codec,
+        compression_level=spec.compression_level,
+        bitround_keepbits=spec.bitround_keepbits,
+        chunk_frames=spec.chunk_frames,
+        shard_size=spec.shard_size,
+        dataset_fingerprint=spec.dataset_fingerprint,
+        augment=spec.augment,
+        created_by=reader.attrs.get("created_by", "unknown"),
+        updated_by=reader.attrs.get("updated_by", "unknown"),
+        utterances=utterances,
+        audio_seconds=sum(a["audio_seconds"] for a in attrs.values()),
+        frames=frames,
         bytes_on_disk=sum(sizes.values()),
         states_bytes=sum(size for key, size in sizes.items() if key.startswith(states_prefixes)),
         raw_fp16_bytes=frames * teacher.d_model * 2,
         full_window_fp16_bytes=utterances * teacher.max_frames * teacher.d_model * 2,
-        complete_shards=len(complete), incomplete_shards=[shard_name(k) for k in reader.incomplete_shards()],
-        rejects=rejects, checked=check,
+        complete_shards=len(complete),
+        incomplete_shards=[shard_name(k) for k in reader.incomplete_shards()],
+        rejects=rejects,
+        checked=check,
     )
     for shard in complete:
         if attrs[shard].get("format_minor", 0) < FORMAT_MINOR:
@@ -205,8 +234,12 @@ def inspect_store(url: str | os.PathLike | Store, check: bool = False) -> StoreR
         for shard in reader.incomplete_shards():
             unreadable = reader.shard_attrs(shard).get("unreadable")
             if unreadable:
-                report.faults.append(Fault(shard_name(shard), f"{unreadable}: it counts as incomplete, and the "
-                                                              "next precompute run on this store rewrites it"))
+                report.faults.append(
+                    Fault(
+                        shard_name(shard),
+                        f"{unreadable}: it counts as incomplete, and the next precompute run on this store rewrites it",
+                    )
+                )
     return report
 
 
@@ -228,8 +261,10 @@ def check_shard(reader: StoreReader, shard: int, first_seen: dict[str, int]) -> 
     problems = []
     duplicates = [utt_id for utt_id in index.ids if first_seen.setdefault(utt_id, shard) != shard]
     if len(set(index.ids)) != len(index.ids) or duplicates:
-        problems.append(f"{len(index.ids) - len(set(index.ids)) + len(duplicates)} duplicate utterance id(s), "
-                        f"e.g. {(duplicates or index.ids)[0]!r}")
+        problems.append(
+            f"{len(index.ids) - len(set(index.ids)) + len(duplicates)} duplicate utterance id(s), "
+            f"e.g. {(duplicates or index.ids)[0]!r}"
+        )
     audio_seconds = float(np.sum(index.durations, dtype=np.float64))
     if not np.isclose(audio_seconds, attrs.get("audio_seconds", -1.0), rtol=1e-6):
         problems.append(f"durations sum to {audio_seconds:.3f} s, attrs say {attrs.get('audio_seconds')}")
@@ -289,11 +324,16 @@ def _cache_differences(reader: StoreReader, complete: dict[int, Any], cached: di
         expected = compute_reduction(reader.root, reader.url, reader.spec.teacher, sorted(complete)).arrays()
     except (DamagedShardError, StoreError):  # a shard's sums are damaged: check_shard names it
         return []
-    return [f"{name} differs from the reduction of the shards' sums" for name, values in expected.items()
-            if not np.allclose(cached[name], values, rtol=SUM_RTOL, atol=0)]
+    return [
+        f"{name} differs from the reduction of the shards' sums"
+        for name, values in expected.items()
+        if not np.allclose(cached[name], values, rtol=SUM_RTOL, atol=0)
+    ]
 
 
-def _speech_sums(reader: StoreReader, shard: int, index: Any, all_rows_speech: bool) -> tuple[np.ndarray, np.ndarray, int]:
+def _speech_sums(
+    reader: StoreReader, shard: int, index: Any, all_rows_speech: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-channel float64 sums and sums of squares over the speech rows, and the non-finite count."""
     d_model = reader.spec.teacher.d_model
     n_rows = int(index.offsets[-1])
@@ -314,4 +354,6 @@ def _speech_sums(reader: StoreReader, shard: int, index: Any, all_rows_speech: b
 
 def _close(stored: np.ndarray, recomputed: np.ndarray) -> bool:
     scale = max(1.0, float(np.abs(recomputed).max(initial=0.0)))
-    return stored.shape == recomputed.shape and bool(np.allclose(stored, recomputed, rtol=SUM_RTOL, atol=SUM_RTOL * scale))
+    return stored.shape == recomputed.shape and bool(
+        np.allclose(stored, recomputed, rtol=SUM_RTOL, atol=SUM_RTOL * scale)
+    )

@@ -15,6 +15,7 @@ straight into the output (faster than zarr's sharding codec). Anything else is r
 `direct=False` reads everything so (the reference path). The tail template and the statistics
 come from store/reduction.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -101,16 +102,22 @@ def index_problems(index: ShardIndex, attrs: dict[str, Any], spec: StoreSpec) ->
         out.append(f"states has shape {index.states.shape}, expected ({n_frames}, {d_model})")
     if index.states.dtype != np.float16:
         out.append(f"states has dtype {index.states.dtype}, expected float16")
-    for name, values in (("speech_frames", speech_frames), ("ids", index.ids), ("text", index.texts),
-                         ("language", index.languages), ("duration", index.durations)):
+    for name, values in (
+        ("speech_frames", speech_frames),
+        ("ids", index.ids),
+        ("text", index.texts),
+        ("language", index.languages),
+        ("duration", index.durations),
+    ):
         if len(values) != n:
             out.append(f"{name} has {len(values)} entries, attrs say n={n}")
     if out:
         return out
     if spec.frames == "speech" and not np.array_equal(lengths, speech_frames):
         out.append("stored frames per utterance differ from speech_frames")
-    if spec.frames == "full" and ((lengths != max_frames).any() or (speech_frames < 1).any()
-                                  or (speech_frames > max_frames).any()):
+    if spec.frames == "full" and (
+        (lengths != max_frames).any() or (speech_frames < 1).any() or (speech_frames > max_frames).any()
+    ):
         out.append(f"full-frames shard has windows that are not {max_frames} frames, or bad speech_frames")
     if not (np.isfinite(index.durations).all() and (index.durations > 0).all()):
         out.append("duration has non-positive or non-finite entries")
@@ -120,8 +127,9 @@ def index_problems(index: ShardIndex, attrs: dict[str, Any], spec: StoreSpec) ->
 class StoreReader:
     """Read access to a whistle store (a local path, an fsspec URL, or a zarr Store)."""
 
-    def __init__(self, url: str | os.PathLike | Store, expect_teacher: TeacherInfo | None = None, *,
-                 direct: bool = True) -> None:
+    def __init__(
+        self, url: str | os.PathLike | Store, expect_teacher: TeacherInfo | None = None, *, direct: bool = True
+    ) -> None:
         self.url = url_text(url)
         self.direct = direct  # False: every states read goes through zarr's sharding codec (the reference path)
         self.store = open_zarr_store(url, read_only=True)
@@ -152,8 +160,13 @@ class StoreReader:
         self._complete = sorted(k for k, attrs in self._shard_attrs.items() if attrs.get("complete") is True)
         for shard, attrs in sorted(self._shard_attrs.items()):
             if "unreadable" in attrs:
-                log.warning("shard %s of store %s is not read: %s. It counts as incomplete: run `whistle precompute` "
-                            "on this store again to rewrite it", shard_name(shard), self.url, attrs["unreadable"])
+                log.warning(
+                    "shard %s of store %s is not read: %s. It counts as incomplete: run `whistle precompute` "
+                    "on this store again to rewrite it",
+                    shard_name(shard),
+                    self.url,
+                    attrs["unreadable"],
+                )
         self._reduction = None
         self._id_index = None
 
@@ -190,8 +203,10 @@ class StoreReader:
             self._indexes.move_to_end(shard)
             return self._indexes[shard]
         if shard not in self._complete:
-            raise StoreError(f"shard {shard_name(shard)} is not a complete shard of store {self.url} "
-                             f"({len(self._complete)} complete shards)")
+            raise StoreError(
+                f"shard {shard_name(shard)} is not a complete shard of store {self.url} "
+                f"({len(self._complete)} complete shards)"
+            )
         group_path = f"{SHARDS_GROUP}/{shard_name(shard)}"
         try:
             group = self.root[group_path]
@@ -201,8 +216,11 @@ class StoreReader:
             arrays = {name: group[name] for name in INDEX_ARRAYS}
             unchecked = [name for name, array in arrays.items() if not is_checked(array)]
             if unchecked and self._shard_attrs[shard].get("format_minor", 0) >= 1:
-                raise self._damaged(shard, f"{', '.join(unchecked)} lack the crc32c checksum every array of a format "
-                                           "1.1 shard has - their metadata was rewritten")
+                raise self._damaged(
+                    shard,
+                    f"{', '.join(unchecked)} lack the crc32c checksum every array of a format "
+                    "1.1 shard has - their metadata was rewritten",
+                )
             values = {}
             for name, array in arrays.items():
                 try:
@@ -210,8 +228,12 @@ class StoreReader:
                 except Exception as err:
                     raise self._damaged(shard, array_damage(name, err)) from err
             index = ShardIndex(
-                offsets=values["offsets"], speech_frames=values["speech_frames"], ids=values["ids"].tolist(),
-                texts=values["text"].tolist(), languages=values["language"].tolist(), durations=values["duration"],
+                offsets=values["offsets"],
+                speech_frames=values["speech_frames"],
+                ids=values["ids"].tolist(),
+                texts=values["text"].tolist(),
+                languages=values["language"].tolist(),
+                durations=values["duration"],
                 states=group["states"],
             )
         except DamagedShardError:
@@ -242,8 +264,9 @@ class StoreReader:
     def _unreadable(self, shard: int, what: str, err: OSError) -> StoreError:
         return StoreError(f"reading {what} of shard {shard_name(shard)} of store {self.url} failed: {err}")
 
-    def _direct_chunks(self, shard: int, layout: ShardLayout, start: int, stop: int,
-                       out: np.ndarray | None) -> Iterator[tuple[int, np.ndarray]]:
+    def _direct_chunks(
+        self, shard: int, layout: ShardLayout, start: int, stop: int, out: np.ndarray | None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """store.shard_object.read_chunks, its errors naming the shard."""
         try:
             yield from read_chunks(self.store, layout, start, stop, out)
@@ -257,7 +280,9 @@ class StoreReader:
             return self.index(shard).states[start:stop]
         except Exception as err:
             hint = " - the shard object is corrupt or truncated" if "checksum" in str(err) else ""
-            raise self._damaged(shard, f"reading states rows {start}:{stop} failed ({type(err).__name__}: {err}{hint})") from err
+            raise self._damaged(
+                shard, f"reading states rows {start}:{stop} failed ({type(err).__name__}: {err}{hint})"
+            ) from err
 
     def _direct(self, shard: int, start: int, stop: int) -> ShardLayout | None:
         """The layout to read rows [start, stop) with, or None for zarr (unknown codecs, an unwritten chunk)."""
@@ -268,8 +293,9 @@ class StoreReader:
         """Rows [start, stop) of a shard's states (only the chunks they touch are read): (stop - start, D)."""
         index = self.index(shard)
         if not 0 <= start <= stop <= index.states.shape[0]:
-            raise IndexError(f"rows {start}:{stop} are outside the {index.states.shape[0]} rows of shard "
-                             f"{shard_name(shard)}")
+            raise IndexError(
+                f"rows {start}:{stop} are outside the {index.states.shape[0]} rows of shard {shard_name(shard)}"
+            )
         layout = self._direct(shard, start, stop)
         if layout is None:
             return self._read_zarr(shard, start, stop)
@@ -297,8 +323,16 @@ class StoreReader:
             row = block_stop
 
     def _utterance(self, shard: int, index: ShardIndex, i: int, states: np.ndarray) -> Utterance:
-        return Utterance(index.ids[i], index.texts[i], index.languages[i], float(index.durations[i]), states,
-                         shard, i, int(index.speech_frames[i]))
+        return Utterance(
+            index.ids[i],
+            index.texts[i],
+            index.languages[i],
+            float(index.durations[i]),
+            states,
+            shard,
+            i,
+            int(index.speech_frames[i]),
+        )
 
     def _check_position(self, shard: int, index: ShardIndex, i: int) -> None:
         if not 0 <= i < len(index):
@@ -320,8 +354,9 @@ class StoreReader:
             raise IndexError(f"frames {start}:{stop} are outside utterance {index.ids[i]!r}, which has {n_frames}")
         return self.read_rows(shard, first + start, first + stop)
 
-    def iter_shard(self, shard: int, start: int = 0, stop: int | None = None,
-                   keep: Callable[[str], bool] | None = None) -> Iterator[Utterance]:
+    def iter_shard(
+        self, shard: int, start: int = 0, stop: int | None = None, keep: Callable[[str], bool] | None = None
+    ) -> Iterator[Utterance]:
         """Utterances start..stop-1 of a shard in order, reading each states chunk once.
 
         The states are fetched in blocks of ~64 MiB aligned to the inner chunks and decoded one chunk

@@ -11,6 +11,7 @@ complete shard's index and identity: the random `write_id` of the write that com
 read-only store just goes without. Every cache array ends in a crc32c: an entry that fails it (or is
 otherwise not whole) is never used: it is named in a WARNING, recomputed and replaced.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,15 +85,22 @@ def reduce_shards(root: zarr.Group, url: str, teacher: TeacherInfo, shards: dict
 def cache_key(shards: dict[int, dict[str, Any]]) -> str:
     """A hash of the shard set: each complete shard's index and identity (its `write_id`; shards written before
     format 1.1 have none: their counts and write time instead)."""
-    listed = [[k, shards[k].get("write_id") or [shards[k]["n"], shards[k]["n_frames"], shards[k].get("written_at")]]
-              for k in sorted(shards)]
+    listed = [
+        [k, shards[k].get("write_id") or [shards[k]["n"], shards[k]["n_frames"], shards[k].get("written_at")]]
+        for k in sorted(shards)
+    ]
     return hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:16]
 
 
 def sum_shapes(teacher: TeacherInfo) -> dict[str, tuple[int, ...]]:
     """The shape of each of a shard's sums (SUM_ARRAYS)."""
-    return {"tail_sum": (teacher.max_frames, teacher.d_model), "tail_count": (teacher.max_frames,),
-            "stat_sum": (teacher.d_model,), "stat_sqsum": (teacher.d_model,), "stat_count": (1,)}
+    return {
+        "tail_sum": (teacher.max_frames, teacher.d_model),
+        "tail_count": (teacher.max_frames,),
+        "stat_sum": (teacher.d_model,),
+        "stat_sqsum": (teacher.d_model,),
+        "stat_count": (1,),
+    }
 
 
 def shard_sums(root: zarr.Group, url: str, teacher: TeacherInfo, shard: int) -> tuple[np.ndarray, ...]:
@@ -147,8 +155,12 @@ def compute_reduction(root: zarr.Group, url: str, teacher: TeacherInfo, shards: 
         template[~seen] = template[first_seen]
     else:
         template[:] = mean
-    return Reduction(tail_template=template.astype(np.float32), tail_count=tail_count,
-                     mean=mean.astype(np.float32), std=np.maximum(std, STD_FLOOR).astype(np.float32))
+    return Reduction(
+        tail_template=template.astype(np.float32),
+        tail_count=tail_count,
+        mean=mean.astype(np.float32),
+        std=np.maximum(std, STD_FLOOR).astype(np.float32),
+    )
 
 
 def read_cache(root: zarr.Group, url: str, teacher: TeacherInfo, key: str) -> tuple[Reduction | None, list[str]]:
@@ -172,8 +184,14 @@ def read_cache(root: zarr.Group, url: str, teacher: TeacherInfo, key: str) -> tu
         values, problems = read_cache_arrays(arrays, teacher)
         if not problems:
             return Reduction(**values), damaged
-        log.warning("the cached tail template and statistics %s/%s/%s are damaged (%s): not used; recomputing them "
-                    "from the shards' sums", url, CACHE_GROUP, name, "; ".join(problems))
+        log.warning(
+            "the cached tail template and statistics %s/%s/%s are damaged (%s): not used; recomputing them "
+            "from the shards' sums",
+            url,
+            CACHE_GROUP,
+            name,
+            "; ".join(problems),
+        )
         damaged.append(name)
     return None, damaged
 
@@ -181,8 +199,12 @@ def read_cache(root: zarr.Group, url: str, teacher: TeacherInfo, key: str) -> tu
 def read_cache_arrays(arrays: dict[str, zarr.Array], teacher: TeacherInfo) -> tuple[dict[str, np.ndarray], list[str]]:
     """A cache entry's arrays read (each checked against its crc32c) and what makes them untrustworthy (empty
     when whole: checksummed, of the teacher's shapes, finite)."""
-    shapes = {"tail_template": (teacher.max_frames, teacher.d_model), "tail_count": (teacher.max_frames,),
-              "mean": (teacher.d_model,), "std": (teacher.d_model,)}
+    shapes = {
+        "tail_template": (teacher.max_frames, teacher.d_model),
+        "tail_count": (teacher.max_frames,),
+        "mean": (teacher.d_model,),
+        "std": (teacher.d_model,),
+    }
     values, problems = {}, []
     for name, array in arrays.items():
         if not is_checked(array):
@@ -200,8 +222,9 @@ def read_cache_arrays(arrays: dict[str, zarr.Array], teacher: TeacherInfo) -> tu
     return values, problems
 
 
-def write_cache(root: zarr.Group, url: str, key: str, reduction: Reduction, shards: list[int],
-                damaged: list[str]) -> None:
+def write_cache(
+    root: zarr.Group, url: str, key: str, reduction: Reduction, shards: list[int], damaged: list[str]
+) -> None:
     """Keep the reduction in the store for the next reader; a read-only store just goes without.
 
     Every writer makes its own entry `<key>.<random>` and marks it complete last, so ranks that
@@ -216,8 +239,13 @@ def write_cache(root: zarr.Group, url: str, key: str, reduction: Reduction, shar
                 run_sync(writable.delete_dir(f"{CACHE_GROUP}/{stale}"))
         group = cache.create_group(f"{key}.{uuid.uuid4().hex[:8]}", attributes={"complete": False})
         for name, array in reduction.arrays().items():
-            group.create_array(name, data=array, chunks=array.shape, compressors=checked_compressors(),
-                               config={"write_empty_chunks": True})
+            group.create_array(
+                name,
+                data=array,
+                chunks=array.shape,
+                compressors=checked_compressors(),
+                config={"write_empty_chunks": True},
+            )
         group.update_attributes({"complete": True, "shards": shards, **version_stamp("written")})
     except Exception as err:
         log.info("could not cache the tail template in %s (%s); it is recomputed next time", url, err)

@@ -20,6 +20,7 @@ objects) have no layout, and a range with an unwritten chunk is not `covered`: z
 Damage found in the bytes raises ShardObjectError, whose message says which part is bad; the
 caller names the shard. Store I/O errors (OSError) pass through.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,8 +80,11 @@ def states_codecs(spec: StoreSpec) -> dict[str, Any]:
         filters.append(BitRound(keepbits=spec.bitround_keepbits))
     compressors: list[Any] = []
     if spec.codec.startswith("blosc-"):
-        compressors.append(BloscCodec(cname=spec.codec.removeprefix("blosc-"), clevel=spec.compression_level,
-                                      shuffle="shuffle", typesize=2))
+        compressors.append(
+            BloscCodec(
+                cname=spec.codec.removeprefix("blosc-"), clevel=spec.compression_level, shuffle="shuffle", typesize=2
+            )
+        )
     compressors.append(Crc32cCodec())
     return {"filters": filters, "compressors": compressors}
 
@@ -89,8 +93,13 @@ def states_compressor(spec: StoreSpec) -> numcodecs.Blosc | None:
     """The Blosc compressor of the states' inner chunks as numcodecs builds it (zarr's BloscCodec does the same)."""
     if not spec.codec.startswith("blosc-"):
         return None
-    return numcodecs.Blosc(cname=spec.codec.removeprefix("blosc-"), clevel=spec.compression_level,
-                           shuffle=numcodecs.Blosc.SHUFFLE, blocksize=0, typesize=2)
+    return numcodecs.Blosc(
+        cname=spec.codec.removeprefix("blosc-"),
+        clevel=spec.compression_level,
+        shuffle=numcodecs.Blosc.SHUFFLE,
+        blocksize=0,
+        typesize=2,
+    )
 
 
 def create_states_array(group: zarr.Group, n_frames: int, spec: StoreSpec) -> zarr.Array:
@@ -98,8 +107,14 @@ def create_states_array(group: zarr.Group, n_frames: int, spec: StoreSpec) -> za
     d_model, chunk = spec.teacher.d_model, spec.chunk_frames
     shard_rows = max(1, -(-n_frames // chunk)) * chunk
     return group.create_array(
-        "states", shape=(n_frames, d_model), dtype=np.float16, chunks=(chunk, d_model), shards=(shard_rows, d_model),
-        fill_value=0, config={"write_empty_chunks": True}, **states_codecs(spec),
+        "states",
+        shape=(n_frames, d_model),
+        dtype=np.float16,
+        chunks=(chunk, d_model),
+        shards=(shard_rows, d_model),
+        fill_value=0,
+        config={"write_empty_chunks": True},
+        **states_codecs(spec),
     )
 
 
@@ -112,12 +127,21 @@ def direct_compression(array: zarr.Array) -> bool | None:
         return None
     sharding = codecs[0]
     inner = list(sharding.codecs)
-    if array.ndim != 2 or array.shards[0] < array.shape[0] or array.shards[1] != array.shape[1] \
-            or array.chunks[1] != array.shape[1] or array.dtype != np.float16:
+    if (
+        array.ndim != 2
+        or array.shards[0] < array.shape[0]
+        or array.shards[1] != array.shape[1]
+        or array.chunks[1] != array.shape[1]
+        or array.dtype != np.float16
+    ):
         return None
     index_codecs = list(sharding.index_codecs)
-    if sharding.index_location != ShardingCodecIndexLocation.end or len(index_codecs) != 2 \
-            or not _little_endian_bytes(index_codecs[0]) or not isinstance(index_codecs[1], Crc32cCodec):
+    if (
+        sharding.index_location != ShardingCodecIndexLocation.end
+        or len(index_codecs) != 2
+        or not _little_endian_bytes(index_codecs[0])
+        or not isinstance(index_codecs[1], Crc32cCodec)
+    ):
         return None
     if len(inner) < 2 or not _little_endian_bytes(inner[0]) or not isinstance(inner[-1], Crc32cCodec):
         return None
@@ -157,8 +181,9 @@ def write_states(store: Store, array: zarr.Array, pieces: list[np.ndarray], spec
     run_sync(store.set(shard_object_key(array), default_buffer_prototype().buffer.from_bytes(shard_object)))
 
 
-def encode_shard_object(pieces: list[np.ndarray], d_model: int, chunk_rows: int,
-                        compressor: numcodecs.Blosc | None) -> bytes:
+def encode_shard_object(
+    pieces: list[np.ndarray], d_model: int, chunk_rows: int, compressor: numcodecs.Blosc | None
+) -> bytes:
     """The shard object of a states array held in one shard: the rows of `pieces` (each (T, D) float16, in
     order) in inner chunks of `chunk_rows` rows (the last one padded with zeros), each compressed and
     checksummed, then the index. Chunks are gathered one by one (the rows are never joined whole) and
@@ -209,8 +234,9 @@ def read_layout(store: Store, array: zarr.Array) -> ShardLayout | None:
     size = n_chunks * INDEX_ENTRY_BYTES + CHECKSUM_BYTES
     raw = fetch(store, key, SuffixByteRequest(size), size, "its sharding index")
     if not checksum_ok(raw):
-        raise ShardObjectError("the sharding index of states fails its checksum - the shard object is corrupt or "
-                               "truncated")
+        raise ShardObjectError(
+            "the sharding index of states fails its checksum - the shard object is corrupt or truncated"
+        )
     chunks = raw[:-CHECKSUM_BYTES].view("<u8").reshape(n_chunks, 2)  # (n_chunks, 2): offset, nbytes
     return ShardLayout(key, chunk_rows, array.shape[1], blosc, chunks)
 
@@ -222,13 +248,15 @@ def fetch(store: Store, key: str, request: ByteRequest, size: int, what: str) ->
         raise ShardObjectError(f"the states object {key} is missing")
     data = buffer.as_numpy_array().view(np.uint8).reshape(-1)
     if data.size != size:
-        raise ShardObjectError(f"{what} is {data.size} bytes where the index says {size} - the shard object is "
-                               "corrupt or truncated")
+        raise ShardObjectError(
+            f"{what} is {data.size} bytes where the index says {size} - the shard object is corrupt or truncated"
+        )
     return data
 
 
-def read_chunks(store: Store, layout: ShardLayout, start: int, stop: int,
-                out: np.ndarray | None) -> Iterator[tuple[int, np.ndarray]]:
+def read_chunks(
+    store: Store, layout: ShardLayout, start: int, stop: int, out: np.ndarray | None
+) -> Iterator[tuple[int, np.ndarray]]:
     """Rows [start, stop) through the sharding index, one inner chunk at a time: (first row, rows) pairs in
     order. Decoded into `out` ((chunks x chunk_rows, D): every row of the chunks touched) when given, else
     into one reused chunk buffer, so a pair is valid only until the next one is asked for."""
@@ -257,8 +285,9 @@ def read_chunks(store: Store, layout: ShardLayout, start: int, stop: int,
         yield low, target[low - row : high - row]
 
 
-def decode_chunk(payload: np.ndarray, layout: ShardLayout, target: np.ndarray, where: str, *,
-                 view_ok: bool) -> np.ndarray:
+def decode_chunk(
+    payload: np.ndarray, layout: ShardLayout, target: np.ndarray, where: str, *, view_ok: bool
+) -> np.ndarray:
     """One inner chunk's stored bytes (n,) uint8, checked and decoded: (chunk_rows, D) float16, written into
     `target`, or with `view_ok` an uncompressed chunk's bytes viewed as they are. `where` names it in errors."""
     if len(payload) <= CHECKSUM_BYTES or not checksum_ok(payload):

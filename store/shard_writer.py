@@ -11,6 +11,7 @@ While it closes, a shard holds about twice its raw size (its buffers and the com
 the states are gathered into the object chunk by chunk, never joined whole). The template and
 statistics sums of each utterance are added on the shard's own thread while the caller goes on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -101,8 +102,9 @@ class ShardWriter:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.close()
         elif self._record is None:
@@ -113,8 +115,18 @@ class ShardWriter:
             finally:
                 self.writer.release(self.index)
 
-    def add(self, id: str, text: str, language: str, duration_s: float, states: np.ndarray,
-            tail: np.ndarray | None = None, *, speech_frames: int | None = None, summed: bool = False) -> bool:
+    def add(
+        self,
+        id: str,
+        text: str,
+        language: str,
+        duration_s: float,
+        states: np.ndarray,
+        tail: np.ndarray | None = None,
+        *,
+        speech_frames: int | None = None,
+        summed: bool = False,
+    ) -> bool:
         """Add one utterance; returns False when it was recorded as a reject instead.
 
         speech mode: `states` (T, D) float16 are the speech frames, `tail` (max_frames - T, D)
@@ -134,8 +146,10 @@ class ShardWriter:
             raise ValueError(f"utterance {id!r}: duration_s must be a positive number of seconds, got {duration_s!r}")
         states = np.asarray(states)
         if summed and (self.spec.frames != "speech" or tail is not None):
-            raise ValueError(f"utterance {id!r} (shard {self.name}): summed is for speech-frames stores and "
-                             "replaces the tail argument")
+            raise ValueError(
+                f"utterance {id!r} (shard {self.name}): summed is for speech-frames stores and "
+                "replaces the tail argument"
+            )
         n_speech = self._check_shapes(id, duration_s, states, tail, speech_frames, summed)
         tail = None if tail is None else np.asarray(tail)
         if not _finite(states) or (tail is not None and not _finite(tail)):
@@ -168,8 +182,14 @@ class ShardWriter:
         self._stat_count += n_speech
         self._tail_sum[n_speech:] += states[n_speech:] if tail is None else tail  # (M - T, D)
 
-    def add_sums(self, tail_sum: np.ndarray, tail_count: np.ndarray, stat_sum: np.ndarray, stat_sqsum: np.ndarray,
-                 stat_count: int) -> None:
+    def add_sums(
+        self,
+        tail_sum: np.ndarray,
+        tail_count: np.ndarray,
+        stat_sum: np.ndarray,
+        stat_sqsum: np.ndarray,
+        stat_count: int,
+    ) -> None:
         """Add sums made by the caller over utterances added with `summed=True` (precompute: one batch, on the GPU).
 
         tail_sum (max_frames, D): the sum of their states at each window position p >= their speech frames;
@@ -179,17 +199,28 @@ class ShardWriter:
         """
         if self._record is not None:
             raise RuntimeError(f"shard {self.name} is closed")
-        shapes = {"tail_sum": (self.max_frames, self.d_model), "stat_sum": (self.d_model,),
-                  "stat_sqsum": (self.d_model,)}
-        sums = {"tail_sum": np.asarray(tail_sum), "stat_sum": np.asarray(stat_sum), "stat_sqsum": np.asarray(stat_sqsum)}
+        shapes = {
+            "tail_sum": (self.max_frames, self.d_model),
+            "stat_sum": (self.d_model,),
+            "stat_sqsum": (self.d_model,),
+        }
+        sums = {
+            "tail_sum": np.asarray(tail_sum),
+            "stat_sum": np.asarray(stat_sum),
+            "stat_sqsum": np.asarray(stat_sqsum),
+        }
         for name, values in sums.items():
             if values.shape != shapes[name] or values.dtype not in (np.float32, np.float64):
-                raise ValueError(f"shard {self.name}: {name} must be {shapes[name]} float32 or float64, got "
-                                 f"{values.shape} {values.dtype}")
+                raise ValueError(
+                    f"shard {self.name}: {name} must be {shapes[name]} float32 or float64, got "
+                    f"{values.shape} {values.dtype}"
+                )
         tail_count = np.asarray(tail_count)
         if tail_count.shape != (self.max_frames,) or tail_count.dtype.kind not in "iu":
-            raise ValueError(f"shard {self.name}: tail_count must be ({self.max_frames},) integers, got "
-                             f"{tail_count.shape} {tail_count.dtype}")
+            raise ValueError(
+                f"shard {self.name}: tail_count must be ({self.max_frames},) integers, got "
+                f"{tail_count.shape} {tail_count.dtype}"
+            )
         counts = np.append(tail_count, int(stat_count))  # (M + 1,)
         self._pending.append(self._summer.submit(self._add_sums, *(v.copy() for v in sums.values()), counts))
 
@@ -200,8 +231,15 @@ class ShardWriter:
         self._stat_count += int(counts[-1])
         self._summed_given += counts
 
-    def _check_shapes(self, id: str, duration_s: float, states: np.ndarray, tail: np.ndarray | None,
-                      speech_frames: int | None, summed: bool) -> int:
+    def _check_shapes(
+        self,
+        id: str,
+        duration_s: float,
+        states: np.ndarray,
+        tail: np.ndarray | None,
+        speech_frames: int | None,
+        summed: bool,
+    ) -> int:
         """The number of speech frames, after checking shapes and dtypes against the spec."""
         where = f"utterance {id!r} (shard {self.name})"
         if states.ndim != 2 or states.shape[1] != self.d_model or states.dtype != np.float16:
@@ -209,8 +247,10 @@ class ShardWriter:
         n_rows = states.shape[0]
         if self.spec.frames == "full":
             if n_rows != self.max_frames or tail is not None:
-                raise ValueError(f"{where}: full-frames store needs states ({self.max_frames}, {self.d_model}) "
-                                 f"and no tail, got {states.shape} and tail={tail is not None}")
+                raise ValueError(
+                    f"{where}: full-frames store needs states ({self.max_frames}, {self.d_model}) "
+                    f"and no tail, got {states.shape} and tail={tail is not None}"
+                )
             if speech_frames is None:
                 teacher = self.spec.teacher
                 n_samples = round(duration_s * teacher.sample_rate)
@@ -225,13 +265,15 @@ class ShardWriter:
             raise ValueError(f"{where}: speech_frames={speech_frames} but states has {n_rows} frames")
         tail_rows = self.max_frames - n_rows
         if tail is None and tail_rows and not summed:
-            raise ValueError(f"{where}: speech-frames store needs the tail ({tail_rows}, {self.d_model}) "
-                             "for the tail template")
+            raise ValueError(
+                f"{where}: speech-frames store needs the tail ({tail_rows}, {self.d_model}) for the tail template"
+            )
         if tail is not None:
             tail = np.asarray(tail)
             if tail.shape != (tail_rows, self.d_model) or tail.dtype != np.float16:
-                raise ValueError(f"{where}: tail must be ({tail_rows}, {self.d_model}) float16, "
-                                 f"got {tail.shape} {tail.dtype}")
+                raise ValueError(
+                    f"{where}: tail must be ({tail_rows}, {self.d_model}) float16, got {tail.shape} {tail.dtype}"
+                )
         return n_rows
 
     def reject(self, id: str, reason: str) -> None:
@@ -250,8 +292,10 @@ class ShardWriter:
             record = self._write()
         except Exception as err:
             self.writer.release(self.index)
-            raise StoreError(f"writing shard {self.name} of store {self.writer.url} failed ({type(err).__name__}: "
-                             f"{err}); it stays incomplete and is rewritten on the next run") from err
+            raise StoreError(
+                f"writing shard {self.name} of store {self.writer.url} failed ({type(err).__name__}: "
+                f"{err}); it stays incomplete and is rewritten on the next run"
+            ) from err
         self._record = record
         self.writer.release(self.index, complete=True)
         return record
@@ -261,9 +305,11 @@ class ShardWriter:
             self._pending.popleft().result()
         self._summer.shutdown()
         if not np.array_equal(self._summed_expected, self._summed_given):
-            raise ValueError(f"the sums given with add_sums cover {self._summed_given[-1]} speech frames and "
-                             f"{self._summed_given[:-1].sum()} tail positions; the utterances added with summed=True "
-                             f"have {self._summed_expected[-1]} and {self._summed_expected[:-1].sum()}")
+            raise ValueError(
+                f"the sums given with add_sums cover {self._summed_given[-1]} speech frames and "
+                f"{self._summed_given[:-1].sum()} tail positions; the utterances added with summed=True "
+                f"have {self._summed_expected[-1]} and {self._summed_expected[:-1].sum()}"
+            )
         n = len(self._ids)
         speech_frames = np.asarray(self._speech_frames, np.int32)  # (n,)
         lengths = [len(states) for states in self._states]
@@ -285,13 +331,27 @@ class ShardWriter:
         _write_whole(group, "stat_sqsum", self._stat_sqsum)
         _write_whole(group, "stat_count", np.asarray([self._stat_count], np.int64))
         audio_seconds = float(np.sum(np.asarray(self._durations, np.float32), dtype=np.float64))
-        group.update_attributes({
-            "n": n, "n_frames": n_frames, "audio_seconds": audio_seconds, "rejects": self._rejects,
-            "format_minor": FORMAT_MINOR, "write_id": uuid.uuid4().hex, **version_stamp("written"), "complete": True,
-        })
+        group.update_attributes(
+            {
+                "n": n,
+                "n_frames": n_frames,
+                "audio_seconds": audio_seconds,
+                "rejects": self._rejects,
+                "format_minor": FORMAT_MINOR,
+                "write_id": uuid.uuid4().hex,
+                **version_stamp("written"),
+                "complete": True,
+            }
+        )
         nbytes = run_sync(self.writer.store.getsize_prefix(f"{SHARDS_GROUP}/{self.name}"))
-        log.debug("shard %s: %d utterances, %d frames, %d rejects, %d bytes", self.name, n, n_frames,
-                  len(self._rejects), nbytes)
+        log.debug(
+            "shard %s: %d utterances, %d frames, %d rejects, %d bytes",
+            self.name,
+            n,
+            n_frames,
+            len(self._rejects),
+            nbytes,
+        )
         return ShardRecord(self.index, n, n_frames, len(self._rejects), nbytes, audio_seconds)
 
 
@@ -303,8 +363,13 @@ def _finite(values: np.ndarray) -> bool:
 def _write_whole(group: zarr.Group, name: str, data: np.ndarray, dtype: Any = None) -> None:
     """A small array as a single chunk ending in its crc32c, written in one call (even when all zeros: readers
     check it exists)."""
-    array = group.create_array(name, shape=data.shape, dtype=dtype or data.dtype,
-                               chunks=tuple(max(1, size) for size in data.shape), compressors=checked_compressors(),
-                               config={"write_empty_chunks": True})
+    array = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=dtype or data.dtype,
+        chunks=tuple(max(1, size) for size in data.shape),
+        compressors=checked_compressors(),
+        config={"write_empty_chunks": True},
+    )
     if data.size:
         array[...] = data

@@ -17,6 +17,7 @@ process dies. So a shard another live process is writing is never touched (`clai
 `shard` raises ShardBusy), and an incomplete shard whose lock is free was left by a crash and is
 redone. Object stores (s3://, gs://, memory://) have no such lock: one run at a time there.
 """
+
 from __future__ import annotations
 
 import errno
@@ -98,8 +99,9 @@ class StoreWriter:
                 try:
                     open_root(store, text)
                 except StoreError as err:
-                    raise StoreError(f"{err}. overwrite only replaces whistle stores: nothing was deleted; "
-                                     "choose another store path") from err
+                    raise StoreError(
+                        f"{err}. overwrite only replaces whistle stores: nothing was deleted; choose another store path"
+                    ) from err
                 log.info("overwrite: deleting the existing store %s", text)
                 run_sync(store.clear())
             root, spec = cls._create_or_reopen(store, spec, text)
@@ -111,8 +113,10 @@ class StoreWriter:
                 run_sync(store.delete(f"{SHARDS_GROUP}/zarr.json"))
                 root.require_group(SHARDS_GROUP)
         except OSError as err:  # a full disk, no permission, a lost mount
-            raise StoreError(f"cannot write store {text}: {err}. Free space or fix the path, then run again "
-                             "(complete shards are kept)") from err
+            raise StoreError(
+                f"cannot write store {text}: {err}. Free space or fix the path, then run again "
+                "(complete shards are kept)"
+            ) from err
         return cls(store, root, spec, text)
 
     @staticmethod
@@ -123,8 +127,9 @@ class StoreWriter:
             leftovers = [name for name in names if name.endswith(".partial")]
             if set(names) == {"zarr.json", *leftovers} and _unreadable(store, "zarr.json"):
                 # a creation whose one write was cut short (a full disk on a store without atomic writes)
-                log.warning("%s holds only the damaged zarr.json of a creation that did not finish: creating it "
-                            "again", url)
+                log.warning(
+                    "%s holds only the damaged zarr.json of a creation that did not finish: creating it again", url
+                )
                 run_sync(store.clear())
                 return StoreWriter._create(store, spec, url)
             if "zarr.json" in names:
@@ -139,8 +144,10 @@ class StoreWriter:
             for name in leftovers:
                 run_sync(store.delete(name))
             return StoreWriter._create(store, spec, url)
-        raise StoreError(f"{url} is not empty and is not a whistle store (no zarr.json at its top); "
-                         "choose a new or empty path for the store")
+        raise StoreError(
+            f"{url} is not empty and is not a whistle store (no zarr.json at its top); "
+            "choose a new or empty path for the store"
+        )
 
     @staticmethod
     def _create(store: Store, spec: StoreSpec, url: str) -> tuple[zarr.Group, StoreSpec]:
@@ -161,13 +168,19 @@ class StoreWriter:
         differences = stored.differences(spec)
         if differences:
             raise StoreError(
-                f"store {url} was written with a different spec:\n  - " + "\n  - ".join(differences)
+                f"store {url} was written with a different spec:\n  - "
+                + "\n  - ".join(differences)
                 + "\nUse a new store path, or --overwrite to replace this store."
             )
         for name in ("codec", "compression_level", "bitround_keepbits", "chunk_frames"):
             if getattr(stored, name) != getattr(spec, name):
-                log.warning("store %s keeps its %s=%r (requested %r applies to new stores only)",
-                            url, name, getattr(stored, name), getattr(spec, name))
+                log.warning(
+                    "store %s keeps its %s=%r (requested %r applies to new stores only)",
+                    url,
+                    name,
+                    getattr(stored, name),
+                    getattr(spec, name),
+                )
         root.update_attributes({ATTRS_KEY: {**attrs, **version_stamp("updated")}})
         return root, stored
 
@@ -198,7 +211,8 @@ class StoreWriter:
                     f"cannot lock {handle.name}: the file system of store {self.url} has no working file locks "
                     f"({err.strerror}). Mount it with locking (NFSv4, or NFSv3 with lockd; Lustre/GPFS with flock), "
                     "or write the store to a local disk or an object store URL and run one precompute per store "
-                    "at a time") from err
+                    "at a time"
+                ) from err
         self._claims[index] = handle
         if self._is_complete(index):  # completed by another run since this one listed the shards
             self.release(index)
@@ -224,8 +238,11 @@ class StoreWriter:
         Raises ShardBusy when another live process holds the shard (see `claim`)."""
         name = shard_name(index)
         if not self.claim(index):
-            state = ("is already complete; skip it (see StoreWriter.complete_shards())" if self._is_complete(index)
-                     else "is being written by another process; skip it")
+            state = (
+                "is already complete; skip it (see StoreWriter.complete_shards())"
+                if self._is_complete(index)
+                else "is being written by another process; skip it"
+            )
             raise ShardBusy(f"shard {name} of store {self.url} {state}")
         if read_shard_attrs(self.store, index) is not None:  # this shard only: no store listing
             # incomplete (claim checked), and no live process holds it: left by a crashed run
@@ -235,8 +252,10 @@ class StoreWriter:
             return ShardWriter(self, index)
         except OSError as err:
             self.release(index)
-            raise StoreError(f"starting shard {name} of store {self.url} failed ({err}); free space or fix the "
-                             "store, then run again (complete shards are kept)") from err
+            raise StoreError(
+                f"starting shard {name} of store {self.url} failed ({err}); free space or fix the "
+                "store, then run again (complete shards are kept)"
+            ) from err
 
     def write_record(self, name: str, data: dict[str, Any]) -> None:
         """Store a JSON run record (e.g. "precompute.json") in the store root, replacing an older one."""
@@ -245,8 +264,10 @@ class StoreWriter:
         try:
             write_json(self.store, name, data)
         except OSError as err:
-            raise StoreError(f"writing the run record {name} of store {self.url} failed ({err}); the shards are "
-                             "written: free space and run again to rewrite it") from err
+            raise StoreError(
+                f"writing the run record {name} of store {self.url} failed ({err}); the shards are "
+                "written: free space and run again to rewrite it"
+            ) from err
 
 
 def _unreadable(store: Store, key: str) -> bool:
@@ -262,4 +283,3 @@ async def _top_level(store: Store) -> list[str]:
         return [name async for name in store.list_dir("")]
     except FileNotFoundError:
         return []
-

@@ -16,6 +16,7 @@
 - `fault_world` (session): bench/faults.py's world (2 s-window tiny teacher, 16 clips, one missing) and a
   clean precompute of it: (world, clean store path, its contents for faults.store_differences).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,9 +30,16 @@ def make_tiny_whisper(path: Path, n_mels: int = 80, seed: int = 0, window_second
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     config = WhisperConfig(
-        num_mel_bins=n_mels, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-        max_source_positions=50 * window_seconds, max_target_positions=64,
+        num_mel_bins=n_mels,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_source_positions=50 * window_seconds,
+        max_target_positions=64,
     )
     torch.manual_seed(seed)
     WhisperForConditionalGeneration(config).save_pretrained(path)
@@ -45,11 +53,22 @@ def tiny_whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 TOKENIZER_TEXTS = [
-    "the quick brown fox jumps over the lazy dog", "hello world", "whisper reads speech from text",
-    "a tiny teacher for fast tests", "der schnelle braune fuchs springt", "one two three four five six",
+    "the quick brown fox jumps over the lazy dog",
+    "hello world",
+    "whisper reads speech from text",
+    "a tiny teacher for fast tests",
+    "der schnelle braune fuchs springt",
+    "one two three four five six",
 ]
-WHISPER_SPECIAL_TOKENS = ["<|startoftranscript|>", "<|translate|>", "<|transcribe|>", "<|startoflm|>",
-                          "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+WHISPER_SPECIAL_TOKENS = [
+    "<|startoftranscript|>",
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nospeech|>",
+    "<|notimestamps|>",
+]
 
 
 def make_whisper_tokenizer(languages: tuple[str, ...] = ("en", "de", "yue")):
@@ -61,8 +80,10 @@ def make_whisper_tokenizer(languages: tuple[str, ...] = ("en", "de", "yue")):
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(TOKENIZER_TEXTS * 3, trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.train_from_iterator(
+        TOKENIZER_TEXTS * 3,
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
     trained = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in trained["merges"]]
     tokenizer = WhisperTokenizer(vocab=trained["vocab"], merges=merges)  # adds <|endoftext|>
@@ -79,17 +100,31 @@ def make_tiny_teacher(path: Path, multilingual: bool = False, seed: int = 0) -> 
     tokenizer = make_whisper_tokenizer()
     vocab = tokenizer.get_vocab()
     config = WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=2,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_source_positions=100, max_target_positions=64, pad_token_id=vocab["<|endoftext|>"],
-        bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        decoder_start_token_id=vocab["<|startoftranscript|>"], begin_suppress_tokens=None,
+        vocab_size=len(tokenizer),
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=100,
+        max_target_positions=64,
+        pad_token_id=vocab["<|endoftext|>"],
+        bos_token_id=vocab["<|endoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        decoder_start_token_id=vocab["<|startoftranscript|>"],
+        begin_suppress_tokens=None,
     )
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=config.decoder_start_token_id, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id, is_multilingual=multilingual, alignment_heads=[[1, 0], [1, 1]],
+        decoder_start_token_id=config.decoder_start_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        is_multilingual=multilingual,
+        alignment_heads=[[1, 0], [1, 1]],
         no_timestamps_token_id=vocab["<|notimestamps|>"],
     )
     model.save_pretrained(path)
@@ -103,19 +138,36 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))
 
 
-def store_spec(frames: str = "speech", *, d_model: int = 32, shard_size: int = 6, chunk_frames: int = 256,
-               codec: str = "blosc-zstd", bitround_keepbits: int = 0, fingerprint: str = "synthetic-v1",
-               augment: str = "none", margin: int = 2, name: str = "tiny-random"):
+def store_spec(
+    frames: str = "speech",
+    *,
+    d_model: int = 32,
+    shard_size: int = 6,
+    chunk_frames: int = 256,
+    codec: str = "blosc-zstd",
+    bitround_keepbits: int = 0,
+    fingerprint: str = "synthetic-v1",
+    augment: str = "none",
+    margin: int = 2,
+    name: str = "tiny-random",
+):
     """A store spec for a tiny teacher with Whisper's real window geometry (1500 frames, 50/s)."""
     from store.format import StoreSpec, TeacherInfo
 
     teacher = TeacherInfo(name, "main", d_model, 80, 16000, 320, 50, 1500)
-    return StoreSpec(teacher, frames, margin, shard_size, chunk_frames, codec, 3, bitround_keepbits, fingerprint,
-                     augment)
+    return StoreSpec(
+        teacher, frames, margin, shard_size, chunk_frames, codec, 3, bitround_keepbits, fingerprint, augment
+    )
 
 
-SYNTHETIC_TEXTS = ("the patient received two milligrams", "naïve café déjà vu", "東京は今日も晴れです",
-                   "Привет, мир", "مرحبا بالعالم", "")
+SYNTHETIC_TEXTS = (
+    "the patient received two milligrams",
+    "naïve café déjà vu",
+    "東京は今日も晴れです",
+    "Привет, мир",
+    "مرحبا بالعالم",
+    "",
+)
 
 
 def synthetic_utterances(spec, n: int, seed: int = 0) -> list[dict]:
@@ -130,9 +182,16 @@ def synthetic_utterances(spec, n: int, seed: int = 0) -> list[dict]:
         n_samples = int(rng.uniform(2.0, 15.0) * teacher.sample_rate)
         speech = min(teacher.max_frames, -(-n_samples // teacher.samples_per_frame) + spec.speech_margin_frames)
         window = (rng.standard_normal((teacher.max_frames, teacher.d_model)) + offsets).astype(np.float16)
-        out.append({"id": f"utt{i:04d}", "text": SYNTHETIC_TEXTS[i % len(SYNTHETIC_TEXTS)],
-                    "language": ("en", "fr", "ja", "ru", "ar", "en")[i % 6],
-                    "duration": n_samples / teacher.sample_rate, "window": window, "speech_frames": speech})
+        out.append(
+            {
+                "id": f"utt{i:04d}",
+                "text": SYNTHETIC_TEXTS[i % len(SYNTHETIC_TEXTS)],
+                "language": ("en", "fr", "ja", "ru", "ar", "en")[i % 6],
+                "duration": n_samples / teacher.sample_rate,
+                "window": window,
+                "speech_frames": speech,
+            }
+        )
     return out
 
 
@@ -140,8 +199,14 @@ def add_utterance(shard, spec, utt: dict) -> bool:
     """Add one synthetic utterance the way precompute does for the store's frame policy."""
     speech = utt["speech_frames"]
     if spec.frames == "speech":
-        return shard.add(utt["id"], utt["text"], utt["language"], utt["duration"], utt["window"][:speech],
-                         tail=utt["window"][speech:])
+        return shard.add(
+            utt["id"],
+            utt["text"],
+            utt["language"],
+            utt["duration"],
+            utt["window"][:speech],
+            tail=utt["window"][speech:],
+        )
     return shard.add(utt["id"], utt["text"], utt["language"], utt["duration"], utt["window"])
 
 
@@ -153,7 +218,7 @@ def write_synthetic_store(url, spec, utterances: list[dict], shards=None):
     n_shards = -(-len(utterances) // spec.shard_size)
     for k in range(n_shards) if shards is None else shards:
         with writer.shard(k) as shard:
-            for utt in utterances[k * spec.shard_size:(k + 1) * spec.shard_size]:
+            for utt in utterances[k * spec.shard_size : (k + 1) * spec.shard_size]:
                 add_utterance(shard, spec, utt)
     return writer
 
@@ -165,8 +230,12 @@ def write_clip(path: Path, seconds: float, rate: int, channels: int = 1, seed: i
 
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
-    voices = [0.2 * np.sin(2 * np.pi * (220 + 110 * c + 40 * seed) * t) + 0.1 * np.sin(2 * np.pi * 1250 * t)
-              + 0.03 * rng.standard_normal(t.shape) for c in range(channels)]
+    voices = [
+        0.2 * np.sin(2 * np.pi * (220 + 110 * c + 40 * seed) * t)
+        + 0.1 * np.sin(2 * np.pi * 1250 * t)
+        + 0.03 * rng.standard_normal(t.shape)
+        for c in range(channels)
+    ]
     samples = np.stack(voices, axis=1).astype(np.float32)  # (N, C)
     soundfile.write(path, samples, rate, **soundfile_options)
     return samples
@@ -179,7 +248,9 @@ def load_bench(name: str):
 
     module_name = f"whistle_bench_{name}"
     if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).parent.parent / "bench" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(
+            module_name, Path(__file__).parent.parent / "bench" / f"{name}.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module  # dataclasses look their module up while the file runs
         spec.loader.exec_module(module)

@@ -6,6 +6,7 @@ fused q;k;v / k;v projections with a zero key bias, the spec scalars, the projec
 alias of the embeddings, and CTranslate2's quantisation (int8: one scale per row, int16: one per tensor,
 ``q = rint(w * scale)``). Also a tokenizer with Whisper's real layout and vocabulary sizes.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,14 @@ import torch
 
 DTYPE_IDS = {"float32": 0, "int8": 1, "int16": 2, "int32": 3, "float16": 4, "bfloat16": 5}
 # Whisper's tokens after the text vocabulary, in order (languages go after <|startoftranscript|>).
-TASK_TOKENS = ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>",
-               "<|notimestamps|>"]
+TASK_TOKENS = [
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+]
 N_TIMESTAMPS = 1501  # <|0.00|> ... <|30.00|>
 
 
@@ -92,17 +99,19 @@ def ct2_variables(model, quantization: str = "float32") -> tuple[dict[str, np.nd
 
     variables = {name: _quantize(name, value, quantization, out) for name, value in list(out.items())}
     variables.update({k: v for k, v in out.items() if k.endswith("_scale")})
-    variables.update({
-        "encoder/num_heads": np.array(config.encoder_attention_heads, np.int16),
-        "decoder/num_heads": np.array(config.decoder_attention_heads, np.int16),
-        "decoder/activation": np.array(3, np.int8),  # GELU
-        "decoder/alibi": np.array(0, np.int8),
-        "decoder/alignment_heads": np.array(1, np.int16),
-        "decoder/alignment_layer": np.array(-1, np.int16),
-        "decoder/pre_norm": np.array(1, np.int8),
-        "decoder/scale_embeddings": np.array(0, np.int8),
-        "decoder/start_from_zero_embedding": np.array(0, np.int8),
-    })
+    variables.update(
+        {
+            "encoder/num_heads": np.array(config.encoder_attention_heads, np.int16),
+            "decoder/num_heads": np.array(config.decoder_attention_heads, np.int16),
+            "decoder/activation": np.array(3, np.int8),  # GELU
+            "decoder/alibi": np.array(0, np.int8),
+            "decoder/alignment_heads": np.array(1, np.int16),
+            "decoder/alignment_layer": np.array(-1, np.int16),
+            "decoder/pre_norm": np.array(1, np.int8),
+            "decoder/scale_embeddings": np.array(0, np.int8),
+            "decoder/start_from_zero_embedding": np.array(0, np.int8),
+        }
+    )
     return variables, aliases
 
 
@@ -131,8 +140,9 @@ def _dtype_name(value: np.ndarray) -> str:
     return "bfloat16" if value.dtype == np.uint16 else str(value.dtype)
 
 
-def write_model_bin(path: Path, variables: dict[str, np.ndarray], aliases: dict[str, str],
-                    spec: str = "WhisperSpec", version: int = 6) -> None:
+def write_model_bin(
+    path: Path, variables: dict[str, np.ndarray], aliases: dict[str, str], spec: str = "WhisperSpec", version: int = 6
+) -> None:
     """CTranslate2's `ModelSpec._serialize`: variables in name order, then the aliases."""
 
     def string(text: str) -> bytes:
@@ -142,8 +152,14 @@ def write_model_bin(path: Path, variables: dict[str, np.ndarray], aliases: dict[
     parts = [struct.pack("<I", version), string(spec), struct.pack("<I", 3), struct.pack("<I", len(variables))]
     for name in sorted(variables):
         value = variables[name]  # tobytes() writes C order; 0-d scalars stay rank 0 as in CTranslate2
-        parts += [string(name), struct.pack("<B", value.ndim), struct.pack(f"<{value.ndim}I", *value.shape),
-                  struct.pack("<B", DTYPE_IDS[_dtype_name(value)]), struct.pack("<I", value.nbytes), value.tobytes()]
+        parts += [
+            string(name),
+            struct.pack("<B", value.ndim),
+            struct.pack(f"<{value.ndim}I", *value.shape),
+            struct.pack("<B", DTYPE_IDS[_dtype_name(value)]),
+            struct.pack("<I", value.nbytes),
+            value.tobytes(),
+        ]
     parts.append(struct.pack("<I", len(aliases)))
     for alias, target in aliases.items():
         parts += [string(alias), string(target)]

@@ -1,4 +1,5 @@
 """whistle_pipeline.audio: decoding every format and layout to 16 kHz mono, rejects, telephone augmentation."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
-
 from conftest import write_clip
+
 from whistle_pipeline.audio import (
     N_FRAMES,
     N_SAMPLES,
@@ -25,15 +26,18 @@ def test_constants_are_whispers():
     assert (SAMPLE_RATE, N_SAMPLES, N_FRAMES) == (16000, 480000, 3000)
 
 
-@pytest.mark.parametrize("name, rate, channels, options", [
-    ("int16-48k-stereo.wav", 48000, 2, {"subtype": "PCM_16"}),
-    ("float-16k.wav", 16000, 1, {"subtype": "FLOAT"}),
-    ("pcm24-44k.flac", 44100, 1, {"subtype": "PCM_24"}),
-    ("22k.flac", 22050, 1, {}),
-    ("vorbis-32k.ogg", 32000, 1, {}),
-    ("stereo-48k.mp3", 48000, 2, {}),
-    ("8k.wav", 8000, 1, {"subtype": "PCM_U8"}),
-])
+@pytest.mark.parametrize(
+    "name, rate, channels, options",
+    [
+        ("int16-48k-stereo.wav", 48000, 2, {"subtype": "PCM_16"}),
+        ("float-16k.wav", 16000, 1, {"subtype": "FLOAT"}),
+        ("pcm24-44k.flac", 44100, 1, {"subtype": "PCM_24"}),
+        ("22k.flac", 22050, 1, {}),
+        ("vorbis-32k.ogg", 32000, 1, {}),
+        ("stereo-48k.mp3", 48000, 2, {}),
+        ("8k.wav", 8000, 1, {"subtype": "PCM_U8"}),
+    ],
+)
 def test_load_audio_decodes_downmixes_and_resamples(tmp_path, name, rate, channels, options):
     path = tmp_path / name
     written = write_clip(path, 1.5, rate, channels, **options)  # (N, C)
@@ -45,7 +49,7 @@ def test_load_audio_decodes_downmixes_and_resamples(tmp_path, name, rate, channe
         assert np.sqrt(np.mean(audio**2)) == pytest.approx(np.sqrt(np.mean(expected**2)), rel=0.1)
     else:  # lossless: the downmixed, resampled samples within the PCM quantisation step
         assert audio.shape == expected.shape
-        step = 2.0 ** -6 if options.get("subtype") == "PCM_U8" else 2.0 ** -14  # (8-bit: the step, filtered)
+        step = 2.0**-6 if options.get("subtype") == "PCM_U8" else 2.0**-14  # (8-bit: the step, filtered)
         np.testing.assert_allclose(audio, expected, atol=step)
 
 
@@ -114,7 +118,9 @@ def test_a_folder_or_a_fifo_is_named_for_what_it_is_not_missing(tmp_path):
     assert _reason(folder) == f"not a file: {folder} is a directory"
     fifo = tmp_path / "pipe.wav"
     os.mkfifo(fifo)
-    assert _reason(fifo) == f"not a file: {fifo} is a named pipe (FIFO), not a regular file"  # never opened: it would block
+    assert (
+        _reason(fifo) == f"not a file: {fifo} is a named pipe (FIFO), not a regular file"
+    )  # never opened: it would block
     assert _reason(tmp_path / "missing" / "x.wav") == f"audio not found: {tmp_path / 'missing' / 'x.wav'}"
 
 

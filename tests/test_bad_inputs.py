@@ -1,6 +1,7 @@
 """The bad-input corpus (tests/data/make_bad_inputs.py) through `precompute`: every item processed
 correctly or rejected with its reason, no crash, and the counts of precompute.json and inspect-store
 equal the corpus's expected table exactly."""
+
 from __future__ import annotations
 
 import collections
@@ -30,12 +31,16 @@ def corpus(tmp_path_factory):
 
 
 def precompute(teacher, manifest, store, **precompute):
-    return run(load_config(updates={
-        "teacher": {"name_or_path": str(teacher), "device": "cpu"},
-        "data": {"path": str(manifest), "id_column": "id", "language_column": "language"},
-        "store": {"path": str(store), "shard_size": SHARD_SIZE, "speech_margin_frames": MARGIN},
-        "precompute": {"batch_size": 4, "num_workers": 1, "progress": False, **precompute},
-    }))
+    return run(
+        load_config(
+            updates={
+                "teacher": {"name_or_path": str(teacher), "device": "cpu"},
+                "data": {"path": str(manifest), "id_column": "id", "language_column": "language"},
+                "store": {"path": str(store), "shard_size": SHARD_SIZE, "speech_margin_frames": MARGIN},
+                "precompute": {"batch_size": 4, "num_workers": 1, "progress": False, **precompute},
+            }
+        )
+    )
 
 
 def expected_counts(items):

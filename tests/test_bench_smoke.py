@@ -1,4 +1,5 @@
 """Each bench/ script runs end to end in its --quick mode (figures are not checked: never a timed test)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,8 +13,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 def run_bench(script: str, *args: str) -> dict[str, str]:
     """Run `bench/<script> --quick ...`; returns its name=value lines."""
-    result = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line and " " not in line)
 
@@ -41,8 +43,14 @@ def test_store_compare_quick():
     assert 3.84e6 <= float(values["npy_full_bytes_per_utt"]) < 3.9e6
     assert float(values["whistle_speech_bytes_per_utt"]) < float(values["whistle_full_bytes_per_utt"])
     assert float(values["size_ratio_5s"]) > 1 and float(values["write_vs_gpu_precompute"]) > 0
-    assert values["fastest_alternative_warm"] in {"npy-speech", "npy-full", "arrow-speech", "arrow-full",
-                                                  "tar-speech", "tar-full"}
+    assert values["fastest_alternative_warm"] in {
+        "npy-speech",
+        "npy-full",
+        "arrow-speech",
+        "arrow-full",
+        "tar-speech",
+        "tar-full",
+    }
 
 
 def test_train_input_quick():

@@ -1,4 +1,5 @@
 """The `whistle` command line as a user meets it: help, exit codes, error messages."""
+
 from __future__ import annotations
 
 import configparser
@@ -11,8 +12,19 @@ from click.testing import CliRunner
 
 from whistle_pipeline.cli import cli
 
-COMMANDS = {"precompute", "train-tle", "finetune", "evaluate", "inspect-store", "validate-tle", "import-ct2", "export-ct2", "synthesize",
-            "config", "demo"}
+COMMANDS = {
+    "precompute",
+    "train-tle",
+    "finetune",
+    "evaluate",
+    "inspect-store",
+    "validate-tle",
+    "import-ct2",
+    "export-ct2",
+    "synthesize",
+    "config",
+    "demo",
+}
 
 
 def test_help_lists_every_command():
@@ -82,8 +94,12 @@ def test_config_writes_a_stage_defaults_that_load_back_unchanged(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output
     text = out.read_text()
-    assert [line for line in text.splitlines() if line.startswith("[")] == ["[teacher]", "[store]", "[tle]",
-                                                                           "[train_tle]"]
+    assert [line for line in text.splitlines() if line.startswith("[")] == [
+        "[teacher]",
+        "[store]",
+        "[tle]",
+        "[train_tle]",
+    ]
     assert "# Optimiser steps in total.\nsteps = 20000" in text  # the comments come along
     assert load_config(out) == load_config()
 
@@ -130,8 +146,13 @@ def test_the_cli_sets_a_passive_omp_wait_policy_unless_one_is_set():
     unset = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=unset)
     assert "POLICY PASSIVE" in out.stdout and "OMP_WAIT_POLICY was not set" in out.stderr
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**unset, "OMP_WAIT_POLICY": "ACTIVE"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**unset, "OMP_WAIT_POLICY": "ACTIVE"},
+    )
     assert "POLICY ACTIVE" in out.stdout and "OMP_WAIT_POLICY" not in out.stderr
 
 
@@ -147,7 +168,7 @@ def test_the_demo_time_is_the_same_in_its_help_the_readme_and_the_results():
 def test_the_readme_set_up_is_two_commands_that_install_and_run():
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    set_up = readme[readme.index("## Set-up"):readme.index("## Status")]
+    set_up = readme[readme.index("## Set-up") : readme.index("## Status")]
     commands = [block.split("```", 1)[0].strip() for block in set_up.split("```bash\n")[1:]]
     assert len(commands) == 2 and all("\n" not in command for command in commands), commands
     assert "pip install -e '.[demo]' && whistle demo --workdir demo-run" in commands[0]

@@ -1,4 +1,5 @@
 """The configuration loader: defaults only in pipeline.toml, layered overrides, every problem at once."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,16 @@ def test_packaged_defaults_are_the_top_level_pipeline_toml():
 def test_defaults_define_every_field_and_load():
     config = load_config()
     assert isinstance(config, PipelineConfig)
-    assert set(config.to_dict()) == {"teacher", "data", "store", "precompute", "tle", "train_tle", "finetune", "evaluate"}
+    assert set(config.to_dict()) == {
+        "teacher",
+        "data",
+        "store",
+        "precompute",
+        "tle",
+        "train_tle",
+        "finetune",
+        "evaluate",
+    }
     assert config.store.frames == "speech"
     assert config.teacher.name_or_path == "openai/whisper-large-v3"
 
@@ -47,7 +57,8 @@ def test_every_key_in_pipeline_toml_is_commented():
 
 
 SHIPPED_CONFIGS = sorted(
-    path for path in glob.glob(str(REPO / "**" / "*.toml"), recursive=True)
+    path
+    for path in glob.glob(str(REPO / "**" / "*.toml"), recursive=True)
     if Path(path).name != "pyproject.toml" and "/.ci/" not in path and "/build/" not in path
 )
 
@@ -60,7 +71,10 @@ DEMO_PLANS = REPO / "stages" / "demo-plans"
 
 
 def test_the_demo_plans_are_shipped_configs():
-    assert {Path(path).name for path in SHIPPED_CONFIGS if Path(path).parent == DEMO_PLANS} == {"full.toml", "quick.toml"}
+    assert {Path(path).name for path in SHIPPED_CONFIGS if Path(path).parent == DEMO_PLANS} == {
+        "full.toml",
+        "quick.toml",
+    }
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
@@ -81,8 +95,10 @@ def test_a_demo_plan_reports_every_problem(tmp_path):
     from stages.demo import Plan
 
     plan = tmp_path / "plan.toml"
-    plan.write_text('[demo]\nsource_train = 8\nsource_tests = 2\ntarget_train = -1\n'
-                    '[tle]\nhiden_size = 64\n[finetune]\nsteps = "many"\n[store]\nframes = "full"\n')
+    plan.write_text(
+        "[demo]\nsource_train = 8\nsource_tests = 2\ntarget_train = -1\n"
+        '[tle]\nhiden_size = 64\n[finetune]\nsteps = "many"\n[store]\nframes = "full"\n'
+    )
     with pytest.raises(ConfigError) as caught:
         Plan.load(plan)
     problems = "\n".join(caught.value.problems)
@@ -130,8 +146,8 @@ def test_all_problems_are_reported_at_once_with_suggestions(tmp_path):
     user.write_text(
         '[store]\nframe = "full"\nshard_size = 0\n'
         '[precompute]\nbatch_size = "big"\n'
-        '[tle]\nnum_heads = 5\n'
-        '[trian_tle]\nsteps = 3\n'
+        "[tle]\nnum_heads = 5\n"
+        "[trian_tle]\nsteps = 3\n"
     )
     with pytest.raises(ConfigError) as info:
         load_config(user, overrides=["store.codec=zip", "nonsense"])
@@ -149,8 +165,14 @@ def test_all_problems_are_reported_at_once_with_suggestions(tmp_path):
 
 def test_cross_field_rules(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_config(overrides=["train_tle.warmup_steps=50", "train_tle.steps=10", "store.codec=none",
-                               "store.bitround_keepbits=7"])
+        load_config(
+            overrides=[
+                "train_tle.warmup_steps=50",
+                "train_tle.steps=10",
+                "store.codec=none",
+                "store.bitround_keepbits=7",
+            ]
+        )
     text = str(info.value)
     assert "train_tle.warmup_steps = 50 must be below train_tle.steps = 10" in text
     assert "BitRound only helps a compressor" in text
@@ -179,7 +201,7 @@ def test_override_values_are_read_as_toml_else_string():
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    config = load_config(overrides=["store.frames=full", 'data.path="a \\"quoted\\" path ü"', "evaluate.models=[\"m1\"]"])
+    config = load_config(overrides=["store.frames=full", 'data.path="a \\"quoted\\" path ü"', 'evaluate.models=["m1"]'])
     saved = config.save(tmp_path)
     assert saved.name == "config.toml"
     assert load_config(saved) == config
@@ -201,20 +223,31 @@ def test_configs_are_frozen():
 
 def test_inf_and_nan_are_refused_for_every_float_setting_all_at_once():
     with pytest.raises(ConfigError) as info:
-        load_config(overrides=["finetune.learning_rate=inf", "train_tle.kl_beta=nan", "finetune.grad_clip=-inf",
-                               "tle.dropout=+inf"])
-    assert sorted(info.value.problems) == ["finetune.grad_clip = -inf should be a finite number",
-                                           "finetune.learning_rate = inf should be a finite number",
-                                           "tle.dropout = inf should be a finite number",
-                                           "train_tle.kl_beta = nan should be a finite number"]
+        load_config(
+            overrides=[
+                "finetune.learning_rate=inf",
+                "train_tle.kl_beta=nan",
+                "finetune.grad_clip=-inf",
+                "tle.dropout=+inf",
+            ]
+        )
+    assert sorted(info.value.problems) == [
+        "finetune.grad_clip = -inf should be a finite number",
+        "finetune.learning_rate = inf should be a finite number",
+        "tle.dropout = inf should be a finite number",
+        "train_tle.kl_beta = nan should be a finite number",
+    ]
 
 
 def test_a_set_beats_a_flag_for_the_same_key_and_says_so_when_they_differ(caplog):
     """README's layers: flags, then --set. Whatever their order on the command line, --set wins; a warning
     names both values when they differ (none when they agree)."""
     with caplog.at_level("WARNING", logger="whistle_pipeline.config"):
-        config = load_config(overrides=["precompute.batch_size=8", "store.frames=full"],
-                             updates={"precompute": {"batch_size": 32}, "store": {"frames": "full"}})
+        config = load_config(
+            overrides=["precompute.batch_size=8", "store.frames=full"],
+            updates={"precompute": {"batch_size": 32}, "store": {"frames": "full"}},
+        )
     assert (config.precompute.batch_size, config.store.frames) == (8, "full")
     assert [r.getMessage() for r in caplog.records] == [
-        "--set precompute.batch_size=8 overrides the command-line option's 32 (a --set wins over flags)"]
+        "--set precompute.batch_size=8 overrides the command-line option's 32 (a --set wins over flags)"
+    ]

@@ -1,4 +1,5 @@
 """`whistle import-ct2`: a tiny random transformers Whisper written in CTranslate2's layout and converted back."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from ct2_writer import ct2_variables, whisper_tokenizer, write_ct2_whisper, write_model_bin
+
 from whistle_pipeline.cli import cli
 from whistle_pipeline.ct2 import PROVENANCE_FILE, Ct2Error, import_ct2, read_model_bin
 
@@ -25,11 +26,21 @@ def random_whisper(tokenizer, n_mels: int = 80, seed: int = 0):
 
     ids = tokenizer.get_vocab()
     config = WhisperConfig(
-        vocab_size=tokenizer.get_vocab_size() + 1501, num_mel_bins=n_mels, d_model=32, encoder_layers=2,
-        decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=4, encoder_ffn_dim=64,
-        decoder_ffn_dim=48, max_source_positions=1500, max_target_positions=64,
-        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|startoftranscript|>"],
+        vocab_size=tokenizer.get_vocab_size() + 1501,
+        num_mel_bins=n_mels,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=48,
+        max_source_positions=1500,
+        max_target_positions=64,
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|startoftranscript|>"],
     )
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config).eval()
@@ -93,8 +104,10 @@ def test_quantised_sources_are_dequantised_within_half_a_step(english, tmp_path,
     import_ct2(source, tmp_path / "hf")
     converted = load(tmp_path / "hf").state_dict()
     original = model.state_dict()
-    checks = {"encoder/conv1/weight": "model.encoder.conv1.weight",
-              "decoder/embeddings/weight": "model.decoder.embed_tokens.weight"}
+    checks = {
+        "encoder/conv1/weight": "model.encoder.conv1.weight",
+        "decoder/embeddings/weight": "model.decoder.embed_tokens.weight",
+    }
     for ct2_name, hf_name in checks.items():
         scale = torch.from_numpy(weights.variables[f"{ct2_name}_scale"].astype(np.float32))
         step = (1.0 / scale).reshape(-1, *[1] * (original[hf_name].ndim - 1))  # one step per row (int8) or tensor
@@ -105,8 +118,11 @@ def test_quantised_sources_are_dequantised_within_half_a_step(english, tmp_path,
     fused_rows = original["model.encoder.layers.0.self_attn.v_proj.weight"]
     assert (converted["model.encoder.layers.0.self_attn.v_proj.weight"] - fused_rows).abs().max() < 0.01
     # biases, layer norms and positions are not quantised: exact
-    for name in ("model.encoder.layers.1.self_attn.v_proj.bias", "model.decoder.layer_norm.weight",
-                 "model.decoder.embed_positions.weight"):
+    for name in (
+        "model.encoder.layers.1.self_attn.v_proj.bias",
+        "model.decoder.layer_norm.weight",
+        "model.decoder.embed_positions.weight",
+    ):
         assert torch.equal(converted[name], original[name]), name
     assert torch.equal(converted["proj_out.weight"], converted["model.decoder.embed_tokens.weight"])
 
@@ -168,8 +184,12 @@ def test_multilingual_large_v3_layout_gets_language_and_task_tokens(tmp_path):
     assert WhisperFeatureExtractor.from_pretrained(tmp_path / "hf").feature_size == 128
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
     processor.tokenizer.set_prefix_tokens(language="cantonese", task="transcribe")
-    assert processor.tokenizer(" the").input_ids[:4] == [ids["<|startoftranscript|>"], ids["<|yue|>"],
-                                                         ids["<|transcribe|>"], ids["<|notimestamps|>"]]
+    assert processor.tokenizer(" the").input_ids[:4] == [
+        ids["<|startoftranscript|>"],
+        ids["<|yue|>"],
+        ids["<|transcribe|>"],
+        ids["<|notimestamps|>"],
+    ]
     with torch.no_grad():  # generate checks the language against lang_to_id
         out = converted.generate(torch.randn(1, 128, 3000), language="yue", task="transcribe", max_new_tokens=2)
     assert out.shape[0] == 1

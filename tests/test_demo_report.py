@@ -1,4 +1,5 @@
 """stages.demo_report on hand-built scores: every method's figures, the spread, the goals and report.md's table."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,23 +8,47 @@ from stages.demo_report import goals, markdown, method_columns, method_figures, 
 
 ARMS = ["text-null", "source-only", "whistle", "tts-only", "whistle-tts"]
 TARGET = {  # column -> target WER; source WER is 0.30 everywhere but where set below
-    "tiny.en": 0.70, "tiny.en+prompt": 0.66, "tiny.en+fusion": 0.60,
-    "text-null": 0.55, "text-null.s1": 0.57, "source-only": 0.50, "source-only.s1": 0.48,
-    "whistle": 0.44, "whistle.s1": 0.46, "tts-only": 0.40, "tts-only.s1": 0.40,
-    "whistle-tts": 0.34, "whistle-tts.s1": 0.36, "whistle+prompt": 0.43, "whistle.s1+prompt": 0.45,
-    "whistle+fusion": 0.40, "whistle.s1+fusion": 0.42,
+    "tiny.en": 0.70,
+    "tiny.en+prompt": 0.66,
+    "tiny.en+fusion": 0.60,
+    "text-null": 0.55,
+    "text-null.s1": 0.57,
+    "source-only": 0.50,
+    "source-only.s1": 0.48,
+    "whistle": 0.44,
+    "whistle.s1": 0.46,
+    "tts-only": 0.40,
+    "tts-only.s1": 0.40,
+    "whistle-tts": 0.34,
+    "whistle-tts.s1": 0.36,
+    "whistle+prompt": 0.43,
+    "whistle.s1+prompt": 0.45,
+    "whistle+fusion": 0.40,
+    "whistle.s1+fusion": 0.42,
 }
 TERMS = {"tiny.en": 0.8, "whistle": 0.3, "whistle.s1": 0.5}
 
 
 def cell(wer: float, term_error_rate: float | None = 0.6) -> dict:
-    return {"wer": wer, "cer": wer / 2, "term_error_rate": term_error_rate, "decode_seconds_per_clip": 0.1,
-            "loops": [], "clips": 10, "worst": []}
+    return {
+        "wer": wer,
+        "cer": wer / 2,
+        "term_error_rate": term_error_rate,
+        "decode_seconds_per_clip": 0.1,
+        "loops": [],
+        "clips": 10,
+        "worst": [],
+    }
 
 
 def scores(source_rise: float = 0.0) -> dict:
-    return {column: {"source": cell(0.30 * (1 + source_rise) if column == "tts-only.s1" else 0.30),
-                     "target": cell(wer, TERMS.get(column, 0.6))} for column, wer in TARGET.items()}
+    return {
+        column: {
+            "source": cell(0.30 * (1 + source_rise) if column == "tts-only.s1" else 0.30),
+            "target": cell(wer, TERMS.get(column, 0.6)),
+        }
+        for column, wer in TARGET.items()
+    }
 
 
 def test_methods_average_their_seeds_and_keep_the_range():
@@ -73,8 +98,15 @@ def test_goals_are_decided_on_the_means_and_the_spread():
 def test_report_md_lists_every_method_and_goal():
     methods = method_figures(scores(), method_columns(ARMS, seeds=2, aided_seeds=2), {"whistle": 3.0})
     met, numbers = goals(methods, ARMS)
-    report = {"quick": False, "seeds": 2, "steps": {"finetune": 200, "finetune_batch_size": 12}, "methods": methods,
-              "goals": met, "goal_numbers": numbers, "seconds": {"train-tle": 600.0}}
+    report = {
+        "quick": False,
+        "seeds": 2,
+        "steps": {"finetune": 200, "finetune_batch_size": 12},
+        "methods": methods,
+        "goals": met,
+        "goal_numbers": numbers,
+        "seconds": {"train-tle": 600.0},
+    }
     table = markdown(report)
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
     assert rows == list(methods)

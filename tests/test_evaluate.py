@@ -1,5 +1,6 @@
 """`whistle evaluate` on a set whose WER is known by hand: scripted Whisper models whose transcripts are
 fixed by construction, real generation, real audio decoding, real normalisation and scoring."""
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,12 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def audio_set(tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval-set")
-    rows = [("a", "Hello world!", 1.0), ("b", "hello there world", 1.5), ("c", "Goodbye.", 0.8),
-            ("long", "too long for the window", 3.0)]
+    rows = [
+        ("a", "Hello world!", 1.0),
+        ("b", "hello there world", 1.5),
+        ("c", "Goodbye.", 0.8),
+        ("long", "too long for the window", 3.0),
+    ]
     with open(folder / "manifest.jsonl", "w") as handle:
         for clip_id, text, seconds in rows:
             write_clip(folder / f"{clip_id}.wav", seconds, 16000, seed=len(text))
@@ -103,11 +108,19 @@ def edit_distance(a, b) -> int:
 
 
 def test_known_set_gives_the_hand_computed_wer(models, audio_set, tmp_path):
-    config = load_config(updates={
-        "teacher": {"device": "cpu"}, "data": {"id_column": "id"},
-        "evaluate": {"models": [f"scripted={models['hello']}", f"looper={models['looper']}"], "sets": [f"known={audio_set}"],
-                     "output_dir": str(tmp_path / "eval"), "batch_size": 2, "max_new_tokens": 12},
-    })
+    config = load_config(
+        updates={
+            "teacher": {"device": "cpu"},
+            "data": {"id_column": "id"},
+            "evaluate": {
+                "models": [f"scripted={models['hello']}", f"looper={models['looper']}"],
+                "sets": [f"known={audio_set}"],
+                "output_dir": str(tmp_path / "eval"),
+                "batch_size": 2,
+                "max_new_tokens": 12,
+            },
+        }
+    )
     result = run(config)
 
     hello = result.score("scripted", "known")
@@ -135,25 +148,55 @@ def test_known_set_gives_the_hand_computed_wer(models, audio_set, tmp_path):
 
 
 def test_models_with_one_encoder_share_the_encoder_pass(models):
-    loaded = [load_model(Named(label=k, path=str(p)), "main", torch.device("cpu"), "float32", "sdpa")
-              for k, p in models.items()]
+    loaded = [
+        load_model(Named(label=k, path=str(p)), "main", torch.device("cpu"), "float32", "sdpa")
+        for k, p in models.items()
+    ]
     assert loaded[0].encoder_key == loaded[1].encoder_key
 
 
 def test_word_diffs():
-    assert word_diff("take two tablets daily", "take two tablet daily please") == \
-        "take two [-tablets-] {+tablet+} daily {+please+}"
+    assert (
+        word_diff("take two tablets daily", "take two tablet daily please")
+        == "take two [-tablets-] {+tablet+} daily {+please+}"
+    )
 
 
 def test_cli(models, audio_set, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli-eval"
-    result = runner.invoke(cli, ["evaluate", f"scripted={models['hello']}", "--audio", str(audio_set),
-                                 "--output-dir", str(out), "--device", "cpu", "--max-new-tokens", "8",
-                                 "--set", "data.id_column=id", "--no-diffs"])
+    result = runner.invoke(
+        cli,
+        [
+            "evaluate",
+            f"scripted={models['hello']}",
+            "--audio",
+            str(audio_set),
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "8",
+            "--set",
+            "data.id_column=id",
+            "--no-diffs",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "| manifest.jsonl | 3 | 50.0 (" in result.output
     assert not (out / "diffs.md").exists()
-    result = runner.invoke(cli, ["evaluate", str(models["hello"]), "--audio", str(audio_set), "--audio", str(audio_set),
-                                 "--output-dir", str(out)])
+    result = runner.invoke(
+        cli,
+        [
+            "evaluate",
+            str(models["hello"]),
+            "--audio",
+            str(audio_set),
+            "--audio",
+            str(audio_set),
+            "--output-dir",
+            str(out),
+        ],
+    )
     assert result.exit_code == 1 and "share the label manifest.jsonl" in result.output

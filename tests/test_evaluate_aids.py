@@ -2,6 +2,7 @@
 decoder (English-only and multilingual tokenizers), shallow fusion against plain beam search, the LM
 built into the output folder, fusion weights chosen on a held-out dev split, term metrics counted by
 hand, the CLI, and the configuration's refusals."""
+
 from __future__ import annotations
 
 import json
@@ -41,13 +42,24 @@ def babbler(path: Path, multilingual: bool = False) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("aid-models")
-    return {"english": babbler(root / "english"), "multilingual": babbler(root / "multilingual", multilingual=True),
-            "hello": scripted_model(make_tiny_teacher(root / "teacher"), root / "hello", "hello world", end=True)}
+    return {
+        "english": babbler(root / "english"),
+        "multilingual": babbler(root / "multilingual", multilingual=True),
+        "hello": scripted_model(make_tiny_teacher(root / "teacher"), root / "hello", "hello world", end=True),
+    }
 
 
 # references for the scripted "hello world" model and the terms "there" and "world" (see test_term_metrics)
-REFERENCES = {"a": "Hello world!", "b": "hello there world", "c": "Hello.", "d": "goodbye world",
-              "e": "world", "f": "hello hello", "g": "there world", "h": "hello world world"}
+REFERENCES = {
+    "a": "Hello world!",
+    "b": "hello there world",
+    "c": "Hello.",
+    "d": "goodbye world",
+    "e": "world",
+    "f": "hello hello",
+    "g": "there world",
+    "h": "hello world world",
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +75,28 @@ def audio_set(tmp_path_factory):
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("aid-texts")
-    (folder / "target.txt").write_text("The patient takes warfarin daily.\nWarfarin and apixaban.\n"
-                                       "Hello world, hello there.\n")
+    (folder / "target.txt").write_text(
+        "The patient takes warfarin daily.\nWarfarin and apixaban.\nHello world, hello there.\n"
+    )
     (folder / "source.txt").write_text("the patient takes it daily and\nhello world there\n")
     return folder
 
 
 def evaluate(tmp_path, model_specs, audio_set, **settings):
-    config = load_config(updates={
-        "teacher": {"device": "cpu"}, "data": {"id_column": "id"},
-        "evaluate": {"models": model_specs, "sets": [f"known={audio_set}"], "output_dir": str(tmp_path / "eval"),
-                     "batch_size": 3, "max_new_tokens": 8, **settings},
-    })
+    config = load_config(
+        updates={
+            "teacher": {"device": "cpu"},
+            "data": {"id_column": "id"},
+            "evaluate": {
+                "models": model_specs,
+                "sets": [f"known={audio_set}"],
+                "output_dir": str(tmp_path / "eval"),
+                "batch_size": 3,
+                "max_new_tokens": 8,
+                **settings,
+            },
+        }
+    )
     result = run(config)
     return result, json.loads((Path(result.output_dir) / "results.json").read_text())
 
@@ -102,7 +124,9 @@ def first_steps(calls) -> set[tuple[int, ...]]:
 
 
 def hand_prompt(tokenizer, text: str) -> list[int]:
-    return [tokenizer.convert_tokens_to_ids("<|startofprev|>")] + tokenizer(" " + text, add_special_tokens=False).input_ids
+    return [tokenizer.convert_tokens_to_ids("<|startofprev|>")] + tokenizer(
+        " " + text, add_special_tokens=False
+    ).input_ids
 
 
 @pytest.mark.parametrize("kind", ["english", "multilingual"])
@@ -134,8 +158,14 @@ def test_prompt_from_a_term_file_and_from_a_corpus(models, audio_set, texts, tmp
 
     # the words of target.txt that source.txt lacks (the tiny tokenizer's general vocabulary has no word of
     # these), most frequent first, ties alphabetical: warfarin 2, apixaban 1
-    _, saved = evaluate(tmp_path / "corpus", [f"m={models['english']}"], audio_set, variants=["prompt"],
-                        prompt_from=str(texts / "target.txt"), exclude_from=str(texts / "source.txt"))
+    _, saved = evaluate(
+        tmp_path / "corpus",
+        [f"m={models['english']}"],
+        audio_set,
+        variants=["prompt"],
+        prompt_from=str(texts / "target.txt"),
+        exclude_from=str(texts / "source.txt"),
+    )
     assert saved["prompt"]["terms"] == ["warfarin", "apixaban"]
     assert first_steps(decoder_inputs) == {tuple(hand_prompt(tokenizer, "apixaban, warfarin")) + start}
 
@@ -146,30 +176,42 @@ def test_a_long_prompt_is_cut_to_the_room_max_new_tokens_leaves(models, audio_se
     tokenizer = AutoTokenizer.from_pretrained(models["english"])
     words = "the quick brown fox jumps over the lazy dog " * 3
     # 64 decoder positions - 2 start tokens - 50 new tokens - <|startofprev|> = 11 prompt tokens
-    _, saved = evaluate(tmp_path, [f"m={models['english']}"], audio_set, prompt=words, variants=["prompt"],
-                        max_new_tokens=50)
+    _, saved = evaluate(
+        tmp_path, [f"m={models['english']}"], audio_set, prompt=words, variants=["prompt"], max_new_tokens=50
+    )
     (row,) = first_steps(decoder_inputs)
     prompt = list(row[:-2])
     assert prompt[0] == tokenizer.convert_tokens_to_ids("<|startofprev|>") and len(prompt) - 1 <= 11
     kept = tokenizer.decode(prompt[1:]).split()
-    assert kept == words.split()[-len(kept):]  # whole words, cut from the start
+    assert kept == words.split()[-len(kept) :]  # whole words, cut from the start
     assert saved["columns"][0]["prompt_tokens"] == len(prompt) - 1
     with pytest.raises(WhistleError, match="leaves no room for a prompt"):
-        evaluate(tmp_path, [f"m={models['english']}"], audio_set, prompt="warfarin", variants=["prompt"],
-                 max_new_tokens=61)
+        evaluate(
+            tmp_path, [f"m={models['english']}"], audio_set, prompt="warfarin", variants=["prompt"], max_new_tokens=61
+        )
 
 
-def test_fusion_at_zero_weights_is_plain_beam_search_and_its_lm_lands_in_the_output(models, audio_set, texts,
-                                                                                   tmp_path):
-    result, saved = evaluate(tmp_path, [f"m={models['english']}"], audio_set, lm=str(texts / "target.txt"),
-                             lm_alpha=0.0, lm_beta=0.0, num_beams=4, fusion_num_beams=4)
+def test_fusion_at_zero_weights_is_plain_beam_search_and_its_lm_lands_in_the_output(models, audio_set, texts, tmp_path):
+    result, saved = evaluate(
+        tmp_path,
+        [f"m={models['english']}"],
+        audio_set,
+        lm=str(texts / "target.txt"),
+        lm_alpha=0.0,
+        lm_beta=0.0,
+        num_beams=4,
+        fusion_num_beams=4,
+    )
     plain, fused = result.score("m", "known"), result.score("m+fusion", "known")
     assert [c.hypothesis for c in fused.clips] == [c.hypothesis for c in plain.clips]
     assert any(c.hypothesis for c in plain.clips)  # the babbler writes words: the equality says something
     arpa = Path(result.output_dir) / "domain-lm.arpa"
     assert saved["lm"]["path"] == str(arpa) and read_arpa(arpa).order == 3
     assert {"warfarin", "apixaban", "patient"} <= read_arpa(arpa).vocabulary
-    assert [(c["label"], c["num_beams"], c["lm_alpha"]) for c in saved["columns"]] == [("m", 4, None), ("m+fusion", 4, 0.0)]
+    assert [(c["label"], c["num_beams"], c["lm_alpha"]) for c in saved["columns"]] == [
+        ("m", 4, None),
+        ("m+fusion", 4, 0.0),
+    ]
     for score in saved["scores"]:
         assert score["decode_seconds_per_clip"] > 0
         assert score["decode_seconds_per_clip"] == pytest.approx(score["decode_seconds"] / score["clips"], abs=1e-3)
@@ -180,17 +222,33 @@ def test_fusion_at_zero_weights_is_plain_beam_search_and_its_lm_lands_in_the_out
 def test_a_heavy_lm_steers_the_fusion_column(models, audio_set, tmp_path):
     corpus = tmp_path / "lm.txt"
     corpus.write_text("hello world\n" * 5)
-    result, _ = evaluate(tmp_path, [f"m={models['english']}"], audio_set, lm=str(corpus), lm_alpha=10.0, lm_beta=5.0,
-                         lm_top_k=400, variants=["plain", "fusion"])
+    result, _ = evaluate(
+        tmp_path,
+        [f"m={models['english']}"],
+        audio_set,
+        lm=str(corpus),
+        lm_alpha=10.0,
+        lm_beta=5.0,
+        lm_top_k=400,
+        variants=["plain", "fusion"],
+    )
     plain, fused = result.score("m", "known"), result.score("m+fusion", "known")
     assert any(set(c.hypothesis.split()) - {"hello", "world"} for c in plain.clips)
     assert all(set(lm_words(c.hypothesis)) <= {"hello", "world"} for c in fused.clips)
 
 
 def test_auto_weights_are_chosen_on_clips_held_out_of_the_first_set(models, audio_set, texts, tmp_path):
-    result, saved = evaluate(tmp_path, [f"m={models['english']}"], audio_set, lm=str(texts / "target.txt"),
-                             lm_alpha="auto", lm_beta=1.0, lm_dev_fraction=0.4, variants=["fusion"],
-                             fusion_num_beams=2)
+    result, saved = evaluate(
+        tmp_path,
+        [f"m={models['english']}"],
+        audio_set,
+        lm=str(texts / "target.txt"),
+        lm_alpha="auto",
+        lm_beta=1.0,
+        lm_dev_fraction=0.4,
+        variants=["fusion"],
+        fusion_num_beams=2,
+    )
     fit = saved["fusion_fit"]
     dev = fit["dev"]["ids"]
     scored = [c.id for c in result.score("m+fusion", "known").clips]
@@ -219,8 +277,12 @@ def test_term_metrics_are_counted_by_hand(models, audio_set, tmp_path):
     # h hello world world:   one world deleted (missed)                        (2, 1, 0, 2, 1, 1, 0)
     rates = saved["scores"][0]["terms"]
     assert (rates["reference_terms"], rates["missed"], rates["inserted"]) == (9, 3, 2)
-    assert (rates["term_words"], rates["term_word_errors"], rates["other_words"], rates["other_word_errors"]) == \
-        (9, 4, 7, 3)
+    assert (rates["term_words"], rates["term_word_errors"], rates["other_words"], rates["other_word_errors"]) == (
+        9,
+        4,
+        7,
+        3,
+    )
     assert rates["term_error_rate"] == pytest.approx(3 / 9) and rates["biased_wer"] == pytest.approx(4 / 9)
     assert rates["unbiased_wer"] == pytest.approx(3 / 7) and rates["insertion_rate"] == pytest.approx(2 / 9)
     assert rates["term_word_errors"] + rates["other_word_errors"] == saved["scores"][0]["word_errors"] == 7
@@ -229,19 +291,45 @@ def test_term_metrics_are_counted_by_hand(models, audio_set, tmp_path):
 
 
 def test_terms_derived_from_a_corpus(models, audio_set, texts, tmp_path):
-    _, saved = evaluate(tmp_path, [f"scripted={models['hello']}"], audio_set, terms_from=str(texts / "target.txt"),
-                        exclude_from=str(texts / "source.txt"), max_terms=1)
+    _, saved = evaluate(
+        tmp_path,
+        [f"scripted={models['hello']}"],
+        audio_set,
+        terms_from=str(texts / "target.txt"),
+        exclude_from=str(texts / "source.txt"),
+        max_terms=1,
+    )
     assert saved["terms"]["terms"] == ["warfarin"]
-    assert saved["scores"][0]["terms"]["reference_terms"] == 0 and saved["scores"][0]["terms"]["term_error_rate"] is None
+    assert (
+        saved["scores"][0]["terms"]["reference_terms"] == 0 and saved["scores"][0]["terms"]["term_error_rate"] is None
+    )
 
 
 def test_cli_with_prompt_and_terms(models, audio_set, tmp_path):
     terms = tmp_path / "terms.txt"
     terms.write_text("world\n")
     out = tmp_path / "cli"
-    result = CliRunner().invoke(cli, [
-        "evaluate", f"scripted={models['hello']}", "--audio", str(audio_set), "--output-dir", str(out), "--device",
-        "cpu", "--max-new-tokens", "8", "--set", "data.id_column=id", "--prompt", "hello world", "--terms", str(terms)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            f"scripted={models['hello']}",
+            "--audio",
+            str(audio_set),
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "8",
+            "--set",
+            "data.id_column=id",
+            "--prompt",
+            "hello world",
+            "--terms",
+            str(terms),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "| set | clips | scripted | scripted+prompt |" in result.output
     assert "Term error rate % (term insertions) B-WER % / U-WER % (1 term):" in result.output
@@ -250,17 +338,31 @@ def test_cli_with_prompt_and_terms(models, audio_set, tmp_path):
 
     bad = CliRunner().invoke(cli, ["evaluate", str(models["hello"]), "--audio", str(audio_set), "--lm-alpha", "lots"])
     assert bad.exit_code == 2 and "neither a number nor auto" in bad.output
-    bad = CliRunner().invoke(cli, ["evaluate", str(models["hello"]), "--audio", str(audio_set), "--variants",
-                                   "plain,promt"])
+    bad = CliRunner().invoke(
+        cli, ["evaluate", str(models["hello"]), "--audio", str(audio_set), "--variants", "plain,promt"]
+    )
     assert bad.exit_code == 1 and "unknown variant 'promt' (did you mean 'prompt'?)" in bad.output
 
 
 def test_config_refuses_every_problem_at_once(tmp_path):
     with pytest.raises(ConfigError) as caught:
-        load_config(updates={"evaluate": {
-            "variants": ["plain", "fusion", "fusion"], "prompt": "x", "prompt_from": "corpus.txt",
-            "prompt_file": str(tmp_path / "missing.txt"), "lm_alpha": -1.0, "lm_beta": "sometimes", "terms": "t.txt",
-            "terms_from": str(tmp_path / "target.txt"), "lm_top_k": 3, "fusion_num_beams": 1, "lm_order": 0}})
+        load_config(
+            updates={
+                "evaluate": {
+                    "variants": ["plain", "fusion", "fusion"],
+                    "prompt": "x",
+                    "prompt_from": "corpus.txt",
+                    "prompt_file": str(tmp_path / "missing.txt"),
+                    "lm_alpha": -1.0,
+                    "lm_beta": "sometimes",
+                    "terms": "t.txt",
+                    "terms_from": str(tmp_path / "target.txt"),
+                    "lm_top_k": 3,
+                    "fusion_num_beams": 1,
+                    "lm_order": 0,
+                }
+            }
+        )
     problems = caught.value.problems
     expected = [
         "evaluate.lm_beta = 'sometimes' should be a finite number or one of 'auto'",
@@ -291,10 +393,23 @@ def test_config_refuses_every_problem_at_once(tmp_path):
 
 def test_lm_dev_must_not_be_a_test_set_and_kenlm_binaries_are_refused(models, audio_set, texts, tmp_path):
     with pytest.raises(WhistleError, match="also a test set"):
-        evaluate(tmp_path, [f"m={models['english']}"], audio_set, lm=str(texts / "target.txt"),
-                 lm_dev=f"dev={audio_set}", variants=["fusion"])
+        evaluate(
+            tmp_path,
+            [f"m={models['english']}"],
+            audio_set,
+            lm=str(texts / "target.txt"),
+            lm_dev=f"dev={audio_set}",
+            variants=["fusion"],
+        )
     binary = tmp_path / "lm.bin"
     binary.write_bytes(b"mmap lm http://kheafield.com/code format version 5\0" + bytes(64))
     with pytest.raises(WhistleError, match="not an ARPA file"):
-        evaluate(tmp_path, [f"m={models['english']}"], audio_set, lm=str(binary), variants=["fusion"], lm_alpha=0.5,
-                 lm_beta=0.0)
+        evaluate(
+            tmp_path,
+            [f"m={models['english']}"],
+            audio_set,
+            lm=str(binary),
+            variants=["fusion"],
+            lm_alpha=0.5,
+            lm_beta=0.0,
+        )

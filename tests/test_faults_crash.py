@@ -7,6 +7,7 @@ checkpoint, logs every step once, and the steps it runs again reproduce the kill
 A copy of a killed (incomplete) store shows only its complete shards and resumes to the clean store.
 tests/test_precompute_resume.py kills precompute at one fixed point; these kill at seeded random ones.
 """
+
 from __future__ import annotations
 
 import re

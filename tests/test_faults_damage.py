@@ -3,6 +3,7 @@ zarr.json, one flipped bit in every array kind and in the cache — several shar
 --check` names each damaged shard (and array) and no other; the readers and train-tle and finetune stop with
 an error naming the shard (FeatureDataset never skips one unless asked with skip_damaged=True).
 tests/test_inspect_store.py checks each damage kind alone, tests/test_store_checksums.py every bit."""
+
 from __future__ import annotations
 
 import json
@@ -59,9 +60,13 @@ def cut_metadata(shard):
     target.write_bytes(target.read_bytes()[:100])
 
 
-DAMAGES = {1: (flip_bits, "corrupt or truncated"), 2: (truncate_ids, "ids is unreadable"),
-           3: (wrong_offsets, "stored frames per utterance differ from speech_frames"),
-           4: (missing_array, "speech_frames"), 5: (cut_metadata, "its zarr.json is damaged")}
+DAMAGES = {
+    1: (flip_bits, "corrupt or truncated"),
+    2: (truncate_ids, "ids is unreadable"),
+    3: (wrong_offsets, "stored frames per utterance differ from speech_frames"),
+    4: (missing_array, "speech_frames"),
+    5: (cut_metadata, "its zarr.json is damaged"),
+}
 
 
 def test_check_names_every_damaged_shard_and_no_other(tmp_path):
@@ -86,8 +91,20 @@ def test_check_names_every_damaged_shard_and_no_other(tmp_path):
     assert 5 in reader.incomplete_shards()  # its zarr.json is unreadable: not counted as complete
 
 
-ARRAY_KINDS = ("offsets", "speech_frames", "ids", "text", "language", "duration", "tail_sum", "tail_count",
-               "stat_sum", "stat_sqsum", "stat_count", "states")
+ARRAY_KINDS = (
+    "offsets",
+    "speech_frames",
+    "ids",
+    "text",
+    "language",
+    "duration",
+    "tail_sum",
+    "tail_count",
+    "stat_sum",
+    "stat_sqsum",
+    "stat_count",
+    "states",
+)
 
 
 def flip_one_bit(array_folder, seed=0):
@@ -115,8 +132,12 @@ def test_one_flipped_bit_in_every_array_kind_and_the_cache_is_named_and_refused(
     named = {fault.shard: fault.problem for fault in report.faults}
     assert set(named) == {f"{k:05d}" for k in damaged} | {"cache"}, named
     for shard, array in damaged.items():
-        assert f"{array} is unreadable (its stored bytes fail their crc32c checksum)" in named[f"{shard:05d}"] \
-            or array == "states" and "of states" in named[f"{shard:05d}"] and "fails its checksum" in named[f"{shard:05d}"]
+        assert (
+            f"{array} is unreadable (its stored bytes fail their crc32c checksum)" in named[f"{shard:05d}"]
+            or array == "states"
+            and "of states" in named[f"{shard:05d}"]
+            and "fails its checksum" in named[f"{shard:05d}"]
+        )
     assert f"entry {entry.name}: mean is unreadable" in named["cache"]
     result = CliRunner().invoke(cli, ["inspect-store", str(url), "--check"])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -143,8 +164,19 @@ def tle_world(tmp_path_factory):
 def train_tle_arguments(store, teacher, out, steps):
     from test_train_tle import TINY_TLE
 
-    arguments = ["train-tle", "--store", str(store), "--teacher", str(teacher), "--output-dir", str(out), "--steps",
-                 str(steps), "--decoder-ce-start", "100"]
+    arguments = [
+        "train-tle",
+        "--store",
+        str(store),
+        "--teacher",
+        str(teacher),
+        "--output-dir",
+        str(out),
+        "--steps",
+        str(steps),
+        "--decoder-ce-start",
+        "100",
+    ]
     for override in TINY_TLE + ["train_tle.val_every=100", "train_tle.checkpoint_every=100"]:
         arguments += ["--set", override]
     return arguments

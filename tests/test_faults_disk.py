@@ -2,6 +2,7 @@
 `diskfull://`): the run stops with a StoreError naming the store and the cause, no complete shard is
 damaged, and a rerun with space completes to the clean store. Failed writes leave nothing (object
 stores, zarr's LocalStore) or the bytes that fitted (plain files without atomic writes)."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,11 @@ def written_bytes(path) -> int:
 
 
 @pytest.mark.timeout(300)  # a writer failure once hung precompute on a semaphore
-@pytest.mark.parametrize("where,partial", [(0.0, True), (0.004, True), (0.45, False), (0.995, False)],
-                         ids=["root-partial", "first-shard-partial", "mid-run-atomic", "run-record-atomic"])
+@pytest.mark.parametrize(
+    "where,partial",
+    [(0.0, True), (0.004, True), (0.45, False), (0.995, False)],
+    ids=["root-partial", "first-shard-partial", "mid-run-atomic", "run-record-atomic"],
+)
 def test_a_full_disk_stops_the_run_clearly_and_a_rerun_completes(fault_world, tmp_path, where, partial):
     world, clean, reference = fault_world
     limit = int(where * written_bytes(clean))

@@ -5,6 +5,7 @@ refused naming what differs; two identical runs at once share the work and leave
 The trial machinery is bench/faults.py (which runs more of each); a 2 s-window tiny teacher and 16
 clips make a run take seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,10 +52,15 @@ def rerun_with(world, store: Path, tmp_path: Path, change: str) -> list[str]:
     return arguments
 
 
-@pytest.mark.parametrize("change,named", [
-    ("teacher", "teacher.encoder_fingerprint: "), ("frames", "frames: 'speech' (store) vs 'full' (given)"),
-    ("shard size", "shard_size: 2 (store) vs 4 (given)"), ("dataset", "dataset_fingerprint: 'manifest:"),
-])
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ("teacher", "teacher.encoder_fingerprint: "),
+        ("frames", "frames: 'speech' (store) vs 'full' (given)"),
+        ("shard size", "shard_size: 2 (store) vs 4 (given)"),
+        ("dataset", "dataset_fingerprint: 'manifest:"),
+    ],
+)
 def test_a_run_with_other_settings_is_refused_naming_the_difference(world, clean, tmp_path, change, named):
     store = tmp_path / "store"
     shutil.copytree(clean[0], store)

@@ -1,4 +1,5 @@
 """`whistle finetune` end to end on a tiny random teacher, tiny stores and a tiny TLE written in tmp_path."""
+
 from __future__ import annotations
 
 import csv
@@ -10,17 +11,22 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_tiny_teacher, write_clip
 from safetensors.torch import load_file
 
-from conftest import make_tiny_teacher, write_clip
 from whistle_pipeline.config import ConfigError, load_config
 
 D_MODEL, MAX_FRAMES, FRAMES_PER_TOKEN = 32, 100, 3
 SOURCE_WORDS = "the quick brown fox jumps over lazy dog hello world".split()
-TARGET_SENTENCES = [f"take {n} tablets of amoxicillin {when}" for n in ("two", "three", "four", "five")
-                    for when in ("daily", "at night", "with food", "after meals", "twice a day")] + \
-                   [f"the patient reports {what} since {day}" for what in ("nausea", "dizziness", "a rash")
-                    for day in ("monday", "friday", "yesterday")]
+TARGET_SENTENCES = [
+    f"take {n} tablets of amoxicillin {when}"
+    for n in ("two", "three", "four", "five")
+    for when in ("daily", "at night", "with food", "after meals", "twice a day")
+] + [
+    f"the patient reports {what} since {day}"
+    for what in ("nausea", "dizziness", "a rash")
+    for day in ("monday", "friday", "yesterday")
+]
 
 
 def write_store(url: Path, teacher_dir: Path, texts: list[str], seed: int, languages: list[str] | None = None) -> Path:
@@ -60,11 +66,26 @@ def write_tle(path: Path, teacher_dir: Path, store: Path, languages: list[str]) 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     reader = StoreReader(str(store))
     torch.manual_seed(0)
-    tle = TLEModel(TLEConfig(vocab_size=len(tokenizer), embedding_size=D_MODEL, hidden_size=32, text_layers=1,
-                             frame_layers=1, num_heads=2, ffn_multiplier=2, latent_size=4, conv_layers=1, dropout=0.0,
-                             languages=languages, d_model=D_MODEL, max_frames=MAX_FRAMES, max_tokens=64,
-                             end_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                             teacher=reader.teacher.to_dict()))
+    tle = TLEModel(
+        TLEConfig(
+            vocab_size=len(tokenizer),
+            embedding_size=D_MODEL,
+            hidden_size=32,
+            text_layers=1,
+            frame_layers=1,
+            num_heads=2,
+            ffn_multiplier=2,
+            latent_size=4,
+            conv_layers=1,
+            dropout=0.0,
+            languages=languages,
+            d_model=D_MODEL,
+            max_frames=MAX_FRAMES,
+            max_tokens=64,
+            end_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            teacher=reader.teacher.to_dict(),
+        )
+    )
     mean, std = reader.statistics()
     tle.set_store_statistics(mean, std, reader.tail_template())
     tle.save_pretrained(path)
@@ -101,18 +122,40 @@ def world(tmp_path_factory):
         for i, text in enumerate(TARGET_SENTENCES[:3]):
             write_clip(val / f"v{i}.wav", 1.0 + 0.2 * i, 16000, seed=i)
             handle.write(json.dumps({"audio": f"v{i}.wav", "text": text}) + "\n")
-    return {"teacher": teacher, "audio_store": audio_store, "tts_store": tts_store, "tle": tle, "text": corpus,
-            "val_audio": val / "manifest.jsonl", "root": root}
+    return {
+        "teacher": teacher,
+        "audio_store": audio_store,
+        "tts_store": tts_store,
+        "tle": tle,
+        "text": corpus,
+        "val_audio": val / "manifest.jsonl",
+        "root": root,
+    }
 
 
-TINY = ["finetune.batch_size=8", "finetune.learning_rate=3e-3", "finetune.warmup_steps=2", "finetune.num_workers=0",
-        "finetune.shuffle_buffer=16", "finetune.val_fraction=0.15", "finetune.val_size=8", "finetune.log_every=1",
-        "finetune.progress=false", "teacher.device=cpu", "evaluate.max_new_tokens=8", "evaluate.batch_size=4"]
+TINY = [
+    "finetune.batch_size=8",
+    "finetune.learning_rate=3e-3",
+    "finetune.warmup_steps=2",
+    "finetune.num_workers=0",
+    "finetune.shuffle_buffer=16",
+    "finetune.val_fraction=0.15",
+    "finetune.val_size=8",
+    "finetune.log_every=1",
+    "finetune.progress=false",
+    "teacher.device=cpu",
+    "evaluate.max_new_tokens=8",
+    "evaluate.batch_size=4",
+]
 
 
 def finetune_config(world, output_dir: Path, *overrides: str, stores: bool = True):
-    paths = {"teacher.name_or_path": world["teacher"], "finetune.tle_path": world["tle"],
-             "finetune.text": world["text"], "finetune.output_dir": output_dir}
+    paths = {
+        "teacher.name_or_path": world["teacher"],
+        "finetune.tle_path": world["tle"],
+        "finetune.text": world["text"],
+        "finetune.output_dir": output_dir,
+    }
     if stores:
         paths.update({"finetune.audio_store": world["audio_store"], "finetune.tts_store": world["tts_store"]})
     return load_config(overrides=[f"{k}={json.dumps(str(v))}" for k, v in paths.items()] + TINY + list(overrides))
@@ -122,9 +165,9 @@ def text_loss(model_dir: Path, world, sentences: list[str]) -> float:
     """Decoder cross-entropy of `sentences` read from the TLE's full windows (z = prior mean)."""
     from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
-    from whistle_pipeline.windows import Example, Windows, token_losses
     from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts
     from whistle_pipeline.tle import TLEModel
+    from whistle_pipeline.windows import Example, Windows, token_losses
 
     model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -133,8 +176,9 @@ def text_loss(model_dir: Path, world, sentences: list[str]) -> float:
     examples = [Example("text", s, "en") for s in sentences]
     text = encode_texts(tokenizer, specials, sentences, ["en"] * len(sentences), model.config.max_target_positions)
     with torch.no_grad():
-        logits = model(encoder_outputs=(windows.build(examples, text, training=False),),
-                       decoder_input_ids=text.decoder_input_ids).logits
+        logits = model(
+            encoder_outputs=(windows.build(examples, text, training=False),), decoder_input_ids=text.decoder_input_ids
+        ).logits
         return float(token_losses(logits, text.labels, 0.0).sum() / (text.labels != IGNORE_INDEX).sum())
 
 
@@ -144,9 +188,17 @@ def test_finetune_trains_only_the_decoder_lowers_the_text_loss_and_saves_a_pipel
     from stages.finetune import run
 
     out = tmp_path / "adapted"
-    config = finetune_config(world, out, "finetune.steps=30", "finetune.val_every=10", "finetune.checkpoint_every=15",
-                             "finetune.audio_ratio=0.25", "finetune.tts_ratio=0.25",
-                             f"finetune.val_audio={json.dumps(str(world['val_audio']))}", "finetune.select_by=loss")
+    config = finetune_config(
+        world,
+        out,
+        "finetune.steps=30",
+        "finetune.val_every=10",
+        "finetune.checkpoint_every=15",
+        "finetune.audio_ratio=0.25",
+        "finetune.tts_ratio=0.25",
+        f"finetune.val_audio={json.dumps(str(world['val_audio']))}",
+        "finetune.select_by=loss",
+    )
     result = run(config)
 
     teacher = load_file(str(world["teacher"] / "model.safetensors"))
@@ -154,8 +206,9 @@ def test_finetune_trains_only_the_decoder_lowers_the_text_loss_and_saves_a_pipel
     assert set(teacher) == set(adapted)
     changed = {name for name in teacher if not torch.equal(teacher[name], adapted[name])}
     assert changed, "nothing trained"
-    assert all(name.startswith("model.decoder.layers.") or name.startswith("model.decoder.layer_norm.")
-               for name in changed), sorted(changed)
+    assert all(
+        name.startswith("model.decoder.layers.") or name.startswith("model.decoder.layer_norm.") for name in changed
+    ), sorted(changed)
     assert not any(name.startswith("model.encoder.") for name in changed)  # encoder bit-identical
     assert "model.decoder.embed_tokens.weight" not in changed and "model.decoder.embed_positions.weight" not in changed
 
@@ -184,8 +237,15 @@ def test_resume_continues_exactly_where_the_run_stopped(world, tmp_path):
     """Run 12 steps straight; run again, 'crash' after step 6 (drop later state), resume: same weights."""
     from stages.finetune import run
 
-    common = ("finetune.steps=12", "finetune.val_every=6", "finetune.checkpoint_every=6", "finetune.keep_checkpoints=3",
-              "finetune.audio_ratio=0.25", "finetune.tts_ratio=0.25", "finetune.select_best=false")
+    common = (
+        "finetune.steps=12",
+        "finetune.val_every=6",
+        "finetune.checkpoint_every=6",
+        "finetune.keep_checkpoints=3",
+        "finetune.audio_ratio=0.25",
+        "finetune.tts_ratio=0.25",
+        "finetune.select_best=false",
+    )
     straight = tmp_path / "straight"
     run(finetune_config(world, straight, *common))
 
@@ -224,16 +284,18 @@ def test_labels_prefix_and_language_tokens_come_from_the_tokenizer(world, tmp_pa
     """A multilingual teacher: the decoder gets <|sot|> <|lang|> <|transcribe|> <|notimestamps|> + text,
     padding never reaches the inputs as -100, and the loss skips the prefix."""
     from stages.finetune import run
-    from whistle_pipeline.windows import token_losses
     from whistle_pipeline.text import IGNORE_INDEX
+    from whistle_pipeline.windows import token_losses
 
     root = tmp_path / "multi"
     teacher = make_teacher(root / "teacher", multilingual=True)
     store = write_store(root / "store", teacher, TARGET_SENTENCES[:16], seed=3, languages=["en", "de"])
     tle = write_tle(root / "tle", teacher, store, ["en", "de"])
     corpus = root / "corpus.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": s, "lang": "de" if i % 2 else "en"})
-                                for i, s in enumerate(TARGET_SENTENCES)), encoding="utf-8")
+    corpus.write_text(
+        "\n".join(json.dumps({"text": s, "lang": "de" if i % 2 else "en"}) for i, s in enumerate(TARGET_SENTENCES)),
+        encoding="utf-8",
+    )
 
     from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
@@ -249,18 +311,31 @@ def test_labels_prefix_and_language_tokens_come_from_the_tokenizer(world, tmp_pa
 
     WhisperForConditionalGeneration.forward = spy
     try:
-        run(load_config(overrides=[
-            f"teacher.name_or_path={json.dumps(str(teacher))}", f"finetune.tle_path={json.dumps(str(tle))}",
-            f"finetune.text={json.dumps(str(corpus))}", "finetune.language_column=lang",
-            f"finetune.audio_store={json.dumps(str(store))}", "finetune.audio_ratio=0.5",
-            f"finetune.output_dir={json.dumps(str(root / 'out'))}", "finetune.steps=3", "finetune.val_every=3",
-            "finetune.checkpoint_every=3", *TINY]))
+        run(
+            load_config(
+                overrides=[
+                    f"teacher.name_or_path={json.dumps(str(teacher))}",
+                    f"finetune.tle_path={json.dumps(str(tle))}",
+                    f"finetune.text={json.dumps(str(corpus))}",
+                    "finetune.language_column=lang",
+                    f"finetune.audio_store={json.dumps(str(store))}",
+                    "finetune.audio_ratio=0.5",
+                    f"finetune.output_dir={json.dumps(str(root / 'out'))}",
+                    "finetune.steps=3",
+                    "finetune.val_every=3",
+                    "finetune.checkpoint_every=3",
+                    *TINY,
+                ]
+            )
+        )
     finally:
         WhisperForConditionalGeneration.forward = original
     assert len(seen_inputs) == 3
     prefixes = {tuple(row[:4].tolist()) for batch in seen_inputs for row in batch}
-    expected = {tuple(vocab[t] for t in ("<|startoftranscript|>", f"<|{code}|>", "<|transcribe|>", "<|notimestamps|>"))
-                for code in ("en", "de")}
+    expected = {
+        tuple(vocab[t] for t in ("<|startoftranscript|>", f"<|{code}|>", "<|transcribe|>", "<|notimestamps|>"))
+        for code in ("en", "de")
+    }
     assert prefixes == expected
     assert all((batch >= 0).all() for batch in seen_inputs)
 
@@ -274,16 +349,30 @@ def test_labels_prefix_and_language_tokens_come_from_the_tokenizer(world, tmp_pa
 def test_inputs_are_checked_all_at_once(world, tmp_path):
     from stages.finetune import check_inputs
 
-    config = load_config(overrides=["finetune.audio_ratio=0.5", "finetune.tts_ratio=0.2", "finetune.text=\"\"",
-                                    f"finetune.tle_path={json.dumps(str(tmp_path / 'none'))}"])
+    config = load_config(
+        overrides=[
+            "finetune.audio_ratio=0.5",
+            "finetune.tts_ratio=0.2",
+            'finetune.text=""',
+            f"finetune.tle_path={json.dumps(str(tmp_path / 'none'))}",
+        ]
+    )
     with pytest.raises(ConfigError) as err:
         check_inputs(config)
     message = str(err.value)
     assert "finetune.text is empty" in message and "not a folder" in message
     assert "audio_store is empty" in message and "tts_store is empty" in message
     # audio-only (TTS-only baseline): no text, no TLE needed
-    check_inputs(finetune_config(world, tmp_path, "finetune.audio_ratio=0.5", "finetune.tts_ratio=0.5",
-                                 "finetune.text=\"\"", "finetune.tle_path=\"\""))
+    check_inputs(
+        finetune_config(
+            world,
+            tmp_path,
+            "finetune.audio_ratio=0.5",
+            "finetune.tts_ratio=0.5",
+            'finetune.text=""',
+            'finetune.tle_path=""',
+        )
+    )
 
 
 def test_null_text_windows_are_the_store_tail_template_over_the_whole_window(world):
@@ -298,17 +387,24 @@ def test_null_text_windows_are_the_store_tail_template_over_the_whole_window(wor
     windows = Windows(None, {"audio": template, "text": template}, sample_latent=True)
     utterance = reader.utterance(0, 0)
     stored = torch.from_numpy(np.array(utterance.states))  # (T, D) float16
-    examples = [Example("audio", utterance.text, "en", stored)] + [Example("text", s, "en")
-                                                                   for s in TARGET_SENTENCES[:3]]
+    examples = [Example("audio", utterance.text, "en", stored)] + [
+        Example("text", s, "en") for s in TARGET_SENTENCES[:3]
+    ]
     tokenizer = AutoTokenizer.from_pretrained(world["teacher"])
-    text = encode_texts(tokenizer, SpecialTokens.from_tokenizer(tokenizer, False), [e.text for e in examples],
-                        ["en"] * len(examples), 64)
+    text = encode_texts(
+        tokenizer,
+        SpecialTokens.from_tokenizer(tokenizer, False),
+        [e.text for e in examples],
+        ["en"] * len(examples),
+        64,
+    )
     window, tail = windows.build_with_tail(examples, text, training=True)
     assert window.shape == (4, MAX_FRAMES, D_MODEL)
     for row in range(1, 4):  # every text window is the template, frame for frame: nothing of its sentence
         assert torch.equal(window[row], template)
-    assert torch.equal(window[0, : len(stored)], stored.float()) and torch.equal(window[0, len(stored):],
-                                                                                 template[len(stored):])
+    assert torch.equal(window[0, : len(stored)], stored.float()) and torch.equal(
+        window[0, len(stored) :], template[len(stored) :]
+    )
     assert tail.start == len(stored) and tail.groups == ((0, 1), (1, 4))
     only_text, tail = windows.build_with_tail(examples[1:], text, training=False)
     assert only_text.shape == (3, MAX_FRAMES, D_MODEL) and tail.start == 0
@@ -319,25 +415,48 @@ def test_null_text_states_need_no_tle_and_a_store_for_the_template(world, tmp_pa
     from stages.finetune import check_inputs
 
     missing = json.dumps(str(tmp_path / "no-tle"))
-    check_inputs(finetune_config(world, tmp_path, "finetune.text_states=\"null\"", f"finetune.tle_path={missing}",
-                                 f"finetune.audio_store={json.dumps(str(world['audio_store']))}", stores=False))
-    config = load_config(overrides=["finetune.text_states=\"null\"", "finetune.audio_ratio=0", "finetune.tle_path=\"\"",
-                                    f"finetune.text={json.dumps(str(world['text']))}"])
+    check_inputs(
+        finetune_config(
+            world,
+            tmp_path,
+            'finetune.text_states="null"',
+            f"finetune.tle_path={missing}",
+            f"finetune.audio_store={json.dumps(str(world['audio_store']))}",
+            stores=False,
+        )
+    )
+    config = load_config(
+        overrides=[
+            'finetune.text_states="null"',
+            "finetune.audio_ratio=0",
+            'finetune.tle_path=""',
+            f"finetune.text={json.dumps(str(world['text']))}",
+        ]
+    )
     with pytest.raises(ConfigError, match="tail template from a store"):
         check_inputs(config)
     with pytest.raises(ConfigError, match="text_states"):
-        load_config(overrides=["finetune.text_states=\"zeros\""])
+        load_config(overrides=['finetune.text_states="zeros"'])
 
 
 def test_a_null_text_run_reads_no_tle_learns_the_text_and_saves(world, tmp_path):
     from stages.finetune import run
 
     out, missing = tmp_path / "text-null", tmp_path / "no-tle"
-    result = run(finetune_config(world, out, "finetune.text_states=\"null\"",
-                                 f"finetune.tle_path={json.dumps(str(missing))}",
-                                 f"finetune.audio_store={json.dumps(str(world['audio_store']))}",
-                                 "finetune.audio_ratio=0.5", "finetune.steps=12", "finetune.val_every=6",
-                                 "finetune.checkpoint_every=12", stores=False))
+    result = run(
+        finetune_config(
+            world,
+            out,
+            'finetune.text_states="null"',
+            f"finetune.tle_path={json.dumps(str(missing))}",
+            f"finetune.audio_store={json.dumps(str(world['audio_store']))}",
+            "finetune.audio_ratio=0.5",
+            "finetune.steps=12",
+            "finetune.val_every=6",
+            "finetune.checkpoint_every=12",
+            stores=False,
+        )
+    )
     assert not missing.exists()  # a TLE would have been loaded from here: nothing was required or read
     assert result.examples_seen == {"audio": 48, "tts": 0, "text": 48}
     assert result.held_out["text"] > 0 and result.held_out["audio"] > 0
@@ -353,11 +472,35 @@ def test_cli_runs_a_tts_only_finetune(world, tmp_path):
     from whistle_pipeline.cli import cli
 
     out = tmp_path / "tts-only"
-    result = CliRunner().invoke(cli, [
-        "finetune", "--teacher", str(world["teacher"]), "--audio-store", str(world["audio_store"]),
-        "--tts-store", str(world["tts_store"]), "--audio-ratio", "0.5", "--tts-ratio", "0.5", "--tle", "",
-        "--output-dir", str(out), "--steps", "4", "--device", "cpu", *sum((["--set", s] for s in TINY), []),
-        "--set", "finetune.val_every=2", "--set", "finetune.checkpoint_every=4"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            "--teacher",
+            str(world["teacher"]),
+            "--audio-store",
+            str(world["audio_store"]),
+            "--tts-store",
+            str(world["tts_store"]),
+            "--audio-ratio",
+            "0.5",
+            "--tts-ratio",
+            "0.5",
+            "--tle",
+            "",
+            "--output-dir",
+            str(out),
+            "--steps",
+            "4",
+            "--device",
+            "cpu",
+            *sum((["--set", s] for s in TINY), []),
+            "--set",
+            "finetune.val_every=2",
+            "--set",
+            "finetune.checkpoint_every=4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "fine-tuned the decoder for 4 steps" in result.output and "16 audio, 16 tts" in result.output
     assert (out / "model.safetensors").exists() and (out / "preprocessor_config.json").exists()
@@ -372,14 +515,35 @@ def test_two_processes_fine_tune_one_decoder(world, tmp_path):
     import sys
 
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "whistle_pipeline",
-               "finetune", "--teacher", str(world["teacher"]), "--tle", str(world["tle"]), "--text", str(world["text"]),
-               "--audio-store", str(world["audio_store"]), "--audio-ratio", "0.5", "--output-dir", str(out),
-               "--steps", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "whistle_pipeline",
+        "finetune",
+        "--teacher",
+        str(world["teacher"]),
+        "--tle",
+        str(world["tle"]),
+        "--text",
+        str(world["text"]),
+        "--audio-store",
+        str(world["audio_store"]),
+        "--audio-ratio",
+        "0.5",
+        "--output-dir",
+        str(out),
+        "--steps",
+        "4",
+    ]
     for override in TINY + ["finetune.val_every=4", "finetune.checkpoint_every=2", "finetune.batch_size=4"]:
         command += ["--set", override]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "finetune.json").read_text())
     assert summary["examples_seen"] == {"audio": 16, "tts": 0, "text": 16}  # 4 steps x 4 examples x 2 ranks
@@ -397,30 +561,41 @@ def test_shared_tail_gives_the_same_logits_and_gradients_and_leaves_the_checkpoi
     give exactly what projecting every example's frames gives, in the outputs and in the weights' gradients."""
     from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
-    from whistle_pipeline.windows import Example, SharedTail, Windows, token_losses
     from store import StoreReader
     from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts
     from whistle_pipeline.tle import TLEModel
+    from whistle_pipeline.windows import Example, SharedTail, Windows, token_losses
 
     model = WhisperForConditionalGeneration.from_pretrained(world["teacher"]).train()
     tokenizer = AutoTokenizer.from_pretrained(world["teacher"])
     specials = SpecialTokens.from_tokenizer(tokenizer, False)
-    templates = {kind: torch.from_numpy(np.array(StoreReader(str(world[f"{kind}_store"])).tail_template())).float()
-                 for kind in ("audio", "tts")}
+    templates = {
+        kind: torch.from_numpy(np.array(StoreReader(str(world[f"{kind}_store"])).tail_template())).float()
+        for kind in ("audio", "tts")
+    }
     assert not torch.equal(templates["audio"], templates["tts"])  # the groups really differ
     windows = Windows(TLEModel.from_pretrained(world["tle"]).eval(), templates, False)
     rng = np.random.default_rng(3)
     examples = [Example("text", s, "en") for s in TARGET_SENTENCES[:3]]
-    examples += [Example(kind, s, "en", torch.from_numpy(rng.normal(0, 1, (int(n), D_MODEL)).astype(np.float16)))
-                 for kind, s, n in (("audio", "the quick fox", 20), ("audio", "hello world", 35),
-                                    ("tts", "take two tablets daily", 12), ("tts", "a rash since monday", 28))]
-    text = encode_texts(tokenizer, specials, [e.text for e in examples], ["en"] * len(examples),
-                        model.config.max_target_positions)
+    examples += [
+        Example(kind, s, "en", torch.from_numpy(rng.normal(0, 1, (int(n), D_MODEL)).astype(np.float16)))
+        for kind, s, n in (
+            ("audio", "the quick fox", 20),
+            ("audio", "hello world", 35),
+            ("tts", "take two tablets daily", 12),
+            ("tts", "a rash since monday", 28),
+        )
+    ]
+    text = encode_texts(
+        tokenizer, specials, [e.text for e in examples], ["en"] * len(examples), model.config.max_target_positions
+    )
     window, tail = windows.build_with_tail(examples, text, training=False)
     assert tail.groups == ((0, 3), (3, 5), (5, 7))
     assert 35 <= tail.start < MAX_FRAMES
     for first, end in tail.groups:  # what the sharing relies on: the frames from tail.start on are common
-        assert torch.equal(window[first:end, tail.start:], window[first:first + 1, tail.start:].expand(end - first, -1, -1))
+        assert torch.equal(
+            window[first:end, tail.start :], window[first : first + 1, tail.start :].expand(end - first, -1, -1)
+        )
     keys = sorted(model.state_dict())
     shared = SharedTail(model)
 
@@ -449,7 +624,8 @@ def test_shared_tail_gives_the_same_logits_and_gradients_and_leaves_the_checkpoi
     assert sorted(model.state_dict()) == keys  # nothing renamed: save_pretrained writes the same checkpoint
     model.save_pretrained(tmp_path / "saved")
     assert sorted(load_file(tmp_path / "saved" / "model.safetensors")) == sorted(
-        load_file(Path(world["teacher"]) / "model.safetensors"))
+        load_file(Path(world["teacher"]) / "model.safetensors")
+    )
 
 
 def test_a_run_in_bf16_then_one_in_fp32_follow_each_other_in_one_process(tmp_path):
@@ -472,9 +648,19 @@ def test_stored_utterances_the_decoder_cannot_take_are_left_out_and_counted(worl
     texts = [" ".join(rng.choice(SOURCE_WORDS, size=int(rng.integers(2, 6)))) for _ in range(16)]
     texts[3], texts[9] = " ".join(["hello world"] * 60), "   "
     store = write_store(tmp_path / "long-store", world["teacher"], texts, seed=5)
-    result = run(finetune_config(world, tmp_path / "out", "finetune.steps=3", "finetune.audio_ratio=1",
-                                 "finetune.tts_ratio=0", "finetune.tle_path=''", "finetune.text=''",
-                                 f"finetune.audio_store={json.dumps(str(store))}", stores=False))
+    result = run(
+        finetune_config(
+            world,
+            tmp_path / "out",
+            "finetune.steps=3",
+            "finetune.audio_ratio=1",
+            "finetune.tts_ratio=0",
+            "finetune.tle_path=''",
+            "finetune.text=''",
+            f"finetune.audio_store={json.dumps(str(store))}",
+            stores=False,
+        )
+    )
     assert result.store_rejects == [
         {"store": "audio", "id": "utt5-003", "reason": "480 text tokens exceed the decoder's 64 positions"},
         {"store": "audio", "id": "utt5-009", "reason": "empty transcript"},
@@ -493,6 +679,16 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_no_model(worl
         finetune_config(world, tmp_path / "inf", "finetune.learning_rate=inf")
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteStep, match=r"^step 2: non-finite loss, loss_audio, loss_tts, loss_text \(loss nan"):
-        run(finetune_config(world, out, "finetune.steps=6", "finetune.learning_rate=1e30", "finetune.warmup_steps=0",
-                            "finetune.audio_ratio=0.25", "finetune.tts_ratio=0.25", "finetune.val_every=100"))
+        run(
+            finetune_config(
+                world,
+                out,
+                "finetune.steps=6",
+                "finetune.learning_rate=1e30",
+                "finetune.warmup_steps=0",
+                "finetune.audio_ratio=0.25",
+                "finetune.tts_ratio=0.25",
+                "finetune.val_every=100",
+            )
+        )
     assert not (out / "model.safetensors").exists()

@@ -1,4 +1,5 @@
 """Text-only corpora for finetune: every file kind, per-row languages, rejects, the held-out split."""
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,10 @@ def test_jsonl_reads_the_column_and_per_row_language_and_records_bad_rows(tmp_pa
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     corpus = read_corpus(str(path), text_column="sentence", language="en", language_column="lang")
-    assert corpus.rows == [TextRow("corpus.jsonl:1", "guten Morgen", "de"), TextRow("corpus.jsonl:2", "good morning", "en")]
+    assert corpus.rows == [
+        TextRow("corpus.jsonl:1", "guten Morgen", "de"),
+        TextRow("corpus.jsonl:2", "good morning", "en"),
+    ]
     reasons = {r.id: r.reason for r in corpus.rejects}
     assert set(reasons) == {"corpus.jsonl:3", "corpus.jsonl:4", "corpus.jsonl:5", "corpus.jsonl:6"}
     assert "not valid JSON" in reasons["corpus.jsonl:3"]
@@ -47,7 +51,10 @@ def test_csv_and_tsv_with_a_missing_column_name_the_columns(tmp_path):
     csv_path = tmp_path / "c.csv"
     csv_path.write_text('text,language\n"hello, world",en\nhallo,de\n', encoding="utf-8")
     corpus = read_corpus(str(csv_path), text_column="text", language="", language_column="language")
-    assert [(r.id, r.text, r.language) for r in corpus.rows] == [("c.csv:2", "hello, world", "en"), ("c.csv:3", "hallo", "de")]
+    assert [(r.id, r.text, r.language) for r in corpus.rows] == [
+        ("c.csv:2", "hello, world", "en"),
+        ("c.csv:3", "hallo", "de"),
+    ]
 
     tsv_path = tmp_path / "validated.tsv"
     tsv_path.write_text("path\tsentence\nx.mp3\tone two\n", encoding="utf-8")
@@ -66,7 +73,9 @@ def test_corpora_are_read_as_manifests_are(tmp_path):
     tsv = tmp_path / "q.tsv"
     tsv.write_text('\ufeffsentence\n"stray quote\nnext\n', encoding="utf-8")
     assert [r.text for r in read_corpus(str(tsv), text_column="sentence", language="en").rows] == [
-        '"stray quote', "next"]
+        '"stray quote',
+        "next",
+    ]
     table = tmp_path / "q.csv"
     table.write_text('text\n"never closed\nnext\n', encoding="utf-8")
     corpus = read_corpus(str(table), text_column="text", language="en")
@@ -78,7 +87,9 @@ def test_datasets_folder_reads_only_the_text_columns(tmp_path):
     import datasets
 
     folder = tmp_path / "ds"
-    datasets.Dataset.from_dict({"text": ["alpha beta", ""], "lang": ["fr", "de"], "n": [1, 2]}).save_to_disk(str(folder))
+    datasets.Dataset.from_dict({"text": ["alpha beta", ""], "lang": ["fr", "de"], "n": [1, 2]}).save_to_disk(
+        str(folder)
+    )
     corpus = read_corpus(str(folder), text_column="text", language="en", language_column="lang")
     assert corpus.kind == "datasets"
     assert corpus.rows == [TextRow("ds[0]", "alpha beta", "fr")]

@@ -1,4 +1,5 @@
 """whistle_pipeline.fusion: the shallow-fusion processor's scores by hand, alpha/beta fitting, and generate."""
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def toy_tokenizer():
 def toy_scorer(request, tmp_path_factory):
     if request.param == "kenlm":
         pytest.importorskip("kenlm")
-    path = build_domain_lm(["The dose.", "the Warfarin"], tmp_path_factory.mktemp("lm") / "toy.arpa", order=2,
-                           discount=0.5)
+    path = build_domain_lm(
+        ["The dose.", "the Warfarin"], tmp_path_factory.mktemp("lm") / "toy.arpa", order=2, discount=0.5
+    )
     return load_scorer(path, request.param)
 
 
@@ -58,9 +60,11 @@ def fused(scorer, tokenizer, rows: list[list[int]], top_k: int = 11) -> torch.Te
 
 def test_additions_by_hand(toy_scorer, toy_tokenizer):
     ln = math.log
-    rows = [[SOT, NO_TIMESTAMPS, THE, WAR, Q],  # ..." the war" then q: the partial word is "warq"
-            [SOT, NO_TIMESTAMPS, THE, WAR, FAR],  # " the warfar"
-            [DOSE, SOT, NO_TIMESTAMPS, ZZ, Q]]  # a prompt token before <|startoftranscript|>, then " zzq"
+    rows = [
+        [SOT, NO_TIMESTAMPS, THE, WAR, Q],  # ..." the war" then q: the partial word is "warq"
+        [SOT, NO_TIMESTAMPS, THE, WAR, FAR],  # " the warfar"
+        [DOSE, SOT, NO_TIMESTAMPS, ZZ, Q],
+    ]  # a prompt token before <|startoftranscript|>, then " zzq"
     added = fused(toy_scorer, toy_tokenizer, rows)
     # row 0: history <s> the, partial "warq": no LM word starts so, already charged alpha ln p(<unk>|the)
     charged = ALPHA * ln(0.04)
@@ -90,8 +94,10 @@ def test_whole_sentence_adds_up_to_the_lm_score(toy_scorer, toy_tokenizer):
     assert total == pytest.approx(ALPHA * math.log(0.795 * 0.34 * 0.69) + 2 * BETA)
     # a sentence with an unknown word: the early charge is refunded at the word's end
     tokens = [ZZ, Q, THE, EOT]
-    total = sum(fused(toy_scorer, toy_tokenizer, [[SOT, NO_TIMESTAMPS] + tokens[:step]])[0, token].item()
-                for step, token in enumerate(tokens))
+    total = sum(
+        fused(toy_scorer, toy_tokenizer, [[SOT, NO_TIMESTAMPS] + tokens[:step]])[0, token].item()
+        for step, token in enumerate(tokens)
+    )
     # p(<unk>|<s>) = 0.02, p(the|<unk>) = p(the) = 0.18, p(</s>|the) = 0.5 * 0.38 = 0.19
     assert total == pytest.approx(ALPHA * math.log(0.02 * 0.18 * 0.19) + 2 * BETA)
 
@@ -145,9 +151,14 @@ def beam_search(model, tokenizer, processor=None, num_beams=3, **options):
     states = torch.randn(2, model.config.max_source_positions, model.config.d_model)  # (B, frames, D)
     with torch.inference_mode():
         return model.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=states), num_beams=num_beams, max_new_tokens=12,
-            return_timestamps=False, suppress_tokens=list(range(end + 1, len(tokenizer))),
-            logits_processor=[processor] if processor else None, **options)
+            encoder_outputs=BaseModelOutput(last_hidden_state=states),
+            num_beams=num_beams,
+            max_new_tokens=12,
+            return_timestamps=False,
+            suppress_tokens=list(range(end + 1, len(tokenizer))),
+            logits_processor=[processor] if processor else None,
+            **options,
+        )
 
 
 def test_generate_alpha_zero_is_plain_beam_search_and_a_large_alpha_follows_the_lm(tiny_teacher, tmp_path):

@@ -1,4 +1,5 @@
 """inspect_store and `whistle inspect-store`: the numbers, --json, --check on damaged stores, --plot."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,19 @@ from conftest import store_spec, synthetic_utterances, write_synthetic_store
 from store import StoreWriter, inspect_store
 from whistle_pipeline.cli import cli
 
-REQUIRED_KEYS = {"utterances", "audio_seconds", "frames", "bytes_on_disk", "raw_fp16_bytes", "full_window_fp16_bytes",
-                 "complete_shards", "incomplete_shards", "rejects", "teacher", "format"}
+REQUIRED_KEYS = {
+    "utterances",
+    "audio_seconds",
+    "frames",
+    "bytes_on_disk",
+    "raw_fp16_bytes",
+    "full_window_fp16_bytes",
+    "complete_shards",
+    "incomplete_shards",
+    "rejects",
+    "teacher",
+    "format",
+}
 
 
 @pytest.fixture()
@@ -107,11 +119,16 @@ def damage_missing_object(path):
     (path / "shards/00001/tail_count/c/0").unlink()
 
 
-@pytest.mark.parametrize("damage,problem", [
-    (damage_corrupt_bytes, "corrupt or truncated"), (damage_truncate, "corrupt or truncated"),
-    (damage_offsets, "offsets are not strictly increasing"), (damage_nonfinite, "1 non-finite values in states"),
-    (damage_missing_object, "objects missing from the store: tail_count"),
-])
+@pytest.mark.parametrize(
+    "damage,problem",
+    [
+        (damage_corrupt_bytes, "corrupt or truncated"),
+        (damage_truncate, "corrupt or truncated"),
+        (damage_offsets, "offsets are not strictly increasing"),
+        (damage_nonfinite, "1 non-finite values in states"),
+        (damage_missing_object, "objects missing from the store: tail_count"),
+    ],
+)
 def test_check_names_the_damaged_shard_and_exits_1(small_store, damage, problem):
     path, _, _ = small_store
     damage(path)
@@ -150,8 +167,9 @@ def test_plot_without_matplotlib_says_how_to_install_it(small_store, tmp_path, m
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like to import
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
-    result = CliRunner().invoke(cli, ["inspect-store", str(path), "--plot", utts[0]["id"], "--out",
-                                      str(tmp_path / "x.png")])
+    result = CliRunner().invoke(
+        cli, ["inspect-store", str(path), "--plot", utts[0]["id"], "--out", str(tmp_path / "x.png")]
+    )
     assert result.exit_code == 1 and "pip install 'whistle[plot]'" in result.output
 
 

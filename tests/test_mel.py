@@ -1,4 +1,5 @@
 """whistle_pipeline.teacher: torch log-mel == WhisperFeatureExtractor, encoder-only loading, geometry."""
+
 from __future__ import annotations
 
 import shutil
@@ -6,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_whisper
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from conftest import make_tiny_whisper
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.teacher import (
     LogMel,
@@ -54,8 +55,16 @@ def _config(n_mels: int):
 
 def test_geometry_is_read_from_the_checkpoint(tiny_whisper_dir, tmp_path):
     _, geometry = load_encoder(str(tiny_whisper_dir), "main", "cpu", "auto")
-    assert geometry == TeacherGeometry(sample_rate=16000, n_fft=400, hop_length=160, n_mels=80, max_frames=1500,
-                                       frames_per_second=50, samples_per_frame=320, d_model=64)
+    assert geometry == TeacherGeometry(
+        sample_rate=16000,
+        n_fft=400,
+        hop_length=160,
+        n_mels=80,
+        max_frames=1500,
+        frames_per_second=50,
+        samples_per_frame=320,
+        d_model=64,
+    )
     assert (geometry.n_samples, geometry.mel_frames, geometry.window_seconds) == (480000, 3000, 30.0)
     # a large-v3-like checkpoint: 128 mel bins
     _, v3 = load_encoder(str(make_tiny_whisper(tmp_path / "v3", n_mels=128)), "main", "cpu", "float32")
@@ -115,8 +124,11 @@ def test_checkpoint_problems_are_clear(tiny_whisper_dir, tmp_path, caplog):
     decoder_only = tmp_path / "decoder-only"
     shutil.copytree(tiny_whisper_dir, decoder_only)
     weights = load_file(decoder_only / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if "encoder" not in k}, decoder_only / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if "encoder" not in k},
+        decoder_only / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(WhistleError, match="holds no complete Whisper encoder"):
         load_encoder(str(decoder_only), "main", "cpu", "auto")
 

@@ -1,4 +1,5 @@
 """WER/CER after Whisper's normalisation (the English spelling map ships with whistle)."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,11 @@ def test_english_normaliser_works_offline_with_the_shipped_spelling_map():
 
 
 def test_formatting_differences_cost_nothing():
-    rates = error_rates(["The colour is 20%.", "Dr. Jones prescribed 500 mg."],
-                        ["the color is twenty percent", "doctor jones prescribed five hundred mg"], "en")
+    rates = error_rates(
+        ["The colour is 20%.", "Dr. Jones prescribed 500 mg."],
+        ["the color is twenty percent", "doctor jones prescribed five hundred mg"],
+        "en",
+    )
     assert rates.wer == 0.0 and rates.cer == 0.0 and rates.n_words == 9 and rates.n_utterances == 2
 
 

@@ -1,4 +1,5 @@
 """whistle_pipeline.ngram: Kneser-Ney estimates against hand-computed values, ARPA round trips, both scorers."""
+
 from __future__ import annotations
 
 import math
@@ -108,8 +109,15 @@ def test_kenlm_scores_like_the_python_reader(tmp_path):
     path = write_arpa(build_kneser_ney(random_corpus(), order=3), tmp_path / "lm.arpa")
     python, kenlm = load_scorer(path, "python"), load_scorer(path, "kenlm")
     assert type(kenlm).__name__ == "KenlmScorer"
-    queries = [((BOS,), "the"), ((BOS, "the"), "dose"), (("of", "warfarin"), "was"), (("inr",), EOS),
-               (("zebra", "the"), "dose"), ((), "unseen"), (("the", "dose", "of"), "warfarin")]
+    queries = [
+        ((BOS,), "the"),
+        ((BOS, "the"), "dose"),
+        (("of", "warfarin"), "was"),
+        (("inr",), EOS),
+        (("zebra", "the"), "dose"),
+        ((), "unseen"),
+        (("the", "dose", "of"), "warfarin"),
+    ]
     for context, word in queries:
         assert kenlm.log10_prob(context, word) == pytest.approx(python.log10_prob(context, word), abs=1e-5)
 

@@ -1,4 +1,5 @@
 """whistle_pipeline.plots: a run's CSV logs read back as numbers, and its curves drawn from them."""
+
 from __future__ import annotations
 
 import math

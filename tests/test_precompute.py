@@ -1,5 +1,6 @@
 """stages.precompute end to end: real audio files -> tiny Whisper encoder -> Zarr store, checked against
 a direct `model.encoder(WhisperFeatureExtractor(audio))` on the same audio."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import pytest
 import soundfile
 import torch
 from click.testing import CliRunner
-
 from conftest import write_clip
+
 from stages.precompute import run
 from store import StoreError, StoreReader
 from whistle_pipeline.audio import load_audio, telephone
@@ -61,8 +62,10 @@ def audio_folder(tmp_path_factory) -> Path:
 
 
 def manifest(folder: Path, name: str = "manifest.jsonl") -> Path:
-    rows = [{"audio": clip[0], "text": f"clip number {i}", "language": ["en", "de"][i % 2]}
-            for i, clip in enumerate(GOOD_CLIPS)]
+    rows = [
+        {"audio": clip[0], "text": f"clip number {i}", "language": ["en", "de"][i % 2]}
+        for i, clip in enumerate(GOOD_CLIPS)
+    ]
     rows.insert(2, {"audio": "garbage.wav", "text": "garbage"})
     rows.insert(4, {"audio": "missing.wav", "text": "missing"})
     rows.append({"audio": "nan.wav", "text": "nan"})
@@ -91,14 +94,23 @@ def stored(store) -> dict[str, object]:
 
 
 def test_manifest_of_every_format_matches_the_encoder(tiny_whisper_dir, audio_folder, reference, tmp_path):
-    config = make_config(tiny_whisper_dir, manifest(audio_folder), tmp_path / "store",
-                         data={"id_column": "id", "language_column": "language"},
-                         precompute={"num_workers": 2})
+    config = make_config(
+        tiny_whisper_dir,
+        manifest(audio_folder),
+        tmp_path / "store",
+        data={"id_column": "id", "language_column": "language"},
+        precompute={"num_workers": 2},
+    )
     result = run(config)
 
     assert (result.rows, result.clips, result.shards_total, result.shards_written) == (10, 5, 4, 4)
-    assert result.rejects == {"undecodable audio": 1, "audio not found": 1, "non-finite audio": 1, "too long": 1,
-                              "empty text": 1}
+    assert result.rejects == {
+        "undecodable audio": 1,
+        "audio not found": 1,
+        "non-finite audio": 1,
+        "too long": 1,
+        "empty text": 1,
+    }
     utterances = stored(tmp_path / "store")
     assert sorted(utterances) == sorted(Path(name).stem for name, *_ in GOOD_CLIPS)
     references = {}
@@ -123,8 +135,9 @@ def test_manifest_of_every_format_matches_the_encoder(tiny_whisper_dir, audio_fo
         expected_sum[frames:] += window[frames:].astype(np.float16)
     np.testing.assert_array_equal(counts, expected_counts)
     seen = expected_counts > 0
-    np.testing.assert_allclose(reader.tail_template()[seen], expected_sum[seen] / expected_counts[seen, None],
-                               rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(
+        reader.tail_template()[seen], expected_sum[seen] / expected_counts[seen, None], rtol=2e-3, atol=2e-3
+    )
     speech = np.concatenate([window[:frames] for frames, window in references.values()])
     np.testing.assert_allclose(reader.statistics()[0], speech.mean(axis=0), rtol=2e-3, atol=2e-3)
 
@@ -148,8 +161,14 @@ def test_manifest_of_every_format_matches_the_encoder(tiny_whisper_dir, audio_fo
 
 
 def test_full_frames_and_telephone_augmentation(tiny_whisper_dir, audio_folder, reference, tmp_path):
-    config = make_config(tiny_whisper_dir, manifest(audio_folder), tmp_path / "store",
-                         store={"frames": "full"}, precompute={"augment": "telephone"}, data={"max_clips": 2})
+    config = make_config(
+        tiny_whisper_dir,
+        manifest(audio_folder),
+        tmp_path / "store",
+        store={"frames": "full"},
+        precompute={"augment": "telephone"},
+        data={"max_clips": 2},
+    )
     result = run(config)
     assert result.clips == 2
     reader = StoreReader(str(tmp_path / "store"))
@@ -164,13 +183,15 @@ def test_full_frames_and_telephone_augmentation(tiny_whisper_dir, audio_folder, 
 def common_voice(folder: Path) -> Path:
     root = folder / "cv-corpus" / "de"
     (root / "clips").mkdir(parents=True)
-    header = "client_id\tpath\tsentence_id\tsentence\tsentence_domain\tup_votes\tdown_votes\tage\tgender\t" \
-             "accents\tvariant\tlocale\tsegment\n"
+    header = (
+        "client_id\tpath\tsentence_id\tsentence\tsentence_domain\tup_votes\tdown_votes\tage\tgender\t"
+        "accents\tvariant\tlocale\tsegment\n"
+    )
     lines = []
     for i in range(4):
         name = f"common_voice_de_{100 + i}.mp3"
         write_clip(root / "clips" / name, 1.0 + 0.4 * i, 48000, seed=i)
-        lines.append(f"c{i}\t{name}\ts{i}\tSatz Nummer \"{i}\".\t\t2\t0\t\t\t\t\tde-DE\t\n")
+        lines.append(f'c{i}\t{name}\ts{i}\tSatz Nummer "{i}".\t\t2\t0\t\t\t\t\tde-DE\t\n')
     (root / "train.tsv").write_text(header + "".join(lines), encoding="utf-8")
     (root / "dev.tsv").write_text(header + lines[0], encoding="utf-8")
     return root
@@ -184,8 +205,9 @@ def save_to_disk_dataset(folder: Path) -> Path:
         path = folder / f"ds-{i}.flac"
         write_clip(path, 0.8 + 0.5 * i, 24000, seed=10 + i)
         audio.append({"bytes": path.read_bytes(), "path": path.name})
-    dataset = datasets.Dataset.from_dict({"audio": audio, "transcript": ["eins", "zwei", "drei"],
-                                          "key": ["k0", "k1", "k2"]})
+    dataset = datasets.Dataset.from_dict(
+        {"audio": audio, "transcript": ["eins", "zwei", "drei"], "key": ["k0", "k1", "k2"]}
+    )
     dataset = dataset.cast_column("audio", datasets.Audio(decode=False))
     dataset.save_to_disk(folder / "dataset")
     return folder / "dataset"
@@ -203,8 +225,14 @@ def test_common_voice_and_dataset_sources(tiny_whisper_dir, reference, tmp_path)
     np.testing.assert_allclose(utt.states.astype(np.float32), reference(audio)[:frames], rtol=2e-3, atol=2e-3)
 
     dataset = save_to_disk_dataset(tmp_path)
-    result = run(make_config(tiny_whisper_dir, dataset, tmp_path / "ds-store",
-                             data={"text_column": "transcript", "id_column": "key", "language": "de"}))
+    result = run(
+        make_config(
+            tiny_whisper_dir,
+            dataset,
+            tmp_path / "ds-store",
+            data={"text_column": "transcript", "id_column": "key", "language": "de"},
+        )
+    )
     assert (result.clips, result.rejects) == (3, {})
     utt = stored(tmp_path / "ds-store")["k2"]
     audio = load_audio(tmp_path / "ds-2.flac", 16000)
@@ -220,8 +248,9 @@ def test_other_data_into_the_same_store_is_refused_and_overwrite_replaces(tiny_w
     with pytest.raises(StoreError, match="dataset_fingerprint"):
         run(dev)
     assert len(StoreReader(str(tmp_path / "store"))) == 4  # the refused run touched nothing
-    result = run(make_config(tiny_whisper_dir, cv, tmp_path / "store", data={"subset": "dev"},
-                             precompute={"overwrite": True}))
+    result = run(
+        make_config(tiny_whisper_dir, cv, tmp_path / "store", data={"subset": "dev"}, precompute={"overwrite": True})
+    )
     assert (result.clips, result.store_utterances) == (1, 1)
 
 
@@ -236,9 +265,27 @@ def test_strict_fails_after_everything_is_written(tiny_whisper_dir, audio_folder
 
 
 def test_cli_runs_the_stage_and_fails_on_strict(tiny_whisper_dir, audio_folder, tmp_path):
-    args = ["precompute", "--data", str(manifest(audio_folder)), "--teacher", str(tiny_whisper_dir), "--device",
-            "cpu", "--store", str(tmp_path / "store"), "--shard-size", "4", "--batch-size", "3", "--num-workers", "0",
-            "--max-clips", "4", "--set", "precompute.progress=false"]
+    args = [
+        "precompute",
+        "--data",
+        str(manifest(audio_folder)),
+        "--teacher",
+        str(tiny_whisper_dir),
+        "--device",
+        "cpu",
+        "--store",
+        str(tmp_path / "store"),
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "0",
+        "--max-clips",
+        "4",
+        "--set",
+        "precompute.progress=false",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "3 clips stored, 1 rejected (undecodable audio 1)" in result.output
@@ -263,8 +310,15 @@ def test_gpu_bfloat16_run_matches_the_float32_cpu_run(tiny_whisper_dir, audio_fo
     """The GPU path (pinned batches, non-blocking copies, bf16 + SDPA) stores what the CPU stores, to bf16."""
     data = manifest(audio_folder)
     run(make_config(tiny_whisper_dir, data, tmp_path / "cpu"))
-    gpu = run(make_config(tiny_whisper_dir, data, tmp_path / "gpu", teacher={"device": "cuda", "dtype": "bfloat16"},
-                          precompute={"num_workers": 2}))
+    gpu = run(
+        make_config(
+            tiny_whisper_dir,
+            data,
+            tmp_path / "gpu",
+            teacher={"device": "cuda", "dtype": "bfloat16"},
+            precompute={"num_workers": 2},
+        )
+    )
     assert gpu.dtype == "bfloat16" and gpu.device.startswith("cuda")
     on_cpu, on_gpu = stored(tmp_path / "cpu"), stored(tmp_path / "gpu")
     assert sorted(on_cpu) == sorted(on_gpu)
@@ -280,6 +334,7 @@ def test_sums_made_on_the_device_equal_the_writers_own(tmp_path):
     frames; the store equals one written the old way, every tail handed to ShardWriter.add, within float32
     rounding."""
     from conftest import store_spec, synthetic_utterances, write_synthetic_store
+
     from stages.precompute import batch_sums
     from store import StoreWriter
     from store.writer import NON_FINITE_REASON
@@ -304,20 +359,31 @@ def test_sums_made_on_the_device_equal_the_writers_own(tmp_path):
                     if not finite[b]:
                         shard.reject(utt["id"], NON_FINITE_REASON)
                         continue
-                    assert shard.add(utt["id"], utt["text"], utt["language"], utt["duration"],
-                                     utt["window"][: frames[b]], summed=True)
+                    assert shard.add(
+                        utt["id"],
+                        utt["text"],
+                        utt["language"],
+                        utt["duration"],
+                        utt["window"][: frames[b]],
+                        summed=True,
+                    )
     old, new = StoreReader(tmp_path / "old"), StoreReader(tmp_path / "new")
-    assert new.shard_attrs(1)["rejects"] == old.shard_attrs(1)["rejects"] == [{"id": "utt0005",
-                                                                             "reason": NON_FINITE_REASON}]
+    assert (
+        new.shard_attrs(1)["rejects"]
+        == old.shard_attrs(1)["rejects"]
+        == [{"id": "utt0005", "reason": NON_FINITE_REASON}]
+    )
     for shard_index in range(2):
         group = f"shards/0000{shard_index}"
         for name in ("tail_count", "stat_count", "offsets"):
             np.testing.assert_array_equal(new.root[f"{group}/{name}"][...], old.root[f"{group}/{name}"][...])
         for name in ("tail_sum", "stat_sum", "stat_sqsum"):
-            np.testing.assert_allclose(new.root[f"{group}/{name}"][...], old.root[f"{group}/{name}"][...],
-                                       rtol=1e-6, atol=1e-4)
-        assert [u.states.tobytes() for u in new.iter_shard(shard_index)] == \
-            [u.states.tobytes() for u in old.iter_shard(shard_index)]
+            np.testing.assert_allclose(
+                new.root[f"{group}/{name}"][...], old.root[f"{group}/{name}"][...], rtol=1e-6, atol=1e-4
+            )
+        assert [u.states.tobytes() for u in new.iter_shard(shard_index)] == [
+            u.states.tobytes() for u in old.iter_shard(shard_index)
+        ]
     np.testing.assert_array_equal(new.tail_counts(), old.tail_counts())
     np.testing.assert_allclose(new.tail_template(), old.tail_template(), rtol=1e-6, atol=1e-6)
     for ours, theirs in zip(new.statistics(), old.statistics()):

@@ -1,5 +1,6 @@
 """One item never stops precompute: clips that decode to nothing, that are not files, or whose states
 overflow are counted rejects with a reason that names what happened, and the run (and a rerun) finishes."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 import soundfile
-
 from conftest import write_clip
+
 from stages.precompute import run
 from store import StoreReader
 from whistle_pipeline.config import load_config
@@ -32,12 +33,16 @@ def _manifest(folder):
 
 
 def _precompute(teacher, manifest, store, frames):
-    return run(load_config(updates={
-        "teacher": {"name_or_path": str(teacher), "device": "cpu", "dtype": "float32"},
-        "data": {"path": str(manifest), "id_column": "id"},
-        "store": {"path": str(store), "shard_size": 4, "frames": frames},
-        "precompute": {"batch_size": 3, "num_workers": 0, "progress": False},
-    }))
+    return run(
+        load_config(
+            updates={
+                "teacher": {"name_or_path": str(teacher), "device": "cpu", "dtype": "float32"},
+                "data": {"path": str(manifest), "id_column": "id"},
+                "store": {"path": str(store), "shard_size": 4, "frames": frames},
+                "precompute": {"batch_size": 3, "num_workers": 0, "progress": False},
+            }
+        )
+    )
 
 
 @pytest.mark.parametrize("frames", ["speech", "full"])
@@ -53,7 +58,7 @@ def test_clips_that_cannot_be_encoded_are_rejects_with_their_reason(tiny_whisper
         "absurd": "empty audio: 100 sample(s) at 2000000000 Hz resample to none at 16000 Hz",
         "folder": f"not a file: {tmp_path / 'folder.wav'} is a directory",
         "loud": "non-finite states: the input audio is out of range (peak amplitude 1e+30, decoded audio lies "
-                "within [-1, 1]); the float32 encoder produced inf/nan",
+        "within [-1, 1]); the float32 encoder produced inf/nan",
     }
     assert sorted(u.id for k in reader.shards() for u in reader.iter_shard(k)) == ["ok", "zeros"]
     again = _precompute(tiny_whisper_dir, manifest, tmp_path / "store", frames)  # nothing left to redo

@@ -4,6 +4,7 @@ Both use real processes: `python -m whistle_pipeline precompute` killed with SIG
 are complete, and `torchrun --nproc_per_node 2` (gloo on CPU). The teacher has a 2 s window (100
 encoder frames) so that many small shards take seconds, not minutes; geometry is read, not assumed.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import load_bench, make_tiny_whisper, write_clip
+
 from stages.precompute import run
 from store import StoreReader
 from whistle_pipeline.config import load_config
@@ -47,17 +48,40 @@ def clips_manifest(tmp_path_factory) -> Path:
 
 
 def arguments(teacher: Path, manifest: Path, store: Path) -> list[str]:
-    return ["precompute", "--data", str(manifest), "--teacher", str(teacher), "--device", "cpu", "--store", str(store),
-            "--shard-size", str(SHARD_SIZE), "--batch-size", "2", "--num-workers", "0",
-            "--set", "precompute.progress=false", "--set", "precompute.write_threads=1"]
+    return [
+        "precompute",
+        "--data",
+        str(manifest),
+        "--teacher",
+        str(teacher),
+        "--device",
+        "cpu",
+        "--store",
+        str(store),
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--set",
+        "precompute.progress=false",
+        "--set",
+        "precompute.write_threads=1",
+    ]
 
 
 def clean_run(teacher: Path, manifest: Path, store: Path):
-    return run(load_config(updates={
-        "teacher": {"name_or_path": str(teacher), "device": "cpu"}, "data": {"path": str(manifest)},
-        "store": {"path": str(store), "shard_size": SHARD_SIZE},
-        "precompute": {"batch_size": 2, "num_workers": 0, "progress": False, "write_threads": 1},
-    }))
+    return run(
+        load_config(
+            updates={
+                "teacher": {"name_or_path": str(teacher), "device": "cpu"},
+                "data": {"path": str(manifest)},
+                "store": {"path": str(store), "shard_size": SHARD_SIZE},
+                "precompute": {"batch_size": 2, "num_workers": 0, "progress": False, "write_threads": 1},
+            }
+        )
+    )
 
 
 def contents(store: Path) -> dict:
@@ -95,9 +119,11 @@ def complete_shards(store: Path) -> int:
 
 def test_killed_run_resumes_to_the_same_store(teacher, clips_manifest, tmp_path):
     store = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "whistle_pipeline", *arguments(teacher, clips_manifest,
-                                                                                     store)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "whistle_pipeline", *arguments(teacher, clips_manifest, store)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while complete_shards(store) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -122,15 +148,32 @@ def test_two_processes_write_the_same_store_as_one(teacher, clips_manifest, tmp_
     manifest.write_text("\n".join(clips_manifest.read_text().splitlines()[:16]), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets; the reference runs alike
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "whistle_pipeline", *arguments(teacher, manifest, tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "whistle_pipeline",
+            *arguments(teacher, manifest, tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout and "8 written, 0 skipped" in two.stdout
     assert "precompute rank 1/2: done" in two.stdout
-    one = subprocess.run([sys.executable, "-m", "whistle_pipeline", *arguments(teacher, manifest,
-                                                                               tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "whistle_pipeline", *arguments(teacher, manifest, tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
 
     assert_same_store(contents(tmp_path / "two"), contents(tmp_path / "one"))
@@ -140,7 +183,8 @@ def test_two_processes_write_the_same_store_as_one(teacher, clips_manifest, tmp_
 
 
 def test_a_resume_with_other_teacher_weights_is_refused_and_the_same_weights_elsewhere_are_not(
-        clips_manifest, tmp_path, caplog):
+    clips_manifest, tmp_path, caplog
+):
     """The store records a fingerprint of the encoder's weights: replacing the teacher folder's weights (same
     size, other values) between a run and its resume is refused naming both fingerprints; a copy of the same
     weights in another folder continues the store (the fingerprint is content-based, not path-based)."""

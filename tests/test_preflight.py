@@ -1,6 +1,7 @@
 """Checks before work: every stage refuses bad inputs, and outputs that would overwrite an input, before it
 writes anything (the output folder must not exist after the refusal); every problem is reported at once.
 Also what an output Whisper folder keeps: the teacher's processor files, a model card, ordinary file modes."""
+
 from __future__ import annotations
 
 import filecmp
@@ -10,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from huggingface_hub import constants as hub_constants
-
 from conftest import make_tiny_teacher, write_clip
+from huggingface_hub import constants as hub_constants
 from test_finetune import finetune_config, world  # noqa: F401  world: the fixture finetune_config reads
 from test_train_tle import tle_config, write_tle_store
+
 from whistle_pipeline import preflight
 from whistle_pipeline.config import ConfigError, load_config
 
@@ -47,13 +48,23 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 def test_train_tle_reports_a_missing_store_and_an_offline_hub_teacher_together_and_writes_nothing(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     from stages.train_tle import run
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     out = tmp_path / "tle"
-    message = refusal(lambda: run(load_config(overrides=quoted(
-        store__path=tmp_path / "no-store", teacher__name_or_path=NO_SUCH_HUB_MODEL, train_tle__output_dir=out))))
+    message = refusal(
+        lambda: run(
+            load_config(
+                overrides=quoted(
+                    store__path=tmp_path / "no-store",
+                    teacher__name_or_path=NO_SUCH_HUB_MODEL,
+                    train_tle__output_dir=out,
+                )
+            )
+        )
+    )
     assert "2 problem(s)" in message
     assert f"{NO_SUCH_HUB_MODEL!r}: the hub is offline (HF_HUB_OFFLINE is set)" in message
     assert "no-store' does not exist" in message and "whistle precompute" in message
@@ -68,8 +79,9 @@ def test_a_hub_teacher_the_hub_cannot_reach_is_named_after_one_request(tmp_path,
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     out = tmp_path / "tle"
-    message = refusal(lambda: run(load_config(overrides=quoted(
-        teacher__name_or_path=NO_SUCH_HUB_MODEL, train_tle__output_dir=out))))
+    message = refusal(
+        lambda: run(load_config(overrides=quoted(teacher__name_or_path=NO_SUCH_HUB_MODEL, train_tle__output_dir=out)))
+    )
     assert "the hub cannot be reached" in message and "not in the local cache" in message
     assert not out.exists()
 
@@ -81,9 +93,13 @@ def test_a_teacher_folder_must_hold_a_whisper_with_weights_and_a_tokenizer(teach
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     bare = tmp_path / "bare"
     shutil.copytree(teacher, bare, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer*"))
-    for folder, expected in ((bert, "holds a 'bert' model"), (bare, "no *.safetensors weights"),
-                             (bare, "has no tokenizer"), (tmp_path / "typo", "typo' does not exist"),
-                             (store / "zarr.json", "is a file, not a folder")):
+    for folder, expected in (
+        (bert, "holds a 'bert' model"),
+        (bare, "no *.safetensors weights"),
+        (bare, "has no tokenizer"),
+        (tmp_path / "typo", "typo' does not exist"),
+        (store / "zarr.json", "is a file, not a folder"),
+    ):
         problems = preflight.whisper_problems(str(folder), "main", "teacher.name_or_path")[0]
         assert any(expected in p for p in problems), (folder, problems)
     assert preflight.whisper_problems(str(teacher), "main", "teacher.name_or_path")[0] == []
@@ -104,9 +120,17 @@ def test_evaluate_with_a_missing_model_and_set_writes_no_output_folder(teacher_a
 
     teacher, _ = teacher_and_store
     out = tmp_path / "eval"
-    message = refusal(lambda: run(load_config(overrides=quoted(evaluate__output_dir=out) + [
-        f"evaluate.models={json.dumps([str(teacher), 'after=' + str(tmp_path / 'adapted')])}",
-        f"evaluate.sets={json.dumps([str(tmp_path / 'test.jsonl')])}"])))
+    message = refusal(
+        lambda: run(
+            load_config(
+                overrides=quoted(evaluate__output_dir=out)
+                + [
+                    f"evaluate.models={json.dumps([str(teacher), 'after=' + str(tmp_path / 'adapted')])}",
+                    f"evaluate.sets={json.dumps([str(tmp_path / 'test.jsonl')])}",
+                ]
+            )
+        )
+    )
     assert "MODEL after = " in message and "adapted' does not exist" in message
     assert "audio set = " in message and "test.jsonl' does not exist" in message
     assert "Repo id" not in message
@@ -117,9 +141,20 @@ def test_finetune_reports_ratio_rules_and_missing_inputs_at_once(world, tmp_path
     from stages.finetune import run
 
     out = tmp_path / "adapted"
-    message = refusal(lambda: run(finetune_config(world, out, *quoted(
-        finetune__tts_store="", finetune__audio_store=tmp_path / "no-store",
-        finetune__val_audio=tmp_path / "val.jsonl"), "finetune.tts_ratio=0.25")))
+    message = refusal(
+        lambda: run(
+            finetune_config(
+                world,
+                out,
+                *quoted(
+                    finetune__tts_store="",
+                    finetune__audio_store=tmp_path / "no-store",
+                    finetune__val_audio=tmp_path / "val.jsonl",
+                ),
+                "finetune.tts_ratio=0.25",
+            )
+        )
+    )
     assert "tts_store is empty" in message  # the ratios' rule (stages.finetune.check_inputs)
     assert "no-store' does not exist" in message and "val.jsonl' does not exist" in message
     assert not out.exists()
@@ -129,15 +164,25 @@ def test_precompute_checks_the_teacher_and_the_source_before_creating_the_store(
     from stages.precompute import run
 
     store = tmp_path / "store"
-    message = refusal(lambda: run(load_config(overrides=quoted(
-        data__path=tmp_path / "clips" / "manifest.csv", store__path=store, teacher__name_or_path=tmp_path / "tiny"))))
+    message = refusal(
+        lambda: run(
+            load_config(
+                overrides=quoted(
+                    data__path=tmp_path / "clips" / "manifest.csv",
+                    store__path=store,
+                    teacher__name_or_path=tmp_path / "tiny",
+                )
+            )
+        )
+    )
     assert "teacher.name_or_path" in message and "tiny' does not exist" in message
     assert "data.path" in message and "manifest.csv' does not exist" in message
     assert not store.exists()
 
 
 def test_precompute_refuses_to_resume_a_store_of_another_teacher_geometry_unless_overwriting(
-        teacher_and_store, tiny_whisper_dir, tmp_path):
+    teacher_and_store, tiny_whisper_dir, tmp_path
+):
     _, store = teacher_and_store  # the 2 s-window tiny teacher's; tiny_whisper_dir has the 30 s window
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("audio,text\na.wav,hello\n")
@@ -152,9 +197,17 @@ def test_validate_tle_checks_its_inputs_and_outputs(teacher_and_store, tmp_path)
 
     teacher, store = teacher_and_store
     config = load_config(overrides=quoted(teacher__name_or_path=teacher))
-    message = refusal(lambda: run(config, ValidateTLEOptions(
-        str(tmp_path / "tle"), str(store), text_files=(str(tmp_path / "target.txt"),),
-        json_path=str(store / "zarr.json"))))
+    message = refusal(
+        lambda: run(
+            config,
+            ValidateTLEOptions(
+                str(tmp_path / "tle"),
+                str(store),
+                text_files=(str(tmp_path / "target.txt"),),
+                json_path=str(store / "zarr.json"),
+            ),
+        )
+    )
     assert "TLE_DIR" in message and "--text" in message
     assert "--json" in message and "lies inside --store" in message
 
@@ -179,11 +232,13 @@ def test_train_tle_output_at_inside_or_around_an_input_is_refused_and_the_input_
     teacher = Path(shutil.copytree(source, tmp_path / "models" / "teacher"))
     before = files(teacher)
     (tmp_path / "link").symlink_to(teacher)
-    for output, expected in ((teacher, "is teacher.name_or_path itself"),
-                             (tmp_path / "link", "is teacher.name_or_path itself"),  # resolved through the link
-                             (tmp_path / "models", "holds teacher.name_or_path"),
-                             (teacher / "tle", "lies inside teacher.name_or_path"),
-                             (store / "tle", "lies inside store.path")):
+    for output, expected in (
+        (teacher, "is teacher.name_or_path itself"),
+        (tmp_path / "link", "is teacher.name_or_path itself"),  # resolved through the link
+        (tmp_path / "models", "holds teacher.name_or_path"),
+        (teacher / "tle", "lies inside teacher.name_or_path"),
+        (store / "tle", "lies inside store.path"),
+    ):
         message = refusal(lambda output=output: run(tle_config(store, teacher, output)))
         assert expected in message, (output, message)
     assert files(teacher) == before and not (teacher / "tle").exists() and not (store / "tle").exists()
@@ -206,8 +261,10 @@ def test_evaluate_output_holding_a_set_is_refused(teacher_and_store, tmp_path):
     sets = tmp_path / "sets"
     sets.mkdir()
     (sets / "test.jsonl").write_text("")
-    config = load_config(overrides=quoted(evaluate__output_dir=tmp_path) + [
-        f"evaluate.models={json.dumps([str(teacher)])}", f"evaluate.sets={json.dumps([str(sets / 'test.jsonl')])}"])
+    config = load_config(
+        overrides=quoted(evaluate__output_dir=tmp_path)
+        + [f"evaluate.models={json.dumps([str(teacher)])}", f"evaluate.sets={json.dumps([str(sets / 'test.jsonl')])}"]
+    )
     assert "holds audio set" in refusal(lambda: preflight.evaluate(config))
 
 
@@ -218,8 +275,13 @@ def test_precompute_store_may_lie_in_the_audio_folder_but_not_be_or_hold_it(tmp_
     (clips / "manifest.csv").write_text("audio,text\na.wav,hello\n")
 
     def check(store: Path) -> None:
-        preflight.precompute(load_config(overrides=quoted(
-            data__path=clips / "manifest.csv", store__path=store, teacher__name_or_path=tiny_whisper_dir)))
+        preflight.precompute(
+            load_config(
+                overrides=quoted(
+                    data__path=clips / "manifest.csv", store__path=store, teacher__name_or_path=tiny_whisper_dir
+                )
+            )
+        )
 
     check(clips / "store")  # writing beside the audio overwrites nothing
     assert "holds data.path" in refusal(lambda: check(clips))  # --overwrite would delete the audio
@@ -257,9 +319,18 @@ def test_finetune_output_carries_the_teachers_processor_a_card_and_ordinary_mode
     out = tmp_path / "adapted"
     umask = os.umask(0o022)
     try:
-        run(finetune_config(world, out, *quoted(teacher__name_or_path=teacher), "finetune.steps=3",
-                            "finetune.val_every=3", "finetune.audio_ratio=0.5", "finetune.tts_ratio=0.0",
-                            'finetune.tts_store=""'))
+        run(
+            finetune_config(
+                world,
+                out,
+                *quoted(teacher__name_or_path=teacher),
+                "finetune.steps=3",
+                "finetune.val_every=3",
+                "finetune.audio_ratio=0.5",
+                "finetune.tts_ratio=0.0",
+                'finetune.tts_store=""',
+            )
+        )
     finally:
         os.umask(umask)
     kept = [name for name in PROCESSOR_FILES if (teacher / name).is_file()]
@@ -273,10 +344,10 @@ def test_finetune_output_carries_the_teachers_processor_a_card_and_ordinary_mode
 
 
 def test_import_ct2_keeps_the_sources_feature_extractor_and_writes_ordinary_modes(tmp_path):
-    from transformers import WhisperFeatureExtractor
-
     from ct2_writer import whisper_tokenizer, write_ct2_whisper
     from test_ct2 import random_whisper
+    from transformers import WhisperFeatureExtractor
+
     from whistle_pipeline.ct2 import import_ct2
 
     tokenizer = whisper_tokenizer(multilingual=False)

@@ -1,4 +1,5 @@
 """whistle_pipeline/progress.py: progress lines for logs that are not a terminal, and a log file per run."""
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,10 @@ def test_progress_lines_give_the_count_the_rate_and_the_eta(caplog):
         progress.close()
         progress.close()
     # 60 steps of this run in 60 s (the 100 resumed ones do not count): 1.0 step/s, 840 left; 62 in 90 s at the end
-    assert caplog.messages == ["train-tle: 160/1000 steps (16%), 1.0 steps/s, ETA 14m00s",
-                               "train-tle: 162/1000 steps in 1m30s (1.5 s/step), loss=0.412"]
+    assert caplog.messages == [
+        "train-tle: 160/1000 steps (16%), 1.0 steps/s, ETA 14m00s",
+        "train-tle: 162/1000 steps in 1m30s (1.5 s/step), loss=0.412",
+    ]
 
 
 def test_slow_work_is_given_in_seconds_per_unit(caplog):

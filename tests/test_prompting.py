@@ -1,4 +1,5 @@
 """whistle_pipeline.prompting: Whisper prompt ids (English-only and multilingual tokenizers) and domain terms."""
+
 from __future__ import annotations
 
 import os
@@ -49,9 +50,12 @@ def test_multilingual_prompt_cut_from_the_start(multilingual_tokenizer):
     vocab = multilingual_tokenizer.get_vocab()
     # " hello" is 4 tokens, " world" 4: a budget of 5 keeps only the last word
     assert prompt_ids(multilingual_tokenizer, "hello world", max_tokens=5) == [
-        vocab[p] for p in ["<|startofprev|>", "Ġ", "wo", "r", "ld"]]
+        vocab[p] for p in ["<|startofprev|>", "Ġ", "wo", "r", "ld"]
+    ]
     # a single word over the budget keeps its last tokens
-    assert prompt_ids(multilingual_tokenizer, "world", max_tokens=2) == [vocab[p] for p in ["<|startofprev|>", "r", "ld"]]
+    assert prompt_ids(multilingual_tokenizer, "world", max_tokens=2) == [
+        vocab[p] for p in ["<|startofprev|>", "r", "ld"]
+    ]
 
 
 def test_prompt_refuses_special_tokens_and_empty_text(multilingual_tokenizer):
@@ -74,21 +78,43 @@ def test_english_terms_most_important_last(english_tokenizer):
     # without warfarin: Ġib up ro fen , Ġaspirin (6 tokens)
     terms = ["aspirin", "ibuprofen", "warfarin"]
     assert prompt_from_terms(english_tokenizer, terms) == [
-        50360, 1175, 16370, 259, 11, 24283, 929, 305, 41037, 11, 49550]
+        50360,
+        1175,
+        16370,
+        259,
+        11,
+        24283,
+        929,
+        305,
+        41037,
+        11,
+        49550,
+    ]
     assert prompt_from_terms(english_tokenizer, terms, max_tokens=9) == [50360, 24283, 929, 305, 41037, 11, 49550]
     with pytest.raises(WhistleError, match="longer than"):
         prompt_from_terms(english_tokenizer, ["ibuprofen"], max_tokens=3)
 
 
 def test_domain_terms_hand_counted():
-    target = ["The patient took Aspirin.", "Aspirin and Warfarin; then INR rose.", "Warfarin, warfarin! 20 mg",
-              "zeta alpha"]
+    target = [
+        "The patient took Aspirin.",
+        "Aspirin and Warfarin; then INR rose.",
+        "Warfarin, warfarin! 20 mg",
+        "zeta alpha",
+    ]
     source = ["the patient took it and then rose"]
     # normalised target words: warfarin x3, aspirin x2, inr/zeta/alpha x1 (ties alphabetical);
     # "mg" is in the general vocabulary, "20" has no letter, the rest occur in the source text
     assert domain_terms(target, general_vocabulary=["MG"], source_text_rows=source) == [
-        "warfarin", "aspirin", "alpha", "inr", "zeta"]
+        "warfarin",
+        "aspirin",
+        "alpha",
+        "inr",
+        "zeta",
+    ]
     assert domain_terms(target, general_vocabulary=["MG"], source_text_rows=source, max_terms=2) == [
-        "warfarin", "aspirin"]
+        "warfarin",
+        "aspirin",
+    ]
     assert domain_terms(list(reversed(target)), ["mg"], source) == domain_terms(target, ["mg"], source)
     assert domain_terms(["hello hello world"]) == ["hello", "world"]

@@ -3,6 +3,7 @@ phoneme vocabulary and the batch layout of encode_texts's TLE tokens.
 
 The expected phonemes were read from eSpeak NG 1.52 (espeakng-loader 0.2.4, en-us voice) once.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,14 +51,27 @@ def front_end() -> PronunciationFrontEnd:
 def spoken(front_end, tokenizer, text, language="en"):
     """(token text, word, phonemes, piece index, piece count) for each token of `text`."""
     ids = text_tokens(tokenizer, text)
-    return [(tokenizer.decode([t.token_id]), t.word, t.phonemes, t.piece_index, t.piece_count)
-            for t in front_end.pronounce(tokenizer, ids, language)]
+    return [
+        (tokenizer.decode([t.token_id]), t.word, t.phonemes, t.piece_index, t.piece_count)
+        for t in front_end.pronounce(tokenizer, ids, language)
+    ]
 
 
 def test_split_words_keeps_apostrophes_and_numbers_splits_hyphens():
     text = " don't O'Brien beta-blocker 3.5% $1,000, 12mg 'quoted' 東京 नमस्ते."
     assert [text[a:b] for a, b in split_words(text)] == [
-        "don't", "O'Brien", "beta", "blocker", "3.5%", "$1,000", "12mg", "quoted", "東", "京", "नमस्ते"]
+        "don't",
+        "O'Brien",
+        "beta",
+        "blocker",
+        "3.5%",
+        "$1,000",
+        "12mg",
+        "quoted",
+        "東",
+        "京",
+        "नमस्ते",
+    ]
 
 
 @pytest.mark.real_weights
@@ -85,7 +99,12 @@ def test_multi_token_word_gets_its_whole_words_phonemes(front_end, tiny_en):
 def test_punctuation_and_special_tokens_get_no_phonemes(front_end, tiny_en):
     ids = text_tokens(tiny_en, "Hello, world.") + [tiny_en.eos_token_id]
     assert [(t.word, t.phonemes, t.piece_count) for t in front_end.pronounce(tiny_en, ids, "en")] == [
-        ("Hello", "həlˈoʊ", 1), ("", "", 0), ("world", "wˈɜːld", 1), ("", "", 0), ("", "", 0)]
+        ("Hello", "həlˈoʊ", 1),
+        ("", "", 0),
+        ("world", "wˈɜːld", 1),
+        ("", "", 0),
+        ("", "", 0),
+    ]
 
 
 @pytest.mark.real_weights
@@ -97,42 +116,59 @@ def test_numbers_get_their_spoken_form_over_all_their_tokens(front_end, tiny_en)
     # the decimal point is spoken ("point") and the percent sign too; the full stop after it is not
     point = "θɹˈiː pɔɪnt fˈaɪv pɚsˈɛnt"
     assert spoken(front_end, tiny_en, "3.5%.") == [
-        (" 3", "3.5%", point, 0, 4), (".", "3.5%", point, 1, 4), ("5", "3.5%", point, 2, 4),
-        ("%.", "3.5%", point, 3, 4)]
+        (" 3", "3.5%", point, 0, 4),
+        (".", "3.5%", point, 1, 4),
+        ("5", "3.5%", point, 2, 4),
+        ("%.", "3.5%", point, 3, 4),
+    ]
 
 
 @pytest.mark.real_weights
 def test_hyphenated_word_is_two_words_and_the_hyphen_none(front_end, tiny_en):
     assert spoken(front_end, tiny_en, "beta-blocker") == [
-        (" beta", "beta", "bˈeɪɾə", 0, 1), ("-", "", "", 0, 0),
-        ("block", "blocker", "blˈɑːkɚ", 0, 2), ("er", "blocker", "blˈɑːkɚ", 1, 2)]
+        (" beta", "beta", "bˈeɪɾə", 0, 1),
+        ("-", "", "", 0, 0),
+        ("block", "blocker", "blˈɑːkɚ", 0, 2),
+        ("er", "blocker", "blˈɑːkɚ", 1, 2),
+    ]
 
 
 @pytest.mark.real_weights
 def test_apostrophes_stay_inside_their_word(front_end, tiny_en):
     assert spoken(front_end, tiny_en, "don't O'Brien") == [
-        (" don", "don't", "dˈoʊnt", 0, 2), ("'t", "don't", "dˈoʊnt", 1, 2),
-        (" O", "O'Brien", "oʊbɹˈaɪən", 0, 3), ("'", "O'Brien", "oʊbɹˈaɪən", 1, 3),
-        ("Brien", "O'Brien", "oʊbɹˈaɪən", 2, 3)]
+        (" don", "don't", "dˈoʊnt", 0, 2),
+        ("'t", "don't", "dˈoʊnt", 1, 2),
+        (" O", "O'Brien", "oʊbɹˈaɪən", 0, 3),
+        ("'", "O'Brien", "oʊbɹˈaɪən", 1, 3),
+        ("Brien", "O'Brien", "oʊbɹˈaɪən", 2, 3),
+    ]
 
 
 @pytest.mark.real_weights
 def test_non_latin_words_from_tokens_inside_characters(front_end, tiny_en):
     """tiny.en splits 東 into three byte tokens and 京 into two: each token still finds its character."""
-    assert [(word, phonemes, index, count) for _, word, phonemes, index, count
-            in spoken(front_end, tiny_en, "東京", "zh")] == [
-        ("東", "tˈonɡ5", 0, 3), ("東", "tˈonɡ5", 1, 3), ("東", "tˈonɡ5", 2, 3),
-        ("京", "tɕˈi5ŋ", 0, 2), ("京", "tɕˈi5ŋ", 1, 2)]
+    assert [
+        (word, phonemes, index, count) for _, word, phonemes, index, count in spoken(front_end, tiny_en, "東京", "zh")
+    ] == [
+        ("東", "tˈonɡ5", 0, 3),
+        ("東", "tˈonɡ5", 1, 3),
+        ("東", "tˈonɡ5", 2, 3),
+        ("京", "tɕˈi5ŋ", 0, 2),
+        ("京", "tɕˈi5ŋ", 1, 2),
+    ]
     assert {word: phonemes for _, word, phonemes, _, _ in spoken(front_end, tiny_en, "Привет, мир", "ru")} == {
-        "Привет": "prʲivʲˈet", "": "", "мир": "mʲˈir"}
+        "Привет": "prʲivʲˈet",
+        "": "",
+        "мир": "mʲˈir",
+    }
 
 
 @pytest.mark.real_weights
 def test_a_token_across_two_words_gets_both(front_end, tiny_en):
     """tiny.en's third token of 覚醒 holds the end of 覚 and all of 醒: both words, indexed within the first."""
-    assert [(word, phonemes, index, count) for _, word, phonemes, index, count
-            in spoken(front_end, tiny_en, "覚醒", "zh")] == [
-        ("覚", "tɕˈyɛɜ", 0, 3), ("覚", "tɕˈyɛɜ", 1, 3), ("覚 醒", "tɕˈyɛɜ ɕˈi2ŋ", 2, 3)]
+    assert [
+        (word, phonemes, index, count) for _, word, phonemes, index, count in spoken(front_end, tiny_en, "覚醒", "zh")
+    ] == [("覚", "tɕˈyɛɜ", 0, 3), ("覚", "tɕˈyɛɜ", 1, 3), ("覚 醒", "tɕˈyɛɜ ɕˈi2ŋ", 2, 3)]
 
 
 def test_language_tokens_of_a_multilingual_tokenizer_get_none():
@@ -196,9 +232,16 @@ def test_phoneme_ids_round_trip_through_json():
 
 def test_inventory_covers_espeak_in_several_languages():
     front_end = PronunciationFrontEnd()
-    samples = {"en": ["church", "judge", "thing", "water", "1999"], "de": ["Straße", "zwölf", "Bücher"],
-               "fr": ["bonjour", "un", "vingt"], "ru": ["Привет", "мир"], "zh": ["東", "京"], "hi": ["नमस्ते"],
-               "ja": ["こんにちは"], "ar": ["مرحبا"]}
+    samples = {
+        "en": ["church", "judge", "thing", "water", "1999"],
+        "de": ["Straße", "zwölf", "Bücher"],
+        "fr": ["bonjour", "un", "vingt"],
+        "ru": ["Привет", "мир"],
+        "zh": ["東", "京"],
+        "hi": ["नमस्ते"],
+        "ja": ["こんにちは"],
+        "ar": ["مرحبا"],
+    }
     for language, words in samples.items():
         for word, phonemes in zip(words, front_end.word_phonemes(words, language)):
             assert phonemes and UNKNOWN not in front_end.vocabulary.encode(phonemes), (language, word, phonemes)
@@ -207,8 +250,11 @@ def test_inventory_covers_espeak_in_several_languages():
 @pytest.mark.real_weights
 def test_front_end_round_trips_through_json_and_pickle(front_end, tiny_en):
     data = json.loads(json.dumps(front_end.to_dict()))
-    assert data["backend"] == {"name": "espeak", "voices": {"en": "en-us", "zh": "cmn", "fr": "fr-fr", "no": "nb"},
-                               "version": "1.52.0"}
+    assert data["backend"] == {
+        "name": "espeak",
+        "voices": {"en": "en-us", "zh": "cmn", "fr": "fr-fr", "no": "nb"},
+        "version": "1.52.0",
+    }
     assert data["max_phonemes"] == 64 and data["vocabulary"]["version"] == "ipa-chars-v1"
     ids = text_tokens(tiny_en, "acetaminophen, 12 mg")
     expected = front_end.pronounce(tiny_en, ids, "en")
@@ -243,5 +289,6 @@ def test_batch_lines_up_with_encode_texts_tle_tokens(front_end, tiny_en):
     assert batch.piece_count[0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 0]
     assert not batch.spelled.any()
     cut = PronunciationFrontEnd(front_end.backend, max_phonemes=5).encode_batch(
-        tiny_en, text_batch.tle_tokens, text_batch.tle_mask, text_batch.languages)
+        tiny_en, text_batch.tle_tokens, text_batch.tle_mask, text_batch.languages
+    )
     assert cut.phonemes.shape == (3, 9, 5) and vocabulary.decode(cut.phonemes[1, 1].tolist()) == ACETAMINOPHEN[:5]

@@ -12,12 +12,13 @@
 The payload is a real pickle whose __reduce__ would create a marker file; every test asserts the
 marker never appears.
 """
+
 from __future__ import annotations
 
 import ast
 import json
-import re
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -32,8 +33,19 @@ from whistle_pipeline.errors import WhistleError
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("whistle_pipeline", "stages", "store")
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal", "pickletools"}
-NOT_MODELS = {"AutoTokenizer", "AutoProcessor", "WhisperConfig", "WhisperFeatureExtractor", "WhisperProcessor",
-              "WhisperTokenizer", "WhisperTokenizerFast", "GenerationConfig", "TeacherGeometry", "AutoConfig", "cls"}
+NOT_MODELS = {
+    "AutoTokenizer",
+    "AutoProcessor",
+    "WhisperConfig",
+    "WhisperFeatureExtractor",
+    "WhisperProcessor",
+    "WhisperTokenizer",
+    "WhisperTokenizerFast",
+    "GenerationConfig",
+    "TeacherGeometry",
+    "AutoConfig",
+    "cls",
+}
 
 
 class Payload:
@@ -84,8 +96,9 @@ def source_violations(path: Path) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [f"{where}:{node.lineno} imports {a.name}" for a in node.names
-                      if a.name.split(".")[0] in PICKLE_MODULES]
+            found += [
+                f"{where}:{node.lineno} imports {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PICKLE_MODULES:
             found.append(f"{where}:{node.lineno} imports from {node.module}")
     for call in _calls(tree):
@@ -98,8 +111,11 @@ def source_violations(path: Path) -> list[str]:
             found.append(f"{where}:{call.lineno} {name}(trust_remote_code=True)")
         if name in ("eval", "exec", "builtins.eval", "builtins.exec"):
             found.append(f"{where}:{call.lineno} {name}()")
-        if name.endswith(".from_pretrained") and name.split(".")[-2] not in NOT_MODELS \
-                and not _is_true(_keyword(call, "use_safetensors")):
+        if (
+            name.endswith(".from_pretrained")
+            and name.split(".")[-2] not in NOT_MODELS
+            and not _is_true(_keyword(call, "use_safetensors"))
+        ):
             found.append(f"{where}:{call.lineno} {name} without use_safetensors=True")
     return found
 
@@ -147,8 +163,10 @@ def test_pickle_payloads_in_store_json_are_read_as_plain_text(store, tmp_path):
     marker = tmp_path / "MARKER"
     payload = evil_pickle(marker).decode("latin-1")  # a pickle smuggled in as text
     _edit_json(store / "zarr.json", lambda d: d["attributes"]["whistle"]["teacher"].update(name_or_path=payload))
-    _edit_json(store / "shards" / "00000" / "zarr.json",
-               lambda d: d["attributes"]["rejects"].append({"id": payload, "reason": f"bad audio: {payload}"}))
+    _edit_json(
+        store / "shards" / "00000" / "zarr.json",
+        lambda d: d["attributes"]["rejects"].append({"id": payload, "reason": f"bad audio: {payload}"}),
+    )
     record = {"__reduce__": payload, "py/object": "os.system", "args": ["touch " + str(marker)]}
     (store / "precompute.json").write_text(json.dumps(record))
 
@@ -177,16 +195,30 @@ def test_an_array_that_asks_for_unpickling_is_refused(store, tmp_path, how):
     if how == "v2-pickle-array":  # a Zarr v2 object array with the numcodecs pickle codec, in place of ids
         shutil.rmtree(ids)
         ids.mkdir()
-        (ids / ".zarray").write_text(json.dumps({
-            "zarr_format": 2, "shape": [3], "chunks": [3], "dtype": "|O", "compressor": None, "fill_value": None,
-            "filters": [{"id": "pickle"}], "order": "C", "dimension_separator": "."}))
+        (ids / ".zarray").write_text(
+            json.dumps(
+                {
+                    "zarr_format": 2,
+                    "shape": [3],
+                    "chunks": [3],
+                    "dtype": "|O",
+                    "compressor": None,
+                    "fill_value": None,
+                    "filters": [{"id": "pickle"}],
+                    "order": "C",
+                    "dimension_separator": ".",
+                }
+            )
+        )
         (ids / "0").write_bytes(pickle.dumps(np.array([Payload(marker)] * 3, dtype=object)))
     else:
+
         def change(document):
             if how == "v3-pickle-codec":
                 document["codecs"] = [{"name": "numcodecs.pickle", "configuration": {}}]
             else:
                 document["data_type"] = "object"
+
         _edit_json(ids / "zarr.json", change)
         for chunk in (ids / "c").rglob("*"):
             if chunk.is_file():
@@ -214,16 +246,18 @@ def pickled_whisper(tmp_path_factory):
 
 
 def test_whisper_folders_holding_only_a_pickle_are_refused_by_every_loader(pickled_whisper):
-    from whistle_pipeline.transcribe import Named, load_model
     from whistle_pipeline.decoder import load_frozen_teacher
     from whistle_pipeline.teacher import load_encoder, load_teacher
+    from whistle_pipeline.transcribe import Named, load_model
 
     folder, marker = pickled_whisper
     loaders = {
         "precompute's encoder": lambda: load_encoder(str(folder), "main", "cpu", torch.float32, "eager"),
         "train-tle's teacher": lambda: load_frozen_teacher(str(folder), "main", "cpu", torch.float32),
         "finetune's teacher": lambda: load_teacher(str(folder), "main", "full", "cpu", torch.float32),
-        "evaluate's model": lambda: load_model(Named(label="adapted", path=str(folder)), "main", "cpu", "float32", "eager"),
+        "evaluate's model": lambda: load_model(
+            Named(label="adapted", path=str(folder)), "main", "cpu", "float32", "eager"
+        ),
     }
     for what, load in loaders.items():
         with pytest.raises(WhistleError, match="model.safetensors") as caught:
@@ -330,18 +364,33 @@ def test_whisper_folders_with_nan_weights_are_refused_by_every_loader_naming_the
     folder = make_tiny_teacher(tmp_path / "teacher")
     _poison(folder / "model.safetensors", ["model.encoder.layers.0.fc1.weight", "model.decoder.layers.1.fc2.bias"])
     loaders = {  # what each loads: the encoder, the decoder (train-tle drops the encoder), or both
-        "precompute's encoder": (lambda: load_encoder(str(folder), "main", "cpu", torch.float32, "eager"), "1",
-                                 "fc1.weight"),
-        "train-tle's teacher": (lambda: load_frozen_teacher(str(folder), "main", "cpu", torch.float32), "1",
-                                "fc2.bias"),
-        "finetune's teacher": (lambda: load_teacher(str(folder), "main", "full", "cpu", torch.float32), "2",
-                               "fc1.weight"),
-        "evaluate's model": (lambda: load_model(Named(label="adapted", path=str(folder)), "main", "cpu", "float32", "eager"),
-                             "2", "fc1.weight"),
+        "precompute's encoder": (
+            lambda: load_encoder(str(folder), "main", "cpu", torch.float32, "eager"),
+            "1",
+            "fc1.weight",
+        ),
+        "train-tle's teacher": (
+            lambda: load_frozen_teacher(str(folder), "main", "cpu", torch.float32),
+            "1",
+            "fc2.bias",
+        ),
+        "finetune's teacher": (
+            lambda: load_teacher(str(folder), "main", "full", "cpu", torch.float32),
+            "2",
+            "fc1.weight",
+        ),
+        "evaluate's model": (
+            lambda: load_model(Named(label="adapted", path=str(folder)), "main", "cpu", "float32", "eager"),
+            "2",
+            "fc1.weight",
+        ),
     }
     for what, (load, bad, named) in loaders.items():
-        with pytest.raises(WhistleError, match=f"{re.escape(str(folder))}.* has non-finite weights: {bad} of its "
-                                               r"\d+ tensors hold inf/nan") as caught:
+        with pytest.raises(
+            WhistleError,
+            match=f"{re.escape(str(folder))}.* has non-finite weights: {bad} of its "
+            r"\d+ tensors hold inf/nan",
+        ) as caught:
             load()
         assert named in str(caught.value), what
 

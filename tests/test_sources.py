@@ -1,4 +1,5 @@
 """whistle_pipeline.sources: manifests, Common Voice folders and datasets as rows, with rejects and fingerprints."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,8 @@ def test_csv_manifest_rows_rejects_and_ids(clips):
         "spk1/c.wav,   ,,s4\n"
         ",no audio here,,s5\n"
         "spk1/short.wav\n",  # a short row: no text
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     source = open_source(data_config(manifest, audio_column="path", language_column="language"))
     assert source.kind == "manifest" and len(source) == 6
     rows = list(source)
@@ -48,7 +50,9 @@ def test_csv_manifest_rows_rejects_and_ids(clips):
     assert rows[2] == SourceReject(2, "spk1/a", "duplicate id: first used by row 0 (line 4 of manifest.csv)")
     assert rows[3] == SourceReject(3, "spk1/c", "empty text: line 5 of manifest.csv")
     assert rows[4] == SourceReject(4, "row-00000004", "no audio: the audio column is empty (line 6 of manifest.csv)")
-    assert rows[5] == SourceReject(5, "row-00000005", "bad row: line 7 of manifest.csv has 1 field(s), the header has 4")
+    assert rows[5] == SourceReject(
+        5, "row-00000005", "bad row: line 7 of manifest.csv has 1 field(s), the header has 4"
+    )
     with_ids = open_source(data_config(manifest, audio_column="path", id_column="speaker_id"))
     assert [with_ids.row_id(r) for r in range(6)] == ["s1", "s2", "s3", "s4", "s5", "row-00000005"]
     assert isinstance(with_ids[2], Clip)  # unique ids now
@@ -60,19 +64,26 @@ def test_tsv_and_jsonl_manifests(clips):
     (item,) = list(open_source(data_config(tsv)))
     assert item.text == 'she said "hi"'
     jsonl = clips / "manifest.jsonl"
-    jsonl.write_text("\n".join([
-        json.dumps({"audio": "spk1/a.wav", "text": "first", "language": "fr", "id": "u1"}),
-        "{not json",
-        json.dumps({"audio": str(clips / "spk1" / "b.flac"), "text": "absolute path"}),
-        json.dumps(["a", "list"]),
-        json.dumps({"audio": "spk1/c.flac"}),
-        "",
-    ]), encoding="utf-8")
+    jsonl.write_text(
+        "\n".join(
+            [
+                json.dumps({"audio": "spk1/a.wav", "text": "first", "language": "fr", "id": "u1"}),
+                "{not json",
+                json.dumps({"audio": str(clips / "spk1" / "b.flac"), "text": "absolute path"}),
+                json.dumps(["a", "list"]),
+                json.dumps({"audio": "spk1/c.flac"}),
+                "",
+            ]
+        ),
+        encoding="utf-8",
+    )
     source = open_source(data_config(jsonl, id_column="id", language_column="language"))
     rows = list(source)
     assert rows[0] == Clip(row=0, id="u1", text="first", language="fr", audio=str(clips / "spk1" / "a.wav"))
     assert rows[1].reason.startswith("bad row: line 2 of manifest.jsonl is not valid JSON")
-    assert rows[2] == Clip(row=2, id="spk1/b", text="absolute path", language="en", audio=str(clips / "spk1" / "b.flac"))
+    assert rows[2] == Clip(
+        row=2, id="spk1/b", text="absolute path", language="en", audio=str(clips / "spk1" / "b.flac")
+    )
     assert rows[3].reason == "bad row: line 4 of manifest.jsonl is not a JSON object"
     assert rows[4] == SourceReject(4, "spk1/c", "bad row: line 5 of manifest.jsonl has no 'text'")
     assert len(source) == 5  # the blank line is no row
@@ -81,8 +92,11 @@ def test_tsv_and_jsonl_manifests(clips):
 def test_manifest_problems_name_the_fix(clips):
     manifest = clips / "m.csv"
     manifest.write_text("file,sentence\nspk1/a.wav,hi\n", encoding="utf-8")
-    with pytest.raises(WhistleError, match=r"no column for data.audio_column = 'audio', data.text_column = 'text'; "
-                                           r"its columns are file, sentence"):
+    with pytest.raises(
+        WhistleError,
+        match=r"no column for data.audio_column = 'audio', data.text_column = 'text'; "
+        r"its columns are file, sentence",
+    ):
         open_source(data_config(manifest))
     with pytest.raises(WhistleError, match="no such file: .*nope.csv; check the path"):
         open_source(data_config(clips / "nope.csv", kind="manifest"))
@@ -91,10 +105,12 @@ def test_manifest_problems_name_the_fix(clips):
 def _common_voice(root: Path) -> Path:
     folder = root / "cv-corpus-21.0" / "zh-CN"
     (folder / "clips").mkdir(parents=True)
-    header = "client_id\tpath\tsentence_id\tsentence\tsentence_domain\tup_votes\tdown_votes\tage\tgender\taccents" \
-             "\tvariant\tlocale\tsegment\n"
+    header = (
+        "client_id\tpath\tsentence_id\tsentence\tsentence_domain\tup_votes\tdown_votes\tage\tgender\taccents"
+        "\tvariant\tlocale\tsegment\n"
+    )
     lines = [
-        "c1\tcommon_voice_zh-CN_1.mp3\ts1\t他说\"你好\"。\t\t2\t0\t\t\t\t\tzh-CN\t\n",
+        'c1\tcommon_voice_zh-CN_1.mp3\ts1\t他说"你好"。\t\t2\t0\t\t\t\t\tzh-CN\t\n',
         "c2\tcommon_voice_zh-CN_2.mp3\ts2\t\t\t2\t0\t\t\t\t\tzh-CN\t\n",
     ]
     for name in ("common_voice_zh-CN_1.mp3", "common_voice_zh-CN_2.mp3"):
@@ -109,8 +125,13 @@ def test_common_voice_folder(tmp_path):
     assert detect_kind(str(folder)) == "common_voice"
     source = open_source(data_config(folder))  # split "train" -> train.tsv
     first, second = list(source)
-    assert first == Clip(row=0, id="common_voice_zh-CN_1", text='他说"你好"。', language="zh",
-                         audio=str(folder.resolve() / "clips" / "common_voice_zh-CN_1.mp3"))
+    assert first == Clip(
+        row=0,
+        id="common_voice_zh-CN_1",
+        text='他说"你好"。',
+        language="zh",
+        audio=str(folder.resolve() / "clips" / "common_voice_zh-CN_1.mp3"),
+    )
     assert second == SourceReject(1, "common_voice_zh-CN_2", "empty text: line 3 of train.tsv")
     assert len(open_source(data_config(folder, subset="validated"))) == 1
     with pytest.raises(WhistleError, match=r"has no dev.tsv .* it has: train, validated"):
@@ -119,9 +140,11 @@ def test_common_voice_folder(tmp_path):
 
 def _dataset_rows(clips: Path) -> dict[str, list]:
     return {
-        "audio": [{"bytes": (clips / "spk1" / "a.wav").read_bytes(), "path": "a.wav"},
-                  {"bytes": None, "path": str(clips / "spk1" / "b.flac")},
-                  {"bytes": b"", "path": None}],
+        "audio": [
+            {"bytes": (clips / "spk1" / "a.wav").read_bytes(), "path": "a.wav"},
+            {"bytes": None, "path": str(clips / "spk1" / "b.flac")},
+            {"bytes": b"", "path": None},
+        ],
         "sentence": ["embedded bytes", "a path", "no audio"],
         "lang": ["de", "", "en"],
         "utt": ["x1", "x2", "x3"],
@@ -135,8 +158,9 @@ def test_save_to_disk_dataset(clips, tmp_path):
     dataset = datasets.Dataset.from_dict(_dataset_rows(clips)).cast_column("audio", datasets.Audio(decode=False))
     datasets.DatasetDict({"test": dataset}).save_to_disk(tmp_path / "ds")
     assert detect_kind(str(tmp_path / "ds")) == "hf_disk"
-    source = open_source(data_config(tmp_path / "ds", split="test", text_column="sentence", language_column="lang",
-                                     id_column="utt"))
+    source = open_source(
+        data_config(tmp_path / "ds", split="test", text_column="sentence", language_column="lang", id_column="utt")
+    )
     first, second, third = list(source)
     assert isinstance(first.audio, bytes) and first.audio == (clips / "spk1" / "a.wav").read_bytes()
     assert (first.id, first.text, first.language) == ("x1", "embedded bytes", "de")
@@ -187,6 +211,7 @@ def test_kind_detection(tmp_path):
 
 # ---- no row lost: quoting, BOM, repeated names, cell types, invisible text ----------------------------
 
+
 def texts_and_reasons(source) -> list[str]:
     return [item.text if isinstance(item, Clip) else item.reason for item in source]
 
@@ -194,8 +219,10 @@ def texts_and_reasons(source) -> list[str]:
 def test_tsv_is_read_unquoted_so_a_quote_joins_no_rows(clips):
     """Common Voice's TSVs are unquoted: a stray `"` is text, and each line stays its own row."""
     tsv = clips / "m.tsv"
-    tsv.write_text('audio\ttext\nspk1/a.wav\t"she said hi\nspk1/b.flac\ttwo\nspk1/c.wav\tthree "quoted"\n'
-                   'spk1/d.wav\tfour\n', encoding="utf-8")
+    tsv.write_text(
+        'audio\ttext\nspk1/a.wav\t"she said hi\nspk1/b.flac\ttwo\nspk1/c.wav\tthree "quoted"\nspk1/d.wav\tfour\n',
+        encoding="utf-8",
+    )
     source = open_source(data_config(tsv))
     assert len(source) == 4
     assert texts_and_reasons(source) == ['"she said hi', "two", 'three "quoted"', "four"]
@@ -203,8 +230,9 @@ def test_tsv_is_read_unquoted_so_a_quote_joins_no_rows(clips):
 
 def test_an_unbalanced_csv_quote_costs_exactly_its_own_row(clips):
     never_closed = clips / "never.csv"
-    never_closed.write_text('audio,text\nspk1/a.wav,"she said hi\nspk1/b.flac,two\nspk1/c.wav,three\n'
-                            'spk1/d.wav,four\n', encoding="utf-8")
+    never_closed.write_text(
+        'audio,text\nspk1/a.wav,"she said hi\nspk1/b.flac,two\nspk1/c.wav,three\nspk1/d.wav,four\n', encoding="utf-8"
+    )
     source = open_source(data_config(never_closed))
     assert len(source) == 4
     first, *rest = list(source)
@@ -212,8 +240,10 @@ def test_an_unbalanced_csv_quote_costs_exactly_its_own_row(clips):
     assert [item.text for item in rest] == ["two", "three", "four"]
 
     closed_later = clips / "later.csv"  # the stray quote would close on line 4 and swallow lines 2-4
-    closed_later.write_text('audio,text\nspk1/a.wav,"she said hi\nspk1/b.flac,two\nspk1/c.wav,"three" and more\n'
-                            'spk1/d.wav,four\n', encoding="utf-8")
+    closed_later.write_text(
+        'audio,text\nspk1/a.wav,"she said hi\nspk1/b.flac,two\nspk1/c.wav,"three" and more\nspk1/d.wav,four\n',
+        encoding="utf-8",
+    )
     reasons = texts_and_reasons(open_source(data_config(closed_later)))
     assert reasons[0].startswith("bad row: line 2 of later.csv has a quote that does not close")
     assert reasons[1] == "two"
@@ -223,8 +253,7 @@ def test_an_unbalanced_csv_quote_costs_exactly_its_own_row(clips):
 
 def test_a_quoted_csv_field_may_span_lines_when_it_closes(clips):
     manifest = clips / "multi.csv"
-    manifest.write_text('audio,text\nspk1/a.wav,"line one\nline two, ""quoted"""\nspk1/b.flac,next\n',
-                        encoding="utf-8")
+    manifest.write_text('audio,text\nspk1/a.wav,"line one\nline two, ""quoted"""\nspk1/b.flac,next\n', encoding="utf-8")
     source = open_source(data_config(manifest))
     assert len(source) == 2  # two records over three lines
     assert texts_and_reasons(source) == ['line one\nline two, "quoted"', "next"]
@@ -233,8 +262,11 @@ def test_a_quoted_csv_field_may_span_lines_when_it_closes(clips):
 def test_every_record_is_a_row_or_a_reject_naming_its_line(clips):
     """Rows + rejects = the file's records (non-blank lines after the header), each reject with its line."""
     manifest = clips / "mixed.csv"
-    manifest.write_text('audio,text\n\nspk1/a.wav,one\nspk1/b.flac\nspk1/c.wav,"open\n\nspk1/d.wav,x,y\n'
-                        'spk1/e.wav,\u200b\nspk1/e.wav,again\n', encoding="utf-8")
+    manifest.write_text(
+        'audio,text\n\nspk1/a.wav,one\nspk1/b.flac\nspk1/c.wav,"open\n\nspk1/d.wav,x,y\n'
+        "spk1/e.wav,\u200b\nspk1/e.wav,again\n",
+        encoding="utf-8",
+    )
     source = open_source(data_config(manifest))
     rows = list(source)
     assert len(rows) == 6
@@ -262,20 +294,26 @@ def test_a_column_or_key_named_twice_is_refused(clips):
     with pytest.raises(WhistleError, match=r"manifest .*twice.csv: line 1 names the column 'text' twice"):
         open_source(data_config(table))
     jsonl = clips / "twice.jsonl"
-    jsonl.write_text('{"audio": "spk1/a.wav", "text": "one", "text": "two"}\n'
-                     '{"audio": "spk1/b.flac", "text": "fine"}\n', encoding="utf-8")
+    jsonl.write_text(
+        '{"audio": "spk1/a.wav", "text": "one", "text": "two"}\n{"audio": "spk1/b.flac", "text": "fine"}\n',
+        encoding="utf-8",
+    )
     assert texts_and_reasons(open_source(data_config(jsonl))) == [
-        "bad row: line 1 of twice.jsonl has the key 'text' twice", "fine"]
+        "bad row: line 1 of twice.jsonl has the key 'text' twice",
+        "fine",
+    ]
 
 
 def test_cells_that_are_not_text_are_rejected_naming_the_column(clips):
     jsonl = clips / "types.jsonl"
-    rows = [{"audio": "spk1/a.wav", "text": ["a", "b"]},
-            {"audio": "spk1/b.flac", "text": "ok", "language": True, "id": "u2"},
-            {"audio": "spk1/c.wav", "text": "ok", "id": {"x": 1}},
-            {"audio": "spk1/d.wav", "text": 42, "id": "u4"},
-            {"audio": 7, "text": "ok", "id": "u5"},
-            {"audio": "spk1/f.wav", "text": "number id", "id": 6}]
+    rows = [
+        {"audio": "spk1/a.wav", "text": ["a", "b"]},
+        {"audio": "spk1/b.flac", "text": "ok", "language": True, "id": "u2"},
+        {"audio": "spk1/c.wav", "text": "ok", "id": {"x": 1}},
+        {"audio": "spk1/d.wav", "text": 42, "id": "u4"},
+        {"audio": 7, "text": "ok", "id": "u5"},
+        {"audio": "spk1/f.wav", "text": "number id", "id": 6},
+    ]
     jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     source = open_source(data_config(jsonl, language_column="language"))
     assert texts_and_reasons(source)[:5] == [
@@ -283,7 +321,8 @@ def test_cells_that_are_not_text_are_rejected_naming_the_column(clips):
         "bad row: line 2 of types.jsonl: 'language' holds a JSON boolean, not text",
         "bad row: line 3 of types.jsonl: 'id' holds a JSON object, not text",
         "bad row: line 4 of types.jsonl: 'text' holds a JSON number, not text",
-        "bad row: line 5 of types.jsonl: 'audio' holds a JSON number, not text"]
+        "bad row: line 5 of types.jsonl: 'audio' holds a JSON number, not text",
+    ]
     assert source[5].id == "6" and source[5].text == "number id"  # an integer id is its digits
 
 
@@ -297,13 +336,34 @@ def test_text_of_only_invisible_characters_is_empty(clips, text):
 
 # ---- the formats people have: NeMo, lhotse, whistle synthesize ---------------------------------------
 
+
 def test_synthesize_manifest_ids_are_used_as_they_are(clips):
     """`whistle synthesize` writes an "id": it is the utterance id without data.id_column."""
     jsonl = clips / "manifest.jsonl"
-    jsonl.write_text("".join(json.dumps(row) + "\n" for row in [
-        {"id": "s-00001", "audio": "spk1/a.wav", "text": "one", "language": "en", "duration": 0.5, "voice": "en-us"},
-        {"id": "s-00002", "audio": "spk1/b.flac", "text": "two", "language": "en", "duration": 0.5, "voice": "en"}]),
-        encoding="utf-8")
+    jsonl.write_text(
+        "".join(
+            json.dumps(row) + "\n"
+            for row in [
+                {
+                    "id": "s-00001",
+                    "audio": "spk1/a.wav",
+                    "text": "one",
+                    "language": "en",
+                    "duration": 0.5,
+                    "voice": "en-us",
+                },
+                {
+                    "id": "s-00002",
+                    "audio": "spk1/b.flac",
+                    "text": "two",
+                    "language": "en",
+                    "duration": 0.5,
+                    "voice": "en",
+                },
+            ]
+        ),
+        encoding="utf-8",
+    )
     source = open_source(data_config(jsonl))
     assert [item.id for item in source] == ["s-00001", "s-00002"]
     assert source.column("voice") == ["en-us", "en"] and source.column("nothing") is None
@@ -312,8 +372,10 @@ def test_synthesize_manifest_ids_are_used_as_they_are(clips):
     assert [item.id for item in open_source(data_config(table))] == ["k1"]
 
 
-@pytest.mark.parametrize("path", ["./typo.jsonl", "../data/train.csv", "/no/such/dir", "~/clips.tsv",
-                                  "data/manifest.jsonl", "cuts_train.jsonl.gz"])
+@pytest.mark.parametrize(
+    "path",
+    ["./typo.jsonl", "../data/train.csv", "/no/such/dir", "~/clips.tsv", "data/manifest.jsonl", "cuts_train.jsonl.gz"],
+)
 def test_a_mistyped_local_path_is_missing_not_a_hub_name(tmp_path, monkeypatch, path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(WhistleError, match=f"no such file: {path}; check the path"):
@@ -324,33 +386,49 @@ def test_nemo_manifest_ids_durations_languages_and_offsets(tmp_path):
     write_clip(tmp_path / "long.wav", 2.0, 16000)
     write_clip(tmp_path / "short.flac", 0.5, 22050)
     manifest = tmp_path / "train_manifest.json"  # NeMo's usual name: JSON lines in a .json file
-    manifest.write_text("".join(json.dumps(row) + "\n" for row in [
-        {"audio_filepath": "short.flac", "text": "whole file", "duration": 0.5, "lang": "de"},
-        {"audio_filepath": str(tmp_path / "long.wav"), "text": "first second", "duration": 1.0, "offset": 0.0},
-        {"audio_filepath": "long.wav", "text": "second second", "duration": 1.0, "offset": 1.0},
-        {"audio_filepath": "long.wav", "text": "past the end", "duration": 1.5, "offset": 0.9},
-        {"audio_filepath": "long.wav", "text": "bad", "duration": "1.0"}]), encoding="utf-8")
+    manifest.write_text(
+        "".join(
+            json.dumps(row) + "\n"
+            for row in [
+                {"audio_filepath": "short.flac", "text": "whole file", "duration": 0.5, "lang": "de"},
+                {"audio_filepath": str(tmp_path / "long.wav"), "text": "first second", "duration": 1.0, "offset": 0.0},
+                {"audio_filepath": "long.wav", "text": "second second", "duration": 1.0, "offset": 1.0},
+                {"audio_filepath": "long.wav", "text": "past the end", "duration": 1.5, "offset": 0.9},
+                {"audio_filepath": "long.wav", "text": "bad", "duration": "1.0"},
+            ]
+        ),
+        encoding="utf-8",
+    )
     source = open_source(data_config(manifest))
     rows = list(source)
-    assert rows[0] == Clip(row=0, id="short", text="whole file", language="de", audio=str(tmp_path / "short.flac"),
-                           segment=(0.0, 0.5))
-    assert rows[1] == Clip(row=1, id="long", text="first second", language="en", audio=str(tmp_path / "long.wav"),
-                           segment=(0.0, 1.0))
+    assert rows[0] == Clip(
+        row=0, id="short", text="whole file", language="de", audio=str(tmp_path / "short.flac"), segment=(0.0, 0.5)
+    )
+    assert rows[1] == Clip(
+        row=1, id="long", text="first second", language="en", audio=str(tmp_path / "long.wav"), segment=(0.0, 1.0)
+    )
     assert (rows[2].id, rows[2].segment) == ("long@1", (1.0, 1.0))
     assert rows[4].reason == "bad row: line 5 of train_manifest.json: 'duration' is \"1.0\", not a number of seconds"
     full = load_audio(tmp_path / "long.wav", 16000)
     second = load_audio(rows[2].audio, 16000, segment=rows[2].segment)
     np.testing.assert_array_equal(second, full[16000:32000])
     assert load_audio(rows[0].audio, 16000, segment=rows[0].segment).shape == (8000,)
-    with pytest.raises(AudioError, match="segment beyond the audio: the file is 2.00 s, the segment is 0.90 s to "
-                                         "2.40 s"):
+    with pytest.raises(
+        AudioError, match="segment beyond the audio: the file is 2.00 s, the segment is 0.90 s to 2.40 s"
+    ):
         load_audio(rows[3].audio, 16000, segment=rows[3].segment)
 
 
 def _lhotse_recording(tmp_path, name, seconds, rate=16000, **extra) -> dict:
     write_clip(tmp_path / f"{name}.wav", seconds, rate)
-    return {"id": name, "sources": [{"type": "file", "channels": [0], "source": str(tmp_path / f"{name}.wav")}],
-            "sampling_rate": rate, "num_samples": round(seconds * rate), "duration": seconds, **extra}
+    return {
+        "id": name,
+        "sources": [{"type": "file", "channels": [0], "source": str(tmp_path / f"{name}.wav")}],
+        "sampling_rate": rate,
+        "num_samples": round(seconds * rate),
+        "duration": seconds,
+        **extra,
+    }
 
 
 def _write_jsonl_gz(path, rows) -> None:
@@ -359,13 +437,32 @@ def _write_jsonl_gz(path, rows) -> None:
 
 
 def test_lhotse_recordings_and_supervisions(tmp_path):
-    recordings = [_lhotse_recording(tmp_path, "rec1", 2.0), _lhotse_recording(tmp_path, "rec2", 0.5, 8000),
-                  {**_lhotse_recording(tmp_path, "rec3", 0.5), "transforms": [{"name": "Speed", "kwargs": {}}]}]
+    recordings = [
+        _lhotse_recording(tmp_path, "rec1", 2.0),
+        _lhotse_recording(tmp_path, "rec2", 0.5, 8000),
+        {**_lhotse_recording(tmp_path, "rec3", 0.5), "transforms": [{"name": "Speed", "kwargs": {}}]},
+    ]
     supervisions = [
-        {"id": "rec1-a", "recording_id": "rec1", "start": 0.5, "duration": 1.0, "channel": 0, "text": "part",
-         "language": "English", "speaker": "s1"},
-        {"id": "rec2-a", "recording_id": "rec2", "start": 0.0, "duration": 0.5, "channel": 0, "text": "whole",
-         "language": "de", "speaker": "s2"},
+        {
+            "id": "rec1-a",
+            "recording_id": "rec1",
+            "start": 0.5,
+            "duration": 1.0,
+            "channel": 0,
+            "text": "part",
+            "language": "English",
+            "speaker": "s1",
+        },
+        {
+            "id": "rec2-a",
+            "recording_id": "rec2",
+            "start": 0.0,
+            "duration": 0.5,
+            "channel": 0,
+            "text": "whole",
+            "language": "de",
+            "speaker": "s2",
+        },
         {"id": "rec3-a", "recording_id": "rec3", "start": 0.0, "duration": 0.5, "channel": 0, "text": "fast"},
         {"id": "gone", "recording_id": "rec9", "start": 0.0, "duration": 0.5, "channel": 0, "text": "none"},
     ]
@@ -375,13 +472,17 @@ def test_lhotse_recordings_and_supervisions(tmp_path):
         source = open_source(data_config(tmp_path / given))
         assert source.kind == "lhotse" and len(source) == 4
         first, second, third, fourth = list(source)
-        assert first == Clip(row=0, id="rec1-a", text="part", language="en", audio=str(tmp_path / "rec1.wav"),
-                             segment=(0.5, 1.0))
+        assert first == Clip(
+            row=0, id="rec1-a", text="part", language="en", audio=str(tmp_path / "rec1.wav"), segment=(0.5, 1.0)
+        )
         assert second == Clip(row=1, id="rec2-a", text="whole", language="de", audio=str(tmp_path / "rec2.wav"))
-        assert third.reason == ("unsupported audio: line 3 of corpus_supervisions_dev.jsonl.gz: recording 'rec3' has "
-                                "lhotse transforms whistle does not apply (Speed)")
-        assert fourth.reason == ("bad row: line 4 of corpus_supervisions_dev.jsonl.gz: no recording 'rec9' in "
-                                 "corpus_recordings_dev.jsonl.gz")
+        assert third.reason == (
+            "unsupported audio: line 3 of corpus_supervisions_dev.jsonl.gz: recording 'rec3' has "
+            "lhotse transforms whistle does not apply (Speed)"
+        )
+        assert fourth.reason == (
+            "bad row: line 4 of corpus_supervisions_dev.jsonl.gz: no recording 'rec9' in corpus_recordings_dev.jsonl.gz"
+        )
         assert source.column("speaker")[:2] == ["s1", "s2"]
     assert load_audio(first.audio, 16000, segment=first.segment).shape == (16000,)
     _write_jsonl_gz(tmp_path / "lonely_supervisions.jsonl.gz", supervisions)
@@ -391,25 +492,56 @@ def test_lhotse_recordings_and_supervisions(tmp_path):
 
 def test_lhotse_cuts(tmp_path):
     recording = _lhotse_recording(tmp_path, "rec1", 2.0)
-    stereo = {**_lhotse_recording(tmp_path, "rec2", 1.0), "sources": [
-        {"type": "file", "channels": [0, 1], "source": str(tmp_path / "rec2.wav")}]}
+    stereo = {
+        **_lhotse_recording(tmp_path, "rec2", 1.0),
+        "sources": [{"type": "file", "channels": [0, 1], "source": str(tmp_path / "rec2.wav")}],
+    }
 
     def supervision(sup_id, rec_id, text, channel=0):
-        return {"id": sup_id, "recording_id": rec_id, "start": 0.0, "duration": 1.0, "channel": channel,
-                "text": text, "language": "en"}
+        return {
+            "id": sup_id,
+            "recording_id": rec_id,
+            "start": 0.0,
+            "duration": 1.0,
+            "channel": channel,
+            "text": text,
+            "language": "en",
+        }
 
     cuts = [
-        {"id": "cut1", "start": 1.0, "duration": 1.0, "channel": 0, "recording": recording,
-         "supervisions": [supervision("s1", "rec1", "second half")], "type": "MonoCut"},
-        {"id": "cut2", "start": 0.0, "duration": 2.0, "channel": 0, "recording": recording,
-         "supervisions": [supervision("s2", "rec1", "a"), supervision("s3", "rec1", "b")], "type": "MonoCut"},
-        {"id": "cut3", "start": 0.0, "duration": 1.0, "channel": 1, "recording": stereo,
-         "supervisions": [supervision("s4", "rec2", "right", 1)], "type": "MonoCut"},
+        {
+            "id": "cut1",
+            "start": 1.0,
+            "duration": 1.0,
+            "channel": 0,
+            "recording": recording,
+            "supervisions": [supervision("s1", "rec1", "second half")],
+            "type": "MonoCut",
+        },
+        {
+            "id": "cut2",
+            "start": 0.0,
+            "duration": 2.0,
+            "channel": 0,
+            "recording": recording,
+            "supervisions": [supervision("s2", "rec1", "a"), supervision("s3", "rec1", "b")],
+            "type": "MonoCut",
+        },
+        {
+            "id": "cut3",
+            "start": 0.0,
+            "duration": 1.0,
+            "channel": 1,
+            "recording": stereo,
+            "supervisions": [supervision("s4", "rec2", "right", 1)],
+            "type": "MonoCut",
+        },
     ]
     _write_jsonl_gz(tmp_path / "cuts_train.jsonl.gz", cuts)
     source = open_source(data_config(tmp_path / "cuts_train.jsonl.gz"))
     first, second, third = list(source)
-    assert first == Clip(row=0, id="cut1", text="second half", language="en", audio=str(tmp_path / "rec1.wav"),
-                         segment=(1.0, 1.0))
+    assert first == Clip(
+        row=0, id="cut1", text="second half", language="en", audio=str(tmp_path / "rec1.wav"), segment=(1.0, 1.0)
+    )
     assert second.reason.startswith("bad row: line 2 of cuts_train.jsonl.gz: the cut has 2 supervisions")
     assert third.reason.startswith("unsupported audio: line 3 of cuts_train.jsonl.gz: channel 1 of the 2-channel")

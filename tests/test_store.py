@@ -1,4 +1,5 @@
 """The feature store: write -> read round trips, partial reads, resume, spec and bad-store errors."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ def expected_states(spec, utt):
 
 
 @pytest.mark.parametrize("frames", ["speech", "full"])
-@pytest.mark.parametrize("shard_size,chunk_frames,codec", [(4, 64, "blosc-lz4"), (7, 1000, "blosc-zstd"),
-                                                            (16, 4096, "none")])
+@pytest.mark.parametrize(
+    "shard_size,chunk_frames,codec", [(4, 64, "blosc-lz4"), (7, 1000, "blosc-zstd"), (16, 4096, "none")]
+)
 def test_round_trip_is_bit_exact(tmp_path, monkeypatch, frames, shard_size, chunk_frames, codec):
     spec = store_spec(frames, shard_size=shard_size, chunk_frames=chunk_frames, codec=codec)
     utts = synthetic_utterances(spec, 16, seed=shard_size)
@@ -131,7 +133,7 @@ def test_shards_close_on_a_thread_pool(tmp_path):
     shards = []
     for k in range(4):
         shard = writer.shard(k)
-        for utt in utts[4 * k:4 * k + 4]:
+        for utt in utts[4 * k : 4 * k + 4]:
             add_utterance(shard, spec, utt)
         shards.append(shard)
     with ThreadPoolExecutor(2) as pool:
@@ -201,8 +203,12 @@ def test_reopen_with_a_different_spec_is_refused(tmp_path):
     with pytest.raises(StoreError) as err:
         StoreWriter.open(tmp_path / "s", other)
     message = str(err.value)
-    for difference in ("teacher.d_model: 32 (store) vs 48 (given)", "frames: 'speech' (store) vs 'full' (given)",
-                       "dataset_fingerprint: 'synthetic-v1' (store) vs 'synthetic-v2' (given)", "--overwrite"):
+    for difference in (
+        "teacher.d_model: 32 (store) vs 48 (given)",
+        "frames: 'speech' (store) vs 'full' (given)",
+        "dataset_fingerprint: 'synthetic-v1' (store) vs 'synthetic-v2' (given)",
+        "--overwrite",
+    ):
         assert difference in message
     # Codec and chunking do not change what is read back: the store keeps its own.
     reopened = StoreWriter.open(tmp_path / "s", store_spec(codec="blosc-lz4", chunk_frames=64))
@@ -277,8 +283,10 @@ def test_damaged_shards_are_named(tmp_path):
         reader.utterance(2, 0)
 
 
-@pytest.mark.parametrize("codec,bitround,direct", [("blosc-lz4", 0, True), ("blosc-zstd", 0, True),
-                                                     ("none", 0, True), ("blosc-lz4", 7, False)])
+@pytest.mark.parametrize(
+    "codec,bitround,direct",
+    [("blosc-lz4", 0, True), ("blosc-zstd", 0, True), ("none", 0, True), ("blosc-lz4", 7, False)],
+)
 def test_direct_reads_equal_zarr_reads(tmp_path, codec, bitround, direct):
     spec = store_spec(shard_size=8, chunk_frames=100, codec=codec, bitround_keepbits=bitround)
     utts = synthetic_utterances(spec, 12, seed=4)
@@ -291,8 +299,11 @@ def test_direct_reads_equal_zarr_reads(tmp_path, codec, bitround, direct):
             assert ours.states.flags.c_contiguous and ours.states.dtype == np.float16
             np.testing.assert_array_equal(ours.states, theirs.states)
     odd = lambda utt_id: int(utt_id[-1]) % 2 == 1  # noqa: E731
-    assert [(u.id, u.states.tobytes()) for u in fast.iter_shard(0, 2, 7, keep=odd)] == \
-        [(u.id, u.states.tobytes()) for u in reference.iter_shard(0, 2, 7, keep=odd)] != []
+    assert (
+        [(u.id, u.states.tobytes()) for u in fast.iter_shard(0, 2, 7, keep=odd)]
+        == [(u.id, u.states.tobytes()) for u in reference.iter_shard(0, 2, 7, keep=odd)]
+        != []
+    )
     n_rows = fast.index(0).states.shape[0]
     for start, stop in ((0, 1), (99, 101), (150, 550), (n_rows - 3, n_rows), (0, n_rows), (7, 7)):
         np.testing.assert_array_equal(fast.read_rows(0, start, stop), reference.read_rows(0, start, stop))
@@ -312,9 +323,14 @@ def test_direct_reads_check_every_chunk_and_the_index(tmp_path):
     raw[offset + length // 2] ^= 0x10  # one bit inside inner chunk 3 (rows 300-399)
     states_object.write_bytes(bytes(raw))
     reader = StoreReader(tmp_path / "s")
-    np.testing.assert_array_equal(reader.read_rows(0, 0, 300), StoreReader(tmp_path / "s", direct=False).read_rows(0, 0, 300))
-    with pytest.raises(store.reader.DamagedShardError, match=r"shard 00000 .* damaged: inner chunk 3 of states "
-                       r"\(rows 300-399\) fails its checksum - the shard object is corrupt"):
+    np.testing.assert_array_equal(
+        reader.read_rows(0, 0, 300), StoreReader(tmp_path / "s", direct=False).read_rows(0, 0, 300)
+    )
+    with pytest.raises(
+        store.reader.DamagedShardError,
+        match=r"shard 00000 .* damaged: inner chunk 3 of states "
+        r"\(rows 300-399\) fails its checksum - the shard object is corrupt",
+    ):
         reader.read_rows(0, 250, 320)
     raw = bytearray(intact)
     raw[-10] ^= 0x01  # inside the sharding index
@@ -389,7 +405,7 @@ def test_writers_opening_a_new_store_at_once_all_succeed(tmp_path):
     for attempt in range(8):
         barrier = threading.Barrier(3)
 
-        def open_store(_, path=tmp_path / f"s{attempt}"):
+        def open_store(_, path=tmp_path / f"s{attempt}", barrier=barrier):
             barrier.wait()  # like the ranks of one launch
             return StoreWriter.open(path, spec).spec
 

@@ -2,6 +2,7 @@
 Any single flipped bit of a stored array object is a read error naming the shard and the array; stores written
 before (format 1.0) read as before and are reported as not verifiable. One flip per array kind through
 `inspect-store --check` and the readers: tests/test_faults_damage.py."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,19 @@ from store.format import DamagedShardError
 from store.reduction import CACHE_ARRAYS
 from whistle_pipeline.cli import cli
 
-SMALL_ARRAYS = ("offsets", "speech_frames", "ids", "text", "language", "duration", "tail_sum", "tail_count",
-                "stat_sum", "stat_sqsum", "stat_count")
+SMALL_ARRAYS = (
+    "offsets",
+    "speech_frames",
+    "ids",
+    "text",
+    "language",
+    "duration",
+    "tail_sum",
+    "tail_count",
+    "stat_sum",
+    "stat_sqsum",
+    "stat_count",
+)
 
 
 @pytest.fixture()
@@ -58,10 +70,13 @@ def as_format_1_0(url):
         for name in SMALL_ARRAYS:
             values = zarr.open_array(str(shard / name), mode="r")[...]
             shutil.rmtree(shard / name)
-            array = zarr.create_array(str(shard / name), shape=values.shape,
-                                      dtype=str if values.dtype.kind in "OTU" else values.dtype,
-                                      chunks=tuple(max(1, size) for size in values.shape),
-                                      config={"write_empty_chunks": True})
+            array = zarr.create_array(
+                str(shard / name),
+                shape=values.shape,
+                dtype=str if values.dtype.kind in "OTU" else values.dtype,
+                chunks=tuple(max(1, size) for size in values.shape),
+                config={"write_empty_chunks": True},
+            )
             if values.size:
                 array[...] = values
         edit_attrs(shard, lambda attrs: [attrs.pop(key) for key in ("format_minor", "write_id")])
@@ -103,14 +118,16 @@ def test_the_dataset_refuses_a_flipped_bit_in_text_or_skips_the_shard_when_asked
 
 def test_a_store_written_before_format_1_1_reads_as_before_and_is_not_verifiable(store):
     reference = StoreReader(str(store))
-    expected = [(u.id, u.text, u.language, u.duration, u.states.tobytes()) for k in (0, 1, 2)
-                for u in reference.iter_shard(k)]
+    expected = [
+        (u.id, u.text, u.language, u.duration, u.states.tobytes()) for k in (0, 1, 2) for u in reference.iter_shard(k)
+    ]
     statistics = reference.statistics()
     as_format_1_0(store)
     shutil.rmtree(store / "cache")
     reader = StoreReader(str(store))
-    assert [(u.id, u.text, u.language, u.duration, u.states.tobytes()) for k in (0, 1, 2)
-            for u in reader.iter_shard(k)] == expected
+    assert [
+        (u.id, u.text, u.language, u.duration, u.states.tobytes()) for k in (0, 1, 2) for u in reader.iter_shard(k)
+    ] == expected
     np.testing.assert_array_equal(reader.statistics()[0], statistics[0])
     report = inspect_store(store, check=True)
     assert report.ok and report.unverifiable == {"whistle 0.1.0": ["00000", "00001", "00002"]}
@@ -123,18 +140,23 @@ def test_a_store_written_before_format_1_1_reads_as_before_and_is_not_verifiable
 def test_a_format_1_1_shard_whose_arrays_lost_their_checksum_is_damaged(store):
     as_format_1_0(store)
     edit_attrs(store / "shards" / "00001", lambda attrs: attrs.update(format_minor=1, write_id="x"))
-    with pytest.raises(DamagedShardError, match="shard 00001 .* offsets, speech_frames, ids, text, language, "
-                                                "duration lack the crc32c checksum"):
+    with pytest.raises(
+        DamagedShardError,
+        match="shard 00001 .* offsets, speech_frames, ids, text, language, duration lack the crc32c checksum",
+    ):
         StoreReader(str(store)).index(1)
 
 
-@pytest.mark.parametrize("attribute,value,problem", [
-    ("rejects", "none", "rejects is 'none', not a list of {id, reason}"),
-    ("rejects", [{"id": "a"}], "rejects has 1 entries that are not {id, reason} strings, e.g. {'id': 'a'}"),
-    ("n", "3", "n is '3', not a count"),
-    ("n_frames", -1, "n_frames is -1, not a count"),
-    ("audio_seconds", None, "audio_seconds is None, not a number of seconds"),
-])
+@pytest.mark.parametrize(
+    "attribute,value,problem",
+    [
+        ("rejects", "none", "rejects is 'none', not a list of {id, reason}"),
+        ("rejects", [{"id": "a"}], "rejects has 1 entries that are not {id, reason} strings, e.g. {'id': 'a'}"),
+        ("n", "3", "n is '3', not a count"),
+        ("n_frames", -1, "n_frames is -1, not a count"),
+        ("audio_seconds", None, "audio_seconds is None, not a number of seconds"),
+    ],
+)
 def test_malformed_shard_attributes_are_named_as_damage(store, caplog, attribute, value, problem):
     edit_attrs(store / "shards" / "00001", lambda attrs: attrs.update({attribute: value}))
     with caplog.at_level(logging.WARNING, logger="store.reader"):
@@ -166,7 +188,9 @@ def test_a_damaged_cache_entry_is_named_never_used_and_replaced(store, caplog):
         flip_bit(chunk_object(entry / name), 8 * 7 + 6)
         report = inspect_store(store, check=True)
         assert [fault.shard for fault in report.faults] == ["cache"]
-        assert f"entry {entry.name}: {name} is unreadable (its stored bytes fail their crc32c" in report.faults[0].problem
+        assert (
+            f"entry {entry.name}: {name} is unreadable (its stored bytes fail their crc32c" in report.faults[0].problem
+        )
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="store.reduction"):
             recomputed = reduction(StoreReader(str(store)))
@@ -183,5 +207,6 @@ def test_check_finds_a_cache_entry_that_disagrees_with_the_shards(store):
     mean = zarr.open_array(str(entry / "mean"), mode="r+")
     mean[0] = mean[0] + 1  # rewritten through zarr: its checksum is valid, only the value is wrong
     report = inspect_store(store, check=True)
-    assert [(fault.shard, fault.problem.split(";")[0]) for fault in report.faults] == \
-        [("cache", f"entry {entry.name}: mean differs from the reduction of the shards' sums")]
+    assert [(fault.shard, fault.problem.split(";")[0]) for fault in report.faults] == [
+        ("cache", f"entry {entry.name}: mean differs from the reduction of the shards' sums")
+    ]

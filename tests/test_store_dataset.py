@@ -1,4 +1,5 @@
 """FeatureDataset: exactly-once across ranks x DataLoader workers, shuffling, length grouping, pad_batch."""
+
 from __future__ import annotations
 
 import functools
@@ -100,9 +101,10 @@ def test_items_and_pad_batch(tmp_path):
     assert batch["states"].shape == (3, max(lengths), 32) and batch["states"].dtype == torch.float32
     assert batch["lengths"].tolist() == lengths and batch["ids"] == [it["id"] for it in items[:3]]
     assert torch.equal(batch["states"][1, : lengths[1]], items[1]["states"].float())
-    assert batch["states"][1, lengths[1]:].abs().sum() == 0
-    half = DataLoader(FeatureDataset(url, shuffle=False), batch_size=3,
-                      collate_fn=functools.partial(pad_batch, dtype=torch.float16))
+    assert batch["states"][1, lengths[1] :].abs().sum() == 0
+    half = DataLoader(
+        FeatureDataset(url, shuffle=False), batch_size=3, collate_fn=functools.partial(pad_batch, dtype=torch.float16)
+    )
     first = next(iter(half))  # through a DataLoader: the partial is what users pass as collate_fn
     assert first["states"].dtype == torch.float16 and torch.equal(first["states"].float(), batch["states"])
     with pytest.raises(ValueError, match="float32 or torch.float16"):
@@ -111,8 +113,7 @@ def test_items_and_pad_batch(tmp_path):
 
 def test_rank_and_world_size_come_from_torch_distributed(tmp_path):
     url, utts = make_store(tmp_path, 12, 3)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
-                                         world_size=1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         assert sorted(item["id"] for item in FeatureDataset(url)) == sorted(u["id"] for u in utts)
     finally:

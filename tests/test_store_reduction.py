@@ -1,4 +1,5 @@
 """The tail template and the statistics (store/reduction.py): exact against numpy, cached, stale caches replaced."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,8 @@ def test_tail_template_and_statistics_reduce_exactly(tmp_path):
     max_frames, d_model = spec.teacher.max_frames, spec.teacher.d_model
     sums, counts = np.zeros((max_frames, d_model)), np.zeros(max_frames)
     for utt in written:
-        sums[utt["speech_frames"]:] += utt["window"][utt["speech_frames"]:]
-        counts[utt["speech_frames"]:] += 1
+        sums[utt["speech_frames"] :] += utt["window"][utt["speech_frames"] :]
+        counts[utt["speech_frames"] :] += 1
     first = min(u["speech_frames"] for u in written)
     expected = sums / np.maximum(counts, 1)[:, None]
     expected[:first] = expected[first]  # positions no utterance reached repeat the first one reached
@@ -29,7 +30,7 @@ def test_tail_template_and_statistics_reduce_exactly(tmp_path):
     assert template.dtype == np.float32 and template.shape == (max_frames, d_model)
     np.testing.assert_allclose(template, expected, rtol=1e-6)
     np.testing.assert_array_equal(reader.tail_counts(), counts)
-    speech = np.concatenate([u["window"][:u["speech_frames"]] for u in written]).astype(np.float64)
+    speech = np.concatenate([u["window"][: u["speech_frames"]] for u in written]).astype(np.float64)
     mean, std = reader.statistics()
     np.testing.assert_allclose(mean, speech.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(std, speech.std(axis=0), rtol=1e-5)
@@ -42,7 +43,7 @@ def test_tail_template_and_statistics_reduce_exactly(tmp_path):
     np.testing.assert_array_equal(StoreReader(tmp_path / "s").tail_template(), template)
     write_synthetic_store(tmp_path / "s", spec, utts, shards=[2])
     grown = StoreReader(tmp_path / "s")
-    all_speech = np.concatenate([u["window"][:u["speech_frames"]] for u in utts]).astype(np.float64)
+    all_speech = np.concatenate([u["window"][: u["speech_frames"]] for u in utts]).astype(np.float64)
     np.testing.assert_allclose(grown.statistics()[0], all_speech.mean(axis=0), rtol=1e-6)
     assert len(list((tmp_path / "s" / "cache").iterdir())) == 2  # the stale entry was replaced
 
@@ -53,11 +54,12 @@ def test_full_mode_statistics_use_speech_frames_only(tmp_path):
     write_synthetic_store(tmp_path / "s", spec, utts)
     reader = StoreReader(tmp_path / "s")
     assert [u.speech_frames for u in reader.iter_shard(0)] == [u["speech_frames"] for u in utts]
-    speech = np.concatenate([u["window"][:u["speech_frames"]] for u in utts]).astype(np.float64)
+    speech = np.concatenate([u["window"][: u["speech_frames"]] for u in utts]).astype(np.float64)
     np.testing.assert_allclose(reader.statistics()[0], speech.mean(axis=0), rtol=1e-6)
     last = utts[int(np.argmin([u["speech_frames"] for u in utts]))]
-    np.testing.assert_allclose(reader.tail_template()[1499], np.mean([u["window"][1499] for u in utts], axis=0,
-                                                                       dtype=np.float64), rtol=1e-6)
+    np.testing.assert_allclose(
+        reader.tail_template()[1499], np.mean([u["window"][1499] for u in utts], axis=0, dtype=np.float64), rtol=1e-6
+    )
     assert reader.tail_counts()[last["speech_frames"] - 1] == 0
 
 
@@ -87,7 +89,7 @@ def test_a_shard_rewritten_with_the_same_counts_makes_the_cache_stale(tmp_path):
     shutil.rmtree(tmp_path / "s" / "shards" / "00001")
     louder = [{**utt, "window": utt["window"] * 2} for utt in utts]  # same ids, lengths and counts; other values
     write_synthetic_store(tmp_path / "s", spec, louder, shards=[1])
-    speech = np.concatenate([u["window"][:u["speech_frames"]] for u in utts[:4] + louder[4:]]).astype(np.float64)
+    speech = np.concatenate([u["window"][: u["speech_frames"]] for u in utts[:4] + louder[4:]]).astype(np.float64)
     after = StoreReader(tmp_path / "s").statistics()[0]
     np.testing.assert_allclose(after, speech.mean(axis=0), rtol=1e-6)
     assert not np.allclose(after, before)

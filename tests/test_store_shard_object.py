@@ -1,6 +1,7 @@
 """store/shard_object.py against zarr itself: the shard object we encode is, byte for byte, the file
 zarr-python writes for the same array, codecs and chunking; zarr reads ours, and our decoder reads
 zarr's (and refuses the same damage)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,9 +39,16 @@ def zarr_reference(path, spec, states: np.ndarray) -> zarr.Array:
     inner chunks of chunk_frames rows, every chunk in one shard object, states_codecs inside it."""
     chunk = spec.chunk_frames
     rows = -(-len(states) // chunk) * chunk
-    array = zarr.create_array(str(path), shape=states.shape, dtype=np.float16, chunks=(chunk, D_MODEL),
-                              shards=(rows, D_MODEL), fill_value=0, config={"write_empty_chunks": True},
-                              **states_codecs(spec))
+    array = zarr.create_array(
+        str(path),
+        shape=states.shape,
+        dtype=np.float16,
+        chunks=(chunk, D_MODEL),
+        shards=(rows, D_MODEL),
+        fill_value=0,
+        config={"write_empty_chunks": True},
+        **states_codecs(spec),
+    )
     array[...] = states
     return array
 
@@ -64,8 +72,9 @@ def test_the_shard_object_we_write_is_the_file_zarr_writes(tmp_path, codec, n_ro
     ours_bytes = (tmp_path / "ours/states/c/0/0").read_bytes()
     assert ours_bytes == (tmp_path / "zarr/c/0/0").read_bytes()
     assert array.metadata.to_dict() == reference.metadata.to_dict()
-    assert sorted(p.relative_to(tmp_path / "ours/states") for p in (tmp_path / "ours/states").rglob("*")) == \
-        sorted(p.relative_to(tmp_path / "zarr") for p in (tmp_path / "zarr").rglob("*"))  # no other object
+    assert sorted(p.relative_to(tmp_path / "ours/states") for p in (tmp_path / "ours/states").rglob("*")) == sorted(
+        p.relative_to(tmp_path / "zarr") for p in (tmp_path / "zarr").rglob("*")
+    )  # no other object
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "ours/states"), mode="r")[...], states)
 
 
@@ -83,17 +92,25 @@ def test_we_read_the_shard_object_zarr_writes(tmp_path, codec, n_rows, chunk):
         first = start // chunk
         out = np.empty(((-(-stop // chunk) - first) * chunk, D_MODEL), np.float16)  # every row of the chunks touched
         pieces = [(row, rows.copy()) for row, rows in read_chunks(store, layout, start, stop, None)]
-        assert [(row, rows.tobytes()) for row, rows in read_chunks(store, layout, start, stop, out)] == \
-            [(row, rows.tobytes()) for row, rows in pieces]
+        assert [(row, rows.tobytes()) for row, rows in read_chunks(store, layout, start, stop, out)] == [
+            (row, rows.tobytes()) for row, rows in pieces
+        ]
         np.testing.assert_array_equal(np.concatenate([rows for _, rows in pieces]), reference[start:stop])
         np.testing.assert_array_equal(out[start - first * chunk : stop - first * chunk], states[start:stop])
 
 
 def test_a_chunk_zarr_never_wrote_is_left_to_zarr(tmp_path):
     spec = store_spec(d_model=D_MODEL, chunk_frames=100, codec="blosc-zstd")
-    array = zarr.create_array(str(tmp_path / "zarr"), shape=(300, D_MODEL), dtype=np.float16, chunks=(100, D_MODEL),
-                              shards=(300, D_MODEL), fill_value=0, config={"write_empty_chunks": True},
-                              **states_codecs(spec))
+    array = zarr.create_array(
+        str(tmp_path / "zarr"),
+        shape=(300, D_MODEL),
+        dtype=np.float16,
+        chunks=(100, D_MODEL),
+        shards=(300, D_MODEL),
+        fill_value=0,
+        config={"write_empty_chunks": True},
+        **states_codecs(spec),
+    )
     written = np.ones((100, D_MODEL), np.float16)
     array[200:300] = written  # chunks 0 and 1 are never written: their index entries say so
     store = LocalStore(str(tmp_path))
@@ -129,8 +146,9 @@ def test_a_damaged_chunk_is_refused_by_zarr_and_by_us(tmp_path, codec):
         zarr.open_array(store, path="states", mode="r")[250]
     with pytest.raises(ShardObjectError, match=r"inner chunk 2 of states \(rows 200-299\) fails its checksum"):
         list(read_chunks(store, layout, 150, 260, None))
-    np.testing.assert_array_equal(next(read_chunks(store, layout, 0, 100, None))[1],
-                                  zarr.open_array(store, path="states", mode="r")[0:100])
+    np.testing.assert_array_equal(
+        next(read_chunks(store, layout, 0, 100, None))[1], zarr.open_array(store, path="states", mode="r")[0:100]
+    )
 
 
 @pytest.mark.parametrize("codec", CODECS)

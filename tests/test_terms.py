@@ -1,4 +1,5 @@
 """whistle_pipeline.terms: term error rate, term insertions and B-/U-WER on hand-counted examples."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,7 @@ def test_term_said_twice_recognised_once():
 
 
 def test_insertions_of_terms_where_none_was_said():
-    rates = term_rates(["check the level", "the drug", ""], ["check the INR level", "the warfarin", "warfarin"],
-                       TERMS)
+    rates = term_rates(["check the level", "the drug", ""], ["check the INR level", "the warfarin", "warfarin"], TERMS)
     # "inr" inserted (a B insertion), "warfarin" substituted for "drug" (a U substitution, the reference word
     # is no term) and "warfarin" said over silence (a B insertion): three inserted terms, none in the references
     assert (rates.reference_terms, rates.missed, rates.inserted) == (0, 0, 3)
@@ -57,10 +57,18 @@ def test_case_and_punctuation_are_normalised():
 
 
 def test_corpus_totals_and_the_wer_split():
-    references = ["She flew to New York today.", "warfarin then more warfarin", "check the level",
-                  "new york city at night"]
-    hypotheses = ["she flew to new work today", "warfarin then more war farin", "check the INR level",
-                  "new york at night"]
+    references = [
+        "She flew to New York today.",
+        "warfarin then more warfarin",
+        "check the level",
+        "new york city at night",
+    ]
+    hypotheses = [
+        "she flew to new work today",
+        "warfarin then more war farin",
+        "check the INR level",
+        "new york at night",
+    ]
     rates = term_rates(references, hypotheses, TERMS)
     # per pair (reference terms, missed, inserted): (1,1,0) (2,1,0) (0,0,1) and "new york city" -> "new york":
     # the longer term is missed (city deleted) and the hypothesis' "new york" is no recognised reference

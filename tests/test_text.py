@@ -1,10 +1,11 @@
 """The token convention shared by train-tle and finetune (whistle_pipeline.text)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_whisper_tokenizer
+
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts, is_multilingual, text_tokens
 
@@ -24,8 +25,12 @@ def test_special_tokens_come_from_the_tokenizer(tokenizer):
     assert multi.languages == {"en": vocab["<|en|>"], "de": vocab["<|de|>"], "yue": vocab["<|yue|>"]}
     # these ids are not where large-v3 or tiny.en have them: nothing is hard-coded
     assert multi.start_of_transcript not in (50257, 50258)
-    assert multi.prefix("yue") == [vocab["<|startoftranscript|>"], vocab["<|yue|>"], vocab["<|transcribe|>"],
-                                   vocab["<|notimestamps|>"]]
+    assert multi.prefix("yue") == [
+        vocab["<|startoftranscript|>"],
+        vocab["<|yue|>"],
+        vocab["<|transcribe|>"],
+        vocab["<|notimestamps|>"],
+    ]
     english_only = SpecialTokens.from_tokenizer(tokenizer, multilingual=False)
     assert english_only.prefix("en") == [vocab["<|startoftranscript|>"], vocab["<|notimestamps|>"]]
     assert english_only.languages == {}
@@ -41,7 +46,9 @@ def test_tokenizer_without_whisper_specials_is_refused():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    )
     with pytest.raises(WhistleError, match="<\\|startoftranscript\\|>.*not a Whisper tokenizer"):
         SpecialTokens.from_tokenizer(plain, multilingual=False)
 
@@ -85,7 +92,9 @@ def test_encode_texts_rejects_empty_and_overlong_text(tokenizer):
     with pytest.raises(WhistleError, match="empty transcript"):
         encode_texts(tokenizer, specials, ["  "], ["en"], max_positions=64)
     with pytest.raises(WhistleError, match="longer than the decoder's 16 positions"):
-        encode_texts(tokenizer, specials, ["one two three four five six seven eight nine ten"], ["en"], max_positions=16)
+        encode_texts(
+            tokenizer, specials, ["one two three four five six seven eight nine ten"], ["en"], max_positions=16
+        )
 
 
 def test_is_multilingual_follows_generation_config_then_vocabulary():

@@ -1,4 +1,5 @@
 """The TLE model, its losses, the teacher alignment and the frozen-decoder helpers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,14 +37,32 @@ def one_thread():
 
 def tiny_tle(seed: int = 0, **overrides) -> TLEModel:
     torch.manual_seed(seed)
-    settings = dict(vocab_size=100, embedding_size=16, hidden_size=32, text_layers=2, frame_layers=2, num_heads=4,
-                    ffn_multiplier=2, latent_size=4, conv_kernel=5, conv_layers=2, dropout=0.1, posterior=True,
-                    spelling_channels=8,
-                    languages=["en", "de"], d_model=D, max_frames=MAX_FRAMES, end_token_id=END)
+    settings = dict(
+        vocab_size=100,
+        embedding_size=16,
+        hidden_size=32,
+        text_layers=2,
+        frame_layers=2,
+        num_heads=4,
+        ffn_multiplier=2,
+        latent_size=4,
+        conv_kernel=5,
+        conv_layers=2,
+        dropout=0.1,
+        posterior=True,
+        spelling_channels=8,
+        languages=["en", "de"],
+        d_model=D,
+        max_frames=MAX_FRAMES,
+        end_token_id=END,
+    )
     model = TLEModel(TLEConfig(**{**settings, **overrides}))
     generator = torch.Generator().manual_seed(1)
-    model.set_store_statistics(torch.randn(D, generator=generator), torch.rand(D, generator=generator) + 0.5,
-                               torch.randn(MAX_FRAMES, D, generator=generator))
+    model.set_store_statistics(
+        torch.randn(D, generator=generator),
+        torch.rand(D, generator=generator) + 0.5,
+        torch.randn(MAX_FRAMES, D, generator=generator),
+    )
     return model
 
 
@@ -127,7 +146,7 @@ def test_token_spellings_come_from_the_tokenizer():
     token = tokenizer(" hello", add_special_tokens=False)["input_ids"][-1]
     text = tokenizer.decode([token]).encode("utf-8")
     assert model.token_bytes[token, : len(text)].tolist() == [b + 1 for b in text]
-    assert (model.token_bytes[token, len(text):] == 0).all()
+    assert (model.token_bytes[token, len(text) :] == 0).all()
     tokens, mask = batch_of([[token, END]])
     assert torch.isfinite(model.eval()(tokens, mask, torch.zeros(1, dtype=torch.long)).states).all()
 
@@ -153,8 +172,12 @@ def test_batch_invariance(durations_given):
         together = model(tokens, mask, model.language_ids(languages), durations=dur if durations_given else None)
         for b in range(3):
             alone_tokens, alone_mask = batch_of([sentences[b]])
-            alone = model(alone_tokens, alone_mask, model.language_ids([languages[b]]),
-                          durations=torch.tensor([durations[b]]) if durations_given else None)
+            alone = model(
+                alone_tokens,
+                alone_mask,
+                model.language_ids([languages[b]]),
+                durations=torch.tensor([durations[b]]) if durations_given else None,
+            )
             n = int(alone.lengths[0])
             assert n == int(together.lengths[b])
             torch.testing.assert_close(together.states[b, :n], alone.states[0, :n], atol=1e-5, rtol=1e-5)
@@ -324,8 +347,9 @@ def test_teacher_helpers_on_a_tiny_whisper(tiny_teacher_dir):
     speech = torch.randn(2, 45, 32, requires_grad=True)
 
     def full_window():
-        return torch.where((torch.arange(100) < 45)[None, :, None], torch.nn.functional.pad(speech, (0, 0, 0, 55)),
-                           template)
+        return torch.where(
+            (torch.arange(100) < 45)[None, :, None], torch.nn.functional.pad(speech, (0, 0, 0, 55)), template
+        )
 
     plain, plain_per_sample = decoder_cross_entropy(teacher, full_window(), batch)
     (grad_plain,) = torch.autograd.grad(plain, speech)
@@ -334,8 +358,9 @@ def test_teacher_helpers_on_a_tiny_whisper(tiny_teacher_dir):
     torch.testing.assert_close(short_per_sample, plain_per_sample, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_short, grad_plain, atol=1e-6, rtol=1e-4)
     full = full_window().detach()
-    assert greedy_transcribe(teacher, full, ["en", "en"], 8, speech_frames=45) == \
-        greedy_transcribe(teacher, full, ["en", "en"], 8)
+    assert greedy_transcribe(teacher, full, ["en", "en"], 8, speech_frames=45) == greedy_transcribe(
+        teacher, full, ["en", "en"], 8
+    )
     hypotheses = greedy_transcribe(teacher, window.detach(), ["en", "en"], max_new_tokens=8)
     assert len(hypotheses) == 2 and all(isinstance(h, str) for h in hypotheses)
     assert corpus_wer(["Hello, world!"], ["hello world"], ["en"]) == 0.0

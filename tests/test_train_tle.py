@@ -1,4 +1,5 @@
 """`whistle train-tle` end to end on a tiny store written with StoreWriter and a tiny random teacher."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,15 @@ WORDS = "the quick brown fox jumps over lazy dog hello world whisper reads speec
 D_MODEL, MAX_FRAMES, FRAMES_PER_TOKEN = 32, 100, 3
 
 
-def write_tle_store(url: Path, teacher_dir: Path, n: int = 32, shard_size: int = 8, seed: int = 0,
-                    max_frames: int = MAX_FRAMES, languages: tuple[str, ...] = ("en",)) -> Path:
+def write_tle_store(
+    url: Path,
+    teacher_dir: Path,
+    n: int = 32,
+    shard_size: int = 8,
+    seed: int = 0,
+    max_frames: int = MAX_FRAMES,
+    languages: tuple[str, ...] = ("en",),
+) -> Path:
     """Utterances whose states are a fixed vector per token (3 frames each) + noise, a constant-ish tail."""
     from transformers import AutoTokenizer
 
@@ -46,18 +54,39 @@ def write_tle_store(url: Path, teacher_dir: Path, n: int = 32, shard_size: int =
 
 
 TINY_TLE = [
-    "tle.hidden_size=32", "tle.text_layers=1", "tle.frame_layers=1", "tle.num_heads=2", "tle.ffn_multiplier=2",
-    "tle.latent_size=4", "tle.conv_layers=1", "tle.dropout=0.0",
-    "train_tle.batch_size=8", "train_tle.warmup_steps=2", "train_tle.learning_rate=3e-3", "train_tle.num_workers=0",
-    "train_tle.shuffle_buffer=16", "train_tle.length_bucket=0", "train_tle.val_fraction=0.2", "train_tle.val_size=4",
-    "train_tle.val_wer_size=2", "train_tle.log_every=1", "train_tle.progress=false", "train_tle.kl_anneal_steps=10",
+    "tle.hidden_size=32",
+    "tle.text_layers=1",
+    "tle.frame_layers=1",
+    "tle.num_heads=2",
+    "tle.ffn_multiplier=2",
+    "tle.latent_size=4",
+    "tle.conv_layers=1",
+    "tle.dropout=0.0",
+    "train_tle.batch_size=8",
+    "train_tle.warmup_steps=2",
+    "train_tle.learning_rate=3e-3",
+    "train_tle.num_workers=0",
+    "train_tle.shuffle_buffer=16",
+    "train_tle.length_bucket=0",
+    "train_tle.val_fraction=0.2",
+    "train_tle.val_size=4",
+    "train_tle.val_wer_size=2",
+    "train_tle.log_every=1",
+    "train_tle.progress=false",
+    "train_tle.kl_anneal_steps=10",
 ]
 
 
 def tle_config(store: Path, teacher_dir: Path, output_dir: Path, *overrides: str):
-    return load_config(overrides=[f"store.path={json.dumps(str(store))}",
-                                  f"teacher.name_or_path={json.dumps(str(teacher_dir))}",
-                                  f"train_tle.output_dir={json.dumps(str(output_dir))}", *TINY_TLE, *overrides])
+    return load_config(
+        overrides=[
+            f"store.path={json.dumps(str(store))}",
+            f"teacher.name_or_path={json.dumps(str(teacher_dir))}",
+            f"train_tle.output_dir={json.dumps(str(output_dir))}",
+            *TINY_TLE,
+            *overrides,
+        ]
+    )
 
 
 def read_log(path: Path) -> list[dict[str, str]]:
@@ -100,8 +129,16 @@ def test_tiny_tle_overfits_a_tiny_store(tle_store, tiny_teacher_dir, tmp_path):
     aligned = json.loads(next((out / "durations").glob("0*.json")).read_text())["durations"]
     assert all(sum(d) == FRAMES_PER_TOKEN * (len(d) - 1) + 2 for d in aligned.values())  # they cover the speech
     use_true_alignment(out)
-    config = tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=100", "train_tle.decoder_ce_start=80",
-                        "train_tle.val_every=50", "train_tle.checkpoint_every=50", "train_tle.resume=false")
+    config = tle_config(
+        tle_store,
+        tiny_teacher_dir,
+        out,
+        "train_tle.steps=100",
+        "train_tle.decoder_ce_start=80",
+        "train_tle.val_every=50",
+        "train_tle.checkpoint_every=50",
+        "train_tle.resume=false",
+    )
     result = run(config)
     rows = read_log(out / "train_log.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 101))
@@ -135,9 +172,15 @@ def test_tiny_tle_overfits_a_tiny_store(tle_store, tiny_teacher_dir, tmp_path):
 def test_loss_weights_switch_to_phase_2_at_decoder_ce_start():
     from stages.train_tle import loss_weights
 
-    settings = load_config(overrides=[
-        "train_tle.decoder_ce_start=10", "train_tle.kl_anneal_steps=20", "train_tle.cosine_weight=0.5",
-        "train_tle.decoder_ce_weight=1.5", "train_tle.decoder_kl_weight=0.7"]).train_tle
+    settings = load_config(
+        overrides=[
+            "train_tle.decoder_ce_start=10",
+            "train_tle.kl_anneal_steps=20",
+            "train_tle.cosine_weight=0.5",
+            "train_tle.decoder_ce_weight=1.5",
+            "train_tle.decoder_kl_weight=0.7",
+        ]
+    ).train_tle
     before, after = loss_weights(settings, 9), loss_weights(settings, 10)
     assert (before.cosine, before.decoder_ce, before.decoder_kl) == (0.5, 0.0, 0.0)
     assert (after.cosine, after.decoder_ce, after.decoder_kl) == (0.5, 1.5, 0.7)
@@ -148,9 +191,8 @@ def loud_teacher_and_store(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny teacher that reads its input, and a store of it. A random decoder at init barely reads the
     encoder states and is unsure of every token (KL ~1e-5 between two random windows); with its
     cross-attention 3x and its final norm 30x louder it reads them (KL ~0.4), as a real one does."""
-    from transformers import WhisperForConditionalGeneration
-
     from conftest import make_tiny_teacher
+    from transformers import WhisperForConditionalGeneration
 
     teacher_dir = make_tiny_teacher(tmp_path / "teacher", seed=1)
     whisper = WhisperForConditionalGeneration.from_pretrained(teacher_dir)
@@ -163,8 +205,9 @@ def loud_teacher_and_store(tmp_path: Path) -> tuple[Path, Path]:
     return teacher_dir, write_tle_store(tmp_path / "store", teacher_dir)
 
 
-def phase_2_only(tmp_path: Path, teacher_dir: Path, store: Path, name: str, column: str, *overrides: str
-                 ) -> tuple[list[dict[str, str]], float]:
+def phase_2_only(
+    tmp_path: Path, teacher_dir: Path, store: Path, name: str, column: str, *overrides: str
+) -> tuple[list[dict[str, str]], float]:
     """80 steps with the decoder terms from step 5, a faint regression anchor and the given decoder term ->
     (log rows, mean of `column` over the last 20 steps). Same data order and initialisation for every name."""
     from stages.train_tle import run
@@ -172,11 +215,24 @@ def phase_2_only(tmp_path: Path, teacher_dir: Path, store: Path, name: str, colu
     out = tmp_path / name
     run(tle_config(store, teacher_dir, out, "train_tle.steps=3"))  # aligns the store
     use_true_alignment(out)
-    run(tle_config(store, teacher_dir, out, "train_tle.steps=80", "train_tle.decoder_ce_start=5",
-                   "train_tle.decoder_ce_weight=0.0", "train_tle.decoder_kl_weight=0.0", "train_tle.mse_weight=1e-4",
-                   "train_tle.cosine_weight=0.0", "train_tle.val_every=100",
-                   "train_tle.val_wer_size=0",
-                   "train_tle.checkpoint_every=100", "train_tle.resume=false", *overrides))
+    run(
+        tle_config(
+            store,
+            teacher_dir,
+            out,
+            "train_tle.steps=80",
+            "train_tle.decoder_ce_start=5",
+            "train_tle.decoder_ce_weight=0.0",
+            "train_tle.decoder_kl_weight=0.0",
+            "train_tle.mse_weight=1e-4",
+            "train_tle.cosine_weight=0.0",
+            "train_tle.val_every=100",
+            "train_tle.val_wer_size=0",
+            "train_tle.checkpoint_every=100",
+            "train_tle.resume=false",
+            *overrides,
+        )
+    )
     rows = read_log(out / "train_log.csv")
     return rows, float(np.mean([float(r[column]) for r in rows[-20:]]))
 
@@ -186,8 +242,12 @@ def test_distillation_pulls_the_decoders_reading_toward_the_real_states(tmp_path
     distributions on the TLE's windows approach its distributions on the real states."""
     teacher_dir, store = loud_teacher_and_store(tmp_path)
     # the same run, the KL once pulling and once only measured
-    rows, pulled = phase_2_only(tmp_path, teacher_dir, store, "pulled", "decoder_kl", "train_tle.decoder_kl_weight=10.0")
-    _, measured = phase_2_only(tmp_path, teacher_dir, store, "measured", "decoder_kl", "train_tle.decoder_kl_weight=1e-6")
+    rows, pulled = phase_2_only(
+        tmp_path, teacher_dir, store, "pulled", "decoder_kl", "train_tle.decoder_kl_weight=10.0"
+    )
+    _, measured = phase_2_only(
+        tmp_path, teacher_dir, store, "measured", "decoder_kl", "train_tle.decoder_kl_weight=1e-6"
+    )
     assert all(r["decoder_kl"] == "" for r in rows[:5]) and all(float(r["decoder_kl"]) > 0 for r in rows[5:])
     assert pulled < 0.7 * measured, f"KL {measured:.4f} (measured only) vs {pulled:.4f} (pulled)"
 
@@ -196,8 +256,14 @@ def test_resume_continues_the_same_run(tle_store, tiny_teacher_dir, tmp_path):
     """Stopped at a checkpoint and resumed, a run logs the same losses as one that never stopped."""
     from stages.train_tle import run
 
-    settings = ["train_tle.steps=16", "train_tle.checkpoint_every=8", "train_tle.val_every=100",
-                "train_tle.val_wer_size=0", "train_tle.decoder_ce_start=10", "tle.dropout=0.1"]
+    settings = [
+        "train_tle.steps=16",
+        "train_tle.checkpoint_every=8",
+        "train_tle.val_every=100",
+        "train_tle.val_wer_size=0",
+        "train_tle.decoder_ce_start=10",
+        "tle.dropout=0.1",
+    ]
     straight = tmp_path / "straight"
     run(tle_config(tle_store, tiny_teacher_dir, straight, *settings))
     resumed = tmp_path / "resumed"
@@ -209,8 +275,13 @@ def test_resume_continues_the_same_run(tle_store, tiny_teacher_dir, tmp_path):
     got = read_log(resumed / "train_log.csv")
     assert [r["step"] for r in got] == [r["step"] for r in expected]
     for name in ("loss", "mse", "kl", "decoder_ce", "lr"):
-        np.testing.assert_allclose([float(r[name] or 0) for r in got], [float(r[name] or 0) for r in expected],
-                                   rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            [float(r[name] or 0) for r in got],
+            [float(r[name] or 0) for r in expected],
+            rtol=1e-4,
+            atol=1e-6,
+            err_msg=name,
+        )
 
 
 def test_cli_trains_and_writes_a_loadable_tle(tle_store, tiny_teacher_dir, tmp_path):
@@ -220,9 +291,24 @@ def test_cli_trains_and_writes_a_loadable_tle(tle_store, tiny_teacher_dir, tmp_p
     from whistle_pipeline.tle import TLEModel
 
     out = tmp_path / "cli-tle"
-    args = ["train-tle", "--store", str(tle_store), "--teacher", str(tiny_teacher_dir), "--output-dir", str(out),
-            "--steps", "6", "--decoder-ce-start", "3"]
-    for override in TINY_TLE + ["train_tle.val_every=6", "train_tle.checkpoint_every=6", "train_tle.decoder_ce_floor=0.9"]:
+    args = [
+        "train-tle",
+        "--store",
+        str(tle_store),
+        "--teacher",
+        str(tiny_teacher_dir),
+        "--output-dir",
+        str(out),
+        "--steps",
+        "6",
+        "--decoder-ce-start",
+        "3",
+    ]
+    for override in TINY_TLE + [
+        "train_tle.val_every=6",
+        "train_tle.checkpoint_every=6",
+        "train_tle.decoder_ce_floor=0.9",
+    ]:
         args += ["--set", override]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -230,7 +316,7 @@ def test_cli_trains_and_writes_a_loadable_tle(tle_store, tiny_teacher_dir, tmp_p
     rows = read_log(out / "train_log.csv")
     # with a floor, phase 2 also reads the real states: both cross-entropies are logged
     assert all(r["real_decoder_ce"] == "" for r in rows[:3]) and all(float(r["real_decoder_ce"]) > 0 for r in rows[3:])
-    assert 'decoder_ce_floor = 0.9' in (out / "config.toml").read_text()
+    assert "decoder_ce_floor = 0.9" in (out / "config.toml").read_text()
     assert TLEModel.from_pretrained(out).config.d_model == D_MODEL
     # a second run finds the finished run's checkpoint and has nothing left to do
     again = CliRunner().invoke(cli, args)
@@ -244,17 +330,31 @@ def test_resume_refuses_changed_settings_and_names_each(tle_store, tiny_teacher_
     from stages.train_tle import run
 
     out = tmp_path / "out"
-    settings = ["train_tle.steps=3", "train_tle.checkpoint_every=3", "train_tle.val_every=3", "train_tle.val_wer_size=0"]
+    settings = [
+        "train_tle.steps=3",
+        "train_tle.checkpoint_every=3",
+        "train_tle.val_every=3",
+        "train_tle.val_wer_size=0",
+    ]
     run(tle_config(tle_store, tiny_teacher_dir, out, *settings))
-    with pytest.raises(WhistleError, match=r"other settings:\n  - tle\.hidden_size: 32 \(checkpoint\) vs 48 \(now\)"
-                                           r"\nUse a new train_tle\.output_dir, or set train_tle\.resume=false"):
+    with pytest.raises(
+        WhistleError,
+        match=r"other settings:\n  - tle\.hidden_size: 32 \(checkpoint\) vs 48 \(now\)"
+        r"\nUse a new train_tle\.output_dir, or set train_tle\.resume=false",
+    ):
         run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "tle.hidden_size=48"))
     with pytest.raises(WhistleError, match=r"train_tle\.mse_weight: 1\.0 \(checkpoint\) vs 2\.0 \(now\)"):
         run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "train_tle.mse_weight=2.0"))
     assert run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "train_tle.log_every=2")).resumed_from == 3
     # starting over is the way to change them
-    assert run(tle_config(tle_store, tiny_teacher_dir, out, *settings, "train_tle.mse_weight=2.0",
-                          "train_tle.resume=false")).resumed_from == 0
+    assert (
+        run(
+            tle_config(
+                tle_store, tiny_teacher_dir, out, *settings, "train_tle.mse_weight=2.0", "train_tle.resume=false"
+            )
+        ).resumed_from
+        == 0
+    )
 
 
 def test_refuses_a_store_of_another_teacher_geometry(tiny_teacher_dir, tmp_path):
@@ -278,14 +378,24 @@ def test_refuses_an_empty_store(tiny_teacher_dir, tmp_path):
 def test_multilingual_teacher_and_store(tmp_path):
     """A multilingual teacher: language/task prompts in the decoder, one language embedding per store language."""
     from conftest import make_tiny_teacher
+
     from stages.train_tle import run
     from whistle_pipeline.tle import TLEModel
 
     teacher = make_tiny_teacher(tmp_path / "teacher", multilingual=True)
     store = write_tle_store(tmp_path / "store", teacher, n=16, languages=("en", "de", "fr"))
     out = tmp_path / "out"
-    result = run(tle_config(store, teacher, out, "train_tle.steps=4", "train_tle.decoder_ce_start=2",
-                            "train_tle.val_every=4", "train_tle.val_fraction=0.3"))
+    result = run(
+        tle_config(
+            store,
+            teacher,
+            out,
+            "train_tle.steps=4",
+            "train_tle.decoder_ce_start=2",
+            "train_tle.val_every=4",
+            "train_tle.val_fraction=0.3",
+        )
+    )
     # the tiny tokenizer has <|en|>, <|de|>, <|yue|>: French utterances cannot be prompted and are not used
     assert len(result.alignment_rejects) == 5
     assert all("'fr' has no token" in reason for reason in result.alignment_rejects.values())
@@ -302,13 +412,31 @@ def test_two_processes_train_one_tle(tle_store, tiny_teacher_dir, tmp_path):
     import sys
 
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "whistle_pipeline",
-               "train-tle", "--store", str(tle_store), "--teacher", str(tiny_teacher_dir), "--output-dir", str(out),
-               "--steps", "6", "--decoder-ce-start", "3"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "whistle_pipeline",
+        "train-tle",
+        "--store",
+        str(tle_store),
+        "--teacher",
+        str(tiny_teacher_dir),
+        "--output-dir",
+        str(out),
+        "--steps",
+        "6",
+        "--decoder-ce-start",
+        "3",
+    ]
     for override in TINY_TLE + ["train_tle.val_every=6", "train_tle.checkpoint_every=3", "train_tle.batch_size=4"]:
         command += ["--set", override]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert [int(r["step"]) for r in read_log(out / "train_log.csv")] == list(range(1, 7))
     last = out / "checkpoints" / "step-0000006"
@@ -324,11 +452,25 @@ def test_validate_tle_groups_real_audio_by_voice(tmp_path):
     from whistle_pipeline.config import load_config
 
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("\n".join(json.dumps(row) for row in [
-        {"id": "a", "voice": "en-us"}, {"id": "b", "voice": "en-us+f3"}, {"id": "c", "voice": "en-gb-scotland"}]))
+    manifest.write_text(
+        "\n".join(
+            json.dumps(row)
+            for row in [
+                {"id": "a", "voice": "en-us"},
+                {"id": "b", "voice": "en-us+f3"},
+                {"id": "c", "voice": "en-gb-scotland"},
+            ]
+        )
+    )
     voice_of = read_voices(str(manifest), ["a", "b", "c"], load_config())
-    rows = per_voice(voice_of, ["a", "b", "c"], ["red fox", "the cat sat down", "blue sky"],
-                     ["red fox", "the cat", "blue"], [1.0, 2.0, 0.5], [2, 6, 3])
+    rows = per_voice(
+        voice_of,
+        ["a", "b", "c"],
+        ["red fox", "the cat sat down", "blue sky"],
+        ["red fox", "the cat", "blue"],
+        [1.0, 2.0, 0.5],
+        [2, 6, 3],
+    )
     assert rows["en-us"] == {"clips": 2, "wer": pytest.approx(2 / 6), "decoder_ce": pytest.approx((2 + 12) / 8)}
     assert rows["en-gb-scotland"] == {"clips": 1, "wer": pytest.approx(0.5), "decoder_ce": pytest.approx(0.5)}
     with pytest.raises(WhistleError, match="1 of the store's 4 clips have no row with a voice .*'d'"):
@@ -346,12 +488,22 @@ def test_validate_tle_reads_any_manifest_format_before_computing(tle_store, tmp_
 
     ids = stored_ids(str(tle_store))
     table = tmp_path / "voices.csv"
-    table.write_text("id,audio,text,voice\n" + "".join(f"{utt_id},a.wav,x,en-us+m{i % 3}\n"
-                                                       for i, utt_id in enumerate(ids)), encoding="utf-8")
+    table.write_text(
+        "id,audio,text,voice\n" + "".join(f"{utt_id},a.wav,x,en-us+m{i % 3}\n" for i, utt_id in enumerate(ids)),
+        encoding="utf-8",
+    )
     assert set(read_voices(str(table), ids, load_config()).values()) == {"en-us"}
     table.write_text("id,audio,text\n" + "".join(f"{utt_id},a.wav,x\n" for utt_id in ids), encoding="utf-8")
-    args = ["validate-tle", str(tmp_path), "--store", str(tle_store), "--teacher",
-            str(tmp_path / "no-teacher"), "--voices", str(table)]
+    args = [
+        "validate-tle",
+        str(tmp_path),
+        "--store",
+        str(tle_store),
+        "--teacher",
+        str(tmp_path / "no-teacher"),
+        "--voices",
+        str(table),
+    ]
     failed = CliRunner().invoke(cli, args)
     assert failed.exit_code == 1 and "voices.csv has no 'voice' column" in failed.output, failed.output
 
@@ -367,20 +519,43 @@ def test_cli_validates_a_tle_against_the_real_states(tle_store, tiny_teacher_dir
     out = tmp_path / "tle"
     run(tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=3", "train_tle.val_wer_size=0"))
     manifest = tmp_path / "voices.jsonl"
-    manifest.write_text("\n".join(json.dumps({"id": f"utt{i:03d}", "voice": "en-us" if i % 2 else "de+m3"})
-                                  for i in range(32)))
+    manifest.write_text(
+        "\n".join(json.dumps({"id": f"utt{i:03d}", "voice": "en-us" if i % 2 else "de+m3"}) for i in range(32))
+    )
     text = tmp_path / "target.txt"
     text.write_text("the lazy dog\nhello world\n")
-    args = ["validate-tle", str(out), "--store", str(tle_store), "--teacher", str(tiny_teacher_dir),
-            "--batch-size", "8", "--text", str(text), "--voices", str(manifest), "--json", str(tmp_path / "v.json"),
-            "--examples", "2"]
+    args = [
+        "validate-tle",
+        str(out),
+        "--store",
+        str(tle_store),
+        "--teacher",
+        str(tiny_teacher_dir),
+        "--batch-size",
+        "8",
+        "--text",
+        str(text),
+        "--voices",
+        str(manifest),
+        "--json",
+        str(tmp_path / "v.json"),
+        "--examples",
+        "2",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "round-trip WER, predicted length" in result.output and "real audio per voice" in result.output
     assert "utterances=32" in result.output
     figures = json.loads((tmp_path / "v.json").read_text())
-    assert {"cosine", "decoder_ce", "real_decoder_ce", "wer_true", "wer_predicted", "real_wer",
-            "text_wer_target"} <= set(figures)
+    assert {
+        "cosine",
+        "decoder_ce",
+        "real_decoder_ce",
+        "wer_true",
+        "wer_predicted",
+        "real_wer",
+        "text_wer_target",
+    } <= set(figures)
     assert set(figures["voices"]) == {"en-us", "de"} and figures["voices"]["de"]["clips"] == 16
     assert figures["train_steps"] == 3
     manifest.write_text(json.dumps({"id": "utt000", "voice": "en-us"}))
@@ -397,8 +572,18 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing(tle_s
 
     out = tmp_path / "tle"
     with pytest.raises(NonFiniteStep, match=r"^step 2: non-finite loss.*\(loss nan, mse nan.*learning rate too high"):
-        run(tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=6", "train_tle.learning_rate=1e30",
-                       "train_tle.warmup_steps=0", "train_tle.checkpoint_every=1", "train_tle.val_every=100"))
+        run(
+            tle_config(
+                tle_store,
+                tiny_teacher_dir,
+                out,
+                "train_tle.steps=6",
+                "train_tle.learning_rate=1e30",
+                "train_tle.warmup_steps=0",
+                "train_tle.checkpoint_every=1",
+                "train_tle.val_every=100",
+            )
+        )
     assert not (out / "model.safetensors").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
 
@@ -419,8 +604,11 @@ def test_refuses_a_store_of_other_teacher_weights_naming_both_fingerprints(tiny_
     given = encoder_fingerprint([str(tiny_teacher_dir / "model.safetensors")])
     store = write_tle_store(tmp_path / "store", tiny_teacher_dir, n=8)
     set_store_fingerprint(store, "f" * 64)
-    with pytest.raises(WhistleError, match=f"(?s)other encoder weights.*{'f' * 64} \\(store, teacher .*\\) vs {given} "
-                                           "\\(given\\).*Use the teacher that made the store"):
+    with pytest.raises(
+        WhistleError,
+        match=f"(?s)other encoder weights.*{'f' * 64} \\(store, teacher .*\\) vs {given} "
+        "\\(given\\).*Use the teacher that made the store",
+    ):
         run(tle_config(store, tiny_teacher_dir, tmp_path / "out", "train_tle.steps=3"))
     assert not (tmp_path / "out" / "model.safetensors").exists()
 

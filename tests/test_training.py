@@ -1,4 +1,5 @@
 """stages/training.py: the trackers a run logs to, chosen by the loop's `log_with` setting."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,9 @@ def tracked_run(output_dir, *overrides: str) -> list:
     """Start a train-tle run in output_dir, log one metric, end it; the event files tensorboard wrote."""
     from stages.training import open_logs, start_run
 
-    config = load_config(overrides=[f"train_tle.output_dir={json.dumps(str(output_dir))}", "teacher.device=cpu",
-                                    *overrides])
+    config = load_config(
+        overrides=[f"train_tle.output_dir={json.dumps(str(output_dir))}", "teacher.device=cpu", *overrides]
+    )
     setup = start_run(config, "train_tle", ["teacher"])
     open_logs(setup, (["step", "loss"], ["step"]), None, {"learning_rate": 3e-4, "steps": 10})
     setup.accelerator.log({"train/loss": 1.5}, step=1)
@@ -58,8 +60,12 @@ def test_a_tracker_that_is_not_installed_names_its_extra():
         pytest.skip("wandb is installed here")
     with pytest.raises(ConfigError) as info:
         load_config(overrides=['finetune.log_with=["tensorboard", "wandb"]'])
-    assert info.value.problems == [("finetune.log_with names 'wandb', which is not installed: pip install "
-                                    "'whistle[wandb]', or leave it out of finetune.log_with")]
+    assert info.value.problems == [
+        (
+            "finetune.log_with names 'wandb', which is not installed: pip install "
+            "'whistle[wandb]', or leave it out of finetune.log_with"
+        )
+    ]
 
 
 def test_float32_training_on_a_cpu_with_bf16_in_hardware_is_told_how_much_faster_bf16_is(tmp_path):
@@ -69,8 +75,10 @@ def test_float32_training_on_a_cpu_with_bf16_in_hardware_is_told_how_much_faster
     base = [f"train_tle.output_dir={json.dumps(str(tmp_path / 'run'))}", "teacher.device=cpu", "train_tle.log_with=[]"]
     hint = start_run(load_config(overrides=base), "train_tle", ["teacher"]).precision_hint()
     if cpu_has_native_bf16():
-        assert hint == ("this CPU computes bfloat16 in hardware: --set train_tle.mixed_precision=bf16 would run about "
-                        "1.5-1.7x faster (bench/RESULTS.md; the demo does)")
+        assert hint == (
+            "this CPU computes bfloat16 in hardware: --set train_tle.mixed_precision=bf16 would run about "
+            "1.5-1.7x faster (bench/RESULTS.md; the demo does)"
+        )
     else:
         assert hint == ""
     bf16 = load_config(overrides=[*base, "train_tle.mixed_precision=bf16", "train_tle.resume=false"])

@@ -1,5 +1,6 @@
 """The transcription toolkit's scoring and labels, by hand (the models and generation are tested through
 `whistle evaluate` in test_evaluate.py and finetune's validation in test_finetune.py)."""
+
 from __future__ import annotations
 
 from whistle_pipeline.transcribe import Named, Transcript, repetition_loop, score_clip

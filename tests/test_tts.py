@@ -1,4 +1,5 @@
 """`whistle synthesize`: eSpeak NG speech through ctypes, an audio folder + manifest precompute reads."""
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,11 @@ def test_same_seed_gives_bit_identical_audio_and_another_seed_does_not(texts, sy
         assert (again / row["audio"]).read_bytes() == (synthesized / row["audio"]).read_bytes()
     other = tmp_path / "other"
     synthesize(texts, other, seed=4, workers=1, progress=False)
-    differing = [r["id"] for r, o in zip(manifest_rows(synthesized), manifest_rows(other))
-                 if (synthesized / r["audio"]).read_bytes() != (other / o["audio"]).read_bytes()]
+    differing = [
+        r["id"]
+        for r, o in zip(manifest_rows(synthesized), manifest_rows(other))
+        if (synthesized / r["audio"]).read_bytes() != (other / o["audio"]).read_bytes()
+    ]
     assert len(differing) == 4
 
 
@@ -146,8 +150,9 @@ def test_an_interrupted_run_resumes_its_finished_chunks(tmp_path):
     (out / ".chunks").mkdir()
     (out / ".chunks" / "settings.json").write_text(json.dumps(first), encoding="utf-8")
     rows = manifest_rows(out)
-    (out / ".chunks" / "00000.json").write_text(json.dumps(
-        {"chunk": 0, "rows": rows[:CHUNK_SIZE], "rejects": [], "espeak": first["espeak"]}), encoding="utf-8")
+    (out / ".chunks" / "00000.json").write_text(
+        json.dumps({"chunk": 0, "rows": rows[:CHUNK_SIZE], "rejects": [], "espeak": first["espeak"]}), encoding="utf-8"
+    )
     for name in ("manifest.jsonl", "synthesize.json"):
         (out / name).unlink()
     resumed = synthesize(texts, out, voices=("en-us",), variants=(), workers=1, progress=False)
@@ -159,9 +164,28 @@ def test_an_interrupted_run_resumes_its_finished_chunks(tmp_path):
 
 def test_cli_synthesize(texts, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(cli, ["synthesize", str(texts), str(tmp_path / "wav"), "--format", "wav",
-                                 "--voices", "en-us,en-gb-x-rp", "--variants", "f1", "--rate", "150-160",
-                                 "--pitch", "50", "--sample-rate", "22050", "--workers", "1"])
+    result = runner.invoke(
+        cli,
+        [
+            "synthesize",
+            str(texts),
+            str(tmp_path / "wav"),
+            "--format",
+            "wav",
+            "--voices",
+            "en-us,en-gb-x-rp",
+            "--variants",
+            "f1",
+            "--rate",
+            "150-160",
+            "--pitch",
+            "50",
+            "--sample-rate",
+            "22050",
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote 4 clips" in result.output
     rows = manifest_rows(tmp_path / "wav")

@@ -5,6 +5,7 @@ The library behind the `whistle` command. The names below load their modules on 
 
     from whistle_pipeline import TLEModel, load_encoder, teacher_states, StoreReader
 """
+
 from __future__ import annotations
 
 import importlib

@@ -9,6 +9,7 @@ gives each token's first frame; a token's duration is the gap to the next one's,
 takes the frames after the last word (trailing silence and margin). Durations sum to the utterance's
 stored speech frames, and every text token gets at least one frame.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -87,7 +88,11 @@ def _median_filter(x: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def align_batch(
-    teacher: FrozenTeacher, heads: list[tuple[int, int]], window: torch.Tensor, batch: TextBatch, lengths: torch.Tensor,
+    teacher: FrozenTeacher,
+    heads: list[tuple[int, int]],
+    window: torch.Tensor,
+    batch: TextBatch,
+    lengths: torch.Tensor,
     speech_frames: int | None = None,
 ) -> list[np.ndarray | None]:
     """Durations per TLE token for each sample: window (B, F, D) real full windows, lengths (B,) speech

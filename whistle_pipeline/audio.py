@@ -9,6 +9,7 @@ and these constants serve code that has no teacher at hand (synthesis, tests)::
 Decoding uses soundfile (libsndfile >= 1.1 reads WAV, FLAC, OGG/Vorbis/Opus and MP3) and
 resampling soxr — never torchcodec or ffmpeg, so workers need no system codecs.
 """
+
 from __future__ import annotations
 
 import io
@@ -58,7 +59,11 @@ AudioSource = str | os.PathLike | bytes
 
 
 def load_audio(
-    source: AudioSource, sample_rate: int, *, max_seconds: float | None = None, name: str | None = None,
+    source: AudioSource,
+    sample_rate: int,
+    *,
+    max_seconds: float | None = None,
+    name: str | None = None,
     segment: tuple[float, float | None] | None = None,
 ) -> np.ndarray:
     """Decode `source` (a file path or the encoded bytes of a file) to float32 mono at `sample_rate`.
@@ -90,11 +95,15 @@ def load_audio(
     except (RuntimeError, TypeError, ValueError) as err:  # truncated or malformed streams fail while reading
         raise AudioError(f"undecodable audio: {err}", name) from err
     if cut:
-        raise AudioError(f"truncated audio: the header declares {cut[0]} bytes of samples, the file holds {cut[1]}",
-                         name)
+        raise AudioError(
+            f"truncated audio: the header declares {cut[0]} bytes of samples, the file holds {cut[1]}", name
+        )
     if samples.shape[0] < wanted - TRUNCATION_SLACK_SECONDS * rate:
-        raise AudioError(f"truncated audio: the header declares {(first + wanted) / rate:.2f} s, only "
-                         f"{(first + samples.shape[0]) / rate:.2f} s could be decoded", name)
+        raise AudioError(
+            f"truncated audio: the header declares {(first + wanted) / rate:.2f} s, only "
+            f"{(first + samples.shape[0]) / rate:.2f} s could be decoded",
+            name,
+        )
     if samples.shape[0] == 0:
         raise AudioError("empty audio: 0 samples", name)
     audio = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]  # (N,)
@@ -103,8 +112,9 @@ def load_audio(
     if rate != sample_rate:
         audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
     if audio.shape[0] == 0:  # e.g. 1 sample at 44.1 kHz, or a header claiming an absurd rate
-        raise AudioError(f"empty audio: {samples.shape[0]} sample(s) at {rate} Hz resample to none at "
-                         f"{sample_rate} Hz", name)
+        raise AudioError(
+            f"empty audio: {samples.shape[0]} sample(s) at {rate} Hz resample to none at {sample_rate} Hz", name
+        )
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
@@ -116,8 +126,10 @@ def _segment_frames(segment: tuple[float, float | None], rate: int, declared: in
     wanted = declared - first if duration is None else round(duration * rate)
     if first >= declared or first + wanted > declared + TRUNCATION_SLACK_SECONDS * rate:
         end = "the end" if duration is None else f"{start + duration:.2f} s"
-        raise AudioError(f"segment beyond the audio: the file is {declared / rate:.2f} s, the segment is "
-                         f"{start:.2f} s to {end}", name)
+        raise AudioError(
+            f"segment beyond the audio: the file is {declared / rate:.2f} s, the segment is {start:.2f} s to {end}",
+            name,
+        )
     return first, min(wanted, declared - first)
 
 

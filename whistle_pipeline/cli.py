@@ -5,6 +5,7 @@ Commands hold no logic: they load `pipeline.toml` (+ `--config`, flags, `--set`)
 so that `whistle --help` is instant. A failed command raises; `main` turns user errors into a
 one-paragraph message and a non-zero exit (`--debug` shows the traceback).
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,10 +31,20 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 def config_options(command: Callable) -> Callable:
     """Add --config and --set to a command; the command receives `config_path` and `overrides`."""
 
-    @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-                  help="A TOML file overriding pipeline.toml (any subset of its keys).")
-    @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                  help="Override one key, e.g. --set store.frames=full (repeatable).")
+    @click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="A TOML file overriding pipeline.toml (any subset of its keys).",
+    )
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="SECTION.KEY=VALUE",
+        help="Override one key, e.g. --set store.frames=full (repeatable).",
+    )
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return command(*args, **kwargs)
@@ -101,33 +112,64 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 @cli.command("precompute")
 @click.option("--data", help="Dataset name or folder, manifest (.csv/.tsv/.jsonl) or Common Voice folder [data.path].")
-@click.option("--kind", type=click.Choice(["auto", "hf", "hf_disk", "manifest", "common_voice"]),
-              help="Source kind; auto infers it from --data [data.kind].")
-@click.option("--subset", help="Hub dataset config; for Common Voice the TSV (train, dev, test, validated) [data.subset].")
+@click.option(
+    "--kind",
+    type=click.Choice(["auto", "hf", "hf_disk", "manifest", "common_voice"]),
+    help="Source kind; auto infers it from --data [data.kind].",
+)
+@click.option(
+    "--subset", help="Hub dataset config; for Common Voice the TSV (train, dev, test, validated) [data.subset]."
+)
 @click.option("--split", help="Dataset split; for Common Voice the TSV when --subset is not given [data.split].")
-@click.option("--audio-column", help="Column with the audio (datasets) or audio file paths (manifests) "
-              "[data.audio_column].")
+@click.option(
+    "--audio-column", help="Column with the audio (datasets) or audio file paths (manifests) [data.audio_column]."
+)
 @click.option("--text-column", help="Column with the transcript [data.text_column].")
 @click.option("--max-clips", type=int, help="Read at most this many rows, for trial runs [data.max_clips].")
 @click.option("--store", help="Feature store folder or fsspec URL [store.path].")
-@click.option("--frames", type=click.Choice(["speech", "full"]), help="Keep speech frames only, or full windows "
-              "[store.frames].")
+@click.option(
+    "--frames", type=click.Choice(["speech", "full"]), help="Keep speech frames only, or full windows [store.frames]."
+)
 @click.option("--shard-size", type=int, help="Source rows per shard [store.shard_size].")
 @click.option("--teacher", help="Whisper hub name or local folder [teacher.name_or_path].")
 @click.option("--revision", help="Hub revision of the teacher [teacher.revision].")
 @click.option("--device", help="auto, cpu, cuda, cuda:N [teacher.device].")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Encoder dtype "
-              "[teacher.dtype].")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Encoder dtype [teacher.dtype]."
+)
 @click.option("--batch-size", type=int, help="Clips per encoder batch [precompute.batch_size].")
 @click.option("--num-workers", type=int, help="Audio decoding worker processes [precompute.num_workers].")
 @click.option("--augment", type=click.Choice(["none", "telephone"]), help="Audio augmentation [precompute.augment].")
 @click.option("--strict/--no-strict", default=None, help="Fail (exit 1) if any clip was rejected [precompute.strict].")
-@click.option("--overwrite/--no-overwrite", default=None,
-              help="Delete an existing store first instead of resuming it [precompute.overwrite].")
+@click.option(
+    "--overwrite/--no-overwrite",
+    default=None,
+    help="Delete an existing store first instead of resuming it [precompute.overwrite].",
+)
 @config_options
-def precompute_command(data, kind, subset, split, audio_column, text_column, max_clips, store, frames, shard_size,
-                       teacher, revision, device, dtype, batch_size, num_workers, augment, strict, overwrite,
-                       config_path, overrides) -> None:
+def precompute_command(
+    data,
+    kind,
+    subset,
+    split,
+    audio_column,
+    text_column,
+    max_clips,
+    store,
+    frames,
+    shard_size,
+    teacher,
+    revision,
+    device,
+    dtype,
+    batch_size,
+    num_workers,
+    augment,
+    strict,
+    overwrite,
+    config_path,
+    overrides,
+) -> None:
     """Run the frozen Whisper encoder over paired audio + text and fill a feature store.
 
     Resumable: a rerun on the same store keeps the complete shards and redoes the rest. With
@@ -153,14 +195,30 @@ def precompute_command(data, kind, subset, split, audio_column, text_column, max
     from stages.precompute import run
     from whistle_pipeline.progress import run_log
 
-    config = _load(config_path, overrides, {
-        "data": {"path": data, "kind": kind, "subset": subset, "split": split, "audio_column": audio_column,
-                 "text_column": text_column, "max_clips": max_clips},
-        "store": {"path": store, "frames": frames, "shard_size": shard_size},
-        "teacher": {"name_or_path": teacher, "revision": revision, "device": device, "dtype": dtype},
-        "precompute": {"batch_size": batch_size, "num_workers": num_workers, "augment": augment,
-                       "strict": strict, "overwrite": overwrite},
-    })
+    config = _load(
+        config_path,
+        overrides,
+        {
+            "data": {
+                "path": data,
+                "kind": kind,
+                "subset": subset,
+                "split": split,
+                "audio_column": audio_column,
+                "text_column": text_column,
+                "max_clips": max_clips,
+            },
+            "store": {"path": store, "frames": frames, "shard_size": shard_size},
+            "teacher": {"name_or_path": teacher, "revision": revision, "device": device, "dtype": dtype},
+            "precompute": {
+                "batch_size": batch_size,
+                "num_workers": num_workers,
+                "augment": augment,
+                "strict": strict,
+                "overwrite": overwrite,
+            },
+        },
+    )
     with run_log(config.store.path, beside=True):
         click.echo(run(config).summary())
 
@@ -173,17 +231,43 @@ def precompute_command(data, kind, subset, split, audio_column, text_column, max
 @click.option("--steps", type=int, help="Optimiser steps in total [train_tle.steps].")
 @click.option("--batch-size", type=int, help="Utterances per step per process [train_tle.batch_size].")
 @click.option("--learning-rate", type=float, help="AdamW peak learning rate [train_tle.learning_rate].")
-@click.option("--decoder-ce-start", type=int, help="Step at which the decoder cross-entropy joins the regression "
-              "[train_tle.decoder_ce_start].")
-@click.option("--decoder-ce-weight", type=float, help="Weight of the decoder cross-entropy in phase 2 (0 = off) "
-              "[train_tle.decoder_ce_weight].")
-@click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint in the output "
-              "folder, or start over [train_tle.resume].")
-@click.option("--skip-damaged/--no-skip-damaged", default=None, help="Leave damaged shards of the store out (counted "
-              "in the summary) instead of stopping at the first one [train_tle.skip_damaged].")
+@click.option(
+    "--decoder-ce-start",
+    type=int,
+    help="Step at which the decoder cross-entropy joins the regression [train_tle.decoder_ce_start].",
+)
+@click.option(
+    "--decoder-ce-weight",
+    type=float,
+    help="Weight of the decoder cross-entropy in phase 2 (0 = off) [train_tle.decoder_ce_weight].",
+)
+@click.option(
+    "--resume/--no-resume",
+    default=None,
+    help="Continue from the newest checkpoint in the output folder, or start over [train_tle.resume].",
+)
+@click.option(
+    "--skip-damaged/--no-skip-damaged",
+    default=None,
+    help="Leave damaged shards of the store out (counted "
+    "in the summary) instead of stopping at the first one [train_tle.skip_damaged].",
+)
 @config_options
-def train_tle_command(store, teacher, revision, output_dir, steps, batch_size, learning_rate, decoder_ce_start,
-                      decoder_ce_weight, resume, skip_damaged, config_path, overrides) -> None:
+def train_tle_command(
+    store,
+    teacher,
+    revision,
+    output_dir,
+    steps,
+    batch_size,
+    learning_rate,
+    decoder_ce_start,
+    decoder_ce_weight,
+    resume,
+    skip_damaged,
+    config_path,
+    overrides,
+) -> None:
     """Train the text-to-latent encoder (TLE) on a feature store.
 
     Learns to produce the teacher's encoder states from text: per-token durations taken from the
@@ -203,13 +287,24 @@ def train_tle_command(store, teacher, revision, output_dir, steps, batch_size, l
     from stages.train_tle import run
     from whistle_pipeline.progress import run_log
 
-    config = _load(config_path, overrides, {
-        "store": {"path": store},
-        "teacher": {"name_or_path": teacher, "revision": revision},
-        "train_tle": {"output_dir": output_dir, "steps": steps, "batch_size": batch_size,
-                      "learning_rate": learning_rate, "decoder_ce_start": decoder_ce_start,
-                      "decoder_ce_weight": decoder_ce_weight, "resume": resume, "skip_damaged": skip_damaged},
-    })
+    config = _load(
+        config_path,
+        overrides,
+        {
+            "store": {"path": store},
+            "teacher": {"name_or_path": teacher, "revision": revision},
+            "train_tle": {
+                "output_dir": output_dir,
+                "steps": steps,
+                "batch_size": batch_size,
+                "learning_rate": learning_rate,
+                "decoder_ce_start": decoder_ce_start,
+                "decoder_ce_weight": decoder_ce_weight,
+                "resume": resume,
+                "skip_damaged": skip_damaged,
+            },
+        },
+    )
     with run_log(config.train_tle.output_dir):
         click.echo(run(config).summary())
 
@@ -220,20 +315,46 @@ def train_tle_command(store, teacher, revision, output_dir, steps, batch_size, l
 @click.option("--teacher", help="The Whisper the store was made with [teacher.name_or_path].")
 @click.option("--revision", help="Hub revision of the teacher [teacher.revision].")
 @click.option("--batch-size", default=16, show_default=True, help="Utterances per batch.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Evaluate these weights (a "
-              "checkpoint's model.safetensors, e.g. the end of phase 1) with TLE_DIR's configuration.")
-@click.option("--text", "text_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Also the text-only round trip (predicted lengths) of every line of this file, e.g. the "
-              "target domain's sentences (repeatable; figure text_wer_<file stem>).")
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Evaluate these weights (a "
+    "checkpoint's model.safetensors, e.g. the end of phase 1) with TLE_DIR's configuration.",
+)
+@click.option(
+    "--text",
+    "text_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Also the text-only round trip (predicted lengths) of every line of this file, e.g. the "
+    "target domain's sentences (repeatable; figure text_wer_<file stem>).",
+)
 @click.option("--text-lines", default=40, show_default=True, help="Lines of each --text file to use.")
-@click.option("--voices", type=click.Path(exists=True, dir_okay=False),
-              help="The synthesize manifest of the store's clips (id, voice): real CE and WER per voice.")
+@click.option(
+    "--voices",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The synthesize manifest of the store's clips (id, voice): real CE and WER per voice.",
+)
 @click.option("--examples", default=5, show_default=True, help="Round-trip transcripts to print.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the figures here as JSON.")
 @click.option("--figure", type=click.Path(dir_okay=False), help="PNG: real vs TLE states of one utterance.")
 @config_options
-def validate_tle_command(tle_dir, store, teacher, revision, batch_size, weights, text_files, text_lines, voices,
-                         examples, json_path, figure, config_path, overrides) -> None:
+def validate_tle_command(
+    tle_dir,
+    store,
+    teacher,
+    revision,
+    batch_size,
+    weights,
+    text_files,
+    text_lines,
+    voices,
+    examples,
+    json_path,
+    figure,
+    config_path,
+    overrides,
+) -> None:
     """How good is a TLE? Its states against the teacher's, and the frozen decoder reading them.
 
     On every utterance of an evaluation store (sentences the TLE never saw): cosine and MSE to the
@@ -249,8 +370,9 @@ def validate_tle_command(tle_dir, store, teacher, revision, batch_size, weights,
     from stages.validate_tle import ValidateTLEOptions, run
 
     config = _load(config_path, overrides, {"teacher": {"name_or_path": teacher, "revision": revision}})
-    options = ValidateTLEOptions(tle_dir, store, batch_size, weights, tuple(text_files), text_lines, voices, examples,
-                                 json_path, figure)
+    options = ValidateTLEOptions(
+        tle_dir, store, batch_size, weights, tuple(text_files), text_lines, voices, examples, json_path, figure
+    )
     click.echo(run(config, options).summary())
 
 
@@ -260,7 +382,9 @@ def validate_tle_command(tle_dir, store, teacher, revision, batch_size, weights,
 @click.option("--check", is_flag=True, help="Read every complete shard and verify it; exit 1 on any fault.")
 @click.option("--plot", "plot_id", metavar="UTT_ID", default=None, help="Draw this utterance's states as a heatmap.")
 @click.option("--out", "plot_out", type=click.Path(dir_okay=False), default=None, help="PNG file for --plot.")
-def inspect_store_command(store_path: str, as_json: bool, check: bool, plot_id: str | None, plot_out: str | None) -> None:
+def inspect_store_command(
+    store_path: str, as_json: bool, check: bool, plot_id: str | None, plot_out: str | None
+) -> None:
     """What a feature store holds, how big it is, and whether it is whole.
 
     \b
@@ -294,10 +418,16 @@ def inspect_store_command(store_path: str, as_json: bool, check: bool, plot_id: 
 @click.option("--teacher", help="The Whisper to adapt: hub name or folder [teacher.name_or_path].")
 @click.option("--revision", help="Hub revision of the teacher [teacher.revision].")
 @click.option("--tle", "tle_path", help="The trained TLE folder (`whistle train-tle` output) [finetune.tle_path].")
-@click.option("--text-states", type=click.Choice(["tle", "null"]), help="Text examples' encoder windows: the TLE's "
-              "states, or null (content-free: a store's tail template; no TLE) [finetune.text_states].")
-@click.option("--text", help="Target-domain text: .txt (a sentence per line), .jsonl/.csv/.tsv, or a datasets "
-              "name/folder [finetune.text].")
+@click.option(
+    "--text-states",
+    type=click.Choice(["tle", "null"]),
+    help="Text examples' encoder windows: the TLE's "
+    "states, or null (content-free: a store's tail template; no TLE) [finetune.text_states].",
+)
+@click.option(
+    "--text",
+    help="Target-domain text: .txt (a sentence per line), .jsonl/.csv/.tsv, or a datasets name/folder [finetune.text].",
+)
 @click.option("--text-column", help="Column of the text in .jsonl/.csv/datasets corpora [finetune.text_column].")
 @click.option("--language", help="Language of the text, a Whisper code [finetune.language].")
 @click.option("--audio-store", help="Store of real paired audio states, against forgetting [finetune.audio_store].")
@@ -310,14 +440,39 @@ def inspect_store_command(store_path: str, as_json: bool, check: bool, plot_id: 
 @click.option("--learning-rate", type=float, help="AdamW peak learning rate [finetune.learning_rate].")
 @click.option("--val-audio", help="Audio set for WER validation with the real encoder [finetune.val_audio].")
 @click.option("--device", help="auto (accelerate's device) or cpu [teacher.device].")
-@click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint in --output-dir "
-              "[finetune.resume].")
-@click.option("--skip-damaged/--no-skip-damaged", default=None, help="Leave damaged shards of the stores out (counted "
-              "in the summary) instead of stopping at the first one [finetune.skip_damaged].")
+@click.option(
+    "--resume/--no-resume", default=None, help="Continue from the newest checkpoint in --output-dir [finetune.resume]."
+)
+@click.option(
+    "--skip-damaged/--no-skip-damaged",
+    default=None,
+    help="Leave damaged shards of the stores out (counted "
+    "in the summary) instead of stopping at the first one [finetune.skip_damaged].",
+)
 @config_options
-def finetune_command(teacher, revision, tle_path, text_states, text, text_column, language, audio_store, tts_store, audio_ratio,
-                     tts_ratio, output_dir, steps, batch_size, learning_rate, val_audio, device, resume, skip_damaged,
-                     config_path, overrides) -> None:
+def finetune_command(
+    teacher,
+    revision,
+    tle_path,
+    text_states,
+    text,
+    text_column,
+    language,
+    audio_store,
+    tts_store,
+    audio_ratio,
+    tts_ratio,
+    output_dir,
+    steps,
+    batch_size,
+    learning_rate,
+    val_audio,
+    device,
+    resume,
+    skip_damaged,
+    config_path,
+    overrides,
+) -> None:
     """Adapt Whisper's decoder to target-domain text through the frozen TLE; write a complete Whisper.
 
     Text examples reach the decoder as TLE states (the encoder never runs); --audio-store mixes in
@@ -338,14 +493,31 @@ def finetune_command(teacher, revision, tle_path, text_states, text, text_column
     from stages.finetune import run
     from whistle_pipeline.progress import run_log
 
-    config = _load(config_path, overrides, {
-        "teacher": {"name_or_path": teacher, "revision": revision, "device": device},
-        "finetune": {"tle_path": tle_path, "text_states": text_states, "text": text, "text_column": text_column, "language": language,
-                     "audio_store": audio_store, "tts_store": tts_store, "audio_ratio": audio_ratio,
-                     "tts_ratio": tts_ratio, "output_dir": output_dir, "steps": steps, "batch_size": batch_size,
-                     "learning_rate": learning_rate, "val_audio": val_audio, "resume": resume,
-                     "skip_damaged": skip_damaged},
-    })
+    config = _load(
+        config_path,
+        overrides,
+        {
+            "teacher": {"name_or_path": teacher, "revision": revision, "device": device},
+            "finetune": {
+                "tle_path": tle_path,
+                "text_states": text_states,
+                "text": text,
+                "text_column": text_column,
+                "language": language,
+                "audio_store": audio_store,
+                "tts_store": tts_store,
+                "audio_ratio": audio_ratio,
+                "tts_ratio": tts_ratio,
+                "output_dir": output_dir,
+                "steps": steps,
+                "batch_size": batch_size,
+                "learning_rate": learning_rate,
+                "val_audio": val_audio,
+                "resume": resume,
+                "skip_damaged": skip_damaged,
+            },
+        },
+    )
     with run_log(config.finetune.output_dir):
         click.echo(run(config).summary())
 
@@ -365,44 +537,90 @@ def _number_or_auto(ctx: click.Context, param: click.Parameter, value: str | Non
 
 @cli.command("evaluate")
 @click.argument("models", nargs=-1, metavar="MODEL...")
-@click.option("--audio", "sets", multiple=True, metavar="[LABEL=]SET",
-              help="Audio set to score on (manifest, Common Voice folder, datasets name/folder); repeatable "
-                   "[evaluate.sets].")
+@click.option(
+    "--audio",
+    "sets",
+    multiple=True,
+    metavar="[LABEL=]SET",
+    help="Audio set to score on (manifest, Common Voice folder, datasets name/folder); repeatable [evaluate.sets].",
+)
 @click.option("--output-dir", help="Where results.json, table.md, hypotheses.jsonl, diffs.md go [evaluate.output_dir].")
 @click.option("--batch-size", type=int, help="Clips per generation batch [evaluate.batch_size].")
 @click.option("--num-beams", type=int, help="Beam width, 1 = greedy [evaluate.num_beams].")
 @click.option("--max-new-tokens", type=int, help="Longest transcript in tokens [evaluate.max_new_tokens].")
 @click.option("--max-clips", type=int, help="Score at most this many clips of each set [evaluate.max_clips].")
-@click.option("--diffs/--no-diffs", default=None, help="Write diffs.md, the words that changed per clip "
-              "[evaluate.write_diffs].")
-@click.option("--variants", callback=_comma_list, metavar="V1,V2", help="Decoding variants, each a column per "
-              "model: plain, prompt, fusion, prompt+fusion [evaluate.variants; default: plain + each aid set].")
+@click.option(
+    "--diffs/--no-diffs", default=None, help="Write diffs.md, the words that changed per clip [evaluate.write_diffs]."
+)
+@click.option(
+    "--variants",
+    callback=_comma_list,
+    metavar="V1,V2",
+    help="Decoding variants, each a column per "
+    "model: plain, prompt, fusion, prompt+fusion [evaluate.variants; default: plain + each aid set].",
+)
 @click.option("--prompt", help="Decoder prompt text (Whisper's prompt_ids) [evaluate.prompt].")
 @click.option("--prompt-file", help="Prompt from a file: one term per line, or free text [evaluate.prompt_file].")
-@click.option("--prompt-from", metavar="CORPUS", help="Prompt with the domain terms of a text corpus "
-              "[evaluate.prompt_from].")
-@click.option("--exclude-from", metavar="CORPUS", help="Text (e.g. the source domain's) whose words are no domain "
-              "terms [evaluate.exclude_from].")
-@click.option("--lm", metavar="ARPA|CORPUS", help="Shallow fusion LM: an ARPA file, or a text corpus to build one "
-              "from [evaluate.lm].")
+@click.option(
+    "--prompt-from", metavar="CORPUS", help="Prompt with the domain terms of a text corpus [evaluate.prompt_from]."
+)
+@click.option(
+    "--exclude-from",
+    metavar="CORPUS",
+    help="Text (e.g. the source domain's) whose words are no domain terms [evaluate.exclude_from].",
+)
+@click.option(
+    "--lm",
+    metavar="ARPA|CORPUS",
+    help="Shallow fusion LM: an ARPA file, or a text corpus to build one from [evaluate.lm].",
+)
 @click.option("--lm-alpha", callback=_number_or_auto, metavar="A|auto", help="LM weight [evaluate.lm_alpha].")
 @click.option("--lm-beta", callback=_number_or_auto, metavar="B|auto", help="Bonus per word [evaluate.lm_beta].")
-@click.option("--lm-dev", metavar="[LABEL=]SET", help="Audio set that chooses the auto weights (default: held "
-              "out of the first set) [evaluate.lm_dev].")
+@click.option(
+    "--lm-dev",
+    metavar="[LABEL=]SET",
+    help="Audio set that chooses the auto weights (default: held out of the first set) [evaluate.lm_dev].",
+)
 @click.option("--fusion-beams", type=int, help="Beams of the fusion variants [evaluate.fusion_num_beams].")
-@click.option("--terms", metavar="FILE", help="Domain terms, one per line, for the term error rate "
-              "[evaluate.terms].")
-@click.option("--terms-from", metavar="CORPUS", help="Derive the domain terms from a text corpus "
-              "[evaluate.terms_from].")
+@click.option("--terms", metavar="FILE", help="Domain terms, one per line, for the term error rate [evaluate.terms].")
+@click.option(
+    "--terms-from", metavar="CORPUS", help="Derive the domain terms from a text corpus [evaluate.terms_from]."
+)
 @click.option("--audio-column", help="Column with the audio [data.audio_column].")
 @click.option("--text-column", help="Column with the reference transcript [data.text_column].")
 @click.option("--device", help="auto, cpu, cuda, cuda:N [teacher.device].")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype "
-              "[teacher.dtype].")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype [teacher.dtype]."
+)
 @config_options
-def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_tokens, max_clips, diffs, variants,
-                     prompt, prompt_file, prompt_from, exclude_from, lm, lm_alpha, lm_beta, lm_dev, fusion_beams, terms,
-                     terms_from, audio_column, text_column, device, dtype, config_path, overrides) -> None:
+def evaluate_command(
+    models,
+    sets,
+    output_dir,
+    batch_size,
+    num_beams,
+    max_new_tokens,
+    max_clips,
+    diffs,
+    variants,
+    prompt,
+    prompt_file,
+    prompt_from,
+    exclude_from,
+    lm,
+    lm_alpha,
+    lm_beta,
+    lm_dev,
+    fusion_beams,
+    terms,
+    terms_from,
+    audio_column,
+    text_column,
+    device,
+    dtype,
+    config_path,
+    overrides,
+) -> None:
     """WER and CER of Whisper models side by side on audio sets (Whisper's text normalisers), beside
     a decoder prompt and shallow fusion with a domain LM, with rare-word (domain term) metrics.
 
@@ -426,27 +644,56 @@ def evaluate_command(models, sets, output_dir, batch_size, num_beams, max_new_to
     from stages.evaluate import run
     from whistle_pipeline.progress import run_log
 
-    config = _load(config_path, overrides, {
-        "evaluate": {"models": list(models) or None, "sets": list(sets) or None, "output_dir": output_dir,
-                     "batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens,
-                     "max_clips": max_clips, "write_diffs": diffs, "variants": variants, "prompt": prompt,
-                     "prompt_file": prompt_file, "prompt_from": prompt_from, "exclude_from": exclude_from, "lm": lm,
-                     "lm_alpha": lm_alpha, "lm_beta": lm_beta, "lm_dev": lm_dev, "fusion_num_beams": fusion_beams,
-                     "terms": terms, "terms_from": terms_from},
-        "data": {"audio_column": audio_column, "text_column": text_column},
-        "teacher": {"device": device, "dtype": dtype},
-    })
+    config = _load(
+        config_path,
+        overrides,
+        {
+            "evaluate": {
+                "models": list(models) or None,
+                "sets": list(sets) or None,
+                "output_dir": output_dir,
+                "batch_size": batch_size,
+                "num_beams": num_beams,
+                "max_new_tokens": max_new_tokens,
+                "max_clips": max_clips,
+                "write_diffs": diffs,
+                "variants": variants,
+                "prompt": prompt,
+                "prompt_file": prompt_file,
+                "prompt_from": prompt_from,
+                "exclude_from": exclude_from,
+                "lm": lm,
+                "lm_alpha": lm_alpha,
+                "lm_beta": lm_beta,
+                "lm_dev": lm_dev,
+                "fusion_num_beams": fusion_beams,
+                "terms": terms,
+                "terms_from": terms_from,
+            },
+            "data": {"audio_column": audio_column, "text_column": text_column},
+            "teacher": {"device": device, "dtype": dtype},
+        },
+    )
     with run_log(config.evaluate.output_dir):
         click.echo(run(config).summary())
 
 
 @cli.command("demo")
-@click.option("--workdir", default="whistle-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Where everything goes: the model, audio, stores, TLE, adapted models, report.json, report.md, "
-              "report.png.")
+@click.option(
+    "--workdir",
+    default="whistle-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where everything goes: the model, audio, stores, TLE, adapted models, report.json, report.md, report.png.",
+)
 @click.option("--quick", is_flag=True, help="A smoke run of a few minutes with tiny sizes (not a measurement).")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Change a setting of every stage the demo runs, e.g. --set finetune.steps=400 (repeatable).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Change a setting of every stage the demo runs, e.g. --set finetune.steps=400 (repeatable).",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars for the long steps.")
 def demo_command(workdir: str, quick: bool, overrides: tuple[str, ...], progress: bool) -> None:
     """The whole method on the bundled example, offline: real Whisper tiny.en, eSpeak speech.
@@ -474,8 +721,12 @@ def demo_command(workdir: str, quick: bool, overrides: tuple[str, ...], progress
         click.echo(run(workdir, quick, overrides, progress).summary())
 
 
-for tool in (cli_tools.import_ct2_command, cli_tools.export_ct2_command, cli_tools.synthesize_command,
-             cli_tools.config_command):
+for tool in (
+    cli_tools.import_ct2_command,
+    cli_tools.export_ct2_command,
+    cli_tools.synthesize_command,
+    cli_tools.config_command,
+):
     cli.add_command(tool)
 
 

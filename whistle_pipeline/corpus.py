@@ -18,6 +18,7 @@ is empty fall back to ``language``). Bad rows (no text, unreadable JSON, no lang
     corpus = read_corpus("examples/target/train.txt", text_column="text", language="en")
     corpus.rows[0]  # TextRow(id='train.txt:1', text='...', language='en')
 """
+
 from __future__ import annotations
 
 import zlib
@@ -117,8 +118,9 @@ def read_corpus(
     return corpus
 
 
-def _add_row(corpus: TextCorpus, row_id: str, cells: dict[str, Any], text_column: str, language: str,
-             language_column: str) -> None:
+def _add_row(
+    corpus: TextCorpus, row_id: str, cells: dict[str, Any], text_column: str, language: str, language_column: str
+) -> None:
     if text_column not in cells:
         corpus.rejects.append(TextReject(row_id, f"no {text_column!r} field (fields: {', '.join(map(str, cells))})"))
         return
@@ -151,8 +153,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any] | TextRejec
         yield row_id, record.cells if record.cells is not None else TextReject(row_id, record.reason)
 
 
-def _csv_records(path: Path, delimiter: str, text_column: str, language_column: str
-                 ) -> Iterator[tuple[str, dict[str, Any] | TextReject]]:
+def _csv_records(
+    path: Path, delimiter: str, text_column: str, language_column: str
+) -> Iterator[tuple[str, dict[str, Any] | TextReject]]:
     # read as manifests are: TSV unquoted, a CSV quote that does not close costs its own line, BOM dropped
     records, columns = read_table(path, delimiter)
     for wanted in filter(None, (text_column, language_column)):
@@ -175,13 +178,15 @@ def _lines(path: Path) -> Iterable[str]:
         raise WhistleError(f"{path} is not UTF-8 text ({err}); convert it, e.g. with iconv") from err
 
 
-def _datasets_records(name: str, split: str, subset: str, text_column: str, language_column: str
-                      ) -> Iterator[tuple[str, dict[str, Any]]]:
+def _datasets_records(
+    name: str, split: str, subset: str, text_column: str, language_column: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
     import datasets
 
     try:
-        if Path(name).is_dir() and any((Path(name) / marker).exists()
-                                       for marker in ("state.json", "dataset_dict.json", "dataset_info.json")):
+        if Path(name).is_dir() and any(
+            (Path(name) / marker).exists() for marker in ("state.json", "dataset_dict.json", "dataset_info.json")
+        ):
             loaded = datasets.load_from_disk(name)
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:

@@ -24,6 +24,7 @@ stored integers are ``rint(w * scale)``, so ``w = q / scale`` up to half a quant
 The architecture (widths, layer counts, vocabulary, mel bins) is read from the weight shapes;
 the head counts from the ``num_heads`` scalars.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,14 @@ log = logging.getLogger(__name__)
 
 BINARY_VERSION = 6
 WHISPER_SPEC = "WhisperSpec"
-DTYPES = {0: np.dtype("<f4"), 1: np.dtype("i1"), 2: np.dtype("<i2"), 3: np.dtype("<i4"), 4: np.dtype("<f2"),
-          5: np.dtype("<u2")}  # bfloat16 is read as its 16 raw bits, widened in `_to_float32`
+DTYPES = {
+    0: np.dtype("<f4"),
+    1: np.dtype("i1"),
+    2: np.dtype("<i2"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<f2"),
+    5: np.dtype("<u2"),
+}  # bfloat16 is read as its 16 raw bits, widened in `_to_float32`
 DTYPE_NAMES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: "bfloat16"}
 GELU = 3  # ctranslate2.specs.common_spec.Activation.GELU
 TIME_PRECISION = 0.02  # seconds per timestamp token (one encoder frame)
@@ -113,11 +120,15 @@ class Ct2Weights:
             return _to_float32(value, self.dtype_name(name))
         name = self.resolve(name)  # an alias (decoder/projection) shares its target's scale
         if self.has(name + "_zero"):
-            raise Ct2Error(f"{self.path}: {name!r} is AWQ/GPTQ-quantised (it has a zero point); only CTranslate2's own "
-                           "int8/int16 quantisation can be de-quantised — convert the original checkpoint instead")
+            raise Ct2Error(
+                f"{self.path}: {name!r} is AWQ/GPTQ-quantised (it has a zero point); only CTranslate2's own "
+                "int8/int16 quantisation can be de-quantised — convert the original checkpoint instead"
+            )
         if not self.has(name + "_scale"):
-            raise Ct2Error(f"{self.path}: {name!r} is stored as {value.dtype} without a {name}_scale variable, so it "
-                           "cannot be de-quantised")
+            raise Ct2Error(
+                f"{self.path}: {name!r} is stored as {value.dtype} without a {name}_scale variable, so it "
+                "cannot be de-quantised"
+            )
         scale = _to_float32(self.raw(name + "_scale"), self.dtype_name(name + "_scale"))
         if scale.ndim == 0 or scale.size == 1:  # int16: one scale for the tensor
             return value.astype(np.float32) / scale.reshape(())
@@ -159,11 +170,13 @@ class _Reader:
         start = self.offset
         (length,) = self.unpack("<H", f"the length of {what}")
         self._need(length, what)
-        raw = bytes(self.buffer[self.offset:self.offset + length])
+        raw = bytes(self.buffer[self.offset : self.offset + length])
         self.offset += length
         if length == 0 or raw[-1] != 0:
-            raise Ct2Error(f"{self.path}: {what} at offset {start} is not a NUL-terminated string; the file is corrupt "
-                           "or not a CTranslate2 model.bin")
+            raise Ct2Error(
+                f"{self.path}: {what} at offset {start} is not a NUL-terminated string; the file is corrupt "
+                "or not a CTranslate2 model.bin"
+            )
         try:
             return raw[:-1].decode("utf-8")
         except UnicodeDecodeError as err:
@@ -198,8 +211,10 @@ def read_model_bin(path: str | Path) -> Ct2Weights:
     spec = reader.string("the spec name")
     (revision,) = reader.unpack("<I", "the spec revision")
     if spec != WHISPER_SPEC:
-        raise Ct2Error(f"{path} holds a CTranslate2 {spec!r} (revision {revision}), not a Whisper model "
-                       f"({WHISPER_SPEC}); import-ct2 converts Whisper models only")
+        raise Ct2Error(
+            f"{path} holds a CTranslate2 {spec!r} (revision {revision}), not a Whisper model "
+            f"({WHISPER_SPEC}); import-ct2 converts Whisper models only"
+        )
     (count,) = reader.unpack("<I", "the variable count")
     variables: dict[str, np.ndarray] = {}
     dtype_names: dict[str, str] = {}
@@ -211,12 +226,15 @@ def read_model_bin(path: str | Path) -> Ct2Weights:
         (dtype_id,) = reader.unpack("<B", f"the dtype of {name!r}")
         (nbytes,) = reader.unpack("<I", f"the byte size of {name!r}")
         if dtype_id not in DTYPES:
-            raise Ct2Error(f"{path}: variable {name!r} (at offset {start}) has unknown dtype id {dtype_id}; "
-                           f"known: {DTYPE_NAMES}")
+            raise Ct2Error(
+                f"{path}: variable {name!r} (at offset {start}) has unknown dtype id {dtype_id}; known: {DTYPE_NAMES}"
+            )
         expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype_id].itemsize
         if nbytes != expected:
-            raise Ct2Error(f"{path}: variable {name!r} (at offset {start}) declares {nbytes} bytes but its shape "
-                           f"{list(shape)} of {DTYPE_NAMES[dtype_id]} needs {expected}; the file is corrupt")
+            raise Ct2Error(
+                f"{path}: variable {name!r} (at offset {start}) declares {nbytes} bytes but its shape "
+                f"{list(shape)} of {DTYPE_NAMES[dtype_id]} needs {expected}; the file is corrupt"
+            )
         variables[name] = reader.array(DTYPES[dtype_id], tuple(shape), nbytes, name)
         dtype_names[name] = DTYPE_NAMES[dtype_id]
     (alias_count,) = reader.unpack("<I", "the alias count")
@@ -227,8 +245,10 @@ def read_model_bin(path: str | Path) -> Ct2Weights:
         if aliases[alias] not in variables:
             raise Ct2Error(f"{path}: alias {alias!r} points at {aliases[alias]!r}, which the file does not hold")
     if reader.offset != len(buffer):
-        raise Ct2Error(f"{path} has {len(buffer) - reader.offset} unexpected byte(s) after the last alias "
-                       f"(offset {reader.offset}); the file is corrupt")
+        raise Ct2Error(
+            f"{path} has {len(buffer) - reader.offset} unexpected byte(s) after the last alias "
+            f"(offset {reader.offset}); the file is corrupt"
+        )
     return Ct2Weights(path, spec, revision, variables, dtype_names, aliases)
 
 
@@ -253,8 +273,9 @@ class WhisperDims:
 def _layer_count(weights: Ct2Weights, side: str) -> int:
     numbers = {int(m.group(1)) for name in weights.variables if (m := re.match(rf"{side}/layer_(\d+)/", name))}
     if not numbers or numbers != set(range(len(numbers))):
-        raise Ct2Error(f"{weights.path}: the {side} layers are {sorted(numbers) or 'missing'}; expected layer_0 ... "
-                       "layer_N-1")
+        raise Ct2Error(
+            f"{weights.path}: the {side} layers are {sorted(numbers) or 'missing'}; expected layer_0 ... layer_N-1"
+        )
     return len(numbers)
 
 
@@ -268,13 +289,15 @@ def read_dims(weights: Ct2Weights) -> WhisperDims:
             heads[side] = weights.scalar(f"{side}/num_heads")
         else:  # every OpenAI Whisper size has 64-dimensional attention heads
             heads[side] = d_model // 64
-            log.warning("%s has no %s/num_heads; assuming Whisper's 64-dimensional heads: %d", weights.path, side,
-                        heads[side])
+            log.warning(
+                "%s has no %s/num_heads; assuming Whisper's 64-dimensional heads: %d", weights.path, side, heads[side]
+            )
         if heads[side] < 1 or d_model % heads[side]:
             raise Ct2Error(f"{weights.path}: d_model {d_model} is not divisible by {side}/num_heads = {heads[side]}")
     projection = weights.resolve("decoder/projection/weight")
     tied = projection == "decoder/embeddings/weight" or (
-        projection in weights.variables and np.array_equal(weights.variables[projection], embeddings))
+        projection in weights.variables and np.array_equal(weights.variables[projection], embeddings)
+    )
     return WhisperDims(
         d_model=d_model,
         n_mels=conv1.shape[1],
@@ -297,8 +320,10 @@ def _check_scalars(weights: Ct2Weights) -> None:
             continue
         value = weights.scalar(name)
         if required is not None and value != required:
-            raise Ct2Error(f"{weights.path}: {name} = {value}, but Whisper needs {required}; this model.bin is not an "
-                           "OpenAI Whisper architecture")
+            raise Ct2Error(
+                f"{weights.path}: {name} = {value}, but Whisper needs {required}; this model.bin is not an "
+                "OpenAI Whisper architecture"
+            )
 
 
 def whisper_state_dict(weights: Ct2Weights, dims: WhisperDims) -> dict[str, np.ndarray]:
@@ -360,8 +385,10 @@ def whisper_state_dict(weights: Ct2Weights, dims: WhisperDims) -> dict[str, np.n
     _check_scalars(weights)
     leftover = sorted(set(weights.variables) - weights.taken - set(SPEC_SCALARS))
     if leftover:
-        raise Ct2Error(f"{weights.path}: variables this Whisper converter does not know: {', '.join(leftover[:10])}"
-                       f"{' ...' if len(leftover) > 10 else ''}; the model is not a plain Whisper")
+        raise Ct2Error(
+            f"{weights.path}: variables this Whisper converter does not know: {', '.join(leftover[:10])}"
+            f"{' ...' if len(leftover) > 10 else ''}; the model is not a plain Whisper"
+        )
     return state
 
 
@@ -382,13 +409,16 @@ def read_source(directory: str | Path) -> Ct2Source:
     if not directory.is_dir():
         raise Ct2Error(f"{directory} is not a folder; give the CTranslate2 model folder (with model.bin)")
     missing = [name for name in ("model.bin", "config.json", "tokenizer.json") if not (directory / name).is_file()]
-    vocabulary_path = next((directory / n for n in ("vocabulary.json", "vocabulary.txt") if (directory / n).is_file()),
-                           None)
+    vocabulary_path = next(
+        (directory / n for n in ("vocabulary.json", "vocabulary.txt") if (directory / n).is_file()), None
+    )
     if vocabulary_path is None:
         missing.append("vocabulary.txt")
     if missing:
-        raise Ct2Error(f"{directory} lacks {', '.join(missing)}: a faster-whisper model folder holds model.bin, "
-                       "config.json, tokenizer.json and vocabulary.txt")
+        raise Ct2Error(
+            f"{directory} lacks {', '.join(missing)}: a faster-whisper model folder holds model.bin, "
+            "config.json, tokenizer.json and vocabulary.txt"
+        )
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
         if vocabulary_path.suffix == ".json":
@@ -429,36 +459,58 @@ def build_tokenizer(source: Ct2Source, vocab_size: int) -> tuple[Any, SpecialIds
         raise Ct2Error(f"cannot read {source.tokenizer_json} as a tokenizers file: {err}") from err
     vocabulary = source.vocabulary
     if len(vocabulary) != vocab_size:
-        raise Ct2Error(f"{source.directory}: the vocabulary lists {len(vocabulary)} tokens but the model's embedding "
-                       f"has {vocab_size} rows; the files come from different models")
+        raise Ct2Error(
+            f"{source.directory}: the vocabulary lists {len(vocabulary)} tokens but the model's embedding "
+            f"has {vocab_size} rows; the files come from different models"
+        )
     known = backend.get_vocab_size(with_added_tokens=True)
     mismatched = [i for i in range(min(known, vocab_size)) if backend.id_to_token(i) != vocabulary[i]]
     if mismatched:
         i = mismatched[0]
-        raise Ct2Error(f"{source.tokenizer_json} disagrees with the vocabulary at {len(mismatched)} id(s), first id "
-                       f"{i}: {backend.id_to_token(i)!r} vs {vocabulary[i]!r}; the files come from different models")
+        raise Ct2Error(
+            f"{source.tokenizer_json} disagrees with the vocabulary at {len(mismatched)} id(s), first id "
+            f"{i}: {backend.id_to_token(i)!r} vs {vocabulary[i]!r}; the files come from different models"
+        )
     timestamps = vocabulary[known:]
     for offset, token in enumerate(timestamps):
         if token != f"<|{offset * TIME_PRECISION:.2f}|>":
-            raise Ct2Error(f"{source.directory}: vocabulary id {known + offset} is {token!r}; after the tokenizer's "
-                           "tokens only timestamp tokens <|0.00|>, <|0.02|>, ... may follow")
+            raise Ct2Error(
+                f"{source.directory}: vocabulary id {known + offset} is {token!r}; after the tokenizer's "
+                "tokens only timestamp tokens <|0.00|>, <|0.02|>, ... may follow"
+            )
     backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in timestamps])
 
     added = backend.get_added_tokens_decoder()
     specials = [added[i].content for i in sorted(added) if added[i].special]
     ids = {token: backend.token_to_id(token) for token in specials}
-    required = ("<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>", "<|startofprev|>",
-                "<|notimestamps|>")
+    required = (
+        "<|endoftext|>",
+        "<|startoftranscript|>",
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startofprev|>",
+        "<|notimestamps|>",
+    )
     absent = [token for token in required if token not in ids]
     if absent:
         raise Ct2Error(f"{source.tokenizer_json} lacks Whisper's special token(s) {', '.join(absent)}")
     start = ids["<|startoftranscript|>"]
     languages = {t: i for t, i in ids.items() if start < i < ids["<|translate|>"]}
-    special_ids = SpecialIds(ids["<|endoftext|>"], start, ids["<|translate|>"], ids["<|transcribe|>"],
-                             ids["<|startofprev|>"], ids["<|notimestamps|>"], languages)
+    special_ids = SpecialIds(
+        ids["<|endoftext|>"],
+        start,
+        ids["<|translate|>"],
+        ids["<|transcribe|>"],
+        ids["<|startofprev|>"],
+        ids["<|notimestamps|>"],
+        languages,
+    )
     tokenizer = WhisperTokenizerFast(
         tokenizer_object=backend,
-        unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=specials,
         normalizer_file=str(english_spelling_path()),
         model_max_length=None,
@@ -479,14 +531,25 @@ def build_generation_config(source: Ct2Source, dims: WhisperDims, ids: SpecialId
     path = source.directory / "config.json"
     heads = source.config.get("alignment_heads")
     if heads is None:  # what CTranslate2's converter assumes: every head of the last half of the layers
-        heads = [[layer, head] for layer in range(dims.decoder_layers // 2, dims.decoder_layers)
-                 for head in range(dims.decoder_heads)]
-        log.info("%s has no alignment_heads; using all heads of decoder layers %d-%d", path,
-                 dims.decoder_layers // 2, dims.decoder_layers - 1)
-    if not all(isinstance(h, list) and len(h) == 2 and 0 <= h[0] < dims.decoder_layers
-               and 0 <= h[1] < dims.decoder_heads for h in heads):
-        raise Ct2Error(f"{path}: alignment_heads must be [layer, head] pairs within {dims.decoder_layers} layers x "
-                       f"{dims.decoder_heads} heads")
+        heads = [
+            [layer, head]
+            for layer in range(dims.decoder_layers // 2, dims.decoder_layers)
+            for head in range(dims.decoder_heads)
+        ]
+        log.info(
+            "%s has no alignment_heads; using all heads of decoder layers %d-%d",
+            path,
+            dims.decoder_layers // 2,
+            dims.decoder_layers - 1,
+        )
+    if not all(
+        isinstance(h, list) and len(h) == 2 and 0 <= h[0] < dims.decoder_layers and 0 <= h[1] < dims.decoder_heads
+        for h in heads
+    ):
+        raise Ct2Error(
+            f"{path}: alignment_heads must be [layer, head] pairs within {dims.decoder_layers} layers x "
+            f"{dims.decoder_heads} heads"
+        )
     multilingual = dims.vocab_size >= MULTILINGUAL_VOCAB_SIZE
     extra: dict[str, Any] = {}
     if multilingual:
@@ -510,21 +573,32 @@ def build_generation_config(source: Ct2Source, dims: WhisperDims, ids: SpecialId
     )
 
 
-def build_whisper(state: dict[str, np.ndarray], dims: WhisperDims, ids: SpecialIds, generation_config: Any,
-                  dtype: str) -> Any:
+def build_whisper(
+    state: dict[str, np.ndarray], dims: WhisperDims, ids: SpecialIds, generation_config: Any, dtype: str
+) -> Any:
     """A WhisperForConditionalGeneration holding exactly `state` (built on the meta device: no random init)."""
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     config = WhisperConfig(
-        vocab_size=dims.vocab_size, num_mel_bins=dims.n_mels, d_model=dims.d_model,
-        encoder_layers=dims.encoder_layers, decoder_layers=dims.decoder_layers,
-        encoder_attention_heads=dims.encoder_heads, decoder_attention_heads=dims.decoder_heads,
-        encoder_ffn_dim=dims.encoder_ffn_dim, decoder_ffn_dim=dims.decoder_ffn_dim,
-        max_source_positions=dims.max_source_positions, max_target_positions=dims.max_target_positions,
-        bos_token_id=ids.start_of_transcript, decoder_start_token_id=ids.start_of_transcript,
-        eos_token_id=ids.end_of_text, pad_token_id=ids.end_of_text,
-        tie_word_embeddings=dims.tied_projection, scale_embedding=False, activation_function="gelu",
+        vocab_size=dims.vocab_size,
+        num_mel_bins=dims.n_mels,
+        d_model=dims.d_model,
+        encoder_layers=dims.encoder_layers,
+        decoder_layers=dims.decoder_layers,
+        encoder_attention_heads=dims.encoder_heads,
+        decoder_attention_heads=dims.decoder_heads,
+        encoder_ffn_dim=dims.encoder_ffn_dim,
+        decoder_ffn_dim=dims.decoder_ffn_dim,
+        max_source_positions=dims.max_source_positions,
+        max_target_positions=dims.max_target_positions,
+        bos_token_id=ids.start_of_transcript,
+        decoder_start_token_id=ids.start_of_transcript,
+        eos_token_id=ids.end_of_text,
+        pad_token_id=ids.end_of_text,
+        tie_word_embeddings=dims.tied_projection,
+        scale_embedding=False,
+        activation_function="gelu",
         # WhisperConfig's own defaults ([220, 50256]) fit English-only vocabularies only: use the model's lists.
         suppress_tokens=generation_config.suppress_tokens,
         begin_suppress_tokens=generation_config.begin_suppress_tokens,
@@ -536,8 +610,10 @@ def build_whisper(state: dict[str, np.ndarray], dims: WhisperDims, ids: SpecialI
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     allowed_missing = {"proj_out.weight"} if dims.tied_projection else set()
     if set(missing) - allowed_missing or unexpected:
-        raise Ct2Error(f"internal mapping error: missing {sorted(set(missing) - allowed_missing)}, unexpected "
-                       f"{sorted(unexpected)} (please report)")
+        raise Ct2Error(
+            f"internal mapping error: missing {sorted(set(missing) - allowed_missing)}, unexpected "
+            f"{sorted(unexpected)} (please report)"
+        )
     model.tie_weights()
     unset = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unset:
@@ -579,15 +655,20 @@ def find_package_model(package: str) -> tuple[Path, str]:
     try:
         distribution = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
-        raise Ct2Error(f"the package {package!r} is not installed; install it with {PACKAGE_INSTALL_HINT} (or "
-                       f"pip install {package})") from None
-    folders = sorted({Path(distribution.locate_file(f)).parent for f in distribution.files or []
-                      if Path(str(f)).name == "model.bin"})
+        raise Ct2Error(
+            f"the package {package!r} is not installed; install it with {PACKAGE_INSTALL_HINT} (or "
+            f"pip install {package})"
+        ) from None
+    folders = sorted(
+        {Path(distribution.locate_file(f)).parent for f in distribution.files or [] if Path(str(f)).name == "model.bin"}
+    )
     folders = [f for f in folders if (f / "config.json").is_file()]
     if len(folders) != 1:
         found = ", ".join(map(str, folders)) or "none"
-        raise Ct2Error(f"the package {package} {distribution.version} should hold exactly one CTranslate2 model "
-                       f"folder (model.bin + config.json); found: {found}")
+        raise Ct2Error(
+            f"the package {package} {distribution.version} should hold exactly one CTranslate2 model "
+            f"folder (model.bin + config.json); found: {found}"
+        )
     return folders[0], distribution.version
 
 
@@ -599,16 +680,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_ct2(source_dir: str | Path | None, output_dir: str | Path, *, package: str | None = None,
-               dtype: str = "float32", overwrite: bool = False) -> ImportResult:
+def import_ct2(
+    source_dir: str | Path | None,
+    output_dir: str | Path,
+    *,
+    package: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> ImportResult:
     """Convert a faster-whisper folder (or the one inside `package`) into a transformers Whisper folder.
 
     The output is written to a temporary sibling folder and renamed into place, so an interrupted
     import never leaves a half-written model at `output_dir`.
     """
-    import whistle_pipeline
     from transformers import WhisperFeatureExtractor
 
+    import whistle_pipeline
     from whistle_pipeline import preflight
 
     preflight.import_ct2(source_dir, output_dir)
@@ -635,12 +722,16 @@ def import_ct2(source_dir: str | Path | None, output_dir: str | Path, *, package
     if (source.directory / "preprocessor_config.json").is_file():  # the source's own (faster-whisper's large-v3)
         feature_extractor = WhisperFeatureExtractor.from_pretrained(source.directory)
         if feature_extractor.feature_size != dims.n_mels:
-            raise Ct2Error(f"{source.directory / 'preprocessor_config.json'} makes {feature_extractor.feature_size} "
-                           f"mel bins, the encoder expects {dims.n_mels}; the files come from different models")
+            raise Ct2Error(
+                f"{source.directory / 'preprocessor_config.json'} makes {feature_extractor.feature_size} "
+                f"mel bins, the encoder expects {dims.n_mels}; the files come from different models"
+            )
     # The encoder's two convolutions halve the mel frames: a 30 s window of 3000 frames gives 1500 positions.
     if feature_extractor.nb_max_frames != 2 * dims.max_source_positions:
-        raise Ct2Error(f"{weights.path}: the encoder has {dims.max_source_positions} positions, but Whisper's 30 s "
-                       f"window gives {feature_extractor.nb_max_frames // 2}; not a standard Whisper encoder")
+        raise Ct2Error(
+            f"{weights.path}: the encoder has {dims.max_source_positions} positions, but Whisper's 30 s "
+            f"window gives {feature_extractor.nb_max_frames // 2}; not a standard Whisper encoder"
+        )
     model = build_whisper(state, dims, ids, generation_config, dtype)
     model.generation_config = generation_config
 
@@ -674,7 +765,13 @@ def import_ct2(source_dir: str | Path | None, output_dir: str | Path, *, package
         shutil.rmtree(output_dir)
     partial.rename(output_dir)
     return ImportResult(
-        output_dir=str(output_dir), source=str(source.directory), package=package_label, dims=dims,
-        multilingual=generation_config.is_multilingual, source_dtypes=source_dtypes, dtype=dtype,
-        n_parameters=sum(p.numel() for p in model.parameters()), seconds=time.perf_counter() - started,
+        output_dir=str(output_dir),
+        source=str(source.directory),
+        package=package_label,
+        dims=dims,
+        multilingual=generation_config.is_multilingual,
+        source_dtypes=source_dtypes,
+        dtype=dtype,
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        seconds=time.perf_counter() - started,
     )

@@ -19,6 +19,7 @@ renamed into place only after the check passes: a failed export leaves nothing a
 
 ctranslate2 is an optional dependency (``pip install 'whistle[ct2]'``), imported inside the functions.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,10 @@ class Verification:
 
     def summary(self) -> str:
         need = "exact match required" if self.exact_required else "integer quantization: agreement reported"
-        return (f"greedy token ids, ctranslate2 ({self.compute_type}, CPU) vs transformers: {self.identical} of "
-                f"{self.clips} clips identical ({self.rate:.0%}) on {self.inputs} ({need})")
+        return (
+            f"greedy token ids, ctranslate2 ({self.compute_type}, CPU) vs transformers: {self.identical} of "
+            f"{self.clips} clips identical ({self.rate:.0%}) on {self.inputs} ({need})"
+        )
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,13 @@ class ExportResult:
 
     def summary(self) -> str:
         size = sum(self.files.values()) / 1e6
-        lines = [(f"wrote {self.output_dir} (CTranslate2 Whisper, {self.quantization}, {size:.1f} MB) from "
-                  f"{self.model_dir} in {self.seconds:.1f} s"),
-                 f"  files: {', '.join(sorted(self.files))}"]
+        lines = [
+            (
+                f"wrote {self.output_dir} (CTranslate2 Whisper, {self.quantization}, {size:.1f} MB) from "
+                f"{self.model_dir} in {self.seconds:.1f} s"
+            ),
+            f"  files: {', '.join(sorted(self.files))}",
+        ]
         if self.verification is not None:
             lines.append(f"  {self.verification.summary()}")
         lines.append(f"  use it: faster_whisper.WhisperModel('{self.output_dir}', device='cpu', compute_type='int8')")
@@ -122,30 +129,45 @@ def _require_ctranslate2() -> Any:
 
 # ---- checks --------------------------------------------------------------------------------------------
 
+
 def check_model_dir(model_dir: Path) -> list[str]:
     """What keeps `model_dir` from being exported: every problem, each naming the path and the fix."""
     if not model_dir.is_dir():
-        return [(f"MODEL {model_dir} is not a folder: give a Whisper checkpoint folder (a `whistle finetune` or "
-                 "`whistle import-ct2` output, or any save_pretrained Whisper)")]
+        return [
+            (
+                f"MODEL {model_dir} is not a folder: give a Whisper checkpoint folder (a `whistle finetune` or "
+                "`whistle import-ct2` output, or any save_pretrained Whisper)"
+            )
+        ]
     config_path = model_dir / "config.json"
     try:
         model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     except FileNotFoundError:
-        return [(f"MODEL {model_dir} has no config.json, so it is not a transformers checkpoint: give a Whisper "
-                 "folder written by save_pretrained")]
+        return [
+            (
+                f"MODEL {model_dir} has no config.json, so it is not a transformers checkpoint: give a Whisper "
+                "folder written by save_pretrained"
+            )
+        ]
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         return [f"{config_path} is not a JSON object ({err}); write the checkpoint again with save_pretrained"]
     problems = []
     if model_type != "whisper":
-        problems.append(f"MODEL {model_dir} holds a {model_type!r} model (config.json model_type), not Whisper; "
-                        "export-ct2 converts Whisper checkpoints only")
+        problems.append(
+            f"MODEL {model_dir} holds a {model_type!r} model (config.json model_type), not Whisper; "
+            "export-ct2 converts Whisper checkpoints only"
+        )
     if not any(model_dir.glob("*.safetensors")):
-        problems.append(f"MODEL {model_dir} has no *.safetensors weights; save the model with save_pretrained "
-                        "(safetensors is its default)")
+        problems.append(
+            f"MODEL {model_dir} has no *.safetensors weights; save the model with save_pretrained "
+            "(safetensors is its default)"
+        )
     for name in COPIED_FILES:
         if not (model_dir / name).is_file():
-            problems.append(f"MODEL {model_dir} lacks {name}, which faster-whisper needs beside model.bin; save the "
-                            "model's WhisperProcessor into the folder (processor.save_pretrained(MODEL))")
+            problems.append(
+                f"MODEL {model_dir} lacks {name}, which faster-whisper needs beside model.bin; save the "
+                "model's WhisperProcessor into the folder (processor.save_pretrained(MODEL))"
+            )
     return problems
 
 
@@ -157,8 +179,12 @@ def check_output_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> list[st
     if out.is_relative_to(model):
         return [f"OUT {out_dir} lies inside MODEL {model_dir}; write the export outside the checkpoint folder"]
     if model.is_relative_to(out):
-        return [(f"OUT {out_dir} contains MODEL {model_dir}, so --overwrite would delete the input; choose an "
-                 "OUT outside it")]
+        return [
+            (
+                f"OUT {out_dir} contains MODEL {model_dir}, so --overwrite would delete the input; choose an "
+                "OUT outside it"
+            )
+        ]
     if out_dir.exists() and not overwrite:
         return [f"OUT {out_dir} exists; choose another folder or pass --overwrite to replace it"]
     if out_dir.exists() and not out_dir.is_dir():
@@ -167,6 +193,7 @@ def check_output_dir(model_dir: Path, out_dir: Path, overwrite: bool) -> list[st
 
 
 # ---- conversion ----------------------------------------------------------------------------------------
+
 
 def _converter(model_dir: Path) -> Any:
     """CTranslate2's TransformersConverter, with one transformers 5 gap closed.
@@ -200,6 +227,7 @@ def convert(model_dir: Path, out_dir: Path, quantization: str) -> None:
 
 
 # ---- verification --------------------------------------------------------------------------------------
+
 
 def synthetic_clips(n: int = SYNTHETIC_CLIPS, seconds: float = 8.0, seed: int = 0) -> list[np.ndarray]:
     """`n` clips of tones, chirps and noise at 16 kHz: deterministic inputs that need no audio files."""
@@ -235,8 +263,10 @@ def read_verification_audio(path: str | Path, max_clips: int = 16) -> list[np.nd
         log.warning("%s: %d of %d rows unusable, verifying on the rest", path, len(source) - len(items), len(source))
     if not items:
         raise ExportError(f"--verify-audio {path}: no usable rows ({source.describe()})")
-    return [load_audio(item.audio, SAMPLE_RATE, max_seconds=window_seconds, name=item.audio_name, segment=item.segment)
-            for item in items]
+    return [
+        load_audio(item.audio, SAMPLE_RATE, max_seconds=window_seconds, name=item.audio_name, segment=item.segment)
+        for item in items
+    ]
 
 
 def log_mel(model_dir: str | Path, clips: Sequence[np.ndarray]) -> np.ndarray:
@@ -249,11 +279,19 @@ def log_mel(model_dir: str | Path, clips: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[:ids.index(eos)] if eos in ids else ids
+    return ids[: ids.index(eos)] if eos in ids else ids
 
 
-def verify_ct2(model_dir: str | Path, ct2_dir: str | Path, features: np.ndarray, *, inputs: str = "given features",
-               language: str = "en", max_new_tokens: int = 224, batch_size: int = 8) -> Verification:
+def verify_ct2(
+    model_dir: str | Path,
+    ct2_dir: str | Path,
+    features: np.ndarray,
+    *,
+    inputs: str = "given features",
+    language: str = "en",
+    max_new_tokens: int = 224,
+    batch_size: int = 8,
+) -> Verification:
     """Greedy-transcribe `features` (N, n_mels, frames) with both runtimes on CPU and compare the token ids.
 
     The prompt is <|startoftranscript|> (+ <|language|><|transcribe|> for multilingual models)
@@ -266,8 +304,7 @@ def verify_ct2(model_dir: str | Path, ct2_dir: str | Path, features: np.ndarray,
     ctranslate2 = _require_ctranslate2()
     quantization = stored_weight_type(ct2_dir)
     exact = quantization in EXACT_QUANTIZATIONS
-    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                            use_safetensors=True).eval()
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
     if quantization in ("float16", "bfloat16"):  # the reference holds the exported (rounded) weights
         with torch.no_grad():
             for parameter in model.parameters():
@@ -277,34 +314,45 @@ def verify_ct2(model_dir: str | Path, ct2_dir: str | Path, features: np.ndarray,
     options: dict[str, Any] = {}
     if getattr(generation, "lang_to_id", None):
         if f"<|{language}|>" not in generation.lang_to_id:
-            raise ExportError(f"{model_dir}: the generation config's lang_to_id has no <|{language}|>; verify in one "
-                              f"of {', '.join(sorted(generation.lang_to_id)[:8])}, ...")
+            raise ExportError(
+                f"{model_dir}: the generation config's lang_to_id has no <|{language}|>; verify in one "
+                f"of {', '.join(sorted(generation.lang_to_id)[:8])}, ..."
+            )
         prompt += [generation.lang_to_id[f"<|{language}|>"], generation.task_to_id["transcribe"]]
         options = {"language": language, "task": "transcribe"}
     prompt.append(generation.no_timestamps_token_id)
     new_tokens = min(max_new_tokens, model.config.max_target_positions // 2 - len(prompt))
     compute_type = "float32" if exact else "int16" if quantization == "int16" else "int8_float32"
-    runtime = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type=compute_type,
-                                         intra_threads=torch.get_num_threads())
+    runtime = ctranslate2.models.Whisper(
+        str(ct2_dir), device="cpu", compute_type=compute_type, intra_threads=torch.get_num_threads()
+    )
     identical, mismatches = 0, []
     for start in range(0, len(features), batch_size):
-        batch = np.ascontiguousarray(features[start:start + batch_size], dtype=np.float32)  # (B, n_mels, frames)
+        batch = np.ascontiguousarray(features[start : start + batch_size], dtype=np.float32)  # (B, n_mels, frames)
         with torch.inference_mode():
             # transformers returns the new tokens only, padded with end-of-text
-            expected = model.generate(torch.from_numpy(batch), num_beams=1, do_sample=False,
-                                      max_new_tokens=new_tokens, **options).tolist()
-        results = runtime.generate(ctranslate2.StorageView.from_array(batch), [prompt] * len(batch), beam_size=1,
-                                   max_length=2 * new_tokens, suppress_tokens=[-1])
+            expected = model.generate(
+                torch.from_numpy(batch), num_beams=1, do_sample=False, max_new_tokens=new_tokens, **options
+            ).tolist()
+        results = runtime.generate(
+            ctranslate2.StorageView.from_array(batch),
+            [prompt] * len(batch),
+            beam_size=1,
+            max_length=2 * new_tokens,
+            suppress_tokens=[-1],
+        )
         for offset, (hf_ids, result) in enumerate(zip(expected, results)):
             hf_ids = _until_eos(hf_ids, generation.eos_token_id)
             ct2_ids = _until_eos(result.sequences_ids[0], generation.eos_token_id)
             if hf_ids == ct2_ids:
                 identical += 1
                 continue
-            position = next((i for i, (a, b) in enumerate(zip(hf_ids, ct2_ids)) if a != b),
-                            min(len(hf_ids), len(ct2_ids)))
-            mismatches.append({"clip": start + offset, "position": position, "transformers": hf_ids,
-                               "ctranslate2": ct2_ids})
+            position = next(
+                (i for i, (a, b) in enumerate(zip(hf_ids, ct2_ids)) if a != b), min(len(hf_ids), len(ct2_ids))
+            )
+            mismatches.append(
+                {"clip": start + offset, "position": position, "transformers": hf_ids, "ctranslate2": ct2_ids}
+            )
     return Verification(inputs, len(features), identical, exact, compute_type, new_tokens, mismatches)
 
 
@@ -318,6 +366,7 @@ def stored_weight_type(ct2_dir: str | Path) -> str:
 
 
 # ---- the model card ------------------------------------------------------------------------------------
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
@@ -349,11 +398,19 @@ def base_model(model_dir: Path) -> str:
 
 def _method(settings: dict[str, Any]) -> str:
     text = 1.0 - settings.get("audio_ratio", 0.0) - settings.get("tts_ratio", 0.0)
-    shares = (("TLE text", text), ("stored audio", settings.get("audio_ratio", 0.0)),
-              ("TTS audio", settings.get("tts_ratio", 0.0)))
+    shares = (
+        ("TLE text", text),
+        ("stored audio", settings.get("audio_ratio", 0.0)),
+        ("TTS audio", settings.get("tts_ratio", 0.0)),
+    )
     parts = [f"{name} {ratio:.0%}" for name, ratio in shares if ratio > 1e-9]
-    kind = ("WhisTLE (text-only domain adaptation through a text-to-latent encoder)" if text > 1e-9 and
-            not settings.get("tts_ratio") else "WhisTLE + TTS" if text > 1e-9 else "fine-tuning on stored audio")
+    kind = (
+        "WhisTLE (text-only domain adaptation through a text-to-latent encoder)"
+        if text > 1e-9 and not settings.get("tts_ratio")
+        else "WhisTLE + TTS"
+        if text > 1e-9
+        else "fine-tuning on stored audio"
+    )
     return f"{kind}; decoder fine-tuned, encoder unchanged; each batch: {', '.join(parts)}"
 
 
@@ -369,25 +426,45 @@ def _finetune_section(model_dir: Path) -> list[str]:
             if settings.get(key):
                 lines.append(f"- {label}: `{settings[key]}`")
     if summary:
-        for key, label in (("train_examples", "Training data"), ("held_out", "Held out"),
-                           ("examples_seen", "Examples trained on")):
+        for key, label in (
+            ("train_examples", "Training data"),
+            ("held_out", "Held out"),
+            ("examples_seen", "Examples trained on"),
+        ):
             if summary.get(key):
                 lines.append(f"- {label}: " + ", ".join(f"{n} {kind}" for kind, n in summary[key].items()))
-        lines.append(f"- Steps: {summary.get('steps')}; saved step {summary.get('saved_step')} "
-                     f"(best by {summary.get('select_by')}: step {summary.get('best_step')})")
+        lines.append(
+            f"- Steps: {summary.get('steps')}; saved step {summary.get('saved_step')} "
+            f"(best by {summary.get('select_by')}: step {summary.get('best_step')})"
+        )
         saved = [row for row in summary.get("validation", []) if row.get("step") == summary.get("saved_step")]
         if saved:
-            shown = {k: v for k, v in saved[0].items() if isinstance(v, (int, float)) and not
-                     (isinstance(v, float) and math.isnan(v))}
-            lines += ["", "Validation at the saved step:", "", "| " + " | ".join(shown) + " |",
-                      "|" + "---|" * len(shown), "| " + " | ".join(f"{v:.4g}" for v in shown.values()) + " |"]
+            shown = {
+                k: v
+                for k, v in saved[0].items()
+                if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+            }
+            lines += [
+                "",
+                "Validation at the saved step:",
+                "",
+                "| " + " | ".join(shown) + " |",
+                "|" + "---|" * len(shown),
+                "| " + " | ".join(f"{v:.4g}" for v in shown.values()) + " |",
+            ]
     if (model_dir / FINETUNE_CONFIG).is_file():
         lines += ["", f"The resolved configuration of the run is in `{FINETUNE_CONFIG}` of the source checkpoint."]
     return lines + [""]
 
 
-def model_card(model_dir: str | Path, *, quantization: str | None = None, verification: Verification | None = None,
-               evaluation: str | Path | None = None, title: str | None = None) -> str:
+def model_card(
+    model_dir: str | Path,
+    *,
+    quantization: str | None = None,
+    verification: Verification | None = None,
+    evaluation: str | Path | None = None,
+    title: str | None = None,
+) -> str:
     """A README.md for a model folder made from `model_dir`.
 
     Reads what is there: finetune's config.toml and finetune.json (base model, method, data sizes,
@@ -398,18 +475,28 @@ def model_card(model_dir: str | Path, *, quantization: str | None = None, verifi
     """
     model_dir = Path(model_dir)
     config = _read_json(model_dir / "config.json")
-    lines = [f"# {title or model_dir.name}", "",
-             (f"Whisper for CTranslate2 / faster-whisper, exported by whistle from `{model_dir.name}`." if quantization
-              else "Whisper (transformers checkpoint), made with whistle."), "",
-             f"- Base model: {base_model(model_dir)}"]
+    lines = [
+        f"# {title or model_dir.name}",
+        "",
+        (
+            f"Whisper for CTranslate2 / faster-whisper, exported by whistle from `{model_dir.name}`."
+            if quantization
+            else "Whisper (transformers checkpoint), made with whistle."
+        ),
+        "",
+        f"- Base model: {base_model(model_dir)}",
+    ]
     if config:
         languages = "multilingual" if config.get("vocab_size", 0) >= 51865 else "English-only"
-        lines.append(f"- Architecture: d_model {config.get('d_model')}, {config.get('encoder_layers')} encoder + "
-                     f"{config.get('decoder_layers')} decoder layers, {config.get('num_mel_bins')} mel bins, "
-                     f"vocabulary {config.get('vocab_size')} ({languages})")
+        lines.append(
+            f"- Architecture: d_model {config.get('d_model')}, {config.get('encoder_layers')} encoder + "
+            f"{config.get('decoder_layers')} decoder layers, {config.get('num_mel_bins')} mel bins, "
+            f"vocabulary {config.get('vocab_size')} ({languages})"
+        )
     if quantization:
-        lines.append(f"- Weights: {quantization} (CTranslate2 `model.bin`, converted by CTranslate2's "
-                     "TransformersConverter)")
+        lines.append(
+            f"- Weights: {quantization} (CTranslate2 `model.bin`, converted by CTranslate2's TransformersConverter)"
+        )
     if verification is not None:
         lines.append(f"- Verified: {verification.summary()}")
     elif quantization:
@@ -423,38 +510,67 @@ def model_card(model_dir: str | Path, *, quantization: str | None = None, verifi
         lines += ["## Evaluation", "", table.read_text(encoding="utf-8").strip(), ""]
     lines += ["## Use", ""]
     if quantization:
-        lines += ["```python", "from faster_whisper import WhisperModel", "",
-                  ("model = WhisperModel(\"path/to/this/folder\", device=\"cpu\", compute_type=\"int8\")  "
-                   "# or device=\"cuda\", compute_type=\"float16\""),
-                  "segments, info = model.transcribe(\"clip.wav\", beam_size=5)",
-                  "print(\" \".join(segment.text for segment in segments))", "```", "",
-                  ("`compute_type` converts the stored weights when the model loads; the stored type only sets "
-                   "the file size and the precision available."), ""]
+        lines += [
+            "```python",
+            "from faster_whisper import WhisperModel",
+            "",
+            (
+                'model = WhisperModel("path/to/this/folder", device="cpu", compute_type="int8")  '
+                '# or device="cuda", compute_type="float16"'
+            ),
+            'segments, info = model.transcribe("clip.wav", beam_size=5)',
+            'print(" ".join(segment.text for segment in segments))',
+            "```",
+            "",
+            (
+                "`compute_type` converts the stored weights when the model loads; the stored type only sets "
+                "the file size and the precision available."
+            ),
+            "",
+        ]
     else:
-        lines += ["```python", "from transformers import pipeline", "",
-                  "asr = pipeline(\"automatic-speech-recognition\", model=\"path/to/this/folder\")",
-                  "print(asr({\"raw\": audio, \"sampling_rate\": 16000})[\"text\"])  # audio: float32 mono array",
-                  "```", ""]
+        lines += [
+            "```python",
+            "from transformers import pipeline",
+            "",
+            'asr = pipeline("automatic-speech-recognition", model="path/to/this/folder")',
+            'print(asr({"raw": audio, "sampling_rate": 16000})["text"])  # audio: float32 mono array',
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
 # ---- the export ----------------------------------------------------------------------------------------
 
-def export_ct2(model_dir: str | Path, out_dir: str | Path, *, quantization: str = "float16", overwrite: bool = False,
-               verify: bool = True, verify_audio: str | Path | None = None,
-               evaluation: str | Path | None = None) -> ExportResult:
+
+def export_ct2(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    quantization: str = "float16",
+    overwrite: bool = False,
+    verify: bool = True,
+    verify_audio: str | Path | None = None,
+    evaluation: str | Path | None = None,
+) -> ExportResult:
     """Convert `model_dir` into a faster-whisper folder at `out_dir`, check it, and write its card.
 
     `verify_audio` (an audio file, folder or manifest) replaces the synthetic clips of the check.
     """
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    problems = [] if quantization in QUANTIZATIONS else [
-        f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}"]
+    problems = (
+        []
+        if quantization in QUANTIZATIONS
+        else [f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}"]
+    )
     problems += check_model_dir(model_dir) + check_output_dir(model_dir, out_dir, overwrite)
     if evaluation is not None and not Path(evaluation).exists():
-        problems.append(f"--evaluation {evaluation} does not exist; give a `whistle evaluate` output folder or its "
-                        f"{EVALUATION_TABLE}")
+        problems.append(
+            f"--evaluation {evaluation} does not exist; give a `whistle evaluate` output folder or its "
+            f"{EVALUATION_TABLE}"
+        )
     if verify_audio is not None and not verify:
         problems.append("--verify-audio was given with --no-verify; drop one of them")
     elif verify_audio is not None and not Path(verify_audio).exists():
@@ -478,8 +594,16 @@ def export_ct2(model_dir: str | Path, out_dir: str | Path, *, quantization: str 
                 f"ctranslate2 {first['ctranslate2'][:12]}); nothing was written to {out_dir}. Please report this "
                 "with the versions of transformers and ctranslate2."
             )
-        (partial / CARD_FILE).write_text(model_card(model_dir, quantization=quantization, verification=verification,
-                                                    evaluation=evaluation, title=out_dir.name), encoding="utf-8")
+        (partial / CARD_FILE).write_text(
+            model_card(
+                model_dir,
+                quantization=quantization,
+                verification=verification,
+                evaluation=evaluation,
+                title=out_dir.name,
+            ),
+            encoding="utf-8",
+        )
         for path in partial.iterdir():
             os.chmod(path, FILE_MODE)
     except BaseException:  # a failed or interrupted export leaves nothing behind
@@ -489,7 +613,11 @@ def export_ct2(model_dir: str | Path, out_dir: str | Path, *, quantization: str 
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
     return ExportResult(
-        output_dir=str(out_dir), model_dir=str(model_dir), quantization=quantization, base_model=base_model(model_dir),
-        files={p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}, verification=verification,
+        output_dir=str(out_dir),
+        model_dir=str(model_dir),
+        quantization=quantization,
+        base_model=base_model(model_dir),
+        files={p.name: p.stat().st_size for p in sorted(out_dir.iterdir())},
+        verification=verification,
         seconds=time.perf_counter() - started,
     )

@@ -3,12 +3,14 @@
 Every function takes encoder states as a full window (B, max_frames, D) — speech frames + tail
 template, exactly what the decoder gets at inference — and the token convention of whistle_pipeline.text.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,7 @@ class TailTemplateProjection(nn.Module):
         if self.speech_frames is None or self.template_output is None:
             return self.linear(x)
         head = self.linear(x[:, : self.speech_frames])  # (B, T, D_out)
-        tail = self.template_output[self.speech_frames:].to(head.dtype).expand(x.shape[0], -1, -1)  # (B, F - T, D_out)
+        tail = self.template_output[self.speech_frames :].to(head.dtype).expand(x.shape[0], -1, -1)  # (B, F - T, D_out)
         return torch.cat([head, tail], dim=1)
 
 
@@ -83,8 +85,9 @@ class FrozenTeacher:
                 projection.speech_frames = None
 
 
-def load_frozen_teacher(name_or_path: str, revision: str, device: torch.device | str, dtype: torch.dtype,
-                        attn: str = "sdpa") -> FrozenTeacher:
+def load_frozen_teacher(
+    name_or_path: str, revision: str, device: torch.device | str, dtype: torch.dtype, attn: str = "sdpa"
+) -> FrozenTeacher:
     """The teacher for decoder use only (`load_teacher` part "decoder": the encoder is dropped, never run
     here: encoder states come from the store or the TLE), its cross-attention projections tail-aware."""
     loaded = load_teacher(name_or_path, revision, "decoder", device, dtype, attn)
@@ -92,7 +95,10 @@ def load_frozen_teacher(name_or_path: str, revision: str, device: torch.device |
     projections = []
     for layer in model.model.decoder.layers:
         attention = layer.encoder_attn
-        attention.k_proj, attention.v_proj = TailTemplateProjection(attention.k_proj), TailTemplateProjection(attention.v_proj)
+        attention.k_proj, attention.v_proj = (
+            TailTemplateProjection(attention.k_proj),
+            TailTemplateProjection(attention.v_proj),
+        )
         projections += [attention.k_proj, attention.v_proj]
     specials = SpecialTokens.from_tokenizer(tokenizer, is_multilingual(model.config, model.generation_config))
     suppress = set(tokenizer.all_special_ids) | set(getattr(model.generation_config, "suppress_tokens", None) or [])
@@ -102,8 +108,9 @@ def load_frozen_teacher(name_or_path: str, revision: str, device: torch.device |
     return FrozenTeacher(model, tokenizer, specials, suppress_ids, loaded.info, projections)
 
 
-def decoder_logits(teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatch, speech_frames: int | None = None,
-                   **kwargs: Any) -> Any:
+def decoder_logits(
+    teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatch, speech_frames: int | None = None, **kwargs: Any
+) -> Any:
     """Teacher-forced decoder pass: window (B, F, D), batch.decoder_input_ids (B, S) -> output with logits (B, S, V).
 
     speech_frames: the caller's promise that window[:, speech_frames:] is the teacher's tail template
@@ -114,8 +121,9 @@ def decoder_logits(teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatc
         return teacher.model(encoder_outputs=(window,), decoder_input_ids=batch.decoder_input_ids, **kwargs)
 
 
-def decoder_cross_entropy(teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatch,
-                          speech_frames: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def decoder_cross_entropy(
+    teacher: FrozenTeacher, window: torch.Tensor, batch: TextBatch, speech_frames: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy per label token () and per sample (B,), of the decoder reading `window`.
 
     Gradients flow into `window` (deep supervision) while the decoder's weights stay frozen.
@@ -141,8 +149,15 @@ class DecoderTerms:
     kl: torch.Tensor | None = None  # () KL(p_real || p_tle) per label token (distillation)
 
 
-def phase_2_terms(teacher: FrozenTeacher, tle: Any, output: Any, real_states: torch.Tensor, batch: TextBatch,
-                  ce_floor: float, kl_weight: float) -> DecoderTerms:
+def phase_2_terms(
+    teacher: FrozenTeacher,
+    tle: Any,
+    output: Any,
+    real_states: torch.Tensor,
+    batch: TextBatch,
+    ce_floor: float,
+    kl_weight: float,
+) -> DecoderTerms:
     """The frozen decoder's terms for a TLE forward `output` (TLEOutput at the true durations) of `batch`.
 
     The decoder reads the TLE's full window; with ce_floor > 0 or kl_weight > 0 it also reads the real
@@ -181,8 +196,13 @@ def decoder_kl(reference_logits: torch.Tensor, logits: torch.Tensor, labels: tor
 
 
 @torch.no_grad()
-def greedy_transcribe(teacher: FrozenTeacher, window: torch.Tensor, languages: Sequence[str], max_new_tokens: int,
-                      speech_frames: int | None = None) -> list[str]:
+def greedy_transcribe(
+    teacher: FrozenTeacher,
+    window: torch.Tensor,
+    languages: Sequence[str],
+    max_new_tokens: int,
+    speech_frames: int | None = None,
+) -> list[str]:
     """Greedy transcripts of full windows (B, F, D): the prompt of each language, then argmax tokens
     (never a special or timestamp token) until <|endoftext|> or max_new_tokens. speech_frames: as in
     `decoder_logits`."""

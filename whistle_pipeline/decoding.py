@@ -24,6 +24,7 @@ the decoder's positions (448), and Whisper saw at most 223 prompt tokens; `promp
 of the two, and a longer prompt is cut from its start (a term list loses its least important terms), with
 a logged warning. A max_new_tokens that leaves no room is refused.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,6 +82,7 @@ def column_label(model_label: str, variant: str) -> str:
 
 # ---- domain terms and prompts ---------------------------------------------------------------------
 
+
 def general_vocabulary(tokenizer: Any) -> list[str]:
     """The words `tokenizer` writes as a single token after a space (see the module docstring)."""
     pieces = [piece for piece in tokenizer.get_vocab() if piece.startswith(SPACE_PIECE) and len(piece) > 1]
@@ -90,8 +92,9 @@ def general_vocabulary(tokenizer: Any) -> list[str]:
 def read_text_rows(path: str, config: PipelineConfig) -> list[str]:
     """The sentences of a text corpus, read as finetune.text is (its text column and split)."""
     settings = config.finetune
-    corpus = read_corpus(path, text_column=settings.text_column, language=config.data.language,
-                         split=settings.text_split)
+    corpus = read_corpus(
+        path, text_column=settings.text_column, language=config.data.language, split=settings.text_split
+    )
     log.info("read %s", corpus.summary())
     return [row.text for row in corpus.rows]
 
@@ -101,11 +104,14 @@ def derive_terms(path: str, tokenizer: Any, config: PipelineConfig, max_terms: i
     evaluate.exclude_from corpus lack, most frequent first, at most `max_terms` (None: all)."""
     settings = config.evaluate
     excluded = read_text_rows(settings.exclude_from, config) if settings.exclude_from else []
-    terms = domain_terms(read_text_rows(path, config), general_vocabulary(tokenizer), excluded, max_terms,
-                         config.data.language)
+    terms = domain_terms(
+        read_text_rows(path, config), general_vocabulary(tokenizer), excluded, max_terms, config.data.language
+    )
     if not terms:
-        raise WhistleError(f"{path} has no word that {settings.exclude_from or 'the general vocabulary'} lacks: "
-                           "no domain term to derive")
+        raise WhistleError(
+            f"{path} has no word that {settings.exclude_from or 'the general vocabulary'} lacks: "
+            "no domain term to derive"
+        )
     return terms
 
 
@@ -129,8 +135,9 @@ class PromptSource:
         if self.terms:
             return prompt_from_terms(tokenizer, self.terms, budget)
         if len(text_tokens(tokenizer, self.text)) > budget:
-            log.warning("the prompt (%s) is longer than the %d tokens that fit: its first words are cut",
-                        self.origin, budget)
+            log.warning(
+                "the prompt (%s) is longer than the %d tokens that fit: its first words are cut", self.origin, budget
+            )
         return prompt_ids(tokenizer, self.text, budget)
 
 
@@ -144,8 +151,9 @@ def prompt_source(config: PipelineConfig, tokenizer: Any) -> PromptSource | None
         return PromptSource(origin=f"{len(terms)} terms derived from {settings.prompt_from}", terms=tuple(terms))
     if settings.prompt_file:
         lines = read_lines(settings.prompt_file)
-        if len(lines) > 1 and all(len(line.split()) <= MAX_TERM_WORDS and not line.endswith(SENTENCE_ENDS)
-                                  for line in lines):
+        if len(lines) > 1 and all(
+            len(line.split()) <= MAX_TERM_WORDS and not line.endswith(SENTENCE_ENDS) for line in lines
+        ):
             return PromptSource(origin=f"term list {settings.prompt_file}", terms=tuple(lines))
         return PromptSource(origin=f"text of {settings.prompt_file}", text=" ".join(lines))
     return None
@@ -160,8 +168,10 @@ def term_list(config: PipelineConfig, tokenizer: Any) -> tuple[str, list[str]] |
             raise WhistleError(f"evaluate.terms = {settings.terms}: the file lists no term")
         return settings.terms, terms
     if settings.terms_from:
-        return (f"derived from {settings.terms_from}",
-                derive_terms(settings.terms_from, tokenizer, config, settings.max_terms or None))
+        return (
+            f"derived from {settings.terms_from}",
+            derive_terms(settings.terms_from, tokenizer, config, settings.max_terms or None),
+        )
     return None
 
 
@@ -171,16 +181,24 @@ def prompt_room(model: LoadedModel, max_new_tokens: int) -> int:
     positions = model.model.config.max_target_positions
     room = positions - start_tokens(model) - max_new_tokens - 1  # 1: <|startofprev|>
     if room < 1:
-        raise WhistleError(f"evaluate.max_new_tokens = {max_new_tokens} leaves no room for a prompt in "
-                           f"{model.named.label}'s {positions} decoder positions: lower it")
+        raise WhistleError(
+            f"evaluate.max_new_tokens = {max_new_tokens} leaves no room for a prompt in "
+            f"{model.named.label}'s {positions} decoder positions: lower it"
+        )
     budget = prompt_budget(positions)
     if room < budget:
-        log.info("%s: prompts get at most %d tokens (not %d), leaving %d positions for the transcript",
-                 model.named.label, room, budget, max_new_tokens)
+        log.info(
+            "%s: prompts get at most %d tokens (not %d), leaving %d positions for the transcript",
+            model.named.label,
+            room,
+            budget,
+            max_new_tokens,
+        )
     return min(room, budget)
 
 
 # ---- shallow fusion -------------------------------------------------------------------------------
+
 
 def is_arpa(path: str) -> bool:
     """Whether the file at `path` is an ARPA LM (its first non-empty line is \\data\\)."""
@@ -198,8 +216,10 @@ def domain_lm(config: PipelineConfig, output_dir: Path) -> tuple[Path, str]:
     if Path(settings.lm).is_file() and is_arpa(settings.lm):
         return Path(settings.lm), "given"
     if Path(settings.lm).suffix.lower() in (".arpa", ".bin", ".binary", ".klm"):
-        raise WhistleError(f"evaluate.lm = {settings.lm}: not an ARPA file. Fusion needs the LM's word list, "
-                           "which a KenLM binary does not give back: use the ARPA file it was built from")
+        raise WhistleError(
+            f"evaluate.lm = {settings.lm}: not an ARPA file. Fusion needs the LM's word list, "
+            "which a KenLM binary does not give back: use the ARPA file it was built from"
+        )
     texts = read_text_rows(settings.lm, config)
     path = build_domain_lm(texts, output_dir / LM_FILE, settings.lm_order, config.data.language)
     log.info("built a %d-gram LM of %d sentences of %s: %s", settings.lm_order, len(texts), settings.lm, path)
@@ -223,8 +243,9 @@ class Aids:
         return self._prompt_ids[model.named.label]
 
 
-def prepare_aids(config: PipelineConfig, variants: Sequence[str], tokenizer: Any, output_dir: Path
-                 ) -> tuple[Aids, dict[str, Any]]:
+def prepare_aids(
+    config: PipelineConfig, variants: Sequence[str], tokenizer: Any, output_dir: Path
+) -> tuple[Aids, dict[str, Any]]:
     """The aids the variants need, and a record of them for results.json."""
     record: dict[str, Any] = {}
     prompt = prompt_source(config, tokenizer) if any("prompt" in v for v in variants) else None
@@ -234,8 +255,13 @@ def prepare_aids(config: PipelineConfig, variants: Sequence[str], tokenizer: Any
     if any("fusion" in v for v in variants):
         path, made = domain_lm(config, output_dir)
         scorer = load_scorer(path)
-        record["lm"] = {"path": str(path), "made": made, "order": scorer.order,
-                        "backend": type(scorer).__name__, "words": len(scorer.vocabulary)}
+        record["lm"] = {
+            "path": str(path),
+            "made": made,
+            "order": scorer.order,
+            "backend": type(scorer).__name__,
+            "words": len(scorer.vocabulary),
+        }
     return Aids(prompt=prompt, scorer=scorer, language=config.data.language), record
 
 
@@ -243,21 +269,33 @@ def fusion_top_k(settings: EvaluateConfig) -> int:
     return settings.lm_top_k or 2 * settings.fusion_num_beams
 
 
-def decoding(model: LoadedModel, variant: str, aids: Aids, settings: EvaluateConfig,
-             weights: tuple[float, float] = (0.0, 0.0)) -> Decoding:
+def decoding(
+    model: LoadedModel, variant: str, aids: Aids, settings: EvaluateConfig, weights: tuple[float, float] = (0.0, 0.0)
+) -> Decoding:
     """How `model` decodes in `variant`; `weights` (alpha, beta) for the fusion variants."""
     prompt = ()
     if "prompt" in variant:
         prompt = aids.prompt_ids(model, settings.max_new_tokens)
     if "fusion" not in variant:
         return Decoding(num_beams=settings.num_beams, prompt_ids=prompt)
-    fusion = ShallowFusion(aids.scorer, model.tokenizer, alpha=weights[0], beta=weights[1], language=aids.language,
-                           top_k=fusion_top_k(settings))
+    fusion = ShallowFusion(
+        aids.scorer,
+        model.tokenizer,
+        alpha=weights[0],
+        beta=weights[1],
+        language=aids.language,
+        top_k=fusion_top_k(settings),
+    )
     return Decoding(num_beams=settings.fusion_num_beams, prompt_ids=prompt, logits_processors=(fusion,))
 
 
-def build_columns(models: Sequence[LoadedModel], variants: Sequence[str], aids: Aids, settings: EvaluateConfig,
-                  weights: dict[str, tuple[float, float]]) -> list[Column]:
+def build_columns(
+    models: Sequence[LoadedModel],
+    variants: Sequence[str],
+    aids: Aids,
+    settings: EvaluateConfig,
+    weights: dict[str, tuple[float, float]],
+) -> list[Column]:
     """One column per model and variant, models outer: MODEL, MODEL+prompt, ...; `weights`: (alpha, beta)
     by label, for each fusion column."""
     columns = []
@@ -270,6 +308,7 @@ def build_columns(models: Sequence[LoadedModel], variants: Sequence[str], aids: 
 
 
 # ---- alpha and beta on a dev split ----------------------------------------------------------------
+
 
 def dev_split(clips: Sequence[Clip], fraction: float) -> tuple[list[Clip], list[Clip]]:
     """(kept, dev): `fraction` of the clips by a stable hash of their ids, so a rerun holds out the same."""
@@ -286,21 +325,28 @@ def weight_grid(settings: EvaluateConfig) -> list[tuple[float, float]]:
     return [(alpha, beta) for alpha in alphas for beta in betas]
 
 
-def grid_columns(models: Sequence[LoadedModel], variants: Sequence[str], aids: Aids, settings: EvaluateConfig
-                 ) -> dict[str, dict[tuple[float, float], Column]]:
+def grid_columns(
+    models: Sequence[LoadedModel], variants: Sequence[str], aids: Aids, settings: EvaluateConfig
+) -> dict[str, dict[tuple[float, float], Column]]:
     """Per fusion column label: a column for each (alpha, beta) of the grid, to decode the dev split with."""
     grids: dict[str, dict[tuple[float, float], Column]] = {}
     for model in models:
         for variant in (v for v in variants if "fusion" in v):
             label = column_label(model.named.label, variant)
-            grids[label] = {pair: Column(label=f"{label}@{pair[0]:g},{pair[1]:g}", model=model,
-                                         decoding=decoding(model, variant, aids, settings, pair))
-                            for pair in weight_grid(settings)}
+            grids[label] = {
+                pair: Column(
+                    label=f"{label}@{pair[0]:g},{pair[1]:g}",
+                    model=model,
+                    decoding=decoding(model, variant, aids, settings, pair),
+                )
+                for pair in weight_grid(settings)
+            }
     return grids
 
 
-def pick_weights(grids: dict[str, dict[tuple[float, float], Column]], wer_of: Callable[[str], float]
-                 ) -> dict[str, FusionFit]:
+def pick_weights(
+    grids: dict[str, dict[tuple[float, float], Column]], wer_of: Callable[[str], float]
+) -> dict[str, FusionFit]:
     """Per fusion column: the grid's (alpha, beta) with the lowest dev WER (`wer_of(grid column label)`)."""
     fits = {}
     for label, grid in grids.items():

@@ -4,6 +4,7 @@ for a `--config my.toml` (`whistle config train-tle --output my.toml`, as torcht
     text = stage_defaults("train-tle")   # [teacher], [store], [tle], [train_tle] with their comments
     load_config(path_of_that_text) == load_config()
 """
+
 from __future__ import annotations
 
 import re
@@ -28,7 +29,7 @@ def default_sections() -> tuple[str, dict[str, str]]:
     headers = list(SECTION_HEADER.finditer(text))
     ends = [header.start() for header in headers[1:]] + [len(text)]
     return text[: headers[0].start()].rstrip(), {
-        header.group(1): text[header.start():end].rstrip() for header, end in zip(headers, ends)
+        header.group(1): text[header.start() : end].rstrip() for header, end in zip(headers, ends)
     }
 
 
@@ -38,7 +39,9 @@ def stage_defaults(stage: str | None = None) -> str:
     if stage is None:
         return "\n\n".join([opening, *sections.values()]) + "\n"
     names = STAGE_SECTIONS[stage]
-    intro = (f"# The defaults of the sections `whistle {stage}` reads: {', '.join(f'[{n}]' for n in names)}\n"
-             "# (from the packaged pipeline.toml). Keep the keys you change, delete the rest, and pass the file\n"
-             f"# with `whistle {stage} --config FILE`.")
+    intro = (
+        f"# The defaults of the sections `whistle {stage}` reads: {', '.join(f'[{n}]' for n in names)}\n"
+        "# (from the packaged pipeline.toml). Keep the keys you change, delete the rest, and pass the file\n"
+        f"# with `whistle {stage} --config FILE`."
+    )
     return "\n\n".join([intro, *(sections[name] for name in names)]) + "\n"

@@ -42,6 +42,7 @@ Known weak spots: the normaliser runs per whitespace word (`lm_words`), so multi
 ("twenty five") are not merged as the WER's normaliser merges them; the LM's context is the current
 window's transcript only (not the prompt); decoding with timestamps is not scored between segments.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -79,8 +80,9 @@ def lm_words(text: str, language: str = "en") -> list[str]:
     return [word for piece in text.split() for word in _normalized_piece(piece, language)]
 
 
-def build_domain_lm(texts: Iterable[str], path: str | Path, order: int = 3, language: str = "en",
-                    discount: float | None = None) -> Path:
+def build_domain_lm(
+    texts: Iterable[str], path: str | Path, order: int = 3, language: str = "en", discount: float | None = None
+) -> Path:
     """Build an interpolated modified Kneser-Ney LM of `texts` (one sentence per text, `lm_words`) and
     write it as an ARPA file at `path`; returns the path."""
     sentences = [words for words in (lm_words(text, language) for text in texts) if words]
@@ -94,14 +96,16 @@ class ShallowFusion(LogitsProcessor):
     language: the normaliser's language (as `metrics.normalize`).
     """
 
-    def __init__(self, scorer: Any, tokenizer: Any, alpha: float, beta: float = 0.0, language: str = "en",
-                 top_k: int = 10):
+    def __init__(
+        self, scorer: Any, tokenizer: Any, alpha: float, beta: float = 0.0, language: str = "en", top_k: int = 10
+    ):
         if top_k < 1:
             raise WhistleError(f"top_k must be at least 1, not {top_k}")
         specials = SpecialTokens.from_tokenizer(tokenizer, multilingual=False)
         self.start, self.end = specials.start_of_transcript, specials.end_of_text
-        self.starts_word = [piece.startswith(SPACE_PIECE)
-                            for piece in tokenizer.convert_ids_to_tokens(list(range(self.end)))]
+        self.starts_word = [
+            piece.startswith(SPACE_PIECE) for piece in tokenizer.convert_ids_to_tokens(list(range(self.end)))
+        ]
         self.scorer, self.tokenizer = scorer, tokenizer
         self.alpha, self.beta, self.language, self.top_k = alpha, beta, language, top_k
         self.lm_vocabulary = sorted(scorer.vocabulary - {BOS, EOS, UNK})
@@ -175,7 +179,7 @@ class ShallowFusion(LogitsProcessor):
         return at < len(self.lm_vocabulary) and self.lm_vocabulary[at].startswith(words[-1])
 
     def _ln(self, history: tuple[str, ...], word: str) -> float:
-        key = (history[-(self.scorer.order - 1):] if self.scorer.order > 1 else (), word)
+        key = (history[-(self.scorer.order - 1) :] if self.scorer.order > 1 else (), word)
         if key not in self._ln_prob:
             self._ln_prob[key] = LN10 * self.scorer.log10_prob(key[0], word)
         return self._ln_prob[key]
@@ -191,8 +195,11 @@ class FusionFit:
     grid: tuple[tuple[float, float, float], ...]
 
 
-def fit_alpha_beta(wer_of: Callable[[float, float], float], alphas: Sequence[float] = DEFAULT_ALPHAS,
-                   betas: Sequence[float] = DEFAULT_BETAS) -> FusionFit:
+def fit_alpha_beta(
+    wer_of: Callable[[float, float], float],
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    betas: Sequence[float] = DEFAULT_BETAS,
+) -> FusionFit:
     """The (alpha, beta) of the grid with the lowest WER, `wer_of(alpha, beta)` being e.g. a dev split's
     WER decoded with `ShallowFusion(..., alpha, beta)`. Ties go to the first in grid order (alphas outer,
     betas inner, as given), so list the weights you prefer first. Costs len(alphas) x len(betas) calls."""

@@ -5,6 +5,7 @@ switched off (HF_HUB_OFFLINE), a token (given, HF_TOKEN or `hf auth login`), and
 hub that the token answers (no retries). `push_to_hub` then creates the repository if needed and
 uploads the folder in one commit. A failed push keeps the folder on disk and says how to push it later.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,10 @@ def check_push(repo_id: str, token: str | None = None) -> list[str]:
     if "/" not in repo_id:
         return [f"--push-to-hub {repo_id!r} has no owner: give owner/name (your user name or an organisation)"]
     if hub_constants.HF_HUB_OFFLINE:
-        return [f"cannot push to {repo_id}: the hub is offline (HF_HUB_OFFLINE is set); unset it on a machine with "
-                "a network, or export without --push-to-hub and upload the folder later (`hf upload`)"]
+        return [
+            f"cannot push to {repo_id}: the hub is offline (HF_HUB_OFFLINE is set); unset it on a machine with "
+            "a network, or export without --push-to-hub and upload the folder later (`hf upload`)"
+        ]
     token = token or huggingface_hub.get_token()
     if not token:
         return [f"cannot push to {repo_id}: no hub token; log in with `hf auth login`, set HF_TOKEN, or pass --token"]
@@ -40,14 +43,17 @@ def check_push(repo_id: str, token: str | None = None) -> list[str]:
     except HfHubHTTPError as err:
         return [f"cannot push to {repo_id}: the hub refused the token ({err}); log in again with `hf auth login`"]
     except Exception as err:  # noqa: BLE001 — httpx and OS errors of an unreachable hub, in many types
-        return [f"cannot push to {repo_id}: the hub at {hub_constants.ENDPOINT} cannot be reached "
-                f"({type(err).__name__}: {err}); connect, or export without --push-to-hub and upload the folder "
-                "later (`hf upload`)"]
+        return [
+            f"cannot push to {repo_id}: the hub at {hub_constants.ENDPOINT} cannot be reached "
+            f"({type(err).__name__}: {err}); connect, or export without --push-to-hub and upload the folder "
+            "later (`hf upload`)"
+        ]
     return []
 
 
-def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-                token: str | None = None) -> str:
+def push_to_hub(
+    folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None, token: str | None = None
+) -> str:
     """Create `repo_id` (a model repository; kept if it exists) and upload `folder` in one commit; the commit URL.
 
     `revision` is a branch, created from main when missing. The folder is never changed or removed.
@@ -60,9 +66,15 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                   commit_message=f"Upload {Path(folder).name} with whistle")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=f"Upload {Path(folder).name} with whistle",
+        )
     except Exception as err:  # noqa: BLE001 — hub, httpx and OS errors, all reported the same way
-        raise PushError(f"pushing {folder} to {repo_id} failed ({type(err).__name__}: {err}); the folder is kept: "
-                        f"push it later with `hf upload {repo_id} {folder}`") from err
+        raise PushError(
+            f"pushing {folder} to {repo_id} failed ({type(err).__name__}: {err}); the folder is kept: "
+            f"push it later with `hf upload {repo_id} {folder}`"
+        ) from err
     return commit.commit_url

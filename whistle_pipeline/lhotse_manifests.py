@@ -21,6 +21,7 @@ Resample (speed or volume perturbation), a supervision on some channels of a mul
 (whistle downmixes every channel), a cut with no supervision or several (split it with
 `CutSet.trim_to_supervisions()`), a MixedCut.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,7 +59,7 @@ class Unusable(ValueError):
 
 
 def lhotse_layout(cells: dict[str, Any]) -> str | None:
-    """"recordings", "supervisions" or "cuts" by the keys of a manifest's first record; None if not lhotse."""
+    """ "recordings", "supervisions" or "cuts" by the keys of a manifest's first record; None if not lhotse."""
     keys = set(cells)
     if {"sources", "sampling_rate"} <= keys:
         return "recordings"
@@ -86,8 +87,11 @@ def read_lhotse(path: Path, records: list[Record]) -> tuple[list[LhotseRow], lis
         if record.cells is not None and isinstance(record.cells.get("id"), str):
             recordings.setdefault(record.cells["id"], record.cells)
     if len(recordings) < len(recording_records):
-        log.warning("%s: %d line(s) are no usable recording (not JSON, no id, or an id used before)",
-                    recordings_file, len(recording_records) - len(recordings))
+        log.warning(
+            "%s: %d line(s) are no usable recording (not JSON, no id, or an id used before)",
+            recordings_file,
+            len(recording_records) - len(recordings),
+        )
     supervisions = records if layout == "supervisions" else read_json_lines(other)
     rows = [_supervision_row(supervisions_file, record, recordings, recordings_file.name) for record in supervisions]
     return rows, [recordings_file, supervisions_file]
@@ -97,13 +101,16 @@ def partner(path: Path, layout: str) -> Path:
     """The other file of a recordings + supervisions pair, by its name."""
     this, that = ("recordings", "supervisions") if layout == "recordings" else ("supervisions", "recordings")
     if this not in path.name:
-        raise WhistleError(f"{path} holds lhotse {layout}: whistle finds their {that} by the file name, with "
-                           f"'{that}' for '{this}'; rename the pair so (e.g. corpus_{this}_train.jsonl.gz)")
+        raise WhistleError(
+            f"{path} holds lhotse {layout}: whistle finds their {that} by the file name, with "
+            f"'{that}' for '{this}'; rename the pair so (e.g. corpus_{this}_train.jsonl.gz)"
+        )
     head, _, tail = path.name.rpartition(this)
     other = path.with_name(head + that + tail)
     if not other.is_file():
-        raise WhistleError(f"{path} holds lhotse {layout}; their {that} should be beside it as {other.name}, "
-                           "which does not exist")
+        raise WhistleError(
+            f"{path} holds lhotse {layout}; their {that} should be beside it as {other.name}, which does not exist"
+        )
     return other
 
 
@@ -112,8 +119,9 @@ def _id(cells: dict[str, Any]) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def _supervision_row(file: Path, record: Record, recordings: dict[str, dict[str, Any]],
-                     recordings_name: str) -> LhotseRow:
+def _supervision_row(
+    file: Path, record: Record, recordings: dict[str, dict[str, Any]], recordings_name: str
+) -> LhotseRow:
     where = f"line {record.line} of {file.name}"
     if record.cells is None:
         return LhotseRow(where, "", reason=record.reason)
@@ -142,8 +150,11 @@ def _cut_row(file: Path, record: Record) -> LhotseRow:
             raise Unusable("bad row", "the cut has no recording")
         if not isinstance(supervisions, list) or len(supervisions) != 1 or not isinstance(supervisions[0], dict):
             count = len(supervisions) if isinstance(supervisions, list) else "no list of"
-            raise Unusable("bad row", f"the cut has {count} supervisions; whistle needs exactly one, its transcript "
-                                      "(split cuts with CutSet.trim_to_supervisions())")
+            raise Unusable(
+                "bad row",
+                f"the cut has {count} supervisions; whistle needs exactly one, its transcript "
+                "(split cuts with CutSet.trim_to_supervisions())",
+            )
         audio = _audio_file(cut["recording"], cut.get("channel", 0))
         segment = _segment(cut, cut["recording"])
     except Unusable as err:
@@ -175,20 +186,31 @@ def _audio_file(recording: dict[str, Any], channel: Any) -> str:
     sources = recording.get("sources")
     if not isinstance(sources, list) or len(sources) != 1 or not isinstance(sources[0], dict):
         count = len(sources) if isinstance(sources, list) else "no list of"
-        raise Unusable("unsupported audio", f"recording {name!r} has {count} audio sources; whistle reads "
-                                            "recordings held in one file")
+        raise Unusable(
+            "unsupported audio",
+            f"recording {name!r} has {count} audio sources; whistle reads recordings held in one file",
+        )
     source = sources[0]
     if source.get("type") != "file" or not isinstance(source.get("source"), str):
-        raise Unusable("unsupported audio", f"recording {name!r} is a {source.get('type')!r} source; whistle reads "
-                                            "'file' sources")
-    changing = [str(t.get("name")) for t in recording.get("transforms") or []
-                if not isinstance(t, dict) or t.get("name") != "Resample"]
+        raise Unusable(
+            "unsupported audio", f"recording {name!r} is a {source.get('type')!r} source; whistle reads 'file' sources"
+        )
+    changing = [
+        str(t.get("name"))
+        for t in recording.get("transforms") or []
+        if not isinstance(t, dict) or t.get("name") != "Resample"
+    ]
     if changing:
-        raise Unusable("unsupported audio", f"recording {name!r} has lhotse transforms whistle does not apply "
-                                            f"({', '.join(changing)})")
+        raise Unusable(
+            "unsupported audio",
+            f"recording {name!r} has lhotse transforms whistle does not apply ({', '.join(changing)})",
+        )
     channels = source.get("channels") or [0]
     wanted = channel if isinstance(channel, list) else [channel]
     if isinstance(channels, list) and len(channels) > 1 and sorted(map(str, wanted)) != sorted(map(str, channels)):
-        raise Unusable("unsupported audio", f"channel {channel} of the {len(channels)}-channel recording {name!r}: "
-                                            "whistle reads every channel of a file, downmixed")
+        raise Unusable(
+            "unsupported audio",
+            f"channel {channel} of the {len(channels)}-channel recording {name!r}: "
+            "whistle reads every channel of a file, downmixed",
+        )
     return str(Path.cwd() / Path(source["source"]).expanduser())

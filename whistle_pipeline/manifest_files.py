@@ -25,6 +25,7 @@ The cell helpers the manifest sources share are here too: `cell_text` (a cell as
 a list, object, boolean or number), `is_blank` (nothing visible) and `nemo_segment` (NeMo's offset and
 duration).
 """
+
 from __future__ import annotations
 
 import csv
@@ -75,8 +76,10 @@ def manifest_suffix(path: str | Path) -> str:
 def open_text(path: Path) -> Iterator[TextIO]:
     """A manifest's text, gunzipped if it ends in .gz, without its BOM; newline="" as csv needs."""
     opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
-                                                     newline="") as text:
+    with (
+        opener(path, "rb") as raw,
+        io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="") as text,
+    ):
         yield text
 
 
@@ -88,8 +91,10 @@ def read_json_lines(path: Path) -> list[Record]:
             if not line.strip():
                 continue
             if not records and line.lstrip().startswith("["):
-                raise WhistleError(f"{path} holds a JSON array; whistle reads JSON lines, one object per line "
-                                   f"(convert it with: jq -c '.[]' {path.name} > {Path(path.stem).stem}.jsonl)")
+                raise WhistleError(
+                    f"{path} holds a JSON array; whistle reads JSON lines, one object per line "
+                    f"(convert it with: jq -c '.[]' {path.name} > {Path(path.stem).stem}.jsonl)"
+                )
             records.append(_json_record(path, number, line))
     return records
 
@@ -130,15 +135,19 @@ def read_table(path: Path, delimiter: str) -> tuple[list[Record], list[str]]:
     with open_text(path) as handle:
         lines = handle.readlines()  # split at \n, \r\n and \r, as csv splits them
     first = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
-    columns = _header(path, lines[first:first + 1], delimiter, quoting)
+    columns = _header(path, lines[first : first + 1], delimiter, quoting)
     records: list[Record] = []
     spanning: list[str] = []
     start = first + 1
     while start < len(lines):
         start = _read_from(path, lines, start, columns, delimiter, quoting, records, spanning)
     if spanning:
-        log.warning("%s: %d record(s) span several lines (a quoted field with line breaks): lines %s", path,
-                    len(spanning), ", ".join(spanning[:10]) + (" ..." if len(spanning) > 10 else ""))
+        log.warning(
+            "%s: %d record(s) span several lines (a quoted field with line breaks): lines %s",
+            path,
+            len(spanning),
+            ", ".join(spanning[:10]) + (" ..." if len(spanning) > 10 else ""),
+        )
     return records, columns
 
 
@@ -155,8 +164,16 @@ def _header(path: Path, lines: list[str], delimiter: str, quoting: int) -> list[
     return columns
 
 
-def _read_from(path: Path, lines: list[str], start: int, columns: list[str], delimiter: str, quoting: int,
-               records: list[Record], spanning: list[str]) -> int:
+def _read_from(
+    path: Path,
+    lines: list[str],
+    start: int,
+    columns: list[str],
+    delimiter: str,
+    quoting: int,
+    records: list[Record],
+    spanning: list[str],
+) -> int:
     """Read records from lines[start] on; returns where to start again after a bad quote (or the end)."""
     reader = csv.reader(islice(lines, start, None), delimiter=delimiter, quoting=quoting, strict=True)
     consumed = 0  # lines of `lines[start:]` the reader has taken
@@ -181,8 +198,10 @@ def _read_from(path: Path, lines: list[str], start: int, columns: list[str], del
 
 def _unclosed(path: Path, number: int, detail: str = "") -> str:
     what = f" ({detail})" if detail else ""
-    return (f"bad row: line {number} of {path.name} has a quote that does not close{what}: double a quote "
-            'inside a quoted field (""), or quote the whole field')
+    return (
+        f"bad row: line {number} of {path.name} has a quote that does not close{what}: double a quote "
+        'inside a quoted field (""), or quote the whole field'
+    )
 
 
 def _table_record(path: Path, number: int, fields: list[str], columns: list[str]) -> Record:
@@ -202,8 +221,9 @@ def read_records(path: Path) -> tuple[list[Record], list[str] | None]:
         return read_table(path, "\t" if suffix == ".tsv" else ",")
     if suffix in JSON_LINES_SUFFIXES:
         return read_json_lines(path), None
-    raise WhistleError(f"{path} is not a manifest: use a {', '.join(TABLE_SUFFIXES + JSON_LINES_SUFFIXES)} file "
-                       "(optionally .gz)")
+    raise WhistleError(
+        f"{path} is not a manifest: use a {', '.join(TABLE_SUFFIXES + JSON_LINES_SUFFIXES)} file (optionally .gz)"
+    )
 
 
 def json_type(value: Any) -> str:
@@ -243,8 +263,9 @@ def nemo_segment(cells: dict[str, Any]) -> tuple[float, float | None] | None:
     """The (offset, duration) a NeMo row gives — NeMo's datasets read exactly that part of the file."""
     times = {name: cells.get(name) for name in ("offset", "duration")}
     for name, value in times.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+        ):
             raise BadCell(f"{name!r} is {json.dumps(value)}, not a number of seconds")
     if times["duration"] == 0:
         raise BadCell("'duration' is 0")

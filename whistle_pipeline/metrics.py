@@ -10,13 +10,14 @@ languages written without spaces it splits the text into characters, so "WER" co
     rates = error_rates(["The colour is 20%."], ["the color is twenty percent"], "en")
     rates.wer  # 0.0
 """
+
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jiwer
 
@@ -47,7 +48,7 @@ class ErrorRates:
         return asdict(self)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def normalizer(language: str) -> Callable[[str], str]:
     """The text normaliser Whisper's evaluations use for `language` (a Whisper code: "en", "de", "yue", ...)."""
     # imported on use: transformers is slow to import, and import-ct2 reads this module (english_spelling_path)
@@ -78,8 +79,9 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], language: 
     empty = [i for i, r in enumerate(refs) if not r]
     kept = [i for i, r in enumerate(refs) if r]
     if not kept:
-        raise WhistleError(f"none of the {len(refs)} reference(s) has a word left after normalisation; nothing "
-                           "to score")
+        raise WhistleError(
+            f"none of the {len(refs)} reference(s) has a word left after normalisation; nothing to score"
+        )
     words = jiwer.process_words([refs[i] for i in kept], [hyps[i] for i in kept])
     chars = jiwer.process_characters([refs[i] for i in kept], [hyps[i] for i in kept])
     extra_words = sum(len(hyps[i].split()) for i in empty)
@@ -89,8 +91,13 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], language: 
     word_errors = words.substitutions + words.deletions + words.insertions + extra_words
     char_errors = chars.substitutions + chars.deletions + chars.insertions + extra_chars
     return ErrorRates(
-        wer=word_errors / n_words, cer=char_errors / n_chars, n_words=n_words, n_chars=n_chars,
-        substitutions=words.substitutions, deletions=words.deletions, insertions=words.insertions + extra_words,
+        wer=word_errors / n_words,
+        cer=char_errors / n_chars,
+        n_words=n_words,
+        n_chars=n_chars,
+        substitutions=words.substitutions,
+        deletions=words.deletions,
+        insertions=words.insertions + extra_words,
         n_utterances=len(refs),
     )
 
@@ -99,8 +106,10 @@ def corpus_wer(references: Sequence[str], hypotheses: Sequence[str], languages: 
     """Corpus WER over utterances of several languages: each pair normalised for its own language, word
     errors summed over all of them and divided by all reference words (`error_rates` per language)."""
     if not len(references) == len(hypotheses) == len(languages):
-        raise WhistleError(f"{len(references)} references, {len(hypotheses)} hypotheses and {len(languages)} "
-                           "languages: they must pair up")
+        raise WhistleError(
+            f"{len(references)} references, {len(hypotheses)} hypotheses and {len(languages)} "
+            "languages: they must pair up"
+        )
     errors = words = 0.0
     for language in sorted(set(languages)):
         picked = [i for i, code in enumerate(languages) if code == language]

@@ -9,6 +9,7 @@ normalizer.json, so `tokenizer.normalize` — Whisper's English spelling normali
 is gone and the adapted model scores differently from its teacher), and safetensors writes the weights
 through a private temporary file, so model.safetensors ends up 0600.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,17 @@ import huggingface_hub
 
 # Every file of a Whisper's processor and generation settings that a checkpoint may hold (the weights and
 # config.json are the model's own)
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "normalizer.json",
-                   "added_tokens.json", "special_tokens_map.json", "preprocessor_config.json",
-                   "generation_config.json")
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "normalizer.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
 
 
 def teacher_file(name_or_path: str, revision: str, name: str) -> Path | None:

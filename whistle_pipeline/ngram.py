@@ -27,6 +27,7 @@ Cost: building is O(tokens x N) time and memory for the counts (fine for the ten
 domain sentences whistle fine-tunes on, not for web-scale text); a query is at most N dictionary look-ups
 (`ArpaScorer`) or one KenLM call (`KenlmScorer`, about 10x faster).
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,7 +66,7 @@ def count_ngrams(sentences: Iterable[Sequence[str]], order: int) -> list[Counter
     for words in sentences:
         padded = (BOS, *words, EOS)
         for n in range(1, order + 1):
-            counts[n - 1].update(padded[i: i + n] for i in range(len(padded) - n + 1))
+            counts[n - 1].update(padded[i : i + n] for i in range(len(padded) - n + 1))
     return counts
 
 
@@ -93,8 +94,12 @@ def discounts(adjusted: Counter, order: int) -> tuple[float, float, float]:
         single = y if 0 < y < 1 else 0.5
     else:
         single = 0.5
-    log.info("order %d: counts of counts %s too few for modified Kneser-Ney; one discount %.3f",
-             order, [t[k] for k in range(1, 5)], single)
+    log.info(
+        "order %d: counts of counts %s too few for modified Kneser-Ney; one discount %.3f",
+        order,
+        [t[k] for k in range(1, 5)],
+        single,
+    )
     return single, single, single
 
 
@@ -130,8 +135,9 @@ def build_kneser_ney(sentences: Iterable[Sequence[str]], order: int = 3, discoun
             gamma = _backoff_mass(continuations.values(), ds[n - 1]) / total
             backoffs[n - 2][context] = math.log10(gamma)
             for word, count in continuations.items():
-                current[context + (word,)] = ((count - _discount(count, ds[n - 1])) / total
-                                              + gamma * lower[context[1:] + (word,)])
+                current[context + (word,)] = (count - _discount(count, ds[n - 1])) / total + gamma * lower[
+                    context[1:] + (word,)
+                ]
         probs[n - 1] = {gram: math.log10(p) for gram, p in current.items()}
         lower = current
     return NgramModel(order, probs, backoffs)
@@ -193,16 +199,17 @@ def read_arpa(path: str | Path) -> NgramModel:
 def _read_entry(line: str, order: int, probs: dict, backoffs: dict, where: str) -> None:
     fields = line.split()
     if len(fields) not in (order + 1, order + 2):
-        raise ValueError(f"{where}: a {order}-gram line needs a probability, {order} word(s) and an optional "
-                         f"backoff, not {line!r}")
-    gram = tuple(fields[1: order + 1])
+        raise ValueError(
+            f"{where}: a {order}-gram line needs a probability, {order} word(s) and an optional backoff, not {line!r}"
+        )
+    gram = tuple(fields[1 : order + 1])
     probs[gram] = float(fields[0])
     if len(fields) == order + 2:
         backoffs[gram] = float(fields[-1])
 
 
 def _last(words: Sequence[str], count: int) -> Ngram:
-    return tuple(words[max(0, len(words) - count):]) if count > 0 else ()
+    return tuple(words[max(0, len(words) - count) :]) if count > 0 else ()
 
 
 class ArpaScorer:

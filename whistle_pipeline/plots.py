@@ -5,6 +5,7 @@ matplotlib is optional (`pip install 'whistle[plot]'`) and slow to import, so it
 a picture is drawn (`_figure`). Figures are drawn on matplotlib's Agg canvas directly, not through
 pyplot: no global backend to switch, no figure left open.
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,14 +54,17 @@ def plot_utterance(store_path: str, utt_id: str, out_png: str | Path) -> Path:
 
     axes = figure.add_subplot()
     limit = float(np.percentile(np.abs(window), 99)) or 1.0  # robust colour range: a few huge channels
-    image = axes.imshow(window.T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit,
-                        interpolation="nearest")
+    image = axes.imshow(
+        window.T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
+    )
     tail_label = "tail template" if reader.spec.frames == "speech" else "stored tail"
-    axes.axvline(boundary - 0.5, color="black", linestyle="--", linewidth=1.2,
-                 label=f"speech | {tail_label} (frame {boundary})")
+    axes.axvline(
+        boundary - 0.5, color="black", linestyle="--", linewidth=1.2, label=f"speech | {tail_label} (frame {boundary})"
+    )
     axes.legend(loc="upper right", fontsize=8)
-    seconds = axes.secondary_xaxis("top", functions=(lambda f: f / teacher.frames_per_second,
-                                                     lambda s: s * teacher.frames_per_second))
+    seconds = axes.secondary_xaxis(
+        "top", functions=(lambda f: f / teacher.frames_per_second, lambda s: s * teacher.frames_per_second)
+    )
     seconds.set_xlabel("seconds")
     axes.set_xlabel("encoder frame")
     axes.set_ylabel("channel")
@@ -80,8 +84,12 @@ def plot_utterance(store_path: str, utt_id: str, out_png: str | Path) -> Path:
     return out
 
 
-def plot_wer_bars(wer: dict[str, dict[str, float]], title: str, path: Path,
-                  spread: dict[str, dict[str, tuple[float, float]]] | None = None) -> str | None:
+def plot_wer_bars(
+    wer: dict[str, dict[str, float]],
+    title: str,
+    path: Path,
+    spread: dict[str, dict[str, tuple[float, float]]] | None = None,
+) -> str | None:
     """A grouped bar chart of WER % per test set, one bar per model: `wer` is {model: {set: WER}}, models in
     the order drawn; `spread` {model: {set: (lowest, highest)}} draws each bar's range as an error bar (a
     model's seeds). Returns the PNG's path, or None (with a warning) when matplotlib is not installed."""
@@ -99,8 +107,10 @@ def plot_wer_bars(wer: dict[str, dict[str, float]], title: str, path: Path,
         heights = [100 * wer[model][name] for name in sets]
         errors = None
         if spread is not None:  # matplotlib's yerr: distances below and above each bar
-            errors = [[h - 100 * spread[model][name][0] for h, name in zip(heights, sets)],
-                      [100 * spread[model][name][1] - h for h, name in zip(heights, sets)]]
+            errors = [
+                [h - 100 * spread[model][name][0] for h, name in zip(heights, sets)],
+                [100 * spread[model][name][1] - h for h, name in zip(heights, sets)],
+            ]
         bars = axis.bar(xs, heights, width, yerr=errors, capsize=2 if errors else 0, label=model)
         axis.bar_label(bars, fmt="%.1f", fontsize=6 if len(models) > 6 else 7)
     axis.set_xticks(range(len(sets)), [f"{name} test" for name in sets])
@@ -118,11 +128,16 @@ def read_log(path: Path) -> dict[str, np.ndarray]:
         return {}
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return {k: np.array([float(r[k]) if r[k] not in ("", "None") else np.nan for r in rows]) for k in rows[0]} if rows else {}
+    return (
+        {k: np.array([float(r[k]) if r[k] not in ("", "None") else np.nan for r in rows]) for k in rows[0]}
+        if rows
+        else {}
+    )
 
 
-def plot_training_curves(train_log: Path, validation_log: Path,
-                         panels: list[tuple[str, list[tuple[str, str]]]], path: Path) -> Path | None:
+def plot_training_curves(
+    train_log: Path, validation_log: Path, panels: list[tuple[str, list[tuple[str, str]]]], path: Path
+) -> Path | None:
     """One panel per (title, [(column, "train" | "held-out"), ...]) against the step, from a run's two CSV
     logs. Returns the PNG's path, or None (with a warning) when matplotlib is not installed."""
     try:
@@ -137,8 +152,13 @@ def plot_training_curves(train_log: Path, validation_log: Path,
         for name, which in series:
             table = tables[which]
             if table and name in table and np.isfinite(table[name]).any():
-                axis.plot(table["step"], table[name], marker="o" if which == "held-out" else None, ms=3,
-                          label=f"{name} ({which})")
+                axis.plot(
+                    table["step"],
+                    table[name],
+                    marker="o" if which == "held-out" else None,
+                    ms=3,
+                    label=f"{name} ({which})",
+                )
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.legend(fontsize=7)

@@ -18,6 +18,7 @@ and for every output (`output_problems`): it is not an input, does not hold one 
 written and replaced whole). An output inside a data folder is fine: nothing there is overwritten.
 Paths are compared resolved (~, relative parts, symlinks); hub names and URLs are not paths.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,8 +89,11 @@ def is_url(path: str) -> bool:
 def looks_local(path: str) -> bool:
     """A path meant as a local file or folder even when it is missing: it exists, starts with ., / or ~, or
     names a manifest or a text file. Anything else may be a hub name."""
-    return (os.path.lexists(os.path.expanduser(path)) or path.startswith((".", "/", "~", os.sep))
-            or Path(path).suffix.lower() in (*MANIFEST_SUFFIXES, ".txt", ".json"))
+    return (
+        os.path.lexists(os.path.expanduser(path))
+        or path.startswith((".", "/", "~", os.sep))
+        or Path(path).suffix.lower() in (*MANIFEST_SUFFIXES, ".txt", ".json")
+    )
 
 
 def path_problems(path: str, what: str, kind: str, hint: str = "") -> list[str]:
@@ -112,8 +116,12 @@ def data_problems(path: str, what: str, kind: str = "auto") -> list[str]:
     if not path:
         return [f"{what} is empty: give a manifest (.csv/.tsv/.jsonl), a folder or a dataset name"]
     if kind in ("manifest", "common_voice", "hf_disk") or looks_local(path):
-        return path_problems(path, what, "file" if kind == "manifest" else "any",
-                             "check the path (relative paths start from the current folder)")
+        return path_problems(
+            path,
+            what,
+            "file" if kind == "manifest" else "any",
+            "check the path (relative paths start from the current folder)",
+        )
     return []
 
 
@@ -128,14 +136,19 @@ def output_problems(what: str, path: str, inputs: Sequence[Input], kind: str = "
             continue  # a hub name, a URL, or missing (reported by its own check): nothing here to overwrite
         source = resolved(given.path)
         if out == source:
-            problems.append(f"{what} = {path!r} is {given.what} itself: the run would write over its input. "
-                            f"Choose another {what}.")
+            problems.append(
+                f"{what} = {path!r} is {given.what} itself: the run would write over its input. Choose another {what}."
+            )
         elif source.is_relative_to(out):
-            problems.append(f"{what} = {path!r} holds {given.what} ({given.path}): a rerun, --overwrite or "
-                            f"--no-resume could replace or delete it. Choose a {what} outside it.")
+            problems.append(
+                f"{what} = {path!r} holds {given.what} ({given.path}): a rerun, --overwrite or "
+                f"--no-resume could replace or delete it. Choose a {what} outside it."
+            )
         elif given.whole and out.is_relative_to(source):
-            problems.append(f"{what} = {path!r} lies inside {given.what} ({given.path}), a model folder or store "
-                            f"that is written and replaced whole. Choose a {what} outside it.")
+            problems.append(
+                f"{what} = {path!r} lies inside {given.what} ({given.path}), a model folder or store "
+                f"that is written and replaced whole. Choose a {what} outside it."
+            )
     if not problems and out.exists() and kind == "folder" and not out.is_dir():
         problems.append(f"{what} = {path!r} is a file, not a folder: choose a folder for the outputs")
     if not problems and out.is_dir() and kind == "file":
@@ -154,8 +167,10 @@ def _hub_config(name: str, revision: str) -> tuple[Path | None, str | None]:
     if isinstance(cached, str):
         return Path(cached).parent, None
     if hub_constants.HF_HUB_OFFLINE:
-        return None, ("the hub is offline (HF_HUB_OFFLINE is set) and the model is not in the local cache: "
-                      "download it once with a network, or give a local folder")
+        return None, (
+            "the hub is offline (HF_HUB_OFFLINE is set) and the model is not in the local cache: "
+            "download it once with a network, or give a local folder"
+        )
     url = huggingface_hub.hf_hub_url(name, "config.json", revision=revision)
     try:
         huggingface_hub.get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S)  # one request, no retries
@@ -163,8 +178,10 @@ def _hub_config(name: str, revision: str) -> tuple[Path | None, str | None]:
     except RevisionNotFoundError:
         return None, f"the hub model has no revision {revision!r} (teacher.revision)"
     except RepositoryNotFoundError:
-        return None, ("there is no such hub model (or it is private or gated: log in with `hf auth login`), "
-                      "nor a local folder of that name")
+        return None, (
+            "there is no such hub model (or it is private or gated: log in with `hf auth login`), "
+            "nor a local folder of that name"
+        )
     except LocalEntryNotFoundError as err:
         return None, _unreachable(err)
     except EntryNotFoundError:
@@ -179,12 +196,15 @@ def _hub_config(name: str, revision: str) -> tuple[Path | None, str | None]:
 
 
 def _unreachable(err: Exception) -> str:
-    return (f"the hub cannot be reached ({type(err).__name__}: {err}) and the model is not in the local cache: "
-            "connect, set HF_HUB_OFFLINE=1 with a filled cache, or give a local folder")
+    return (
+        f"the hub cannot be reached ({type(err).__name__}: {err}) and the model is not in the local cache: "
+        "connect, set HF_HUB_OFFLINE=1 with a filled cache, or give a local folder"
+    )
 
 
-def whisper_problems(name_or_path: str, revision: str, what: str, tokenizer: bool = True, extractor: bool = False
-                     ) -> tuple[list[str], TeacherGeometry | None]:
+def whisper_problems(
+    name_or_path: str, revision: str, what: str, tokenizer: bool = True, extractor: bool = False
+) -> tuple[list[str], TeacherGeometry | None]:
     """(problems, geometry): a local Whisper folder or a hub name (owner/name) whose config is a Whisper's;
     a local folder also needs safetensors weights, a tokenizer (`tokenizer`) and preprocessor_config.json
     (`extractor`: loaders without the standard-extractor fallback).
@@ -196,21 +216,30 @@ def whisper_problems(name_or_path: str, revision: str, what: str, tokenizer: boo
         return [f"{what} is empty: give a hub name (owner/name) or a local Whisper folder"], None
     local = Path(os.path.expanduser(name_or_path))
     if local.exists() or not HUB_NAME.match(name_or_path):
-        problems = path_problems(name_or_path, what, "folder",
-                                 "give a local Whisper folder (save_pretrained, `whistle import-ct2` or "
-                                 "`whistle finetune` output) or a hub name such as openai/whisper-large-v3")
+        problems = path_problems(
+            name_or_path,
+            what,
+            "folder",
+            "give a local Whisper folder (save_pretrained, `whistle import-ct2` or "
+            "`whistle finetune` output) or a hub name such as openai/whisper-large-v3",
+        )
         if problems:
             return problems, None
         folder = local
         if not any(folder.glob("*.safetensors")):
-            problems.append(f"{what} = {name_or_path!r} has no *.safetensors weights: whistle loads safetensors "
-                            "only (save the model again with save_pretrained)")
+            problems.append(
+                f"{what} = {name_or_path!r} has no *.safetensors weights: whistle loads safetensors "
+                "only (save the model again with save_pretrained)"
+            )
         if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            problems.append(f"{what} = {name_or_path!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save "
-                            "the model's WhisperProcessor into it")
+            problems.append(
+                f"{what} = {name_or_path!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save "
+                "the model's WhisperProcessor into it"
+            )
         if extractor and not (folder / "preprocessor_config.json").is_file():
-            problems.append(f"{what} = {name_or_path!r} has no preprocessor_config.json: save the model's "
-                            "WhisperProcessor into it")
+            problems.append(
+                f"{what} = {name_or_path!r} has no preprocessor_config.json: save the model's WhisperProcessor into it"
+            )
     else:
         folder, why = _hub_config(name_or_path, revision)
         if folder is None:
@@ -225,8 +254,10 @@ def _geometry(folder: Path, name_or_path: str, what: str) -> tuple[TeacherGeomet
     try:
         values = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return None, (f"{what} = {name_or_path!r} has no config.json: it is not a transformers checkpoint (give a "
-                      "Whisper folder written by save_pretrained)")
+        return None, (
+            f"{what} = {name_or_path!r} has no config.json: it is not a transformers checkpoint (give a "
+            "Whisper folder written by save_pretrained)"
+        )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return None, f"{what} = {name_or_path!r}: {config_path} is not readable JSON ({err})"
     if not isinstance(values, dict) or values.get("model_type") != "whisper":
@@ -257,15 +288,18 @@ def store_problems(url: str, what: str, geometry: TeacherGeometry | None, teache
     problems = []
     if not reader.shards():
         incomplete = len(reader.incomplete_shards())
-        problems.append(f"{what} {url} has no complete shards ({incomplete} incomplete): run `whistle precompute` "
-                        "on it first" + (" and let it finish (a rerun completes the missing shards)" if incomplete
-                                         else ""))
+        problems.append(
+            f"{what} {url} has no complete shards ({incomplete} incomplete): run `whistle precompute` "
+            "on it first" + (" and let it finish (a rerun completes the missing shards)" if incomplete else "")
+        )
     if geometry is not None:
         differences = geometry_differences(reader.teacher, geometry.record(teacher_name, ""))
         if differences:
-            problems.append(f"{what} {url} holds states of another teacher geometry than {teacher_name!r}: "
-                            + "; ".join(d.describe("store") for d in differences)
-                            + ". Use the teacher that made the store, or precompute the store with this one.")
+            problems.append(
+                f"{what} {url} holds states of another teacher geometry than {teacher_name!r}: "
+                + "; ".join(d.describe("store") for d in differences)
+                + ". Use the teacher that made the store, or precompute the store with this one."
+            )
     return problems
 
 
@@ -280,9 +314,11 @@ def existing_store_problems(url: str, what: str, geometry: TeacherGeometry | Non
     differences = geometry_differences(reader.teacher, geometry.record(teacher_name, ""))
     if not differences:
         return []
-    return [f"{what} {url} already holds states of another teacher geometry: "
-            + "; ".join(d.describe("store") for d in differences)
-            + ". Precompute into a new store, or pass --overwrite to replace it."]
+    return [
+        f"{what} {url} already holds states of another teacher geometry: "
+        + "; ".join(d.describe("store") for d in differences)
+        + ". Precompute into a new store, or pass --overwrite to replace it."
+    ]
 
 
 # ---- the stages ----------------------------------------------------------------------------------------
@@ -302,8 +338,9 @@ def precompute(config: PipelineConfig) -> None:
     problems += data_problems(config.data.path, "data.path", config.data.kind)
     if not config.precompute.overwrite:  # else it is replaced (and rank 0 may be replacing it now)
         problems += existing_store_problems(config.store.path, "store.path", geometry, config.teacher.name_or_path)
-    problems += output_problems("store.path", config.store.path,
-                                [_model_input(config), Input("data.path", config.data.path)])
+    problems += output_problems(
+        "store.path", config.store.path, [_model_input(config), Input("data.path", config.data.path)]
+    )
     refuse(problems, "precompute")
 
 
@@ -311,8 +348,11 @@ def train_tle(config: PipelineConfig) -> None:
     """The teacher, the store (of the teacher's geometry), and train_tle.output_dir against both."""
     problems, geometry = _teacher(config)
     problems += store_problems(config.store.path, "store.path", geometry, config.teacher.name_or_path)
-    problems += output_problems("train_tle.output_dir", config.train_tle.output_dir,
-                                [_model_input(config), Input("store.path", config.store.path, whole=True)])
+    problems += output_problems(
+        "train_tle.output_dir",
+        config.train_tle.output_dir,
+        [_model_input(config), Input("store.path", config.store.path, whole=True)],
+    )
     refuse(problems, "train-tle")
 
 
@@ -321,15 +361,22 @@ def finetune_input_problems(config: PipelineConfig, geometry: TeacherGeometry | 
     settings = config.finetune
     problems = []
     if settings.text_ratio > 1e-9 and settings.tle_path:
-        problems += path_problems(settings.tle_path, "finetune.tle_path", "folder",
-                                  "train a TLE first (`whistle train-tle`) or point at its output_dir")
+        problems += path_problems(
+            settings.tle_path,
+            "finetune.tle_path",
+            "folder",
+            "train a TLE first (`whistle train-tle`) or point at its output_dir",
+        )
         if not problems and not (Path(os.path.expanduser(settings.tle_path)) / "config.json").is_file():
-            problems.append(f"finetune.tle_path = {settings.tle_path!r} has no config.json: it is not a "
-                            "`whistle train-tle` output")
+            problems.append(
+                f"finetune.tle_path = {settings.tle_path!r} has no config.json: it is not a `whistle train-tle` output"
+            )
     if settings.text_ratio > 1e-9 and settings.text:
         problems += data_problems(settings.text, "finetune.text")
-    for key, ratio, url in (("audio_store", settings.audio_ratio, settings.audio_store),
-                            ("tts_store", settings.tts_ratio, settings.tts_store)):
+    for key, ratio, url in (
+        ("audio_store", settings.audio_ratio, settings.audio_store),
+        ("tts_store", settings.tts_ratio, settings.tts_store),
+    ):
         if ratio > 0 and url:
             problems += store_problems(url, f"finetune.{key}", geometry, config.teacher.name_or_path)
     if settings.val_audio:
@@ -351,10 +398,14 @@ def finetune(config: PipelineConfig) -> None:
         problems = list(err.problems)
     teacher_problems, geometry = _teacher(config)
     problems += teacher_problems + finetune_input_problems(config, geometry)
-    inputs = [_model_input(config), Input("finetune.tle_path", settings.tle_path, whole=True),
-              Input("finetune.text", settings.text), Input("finetune.audio_store", settings.audio_store, whole=True),
-              Input("finetune.tts_store", settings.tts_store, whole=True),
-              Input("finetune.val_audio", settings.val_audio)]
+    inputs = [
+        _model_input(config),
+        Input("finetune.tle_path", settings.tle_path, whole=True),
+        Input("finetune.text", settings.text),
+        Input("finetune.audio_store", settings.audio_store, whole=True),
+        Input("finetune.tts_store", settings.tts_store, whole=True),
+        Input("finetune.val_audio", settings.val_audio),
+    ]
     problems += output_problems("finetune.output_dir", settings.output_dir, inputs)
     refuse(problems, "finetune")
 
@@ -398,9 +449,14 @@ def validate_tle(config: PipelineConfig, options: Any) -> None:
     if options.voices is not None:
         voice_problems = path_problems(options.voices, "--voices", "file")
         problems += voice_problems or voices_problems(config, options.voices)
-    inputs = [_model_input(config), Input("TLE_DIR", options.tle_dir, whole=True),
-              Input("--store", options.store, whole=True), Input("--weights", options.weights or ""),
-              *(Input("--text", path) for path in options.text_files), Input("--voices", options.voices or "")]
+    inputs = [
+        _model_input(config),
+        Input("TLE_DIR", options.tle_dir, whole=True),
+        Input("--store", options.store, whole=True),
+        Input("--weights", options.weights or ""),
+        *(Input("--text", path) for path in options.text_files),
+        Input("--voices", options.voices or ""),
+    ]
     for what, path in (("--json", options.json_path), ("--figure", options.figure)):
         if path:
             problems += output_problems(what, path, inputs, kind="file")
@@ -415,8 +471,10 @@ def voices_problems(config: PipelineConfig, manifest: str) -> list[str]:
     except WhistleError as err:
         return [f"--voices {manifest}: {err}"]
     if source.column("voice") is None:
-        return [f"--voices {manifest} has no 'voice' column; pass the `whistle synthesize` manifest the store was "
-                "precomputed from"]
+        return [
+            f"--voices {manifest} has no 'voice' column; pass the `whistle synthesize` manifest the store was "
+            "precomputed from"
+        ]
     return []
 
 
@@ -432,8 +490,9 @@ def import_ct2(source_dir: str | os.PathLike | None, output_dir: str | os.PathLi
     problems = []
     inputs = []
     if source_dir is not None:
-        problems += path_problems(os.fspath(source_dir), "SRC", "folder",
-                                  "give the CTranslate2 model folder (with model.bin)")
+        problems += path_problems(
+            os.fspath(source_dir), "SRC", "folder", "give the CTranslate2 model folder (with model.bin)"
+        )
         inputs.append(Input("SRC", os.fspath(source_dir), whole=True))
     problems += output_problems("OUT", os.fspath(output_dir), inputs)
     refuse(problems, "import-ct2")

@@ -6,6 +6,7 @@
 
 precompute, train-tle and finetune draw their bars with progress_bar; the CLI opens run_log around each stage.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,15 @@ class ProgressLog:
     """tqdm's interface as log lines: "train-tle: 1200/20000 steps (6%), 2.1 steps/s, ETA 2h29m, loss=0.41",
     at most every `every_s` seconds of `clock` as work is done, and a last line at close."""
 
-    def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every_s: float = PROGRESS_EVERY_S,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str,
+        initial: int = 0,
+        every_s: float = PROGRESS_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.total, self.desc, self.unit, self.every_s, self.clock = total, desc, unit, every_s, clock
         self.n = self.initial = initial  # `initial`: done before this run (a resume); the rate counts this run's
         self.started = self.shown = clock()
@@ -75,8 +83,16 @@ class ProgressLog:
             return
         self.closed = True
         elapsed = self.clock() - self.started
-        log.info("%s: %d/%d %ss in %s (%s)%s", self.desc, self.n, self.total, self.unit, duration_text(elapsed),
-                 self.rate_text(self.rate(elapsed)), f", {self.postfix}" if self.postfix else "")
+        log.info(
+            "%s: %d/%d %ss in %s (%s)%s",
+            self.desc,
+            self.n,
+            self.total,
+            self.unit,
+            duration_text(elapsed),
+            self.rate_text(self.rate(elapsed)),
+            f", {self.postfix}" if self.postfix else "",
+        )
 
     def rate(self, elapsed: float) -> float:
         """Units per second in this run."""
@@ -89,8 +105,11 @@ class ProgressLog:
 
     def line(self, now: float) -> str:
         rate = self.rate(now - self.started)
-        parts = [f"{self.desc}: {self.n}/{self.total} {self.unit}s"
-                 + (f" ({100 * self.n / self.total:.0f}%)" if self.total else ""), self.rate_text(rate)]
+        parts = [
+            f"{self.desc}: {self.n}/{self.total} {self.unit}s"
+            + (f" ({100 * self.n / self.total:.0f}%)" if self.total else ""),
+            self.rate_text(rate),
+        ]
         if rate > 0 and self.total:
             parts.append(f"ETA {duration_text(max(0, self.total - self.n) / rate)}")
         if self.postfix:
@@ -109,7 +128,7 @@ class RunLogFile(logging.FileHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.stream is None and not self.folder.is_dir():
-            self.held = [*self.held[1 - HELD_LINES:], record]
+            self.held = [*self.held[1 - HELD_LINES :], record]
             return
         for held in self.held:
             super().emit(held)

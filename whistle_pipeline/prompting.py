@@ -25,6 +25,7 @@ numbers as digits for English), so a term is written the way it is scored.
 Cost: one tokenizer call per prompt (`prompt_ids`) or per candidate prefix of the term list
 (`prompt_from_terms`, at most a few hundred short calls); `domain_terms` is linear in the text.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -49,8 +50,10 @@ def prompt_budget(max_target_positions: int = MAX_TARGET_POSITIONS) -> int:
 def _start_of_previous(tokenizer: Any) -> int:
     token_id = tokenizer.get_vocab().get(START_OF_PREVIOUS)
     if token_id is None:
-        raise WhistleError(f"the tokenizer {type(tokenizer).__name__} has no {START_OF_PREVIOUS} token: it is not "
-                           "a Whisper tokenizer, so it cannot build a Whisper prompt")
+        raise WhistleError(
+            f"the tokenizer {type(tokenizer).__name__} has no {START_OF_PREVIOUS} token: it is not "
+            "a Whisper tokenizer, so it cannot build a Whisper prompt"
+        )
     return token_id
 
 
@@ -60,8 +63,10 @@ def _check_plain_text(tokenizer: Any, ids: Sequence[int], text: str) -> None:
     first_special = tokenizer.get_vocab()[END_OF_TEXT]
     found = [token_id for token_id in ids if token_id >= first_special]
     if found:
-        raise WhistleError(f"the prompt {text[:60]!r} contains the special token "
-                           f"{tokenizer.convert_ids_to_tokens(found[0])}: write it as plain text")
+        raise WhistleError(
+            f"the prompt {text[:60]!r} contains the special token "
+            f"{tokenizer.convert_ids_to_tokens(found[0])}: write it as plain text"
+        )
 
 
 def prompt_ids(tokenizer: Any, text: str, max_tokens: int | None = None) -> list[int]:

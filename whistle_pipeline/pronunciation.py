@@ -37,6 +37,7 @@ diacritics, the ASCII it uses for tones) plus Latin and Greek letters for spelle
 else is <unk>. `PronunciationFrontEnd.to_dict()` records the backend, its voices and version, the
 vocabulary and the phoneme limit, so a TLE saved with it rebuilds the same front end (`from_dict`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,6 +61,7 @@ APOSTROPHES = "'’ʼ"
 
 
 # ---- the G2P backends ----
+
 
 class G2PBackend(Protocol):
     """Words of one language -> their phonemes (IPA), one string per word."""
@@ -139,8 +141,11 @@ class EspeakG2P:
     def from_dict(cls, data: Mapping[str, Any]) -> EspeakG2P:
         backend = cls(data.get("voices"))
         if data.get("version") and data["version"] != backend.version():
-            log.warning("the front end was saved with eSpeak NG %s, this is %s: some words may be pronounced "
-                        "differently", data["version"], backend.version())
+            log.warning(
+                "the front end was saved with eSpeak NG %s, this is %s: some words may be pronounced differently",
+                data["version"],
+                backend.version(),
+            )
         return backend
 
 
@@ -155,8 +160,9 @@ def _phonemizer() -> tuple[Any, Any]:
         from phonemizer.backend.espeak.wrapper import EspeakWrapper
         from phonemizer.separator import Separator
     except ImportError:
-        raise WhistleError("the pronunciation front end needs phonemizer and espeakng-loader: "
-                           "pip install 'whistle[g2p]'") from None
+        raise WhistleError(
+            "the pronunciation front end needs phonemizer and espeakng-loader: pip install 'whistle[g2p]'"
+        ) from None
     EspeakWrapper.set_library(espeakng_loader.get_library_path())
     EspeakWrapper.set_data_path(espeakng_loader.get_data_path())  # new in phonemizer 3.4
     return EspeakBackend, Separator(phone="", syllable="", word=WORD_BOUNDARY)
@@ -171,14 +177,15 @@ PAD, UNKNOWN = 0, 1
 INVENTORY_VERSION = "ipa-chars-v1"
 # Unicode blocks of inventory v1, in id order (after <pad>, <unk> and the word boundary).
 INVENTORY_RANGES = (
-    (0x21, 0x7E),      # printable ASCII: IPA's Latin letters, and eSpeak's ASCII for tones and rare phonemes
-    (0xC0, 0x24F),     # Latin-1 letters, Latin Extended-A and -B: æ ç ð ø ħ ŋ œ, clicks ǀ ǃ, spelled words
-    (0x250, 0x2AF),    # IPA Extensions: ɐ ə ɚ ɛ ɪ ʃ ʊ ʒ ...
-    (0x2B0, 0x2FF),    # Spacing Modifier Letters: ˈ ˌ ː ʰ ʲ, tone letters ˥ ˩
-    (0x300, 0x36F),    # Combining Diacritical Marks: nasal ̃, syllabic ̩, dental ̪, tie ͡
-    (0x370, 0x3FF),    # Greek: β θ χ
+    (0x21, 0x7E),  # printable ASCII: IPA's Latin letters, and eSpeak's ASCII for tones and rare phonemes
+    (0xC0, 0x24F),  # Latin-1 letters, Latin Extended-A and -B: æ ç ð ø ħ ŋ œ, clicks ǀ ǃ, spelled words
+    (0x250, 0x2AF),  # IPA Extensions: ɐ ə ɚ ɛ ɪ ʃ ʊ ʒ ...
+    (0x2B0, 0x2FF),  # Spacing Modifier Letters: ˈ ˌ ː ʰ ʲ, tone letters ˥ ˩
+    (0x300, 0x36F),  # Combining Diacritical Marks: nasal ̃, syllabic ̩, dental ̪, tie ͡
+    (0x370, 0x3FF),  # Greek: β θ χ
     (0x1D00, 0x1DBF),  # Phonetic Extensions: ᵻ ᵝ
-    (0x2191, 0x2191), (0x2193, 0x2193),  # upstep, downstep
+    (0x2191, 0x2191),
+    (0x2193, 0x2193),  # upstep, downstep
 )
 
 
@@ -217,6 +224,7 @@ class PhonemeVocabulary:
 
 # ---- words and tokens ----
 
+
 def _byte_alphabet() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet (a printable character standing for each of the 256 bytes) -> byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -241,8 +249,10 @@ def token_bytes(tokenizer: Any, token_ids: Sequence[int]) -> list[bytes | None]:
         try:
             pieces.append(bytes(BYTE_OF_CHAR[char] for char in token))
         except (KeyError, TypeError):
-            raise WhistleError(f"token {token_id} ({token!r}) is not in a byte-level BPE vocabulary: the "
-                               "pronunciation front end needs a Whisper tokenizer") from None
+            raise WhistleError(
+                f"token {token_id} ({token!r}) is not in a byte-level BPE vocabulary: the "
+                "pronunciation front end needs a Whisper tokenizer"
+            ) from None
     return pieces
 
 
@@ -301,8 +311,10 @@ def align_words(tokenizer: Any, token_ids: Sequence[int]) -> WordAlignment:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise WhistleError(f"tokens {list(token_ids)[:12]}… do not make UTF-8 text ({err}): give whole "
-                           "transcripts, not cut token sequences") from err
+        raise WhistleError(
+            f"tokens {list(token_ids)[:12]}… do not make UTF-8 text ({err}): give whole "
+            "transcripts, not cut token sequences"
+        ) from err
     byte_offset = [0]  # byte offset of each character, and of the end
     for char in text:
         byte_offset.append(byte_offset[-1] + len(char.encode("utf-8")))
@@ -327,6 +339,7 @@ def align_words(tokenizer: Any, token_ids: Sequence[int]) -> WordAlignment:
 
 
 # ---- the front end ----
+
 
 @dataclass(frozen=True)
 class TokenPronunciation:
@@ -359,8 +372,13 @@ class PronunciationBatch:
     spelled: torch.Tensor
 
     def to(self, device: torch.device | str) -> PronunciationBatch:
-        return PronunciationBatch(self.phonemes.to(device), self.phoneme_mask.to(device),
-                                  self.piece_index.to(device), self.piece_count.to(device), self.spelled.to(device))
+        return PronunciationBatch(
+            self.phonemes.to(device),
+            self.phoneme_mask.to(device),
+            self.piece_index.to(device),
+            self.piece_count.to(device),
+            self.spelled.to(device),
+        )
 
 
 @dataclass(frozen=True)
@@ -377,8 +395,13 @@ class PronunciationFrontEnd:
     new process), so DataLoader workers may each hold a copy.
     """
 
-    def __init__(self, backend: G2PBackend | None = None, vocabulary: PhonemeVocabulary | None = None,
-                 max_phonemes: int = 64, cache_size: int = 200_000):
+    def __init__(
+        self,
+        backend: G2PBackend | None = None,
+        vocabulary: PhonemeVocabulary | None = None,
+        max_phonemes: int = 64,
+        cache_size: int = 200_000,
+    ):
         if max_phonemes < 1 or cache_size < 0:
             raise ValueError(f"max_phonemes = {max_phonemes} must be >= 1 and cache_size = {cache_size} >= 0")
         self.backend = backend if backend is not None else EspeakG2P()
@@ -401,16 +424,23 @@ class PronunciationFrontEnd:
 
     def to_dict(self) -> dict[str, Any]:
         """The front end's settings as JSON-able data (for the TLE's config)."""
-        return {"backend": self.backend.to_dict(), "vocabulary": self.vocabulary.to_dict(),
-                "max_phonemes": self.max_phonemes}
+        return {
+            "backend": self.backend.to_dict(),
+            "vocabulary": self.vocabulary.to_dict(),
+            "max_phonemes": self.max_phonemes,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], cache_size: int = 200_000) -> PronunciationFrontEnd:
         name = data["backend"]["name"]
         if name not in BACKENDS:
             raise WhistleError(f"unknown pronunciation backend {name!r}; this whistle has {', '.join(BACKENDS)}")
-        return cls(BACKENDS[name].from_dict(data["backend"]), PhonemeVocabulary.from_dict(data["vocabulary"]),
-                   data["max_phonemes"], cache_size)
+        return cls(
+            BACKENDS[name].from_dict(data["backend"]),
+            PhonemeVocabulary.from_dict(data["vocabulary"]),
+            data["max_phonemes"],
+            cache_size,
+        )
 
     def cache_info(self) -> CacheInfo:
         with self._lock:
@@ -426,8 +456,11 @@ class PronunciationFrontEnd:
             return False
         if language not in self._spelled_languages:
             self._spelled_languages.add(language)
-            log.warning("the %s pronunciation backend cannot speak language %r: its words fall back to their "
-                        "spelling", self.backend.name, language)
+            log.warning(
+                "the %s pronunciation backend cannot speak language %r: its words fall back to their spelling",
+                self.backend.name,
+                language,
+            )
         return True
 
     def word_phonemes(self, words: Sequence[str], language: str) -> list[str]:
@@ -470,16 +503,23 @@ class PronunciationFrontEnd:
                 out.append(TokenPronunciation(int(token_id), "", "", 0, 0, False))
                 continue
             first = overlapping[0]
-            out.append(TokenPronunciation(
-                int(token_id), WORD_BOUNDARY.join(alignment.words[k] for k in overlapping),
-                WORD_BOUNDARY.join(phonemes[k] for k in overlapping), seen_of_word[first], pieces_of_word[first],
-                spelled))
+            out.append(
+                TokenPronunciation(
+                    int(token_id),
+                    WORD_BOUNDARY.join(alignment.words[k] for k in overlapping),
+                    WORD_BOUNDARY.join(phonemes[k] for k in overlapping),
+                    seen_of_word[first],
+                    pieces_of_word[first],
+                    spelled,
+                )
+            )
             for k in overlapping:
                 seen_of_word[k] += 1
         return out
 
-    def encode_batch(self, tokenizer: Any, tokens: torch.Tensor, token_mask: torch.Tensor,
-                     languages: Sequence[str]) -> PronunciationBatch:
+    def encode_batch(
+        self, tokenizer: Any, tokens: torch.Tensor, token_mask: torch.Tensor, languages: Sequence[str]
+    ) -> PronunciationBatch:
         """A TextBatch's `tle_tokens` (B, L), `tle_mask` (B, L) and `languages` -> PronunciationBatch."""
         B, L = tokens.shape
         rows = [self.pronounce(tokenizer, tokens[b][token_mask[b]].tolist(), languages[b]) for b in range(B)]

@@ -23,6 +23,7 @@ SourceReject with the reason ("kind: detail", as the store groups them; a manife
 never an exception; a problem with the whole source (missing file, missing or repeated column)
 raises WhistleError naming it and the fix.
 """
+
 from __future__ import annotations
 
 import abc
@@ -197,8 +198,15 @@ class Layout:
 class TableSource(Source):
     """Records already in memory (manifests and Common Voice TSVs), one row each."""
 
-    def __init__(self, config: DataConfig, identity: dict[str, Any], records: list[Record], file_name: str,
-                 base: Path, layout: Layout):
+    def __init__(
+        self,
+        config: DataConfig,
+        identity: dict[str, Any],
+        records: list[Record],
+        file_name: str,
+        base: Path,
+        layout: Layout,
+    ):
         self._records = records
         self._file_name = file_name
         self._base = base
@@ -207,8 +215,9 @@ class TableSource(Source):
         # store must never mix the two (the audio files' bytes are not read here).
         used = [r.cells if r.cells is not None else r.reason for r in records[: config.max_clips or len(records)]]
         content = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
-        super().__init__(config, {**identity, "content": content},
-                         [self._id_of(row, record) for row, record in enumerate(records)])
+        super().__init__(
+            config, {**identity, "content": content}, [self._id_of(row, record) for row, record in enumerate(records)]
+        )
 
     def _id_of(self, row: int, record: Record) -> str:
         cells = record.cells
@@ -251,8 +260,12 @@ class TableSource(Source):
             segment = nemo_segment(cells) if layout.segments else None
         except BadCell as err:
             return f"bad row: {self._where(row)}: {err}"
-        return (text, self._normalise_language(language) or self.config.language,
-                str(self._base / audio) if audio else "", segment)
+        return (
+            text,
+            self._normalise_language(language) or self.config.language,
+            str(self._base / audio) if audio else "",
+            segment,
+        )
 
     def _normalise_language(self, language: str) -> str:
         return language
@@ -261,7 +274,8 @@ class TableSource(Source):
         if not any(record.cells is not None and name in record.cells for record in self._records):
             return None
         return [_clean(record.cells.get(name)) if record.cells is not None else "" for record in self._records][
-            : len(self)]
+            : len(self)
+        ]
 
 
 class ManifestSource(TableSource):
@@ -272,10 +286,16 @@ class ManifestSource(TableSource):
     def __init__(self, config: DataConfig, path: Path, records: list[Record], columns: list[str] | None):
         layout = manifest_layout(config, records, columns)
         if columns is not None:
-            _require_columns(f"manifest {path}", columns, {
-                "data.audio_column": layout.audio, "data.text_column": layout.text,
-                "data.id_column": layout.id, "data.language_column": layout.language,
-            })
+            _require_columns(
+                f"manifest {path}",
+                columns,
+                {
+                    "data.audio_column": layout.audio,
+                    "data.text_column": layout.text,
+                    "data.id_column": layout.id,
+                    "data.language_column": layout.language,
+                },
+            )
         identity = {"path": str(path.resolve()), "columns": _column_identity(config)}
         if layout.id != config.id_column:  # recorded only when chosen: older stores keep their fingerprint
             identity["id_column"] = layout.id
@@ -291,9 +311,13 @@ def manifest_layout(config: DataConfig, records: list[Record], columns: list[str
     first = next((r.cells for r in records if r.cells is not None), {})
     nemo = columns is None and NEMO_AUDIO_COLUMN in first and config.audio_column not in first
     language = config.language_column or (NEMO_LANGUAGE_COLUMN if nemo and NEMO_LANGUAGE_COLUMN in keys else "")
-    return Layout(audio=NEMO_AUDIO_COLUMN if nemo else config.audio_column, text=config.text_column,
-                  language=language, id=config.id_column or (AUTO_ID_COLUMN if AUTO_ID_COLUMN in keys else ""),
-                  segments=nemo)
+    return Layout(
+        audio=NEMO_AUDIO_COLUMN if nemo else config.audio_column,
+        text=config.text_column,
+        language=language,
+        id=config.id_column or (AUTO_ID_COLUMN if AUTO_ID_COLUMN in keys else ""),
+        segments=nemo,
+    )
 
 
 class LhotseSource(Source):
@@ -343,15 +367,24 @@ class CommonVoiceSource(TableSource):
             )
         records, columns = read_table(tsv, "\t")  # unquoted: Common Voice sentences contain quote characters
         language_column = config.language_column or (
-            COMMON_VOICE_LANGUAGE_COLUMN if COMMON_VOICE_LANGUAGE_COLUMN in columns else "")
-        _require_columns(f"Common Voice table {tsv}", columns, {
-            "audio (Common Voice)": COMMON_VOICE_AUDIO_COLUMN, "text (Common Voice)": COMMON_VOICE_TEXT_COLUMN,
-            "data.language_column": language_column,
-        })
-        identity = {"path": str(folder.resolve()), "table": table, "language_column": language_column,
-                    "language": config.language}
-        layout = Layout(audio=COMMON_VOICE_AUDIO_COLUMN, text=COMMON_VOICE_TEXT_COLUMN, language=language_column,
-                        id="")
+            COMMON_VOICE_LANGUAGE_COLUMN if COMMON_VOICE_LANGUAGE_COLUMN in columns else ""
+        )
+        _require_columns(
+            f"Common Voice table {tsv}",
+            columns,
+            {
+                "audio (Common Voice)": COMMON_VOICE_AUDIO_COLUMN,
+                "text (Common Voice)": COMMON_VOICE_TEXT_COLUMN,
+                "data.language_column": language_column,
+            },
+        )
+        identity = {
+            "path": str(folder.resolve()),
+            "table": table,
+            "language_column": language_column,
+            "language": config.language,
+        }
+        layout = Layout(audio=COMMON_VOICE_AUDIO_COLUMN, text=COMMON_VOICE_TEXT_COLUMN, language=language_column, id="")
         super().__init__(config, identity, records, tsv.name, folder.resolve() / "clips", layout)
 
     def _derived_id(self, audio: Path) -> str:
@@ -370,10 +403,16 @@ class DatasetSource(Source):
         dataset = _load_dataset(config, kind)
         columns = list(dataset.column_names)
         id_column = config.id_column or (AUTO_ID_COLUMN if AUTO_ID_COLUMN in columns else "")
-        _require_columns(f"dataset {config.path} ({config.split})", columns, {
-            "data.audio_column": config.audio_column, "data.text_column": config.text_column,
-            "data.id_column": id_column, "data.language_column": config.language_column,
-        })
+        _require_columns(
+            f"dataset {config.path} ({config.split})",
+            columns,
+            {
+                "data.audio_column": config.audio_column,
+                "data.text_column": config.text_column,
+                "data.id_column": id_column,
+                "data.language_column": config.language_column,
+            },
+        )
         self._all_columns = dataset  # for `column`
         wanted = [c for c in (config.audio_column, config.text_column, id_column, config.language_column) if c]
         dataset = dataset.select_columns(list(dict.fromkeys(wanted)))
@@ -385,9 +424,13 @@ class DatasetSource(Source):
         else:
             ids = [f"{config.split}-{row:08d}" for row in range(limit)]
         location = str(Path(config.path).resolve()) if kind == "hf_disk" else config.path
-        identity = {"path": location, "subset": config.subset, "split": config.split,
-                    "columns": _column_identity(config),
-                    "content": getattr(dataset, "_fingerprint", None)}  # datasets' own hash of the data
+        identity = {
+            "path": location,
+            "subset": config.subset,
+            "split": config.split,
+            "columns": _column_identity(config),
+            "content": getattr(dataset, "_fingerprint", None),
+        }  # datasets' own hash of the data
         if id_column != config.id_column:  # recorded only when chosen: older stores keep their fingerprint
             identity["id_column"] = id_column
         super().__init__(config, identity, ids)
@@ -416,8 +459,9 @@ def _load_dataset(config: DataConfig, kind: str):
             loaded = datasets.load_from_disk(config.path)
             if isinstance(loaded, datasets.DatasetDict):
                 if config.split not in loaded:
-                    raise WhistleError(f"dataset {config.path} has no split {config.split!r} "
-                                       f"(it has {', '.join(loaded)}): set --split")
+                    raise WhistleError(
+                        f"dataset {config.path} has no split {config.split!r} (it has {', '.join(loaded)}): set --split"
+                    )
                 loaded = loaded[config.split]
             return loaded
         return datasets.load_dataset(config.path, config.subset or None, split=config.split)
@@ -447,21 +491,30 @@ def _undecoded_audio(dataset, column: str, name: str):
 
 
 def _column_identity(config: DataConfig) -> dict[str, str]:
-    return {"audio": config.audio_column, "text": config.text_column, "id": config.id_column,
-            "language": config.language_column, "default_language": config.language}
+    return {
+        "audio": config.audio_column,
+        "text": config.text_column,
+        "id": config.id_column,
+        "language": config.language_column,
+        "default_language": config.language,
+    }
 
 
 def looks_like_a_path(path: str) -> bool:
     """True for what can only be meant as a local file or folder: "./x", "../x", "/x", "~/x", "x.csv"."""
-    return (path.startswith(("./", "../", "/", "~")) or manifest_suffix(path) in MANIFEST_SUFFIXES
-            or Path(path).suffix.lower() == ".gz")
+    return (
+        path.startswith(("./", "../", "/", "~"))
+        or manifest_suffix(path) in MANIFEST_SUFFIXES
+        or Path(path).suffix.lower() == ".gz"
+    )
 
 
 def detect_kind(path: str) -> str:
     """data.kind = "auto": what `path` holds (see pipeline.toml [data])."""
     if not path:
-        raise WhistleError("data.path is empty: give a dataset name or folder, a manifest or a Common Voice folder "
-                           "(--data)")
+        raise WhistleError(
+            "data.path is empty: give a dataset name or folder, a manifest or a Common Voice folder (--data)"
+        )
     local = Path(path)
     if local.is_dir() and (local / "clips").is_dir() and any(local.glob("*.tsv")):
         return "common_voice"
@@ -470,8 +523,9 @@ def detect_kind(path: str) -> str:
     if local.is_dir() and any((local / name).is_file() for name in ("state.json", "dataset_dict.json")):
         return "hf_disk"
     if local.is_file():
-        raise WhistleError(f"{path} is a file but not a manifest: use a {', '.join(MANIFEST_SUFFIXES)} file "
-                           "(optionally .gz)")
+        raise WhistleError(
+            f"{path} is a file but not a manifest: use a {', '.join(MANIFEST_SUFFIXES)} file (optionally .gz)"
+        )
     if not local.exists() and looks_like_a_path(path):
         raise WhistleError(f"no such file: {path}; check the path (a name like this is not a hub dataset)")
     return "hf"

@@ -17,6 +17,7 @@ fingerprint of the encoder's weights (`encoder_fingerprint`) and, for a hub name
 are refused, another name or revision of the same weights is fine (they may live in another folder).
 A checkpoint with inf/nan weights is refused at load (`check_finite_weights`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,20 +61,25 @@ class TeacherGeometry:
     d_model: int  # 1280
 
     @classmethod
-    def from_pretrained(cls, config: WhisperConfig, features: WhisperFeatureExtractor) -> "TeacherGeometry":
+    def from_pretrained(cls, config: WhisperConfig, features: WhisperFeatureExtractor) -> TeacherGeometry:
         """Derive the geometry from a model config and its feature extractor, checking they agree."""
         mel_frames = features.n_samples // features.hop_length  # 3000
         problems = []
         if features.feature_size != config.num_mel_bins:
-            problems.append(f"the feature extractor makes {features.feature_size} mel bins, "
-                            f"the encoder expects {config.num_mel_bins}")
+            problems.append(
+                f"the feature extractor makes {features.feature_size} mel bins, "
+                f"the encoder expects {config.num_mel_bins}"
+            )
         if mel_frames % config.max_source_positions:
-            problems.append(f"{mel_frames} mel frames per window do not divide into "
-                            f"{config.max_source_positions} encoder frames")
+            problems.append(
+                f"{mel_frames} mel frames per window do not divide into {config.max_source_positions} encoder frames"
+            )
         samples_per_frame = features.n_samples // config.max_source_positions
         if features.n_samples % config.max_source_positions or features.sampling_rate % samples_per_frame:
-            problems.append(f"{features.n_samples} samples per window and {features.sampling_rate} Hz do not give a "
-                            f"whole number of samples per encoder frame and frames per second")
+            problems.append(
+                f"{features.n_samples} samples per window and {features.sampling_rate} Hz do not give a "
+                f"whole number of samples per encoder frame and frames per second"
+            )
         if problems:
             raise WhistleError("the Whisper checkpoint is inconsistent: " + "; ".join(problems))
         return cls(
@@ -88,7 +94,7 @@ class TeacherGeometry:
         )
 
     @classmethod
-    def from_config(cls, config: WhisperConfig) -> "TeacherGeometry":
+    def from_config(cls, config: WhisperConfig) -> TeacherGeometry:
         """The geometry of a model whose feature extractor is Whisper's standard one for its mel bins."""
         return cls.from_pretrained(config, WhisperFeatureExtractor(feature_size=config.num_mel_bins))
 
@@ -177,8 +183,10 @@ def bf16_hint(device: str, dtype: str, setting: str) -> str:
     much faster `setting` would run it. Only a hint: "auto" stays float32 on a CPU, as documented."""
     if device != "cpu" or dtype != "float32" or not cpu_has_native_bf16():
         return ""
-    return (f"this CPU computes bfloat16 in hardware: {setting} would run about 1.5-1.7x faster "
-            "(bench/RESULTS.md; the demo does)")
+    return (
+        f"this CPU computes bfloat16 in hardware: {setting} would run about 1.5-1.7x faster "
+        "(bench/RESULTS.md; the demo does)"
+    )
 
 
 TeacherPart = Literal["encoder", "decoder", "full"]
@@ -224,8 +232,8 @@ def load_teacher(
     else:
         try:
             model = WhisperForConditionalGeneration.from_pretrained(
-                name_or_path, revision=at, config=config, dtype=dtype, attn_implementation=attn,
-                use_safetensors=True)  # never a pickle
+                name_or_path, revision=at, config=config, dtype=dtype, attn_implementation=attn, use_safetensors=True
+            )  # never a pickle
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=at)
         except (OSError, ValueError) as err:
             raise WhistleError(
@@ -240,8 +248,13 @@ def load_teacher(
     if not os.path.isdir(name_or_path):  # the commit of the snapshot read, even when the hub could not be asked
         resolved = extract_commit_hash(files[0], None) or resolved
     model.requires_grad_(False)
-    return LoadedTeacher(model.to(device).eval(), geometry,
-                         geometry.record(name_or_path, resolved, encoder_fingerprint(files)), features, tokenizer)
+    return LoadedTeacher(
+        model.to(device).eval(),
+        geometry,
+        geometry.record(name_or_path, resolved, encoder_fingerprint(files)),
+        features,
+        tokenizer,
+    )
 
 
 def check_finite_weights(model: nn.Module, what: str) -> None:
@@ -262,12 +275,14 @@ def check_finite_weights(model: nn.Module, what: str) -> None:
 
 def weight_files(name_or_path: str, revision: str | None) -> list[str]:
     """The checkpoint's safetensors files (the one file, or the shards of its index), local or in the hub cache."""
-    single = cached_file(name_or_path, SAFE_WEIGHTS_NAME, revision=revision,
-                         _raise_exceptions_for_missing_entries=False)
+    single = cached_file(
+        name_or_path, SAFE_WEIGHTS_NAME, revision=revision, _raise_exceptions_for_missing_entries=False
+    )
     if single:
         return [single]
-    index = cached_file(name_or_path, SAFE_WEIGHTS_INDEX_NAME, revision=revision,
-                        _raise_exceptions_for_missing_entries=False)
+    index = cached_file(
+        name_or_path, SAFE_WEIGHTS_INDEX_NAME, revision=revision, _raise_exceptions_for_missing_entries=False
+    )
     if not index:
         raise WhistleError(f"{name_or_path!r} has no {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}")
     with open(index, encoding="utf-8") as handle:
@@ -332,18 +347,28 @@ def feature_extractor(name_or_path: str, revision: str | None, n_mels: int) -> W
     try:
         return WhisperFeatureExtractor.from_pretrained(name_or_path, revision=revision)
     except OSError:
-        log.warning("%s has no preprocessor_config.json: using Whisper's standard %d-bin feature extractor",
-                    name_or_path, n_mels)
+        log.warning(
+            "%s has no preprocessor_config.json: using Whisper's standard %d-bin feature extractor",
+            name_or_path,
+            n_mels,
+        )
         return WhisperFeatureExtractor(feature_size=n_mels)
 
 
-def _encoder(name_or_path: str, revision: str | None, config: WhisperConfig, dtype: torch.dtype,
-             attn: str) -> TeacherEncoder:
+def _encoder(
+    name_or_path: str, revision: str | None, config: WhisperConfig, dtype: torch.dtype, attn: str
+) -> TeacherEncoder:
     """The encoder's weights alone from a full checkpoint (or a saved encoder)."""
     try:
         encoder, info = TeacherEncoder.from_pretrained(
-            name_or_path, revision=revision, config=config, dtype=dtype, attn_implementation=attn,
-            key_mapping=_ENCODER_KEYS, output_loading_info=True, use_safetensors=True,
+            name_or_path,
+            revision=revision,
+            config=config,
+            dtype=dtype,
+            attn_implementation=attn,
+            key_mapping=_ENCODER_KEYS,
+            output_loading_info=True,
+            use_safetensors=True,
         )
     except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: weights of other shapes than the config's
         raise WhistleError(f"cannot load the Whisper encoder from {name_or_path!r}: {err}") from err
@@ -384,8 +409,11 @@ def check_teacher(recorded: TeacherInfo, given: TeacherInfo, what: str, fix: str
     without a fingerprint (written before whistle kept one) is logged as unverifiable, with any other name."""
     differences = geometry_differences(recorded, given)
     if differences:
-        raise WhistleError(f"{what} holds states of another teacher geometry than {given.name_or_path!r}:\n  - "
-                           + "\n  - ".join(d.describe(recorded_by) for d in differences) + f"\n{fix}")
+        raise WhistleError(
+            f"{what} holds states of another teacher geometry than {given.name_or_path!r}:\n  - "
+            + "\n  - ".join(d.describe(recorded_by) for d in differences)
+            + f"\n{fix}"
+        )
     if recorded.encoder_fingerprint and given.encoder_fingerprint:
         if recorded.encoder_fingerprint != given.encoder_fingerprint:
             raise WhistleError(
@@ -393,15 +421,26 @@ def check_teacher(recorded: TeacherInfo, given: TeacherInfo, what: str, fix: str
                 f"encoder fingerprint {recorded.encoder_fingerprint} ({recorded_by}, teacher {recorded.name_or_path!r}"
                 f"{f' at {recorded.revision}' if recorded.revision else ''}) vs {given.encoder_fingerprint} (given"
                 f"{f', at {given.revision}' if given.revision else ''}). Its weights were replaced, or it is another "
-                f"model of the same size.\n{fix}")
+                f"model of the same size.\n{fix}"
+            )
         return
     if not recorded.encoder_fingerprint:
-        log.warning("%s records no fingerprint of its teacher's encoder weights (written before whistle kept one): "
-                    "whether %r has the same weights cannot be checked", what, given.name_or_path)
+        log.warning(
+            "%s records no fingerprint of its teacher's encoder weights (written before whistle kept one): "
+            "whether %r has the same weights cannot be checked",
+            what,
+            given.name_or_path,
+        )
     if (recorded.name_or_path, recorded.revision) != (given.name_or_path, given.revision):
-        log.warning("%s was made with teacher %r (revision %r), the teacher now is %r (revision %r): make sure "
-                    "they are the same weights", what, recorded.name_or_path, recorded.revision, given.name_or_path,
-                    given.revision)
+        log.warning(
+            "%s was made with teacher %r (revision %r), the teacher now is %r (revision %r): make sure "
+            "they are the same weights",
+            what,
+            recorded.name_or_path,
+            recorded.revision,
+            given.name_or_path,
+            given.revision,
+        )
 
 
 class LogMel(nn.Module):
@@ -416,8 +455,11 @@ class LogMel(nn.Module):
         self.hop_length = geometry.hop_length
         # the filters of transformers' own extractor, so both paths share one definition of the mel scale
         extractor = WhisperFeatureExtractor(
-            feature_size=geometry.n_mels, sampling_rate=geometry.sample_rate, hop_length=geometry.hop_length,
-            n_fft=geometry.n_fft, chunk_length=round(geometry.window_seconds),
+            feature_size=geometry.n_mels,
+            sampling_rate=geometry.sample_rate,
+            hop_length=geometry.hop_length,
+            n_fft=geometry.n_fft,
+            chunk_length=round(geometry.window_seconds),
         )
         filters = torch.from_numpy(np.asarray(extractor.mel_filters, dtype=np.float32)).T  # (n_mels, n_freq)
         self.register_buffer("filters", filters.contiguous(), persistent=False)
@@ -440,7 +482,9 @@ def _log_mel(geometry: TeacherGeometry, device: torch.device) -> LogMel:
 
 
 @torch.inference_mode()
-def teacher_states(encoder: WhisperEncoder, audio: torch.Tensor, geometry: TeacherGeometry | None = None) -> torch.Tensor:
+def teacher_states(
+    encoder: WhisperEncoder, audio: torch.Tensor, geometry: TeacherGeometry | None = None
+) -> torch.Tensor:
     """Encoder states of 16 kHz clips: audio (B, N <= n_samples) float -> (B, max_frames, d_model).
 
     Clips shorter than the window are zero-padded to it, as Whisper does. `geometry` defaults to the
@@ -461,13 +505,19 @@ def non_finite_reason(dtype: torch.dtype, peak: float) -> str:
     the decoded [-1, 1] range, a float16 encoder overflowing, or values beyond the store's float16."""
     name = str(dtype).removeprefix("torch.")
     if not math.isfinite(peak) or peak > 1.0:
-        return (f"non-finite states: the input audio is out of range (peak amplitude {peak:.3g}, decoded audio lies "
-                f"within [-1, 1]); the {name} encoder produced inf/nan")
+        return (
+            f"non-finite states: the input audio is out of range (peak amplitude {peak:.3g}, decoded audio lies "
+            f"within [-1, 1]); the {name} encoder produced inf/nan"
+        )
     if dtype == torch.float16:
-        return (f"non-finite states: the float16 encoder overflowed (peak amplitude {peak:.3g}): set "
-                "teacher.dtype = float32 or bfloat16")
-    return (f"non-finite states: the {name} encoder produced inf/nan or values beyond float16, the store's type "
-            f"(peak amplitude {peak:.3g})")
+        return (
+            f"non-finite states: the float16 encoder overflowed (peak amplitude {peak:.3g}): set "
+            "teacher.dtype = float32 or bfloat16"
+        )
+    return (
+        f"non-finite states: the {name} encoder produced inf/nan or values beyond float16, the store's type "
+        f"(peak amplitude {peak:.3g})"
+    )
 
 
 def speech_frames(n_samples: int, geometry: TeacherGeometry, margin: int) -> int:

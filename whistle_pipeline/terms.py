@@ -25,6 +25,7 @@ each position, never overlapping ("new york city" wins over "new york" where bot
 Cost: one jiwer alignment per pair (O(reference words x hypothesis words)) and a linear scan for
 occurrences (O(words x the longest term's length)).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -68,8 +69,13 @@ class TermRates:
         return self.other_word_errors / self.other_words if self.other_words else None
 
     def to_dict(self) -> dict[str, float | int | None]:
-        return {**asdict(self), "term_error_rate": self.term_error_rate, "insertion_rate": self.insertion_rate,
-                "biased_wer": self.biased_wer, "unbiased_wer": self.unbiased_wer}
+        return {
+            **asdict(self),
+            "term_error_rate": self.term_error_rate,
+            "insertion_rate": self.insertion_rate,
+            "biased_wer": self.biased_wer,
+            "unbiased_wer": self.unbiased_wer,
+        }
 
 
 def normalized_terms(terms: Sequence[str], language: str) -> list[Term]:
@@ -89,8 +95,14 @@ def occurrences(words: Sequence[str], terms: Sequence[Term]) -> list[Span]:
         by_first.setdefault(term[0], []).append(term)
     spans, position = [], 0
     while position < len(words):
-        match = next((term for term in by_first.get(words[position], ())
-                      if tuple(words[position: position + len(term)]) == term), None)
+        match = next(
+            (
+                term
+                for term in by_first.get(words[position], ())
+                if tuple(words[position : position + len(term)]) == term
+            ),
+            None,
+        )
         if match is None:
             position += 1
         else:
@@ -123,9 +135,13 @@ def align(ref: list[str], hyp: list[str]) -> Alignment:
                 aligned.ref_match[chunk.ref_start_idx + offset] = chunk.hyp_start_idx + offset
                 aligned.hyp_match[chunk.hyp_start_idx + offset] = chunk.ref_start_idx + offset
         elif chunk.type == "insert":
-            aligned.hyp_inserted[chunk.hyp_start_idx: chunk.hyp_end_idx] = [True] * (chunk.hyp_end_idx - chunk.hyp_start_idx)
+            aligned.hyp_inserted[chunk.hyp_start_idx : chunk.hyp_end_idx] = [True] * (
+                chunk.hyp_end_idx - chunk.hyp_start_idx
+            )
         else:  # substitute or delete
-            aligned.ref_error[chunk.ref_start_idx: chunk.ref_end_idx] = [True] * (chunk.ref_end_idx - chunk.ref_start_idx)
+            aligned.ref_error[chunk.ref_start_idx : chunk.ref_end_idx] = [True] * (
+                chunk.ref_end_idx - chunk.ref_start_idx
+            )
     return aligned
 
 
@@ -152,15 +168,25 @@ def _pair_counts(ref: list[str], hyp: list[str], terms: list[Term]) -> tuple[int
     in_ref_term, in_hyp_term = _inside(ref_spans, len(ref)), _inside(hyp_spans, len(hyp))
     term_words = sum(in_ref_term)
     term_errors = sum(e and t for e, t in zip(aligned.ref_error, in_ref_term)) + sum(
-        i and t for i, t in zip(aligned.hyp_inserted, in_hyp_term))
+        i and t for i, t in zip(aligned.hyp_inserted, in_hyp_term)
+    )
     other_errors = sum(e and not t for e, t in zip(aligned.ref_error, in_ref_term)) + sum(
-        i and not t for i, t in zip(aligned.hyp_inserted, in_hyp_term))
-    return (len(ref_spans), len(ref_spans) - len(recognised), inserted, term_words, term_errors,
-            len(ref) - term_words, other_errors)
+        i and not t for i, t in zip(aligned.hyp_inserted, in_hyp_term)
+    )
+    return (
+        len(ref_spans),
+        len(ref_spans) - len(recognised),
+        inserted,
+        term_words,
+        term_errors,
+        len(ref) - term_words,
+        other_errors,
+    )
 
 
-def term_rates(references: Sequence[str], hypotheses: Sequence[str], terms: Sequence[str],
-               language: str = "en") -> TermRates:
+def term_rates(
+    references: Sequence[str], hypotheses: Sequence[str], terms: Sequence[str], language: str = "en"
+) -> TermRates:
     """Term error rate, term insertions and B-/U-WER of `hypotheses` (see the module docstring).
 
     Raises WhistleError if the lists do not pair up or no term is left after normalisation.
@@ -172,7 +198,8 @@ def term_rates(references: Sequence[str], hypotheses: Sequence[str], terms: Sequ
         raise WhistleError(f"none of the {len(terms)} term(s) has a word left after normalisation")
     totals = [0] * 7
     for reference, hypothesis in zip(references, hypotheses):
-        counts = _pair_counts(normalize(reference, language).split(), normalize(hypothesis, language).split(),
-                              normalised)
+        counts = _pair_counts(
+            normalize(reference, language).split(), normalize(hypothesis, language).split(), normalised
+        )
         totals = [total + count for total, count in zip(totals, counts)]
     return TermRates(*totals, n_utterances=len(references))

@@ -15,10 +15,12 @@ The TLE reads t_1 ... t_n <|endoftext|> — the same text tokens plus the end to
 the silence after speech. The language enters the TLE as an embedding, not as a token. Every id comes
 from the tokenizer; none is hard-coded (they differ between Whisper versions).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -51,7 +53,7 @@ class SpecialTokens:
         return self.transcribe is not None
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, multilingual: bool) -> "SpecialTokens":
+    def from_tokenizer(cls, tokenizer: Any, multilingual: bool) -> SpecialTokens:
         """Read the ids; `multilingual` says whether the model was trained with language/task tokens."""
         names = ["<|startoftranscript|>", "<|endoftext|>", "<|notimestamps|>"]
         if multilingual:
@@ -105,8 +107,9 @@ def text_tokens(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
 
 
-def transcript_problem(tokenizer: Any, specials: SpecialTokens, text: str, language: str,
-                       max_positions: int) -> str | None:
+def transcript_problem(
+    tokenizer: Any, specials: SpecialTokens, text: str, language: str, max_positions: int
+) -> str | None:
     """Why encode_texts would refuse this stored transcript (the reason a stage records when it leaves the
     utterance out instead of stopping), or None when it is usable."""
     if not text.strip():
@@ -143,9 +146,16 @@ class TextBatch:
     texts: list[str]
     languages: list[str]
 
-    def to(self, device: torch.device | str) -> "TextBatch":
-        return TextBatch(self.tle_tokens.to(device), self.tle_mask.to(device), self.decoder_input_ids.to(device),
-                         self.labels.to(device), self.prefix_length, self.texts, self.languages)
+    def to(self, device: torch.device | str) -> TextBatch:
+        return TextBatch(
+            self.tle_tokens.to(device),
+            self.tle_mask.to(device),
+            self.decoder_input_ids.to(device),
+            self.labels.to(device),
+            self.prefix_length,
+            self.texts,
+            self.languages,
+        )
 
 
 def encode_texts(

@@ -18,11 +18,13 @@ Per-token durations are learned from alignments of the teacher itself (whistle_p
 The losses at the bottom (masked MSE, cosine, durations, KL with free bits) plus the frozen decoder's
 cross-entropy (whistle_pipeline.decoder) are combined by stages/train_tle.py.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +131,9 @@ class TransformerBlock(nn.Module):
         B, N, H = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(B, N, 3, self.heads, H // self.heads).unbind(2)  # 3 x (B, N, h, H/h)
         attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
             attn_mask=mask[:, None, None, :],  # (B, 1, 1, N): every query sees only real keys
             dropout_p=self.dropout.p if self.training else 0.0,
         )  # (B, h, N, H/h)
@@ -196,7 +200,9 @@ def length_regulate(token_states: torch.Tensor, durations: torch.Tensor) -> tupl
     return frames, token_index, offset, token_duration, frame_mask, lengths
 
 
-def round_durations(frames: torch.Tensor, token_mask: torch.Tensor, max_frames: int, min_frames: torch.Tensor) -> torch.Tensor:
+def round_durations(
+    frames: torch.Tensor, token_mask: torch.Tensor, max_frames: int, min_frames: torch.Tensor
+) -> torch.Tensor:
     """Real-valued frames per token (B, L) -> integers whose running sum stays within half a frame of the
     real running sum (so the total length is the rounded total, not the sum of rounding errors).
 
@@ -238,7 +244,9 @@ class TLEModel(PreTrainedModel):
         if config.spelling_channels:
             C = config.spelling_channels
             # each token's text as bytes + 1 (0 = padding): fill with set_token_spellings(tokenizer)
-            self.register_buffer("token_bytes", torch.zeros(config.vocab_size, config.max_token_bytes, dtype=torch.int32))
+            self.register_buffer(
+                "token_bytes", torch.zeros(config.vocab_size, config.max_token_bytes, dtype=torch.int32)
+            )
             self.byte_embedding = nn.Embedding(257, C, padding_idx=0)
             self.spelling_conv = nn.Conv1d(C, C, 3, padding=1)
             self.spelling_projection = nn.Linear(C, H)
@@ -348,7 +356,9 @@ class TLEModel(PreTrainedModel):
             h = F.gelu(conv(h.transpose(1, 2)).transpose(1, 2)) * keep
         return self.posterior(masked_mean(h, frame_mask))  # (B, 2Z)
 
-    def predict_log_durations(self, token_states: torch.Tensor, token_mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def predict_log_durations(
+        self, token_states: torch.Tensor, token_mask: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor:
         """(B, L, H), (B, L), (B, Z) -> log(1 + frames) per token (B, L)."""
         h = token_states + self.latent_projection(z)[:, None, :]
         for layer in self.duration_layers:
@@ -400,11 +410,14 @@ class TLEModel(PreTrainedModel):
 
         x, _, offset, token_duration, frame_mask, lengths = length_regulate(token_states, durations)  # (B, T, H)
         T = x.shape[1]
-        position = torch.cat([
-            sinusoids(torch.arange(T, device=x.device), POSITION_FEATURES).expand(x.shape[0], T, -1),
-            sinusoids(offset, POSITION_FEATURES),
-            (offset.float() / token_duration.clamp(min=1).float())[..., None],  # how far through its token
-        ], dim=-1)  # (B, T, 2P + 1)
+        position = torch.cat(
+            [
+                sinusoids(torch.arange(T, device=x.device), POSITION_FEATURES).expand(x.shape[0], T, -1),
+                sinusoids(offset, POSITION_FEATURES),
+                (offset.float() / token_duration.clamp(min=1).float())[..., None],  # how far through its token
+            ],
+            dim=-1,
+        )  # (B, T, 2P + 1)
         x = x + self.frame_position(position.to(x.dtype)) + self.latent_projection(latent)[:, None, :]
         for layer in self.frame_layers:
             x = layer(x, frame_mask)
@@ -412,9 +425,16 @@ class TLEModel(PreTrainedModel):
             x = conv(x, frame_mask, latent)
         states = self.output(self.output_norm(x)) * frame_mask[..., None].to(x.dtype)  # (B, T, D)
         return TLEOutput(
-            states=states, frame_mask=frame_mask, lengths=lengths, durations=durations, log_durations=log_durations,
-            latent=latent, prior_mean=prior_mean, prior_logvar=prior_logvar,
-            posterior_mean=posterior_mean, posterior_logvar=posterior_logvar,
+            states=states,
+            frame_mask=frame_mask,
+            lengths=lengths,
+            durations=durations,
+            log_durations=log_durations,
+            latent=latent,
+            prior_mean=prior_mean,
+            prior_logvar=prior_logvar,
+            posterior_mean=posterior_mean,
+            posterior_logvar=posterior_logvar,
         )
 
     # ---- what finetune calls ----
@@ -453,6 +473,7 @@ def assemble_window(speech: torch.Tensor, lengths: torch.Tensor, tail_template: 
 
 
 # ---- losses ----
+
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over real frames and all channels: (B, T, D), (B, T, D), (B, T) -> ()."""
@@ -549,7 +570,11 @@ def tle_loss(
     if decoder_kl is not None:
         total = total + weights.decoder_kl * decoder_kl
     return LossTerms(
-        total=total, mse=mse.item(), cosine=cosine.item(), kl=kl.sum(1).mean().item(), length=length.item(),
+        total=total,
+        mse=mse.item(),
+        cosine=cosine.item(),
+        kl=kl.sum(1).mean().item(),
+        length=length.item(),
         decoder_ce=None if decoder_ce is None else decoder_ce.item(),
         decoder_kl=None if decoder_kl is None else decoder_kl.item(),
     )

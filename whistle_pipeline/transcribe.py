@@ -21,6 +21,7 @@ A *repetition loop* is a transcript that stopped at max_new_tokens without an en
 repeats a 1-4 word n-gram at least 4 times in a row more often than its reference does; long
 fine-tuning produced such loops on source clips, so every score records them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,6 +98,7 @@ def corpus_wer(scores: Sequence[ClipScore]) -> float:
 
 # ---- scoring --------------------------------------------------------------------------------------
 
+
 def repetition_loop(hypothesis: str, reference: str = "") -> bool:
     """Whether `hypothesis` repeats some 1-4 word n-gram LOOP_MIN_REPEATS+ times in a row more than `reference`."""
     return _longest_run(hypothesis.split()) > max(LOOP_MIN_REPEATS - 1, _longest_run(reference.split()))
@@ -108,7 +110,7 @@ def _longest_run(words: list[str]) -> int:
     for n in range(1, LOOP_MAX_NGRAM + 1):
         for start in range(len(words) - 2 * n + 1):
             repeats = 1
-            while words[start + repeats * n: start + (repeats + 1) * n] == words[start: start + n]:
+            while words[start + repeats * n : start + (repeats + 1) * n] == words[start : start + n]:
                 repeats += 1
             best = max(best, repeats)
     return best
@@ -124,12 +126,21 @@ def score_clip(clip_id: str, reference: str, transcript: Transcript, language: s
         ref_words, ref_chars = rates.n_words, rates.n_chars
     else:  # nothing left to match: every hypothesis word is an insertion
         word_errors, char_errors, ref_words, ref_chars = len(hyp.split()), len(hyp), 0, 0
-    return ClipScore(id=clip_id, reference=ref, hypothesis=hyp, language=language, ref_words=ref_words,
-                     word_errors=word_errors, ref_chars=ref_chars, char_errors=char_errors,
-                     loop=not transcript.ended or repetition_loop(hyp, ref))
+    return ClipScore(
+        id=clip_id,
+        reference=ref,
+        hypothesis=hyp,
+        language=language,
+        ref_words=ref_words,
+        word_errors=word_errors,
+        ref_chars=ref_chars,
+        char_errors=char_errors,
+        loop=not transcript.ended or repetition_loop(hyp, ref),
+    )
 
 
 # ---- models and generation ------------------------------------------------------------------------
+
 
 @dataclass(kw_only=True)
 class LoadedModel:
@@ -160,9 +171,14 @@ def load_model(named: Named, revision: str, device: Any, dtype_name: str, attn: 
     """Load a complete Whisper (model, tokenizer, feature extractor geometry) for evaluation, through the
     one teacher loader (its revision policy, safetensors only, the feature-extractor fallback)."""
     loaded = load_teacher(named.path, revision, "full", device, dtype_name, attn)
-    return LoadedModel(named=named, model=loaded.model, tokenizer=loaded.tokenizer, geometry=loaded.geometry,
-                       multilingual=is_multilingual(loaded.model.config, loaded.model.generation_config),
-                       encoder_key=encoder_fingerprint(loaded.model))
+    return LoadedModel(
+        named=named,
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        geometry=loaded.geometry,
+        multilingual=is_multilingual(loaded.model.config, loaded.model.generation_config),
+        encoder_key=encoder_fingerprint(loaded.model),
+    )
 
 
 def encode(model: LoadedModel, audio: list[Any]) -> torch.Tensor:
@@ -187,9 +203,15 @@ def quiet_generation() -> Iterator[None]:
         generation_log.setLevel(level)
 
 
-def generate(model: LoadedModel, states: torch.Tensor, languages: Sequence[str], num_beams: int,
-             max_new_tokens: int, prompt_ids: Sequence[int] = (), logits_processors: Sequence[Any] = ()
-             ) -> list[Transcript]:
+def generate(
+    model: LoadedModel,
+    states: torch.Tensor,
+    languages: Sequence[str],
+    num_beams: int,
+    max_new_tokens: int,
+    prompt_ids: Sequence[int] = (),
+    logits_processors: Sequence[Any] = (),
+) -> list[Transcript]:
     """Transcripts of encoder states (B, max_frames, D) with transformers' Whisper generation.
 
     `prompt_ids`: <|startofprev|> + text tokens (`whistle_pipeline.prompting`), given before the decoder's
@@ -240,6 +262,7 @@ class Column:
 
 # ---- audio sets -----------------------------------------------------------------------------------
 
+
 def open_set(named: Named, config: PipelineConfig) -> tuple[list[Clip], list[dict[str, str]]]:
     """The usable clips of an audio set (read with the [data] kind and columns, at most
     evaluate.max_clips rows) and the rejected rows ({id, reason})."""
@@ -253,9 +276,11 @@ def open_set(named: Named, config: PipelineConfig) -> tuple[list[Clip], list[dic
     return clips, rejects
 
 
-def decoded_batches(clips: Sequence[Clip], sample_rate: int, window_seconds: float, batch_size: int
-                    ) -> Iterator[tuple[list[Clip], list[Any], list[dict[str, str]]]]:
+def decoded_batches(
+    clips: Sequence[Clip], sample_rate: int, window_seconds: float, batch_size: int
+) -> Iterator[tuple[list[Clip], list[Any], list[dict[str, str]]]]:
     """(clips, audio arrays, rejects) per batch; the next batch decodes on threads while this one runs."""
+
     def load(clip: Clip) -> Any:
         try:
             return load_audio(clip.audio, sample_rate, max_seconds=window_seconds, name=clip.id, segment=clip.segment)
@@ -264,15 +289,18 @@ def decoded_batches(clips: Sequence[Clip], sample_rate: int, window_seconds: flo
 
     starts = range(0, len(clips), batch_size)
     with ThreadPoolExecutor(AUDIO_THREADS) as pool:
-        pending = [pool.submit(lambda s=s: list(map(load, clips[s: s + batch_size]))) for s in starts[:1]]
+        pending = [pool.submit(lambda s=s: list(map(load, clips[s : s + batch_size]))) for s in starts[:1]]
         for k, start in enumerate(starts):
             if k + 1 < len(starts):
-                pending.append(pool.submit(lambda s=starts[k + 1]: list(map(load, clips[s: s + batch_size]))))
+                pending.append(pool.submit(lambda s=starts[k + 1]: list(map(load, clips[s : s + batch_size]))))
             loaded = pending[k].result()
-            batch_clips = clips[start: start + batch_size]
+            batch_clips = clips[start : start + batch_size]
             good = [(clip, audio) for clip, audio in zip(batch_clips, loaded) if not isinstance(audio, Exception)]
-            bad = [{"id": clip.id, "reason": audio.reason} for clip, audio in zip(batch_clips, loaded)
-                   if isinstance(audio, Exception)]
+            bad = [
+                {"id": clip.id, "reason": audio.reason}
+                for clip, audio in zip(batch_clips, loaded)
+                if isinstance(audio, Exception)
+            ]
             yield [c for c, _ in good], [a for _, a in good], bad
 
 
@@ -280,7 +308,10 @@ def check_geometry(models: Sequence[LoadedModel]) -> None:
     """All models must read audio the same way (one decode per set): same rate and window."""
     first = models[0]
     for model in models[1:]:
-        if (model.geometry.sample_rate, model.geometry.n_samples) != (first.geometry.sample_rate, first.geometry.n_samples):
+        if (model.geometry.sample_rate, model.geometry.n_samples) != (
+            first.geometry.sample_rate,
+            first.geometry.n_samples,
+        ):
             raise WhistleError(
                 f"models {first.named.label} and {model.named.label} read audio differently "
                 f"({first.geometry.sample_rate} Hz x {first.geometry.n_samples} vs {model.geometry.sample_rate} Hz x "
@@ -298,8 +329,9 @@ class SetTranscripts:
     rejects: list[dict[str, str]]  # clips whose audio could not be read: {id, reason}
 
 
-def transcribe_set(columns: Sequence[Column], clips: Sequence[Clip], batch_size: int, max_new_tokens: int,
-                   progress: Any = None) -> SetTranscripts:
+def transcribe_set(
+    columns: Sequence[Column], clips: Sequence[Clip], batch_size: int, max_new_tokens: int, progress: Any = None
+) -> SetTranscripts:
     """Every column's scored transcripts of `clips`. Each batch's audio is decoded once, each distinct
     encoder runs once per batch (columns of one model, or of models sharing an encoder, share its states).
 
@@ -308,10 +340,15 @@ def transcribe_set(columns: Sequence[Column], clips: Sequence[Clip], batch_size:
     for column in columns:
         groups.setdefault(column.model.encoder_key, []).append(column)
     first = columns[0].model
-    result = SetTranscripts(scores={c.label: [] for c in columns}, seconds={c.label: 0.0 for c in columns},
-                            decode_seconds={c.label: 0.0 for c in columns}, rejects=[])
-    for batch, audio, bad in decoded_batches(clips, first.geometry.sample_rate, first.geometry.window_seconds,
-                                             batch_size):
+    result = SetTranscripts(
+        scores={c.label: [] for c in columns},
+        seconds={c.label: 0.0 for c in columns},
+        decode_seconds={c.label: 0.0 for c in columns},
+        rejects=[],
+    )
+    for batch, audio, bad in decoded_batches(
+        clips, first.geometry.sample_rate, first.geometry.window_seconds, batch_size
+    ):
         result.rejects += bad
         if batch:
             languages = [clip.language for clip in batch]
@@ -322,13 +359,21 @@ def transcribe_set(columns: Sequence[Column], clips: Sequence[Clip], batch_size:
                 for column in group:
                     started = time.perf_counter()
                     options = column.decoding
-                    transcripts = generate(column.model, states, languages, options.num_beams, max_new_tokens,
-                                           options.prompt_ids, options.logits_processors)
+                    transcripts = generate(
+                        column.model,
+                        states,
+                        languages,
+                        options.num_beams,
+                        max_new_tokens,
+                        options.prompt_ids,
+                        options.logits_processors,
+                    )
                     decoding = time.perf_counter() - started
                     result.decode_seconds[column.label] += decoding
                     result.seconds[column.label] += shared + decoding
-                    result.scores[column.label] += [score_clip(c.id, c.text, t, c.language)
-                                                    for c, t in zip(batch, transcripts)]
+                    result.scores[column.label] += [
+                        score_clip(c.id, c.text, t, c.language) for c, t in zip(batch, transcripts)
+                    ]
         if progress is not None:
             progress.update(len(batch) + len(bad))
     return result

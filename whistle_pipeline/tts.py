@@ -19,6 +19,7 @@ bit-identical across runs and whatever the number of workers — and chunks run 
 Finished chunks are recorded, so an interrupted run resumes. In-process use (`EspeakEngine`) is
 serialised by a lock; use processes, not threads, for parallelism.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -28,10 +29,11 @@ import multiprocessing
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +49,16 @@ PARAMETER_RATE, PARAMETER_PITCH = 1, 3  # words per minute; base pitch 0-100 (50
 EE_OK = 0
 
 # The English voices and variants shipped in espeakng-loader's data (gmw/en*, voices/!v/m*, f*).
-DEFAULT_VOICES = ("en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029",
-                  "en-us-nyc")
+DEFAULT_VOICES = (
+    "en-us",
+    "en",
+    "en-gb-x-rp",
+    "en-gb-scotland",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-029",
+    "en-us-nyc",
+)
 DEFAULT_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
 DEFAULT_RATE = (140, 190)  # words per minute (eSpeak's default is 175)
 DEFAULT_PITCH = (35, 65)  # eSpeak's pitch parameter, 0-100
@@ -65,9 +75,17 @@ class TTSError(WhistleError):
 
 
 class _Voice(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char_p), ("languages", ctypes.c_void_p), ("identifier", ctypes.c_char_p),
-                ("gender", ctypes.c_ubyte), ("age", ctypes.c_ubyte), ("variant", ctypes.c_ubyte),
-                ("xx1", ctypes.c_ubyte), ("score", ctypes.c_int), ("spare", ctypes.c_void_p)]
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("languages", ctypes.c_void_p),
+        ("identifier", ctypes.c_char_p),
+        ("gender", ctypes.c_ubyte),
+        ("age", ctypes.c_ubyte),
+        ("variant", ctypes.c_ubyte),
+        ("xx1", ctypes.c_ubyte),
+        ("score", ctypes.c_int),
+        ("spare", ctypes.c_void_p),
+    ]
 
 
 _SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
@@ -86,8 +104,9 @@ class EspeakEngine:
         try:
             import espeakng_loader
         except ImportError:
-            raise TTSError("eSpeak NG is not installed: pip install 'whistle[demo]' (or pip install "
-                           "espeakng-loader)") from None
+            raise TTSError(
+                "eSpeak NG is not installed: pip install 'whistle[demo]' (or pip install espeakng-loader)"
+            ) from None
         self.data_path = Path(espeakng_loader.get_data_path())
         library_path = espeakng_loader.get_library_path()
         try:
@@ -97,18 +116,29 @@ class EspeakEngine:
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.espeak_ListVoices.restype = ctypes.POINTER(ctypes.POINTER(_Voice))
         lib.espeak_ListVoices.argtypes = [ctypes.c_void_p]
         lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         lib.espeak_Info.restype = ctypes.c_char_p
         lib.espeak_Info.argtypes = [ctypes.c_void_p]
-        self.sample_rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, str(self.data_path).encode(),
-                                                 INITIALIZE_DONT_EXIT)
+        self.sample_rate = lib.espeak_Initialize(
+            AUDIO_OUTPUT_SYNCHRONOUS, 0, str(self.data_path).encode(), INITIALIZE_DONT_EXIT
+        )
         if self.sample_rate <= 0:
-            raise TTSError(f"eSpeak NG failed to initialise with its data at {self.data_path} (status "
-                           f"{self.sample_rate}); reinstall espeakng-loader")
+            raise TTSError(
+                f"eSpeak NG failed to initialise with its data at {self.data_path} (status "
+                f"{self.sample_rate}); reinstall espeakng-loader"
+            )
         self.version = lib.espeak_Info(None).decode()
         self._chunks: list[np.ndarray] = []
         self._callback = _SynthCallback(self._collect)  # kept referenced: eSpeak calls it during espeak_Synth
@@ -153,13 +183,16 @@ class EspeakEngine:
             status = self._lib.espeak_SetVoiceByName(voice.encode())
         if status != EE_OK:
             english = [v for v in self.voices() if v.startswith("en")]
-            raise TTSError(f"eSpeak NG has no voice {voice!r}. English voices: {', '.join(english)} (every voice: "
-                           "whistle synthesize --list-voices)")
+            raise TTSError(
+                f"eSpeak NG has no voice {voice!r}. English voices: {', '.join(english)} (every voice: "
+                "whistle synthesize --list-voices)"
+            )
         if variant and variant not in self.variants():
             raise TTSError(f"eSpeak NG has no voice variant {variant!r}. Variants: {', '.join(self.variants())}")
 
-    def speak(self, text: str, voice: str, variant: str = "", rate: int = 175, pitch: int = 50,
-              seed: int = 0) -> np.ndarray:
+    def speak(
+        self, text: str, voice: str, variant: str = "", rate: int = 175, pitch: int = 50, seed: int = 0
+    ) -> np.ndarray:
         """int16 samples (n,) at `self.sample_rate`; empty when eSpeak produced nothing."""
         with self._lock:
             self._chunks = []
@@ -206,8 +239,15 @@ def read_sentences(path: str | Path) -> list[tuple[int, str]]:
     return sentences
 
 
-def plan(sentences: Sequence[tuple[int, str]], prefix: str, voices: Sequence[str], variants: Sequence[str],
-         rate: tuple[int, int], pitch: tuple[int, int], seed: int) -> list[Utterance]:
+def plan(
+    sentences: Sequence[tuple[int, str]],
+    prefix: str,
+    voices: Sequence[str],
+    variants: Sequence[str],
+    rate: tuple[int, int],
+    pitch: tuple[int, int],
+    seed: int,
+) -> list[Utterance]:
     """Draw a voice, variant, rate and pitch per sentence: the same seed and sentences give the same plan."""
     rng = np.random.default_rng(seed)
     n = len(sentences)
@@ -217,14 +257,23 @@ def plan(sentences: Sequence[tuple[int, str]], prefix: str, voices: Sequence[str
     pitches = rng.integers(pitch[0], pitch[1] + 1, size=n)
     synth_seeds = rng.integers(1, 2**31 - 1, size=n)
     return [
-        Utterance(f"{prefix}-{line:05d}", text, line, voices[voice_ix[i]], variants[variant_ix[i]] if variants else "",
-                  int(rates[i]), int(pitches[i]), int(synth_seeds[i]))
+        Utterance(
+            f"{prefix}-{line:05d}",
+            text,
+            line,
+            voices[voice_ix[i]],
+            variants[variant_ix[i]] if variants else "",
+            int(rates[i]),
+            int(pitches[i]),
+            int(synth_seeds[i]),
+        )
         for i, (line, text) in enumerate(sentences)
     ]
 
 
-def _speak_chunk(utterances: list[Utterance], out_dir: str, chunk: int, sample_rate: int, audio_format: str,
-                 language: str) -> dict[str, Any]:
+def _speak_chunk(
+    utterances: list[Utterance], out_dir: str, chunk: int, sample_rate: int, audio_format: str, language: str
+) -> dict[str, Any]:
     """Worker: speak one chunk in this (fresh) process, write its audio, then its chunk record (last)."""
     import soundfile
     import soxr
@@ -241,12 +290,25 @@ def _speak_chunk(utterances: list[Utterance], out_dir: str, chunk: int, sample_r
         if sample_rate != engine.sample_rate:
             audio = soxr.resample(audio, engine.sample_rate, sample_rate, quality="HQ")
         relative = f"audio/{utt.id}.{audio_format}"
-        soundfile.write(out / relative, np.clip(audio, -1.0, 1.0 - 1 / 32768), sample_rate,
-                        format=AUDIO_FORMATS[audio_format], subtype="PCM_16")
-        rows.append({"audio": relative, "text": utt.text, "language": language, "id": utt.id,
-                     "duration": round(len(audio) / sample_rate, 4),
-                     "voice": f"{utt.voice}+{utt.variant}" if utt.variant else utt.voice,
-                     "rate": utt.rate, "pitch": utt.pitch})
+        soundfile.write(
+            out / relative,
+            np.clip(audio, -1.0, 1.0 - 1 / 32768),
+            sample_rate,
+            format=AUDIO_FORMATS[audio_format],
+            subtype="PCM_16",
+        )
+        rows.append(
+            {
+                "audio": relative,
+                "text": utt.text,
+                "language": language,
+                "id": utt.id,
+                "duration": round(len(audio) / sample_rate, 4),
+                "voice": f"{utt.voice}+{utt.variant}" if utt.variant else utt.voice,
+                "rate": utt.rate,
+                "pitch": utt.pitch,
+            }
+        )
     record = {"chunk": chunk, "rows": rows, "rejects": rejects, "espeak": engine.version}
     path = out / CHUNKS_DIR / f"{chunk:05d}.json"
     path.with_suffix(".tmp").write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
@@ -269,12 +331,16 @@ class SynthesisResult:
     rejects: list[dict[str, Any]]
 
     def summary(self) -> str:
-        lines = [f"wrote {self.n_clips} clips ({self.hours * 60:.1f} min of audio at {self.sample_rate} Hz) and "
-                 f"{self.manifest} in {self.seconds:.1f} s"
-                 + (f" ({self.n_resumed} clips kept from an earlier run)" if self.n_resumed else "")]
+        lines = [
+            f"wrote {self.n_clips} clips ({self.hours * 60:.1f} min of audio at {self.sample_rate} Hz) and "
+            f"{self.manifest} in {self.seconds:.1f} s"
+            + (f" ({self.n_resumed} clips kept from an earlier run)" if self.n_resumed else "")
+        ]
         if self.n_over_window:
-            lines.append(f"  {self.n_over_window} clip(s) are longer than Whisper's {MAX_WINDOW_S:.0f} s window "
-                         f"(longest {self.longest_s:.1f} s): precompute will reject them; split those lines")
+            lines.append(
+                f"  {self.n_over_window} clip(s) are longer than Whisper's {MAX_WINDOW_S:.0f} s window "
+                f"(longest {self.longest_s:.1f} s): precompute will reject them; split those lines"
+            )
         if self.rejects:
             shown = "; ".join(f"line {r['line']}: {r['reason']}" for r in self.rejects[:5])
             lines.append(f"  {self.n_rejects} sentence(s) gave no audio: {shown}")
@@ -284,11 +350,22 @@ class SynthesisResult:
         return asdict(self)
 
 
-def synthesize(texts: str | Path, out_dir: str | Path, *, voices: Sequence[str] = DEFAULT_VOICES,
-               variants: Sequence[str] = DEFAULT_VARIANTS, rate: tuple[int, int] = DEFAULT_RATE,
-               pitch: tuple[int, int] = DEFAULT_PITCH, seed: int = 0, sample_rate: int = 16000,
-               audio_format: str = "flac", language: str = "en", workers: int = 1, overwrite: bool = False,
-               progress: bool = True) -> SynthesisResult:
+def synthesize(
+    texts: str | Path,
+    out_dir: str | Path,
+    *,
+    voices: Sequence[str] = DEFAULT_VOICES,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    rate: tuple[int, int] = DEFAULT_RATE,
+    pitch: tuple[int, int] = DEFAULT_PITCH,
+    seed: int = 0,
+    sample_rate: int = 16000,
+    audio_format: str = "flac",
+    language: str = "en",
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SynthesisResult:
     """Speak every line of `texts` into `out_dir` (audio/, manifest.jsonl, synthesize.json); see the module doc."""
     from whistle_pipeline import preflight  # here, not at the top: it imports this module (and transformers)
 
@@ -317,13 +394,23 @@ def synthesize(texts: str | Path, out_dir: str | Path, *, voices: Sequence[str] 
 
     sentences = read_sentences(texts)
     utterances = plan(sentences, texts.stem, list(voices), list(variants), rate, pitch, seed)
-    settings = {"texts": str(texts.resolve()), "n_sentences": len(utterances), "voices": list(voices),
-                "variants": list(variants), "rate": list(rate), "pitch": list(pitch), "seed": seed,
-                "sample_rate": sample_rate, "audio_format": audio_format, "language": language,
-                "chunk_size": CHUNK_SIZE, "espeak": engine.version}
+    settings = {
+        "texts": str(texts.resolve()),
+        "n_sentences": len(utterances),
+        "voices": list(voices),
+        "variants": list(variants),
+        "rate": list(rate),
+        "pitch": list(pitch),
+        "seed": seed,
+        "sample_rate": sample_rate,
+        "audio_format": audio_format,
+        "language": language,
+        "chunk_size": CHUNK_SIZE,
+        "espeak": engine.version,
+    }
     _prepare(out, settings, overwrite)
 
-    chunks = [utterances[i:i + CHUNK_SIZE] for i in range(0, len(utterances), CHUNK_SIZE)]
+    chunks = [utterances[i : i + CHUNK_SIZE] for i in range(0, len(utterances), CHUNK_SIZE)]
     records: dict[int, dict[str, Any]] = {}
     for index in range(len(chunks)):
         done = out / CHUNKS_DIR / f"{index:05d}.json"
@@ -333,15 +420,22 @@ def synthesize(texts: str | Path, out_dir: str | Path, *, voices: Sequence[str] 
     todo = [i for i in range(len(chunks)) if i not in records]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(utterances), initial=len(utterances) - sum(len(chunks[i]) for i in todo),
-               unit="clip", desc="synthesize", disable=not progress)
+    bar = tqdm(
+        total=len(utterances),
+        initial=len(utterances) - sum(len(chunks[i]) for i in todo),
+        unit="clip",
+        desc="synthesize",
+        disable=not progress,
+    )
     # spawn, not fork: each chunk must start from eSpeak's pristine state, and forking a process that
     # holds torch threads is unsafe. max_tasks_per_child=1 gives every chunk its own process.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, max(len(todo), 1)), mp_context=context,
-                             max_tasks_per_child=1) as pool:
-        futures = {pool.submit(_speak_chunk, chunks[i], str(out), i, sample_rate, audio_format, language): i
-                   for i in todo}
+    with ProcessPoolExecutor(
+        max_workers=min(workers, max(len(todo), 1)), mp_context=context, max_tasks_per_child=1
+    ) as pool:
+        futures = {
+            pool.submit(_speak_chunk, chunks[i], str(out), i, sample_rate, audio_format, language): i for i in todo
+        }
         for future in as_completed(futures):
             records[futures[future]] = future.result()
             bar.update(len(chunks[futures[future]]))
@@ -350,18 +444,28 @@ def synthesize(texts: str | Path, out_dir: str | Path, *, voices: Sequence[str] 
     rows = [row for i in sorted(records) for row in records[i]["rows"]]
     rejects = [r for i in sorted(records) for r in records[i]["rejects"]]
     manifest = out / MANIFEST
-    manifest.with_suffix(".tmp").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                            encoding="utf-8")
+    manifest.with_suffix(".tmp").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     manifest.with_suffix(".tmp").replace(manifest)
     durations = [r["duration"] for r in rows]
     result = SynthesisResult(
-        out_dir=str(out), manifest=str(manifest), n_clips=len(rows), n_rejects=len(rejects), n_resumed=n_resumed,
-        hours=sum(durations) / 3600, longest_s=max(durations, default=0.0),
-        n_over_window=sum(d > MAX_WINDOW_S for d in durations), sample_rate=sample_rate,
-        seconds=time.perf_counter() - started, rejects=rejects,
+        out_dir=str(out),
+        manifest=str(manifest),
+        n_clips=len(rows),
+        n_rejects=len(rejects),
+        n_resumed=n_resumed,
+        hours=sum(durations) / 3600,
+        longest_s=max(durations, default=0.0),
+        n_over_window=sum(d > MAX_WINDOW_S for d in durations),
+        sample_rate=sample_rate,
+        seconds=time.perf_counter() - started,
+        rejects=rejects,
     )
-    (out / RUN_RECORD).write_text(json.dumps({"settings": settings, "result": result.to_dict()}, indent=2,
-                                             ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / RUN_RECORD).write_text(
+        json.dumps({"settings": settings, "result": result.to_dict()}, indent=2, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
     shutil.rmtree(out / CHUNKS_DIR)
     return result
 
@@ -372,16 +476,20 @@ def _prepare(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         partial = out / CHUNKS_DIR / "settings.json"
         if record.is_file():
-            raise TTSError(f"{out} already holds a finished synthesis ({record}); choose another folder or pass "
-                           "--overwrite")
+            raise TTSError(
+                f"{out} already holds a finished synthesis ({record}); choose another folder or pass --overwrite"
+            )
         if not partial.is_file():
-            raise TTSError(f"{out} exists and is not a whistle synthesis folder; choose another folder or pass "
-                           "--overwrite")
+            raise TTSError(
+                f"{out} exists and is not a whistle synthesis folder; choose another folder or pass --overwrite"
+            )
         previous = json.loads(partial.read_text(encoding="utf-8"))
         changed = sorted(k for k in settings if previous.get(k) != settings[k])
         if changed:
-            raise TTSError(f"{out} holds an interrupted synthesis with different settings ({', '.join(changed)}); "
-                           "rerun with the same settings to resume, or pass --overwrite")
+            raise TTSError(
+                f"{out} holds an interrupted synthesis with different settings ({', '.join(changed)}); "
+                "rerun with the same settings to resume, or pass --overwrite"
+            )
         log.info("resuming the interrupted synthesis in %s", out)
         return
     if out.exists() and overwrite:

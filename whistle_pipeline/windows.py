@@ -10,11 +10,13 @@ Without a TLE (finetune.text_states = "null") a text example's window is content
 template over the whole window (`Windows.templates["text"]`; see `Windows.null_windows`).
 Only the decoder trains (select_trainable); stages/finetune.py runs the loop.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +67,9 @@ class Windows:
         """Full windows (B, max_frames, D) for `examples`, in order; `text` is their encode_texts batch."""
         return self.build_with_tail(examples, text, training)[0]
 
-    def build_with_tail(self, examples: Sequence[Example], text: TextBatch,
-                        training: bool) -> tuple[torch.Tensor, CommonTail]:
+    def build_with_tail(
+        self, examples: Sequence[Example], text: TextBatch, training: bool
+    ) -> tuple[torch.Tensor, CommonTail]:
         """build(), and where its windows share their tail template (for SharedTail)."""
         parts, groups, longest = [], [], 0
         kinds = [e.kind for e in examples]
@@ -110,8 +113,9 @@ class Windows:
         tokens, mask = text.tle_tokens[rows], text.tle_mask[rows]  # (b, L)
         longest = int(mask.sum(1).max())
         language_ids = tle.language_ids([text.languages[i] for i in rows])
-        speech, lengths = tle.speech_frames(tokens[:, :longest], mask[:, :longest], language_ids,
-                                            sample_latent=training and self.sample_latent)  # (b, T, D), (b,)
+        speech, lengths = tle.speech_frames(
+            tokens[:, :longest], mask[:, :longest], language_ids, sample_latent=training and self.sample_latent
+        )  # (b, T, D), (b,)
         return tle.full_window(speech, lengths), lengths  # (b, F, D), (b,)
 
 
@@ -152,16 +156,18 @@ class SharedTail:
         if tail is None or x.dim() != 3 or tail.groups[-1][1] != x.shape[0] or tail.start >= x.shape[1]:
             return F.linear(x, linear.weight, linear.bias)
         head = F.linear(x[:, : tail.start], linear.weight, linear.bias)  # (B, T, D_out)
-        tails = [F.linear(x[first: first + 1, tail.start:], linear.weight, linear.bias).expand(end - first, -1, -1)
-                 for first, end in tail.groups]  # (b, F - T, D_out) each
+        tails = [
+            F.linear(x[first : first + 1, tail.start :], linear.weight, linear.bias).expand(end - first, -1, -1)
+            for first, end in tail.groups
+        ]  # (b, F - T, D_out) each
         return torch.cat([head, torch.cat(tails)], dim=1)
 
-    def __call__(self, tail: CommonTail | None) -> "SharedTail":
+    def __call__(self, tail: CommonTail | None) -> SharedTail:
         """`with shared(tail):` shares `tail` for the calls in the block (None: project every frame)."""
         self.tail = tail
         return self
 
-    def __enter__(self) -> "SharedTail":
+    def __enter__(self) -> SharedTail:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -170,8 +176,13 @@ class SharedTail:
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Per-token cross-entropy (B, S), 0 where labels are -100: logits (B, S, V), labels (B, S)."""
-    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                           label_smoothing=label_smoothing, reduction="none")
+    return F.cross_entropy(
+        logits.float().transpose(1, 2),
+        labels,
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    )
 
 
 def kind_losses(per_token: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]) -> dict[str, tuple[float, int]]:
