@@ -357,10 +357,11 @@ def train_tle(config: PipelineConfig) -> None:
 
 
 def finetune_input_problems(config: PipelineConfig, geometry: TeacherGeometry | None) -> list[str]:
-    """The TLE, corpus, stores and val_audio that the ratios draw from, where they are given."""
+    """The TLE (unless text_states = "null": no TLE is read), corpus, stores and val_audio that the ratios
+    draw from, where they are given."""
     settings = config.finetune
     problems = []
-    if settings.text_ratio > 1e-9 and settings.tle_path:
+    if settings.text_ratio > 1e-9 and settings.text_states == "tle" and settings.tle_path:
         problems += path_problems(
             settings.tle_path,
             "finetune.tle_path",
@@ -400,7 +401,7 @@ def finetune(config: PipelineConfig) -> None:
     problems += teacher_problems + finetune_input_problems(config, geometry)
     inputs = [
         _model_input(config),
-        Input("finetune.tle_path", settings.tle_path, whole=True),
+        Input("finetune.tle_path", settings.tle_path if settings.text_states == "tle" else "", whole=True),
         Input("finetune.text", settings.text),
         Input("finetune.audio_store", settings.audio_store, whole=True),
         Input("finetune.tts_store", settings.tts_store, whole=True),
