@@ -27,6 +27,8 @@ from whistle_pipeline.windows import Example
 
 log = logging.getLogger(__name__)
 
+KINDS = ("audio", "tts", "text")  # the order of the kinds inside a batch
+
 
 def mix_counts(batch_size: int, audio_ratio: float, tts_ratio: float, index: int) -> dict[str, int]:
     """Examples of each kind in micro-batch `index`: floor(ratio * examples so far) differences, so the
