@@ -73,7 +73,6 @@ from stages.training import (
     VALIDATION_LOG,
     Logs,
     Setup,
-    WithoutIds,
     build_optimizer,
     check_finite,
     clip_and_check,
@@ -81,6 +80,7 @@ from stages.training import (
     open_logs,
     start_run,
 )
+from stages.training_data import WithoutIds
 from whistle_pipeline import preflight
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.plots import plot_training_curves

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.training import endless_epochs, held_out_items
+from stages.training_data import endless_epochs, held_out_items
 from store import StoreReader, TeacherInfo
 from store.dataset import FeatureDataset
 from whistle_pipeline.config import FinetuneConfig

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from stages.finetune_data import TextSplit, load_tle, read_text, unusable_utterances
-from stages.training import DamagedShard, Setup, damaged_shards, open_store
+from stages.training import Setup
+from stages.training_data import DamagedShard, damaged_shards, open_store
 from store import StoreReader
 from whistle_pipeline.config import ConfigError, FinetuneConfig, PipelineConfig
 from whistle_pipeline.teacher import LoadedTeacher, load_teacher

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stages.finetune_data import KINDS
-from stages.training import DamagedShard, damage_summary
+from stages.training_data import DamagedShard, damage_summary
 
 SUMMARY = "finetune.json"
 

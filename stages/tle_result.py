@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from stages.training import DamagedShard, damage_summary
+from stages.training_data import DamagedShard, damage_summary
 
 
 @dataclass

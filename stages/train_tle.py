@@ -64,20 +64,18 @@ from stages.training import (
     CHECKPOINTS_DIR,
     TRAIN_LOG,
     VALIDATION_LOG,
-    DamagedShard,
     Logs,
     Setup,
     build_optimizer,
     check_finite,
     clip_and_check,
-    damaged_shards,
     latest_checkpoint,
     load_checkpoint,
     open_logs,
-    open_store,
     save_checkpoint,
     start_run,
 )
+from stages.training_data import DamagedShard, damaged_shards, open_store
 from store import StoreReader
 from store.dataset import FeatureDataset
 from whistle_pipeline import preflight
