@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 
 from stages.audio_batches import ClipDataset, collate
 from stages.precompute import run as precompute
-from stages.train_tle import loss_weights
+from stages.tle_model import loss_weights
 from stages.training import build_optimizer
 from store.dataset import FeatureDataset, pad_batch
 from whistle_pipeline.config import load_config

@@ -95,7 +95,7 @@ def measure_step(batches: list[tuple], device: torch.device, steps: int) -> tupl
     """(seconds per step, frames per step, FLOPs of one step, TLE parameters) of phase-1 train-tle steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stages.train_tle import loss_weights
+    from stages.tle_model import loss_weights
     from stages.training import build_optimizer
     from whistle_pipeline.config import load_config
 

@@ -42,11 +42,8 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from accelerate.utils import set_seed
 
 from stages.finetune_checkpoints import (
@@ -58,48 +55,40 @@ from stages.finetune_checkpoints import (
     write_card,
 )
 from stages.finetune_data import (
+    KINDS,
     HeldOut,
     StoreStream,
-    TextSplit,
     TextStream,
     held_out_store_examples,
-    load_tle,
     mix_counts,
-    read_text,
     stored_examples,
     text_examples,
-    unusable_utterances,
 )
+from stages.finetune_inputs import Inputs, check_inputs, open_inputs, store_url
+from stages.finetune_result import SUMMARY, FinetuneResult
 from stages.finetune_validation import ValidationData, outliers, prepare_val_audio, select_by, validate
 from stages.training import (
     CHECKPOINTS_DIR,
     TRAIN_LOG,
     VALIDATION_LOG,
-    DamagedShard,
     Logs,
     Setup,
-    WithoutIds,
     build_optimizer,
     check_finite,
     clip_and_check,
-    damage_summary,
-    damaged_shards,
     latest_checkpoint,
     open_logs,
-    open_store,
     start_run,
 )
-from store import StoreReader
+from stages.training_data import WithoutIds
 from whistle_pipeline import preflight
-from whistle_pipeline.config import ConfigError, FinetuneConfig, PipelineConfig
+from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.plots import plot_training_curves
 from whistle_pipeline.progress import progress_bar
-from whistle_pipeline.teacher import LoadedTeacher, load_teacher
-from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, encode_texts, is_multilingual
+from whistle_pipeline.text import IGNORE_INDEX, encode_texts
 from whistle_pipeline.windows import (
     Example,
     SharedTail,
-    Windows,
     kind_losses,
     select_trainable,
     token_losses,
@@ -107,9 +96,7 @@ from whistle_pipeline.windows import (
 
 log = logging.getLogger(__name__)
 
-KINDS = ("audio", "tts", "text")  # the order of the kinds inside a batch
 BEST_DIR = "best"
-SUMMARY = "finetune.json"
 TRAIN_COLUMNS = [
     "step",
     "epoch_text",
@@ -122,7 +109,6 @@ TRAIN_COLUMNS = [
     "examples_per_s",
 ]
 VALIDATION_COLUMNS = ["step", "metric", "loss", "loss_audio", "loss_tts", "loss_text", "wer", "cer", "loops"]
-DAMAGE_DIR = "damaged-shards"  # each rank's scan of the stores under skip_damaged
 # loss_curves.png: (title, [(column, log)]) per panel
 CURVES = [
     ("training loss", [(f"loss{k}", "train") for k in ("", "_audio", "_tts", "_text")]),
@@ -134,135 +120,7 @@ CURVES = [
 ]
 
 
-# ---- result ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class FinetuneResult:
-    output_dir: str
-    steps: int
-    resumed_from: int  # 0 = a fresh run
-    train_examples: dict[str, int]  # kind -> sentences / utterances available for training
-    held_out: dict[str, int]  # kind -> examples scored at each validation
-    examples_seen: dict[str, int]  # kind -> examples trained on (this run, all ranks)
-    corpus_rejects: list[dict[str, str]]
-    best_step: int
-    select_by: str
-    saved_step: int  # the step whose decoder was written to output_dir
-    validation: list[dict[str, Any]] = field(default_factory=list)  # every validation of the run
-    outliers: list[dict[str, Any]] = field(default_factory=list)  # val_audio's worst clips at the saved step
-    wall_seconds: float = 0.0
-    damaged_shards: list[dict[str, Any]] = field(default_factory=list)  # left out under finetune.skip_damaged
-    store_rejects: list[dict[str, str]] = field(default_factory=list)  # stored utterances the decoder cannot take
-    precision_hint: str = ""  # how much faster bf16 would be, for float32 on a CPU with bf16 in hardware
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def summary(self) -> str:
-        mix = ", ".join(f"{self.examples_seen[k]} {k}" for k in KINDS if self.examples_seen.get(k))
-        lines = [
-            f"fine-tuned the decoder for {self.steps} steps"
-            + (f" (resumed at step {self.resumed_from})" if self.resumed_from else "")
-            + f" in {self.wall_seconds / 60:.1f} min on {mix or 'no new'} examples"
-        ]
-        if self.corpus_rejects:
-            first = self.corpus_rejects[0]
-            lines.append(f"  {len(self.corpus_rejects)} sentence(s) not used (first: {first['id']}: {first['reason']})")
-        if self.store_rejects:
-            first = self.store_rejects[0]
-            lines.append(
-                f"  {len(self.store_rejects)} stored utterance(s) not used (first: {first['store']} "
-                f"{first['id']}: {first['reason']})"
-            )
-        if self.damaged_shards:
-            lines.append(damage_summary([DamagedShard(**d) for d in self.damaged_shards]))
-        saved = next((v for v in self.validation if v["step"] == self.saved_step), None)
-        if saved:
-            shown = ", ".join(
-                f"{k} {v:.4g}"
-                for k, v in saved.items()
-                if k not in ("step", "loops") and isinstance(v, float) and not math.isnan(v)
-            )
-            lines.append(
-                f"  step {self.saved_step} ({'best by ' + self.select_by if self.saved_step == self.best_step else 'last'}): {shown}"
-            )
-            if saved.get("loops"):
-                lines.append(f"  repetition loops on val_audio: {', '.join(saved['loops'])}")
-        if self.precision_hint:
-            lines.append(f"  note: {self.precision_hint}")
-        lines.append(f"  model: {self.output_dir} (Whisper with the adapted decoder; transformers.pipeline loads it)")
-        return "\n".join(lines)
-
-
-# ---- inputs ---------------------------------------------------------------------------------------
-
-
-def check_inputs(config: PipelineConfig) -> None:
-    """The inputs the ratios call for must be given, and inputs given must be used (all problems at once)."""
-    settings = config.finetune
-    problems = []
-    if settings.text_ratio > 1e-9:
-        if not settings.text:
-            problems.append(
-                f"finetune.text is empty but {settings.text_ratio:.2f} of each batch is text: give a "
-                "target-domain corpus (or set audio_ratio + tts_ratio = 1 for audio-only fine-tuning)"
-            )
-        drawn_stores = [
-            store
-            for ratio, store in ((settings.audio_ratio, settings.audio_store), (settings.tts_ratio, settings.tts_store))
-            if ratio > 0 and store
-        ]
-        if settings.text_states == "null":
-            if not drawn_stores:
-                problems.append(
-                    'finetune.text_states = "null" takes the text windows\' tail template from a store: '
-                    "draw audio_store or tts_store (a ratio > 0)"
-                )
-        elif not settings.tle_path:
-            problems.append("finetune.tle_path is empty but text examples are drawn: give a `whistle train-tle` output")
-        elif not Path(settings.tle_path).is_dir():
-            problems.append(
-                f"finetune.tle_path = {settings.tle_path!r} is not a folder: train a TLE first "
-                "(`whistle train-tle`) or point at its output_dir"
-            )
-    elif settings.text:
-        problems.append("finetune.text is given but audio_ratio + tts_ratio = 1 leaves no room for text: lower them")
-    for kind, ratio, store in (
-        ("audio", settings.audio_ratio, settings.audio_store),
-        ("tts", settings.tts_ratio, settings.tts_store),
-    ):
-        if ratio > 0 and not store:
-            problems.append(
-                f"finetune.{kind}_ratio = {ratio:g} but finetune.{kind}_store is empty: give the store "
-                f"or set {kind}_ratio = 0"
-            )
-        if store and ratio == 0:
-            problems.append(f"finetune.{kind}_store is given but finetune.{kind}_ratio = 0: it would never be read")
-    if problems:
-        raise ConfigError(problems, "finetune inputs")
-
-
 # ---- the recipe: start, inputs, restore, streams, validation data, the loop, finish ----------------------
-
-
-@dataclass
-class Inputs:
-    """The Whisper to adapt and what it learns from."""
-
-    teacher: LoadedTeacher  # the full Whisper in float32 (the master weights)
-    specials: SpecialTokens
-    ratios: dict[str, float]  # kind -> fraction of every batch
-    stores: dict[str, StoreReader]  # "audio" / "tts" -> its store, for the kinds drawn
-    damaged: list[DamagedShard]  # left out under skip_damaged
-    dropped: frozenset[str]  # ids of the damaged shards' utterances, left out whole
-    windows: Windows
-    text: TextSplit  # empty when no text is drawn
-    store_rejects: list[dict[str, str]]  # stored utterances left out (in `dropped` too): store kind, id, reason
-
-    @property
-    def max_positions(self) -> int:
-        return self.teacher.model.config.max_target_positions
 
 
 @dataclass
@@ -300,73 +158,6 @@ def start(config: PipelineConfig) -> Setup:
     # latent draws and dropout differ per rank; a resumed run restores these generators from its checkpoint
     set_seed(config.finetune.seed + setup.accelerator.process_index)
     return setup
-
-
-def open_inputs(setup: Setup) -> Inputs:
-    """The teacher, the stores (checked against it; damaged shards found under skip_damaged), the TLE, the corpus."""
-    config, settings, accelerator = setup.config, setup.settings, setup.accelerator
-    device = accelerator.device
-    teacher = load_teacher(
-        config.teacher.name_or_path,
-        config.teacher.revision,
-        "full",
-        device,
-        torch.float32,
-        config.teacher.attn_implementation,
-    )
-    model = teacher.model
-    specials = SpecialTokens.from_tokenizer(teacher.tokenizer, is_multilingual(model.config, model.generation_config))
-    ratios = {"audio": settings.audio_ratio, "tts": settings.tts_ratio, "text": settings.text_ratio}
-    stores = {
-        k: open_store(store_url(settings, k), f"finetune.{k}_store", teacher.info)
-        for k in ("audio", "tts")
-        if ratios[k] > 1e-9
-    }
-    damaged: list[DamagedShard] = []
-    dropped: frozenset[str] = frozenset()
-    if settings.skip_damaged:
-        for kind in stores:
-            found, ids = damaged_shards(accelerator, store_url(settings, kind), setup.output_dir / DAMAGE_DIR / kind)
-            damaged, dropped = damaged + found, dropped | ids
-    store_rejects = [
-        reject
-        for kind, reader in stores.items()
-        for reject in unusable_utterances(
-            reader,
-            kind,
-            teacher.tokenizer,
-            specials,
-            model.config.max_target_positions,
-            frozenset(d.shard for d in damaged if d.store == reader.url),
-        )
-    ]
-    dropped |= {reject["id"] for reject in store_rejects}
-    templates = {k: torch.from_numpy(np.array(r.tail_template())).to(device) for k, r in stores.items()}
-    tle, text = None, TextSplit([], [], [])
-    if ratios["text"] > 1e-9 and settings.text_states == "null":
-        templates["text"] = templates["audio" if "audio" in templates else "tts"]
-        if settings.tle_path and Path(settings.tle_path).is_dir():
-            log.warning(
-                'finetune.text_states = "null": the TLE in %s is not loaded (text windows hold no content)',
-                settings.tle_path,
-            )
-        text = read_text(settings, teacher.tokenizer, specials, model.config.max_target_positions, None)
-    elif ratios["text"] > 1e-9:
-        tle = load_tle(settings.tle_path, teacher.info, device)
-        text = read_text(
-            settings, teacher.tokenizer, specials, model.config.max_target_positions, list(tle.config.languages)
-        )
-    return Inputs(
-        teacher,
-        specials,
-        ratios,
-        stores,
-        damaged,
-        dropped,
-        Windows(tle, templates, settings.sample_latent),
-        text,
-        store_rejects,
-    )
 
 
 def restore(setup: Setup, inputs: Inputs) -> Training:
@@ -533,23 +324,27 @@ def train(
             accelerator.wait_for_everyone()
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             history["examples"] = seen
-            positions = {k: stream.position for k, stream in streams.items()}
-            save_checkpoint(
-                accelerator,
-                setup.output_dir / CHECKPOINTS_DIR,
-                training.whisper,
-                optimizer,
-                scheduler,
-                step,
-                positions,
-                history,
-                setup.output_dir / BEST_DIR,
-                settings.keep_checkpoints,
-            )
+            checkpoint(setup, training, streams)
     bar.close()
     history["examples"] = seen
     accelerator.wait_for_everyone()
     return last_scores
+
+
+def checkpoint(setup: Setup, training: Training, streams: dict[str, Any]) -> None:
+    """Save the resumable state at training.step: weights, optimiser, scheduler, each rank's stream positions."""
+    save_checkpoint(
+        setup.accelerator,
+        setup.output_dir / CHECKPOINTS_DIR,
+        training.whisper,
+        training.optimizer,
+        training.scheduler,
+        training.step,
+        {k: stream.position for k, stream in streams.items()},
+        training.history,
+        setup.output_dir / BEST_DIR,
+        setup.settings.keep_checkpoints,
+    )
 
 
 def next_examples(streams: dict[str, Any], counts: dict[str, int]) -> list[Example]:
@@ -670,8 +465,3 @@ def validate_with(
 ) -> tuple[dict[str, Any], list[Any]]:
     """`validate` with this run's windows, ratios and tokenizer."""
     return validate(model, inputs.windows, inputs.ratios, inputs.teacher.tokenizer, inputs.specials, data, config)
-
-
-def store_url(settings: FinetuneConfig, kind: str) -> str:
-    """The store setting of a stored kind ("audio", "tts")."""
-    return {"audio": settings.audio_store, "tts": settings.tts_store}[kind]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.training import endless_epochs, held_out_items
+from stages.training_data import endless_epochs, held_out_items
 from store import StoreReader, TeacherInfo
 from store.dataset import FeatureDataset
 from whistle_pipeline.config import FinetuneConfig
@@ -26,6 +26,8 @@ from whistle_pipeline.tle import TLEModel
 from whistle_pipeline.windows import Example
 
 log = logging.getLogger(__name__)
+
+KINDS = ("audio", "tts", "text")  # the order of the kinds inside a batch
 
 
 def mix_counts(batch_size: int, audio_ratio: float, tts_ratio: float, index: int) -> dict[str, int]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from stages.training import endless_epochs, held_out_items
+from stages.training_data import endless_epochs, held_out_items
 from store import StoreReader
 from store.dataset import FeatureDataset, pad_batch
 from whistle_pipeline.alignment import align_batch, alignment_heads

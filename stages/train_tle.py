@@ -37,7 +37,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -59,35 +58,34 @@ from stages.tle_data import (
     validate,
     validation_batches,
 )
+from stages.tle_model import build_model, loss_weights, step_values
+from stages.tle_result import TrainTLEResult
 from stages.training import (
     CHECKPOINTS_DIR,
     TRAIN_LOG,
     VALIDATION_LOG,
-    DamagedShard,
     Logs,
     Setup,
     build_optimizer,
     check_finite,
     clip_and_check,
-    damage_summary,
-    damaged_shards,
     latest_checkpoint,
     load_checkpoint,
     open_logs,
-    open_store,
     save_checkpoint,
     start_run,
 )
+from stages.training_data import DamagedShard, damaged_shards, open_store
 from store import StoreReader
 from store.dataset import FeatureDataset
 from whistle_pipeline import preflight
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.corpus import is_held_out
-from whistle_pipeline.decoder import DecoderTerms, FrozenTeacher, load_frozen_teacher, phase_2_terms
+from whistle_pipeline.decoder import FrozenTeacher, load_frozen_teacher, phase_2_terms
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.plots import plot_training_curves
 from whistle_pipeline.progress import progress_bar
-from whistle_pipeline.tle import LossTerms, LossWeights, TLEConfig, TLEModel, tle_loss
+from whistle_pipeline.tle import LossWeights, TLEModel, tle_loss
 
 log = logging.getLogger(__name__)
 
@@ -122,120 +120,6 @@ VALIDATION_COLUMNS = [
     "wer_predicted",
     "real_wer",
 ]
-
-
-# --- result ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainTLEResult:
-    output_dir: str
-    steps: int
-    resumed_from: int  # 0 = a fresh run
-    train_utterances: int
-    held_out_utterances: int
-    alignment_rejects: dict[str, str]  # id -> reason (not trained on)
-    wall_seconds: float
-    validation: dict[str, float] = field(default_factory=dict)  # the last validation
-    damaged_shards: list[dict[str, Any]] = field(default_factory=list)  # left out under train_tle.skip_damaged
-    precision_hint: str = ""  # how much faster bf16 would be, for float32 on a CPU with bf16 in hardware
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def summary(self) -> str:
-        lines = [
-            f"trained the TLE for {self.steps} steps"
-            + (f" (resumed at step {self.resumed_from})" if self.resumed_from else "")
-            + f" in {self.wall_seconds / 60:.1f} min on {self.train_utterances} utterances "
-            f"({self.held_out_utterances} held out)",
-        ]
-        if self.alignment_rejects:
-            first_id, reason = next(iter(self.alignment_rejects.items()))
-            lines.append(f"  {len(self.alignment_rejects)} utterance(s) not used (first: {first_id}: {reason})")
-        if self.damaged_shards:
-            lines.append(damage_summary([DamagedShard(**d) for d in self.damaged_shards]))
-        if self.validation:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in self.validation.items() if k != "step" and not math.isnan(v))
-            lines.append(f"  held-out: {shown}")
-        if self.precision_hint:
-            lines.append(f"  note: {self.precision_hint}")
-        lines.append(f"  model: {self.output_dir} (TLEModel.from_pretrained); logs, curves and checkpoints beside it")
-        return "\n".join(lines)
-
-
-# --- model, optimiser, schedule ----------------------------------------------------------------------
-
-
-def build_model(config: PipelineConfig, reader: StoreReader, teacher: FrozenTeacher, languages: list[str]) -> TLEModel:
-    """A fresh TLE sized by [tle], the store's geometry and statistics, and the teacher's vocabulary."""
-    arch = config.tle
-    decoder_embeddings = teacher.model.model.decoder.embed_tokens.weight  # (V, d_model)
-    tle_config = TLEConfig(
-        vocab_size=decoder_embeddings.shape[0],
-        embedding_size=decoder_embeddings.shape[1],
-        hidden_size=arch.hidden_size,
-        text_layers=arch.text_layers,
-        frame_layers=arch.frame_layers,
-        num_heads=arch.num_heads,
-        ffn_multiplier=arch.ffn_multiplier,
-        latent_size=arch.latent_size,
-        conv_kernel=arch.conv_kernel,
-        conv_layers=arch.conv_layers,
-        dropout=arch.dropout,
-        posterior=arch.posterior,
-        languages=languages,
-        d_model=reader.teacher.d_model,
-        max_frames=reader.teacher.max_frames,
-        max_tokens=teacher.max_positions,
-        end_token_id=teacher.specials.end_of_text,
-        teacher=reader.teacher.to_dict(),
-        spelling_channels=arch.spelling_channels,
-    )
-    torch.manual_seed(config.train_tle.seed)
-    model = TLEModel(tle_config)
-    mean, std = reader.statistics()
-    model.set_store_statistics(mean, std, reader.tail_template())
-    model.set_token_spellings(teacher.tokenizer)
-    if arch.token_embeddings != "random":
-        with torch.no_grad():
-            model.token_embedding.weight.copy_(decoder_embeddings.float())
-        model.token_embedding.weight.requires_grad_(arch.token_embeddings == "teacher")
-    return model
-
-
-def loss_weights(settings: Any, step: int) -> LossWeights:
-    """The weights of optimiser step `step`: beta rises linearly from 0, the decoder terms join in phase 2."""
-    beta = settings.kl_beta * (min(1.0, step / settings.kl_anneal_steps) if settings.kl_anneal_steps else 1.0)
-    phase_2 = step >= settings.decoder_ce_start
-    return LossWeights(
-        mse=settings.mse_weight,
-        cosine=settings.cosine_weight,
-        length=settings.length_weight,
-        beta=beta,
-        free_bits=settings.free_bits,
-        decoder_ce=settings.decoder_ce_weight if phase_2 else 0.0,
-        decoder_kl=settings.decoder_kl_weight if phase_2 else 0.0,
-    )
-
-
-def step_values(terms: LossTerms, decoder: DecoderTerms | None, length_error: float) -> dict[str, float]:
-    """What one micro-batch adds to the train log: the loss, its terms, and the decoder's CE in phase 2."""
-    values = {
-        "loss": terms.total.item(),
-        "mse": terms.mse,
-        "cosine": terms.cosine,
-        "kl": terms.kl,
-        "length": terms.length,
-        "length_error": length_error,
-    }
-    if decoder is not None:
-        values["decoder_ce"] = decoder.ce.item()
-        if decoder.kl is not None:
-            values["decoder_kl"] = decoder.kl.item()
-        if decoder.real_ce is not None:
-            values["real_decoder_ce"] = decoder.real_ce.item()
-    return values
 
 
 # --- checkpoints and logs ----------------------------------------------------------------------------
@@ -511,19 +395,24 @@ def train(
                 validation = validate_step(setup, inputs, training, val_batches, logs, validation)
             accelerator.wait_for_everyone()
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            save_checkpoint(
-                accelerator,
-                setup.output_dir / CHECKPOINTS_DIR,
-                step,
-                {"epoch": training.epoch, "position": training.position},
-                partial(write_weights, tle),
-                optimizer,
-                scheduler,
-                settings.keep_checkpoints,
-            )
+            checkpoint(setup, training)
     bar.close()
     accelerator.wait_for_everyone()
     return validation
+
+
+def checkpoint(setup: Setup, training: Training) -> None:
+    """Save the resumable state at training.step: weights, optimiser, scheduler, this rank's data position."""
+    save_checkpoint(
+        setup.accelerator,
+        setup.output_dir / CHECKPOINTS_DIR,
+        training.step,
+        {"epoch": training.epoch, "position": training.position},
+        partial(write_weights, training.tle),
+        training.optimizer,
+        training.scheduler,
+        setup.settings.keep_checkpoints,
+    )
 
 
 @torch.no_grad()

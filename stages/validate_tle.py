@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from stages.tle_data import Collate, DurationTable, TrainBatch, align_shard, validate
-from stages.training import open_store
+from stages.training_data import open_store
 from store import StoreReader
 from whistle_pipeline import preflight
 from whistle_pipeline.config import PipelineConfig

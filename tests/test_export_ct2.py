@@ -34,7 +34,7 @@ BASE_MODEL = "openai/whisper-tiny.en"
 
 def write_finetune_records(model_dir: Path) -> None:
     """config.toml and finetune.json as `whistle finetune` writes them beside its model."""
-    from stages.finetune import SUMMARY, FinetuneResult
+    from stages.finetune_result import SUMMARY, FinetuneResult
     from whistle_pipeline.config import load_config
 
     load_config(

@@ -347,7 +347,7 @@ def test_labels_prefix_and_language_tokens_come_from_the_tokenizer(world, tmp_pa
 
 
 def test_inputs_are_checked_all_at_once(world, tmp_path):
-    from stages.finetune import check_inputs
+    from stages.finetune_inputs import check_inputs
 
     config = load_config(
         overrides=[
@@ -412,7 +412,7 @@ def test_null_text_windows_are_the_store_tail_template_over_the_whole_window(wor
 
 
 def test_null_text_states_need_no_tle_and_a_store_for_the_template(world, tmp_path):
-    from stages.finetune import check_inputs
+    from stages.finetune_inputs import check_inputs
 
     missing = json.dumps(str(tmp_path / "no-tle"))
     check_inputs(

@@ -170,7 +170,7 @@ def test_tiny_tle_overfits_a_tiny_store(tle_store, tiny_teacher_dir, tmp_path):
 
 
 def test_loss_weights_switch_to_phase_2_at_decoder_ce_start():
-    from stages.train_tle import loss_weights
+    from stages.tle_model import loss_weights
 
     settings = load_config(
         overrides=[

@@ -386,10 +386,10 @@ def finetune_input_problems(config: PipelineConfig, geometry: TeacherGeometry | 
 
 
 def finetune(config: PipelineConfig) -> None:
-    """The ratios' inputs (stages.finetune.check_inputs), the teacher, the TLE, corpus, stores and val_audio,
+    """The ratios' inputs (stages.finetune_inputs.check_inputs), the teacher, the TLE, corpus, stores and val_audio,
     and finetune.output_dir against all of them."""
     # imported here, not at the top: stages.finetune imports this module
-    from stages.finetune import check_inputs
+    from stages.finetune_inputs import check_inputs
 
     settings = config.finetune
     try:

@@ -1,0 +1,84 @@
+"""train-tle's model and loss schedule: a fresh TLE sized by [tle], the loss weights of each step (the two
+phases), and what one micro-batch adds to the train log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from store import StoreReader
+from whistle_pipeline.config import PipelineConfig
+from whistle_pipeline.decoder import DecoderTerms, FrozenTeacher
+from whistle_pipeline.tle import LossTerms, LossWeights, TLEConfig, TLEModel
+
+
+def build_model(config: PipelineConfig, reader: StoreReader, teacher: FrozenTeacher, languages: list[str]) -> TLEModel:
+    """A fresh TLE sized by [tle], the store's geometry and statistics, and the teacher's vocabulary."""
+    arch = config.tle
+    decoder_embeddings = teacher.model.model.decoder.embed_tokens.weight  # (V, d_model)
+    tle_config = TLEConfig(
+        vocab_size=decoder_embeddings.shape[0],
+        embedding_size=decoder_embeddings.shape[1],
+        hidden_size=arch.hidden_size,
+        text_layers=arch.text_layers,
+        frame_layers=arch.frame_layers,
+        num_heads=arch.num_heads,
+        ffn_multiplier=arch.ffn_multiplier,
+        latent_size=arch.latent_size,
+        conv_kernel=arch.conv_kernel,
+        conv_layers=arch.conv_layers,
+        dropout=arch.dropout,
+        posterior=arch.posterior,
+        languages=languages,
+        d_model=reader.teacher.d_model,
+        max_frames=reader.teacher.max_frames,
+        max_tokens=teacher.max_positions,
+        end_token_id=teacher.specials.end_of_text,
+        teacher=reader.teacher.to_dict(),
+        spelling_channels=arch.spelling_channels,
+    )
+    torch.manual_seed(config.train_tle.seed)
+    model = TLEModel(tle_config)
+    mean, std = reader.statistics()
+    model.set_store_statistics(mean, std, reader.tail_template())
+    model.set_token_spellings(teacher.tokenizer)
+    if arch.token_embeddings != "random":
+        with torch.no_grad():
+            model.token_embedding.weight.copy_(decoder_embeddings.float())
+        model.token_embedding.weight.requires_grad_(arch.token_embeddings == "teacher")
+    return model
+
+
+def loss_weights(settings: Any, step: int) -> LossWeights:
+    """The weights of optimiser step `step`: beta rises linearly from 0, the decoder terms join in phase 2."""
+    beta = settings.kl_beta * (min(1.0, step / settings.kl_anneal_steps) if settings.kl_anneal_steps else 1.0)
+    phase_2 = step >= settings.decoder_ce_start
+    return LossWeights(
+        mse=settings.mse_weight,
+        cosine=settings.cosine_weight,
+        length=settings.length_weight,
+        beta=beta,
+        free_bits=settings.free_bits,
+        decoder_ce=settings.decoder_ce_weight if phase_2 else 0.0,
+        decoder_kl=settings.decoder_kl_weight if phase_2 else 0.0,
+    )
+
+
+def step_values(terms: LossTerms, decoder: DecoderTerms | None, length_error: float) -> dict[str, float]:
+    """What one micro-batch adds to the train log: the loss, its terms, and the decoder's CE in phase 2."""
+    values = {
+        "loss": terms.total.item(),
+        "mse": terms.mse,
+        "cosine": terms.cosine,
+        "kl": terms.kl,
+        "length": terms.length,
+        "length_error": length_error,
+    }
+    if decoder is not None:
+        values["decoder_ce"] = decoder.ce.item()
+        if decoder.kl is not None:
+            values["decoder_kl"] = decoder.kl.item()
+        if decoder.real_ce is not None:
+            values["real_decoder_ce"] = decoder.real_ce.item()
+    return values
