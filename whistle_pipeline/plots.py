@@ -161,7 +161,8 @@ def plot_training_curves(
                 )
         axis.set_title(title)
         axis.set_xlabel("step")
-        axis.legend(fontsize=7)
+        if axis.lines:  # a panel whose columns hold no value yet (e.g. no validation so far) stays empty
+            axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
     return path
