@@ -179,7 +179,7 @@ def precompute_command(
     Examples:
       # one GPU, a hub dataset (audio/text/id columns as named by the dataset)
       whistle precompute --data openslr/librispeech_asr --subset clean --split train.100 \\
-          --set data.id_column=id --teacher openai/whisper-large-v3 --store ls100-large-v3
+          --teacher openai/whisper-large-v3 --store ls100-large-v3
       # 8 GPUs on one node (same store; a rerun resumes)
       accelerate launch --num_processes 8 -m whistle_pipeline precompute --data cv-corpus-21.0/de \\
           --subset validated --store cv-de-large-v3
