@@ -68,6 +68,9 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from store.reader import INDEX_ARRAYS
+from store.reduction import SUM_ARRAYS
+
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 CLIPS = 16  # shards of 2 clips: 8 shards, each closed and marked complete separately
 SHARD_SIZE = 2
@@ -441,20 +444,7 @@ def disk_full_trial(world: World, folder: Path, limit: int, partial: bool, refer
     return Trial("disk-full", f"{limit:,} B, {mode}", where, outcome, not problems, time.monotonic() - began)
 
 
-ARRAY_KINDS = (
-    "offsets",
-    "speech_frames",
-    "ids",
-    "text",
-    "language",
-    "duration",
-    "tail_sum",
-    "tail_count",
-    "stat_sum",
-    "stat_sqsum",
-    "stat_count",
-    "states",
-)
+ARRAY_KINDS = INDEX_ARRAYS + SUM_ARRAYS + ("states",)  # every array of a shard
 CACHE_KINDS = ("tail_template", "tail_count", "mean", "std")
 
 

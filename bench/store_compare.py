@@ -86,7 +86,8 @@ from stages.background_writer import BackgroundWriter  # imported here: torch's 
 from stages.precompute import batch_sums
 from store import StoreReader, StoreSpec, StoreWriter, TeacherInfo
 from store.format import checked_compressors
-from store.reduction import compute_reduction
+from store.reader import INDEX_ARRAYS
+from store.reduction import SUM_ARRAYS, compute_reduction
 
 D_MODEL = 1280
 POOL_FRAMES = 20_000  # distinct random frames the windows are cut from (~51 MB)
@@ -529,19 +530,7 @@ def writer_profile(corpus: Corpus, repeats: int) -> list[tuple[str, float]]:
     return out
 
 
-SMALL_ARRAYS = (
-    "offsets",
-    "speech_frames",
-    "ids",
-    "text",
-    "language",
-    "duration",
-    "tail_sum",
-    "tail_count",
-    "stat_sum",
-    "stat_sqsum",
-    "stat_count",
-)
+SMALL_ARRAYS = INDEX_ARRAYS + SUM_ARRAYS  # every array of a shard but states
 
 
 def write_small_arrays(group: zarr.Group, arrays: dict[str, np.ndarray], checksums: bool) -> None:

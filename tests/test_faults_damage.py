@@ -23,7 +23,8 @@ from conftest import (
 
 from store import StoreError, StoreReader, inspect_store
 from store.format import DamagedShardError
-from store.reduction import shard_sums
+from store.reader import INDEX_ARRAYS
+from store.reduction import SUM_ARRAYS, shard_sums
 from whistle_pipeline.cli import cli
 
 faults = load_bench("faults")
@@ -91,20 +92,7 @@ def test_check_names_every_damaged_shard_and_no_other(tmp_path):
     assert 5 in reader.incomplete_shards()  # its zarr.json is unreadable: not counted as complete
 
 
-ARRAY_KINDS = (
-    "offsets",
-    "speech_frames",
-    "ids",
-    "text",
-    "language",
-    "duration",
-    "tail_sum",
-    "tail_count",
-    "stat_sum",
-    "stat_sqsum",
-    "stat_count",
-    "states",
-)
+ARRAY_KINDS = INDEX_ARRAYS + SUM_ARRAYS + ("states",)  # every array of a shard
 
 
 def flip_one_bit(array_folder, seed=0):

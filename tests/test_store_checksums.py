@@ -18,22 +18,11 @@ from conftest import store_spec, synthetic_utterances, write_synthetic_store
 from store import StoreReader, inspect_store
 from store.dataset import FeatureDataset
 from store.format import DamagedShardError
-from store.reduction import CACHE_ARRAYS
+from store.reader import INDEX_ARRAYS
+from store.reduction import CACHE_ARRAYS, SUM_ARRAYS
 from whistle_pipeline.cli import cli
 
-SMALL_ARRAYS = (
-    "offsets",
-    "speech_frames",
-    "ids",
-    "text",
-    "language",
-    "duration",
-    "tail_sum",
-    "tail_count",
-    "stat_sum",
-    "stat_sqsum",
-    "stat_count",
-)
+SMALL_ARRAYS = INDEX_ARRAYS + SUM_ARRAYS  # every array of a shard but states
 
 
 @pytest.fixture()
