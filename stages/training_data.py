@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from store import StoreReader
 from store.dataset import FeatureDataset
-from store.format import TeacherInfo
 from store.reader import DamagedShardError
+from store.spec import TeacherInfo
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.teacher import check_teacher
 

@@ -4,10 +4,11 @@ A leaf package: it depends on zarr, numcodecs and numpy only. The torch dataset 
 `store.dataset` and is not imported here, so that reading a store never imports torch.
 """
 
-from store.format import FORMAT_VERSION, StoreError, StoreSpec, TeacherInfo
+from store.format import FORMAT_VERSION, StoreError
 from store.inspect import Fault, StoreReport, inspect_store
 from store.reader import StoreReader, Utterance
 from store.shard_writer import ShardRecord, ShardWriter
+from store.spec import StoreSpec, TeacherInfo
 from store.writer import StoreWriter
 
 __all__ = [

@@ -33,8 +33,6 @@ from store.format import (
     SHARDS_GROUP,
     DamagedShardError,
     StoreError,
-    StoreSpec,
-    TeacherInfo,
     array_damage,
     is_checked,
     missing_objects,
@@ -47,6 +45,7 @@ from store.format import (
 )
 from store.reduction import Reduction, reduce_shards
 from store.shard_object import ShardLayout, ShardObjectError, read_chunks, read_layout
+from store.spec import StoreSpec, TeacherInfo
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ from store.format import (
     SHARDS_GROUP,
     DamagedShardError,
     StoreError,
-    TeacherInfo,
     array_damage,
     checked_compressors,
     is_checked,
@@ -40,6 +39,7 @@ from store.format import (
     shard_name,
     version_stamp,
 )
+from store.spec import TeacherInfo
 
 log = logging.getLogger(__name__)
 

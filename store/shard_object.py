@@ -41,7 +41,8 @@ from zarr.codecs.numcodecs import BitRound
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 
-from store.format import StoreSpec, run_sync
+from store.format import run_sync
+from store.spec import StoreSpec
 
 CHECKSUM_BYTES = 4  # a crc32c, little-endian uint32
 INDEX_ENTRY_BYTES = 16  # (offset, nbytes) of one inner chunk, little-endian uint64 each

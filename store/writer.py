@@ -41,7 +41,6 @@ from store.format import (
     ATTRS_KEY,
     SHARDS_GROUP,
     StoreError,
-    StoreSpec,
     is_empty,
     open_root,
     open_zarr_store,
@@ -55,6 +54,7 @@ from store.format import (
     write_json,
 )
 from store.shard_writer import NON_FINITE_REASON, ShardRecord, ShardWriter
+from store.spec import StoreSpec
 
 # ShardWriter and its names are part of the writing API, importable from here as before.
 __all__ = ["NON_FINITE_REASON", "ShardBusy", "ShardRecord", "ShardWriter", "StoreWriter"]

@@ -152,7 +152,7 @@ def store_spec(
     name: str = "tiny-random",
 ):
     """A store spec for a tiny teacher with Whisper's real window geometry (1500 frames, 50/s)."""
-    from store.format import StoreSpec, TeacherInfo
+    from store.spec import StoreSpec, TeacherInfo
 
     teacher = TeacherInfo(name, "main", d_model, 80, 16000, 320, 50, 1500)
     return StoreSpec(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from stages.demo_plan import PLAN_SECTIONS, Plan
 from whistle_pipeline.config import (
     DEFAULT_CONFIG_PATH,
     SECTIONS,
@@ -82,8 +83,6 @@ def test_every_shipped_toml_loads(path):
     """A pipeline config loads with load_config; a demo plan (its pipeline sections checked by the same
     loader, its [demo] sizes by the Plan record) with Plan.load."""
     if Path(path).parent == DEMO_PLANS:
-        from stages.demo import PLAN_SECTIONS, Plan  # the demo stage imports every stage: only for plan files
-
         plan = Plan.load(path)
         assert all(isinstance(getattr(plan, section), dict) for section in PLAN_SECTIONS)
     else:
@@ -92,8 +91,6 @@ def test_every_shipped_toml_loads(path):
 
 
 def test_a_demo_plan_reports_every_problem(tmp_path):
-    from stages.demo import Plan
-
     plan = tmp_path / "plan.toml"
     plan.write_text(
         "[demo]\nsource_train = 8\nsource_tests = 2\ntarget_train = -1\n"
@@ -111,8 +108,6 @@ def test_a_demo_plan_reports_every_problem(tmp_path):
 
 
 def test_a_demo_plan_needs_a_seed_and_aids_on_at_most_every_seed(tmp_path):
-    from stages.demo import Plan
-
     plan = tmp_path / "plan.toml"
     sizes = "source_train = 8\nsource_lexicon = 0\nsource_test = 2\ntarget_train = 4\ntarget_test = 2\n"
     plan.write_text(f"[demo]\n{sizes}target_dev = 0\nseeds = 1\naided_seeds = 2\n")

@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 from conftest import make_tiny_teacher, write_clip
 
-from stages.evaluate import run, word_diff
+from stages.evaluate import run
+from stages.evaluate_result import word_diff
 from whistle_pipeline.cli import cli
 from whistle_pipeline.config import load_config
 from whistle_pipeline.text import text_tokens

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from store.format import TeacherInfo
+from store.spec import TeacherInfo
 from whistle_pipeline.teacher import load_teacher
 from whistle_pipeline.text import IGNORE_INDEX, SpecialTokens, TextBatch, is_multilingual
 

@@ -41,7 +41,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, extract_commit_hash
 from transformers.utils.hub import resolve_revision as hub_resolve_revision
 
-from store.format import FieldDifference, TeacherInfo
+from store.spec import FieldDifference, TeacherInfo
 from whistle_pipeline.errors import WhistleError
 
 log = logging.getLogger(__name__)
