@@ -64,7 +64,7 @@ from stages.finetune_data import (
     stored_examples,
     text_examples,
 )
-from stages.finetune_inputs import Inputs, check_inputs, open_inputs, store_url
+from stages.finetune_inputs import Inputs, open_inputs, store_url
 from stages.finetune_result import SUMMARY, FinetuneResult
 from stages.finetune_validation import ValidationData, outliers, prepare_val_audio, select_by, validate
 from stages.training import (
@@ -152,8 +152,8 @@ def run(config: PipelineConfig) -> FinetuneResult:
 
 
 def start(config: PipelineConfig) -> Setup:
-    """Check the inputs and that a resumed run keeps its settings; one Accelerator; the resolved config saved."""
-    check_inputs(config)
+    """That a resumed run keeps its settings (the inputs were checked by preflight); one Accelerator; the resolved
+    config saved."""
     setup = start_run(config, "finetune", ("teacher", "finetune"))
     # latent draws and dropout differ per rank; a resumed run restores these generators from its checkpoint
     set_seed(config.finetune.seed + setup.accelerator.process_index)

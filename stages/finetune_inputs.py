@@ -14,7 +14,7 @@ from stages.finetune_data import TextSplit, load_tle, read_text, unusable_uttera
 from stages.training import Setup
 from stages.training_data import DamagedShard, damaged_shards, open_store
 from store import StoreReader
-from whistle_pipeline.config import ConfigError, FinetuneConfig, PipelineConfig
+from whistle_pipeline.config import FinetuneConfig
 from whistle_pipeline.teacher import LoadedTeacher, load_teacher
 from whistle_pipeline.text import SpecialTokens, is_multilingual
 from whistle_pipeline.windows import Windows
@@ -22,51 +22,6 @@ from whistle_pipeline.windows import Windows
 log = logging.getLogger(__name__)
 
 DAMAGE_DIR = "damaged-shards"  # each rank's scan of the stores under skip_damaged
-
-
-def check_inputs(config: PipelineConfig) -> None:
-    """The inputs the ratios call for must be given, and inputs given must be used (all problems at once)."""
-    settings = config.finetune
-    problems = []
-    if settings.text_ratio > 1e-9:
-        if not settings.text:
-            problems.append(
-                f"finetune.text is empty but {settings.text_ratio:.2f} of each batch is text: give a "
-                "target-domain corpus (or set audio_ratio + tts_ratio = 1 for audio-only fine-tuning)"
-            )
-        drawn_stores = [
-            store
-            for ratio, store in ((settings.audio_ratio, settings.audio_store), (settings.tts_ratio, settings.tts_store))
-            if ratio > 0 and store
-        ]
-        if settings.text_states == "null":
-            if not drawn_stores:
-                problems.append(
-                    'finetune.text_states = "null" takes the text windows\' tail template from a store: '
-                    "draw audio_store or tts_store (a ratio > 0)"
-                )
-        elif not settings.tle_path:
-            problems.append("finetune.tle_path is empty but text examples are drawn: give a `whistle train-tle` output")
-        elif not Path(settings.tle_path).is_dir():
-            problems.append(
-                f"finetune.tle_path = {settings.tle_path!r} is not a folder: train a TLE first "
-                "(`whistle train-tle`) or point at its output_dir"
-            )
-    elif settings.text:
-        problems.append("finetune.text is given but audio_ratio + tts_ratio = 1 leaves no room for text: lower them")
-    for kind, ratio, store in (
-        ("audio", settings.audio_ratio, settings.audio_store),
-        ("tts", settings.tts_ratio, settings.tts_store),
-    ):
-        if ratio > 0 and not store:
-            problems.append(
-                f"finetune.{kind}_ratio = {ratio:g} but finetune.{kind}_store is empty: give the store "
-                f"or set {kind}_ratio = 0"
-            )
-        if store and ratio == 0:
-            problems.append(f"finetune.{kind}_store is given but finetune.{kind}_ratio = 0: it would never be read")
-    if problems:
-        raise ConfigError(problems, "finetune inputs")
 
 
 @dataclass

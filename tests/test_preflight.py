@@ -155,7 +155,7 @@ def test_finetune_reports_ratio_rules_and_missing_inputs_at_once(world, tmp_path
             )
         )
     )
-    assert "tts_store is empty" in message  # the ratios' rule (stages.finetune_inputs.check_inputs)
+    assert "tts_store is empty" in message  # the ratios' rule (preflight.finetune_ratio_problems)
     assert "no-store' does not exist" in message and "val.jsonl' does not exist" in message
     assert not out.exists()
 

@@ -332,7 +332,7 @@ class FinetuneConfig(LoopConfig):
 
     def problems(self) -> list[str]:
         """Rules on the values alone; which inputs must be given follows from the ratios and is checked by
-        `stages.finetune_inputs.check_inputs` (the defaults name no store, so it cannot be a rule here)."""
+        `whistle_pipeline.preflight.finetune_ratio_problems` (the defaults name no store, so it cannot be a rule here)."""
         out = (
             _in_range("finetune.audio_ratio", self.audio_ratio, 0.0, 1.0)
             + _in_range("finetune.tts_ratio", self.tts_ratio, 0.0, 1.0)

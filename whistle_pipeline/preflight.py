@@ -356,6 +356,45 @@ def train_tle(config: PipelineConfig) -> None:
     refuse(problems, "train-tle")
 
 
+def finetune_ratio_problems(config: PipelineConfig) -> list[str]:
+    """The inputs the ratios call for must be given, and inputs given must be used."""
+    settings = config.finetune
+    problems = []
+    if settings.text_ratio > 1e-9:
+        if not settings.text:
+            problems.append(
+                f"finetune.text is empty but {settings.text_ratio:.2f} of each batch is text: give a "
+                "target-domain corpus (or set audio_ratio + tts_ratio = 1 for audio-only fine-tuning)"
+            )
+        drawn_stores = [
+            store
+            for ratio, store in ((settings.audio_ratio, settings.audio_store), (settings.tts_ratio, settings.tts_store))
+            if ratio > 0 and store
+        ]
+        if settings.text_states == "null":
+            if not drawn_stores:
+                problems.append(
+                    'finetune.text_states = "null" takes the text windows\' tail template from a store: '
+                    "draw audio_store or tts_store (a ratio > 0)"
+                )
+        elif not settings.tle_path:
+            problems.append("finetune.tle_path is empty but text examples are drawn: give a `whistle train-tle` output")
+    elif settings.text:
+        problems.append("finetune.text is given but audio_ratio + tts_ratio = 1 leaves no room for text: lower them")
+    for kind, ratio, store in (
+        ("audio", settings.audio_ratio, settings.audio_store),
+        ("tts", settings.tts_ratio, settings.tts_store),
+    ):
+        if ratio > 0 and not store:
+            problems.append(
+                f"finetune.{kind}_ratio = {ratio:g} but finetune.{kind}_store is empty: give the store "
+                f"or set {kind}_ratio = 0"
+            )
+        if store and ratio == 0:
+            problems.append(f"finetune.{kind}_store is given but finetune.{kind}_ratio = 0: it would never be read")
+    return problems
+
+
 def finetune_input_problems(config: PipelineConfig, geometry: TeacherGeometry | None) -> list[str]:
     """The TLE (unless text_states = "null": no TLE is read), corpus, stores and val_audio that the ratios
     draw from, where they are given."""
@@ -386,17 +425,10 @@ def finetune_input_problems(config: PipelineConfig, geometry: TeacherGeometry | 
 
 
 def finetune(config: PipelineConfig) -> None:
-    """The ratios' inputs (stages.finetune_inputs.check_inputs), the teacher, the TLE, corpus, stores and val_audio,
-    and finetune.output_dir against all of them."""
-    # imported here, not at the top: stages.finetune imports this module
-    from stages.finetune_inputs import check_inputs
-
+    """The ratios' inputs, the teacher, the TLE, corpus, stores and val_audio, and finetune.output_dir against
+    all of them."""
     settings = config.finetune
-    try:
-        check_inputs(config)
-        problems = []
-    except ConfigError as err:
-        problems = list(err.problems)
+    problems = finetune_ratio_problems(config)
     teacher_problems, geometry = _teacher(config)
     problems += teacher_problems + finetune_input_problems(config, geometry)
     inputs = [
