@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from whistle_pipeline.audio import AudioError, load_audio
@@ -203,6 +204,21 @@ def quiet_generation() -> Iterator[None]:
         generation_log.setLevel(level)
 
 
+class BeamSearchCache(EncoderDecoderCache):
+    """transformers' encoder-decoder cache, except that beam search does not reorder the cross-attention
+    keys and values: every beam of a clip attends to the same encoder states, so reordering them (an
+    index_select of 2 x layers tensors of (beams, heads, frames, head_dim) per step, what
+    `EncoderDecoderCache.reorder_cache` does) copies identical rows onto each other. It was two thirds
+    of Whisper tiny's 2-beam decoding time on a CPU (bench/RESULTS.md, "beam search"). Only the decoder's
+    self-attention cache, which differs per beam, is reordered."""
+
+    def __init__(self) -> None:
+        super().__init__(DynamicCache(), DynamicCache())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
 def generate(
     model: LoadedModel,
     states: torch.Tensor,
@@ -217,6 +233,8 @@ def generate(
     `prompt_ids`: <|startofprev|> + text tokens (`whistle_pipeline.prompting`), given before the decoder's
     start tokens; `logits_processors`: e.g. `fusion.ShallowFusion`, applied after the log-softmax."""
     options: dict[str, Any] = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "return_timestamps": False}
+    if num_beams > 1:
+        options["cache"] = BeamSearchCache()
     if model.multilingual:  # English-only models refuse language/task tokens
         options.update(language=list(languages), task="transcribe")
     if prompt_ids:
