@@ -15,7 +15,7 @@ from whistle_pipeline.tle import LossTerms, LossWeights, TLEConfig, TLEModel
 
 
 def pronunciation_front_end(kind: str, languages: list[str]) -> PronunciationFrontEnd | None:
-    """[tle] pronunciation's front end (None for "none"); warns once here, in the main process, for each of
+    """[tle] pronunciation's front end (None for "none"); warns once here, where the run starts, for each of
     the store's languages it cannot speak (DataLoader workers inherit what it has warned about)."""
     if kind == "none":
         return None

@@ -201,7 +201,7 @@ class PhonemeEncoder(nn.Module):
 
     def forward(self, pronunciation: PronunciationBatch) -> torch.Tensor:
         """PronunciationBatch (phonemes (B, L, P)) -> (B, L, H)."""
-        B, L, P = pronunciation.phonemes.shape
+        B, L = pronunciation.phonemes.shape[:2]
         phonemes = self.phoneme_embedding(pronunciation.phonemes).flatten(0, 1).transpose(1, 2)  # (B*L, C, P)
         missing = ~pronunciation.phoneme_mask.flatten(0, 1)[:, None, :]  # (B*L, 1, P)
         phonemes = F.gelu(self.conv(phonemes)).masked_fill(missing, -1e4)
