@@ -54,7 +54,7 @@ from _common import describe_machine, emit, table
 from stages import evaluate, finetune, precompute, train_tle, validate_tle
 from stages.demo_plan import STATE
 from stages.demo_report import BASELINE, CONTROL, method_figures, run_label
-from whistle_pipeline.config import PipelineConfig, load_config
+from whistle_pipeline.config import ConfigError, PipelineConfig, load_config
 from whistle_pipeline.tts import MANIFEST, MAX_WINDOW_S
 
 log = logging.getLogger("bench.tle_pronunciation")
@@ -304,6 +304,7 @@ def measure(demo: Demo, out: Path, arm_sets: Sequence[str], flite: str | None, q
         ),
     )
     validation: dict[str, dict[str, Any]] = {}
+    (out / "validate").mkdir(exist_ok=True)
     for tle, path in tles.items():
         for name in synthesizers:
             validation.setdefault(tle, {})[name] = ledger.run(
@@ -380,19 +381,20 @@ def arm_figures(scores: dict[str, Any], seeds: int) -> dict[str, Any]:
     return figures
 
 
-TLE_COLUMNS = (  # validate-tle figure, the table's header
-    ("cosine", "cosine (true durations)"),
-    ("length_error", "length error"),
-    ("wer_true", "round-trip WER % (true lengths)"),
-    ("wer_predicted", "round-trip WER % (predicted)"),
-    ("real_wer", "real speech WER %"),
-    ("utterances", "utterances"),
+TLE_COLUMNS = (  # validate-tle figure, the table's header, its cell
+    ("cosine", "cosine (true durations)", "{:.3f}"),
+    ("length_error", "length error", "{:.3f}"),
+    ("wer_true", "round-trip WER % (true lengths)", "{:.1%}"),
+    ("wer_predicted", "round-trip WER % (predicted)", "{:.1%}"),
+    ("real_wer", "real speech WER %", "{:.1%}"),
+    ("utterances", "utterances", "{}"),
 )
+TLE_HEADERS = ["TLE / synthesizer", *(header for _, header, _ in TLE_COLUMNS)]
 
 
-def tle_rows(validation: dict[str, dict[str, Any]]) -> list[list[Any]]:
+def tle_rows(validation: dict[str, dict[str, Any]]) -> list[list[str]]:
     return [
-        [f"{tle} / {name}", *(100 * m[k] if "wer" in k else m[k] for k, _ in TLE_COLUMNS)]
+        [f"{tle} / {name}", *(cell.format(m[key]).rstrip("%") for key, _, cell in TLE_COLUMNS)]
         for tle, by_synthesizer in validation.items()
         for name, m in by_synthesizer.items()
     ]
@@ -418,12 +420,11 @@ ARM_HEADERS = ["arm", "WER % mean [range]", "points below control", "points belo
 
 
 def markdown(results: dict[str, Any]) -> str:
-    def grid(headers: list[str], rows: list[list[Any]]) -> list[str]:
-        cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
-        return [f"| {' | '.join(headers)} |", "|" + "---|" * len(headers), *(f"| {' | '.join(r)} |" for r in cells)]
+    def grid(headers: list[str], rows: list[list[str]]) -> list[str]:
+        return [f"| {' | '.join(headers)} |", "|" + "---|" * len(headers), *(f"| {' | '.join(r)} |" for r in rows)]
 
     lines = [
-        f"# TLE {results['arm_sets'] or 'no override'} vs today's TLE on {results['demo']}",
+        f"# TLE with {' '.join(results['arm_sets']) or 'no override'} vs today's TLE on {results['demo']}",
         "",
         f"{results['seeds']} seed(s) per arm; flite: "
         + (
@@ -432,7 +433,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## TLE states vs the teacher's states of real speech of unseen target sentences",
         "",
-        *grid(["TLE / synthesizer", *(h for _, h in TLE_COLUMNS)], tle_rows(results["tle_validation"])),
+        *grid(TLE_HEADERS, tle_rows(results["tle_validation"])),
     ]
     for audio_set in results["sets"]:
         lines += [
@@ -495,7 +496,10 @@ def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: 
         raise click.ClickException(f"--out {out_dir} is inside the demo {workdir}: this script never writes there")
     arm_sets = () if arm_sets == ("none",) else arm_sets
     demo = Demo(workdir)
-    demo.config(demo.tle / "config.toml", arm_sets)  # an unknown or invalid override fails here, not after an hour
+    try:  # an unknown or invalid override fails here, not after an hour
+        demo.config(demo.tle / "config.toml", arm_sets)
+    except ConfigError as err:
+        raise click.ClickException(f"--arm-set: {err}") from err
     flite_path = shutil.which(flite)
     missing = None
     if flite_path is None:
@@ -527,7 +531,7 @@ def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: 
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "table.md").write_text(markdown(results), encoding="utf-8")
     click.echo("\nTLE states vs real speech of unseen target sentences (validate-tle):")
-    click.echo(table(["TLE / synthesizer", *(h for _, h in TLE_COLUMNS)], tle_rows(validation)))
+    click.echo(table(TLE_HEADERS, tle_rows(validation)))
     for audio_set in results["sets"]:
         click.echo(f"\n{audio_set} test speech, {seeds} seed(s) per arm:")
         click.echo(table(ARM_HEADERS, arm_rows(figures, audio_set)))
