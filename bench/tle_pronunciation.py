@@ -65,8 +65,8 @@ FLITE_VOICES = ("slt", "rms", "awb", "kal16", "kal")  # kal speaks at 8 kHz: res
 TODAY, NEW = "today", "new"  # the two TLEs
 NEW_ARM = "whistle-new"  # the whistle arm fine-tuned on the new TLE
 REUSED_ARMS = (CONTROL, "text-null", "whistle")  # the demo's runs, every seed
-TEST_SETS = ("target-espeak", "target-flite", "source")  # evaluate's set labels
 SYNTHESIZERS = ("espeak", "flite")
+NO_FLITE = "the second synthesizer's test set is skipped, no figure on flite speech"
 QUICK_CLIPS = 6  # --quick: the first sentences of each test set
 
 
@@ -158,6 +158,16 @@ def flite_voices(flite: str) -> list[str]:
     """The voices `flite -lv` lists."""
     listed = subprocess.run([flite, "-lv"], capture_output=True, text=True, check=True).stdout
     return listed.split(":", 1)[1].split()
+
+
+def find_flite(name: str) -> str | None:
+    """The path of the flite program `name`, checked to have FLITE_VOICES; None when it is not installed."""
+    path = shutil.which(name)
+    if path is not None:
+        unknown = sorted(set(FLITE_VOICES) - set(flite_voices(path)))
+        if unknown:
+            raise click.ClickException(f"{path} lacks the voice(s) {', '.join(unknown)}")
+    return path
 
 
 def flite_version(flite: str) -> str:
@@ -261,109 +271,128 @@ def evaluate_scores(config: PipelineConfig) -> dict[str, dict[str, dict[str, Any
     return scores
 
 
-def measure(demo: Demo, out: Path, arm_sets: Sequence[str], flite: str | None, quick: bool, ledger: Ledger):
-    """Every step in order; returns (validation {tle: {synthesizer: metrics}}, scores, flite's record, seeds)."""
-    seeds = 1 if quick else demo.seeds
-    limit = QUICK_CLIPS if quick else 0
-    sample_rate = demo.record["teacher"]["sample_rate"]
-    manifests = {"espeak": demo.audio("target-test"), "flite": out / "audio" / "flite-target-test" / MANIFEST}
-    synthesizers = SYNTHESIZERS if flite else ("espeak",)
-    flite_record = None
-    if flite:
-        flite_record = ledger.run(
-            "flite",
-            f"speak texts/target-test.txt with flite ({', '.join(FLITE_VOICES)} in turn)",
-            lambda: speak_with_flite(
-                flite,
-                FLITE_VOICES,
-                demo.work / "texts" / "target-test.txt",
-                manifests["flite"].parent,
-                limit,
-                sample_rate,
-            ),
-        )
-    stores = {name: out / "stores" / f"target-test-{name}" for name in synthesizers}
-    for name in synthesizers:
-        ledger.run(
-            f"precompute-{name}",
-            f"the teacher's states of the {name} target test speech into {stores[name]}",
-            lambda name=name: precompute.run(demo.precompute_config(manifests[name], stores[name], limit)).to_dict()[
-                "store_utterances"
-            ],
-        )
-    tles = {TODAY: demo.tle, NEW: out / "tle-new"}
-    ledger.run(
-        "train-tle",
-        f"train the new TLE on the demo's source store ({' '.join(arm_sets) or 'no override'})",
-        lambda: (
-            train_tle.run(
-                demo.config(
-                    demo.tle / "config.toml", arm_sets, train_tle={"output_dir": str(tles[NEW]), "progress": False}
-                )
-            ).validation
-        ),
-    )
-    validation: dict[str, dict[str, Any]] = {}
-    (out / "validate").mkdir(exist_ok=True)
-    for tle, path in tles.items():
-        for name in synthesizers:
-            validation.setdefault(tle, {})[name] = ledger.run(
-                f"validate-{tle}-{name}",
-                f"validate-tle {tle}'s TLE on the {name} target test store",
-                lambda path=path, name=name, tle=tle: validation_figures(
-                    demo.config(path / "config.toml"),
-                    path,
-                    stores[name],
-                    manifests[name],
-                    out / "validate" / f"{tle}-{name}.json",
+class Measurement:
+    """The steps, in order, each through the ledger: speech and stores, the new TLE, the validations, the new
+    arm's fine-tuning, the evaluation."""
+
+    def __init__(self, demo: Demo, out: Path, arm_sets: Sequence[str], flite: str | None, quick: bool, ledger: Ledger):
+        self.demo, self.out, self.arm_sets, self.flite, self.ledger = demo, out, arm_sets, flite, ledger
+        self.seeds = 1 if quick else demo.seeds
+        self.limit = QUICK_CLIPS if quick else 0  # clips of each test set; 0: all
+        self.manifests = {"espeak": demo.audio("target-test"), "flite": out / "audio" / "flite-target-test" / MANIFEST}
+        self.synthesizers = SYNTHESIZERS if flite else SYNTHESIZERS[:1]
+        self.stores = {name: out / "stores" / f"target-test-{name}" for name in self.synthesizers}
+        self.tles = {TODAY: demo.tle, NEW: out / "tle-new"}
+
+    def speech(self) -> dict[str, Any] | None:
+        """flite's target test speech (its record; None without flite) and both synthesizers' test stores."""
+        demo, record = self.demo, None
+        if self.flite:
+            record = self.ledger.run(
+                "flite",
+                f"speak texts/target-test.txt with flite ({', '.join(FLITE_VOICES)} in turn)",
+                lambda: speak_with_flite(
+                    self.flite,
+                    FLITE_VOICES,
+                    demo.work / "texts" / "target-test.txt",
+                    self.manifests["flite"].parent,
+                    self.limit,
+                    demo.record["teacher"]["sample_rate"],
                 ),
             )
-    for seed in range(seeds):
-        label = run_label(NEW_ARM, seed)
-        ledger.run(
-            f"finetune-{label}",
-            f"fine-tune the whistle arm on the new TLE, seed {seed}",
-            lambda label=label, seed=seed: finetune_summary(
-                finetune.run(
-                    demo.config(
-                        demo.adapted(run_label("whistle", seed)) / "config.toml",
-                        arm_sets,
-                        finetune={
-                            "tle_path": str(tles[NEW]),
-                            "output_dir": str(out / "adapted" / label),
-                            "progress": False,
-                        },
+        for name, store in self.stores.items():
+            self.ledger.run(
+                f"precompute-{name}",
+                f"the teacher's states of the {name} target test speech into {store}",
+                lambda name=name, store=store: (
+                    precompute.run(demo.precompute_config(self.manifests[name], store, self.limit)).store_utterances
+                ),
+            )
+        return record
+
+    def train_tle(self) -> None:
+        self.ledger.run(
+            "train-tle",
+            f"train the new TLE on the demo's source store ({' '.join(self.arm_sets) or 'no override'})",
+            lambda: (
+                train_tle.run(
+                    self.demo.config(
+                        self.demo.tle / "config.toml",
+                        self.arm_sets,
+                        train_tle={"output_dir": str(self.tles[NEW]), "progress": False},
                     )
+                ).validation
+            ),
+        )
+
+    def validate(self) -> dict[str, dict[str, Any]]:
+        """validate-tle's metrics of both TLEs on both test stores: {tle: {synthesizer: metrics}}."""
+        (self.out / "validate").mkdir(exist_ok=True)
+        return {
+            tle: {
+                name: self.ledger.run(
+                    f"validate-{tle}-{name}",
+                    f"validate-tle {tle}'s TLE on the {name} target test store",
+                    lambda path=path, name=name, tle=tle: validation_figures(
+                        self.demo.config(path / "config.toml"),
+                        path,
+                        self.stores[name],
+                        self.manifests[name],
+                        self.out / "validate" / f"{tle}-{name}.json",
+                    ),
+                )
+                for name in self.synthesizers
+            }
+            for tle, path in self.tles.items()
+        }
+
+    def finetune(self) -> None:
+        """The whistle arm on the new TLE: each seed's demo whistle run with only the TLE and the output moved."""
+        for seed in range(self.seeds):
+            label = run_label(NEW_ARM, seed)
+            self.ledger.run(
+                f"finetune-{label}",
+                f"fine-tune the whistle arm on the new TLE, seed {seed}",
+                lambda label=label, seed=seed: finetune_summary(
+                    finetune.run(
+                        self.demo.config(
+                            self.demo.adapted(run_label("whistle", seed)) / "config.toml",
+                            self.arm_sets,
+                            finetune={
+                                "tle_path": str(self.tles[NEW]),
+                                "output_dir": str(self.out / "adapted" / label),
+                                "progress": False,
+                            },
+                        )
+                    )
+                ),
+            )
+
+    def evaluate(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """evaluate_scores of the unadapted model and every arm's runs on the test sets, greedy."""
+        demo, runs = self.demo, range(self.seeds)
+        models = [f"{BASELINE}={demo.teacher}"]
+        models += [f"{run_label(arm, s)}={demo.adapted(run_label(arm, s))}" for arm in REUSED_ARMS for s in runs]
+        models += [f"{run_label(NEW_ARM, s)}={self.out / 'adapted' / run_label(NEW_ARM, s)}" for s in runs]
+        sets = {f"target-{name}": self.manifests[name] for name in self.synthesizers}
+        sets["source"] = demo.audio("source-test")
+        return self.ledger.run(
+            "evaluate",
+            f"greedy WER of {len(models)} models on {', '.join(sets)}",
+            lambda: evaluate_scores(
+                demo.config(
+                    demo.work / "eval" / "config.toml",
+                    evaluate={
+                        "models": models,
+                        "sets": [f"{label}={path}" for label, path in sets.items()],
+                        "variants": ["plain"],
+                        "num_beams": 1,
+                        "max_clips": self.limit,
+                        "output_dir": str(self.out / "eval"),
+                    },
                 )
             ),
         )
-    models = [f"{BASELINE}={demo.teacher}"]
-    models += [f"{run_label(arm, s)}={demo.adapted(run_label(arm, s))}" for arm in REUSED_ARMS for s in range(seeds)]
-    models += [f"{run_label(NEW_ARM, s)}={out / 'adapted' / run_label(NEW_ARM, s)}" for s in range(seeds)]
-    sets = {
-        "target-espeak": manifests["espeak"],
-        "target-flite": manifests["flite"],
-        "source": demo.audio("source-test"),
-    }
-    sets = {label: path for label, path in sets.items() if flite or label != "target-flite"}
-    scores = ledger.run(
-        "evaluate",
-        f"greedy WER of {len(models)} models on {', '.join(sets)}",
-        lambda: evaluate_scores(
-            demo.config(
-                demo.work / "eval" / "config.toml",
-                evaluate={
-                    "models": models,
-                    "sets": [f"{label}={path}" for label, path in sets.items()],
-                    "variants": ["plain"],
-                    "num_beams": 1,
-                    "max_clips": limit,
-                    "output_dir": str(out / "eval"),
-                },
-            )
-        ),
-    )
-    return validation, scores, flite_record, seeds
 
 
 # --- the report ---------------------------------------------------------------------------------------------
@@ -500,20 +529,21 @@ def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: 
         demo.config(demo.tle / "config.toml", arm_sets)
     except ConfigError as err:
         raise click.ClickException(f"--arm-set: {err}") from err
-    flite_path = shutil.which(flite)
-    missing = None
-    if flite_path is None:
-        missing = f"{flite} is not installed (apt-get install flite): no second-synthesizer figures"
+    flite_path = find_flite(flite)
+    missing = None if flite_path else f"{flite} is not installed (apt-get install flite): {NO_FLITE}"
+    if missing:
         log.warning("%s", missing)
-    else:
-        unknown = sorted(set(FLITE_VOICES) - set(flite_voices(flite_path)))
-        if unknown:
-            raise click.ClickException(f"{flite_path} lacks the voice(s) {', '.join(unknown)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(
         out_dir, {"demo": str(workdir), "arm_sets": list(arm_sets), "quick": quick, "flite": bool(flite_path)}
     )
-    validation, scores, flite_record, seeds = measure(demo, out_dir, arm_sets, flite_path, quick, ledger)
+    measurement = Measurement(demo, out_dir, arm_sets, flite_path, quick, ledger)
+    flite_record = measurement.speech()
+    measurement.train_tle()
+    validation = measurement.validate()
+    measurement.finetune()
+    scores = measurement.evaluate()
+    seeds = measurement.seeds
     figures = arm_figures(scores, seeds)
     results = {
         "demo": str(workdir),
