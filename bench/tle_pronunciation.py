@@ -9,14 +9,16 @@ whistle arm, all seeds. Into OUT it adds, each step skipped when a rerun finds i
   flite         the target test sentences spoken by flite, voices in turn   audio/flite-target-test/
   precompute    the teacher's states of the target test speech, eSpeak      stores/target-test-espeak,
                 (the demo's audio) and flite, with the demo's settings      stores/target-test-flite
-  train-tle     the new TLE: the demo's [tle] and [train_tle] (DEMO/tle's   tle-new/
-                saved config) plus the --arm-set overrides
-  validate-tle  both TLEs on both test stores: normalised cosine to the     validate/<tle>-<synthesizer>.json
+  validate-tle  today's TLE on both test stores: normalised cosine to the   validate/today-<synthesizer>.json
                 teacher's states (true durations), length error, the frozen
                 decoder's round-trip WER at true and predicted lengths
+  train-tle     the new TLE: the demo's [tle] and [train_tle] (DEMO/tle's   tle-new/
+                saved config) plus the --arm-set overrides
+  validate-tle  the new TLE, the same way                                   validate/new-<synthesizer>.json
   finetune      the whistle arm on the new TLE, every demo seed: the demo's adapted/whistle-new[.s<seed>]
                 saved whistle config with only tle_path and output_dir changed
-                (and the --arm-set overrides, which reach the TLE's sections)
+                (and the --arm-set overrides; finetune takes the TLE's own
+                settings from the TLE, so tle.* keys change nothing there)
   evaluate      greedy WER of the unadapted model, the control, text-null,  eval/
                 today's and the new whistle arm on eSpeak and flite target
                 test speech and on the source test speech
