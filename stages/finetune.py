@@ -284,6 +284,7 @@ def train(
                 [e.text for e in examples],
                 [e.language for e in examples],
                 inputs.max_positions,
+                inputs.windows.front_end,
             ).to(device)
             with accelerator.accumulate(model), accelerator.autocast():
                 windows, tail = inputs.windows.build_with_tail(examples, text, training=True)  # (B, F, D)

@@ -235,4 +235,5 @@ def load_tle(path: str, teacher: TeacherInfo, device: Any) -> TLEModel:
             "Fine-tune the teacher the TLE learned from, or train a TLE on this teacher's store.",
             "TLE",
         )
+    tle.spelled_languages()  # warns here for each language its front end reads by spelling
     return tle.requires_grad_(False).eval().to(device)

@@ -92,6 +92,7 @@ def validate(
                 [e.text for e in chunk],
                 [e.language for e in chunk],
                 model.config.max_target_positions,
+                windows.front_end,
             ).to(device)
             window = windows.build(chunk, text, training=False)
             logits = model(encoder_outputs=(window.to(model.dtype),), decoder_input_ids=text.decoder_input_ids).logits

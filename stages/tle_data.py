@@ -28,6 +28,7 @@ from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import FrozenTeacher, decoder_cross_entropy, greedy_transcribe
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import corpus_wer
+from whistle_pipeline.pronunciation import PronunciationFrontEnd
 from whistle_pipeline.text import TextBatch, encode_texts, transcript_problem
 from whistle_pipeline.tle import TLEModel, masked_cosine, masked_mse
 
@@ -200,17 +201,26 @@ class TrainBatch:
 
 
 class Collate:
-    """FeatureDataset items -> TrainBatch (runs in the DataLoader workers; picklable)."""
+    """FeatureDataset items -> TrainBatch (runs in the DataLoader workers; picklable). With the TLE's
+    pronunciation front end the text batch holds the tokens' pronunciations, computed here, off the loop."""
 
     def __init__(
-        self, tokenizer: Any, specials: Any, durations: DurationTable, languages: list[str], max_positions: int
+        self,
+        tokenizer: Any,
+        specials: Any,
+        durations: DurationTable,
+        languages: list[str],
+        max_positions: int,
+        front_end: PronunciationFrontEnd | None = None,
     ):
         self.tokenizer, self.specials, self.durations = tokenizer, specials, durations
-        self.languages, self.max_positions = languages, max_positions
+        self.languages, self.max_positions, self.front_end = languages, max_positions, front_end
 
     def __call__(self, items: list[dict[str, Any]]) -> TrainBatch:
         padded = pad_batch(items)
-        text = encode_texts(self.tokenizer, self.specials, padded["texts"], padded["languages"], self.max_positions)
+        text = encode_texts(
+            self.tokenizer, self.specials, padded["texts"], padded["languages"], self.max_positions, self.front_end
+        )
         durations = torch.zeros_like(text.tle_tokens)  # (B, L)
         for b, utt_id in enumerate(padded["ids"]):
             row = self.durations[utt_id]
@@ -277,7 +287,9 @@ def validate(
         text, mask = batch.text, batch.text.tle_mask
         true_lengths = batch.durations.sum(1)  # (B,)
         target = model.normalise(batch.states)  # (B, T, D)
-        out = model(text.tle_tokens, mask, batch.language_ids, durations=batch.durations)
+        out = model(
+            text.tle_tokens, mask, batch.language_ids, durations=batch.durations, pronunciation=text.pronunciation
+        )
         n = len(batch.ids)
         add("mse", masked_mse(out.states.float(), target.float(), out.frame_mask).item(), int(true_lengths.sum()))
         add("cosine", masked_cosine(out.states, target, out.frame_mask).item(), int(true_lengths.sum()))
@@ -291,7 +303,9 @@ def validate(
         # every window below is built with the model's tail template, which the teacher knows
         window = model.full_window(model.denormalise(out.states), out.lengths)
         add("decoder_ce", decoder_cross_entropy(teacher, window, text, out.states.shape[1])[0].item(), n)
-        speech, lengths = model.speech_frames(text.tle_tokens, mask, batch.language_ids)
+        speech, lengths = model.speech_frames(
+            text.tle_tokens, mask, batch.language_ids, pronunciation=text.pronunciation
+        )
         predicted_window = model.full_window(speech, lengths)
         add(
             "decoder_ce_predicted", decoder_cross_entropy(teacher, predicted_window, text, speech.shape[1])[0].item(), n

@@ -10,11 +10,31 @@ import torch
 from store import StoreReader
 from whistle_pipeline.config import PipelineConfig
 from whistle_pipeline.decoder import DecoderTerms, FrozenTeacher
+from whistle_pipeline.pronunciation import BACKENDS, PronunciationFrontEnd
 from whistle_pipeline.tle import LossTerms, LossWeights, TLEConfig, TLEModel
 
 
-def build_model(config: PipelineConfig, reader: StoreReader, teacher: FrozenTeacher, languages: list[str]) -> TLEModel:
-    """A fresh TLE sized by [tle], the store's geometry and statistics, and the teacher's vocabulary."""
+def pronunciation_front_end(kind: str, languages: list[str]) -> PronunciationFrontEnd | None:
+    """[tle] pronunciation's front end (None for "none"); warns once here, where the run starts, for each of
+    the store's languages it cannot speak (DataLoader workers inherit what it has warned about)."""
+    if kind == "none":
+        return None
+    front_end = PronunciationFrontEnd(BACKENDS[kind]())
+    front_end.to_dict()  # a missing backend (pip install 'whistle[g2p]') fails here, before any work
+    for language in languages:
+        front_end.spelled(language)
+    return front_end
+
+
+def build_model(
+    config: PipelineConfig,
+    reader: StoreReader,
+    teacher: FrozenTeacher,
+    languages: list[str],
+    front_end: PronunciationFrontEnd | None = None,
+) -> TLEModel:
+    """A fresh TLE sized by [tle], the store's geometry and statistics, and the teacher's vocabulary; with a
+    pronunciation `front_end`, recorded in its config (finetune and validate-tle rebuild it from there)."""
     arch = config.tle
     decoder_embeddings = teacher.model.model.decoder.embed_tokens.weight  # (V, d_model)
     tle_config = TLEConfig(
@@ -37,6 +57,8 @@ def build_model(config: PipelineConfig, reader: StoreReader, teacher: FrozenTeac
         end_token_id=teacher.specials.end_of_text,
         teacher=reader.teacher.to_dict(),
         spelling_channels=arch.spelling_channels,
+        pronunciation=None if front_end is None else front_end.to_dict(),
+        phoneme_channels=arch.phoneme_channels,
     )
     torch.manual_seed(config.train_tle.seed)
     model = TLEModel(tle_config)

@@ -58,7 +58,7 @@ from stages.tle_data import (
     validate,
     validation_batches,
 )
-from stages.tle_model import build_model, loss_weights, step_values
+from stages.tle_model import build_model, loss_weights, pronunciation_front_end, step_values
 from stages.tle_result import TrainTLEResult
 from stages.training import (
     CHECKPOINTS_DIR,
@@ -249,14 +249,17 @@ def open_inputs(setup: Setup) -> Inputs:
         len(alignment.rejects),
         ", ".join(languages),
     )
-    collate = Collate(teacher.tokenizer, teacher.specials, alignment.durations, languages, teacher.max_positions)
+    front_end = pronunciation_front_end(config.tle.pronunciation, languages)
+    collate = Collate(
+        teacher.tokenizer, teacher.specials, alignment.durations, languages, teacher.max_positions, front_end
+    )
     return Inputs(teacher, reader, damaged, alignment, languages, len(held_out), collate)
 
 
 def restore(setup: Setup, inputs: Inputs) -> Training:
     """A fresh TLE and optimiser, continued from the newest checkpoint (or started over), prepared."""
     settings, accelerator = setup.settings, setup.accelerator
-    model = build_model(setup.config, inputs.reader, inputs.teacher, inputs.languages)
+    model = build_model(setup.config, inputs.reader, inputs.teacher, inputs.languages, inputs.collate.front_end)
     optimizer, scheduler = build_optimizer(model, settings)
     inputs.teacher.set_tail_template(model.tail_template)
     checkpoints = setup.output_dir / CHECKPOINTS_DIR
@@ -350,7 +353,12 @@ def train(
         with accelerator.accumulate(model), accelerator.autocast():
             target = tle.normalise(batch.states)  # (B, T, D)
             out = model(
-                batch.text.tle_tokens, batch.text.tle_mask, batch.language_ids, durations=batch.durations, target=target
+                batch.text.tle_tokens,
+                batch.text.tle_mask,
+                batch.language_ids,
+                durations=batch.durations,
+                target=target,
+                pronunciation=batch.text.pronunciation,
             )
             decoder = None
             if weights.decoder_ce > 0 or weights.decoder_kl > 0:  # phase 2

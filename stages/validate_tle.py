@@ -189,6 +189,7 @@ def load_tle(tle_dir: str, weights: str | None, device: torch.device) -> TLEMode
         ) from err
     if weights is not None:
         tle.load_state_dict(load_file(weights))
+    tle.spelled_languages()  # warns here for each language its front end reads by spelling
     return tle.requires_grad_(False).eval().to(device)
 
 
@@ -203,7 +204,12 @@ def aligned_batches(
         durations.update(record["durations"])
         rejects.update(record["rejects"])
     collate = Collate(
-        teacher.tokenizer, teacher.specials, DurationTable(durations), list(tle.config.languages), teacher.max_positions
+        teacher.tokenizer,
+        teacher.specials,
+        DurationTable(durations),
+        list(tle.config.languages),
+        teacher.max_positions,
+        tle.front_end,
     )
     items = [
         {
@@ -233,11 +239,13 @@ def round_trips(tle: TLEModel, teacher: FrozenTeacher, batches: list[TrainBatch]
         batch = batch.to(device)
         text, mask = batch.text, batch.text.tle_mask
         longest = 2 * int(mask.sum(1).max()) + 10
-        speech, lengths = tle.speech_frames(text.tle_tokens, mask, batch.language_ids, durations=batch.durations)
+        speech, lengths = tle.speech_frames(
+            text.tle_tokens, mask, batch.language_ids, durations=batch.durations, pronunciation=text.pronunciation
+        )
         trips.tle += greedy_transcribe(
             teacher, tle.full_window(speech, lengths), text.languages, longest, speech.shape[1]
         )
-        speech, lengths = tle.speech_frames(text.tle_tokens, mask, batch.language_ids)
+        speech, lengths = tle.speech_frames(text.tle_tokens, mask, batch.language_ids, pronunciation=text.pronunciation)
         trips.predicted += greedy_transcribe(
             teacher, tle.full_window(speech, lengths), text.languages, longest, speech.shape[1]
         )
@@ -306,10 +314,12 @@ def text_round_trip(tle: TLEModel, teacher: FrozenTeacher, texts: list[str], bat
     hypotheses = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        batch = encode_texts(teacher.tokenizer, teacher.specials, chunk, ["en"] * len(chunk), teacher.max_positions).to(
-            tle.device
+        batch = encode_texts(
+            teacher.tokenizer, teacher.specials, chunk, ["en"] * len(chunk), teacher.max_positions, tle.front_end
+        ).to(tle.device)
+        speech, lengths = tle.speech_frames(
+            batch.tle_tokens, batch.tle_mask, tle.language_ids(batch.languages), pronunciation=batch.pronunciation
         )
-        speech, lengths = tle.speech_frames(batch.tle_tokens, batch.tle_mask, tle.language_ids(batch.languages))
         longest = 2 * int(batch.tle_mask.sum(1).max()) + 10
         hypotheses += greedy_transcribe(
             teacher, tle.full_window(speech, lengths), batch.languages, longest, speech.shape[1]
@@ -329,12 +339,15 @@ def plot_example(tle: TLEModel, batch: TrainBatch, path: str) -> None:
         return
     batch = batch.to(tle.device)
     text, mask = batch.text, batch.text.tle_mask
+    first = None if text.pronunciation is None else text.pronunciation[:1]
     n = int(batch.durations[0].sum())
     with torch.no_grad():
         true_len, _ = tle.speech_frames(
-            text.tle_tokens[:1], mask[:1], batch.language_ids[:1], durations=batch.durations[:1]
+            text.tle_tokens[:1], mask[:1], batch.language_ids[:1], durations=batch.durations[:1], pronunciation=first
         )
-        predicted, lengths = tle.speech_frames(text.tle_tokens[:1], mask[:1], batch.language_ids[:1])
+        predicted, lengths = tle.speech_frames(
+            text.tle_tokens[:1], mask[:1], batch.language_ids[:1], pronunciation=first
+        )
     panels = [
         ("teacher (real audio)", tle.normalise(batch.states[0, :n])),
         ("TLE, true durations", tle.normalise(true_len[0, :n])),

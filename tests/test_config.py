@@ -173,6 +173,15 @@ def test_cross_field_rules(tmp_path):
     assert "BitRound only helps a compressor" in text
 
 
+def test_the_pronunciation_front_end_is_one_the_tle_knows():
+    assert load_config().tle.pronunciation == "none"
+    assert load_config(overrides=["tle.pronunciation=espeak"]).tle.pronunciation == "espeak"
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["tle.pronunciation=festival", "tle.phoneme_channels=0"])
+    assert "tle.pronunciation = 'festival' should be one of 'none', 'espeak'" in str(info.value)
+    assert "tle.phoneme_channels = 0 is below its minimum 1" in str(info.value)
+
+
 def test_bool_is_not_an_int_and_int_is_a_float():
     with pytest.raises(ConfigError, match="precompute.batch_size = True should be an integer"):
         load_config(overrides=["precompute.batch_size=true"])

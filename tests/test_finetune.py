@@ -57,8 +57,11 @@ def write_store(url: Path, teacher_dir: Path, texts: list[str], seed: int, langu
     return url
 
 
-def write_tle(path: Path, teacher_dir: Path, store: Path, languages: list[str]) -> Path:
-    """A tiny random TLE that knows `languages`, with the store's statistics and tail template."""
+def write_tle(
+    path: Path, teacher_dir: Path, store: Path, languages: list[str], pronunciation: dict | None = None
+) -> Path:
+    """A tiny random TLE that knows `languages`, with the store's statistics and tail template (and the
+    pronunciation front end of the settings `pronunciation`)."""
     from transformers import AutoTokenizer
 
     from store import StoreReader
@@ -85,6 +88,8 @@ def write_tle(path: Path, teacher_dir: Path, store: Path, languages: list[str]) 
             max_tokens=64,
             end_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
             teacher=reader.teacher.to_dict(),
+            pronunciation=pronunciation,
+            phoneme_channels=8,
         )
     )
     mean, std = reader.statistics()
@@ -686,3 +691,50 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_no_model(worl
             )
         )
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.espeak
+def test_a_tle_with_a_pronunciation_front_end_gives_its_text_examples_their_phonemes(world, tmp_path):
+    """finetune takes the front end from the TLE alone: its text windows are the TLE's reading of each row's
+    phonemes (the same as one row alone, between stored examples), and a run trains and validates on them."""
+    from transformers import AutoTokenizer
+
+    from stages.finetune import run
+    from whistle_pipeline.pronunciation import PronunciationFrontEnd
+    from whistle_pipeline.text import SpecialTokens, encode_texts
+    from whistle_pipeline.tle import TLEModel
+    from whistle_pipeline.windows import Example, Windows
+
+    tle_dir = write_tle(
+        tmp_path / "spoken-tle", world["teacher"], world["audio_store"], ["en"], PronunciationFrontEnd().to_dict()
+    )
+    tle = TLEModel.from_pretrained(tle_dir).eval()
+    windows = Windows(tle, {"audio": tle.tail_template}, False)
+    assert windows.front_end is tle.front_end
+    tokenizer = AutoTokenizer.from_pretrained(world["teacher"])
+    specials = SpecialTokens.from_tokenizer(tokenizer, False)
+    states = torch.zeros(4, D_MODEL)
+    examples = [Example("audio", "the dog", "en", states), *(Example("text", s, "en") for s in TARGET_SENTENCES[:2])]
+    texts = [e.text for e in examples]
+    batch = encode_texts(tokenizer, specials, texts, ["en"] * 3, 64, windows.front_end)
+    alone = encode_texts(tokenizer, specials, texts[2:], ["en"], 64, windows.front_end)
+    with torch.no_grad():
+        speech, lengths = tle.speech_frames(
+            alone.tle_tokens, alone.tle_mask, tle.language_ids(["en"]), pronunciation=alone.pronunciation
+        )
+    torch.testing.assert_close(windows.build(examples, batch, training=False)[2], tle.full_window(speech, lengths)[0])
+
+    out = tmp_path / "adapted"
+    result = run(
+        finetune_config(
+            world,
+            out,
+            f"finetune.tle_path={json.dumps(str(tle_dir))}",
+            "finetune.steps=4",
+            "finetune.val_every=4",
+            "finetune.checkpoint_every=4",
+            "finetune.audio_ratio=0.25",
+            "finetune.tts_ratio=0.25",
+        )
+    )
+    assert result.examples_seen["text"] == 16 and np.isfinite(result.validation[-1]["loss_text"])

@@ -8,6 +8,7 @@ import filecmp
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -360,3 +361,13 @@ def test_import_ct2_keeps_the_sources_feature_extractor_and_writes_ordinary_mode
         os.umask(umask)
     assert WhisperFeatureExtractor.from_pretrained(tmp_path / "hf").padding_value == 0.5
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in (tmp_path / "hf").iterdir())
+
+
+@pytest.mark.espeak
+def test_train_tle_names_a_missing_g2p_before_any_work(monkeypatch):
+    assert preflight.pronunciation_problems("espeak") == []
+    monkeypatch.setitem(sys.modules, "phonemizer", None)  # as if it were not installed
+    assert preflight.pronunciation_problems("none") == []
+    assert preflight.pronunciation_problems("espeak") == [
+        "tle.pronunciation = \"espeak\" needs phonemizer: pip install 'whistle[g2p]'"
+    ]

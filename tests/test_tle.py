@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -367,3 +371,110 @@ def test_teacher_helpers_on_a_tiny_whisper(tiny_teacher_dir):
     assert corpus_wer(["hello world"], ["hello"], ["en"]) == 0.5
     # two languages: errors summed over both, divided by all reference words (1 of 2 + 1 of 3)
     assert corpus_wer(["hello world", "eins zwei drei"], ["hello", "eins zwei vier"], ["en", "de"]) == 2 / 5
+
+
+# ---- the pronunciation front end ----
+
+
+@pytest.fixture(scope="module")
+def spoken_world():
+    """A byte-level Whisper tokenizer, its special tokens and the eSpeak NG front end's settings."""
+    from conftest import make_whisper_tokenizer
+
+    from whistle_pipeline.pronunciation import PronunciationFrontEnd
+    from whistle_pipeline.text import SpecialTokens
+
+    tokenizer = make_whisper_tokenizer()
+    return tokenizer, SpecialTokens.from_tokenizer(tokenizer, False), PronunciationFrontEnd().to_dict()
+
+
+def tle_with_front_end(spoken_world, **overrides) -> TLEModel:
+    tokenizer, specials, front_end = spoken_world
+    settings = dict(vocab_size=len(tokenizer), end_token_id=specials.end_of_text, pronunciation=front_end)
+    return tiny_tle(phoneme_channels=8, spelling_channels=0, **{**settings, **overrides}).eval()
+
+
+def spoken_batch(spoken_world, model: TLEModel, texts: list[str], language: str = "en"):
+    from whistle_pipeline.text import encode_texts
+
+    tokenizer, specials, _ = spoken_world
+    return encode_texts(tokenizer, specials, texts, [language] * len(texts), 64, model.front_end)
+
+
+def frames_of(model: TLEModel, batch, pronunciation) -> torch.Tensor:
+    with torch.no_grad():
+        return model.speech_frames(
+            batch.tle_tokens, batch.tle_mask, model.language_ids(batch.languages), pronunciation=pronunciation
+        )[0]
+
+
+@pytest.mark.espeak
+def test_a_tle_saved_with_its_front_end_reloads_with_it(spoken_world, tmp_path):
+    model = tle_with_front_end(spoken_world)
+    batch = spoken_batch(spoken_world, model, ["the quick fox, 12 times", "acetaminophen"])
+    assert batch.pronunciation.phonemes.shape[:2] == batch.tle_tokens.shape
+    before = frames_of(model, batch, batch.pronunciation)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["pronunciation"] == spoken_world[2] and saved["phoneme_channels"] == 8
+    loaded = TLEModel.from_pretrained(tmp_path).eval()
+    assert loaded.front_end is not None and loaded.front_end.to_dict() == model.front_end.to_dict()
+    torch.testing.assert_close(frames_of(loaded, batch, batch.pronunciation), before, rtol=0, atol=0)
+    assert TLEModel(TLEConfig(**{**loaded.config.to_dict(), "pronunciation": None})).front_end is None
+
+
+@pytest.mark.espeak
+def test_the_phonemes_change_the_states(spoken_world):
+    model = tle_with_front_end(spoken_world)
+    batch = spoken_batch(spoken_world, model, ["hello world", "the lazy dog"])
+    spoken = batch.pronunciation
+    states = frames_of(model, batch, spoken)
+    other_word = dataclasses.replace(spoken, phonemes=spoken.phonemes.flip(0), phoneme_mask=spoken.phoneme_mask.flip(0))
+    other_piece = dataclasses.replace(spoken, piece_index=spoken.piece_index + 1)
+    spelled = dataclasses.replace(spoken, spelled=spoken.piece_count > 0)
+    for changed in (other_word, other_piece, spelled):
+        assert (frames_of(model, batch, changed) - states).abs().max() > 1e-3
+
+
+@pytest.mark.espeak
+def test_a_tle_refuses_a_missing_foreign_or_misshapen_pronunciation(spoken_world):
+    model = tle_with_front_end(spoken_world)
+    batch = spoken_batch(spoken_world, model, ["hello world", "the dog"])
+    with pytest.raises(WhistleError, match="reads each token's pronunciation"):
+        frames_of(model, batch, None)
+    with pytest.raises(WhistleError, match="laid out for tokens"):
+        frames_of(model, batch, batch.pronunciation[:1])
+    plain = tle_with_front_end(spoken_world, pronunciation=None)
+    assert plain.front_end is None and not hasattr(plain, "phoneme_encoder")
+    with pytest.raises(WhistleError, match="without a pronunciation front end"):
+        frames_of(plain, batch, batch.pronunciation)
+
+
+@pytest.mark.espeak
+def test_a_language_without_g2p_is_spelled_warned_once_and_gives_finite_states(spoken_world, caplog):
+    model = tle_with_front_end(spoken_world, languages=["en", "yo"])
+    with caplog.at_level(logging.WARNING, logger="whistle_pipeline.pronunciation"):
+        assert model.spelled_languages() == ["yo"]
+        batch = spoken_batch(spoken_world, model, ["Ẹ kú àárọ̀", "ọjà"], language="yo")
+        english = spoken_batch(spoken_world, model, ["hello world"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'yo'" in warnings[0] and "spelling" in warnings[0]
+    spoken = batch.pronunciation
+    assert torch.equal(spoken.spelled, spoken.piece_count > 0) and spoken.spelled.any()
+    assert not english.pronunciation.spelled.any()
+    assert torch.isfinite(frames_of(model, batch, spoken)).all()
+
+
+@pytest.mark.espeak
+def test_encode_texts_rows_of_the_pronunciation_match_a_batch_of_those_rows(spoken_world):
+    model = tle_with_front_end(spoken_world)
+    texts = ["the quick brown fox jumps", "hello", "one two three"]
+    whole, alone = spoken_batch(spoken_world, model, texts), spoken_batch(spoken_world, model, texts[1:2])
+    L, P = alone.tle_tokens.shape[1], alone.pronunciation.phonemes.shape[2]
+    row = whole.pronunciation[[1], :L]
+    assert torch.equal(row.phonemes[..., :P], alone.pronunciation.phonemes)
+    assert not row.phoneme_mask[..., P:].any()
+    assert torch.equal(row.piece_count, alone.pronunciation.piece_count)
+    moved = whole.to("cpu")
+    assert moved.pronunciation is not None and torch.equal(moved.pronunciation.phonemes, whole.pronunciation.phonemes)
+    assert spoken_batch(spoken_world, tle_with_front_end(spoken_world, pronunciation=None), texts).pronunciation is None

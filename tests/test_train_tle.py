@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -628,3 +629,47 @@ def test_check_teacher_compares_weights_by_fingerprint_not_by_path(caplog):
     with caplog.at_level("WARNING"):
         check_teacher(info("/a", ""), info("/a", "2" * 64), "store s", "fix")  # a store from before: a warning
     assert "records no fingerprint" in caplog.text
+
+
+@pytest.mark.espeak
+def test_train_tle_with_the_pronunciation_front_end_records_it_and_validate_tle_reads_it(
+    tle_store, tiny_teacher_dir, tmp_path
+):
+    """`--set tle.pronunciation=espeak`: the TLE trains on its tokens' phonemes, its config records the front
+    end, and validate-tle (which takes the front end from the TLE alone) reads it."""
+    from click.testing import CliRunner
+
+    from stages.train_tle import run
+    from whistle_pipeline.cli import cli
+    from whistle_pipeline.pronunciation import PronunciationFrontEnd
+    from whistle_pipeline.tle import TLEModel
+
+    out = tmp_path / "tle"
+    spoken = ("tle.pronunciation=espeak", "tle.phoneme_channels=8", "train_tle.val_wer_size=0")
+    result = run(tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=3", *spoken))
+    assert result.steps == 3 and np.isfinite(result.validation["cosine"])
+    tle = TLEModel.from_pretrained(out).eval()
+    assert tle.config.pronunciation == PronunciationFrontEnd().to_dict() and tle.config.phoneme_channels == 8
+    assert tle.front_end is not None and tle.phoneme_encoder.conv.out_channels == 8
+    text = tmp_path / "target.txt"
+    text.write_text("the lazy dog\nhello world\n")
+    args = ["validate-tle", str(out), "--store", str(tle_store), "--teacher", str(tiny_teacher_dir)]
+    args += ["--batch-size", "8", "--text", str(text), "--json", str(tmp_path / "v.json")]
+    args += ["--figure", str(tmp_path / "example.png")]
+    validated = CliRunner().invoke(cli, args)
+    assert validated.exit_code == 0, validated.output
+    figures = json.loads((tmp_path / "v.json").read_text())
+    assert np.isfinite(figures["cosine"]) and "text_wer_target" in figures
+    assert (tmp_path / "example.png").exists()
+
+
+@pytest.mark.espeak
+def test_the_front_end_warns_once_for_each_store_language_it_cannot_speak(caplog):
+    from stages.tle_model import pronunciation_front_end
+
+    assert pronunciation_front_end("none", ["en", "yo"]) is None
+    with caplog.at_level(logging.WARNING, logger="whistle_pipeline.pronunciation"):
+        front_end = pronunciation_front_end("espeak", ["en", "yo"])
+        front_end.word_phonemes(["ọjà"], "yo")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'yo'" in warnings[0]

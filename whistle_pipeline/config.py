@@ -154,6 +154,8 @@ class TLEArchitectureConfig:
     posterior: bool
     token_embeddings: Literal["teacher-frozen", "teacher", "random"]
     spelling_channels: int
+    pronunciation: Literal["none", "espeak"]
+    phoneme_channels: int
 
     def problems(self) -> list[str]:
         out = (
@@ -166,6 +168,7 @@ class TLEArchitectureConfig:
             + _in_range("tle.conv_layers", self.conv_layers, 0)
             + _in_range("tle.dropout", self.dropout, 0.0, 0.9)
             + _in_range("tle.spelling_channels", self.spelling_channels, 0)
+            + _in_range("tle.phoneme_channels", self.phoneme_channels, 1)
         )
         if self.num_heads >= 1 and self.hidden_size % self.num_heads:
             out.append(f"tle.hidden_size = {self.hidden_size} is not divisible by tle.num_heads = {self.num_heads}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -344,10 +345,20 @@ def precompute(config: PipelineConfig) -> None:
     refuse(problems, "precompute")
 
 
+def pronunciation_problems(front_end: str) -> list[str]:
+    """[tle] pronunciation's G2P must be installed: found now, not after the store's alignment."""
+    missing = [name for name in ("phonemizer", "espeakng_loader") if importlib.util.find_spec(name) is None]
+    if front_end == "espeak" and missing:
+        return [f"tle.pronunciation = \"espeak\" needs {' and '.join(missing)}: pip install 'whistle[g2p]'"]
+    return []
+
+
 def train_tle(config: PipelineConfig) -> None:
-    """The teacher, the store (of the teacher's geometry), and train_tle.output_dir against both."""
+    """The teacher, the store (of the teacher's geometry), the pronunciation front end, and
+    train_tle.output_dir against the inputs."""
     problems, geometry = _teacher(config)
     problems += store_problems(config.store.path, "store.path", geometry, config.teacher.name_or_path)
+    problems += pronunciation_problems(config.tle.pronunciation)
     problems += output_problems(
         "train_tle.output_dir",
         config.train_tle.output_dir,

@@ -380,6 +380,16 @@ class PronunciationBatch:
             self.spelled.to(device),
         )
 
+    def __getitem__(self, index: Any) -> PronunciationBatch:
+        """The rows and tokens `index` selects, as it would select them from the (B, L) tokens: batch[rows, :L]."""
+        return PronunciationBatch(
+            self.phonemes[index],
+            self.phoneme_mask[index],
+            self.piece_index[index],
+            self.piece_count[index],
+            self.spelled[index],
+        )
+
 
 @dataclass(frozen=True)
 class CacheInfo:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.pronunciation import PronunciationBatch, PronunciationFrontEnd
 
 IGNORE_INDEX = -100  # labels only: positions the cross-entropy skips
 
@@ -136,6 +137,7 @@ class TextBatch:
                                    keeps padding from reaching earlier positions, so no decoder mask)
     labels            (B, S) long  next tokens; -100 on prefix positions and padding
     prefix_length     int          P: labels[:, P - 1 + i] is TLE token i (text tokens, then the end)
+    pronunciation     PronunciationBatch of the TLE tokens (encode_texts with a front end), else None
     """
 
     tle_tokens: torch.Tensor
@@ -145,6 +147,7 @@ class TextBatch:
     prefix_length: int
     texts: list[str]
     languages: list[str]
+    pronunciation: PronunciationBatch | None = None
 
     def to(self, device: torch.device | str) -> TextBatch:
         return TextBatch(
@@ -155,6 +158,7 @@ class TextBatch:
             self.prefix_length,
             self.texts,
             self.languages,
+            None if self.pronunciation is None else self.pronunciation.to(device),
         )
 
 
@@ -164,11 +168,13 @@ def encode_texts(
     texts: Sequence[str],
     languages: Sequence[str],
     max_positions: int,
+    front_end: PronunciationFrontEnd | None = None,
 ) -> TextBatch:
     """Tokenise transcripts into the TLE's input and the decoder's input/labels (see the module docstring).
 
     `max_positions` is the decoder's `max_target_positions` (448 for every Whisper): longer transcripts
-    raise, naming the text.
+    raise, naming the text. With a `front_end` (a TLE's `front_end`) the batch also holds each TLE
+    token's pronunciation (cheap enough for a collate function or DataLoader worker).
     """
     if len(texts) != len(languages):
         raise ValueError(f"{len(texts)} texts but {len(languages)} languages")
@@ -197,4 +203,7 @@ def encode_texts(
         tle_mask[b, : n + 1] = True
         decoder_input_ids[b, : prefix_length + n] = torch.tensor(prefix + ids)
         labels[b, prefix_length - 1 : prefix_length + n] = torch.tensor(ids + [end])
-    return TextBatch(tle_tokens, tle_mask, decoder_input_ids, labels, prefix_length, list(texts), list(languages))
+    pronunciation = None if front_end is None else front_end.encode_batch(tokenizer, tle_tokens, tle_mask, languages)
+    return TextBatch(
+        tle_tokens, tle_mask, decoder_input_ids, labels, prefix_length, list(texts), list(languages), pronunciation
+    )

@@ -2,6 +2,7 @@
 
     tokens (B, L), language                      text tokens + <|endoftext|> (whistle_pipeline.text)
       -> token embedding (E = the teacher's d_model; initialised from its decoder) -> Linear -> + language
+         (+ its spelling, + its word's phonemes and its place in the word: PhonemeEncoder, optional)
       -> text transformer                                         token states (B, L, H)
       -> prior p(z | text) = N(mu_p, sigma_p)                     utterance latent z (B, Z): voice, tempo
          (training: posterior q(z | teacher speech frames), KL(q || p); without it the paper's VAE,
@@ -36,9 +37,11 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from whistle_pipeline.errors import WhistleError
+from whistle_pipeline.pronunciation import PAD, PronunciationBatch, PronunciationFrontEnd
 from whistle_pipeline.teacher import check_finite_weights
 
 POSITION_FEATURES = 64  # sinusoid channels for a frame's absolute position and its offset inside its token
+MAX_PIECES = 8  # a word's tokens from the 8th on share the last piece-index embedding (and counts >= 8 theirs)
 
 
 @strict
@@ -71,6 +74,8 @@ class TLEConfig(PreTrainedConfig):
     max_tokens: int = 448  # text positions (the decoder's max_target_positions)
     end_token_id: int = 50256  # <|endoftext|>: the TLE's last token; its duration is the trailing silence
     teacher: dict | None = None  # store.TeacherInfo fields
+    pronunciation: dict | None = None  # PronunciationFrontEnd.to_dict() of the front end it reads (None: none)
+    phoneme_channels: int = 64  # width of the per-token phoneme encoder (with a front end)
 
 
 @dataclass
@@ -179,6 +184,33 @@ class TokenConv(nn.Module):
         return self.dropout(self.norm(F.relu(self.conv(x.transpose(1, 2)).transpose(1, 2))))
 
 
+class PhonemeEncoder(nn.Module):
+    """Each token's word phonemes -> a feature added to its embedding, like the spelling encoder over bytes:
+    phoneme embeddings -> Conv1D -> GELU -> max over the phonemes -> Linear, plus embeddings of the token's
+    index among its word's tokens, of its word's token count and of whether the phonemes are a spelling
+    (a language the G2P cannot speak)."""
+
+    def __init__(self, vocabulary_size: int, channels: int, hidden: int):
+        super().__init__()
+        self.phoneme_embedding = nn.Embedding(vocabulary_size, channels, padding_idx=PAD)
+        self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+        self.projection = nn.Linear(channels, hidden)
+        self.piece_index = nn.Embedding(MAX_PIECES, hidden)
+        self.piece_count = nn.Embedding(MAX_PIECES + 1, hidden)  # 0: no word (punctuation, <|endoftext|>, padding)
+        self.spelled = nn.Embedding(2, hidden)
+
+    def forward(self, pronunciation: PronunciationBatch) -> torch.Tensor:
+        """PronunciationBatch (phonemes (B, L, P)) -> (B, L, H)."""
+        B, L = pronunciation.phonemes.shape[:2]
+        phonemes = self.phoneme_embedding(pronunciation.phonemes).flatten(0, 1).transpose(1, 2)  # (B*L, C, P)
+        missing = ~pronunciation.phoneme_mask.flatten(0, 1)[:, None, :]  # (B*L, 1, P)
+        phonemes = F.gelu(self.conv(phonemes)).masked_fill(missing, -1e4)
+        sound = phonemes.amax(-1).clamp(min=-1.0).view(B, L, -1)  # (B, L, C); a token without phonemes: -1
+        index = self.piece_index(pronunciation.piece_index.clamp(max=MAX_PIECES - 1))  # (B, L, H)
+        count = self.piece_count(pronunciation.piece_count.clamp(max=MAX_PIECES))  # (B, L, H)
+        return self.projection(sound) + index + count + self.spelled(pronunciation.spelled.long())  # (B, L, H)
+
+
 def length_regulate(token_states: torch.Tensor, durations: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Repeat token i of each sample durations[b, i] times, over that sample's own frames only.
 
@@ -250,6 +282,10 @@ class TLEModel(PreTrainedModel):
             self.byte_embedding = nn.Embedding(257, C, padding_idx=0)
             self.spelling_conv = nn.Conv1d(C, C, 3, padding=1)
             self.spelling_projection = nn.Linear(C, H)
+        # the pronunciation front end the TLE reads (its input, like the tokenizer): rebuilt from the config
+        self.front_end = PronunciationFrontEnd.from_dict(config.pronunciation) if config.pronunciation else None
+        if self.front_end is not None:
+            self.phoneme_encoder = PhonemeEncoder(len(self.front_end.vocabulary), config.phoneme_channels, H)
         self.language_embedding = nn.Embedding(len(config.languages), H)
         self.text_layers = nn.ModuleList(
             TransformerBlock(H, config.num_heads, ffn, config.dropout) for _ in range(config.text_layers)
@@ -321,6 +357,13 @@ class TLEModel(PreTrainedModel):
             )
         return torch.tensor([known.index(code) for code in languages], device=self.device)
 
+    def spelled_languages(self) -> list[str]:
+        """The TLE's languages its front end cannot speak, whose words it reads by their spelling; the front
+        end warns once for each (call it where a stage starts, so the warning reaches its log)."""
+        if self.front_end is None:
+            return []
+        return [code for code in self.config.languages if self.front_end.spelled(code)]
+
     def normalise(self, states: torch.Tensor) -> torch.Tensor:
         """Teacher-scale states (..., D) -> the store's per-channel normalised space."""
         return (states - self.state_mean) / self.state_std
@@ -331,8 +374,37 @@ class TLEModel(PreTrainedModel):
 
     # ---- the network ----
 
-    def encode_text(self, tokens: torch.Tensor, token_mask: torch.Tensor, language_ids: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L), token_mask (B, L), language_ids (B,) -> token states (B, L, H)."""
+    def check_pronunciation(self, tokens: torch.Tensor, pronunciation: PronunciationBatch | None) -> None:
+        """Refuse a missing pronunciation batch for a TLE with a front end (the phonemes are never silently
+        left out), a given one for a TLE without, and one laid out for other tokens."""
+        if self.front_end is None and pronunciation is not None:
+            raise WhistleError(
+                'this TLE was trained without a pronunciation front end ([tle] pronunciation = "none"): '
+                "pass no pronunciation batch (encode_texts without front_end)"
+            )
+        if self.front_end is None:
+            return
+        if pronunciation is None:
+            raise WhistleError(
+                f"this TLE reads each token's pronunciation ({self.front_end.backend.name} front end): pass "
+                "pronunciation=TextBatch.pronunciation from encode_texts(..., front_end=tle.front_end)"
+            )
+        if pronunciation.phonemes.shape[:2] != tokens.shape:
+            raise WhistleError(
+                f"the pronunciation batch is laid out for tokens {tuple(pronunciation.phonemes.shape[:2])}, "
+                f"the tokens are {tuple(tokens.shape)}: slice both alike"
+            )
+
+    def encode_text(
+        self,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor,
+        language_ids: torch.Tensor,
+        pronunciation: PronunciationBatch | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, L), token_mask (B, L), language_ids (B,), the tokens' pronunciation (required with a
+        front end) -> token states (B, L, H)."""
+        self.check_pronunciation(tokens, pronunciation)
         B, L = tokens.shape
         # normalised first: teacher embeddings and fresh ones differ in scale by orders of magnitude
         x = self.token_projection(self.token_norm(self.token_embedding(tokens)))  # (B, L, H)
@@ -342,6 +414,8 @@ class TLEModel(PreTrainedModel):
             chars = F.gelu(self.spelling_conv(chars)).masked_fill(spelled.flatten(0, 1)[:, None, :] == 0, -1e4)
             spelling = chars.amax(-1).clamp(min=-1.0)  # (B*L, C) max over the bytes; a token without text: -1
             x = x + self.spelling_projection(spelling.view(B, L, -1))  # (B, L, H)
+        if pronunciation is not None:
+            x = x + self.phoneme_encoder(pronunciation)  # (B, L, H)
         x = x + self.language_embedding(language_ids)[:, None, :]
         x = x + self.token_position(sinusoids(torch.arange(L, device=tokens.device), POSITION_FEATURES).to(x.dtype))
         for layer in self.text_layers:
@@ -382,15 +456,16 @@ class TLEModel(PreTrainedModel):
         target: torch.Tensor | None = None,
         latent: torch.Tensor | None = None,
         sample_latent: bool | None = None,
+        pronunciation: PronunciationBatch | None = None,
     ) -> TLEOutput:
         """Predict normalised speech frames.
 
         tokens, token_mask (B, L); language_ids (B,); durations (B, L) frames per token (None: predicted);
         target (B, T, D) normalised teacher frames aligned with `durations` (training: feeds the posterior);
         latent (B, Z) a given z (else posterior sample in training, prior mean in eval, prior sample if
-        sample_latent).
+        sample_latent); pronunciation: the tokens' PronunciationBatch, required with a front end.
         """
-        token_states = self.encode_text(tokens, token_mask, language_ids)  # (B, L, H)
+        token_states = self.encode_text(tokens, token_mask, language_ids, pronunciation)  # (B, L, H)
         prior_mean, prior_logvar = self.prior(masked_mean(token_states, token_mask)).chunk(2, dim=-1)  # (B, Z) x2
         posterior_mean = posterior_logvar = None
         sample = self.training if sample_latent is None else sample_latent
@@ -447,12 +522,22 @@ class TLEModel(PreTrainedModel):
         durations: torch.Tensor | None = None,
         latent: torch.Tensor | None = None,
         sample_latent: bool = False,
+        pronunciation: PronunciationBatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-scale speech frames (B, T, D) and lengths (B,), at predicted lengths unless `durations`.
 
-        z is the prior mean, or a draw from p(z | text) with sample_latent=True (varied voices/tempo).
+        z is the prior mean, or a draw from p(z | text) with sample_latent=True (varied voices/tempo);
+        `pronunciation` (TextBatch.pronunciation) is required with a front end.
         """
-        out = self(tokens, token_mask, language_ids, durations=durations, latent=latent, sample_latent=sample_latent)
+        out = self(
+            tokens,
+            token_mask,
+            language_ids,
+            durations=durations,
+            latent=latent,
+            sample_latent=sample_latent,
+            pronunciation=pronunciation,
+        )
         return self.denormalise(out.states), out.lengths
 
     def full_window(self, speech: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from whistle_pipeline.pronunciation import PronunciationFrontEnd
 from whistle_pipeline.text import IGNORE_INDEX, TextBatch
 from whistle_pipeline.tle import TLEModel, assemble_window
 
@@ -62,6 +63,11 @@ class Windows:
     tle: TLEModel | None  # eval mode, frozen; None: text examples get content-free windows
     templates: dict[str, torch.Tensor]  # kind -> (max_frames, D) tail template of its store ("text": without a TLE)
     sample_latent: bool
+
+    @property
+    def front_end(self) -> PronunciationFrontEnd | None:
+        """What encode_texts needs for the text examples' TLE: the TLE's pronunciation front end, if any."""
+        return None if self.tle is None else self.tle.front_end
 
     def build(self, examples: Sequence[Example], text: TextBatch, training: bool) -> torch.Tensor:
         """Full windows (B, max_frames, D) for `examples`, in order; `text` is their encode_texts batch."""
@@ -113,8 +119,13 @@ class Windows:
         tokens, mask = text.tle_tokens[rows], text.tle_mask[rows]  # (b, L)
         longest = int(mask.sum(1).max())
         language_ids = tle.language_ids([text.languages[i] for i in rows])
+        pronunciation = None if text.pronunciation is None else text.pronunciation[rows, :longest]
         speech, lengths = tle.speech_frames(
-            tokens[:, :longest], mask[:, :longest], language_ids, sample_latent=training and self.sample_latent
+            tokens[:, :longest],
+            mask[:, :longest],
+            language_ids,
+            sample_latent=training and self.sample_latent,
+            pronunciation=pronunciation,
         )  # (b, T, D), (b,)
         return tle.full_window(speech, lengths), lengths  # (b, F, D), (b,)
 
