@@ -20,6 +20,10 @@ Shard k holds source rows [k*S, (k+1)*S) and belongs to process k % W, so `accel
 `torchrun` on any number of GPUs (or gloo CPU processes) write one store with no coordination but
 one barrier at the start (rank 0 creates or overwrites the store) and one at the end (the run
 record). Complete shards are skipped on a rerun and incomplete ones redone: resume is free.
+With precompute.claim = "dynamic" on a store with shard locks (StoreWriter.locks: a local or
+lock-capable file system), a process that has written its own shards goes on to the other processes'
+shards from the end (their owners go from the start), taking each that no one has claimed: the
+run ends when the work does, not when its slowest process does. Object stores keep the static split.
 """
 
 from __future__ import annotations
@@ -65,17 +69,42 @@ END_OF_RUN_TIMEOUT = datetime.timedelta(days=7)  # how long finished processes w
 # --- the shards' batches ------------------------------------------------------------------------
 
 
+def shard_order(rank: int, world: int, n_shards: int, complete: set[int], dynamic: bool) -> list[int]:
+    """The shards process `rank` of `world` tries to claim, in order: its own (k % world == rank) that are not
+    complete, then with `dynamic` claiming the other processes' from the end (their owners go from the start)."""
+    order = [k for k in range(rank, n_shards, world) if k not in complete]
+    if dynamic and world > 1:
+        order += [k for k in reversed(range(n_shards)) if k % world != rank and k not in complete]
+    return order
+
+
+@dataclass
+class _Claims:
+    """What the loader met as it claimed the shards (see _batches)."""
+
+    own: set[int]  # this process's static share: shards k with k % W == its rank
+    rows: int = 0  # source rows of the shards it claimed
+    busy: list[int] = field(default_factory=list)  # of its own shards, those another process had claimed
+    taken_over: list[int] = field(default_factory=list)  # of the other processes' shares, those it claimed
+
+
 def _batches(
-    store: StoreWriter, shards: list[range], shard_size: int, batch_size: int, busy: list[int]
+    store: StoreWriter, shards: list[range], shard_size: int, batch_size: int, claims: _Claims
 ) -> Iterator[list[int]]:
     """Batches within each shard, so a shard's clips are batched alike whichever process runs it and
     whether or not the run is resumed (identical inputs -> identical states). Each shard is claimed
-    when the loader reaches it; one another live run is writing (or has completed since) is skipped
-    and listed in `busy`, so two runs started on one store share the work instead of corrupting it."""
+    when the loader reaches it; one another live process is writing (or has completed since) is skipped,
+    so two runs started on one store share the work instead of corrupting it, and a process that has run
+    out of its own shards takes the ones of slower processes that nobody has started (dynamic claiming)."""
     for rows in shards:
-        if not store.claim(rows.start // shard_size):
-            busy.append(rows.start // shard_size)
+        shard = rows.start // shard_size
+        if not store.claim(shard):
+            if shard in claims.own:
+                claims.busy.append(shard)
             continue
+        claims.rows += len(rows)
+        if shard not in claims.own:
+            claims.taken_over.append(shard)
         yield from (list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
 
 
@@ -182,17 +211,19 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     shard_size = config.store.shard_size
     n_shards = math.ceil(len(source) / shard_size)
     complete = store.complete_shards()
-    mine = range(state.process_index, n_shards, state.num_processes)
-    todo = [k for k in mine if k not in complete]
-    stats = RankStats(rank=state.process_index, shards_skipped=len(mine) - len(todo))
+    rank, world = state.process_index, state.num_processes
+    mine = range(rank, n_shards, world)
+    dynamic = config.precompute.claim == "dynamic" and store.locks
+    todo = shard_order(rank, world, n_shards, complete, dynamic)
+    claims = _Claims(own={k for k in todo if k % world == rank})
+    stats = RankStats(rank=rank, shards_skipped=len(mine) - len(claims.own))
     if stats.shards_skipped:
-        log.info(
-            "rank %d: %d of its %d shards are complete and kept", state.process_index, stats.shards_skipped, len(mine)
-        )
+        log.info("rank %d: %d of its %d shards are complete and kept", rank, stats.shards_skipped, len(mine))
     shards = [range(k * shard_size, min((k + 1) * shard_size, len(source))) for k in todo]
-    stats.rows = sum(len(rows) for rows in shards)
 
-    records = _encode_rows(config, source, encoder, geometry, store, device, shards, stats, state.is_main_process)
+    records = _encode_rows(
+        config, source, encoder, geometry, store, device, shards, stats, claims, state.is_main_process
+    )
     stats.shards_written = len(records)
     stats.nbytes = sum(record.nbytes for record in records)
     stats.seconds = time.perf_counter() - started
@@ -245,17 +276,19 @@ def _encode_rows(
     device: torch.device,
     shards: list[range],
     stats: RankStats,
+    claims: _Claims,
     main: bool,
 ) -> list[ShardRecord]:
-    """Encode the rows of `shards` and hand them to the writer threads; the records of the shards written."""
+    """Encode the rows of the `shards` this process claims and hand them to the writer threads; the records of
+    the shards written."""
     if not shards:
         return []
     options = config.precompute
     shard_size = config.store.shard_size
-    busy: list[int] = []
-    loader = _loader(config, source, geometry, store, shards, device, busy)
+    loader = _loader(config, source, geometry, store, shards, device, claims)
     writer = BackgroundWriter(store, options.write_threads, options.write_queue)
-    progress = _progress(stats.rows, enabled=main and options.progress)
+    own_rows = sum(len(rows) for rows in shards if rows.start // shard_size in claims.own)
+    progress = _progress(own_rows, enabled=main and options.progress)
     deliver = _Delivery(writer, stats, geometry, config, shards, progress, encoder.dtype)
     speech = None if deliver.full else (deliver.margin, shard_size)
     in_flight: _InFlight | None = None
@@ -274,14 +307,17 @@ def _encode_rows(
         records = writer.finish()
         stats.pipeline_seconds = time.perf_counter() - began
         stats.write_wait_seconds = writer.wait_seconds
-        if busy:
-            log.warning(
-                "%d shard(s) were being written by another run on this store and were left to it: %s",
-                len(busy),
-                ", ".join(map(str, busy[:10])) + (", ..." if len(busy) > 10 else ""),
+        if claims.busy:
+            sharing = any(rows.start // shard_size not in claims.own for rows in shards)  # dynamic claiming
+            log.log(
+                logging.INFO if sharing else logging.WARNING,
+                "%d of this process's shard(s) were claimed by another process (%s) and were left to it: %s",
+                len(claims.busy),
+                "a faster one of this run, or another run on this store" if sharing else "another run on this store",
+                ", ".join(map(str, claims.busy[:10])) + (", ..." if len(claims.busy) > 10 else ""),
             )
-        stats.shards_busy = len(busy)
-        stats.rows -= sum(len(rows) for rows in shards if rows.start // shard_size in busy)
+        stats.shards_busy, stats.shards_taken_over = len(claims.busy), len(claims.taken_over)
+        stats.rows = claims.rows
     except BaseException:
         writer.abandon()
         raise
@@ -297,14 +333,14 @@ def _loader(
     store: StoreWriter,
     shards: list[range],
     device: torch.device,
-    busy: list[int],
+    claims: _Claims,
 ) -> DataLoader:
     """Batches of decoded, padded clips from DataLoader workers (shards claimed as the loader reaches them)."""
     options = config.precompute
     workers = options.num_workers
     return DataLoader(
         ClipDataset(source, geometry, options.augment),
-        batch_sampler=_batches(store, shards, config.store.shard_size, options.batch_size, busy),
+        batch_sampler=_batches(store, shards, config.store.shard_size, options.batch_size, claims),
         num_workers=workers,
         prefetch_factor=options.prefetch_factor if workers else None,
         collate_fn=functools.partial(collate, n_samples=geometry.n_samples),

@@ -124,6 +124,7 @@ class PrecomputeConfig:
     write_threads: int
     write_queue: int
     augment: Literal["none", "telephone"]
+    claim: Literal["dynamic", "static"]
     strict: bool
     overwrite: bool
     progress: bool
