@@ -5,7 +5,10 @@ way read the epoch again from its start and dropped the batches already taken; `
 epoch, taken, ...)` seeks instead (the shards' small arrays only, then the items still in the shuffle
 buffer). Both are timed on a store and on a store 10x larger, at 90 % of an epoch (the replay's worst
 case grows with the position), with train-tle's loader settings (pipeline.toml), interleaved old / new in
-the same run; both must give the same first batch.
+the same run; both must give the same first batch. Seeking reads what the shuffle buffer and the length
+pool hold at the position (~2 buffers of utterances, whatever the store's size), replaying everything
+before it: on a store far larger than the buffer (10^6 utterances against train-tle's 2048) the gap is
+far wider than on stores small enough to write here, so --shuffle-buffer scales the buffer down with them.
 
     python bench/resume.py            # CPU, ~3 min
     python bench/resume.py --quick    # a smoke run
@@ -61,14 +64,18 @@ def epoch_batches(dataset: FeatureDataset, batch_size: int, workers: int) -> int
 @click.option("--d-model", default=384, show_default=True, help="Width of the stored states (384: tiny).")
 @click.option("--shard-size", default=128, show_default=True)
 @click.option("--position", default=0.9, show_default=True, help="Where in the epoch the run resumes.")
+@click.option("--shuffle-buffer", default=None, type=int, help="Default: train_tle.shuffle_buffer.")
+@click.option("--length-bucket", default=None, type=int, help="Default: train_tle.length_bucket.")
 @click.option("--repeats", default=3, show_default=True, help="Old / new pairs per store; the median is reported.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None)
 @click.option("--quick", is_flag=True, help="Tiny stores, one pair: a smoke run.")
-def main(utterances, d_model, shard_size, position, repeats, workdir, quick) -> None:
+def main(utterances, d_model, shard_size, position, shuffle_buffer, length_bucket, repeats, workdir, quick) -> None:
     from whistle_pipeline.config import load_config
 
     settings = load_config().train_tle
     batch_size, workers = settings.batch_size, settings.num_workers
+    shuffle_buffer = shuffle_buffer or settings.shuffle_buffer
+    length_bucket = settings.length_bucket if length_bucket is None else length_bucket
     if quick:
         utterances, d_model, shard_size, repeats, batch_size = 16, 32, 8, 1, 4
     click.echo(describe_machine())
@@ -82,8 +89,8 @@ def main(utterances, d_model, shard_size, position, repeats, workdir, quick) -> 
             dataset = FeatureDataset(
                 url,
                 seed=0,
-                shuffle_buffer=settings.shuffle_buffer,
-                length_bucket=settings.length_bucket,
+                shuffle_buffer=shuffle_buffer,
+                length_bucket=length_bucket,
                 rank=0,
                 world_size=1,
             )
@@ -105,7 +112,7 @@ def main(utterances, d_model, shard_size, position, repeats, workdir, quick) -> 
         shutil.rmtree(root, ignore_errors=True)
     click.echo(
         f"\nstores of random float16 states, d_model {d_model}, 2-8 s clips, shards of {shard_size}; batches of "
-        f"{batch_size}, shuffle buffer {settings.shuffle_buffer}, length groups of {settings.length_bucket}, "
+        f"{batch_size}, shuffle buffer {shuffle_buffer}, length groups of {length_bucket}, "
         f"{workers} workers; seconds to the first batch after the restart (median of {repeats}, page cache warm)"
     )
     click.echo(table(["store", "replay s", "seek s", "speedup"], rows))

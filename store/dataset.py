@@ -288,16 +288,22 @@ def _read_units(
 
 
 def _read_held(reader: StoreReader, items: Iterable[_Unread], skip_damaged: bool) -> dict[tuple[int, int], Utterance]:
-    """The utterances of items passed while seeking, read in store order (each shard's index once); those of a
-    damaged shard are left out under skip_damaged."""
+    """The utterances of items passed while seeking, read shard by shard over the span they cover (each chunk
+    decoded once, however many of them it holds); those of a damaged shard are left out under skip_damaged."""
+    by_shard: dict[int, list[int]] = {}
+    for item in items:
+        by_shard.setdefault(item.shard, []).append(item.index)
     held = {}
-    for item in sorted(items, key=lambda u: (u.shard, u.index)):
+    for shard, positions in sorted(by_shard.items()):
         try:
-            held[item.shard, item.index] = reader.utterance(item.shard, item.index)
+            ids = reader.index(shard).ids
+            wanted = {ids[i] for i in positions}
+            for utt in reader.iter_shard(shard, min(positions), max(positions) + 1, keep=wanted.__contains__):
+                held[shard, utt.index] = utt
         except DamagedShardError as err:
             if not skip_damaged:
                 raise
-            log.error("skipping utterance %d of shard %d: %s", item.index, item.shard, err)
+            log.error("skipping %d utterances of shard %d: %s", len(positions), shard, err)
     return held
 
 
