@@ -35,7 +35,6 @@ Whisper sizes real (tiny, base; large-v3 with --sizes large-v3 on a GPU).
 
 from __future__ import annotations
 
-import functools
 import tempfile
 import time
 from pathlib import Path
@@ -125,7 +124,7 @@ class Finetuner:
             batch_size=batch_size,
             shuffle=True,
             num_workers=1,
-            collate_fn=functools.partial(collate, n_samples=self.geometry.n_samples),
+            collate_fn=collate,
         )
         self._audio_batches = iter(())
         self.batch_size, self.device = batch_size, device

@@ -388,3 +388,19 @@ def test_sums_made_on_the_device_equal_the_writers_own(tmp_path):
     np.testing.assert_allclose(new.tail_template(), old.tail_template(), rtol=1e-6, atol=1e-6)
     for ours, theirs in zip(new.statistics(), old.statistics()):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+def test_batch_sums_of_a_batch_over_two_shards_are_each_shards_own():
+    from stages.precompute import batch_sums
+
+    windows = torch.from_numpy(np.random.default_rng(3).normal(size=(3, 20, 4)).astype(np.float16))  # (B, M, D)
+    windows[1, 15, 2] = float("inf")  # in the tail: the window adds nothing
+    frames = [5, 7, 20]
+    finite, sums = batch_sums(windows, frames, [0, 0, 1])
+    assert finite.tolist() == [True, False, True] and list(sums) == [0, 1]
+    for shard, rows in ((0, [0, 1]), (1, [2])):
+        _, own = batch_sums(windows[rows], [frames[r] for r in rows], [shard] * len(rows))
+        for name, values in own[shard].items():
+            assert torch.equal(sums[shard][name], values), (shard, name)
+    assert sums[0]["stat_count"] == 5 and sums[0]["tail_count"].tolist() == [0] * 5 + [1] * 15
+    assert torch.equal(sums[0]["tail_sum"][5:], windows[0, 5:].float())
