@@ -8,7 +8,7 @@ times the process's speed factor (one process `--slow` times slower: a slow node
 between each process's end and the run's end, over W x the run's wall time: the share of GPU time a
 real run would leave unused. Static and dynamic runs alternate, `--repeats` times each.
 
-    python bench/claiming.py                  # 16 processes, 24 shards (~1.5 per process), ~1 min
+    python bench/claiming.py                  # 8 processes, 48 shards, ~1 min
     python bench/claiming.py --quick          # a smoke run
 """
 
@@ -81,7 +81,7 @@ def one_run(root: Path, world: int, n_shards: int, dynamic: bool, seconds: np.nd
 
 
 @click.command()
-@click.option("--processes", default=16, show_default=True)
+@click.option("--processes", default=8, show_default=True)
 @click.option(
     "--shards", default=24, show_default=True, help="Shards in the store (10^5 clips / 1024 ~ 98 on 64 GPUs)."
 )

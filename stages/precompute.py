@@ -42,8 +42,9 @@ import torch
 from accelerate import PartialState
 from torch.utils.data import DataLoader
 
-from stages.audio_batches import Batch, ClipDataset, collate, quiet_worker
+from stages.audio_batches import ClipDataset, collate, quiet_worker
 from stages.background_writer import BackgroundWriter
+from stages.precompute_device import InFlight, compile_layers, launch
 from stages.precompute_result import PrecomputeResult, RankStats, combined_result
 from store import ShardRecord, StoreReader, StoreSpec, StoreWriter, TeacherInfo
 from whistle_pipeline import preflight
@@ -56,7 +57,6 @@ from whistle_pipeline.teacher import (
     load_teacher,
     non_finite_reason,
     speech_frames,
-    teacher_states,
 )
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,8 @@ def run(config: PipelineConfig) -> PrecomputeResult:
             config.teacher.attn_implementation,
         )
         encoder, geometry = teacher.model, teacher.geometry
+    if config.precompute.compile:
+        compile_layers(encoder)
     if state.is_main_process:
         used = {name: dataclasses.asdict(getattr(config, name)) for name in ("teacher", "data", "store", "precompute")}
         log.info("resolved configuration: %s", json.dumps(used))
@@ -253,19 +255,6 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     return result
 
 
-@dataclass
-class _InFlight:
-    """A batch whose states are on their way to host memory."""
-
-    batch: Batch
-    states: torch.Tensor | None  # (B, F, D) float16 on the host (pinned when copied from a GPU); F = max_frames in
-    #                              full mode, the batch's most speech frames in speech mode
-    copied: torch.cuda.Event | None
-    finite: torch.Tensor | None = None  # (B,) bool: no inf/nan in the window
-    sums: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # shard -> ShardWriter.add_sums
-    #                              arguments (speech mode; see batch_sums)
-
-
 def _encode_rows(
     config: PipelineConfig,
     source: Source,
@@ -290,13 +279,14 @@ def _encode_rows(
     progress = _progress(own_rows, enabled=main and options.progress)
     deliver = _Delivery(writer, stats, geometry, config, shards, progress, encoder.dtype)
     speech = None if deliver.full else (deliver.margin, shard_size)
-    in_flight: _InFlight | None = None
+    copies = torch.cuda.Stream(device) if device.type == "cuda" else None
+    in_flight: InFlight | None = None
     began = time.perf_counter()
     try:
         waited = began
         for batch in loader:
             stats.input_wait_seconds += time.perf_counter() - waited
-            current = _launch(batch, encoder, geometry, device, speech)
+            current = launch(batch, encoder, geometry, device, speech, copies)
             if in_flight is not None:
                 deliver(in_flight)  # overlaps the copy (and on GPU the encoder) of `current`
             in_flight = current
@@ -368,7 +358,7 @@ class _Delivery:
         self.margin, self.full = config.store.speech_margin_frames, config.store.frames == "full"
         self.left = {rows.start // self.shard_size: len(rows) for rows in shards}  # rows each shard still waits for
 
-    def __call__(self, flight: _InFlight) -> None:
+    def __call__(self, flight: InFlight) -> None:
         writer, stats, geometry = self.writer, self.stats, self.geometry
         if flight.copied is not None:
             flight.copied.synchronize()
@@ -412,78 +402,6 @@ class _Delivery:
         self.progress.update(len(done))
         elapsed = time.perf_counter() - self.began
         self.progress.set_postfix_str(f"{stats.audio_seconds / elapsed:.0f} audio-h/h", refresh=False)
-
-
-def _launch(
-    batch: Batch, encoder, geometry: TeacherGeometry, device: torch.device, speech: tuple[int, int] | None
-) -> _InFlight:
-    """Start the encoder on a batch and the non-blocking copies of its results to host memory.
-
-    `speech` = (margin frames, shard size) in speech mode: then each window is checked for inf/nan and summed
-    into its shard's sums on the device (batch_sums), and only the speech frames are copied.
-    """
-    if not batch.clips:
-        return _InFlight(batch, None, None)
-    audio = batch.audio.to(device, non_blocking=True)  # (B, N): teacher_states pads it to the window there
-    states = teacher_states(encoder, audio, geometry).to(torch.float16)  # (B, M, D), the store's dtype
-    if speech is None:
-        finite, sums = torch.isfinite(states.sum(dim=(1, 2), dtype=torch.float32)), {}  # (B,), as in batch_sums
-    else:
-        margin, shard_size = speech
-        frames = [speech_frames(n_samples, geometry, margin) for n_samples in batch.n_samples]
-        finite, sums = batch_sums(states, frames, [clip.row // shard_size for clip in batch.clips])
-        states = states[:, : max(frames)]  # (B, Tmax, D): only speech frames cross to the host
-    if device.type != "cuda":
-        return _InFlight(batch, states.cpu(), None, finite.cpu(), sums)
-    host_states, host_finite = _pinned_copy(states), _pinned_copy(finite)
-    host_sums = {
-        shard: {name: _pinned_copy(values) for name, values in shard_sums.items()} for shard, shard_sums in sums.items()
-    }
-    copied = torch.cuda.Event()
-    copied.record()
-    return _InFlight(batch, host_states, copied, host_finite, host_sums)
-
-
-def batch_sums(
-    states: torch.Tensor, frames: list[int], shards: list[int]
-) -> tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]]:
-    """Where the states are (the GPU): which windows are finite, and per shard the sums ShardWriter would make
-    from the finite ones (ShardWriter.add_sums arguments), so that only speech frames need reach the host.
-
-    states (B, M, D) float16, frames[b] speech frames of window b, shards[b] its shard -> finite (B,) bool,
-    {shard: {tail_sum (M, D), tail_count (M,) int64, stat_sum (D,), stat_sqsum (D,), stat_count () int64}}
-    (sums float32).
-    """
-    max_frames = states.shape[1]
-    device = states.device
-    # float32 sums of float16 cannot overflow, so a window's sum is finite exactly when all its values are
-    finite = torch.isfinite(states.sum(dim=(1, 2), dtype=torch.float32))  # (B,)
-    position = torch.arange(max_frames, device=device)  # (M,)
-    is_speech = position < torch.tensor(frames, device=device)[:, None]  # (B, M)
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for shard in dict.fromkeys(shards):  # precompute's batches lie within one shard: one pass, no loop over clips
-        rows = [b for b, s in enumerate(shards) if s == shard]
-        picked = slice(None) if len(rows) == len(shards) else torch.tensor(rows, device=device)  # no copy if all
-        counted = finite[picked, None]  # (b, 1): a non-finite window adds nothing
-        tail, speech = ~is_speech[picked] & counted, is_speech[picked] & counted  # (b, M) each
-        # torch.where, not a multiply: 0 x inf is nan
-        tail_states = torch.where(tail[..., None], states[picked], 0.0)  # (b, M, D) float16
-        speech_states = torch.where(speech[..., None], states[picked], 0.0).float()  # (b, M, D)
-        out[shard] = {
-            "tail_sum": tail_states.sum(dim=0, dtype=torch.float32),  # (M, D)
-            "tail_count": tail.sum(dim=0),  # (M,) int64
-            "stat_sum": speech_states.sum(dim=(0, 1)),  # (D,)
-            "stat_sqsum": (speech_states * speech_states).sum(dim=(0, 1)),  # (D,)
-            "stat_count": speech.sum(),  # () int64
-        }
-    return finite, out
-
-
-def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A non-blocking copy of a device tensor into pinned host memory (read it after the copy's event)."""
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
 
 
 def _progress(total: int, enabled: bool) -> Any:

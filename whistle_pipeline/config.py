@@ -125,6 +125,7 @@ class PrecomputeConfig:
     write_queue: int
     augment: Literal["none", "telephone"]
     claim: Literal["dynamic", "static"]
+    compile: bool
     strict: bool
     overwrite: bool
     progress: bool
