@@ -82,28 +82,28 @@ def batch_sums(
     {shard: {tail_sum (M, D), tail_count (M,) int64, stat_sum (D,), stat_sqsum (D,), stat_count () int64}}
     (sums float32).
     """
-    max_frames = states.shape[1]
+    _, max_frames, d_model = states.shape
     device = states.device
     # float32 sums of float16 cannot overflow, so a window's sum is finite exactly when all its values are
     finite = torch.isfinite(states.sum(dim=(1, 2), dtype=torch.float32))  # (B,)
-    position = torch.arange(max_frames, device=device)  # (M,)
-    is_speech = position < torch.tensor(frames, device=device)[:, None]  # (B, M)
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for shard in dict.fromkeys(shards):  # precompute's batches lie within one shard: one pass, no loop over clips
-        rows = [b for b, s in enumerate(shards) if s == shard]
-        picked = slice(None) if len(rows) == len(shards) else torch.tensor(rows, device=device)  # no copy if all
-        counted = finite[picked, None]  # (b, 1): a non-finite window adds nothing
-        tail, speech = ~is_speech[picked] & counted, is_speech[picked] & counted  # (b, M) each
-        # torch.where, not a multiply: 0 x inf is nan
-        tail_states = torch.where(tail[..., None], states[picked], 0.0)  # (b, M, D) float16
-        speech_states = torch.where(speech[..., None], states[picked], 0.0).float()  # (b, M, D)
-        out[shard] = {
-            "tail_sum": tail_states.sum(dim=0, dtype=torch.float32),  # (M, D)
-            "tail_count": tail.sum(dim=0),  # (M,) int64
-            "stat_sum": speech_states.sum(dim=(0, 1)),  # (D,)
-            "stat_sqsum": (speech_states * speech_states).sum(dim=(0, 1)),  # (D,)
-            "stat_count": speech.sum(),  # () int64
-        }
+    for b, (n_frames, shard) in enumerate(zip(frames, shards)):
+        if shard not in out:
+            out[shard] = {
+                "tail_sum": torch.zeros(max_frames, d_model, device=device),
+                "tail_count": torch.zeros(max_frames, dtype=torch.int64, device=device),
+                "stat_sum": torch.zeros(d_model, device=device),
+                "stat_sqsum": torch.zeros(d_model, device=device),
+                "stat_count": torch.zeros((), dtype=torch.int64, device=device),
+            }
+        sums = out[shard]
+        # torch.where, not a multiply: a non-finite window must add nothing (0 x inf is nan)
+        sums["tail_sum"][n_frames:] += torch.where(finite[b], states[b, n_frames:], 0.0)  # (M - T, D)
+        sums["tail_count"][n_frames:] += finite[b]
+        speech = torch.where(finite[b], states[b, :n_frames], 0.0).float()  # (T, D)
+        sums["stat_sum"] += speech.sum(dim=0)
+        sums["stat_sqsum"] += (speech * speech).sum(dim=0)
+        sums["stat_count"] += finite[b] * n_frames
     return finite, out
 
 
