@@ -8,7 +8,7 @@ times the process's speed factor (one process `--slow` times slower: a slow node
 between each process's end and the run's end, over W x the run's wall time: the share of GPU time a
 real run would leave unused. Static and dynamic runs alternate, `--repeats` times each.
 
-    python bench/claiming.py                  # 8 processes, 48 shards, ~1 min
+    python bench/claiming.py                  # 8 processes, 32 shards, ~2.5 min
     python bench/claiming.py --quick          # a smoke run
 """
 
@@ -85,7 +85,9 @@ def one_run(root: Path, world: int, n_shards: int, dynamic: bool, seconds: np.nd
 @click.option(
     "--shards", default=24, show_default=True, help="Shards in the store (10^5 clips / 1024 ~ 98 on 64 GPUs)."
 )
-@click.option("--shard-seconds", default=0.5, show_default=True, help="Simulated encoder time of one shard.")
+@click.option(
+    "--shard-seconds", default=2.0, show_default=True, help="Simulated encoder time of one shard (well above a write)."
+)
 @click.option("--slow", default=2.0, show_default=True, help="How many times slower the last process is.")
 @click.option("--jitter", default=0.1, show_default=True, help="Speed spread of the other processes (+-).")
 @click.option("--repeats", default=3, show_default=True)
