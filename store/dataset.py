@@ -288,23 +288,36 @@ def _read_units(
 
 
 def _read_held(reader: StoreReader, items: Iterable[_Unread], skip_damaged: bool) -> dict[tuple[int, int], Utterance]:
-    """The utterances of items passed while seeking, read shard by shard over the span they cover (each chunk
-    decoded once, however many of them it holds); those of a damaged shard are left out under skip_damaged."""
+    """The utterances of items passed while seeking, read in store order, decoding each chunk that holds one of
+    them once and no chunk that holds none; those of a damaged shard are left out under skip_damaged."""
     by_shard: dict[int, list[int]] = {}
     for item in items:
         by_shard.setdefault(item.shard, []).append(item.index)
     held = {}
     for shard, positions in sorted(by_shard.items()):
         try:
-            ids = reader.index(shard).ids
-            wanted = {ids[i] for i in positions}
-            for utt in reader.iter_shard(shard, min(positions), max(positions) + 1, keep=wanted.__contains__):
-                held[shard, utt.index] = utt
+            index = reader.index(shard)
+            wanted = {index.ids[i] for i in positions}
+            for first, last in _chunk_runs(sorted(positions), index.offsets, index.states.chunks[0]):
+                for utt in reader.iter_shard(shard, first, last + 1, keep=wanted.__contains__):
+                    held[shard, utt.index] = utt
         except DamagedShardError as err:
             if not skip_damaged:
                 raise
             log.error("skipping %d utterances of shard %d: %s", len(positions), shard, err)
     return held
+
+
+def _chunk_runs(positions: list[int], offsets: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
+    """Sorted utterance positions grouped into runs (first, last) whose rows span no chunk that holds none of them."""
+    runs: list[list[int]] = []  # [first, last, last chunk]
+    for i in positions:
+        first_chunk, last_chunk = int(offsets[i]) // chunk_rows, (int(offsets[i + 1]) - 1) // chunk_rows
+        if runs and first_chunk <= runs[-1][2] + 1:
+            runs[-1][1:] = [i, max(runs[-1][2], last_chunk)]
+        else:
+            runs.append([i, i, last_chunk])
+    return [(first, last) for first, last, _ in runs]
 
 
 def _n_frames(item: Utterance | _Unread) -> int:
