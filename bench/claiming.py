@@ -82,9 +82,7 @@ def one_run(root: Path, world: int, n_shards: int, dynamic: bool, seconds: np.nd
 
 @click.command()
 @click.option("--processes", default=8, show_default=True)
-@click.option(
-    "--shards", default=24, show_default=True, help="Shards in the store (10^5 clips / 1024 ~ 98 on 64 GPUs)."
-)
+@click.option("--shards", default=32, show_default=True, help="Shards in the store.")
 @click.option(
     "--shard-seconds", default=2.0, show_default=True, help="Simulated encoder time of one shard (well above a write)."
 )
