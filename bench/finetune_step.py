@@ -16,6 +16,13 @@ decoder's layers (select_trainable) — and differs in where the full windows co
            which finetune's training steps use since it was measured here; exact — the largest logit
            difference is printed). The other kinds project every frame of every example.
 
+Fixed costs (--fixed-costs, the default on): finetune's stored step as stages/finetune.py runs it now (fused
+AdamW from build_optimizer, a batch's states padded on the host and sent in one copy by Windows.build_with_tail,
+the loss and per-kind sums read from the device once by kind_losses) against the same step as it ran before
+(torch's default AdamW, one host-to-device copy per example, the loss and every example's loss and token count
+read one by one), interleaved on the same model and batches: steps/s, and the reads from the device per step
+(aten::_local_scalar_dense in torch's profiler: each waits for the device on a GPU).
+
 Each step is split into "windows" (making the full windows: reading the store / running the TLE /
 decoding + encoder) and "decoder" (forward, backward, optimiser). Kinds are timed round-robin (each
 timing shares the machine's load of the moment), --steps times each after a warm-up; medians.
@@ -28,7 +35,6 @@ Whisper sizes real (tiny, base; large-v3 with --sizes large-v3 on a GPU).
 
 from __future__ import annotations
 
-import functools
 import tempfile
 import time
 from pathlib import Path
@@ -62,7 +68,16 @@ from whistle_pipeline.config import load_config
 from whistle_pipeline.sources import open_source
 from whistle_pipeline.teacher import TeacherGeometry, teacher_states
 from whistle_pipeline.text import IGNORE_INDEX, TextBatch
-from whistle_pipeline.windows import CommonTail, Example, SharedTail, Windows, select_trainable, token_losses
+from whistle_pipeline.tle import assemble_window
+from whistle_pipeline.windows import (
+    CommonTail,
+    Example,
+    SharedTail,
+    Windows,
+    kind_losses,
+    select_trainable,
+    token_losses,
+)
 
 KINDS = ("stored", "text", "encoder", "stored, tail shared")
 START_OF_TRANSCRIPT, NO_TIMESTAMPS, END_OF_TEXT = 50257, 50362, 50256  # English-only Whisper ids
@@ -109,7 +124,7 @@ class Finetuner:
             batch_size=batch_size,
             shuffle=True,
             num_workers=1,
-            collate_fn=functools.partial(collate, n_samples=self.geometry.n_samples),
+            collate_fn=collate,
         )
         self._audio_batches = iter(())
         self.batch_size, self.device = batch_size, device
@@ -180,19 +195,99 @@ class Finetuner:
         return made - began, time.perf_counter() - made
 
 
+def windows_before(windows: Windows, examples: list[Example]) -> torch.Tensor:
+    """A batch of stored examples' full windows as Windows.build_with_tail made them before: one copy per example."""
+    template = windows.templates["audio"]  # (F, D)
+    lengths = torch.tensor([len(e.states) for e in examples], device=template.device)  # (B,)
+    states = torch.zeros(len(examples), int(lengths.max()), template.shape[1], device=template.device)
+    for b, example in enumerate(examples):
+        states[b, : lengths[b]] = example.states.to(template.device)  # (T, D)
+    return assemble_window(states, lengths, template)  # (B, F, D)
+
+
+def losses_before(loss: torch.Tensor, per_token: torch.Tensor, labels: torch.Tensor) -> dict[str, tuple[float, int]]:
+    """The loss and the per-kind sums as finetune read them before: a read per example."""
+    per_example, counts = per_token.detach().sum(1), (labels != IGNORE_INDEX).sum(1)  # (B,), (B,)
+    out = {"loss": (loss.item(), 0)}
+    for b in range(len(per_example)):
+        total, n = out.get("audio", (0.0, 0))
+        out["audio"] = (total + float(per_example[b]), n + int(counts[b]))
+    return out
+
+
+def fixed_cost_steps(tuner: Finetuner, steps: int) -> dict[str, tuple[list[float], float]]:
+    """{"before" / "after": (seconds per stored step, device reads per step)}, interleaved on one model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tuner.model
+    unfused = torch.optim.AdamW(
+        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in tuner.optimizer.param_groups],
+        lr=tuner.optimizer.param_groups[0]["lr"],
+    )
+    batches = []
+    for _ in range(2):
+        examples = stored_examples("audio", tuner.stream.take(tuner.batch_size))
+        lengths = np.array([len(e.states) for e in examples])
+        batches.append((examples, text_batch(lengths, tuner.rng, tuner.vocab_size).to(tuner.device)))
+
+    def loss_and_gradients(way: str, i: int) -> None:
+        examples, text = batches[i % len(batches)]
+        if way == "before":
+            window, tail = windows_before(tuner.windows, examples), None
+        else:
+            window, tail = tuner.windows.build_with_tail(examples, text, training=True)
+        with tuner.shared(tail):
+            logits = model(encoder_outputs=(window,), decoder_input_ids=text.decoder_input_ids).logits  # (B, S, V)
+        per_token = token_losses(logits, text.labels, 0.0)  # (B, S)
+        loss = per_token.sum() / (text.labels != IGNORE_INDEX).sum()
+        if way == "before":
+            losses_before(loss, per_token, text.labels)
+        else:
+            kind_losses(loss, per_token, text.labels, [e.kind for e in examples])
+        loss.backward()
+        float(torch.nn.utils.clip_grad_norm_(model.parameters(), tuner.grad_clip))
+
+    def step(way: str, i: int) -> None:
+        loss_and_gradients(way, i)
+        optimizer = unfused if way == "before" else tuner.optimizer
+        optimizer.step()
+        optimizer.zero_grad()
+
+    out = {}
+    for way in ("before", "after"):
+        step(way, 0)  # warm-up (and the optimiser's state)
+        # the optimisers are left out: on a CPU they read their step counters, host values (none on a GPU)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            loss_and_gradients(way, 1)
+        model.zero_grad()
+        reads = sum(e.count for e in profiler.key_averages() if e.key == "aten::_local_scalar_dense")
+        out[way] = ([], float(reads))
+    for i in range(steps):
+        for way in ("before", "after"):
+            tuner.sync()
+            began = time.perf_counter()
+            step(way, i)
+            tuner.sync()
+            out[way][0].append(time.perf_counter() - began)
+    return out
+
+
 @click.command()
 @click.option("--sizes", default="tiny,base", show_default=True)
 @click.option("--batch-size", default=None, type=int, help="Examples per step (default: finetune.batch_size).")
 @click.option("--steps", default=2, show_default=True, help="Timed steps of each kind (after one warm-up).")
 @click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--fixed-costs/--no-fixed-costs", default=True, show_default=True, help="Before/after of the stored step."
+)
 @click.option("--quick", is_flag=True, help="tiny, batch 2, one step: a smoke run.")
-def main(sizes: str, batch_size: int | None, steps: int, device: str, quick: bool) -> None:
+def main(sizes: str, batch_size: int | None, steps: int, device: str, fixed_costs: bool, quick: bool) -> None:
     batch_size = batch_size or load_config().finetune.batch_size
     if quick:
         sizes, batch_size, steps = "tiny", 2, 1
     torch_device = torch.device(device)
     click.echo(describe_machine(device))
-    results = {}
+    results, fixed = {}, {}
     with tempfile.TemporaryDirectory(prefix="whistle-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "clips").mkdir()
@@ -218,6 +313,8 @@ def main(sizes: str, batch_size: int | None, steps: int, device: str, quick: boo
                 tuner.windows.tle.num_parameters() / 1e6,
                 difference,
             )
+            if fixed_costs:
+                fixed[size] = fixed_cost_steps(tuner, max(steps, 3))
 
     figures = {"batch_size": batch_size, "device": device}
     for size, (times, loads, parameters, tle_parameters, difference) in results.items():
@@ -249,6 +346,19 @@ def main(sizes: str, batch_size: int | None, steps: int, device: str, quick: boo
             figures[f"{key}_{name}_step_s"] = total[kind]
             figures[f"{key}_{name}_vs_stored"] = total[kind] / total["stored"]
         figures[f"{key}_shared_tail_max_logit_difference"] = difference
+    for size, ways in fixed.items():
+        step_s = {way: median(seconds) for way, (seconds, _) in ways.items()}
+        click.echo(f"\n{size}: the stored step before / after the fixed-cost changes (interleaved, medians)")
+        click.echo(
+            table(
+                ["step", "step s", "examples/s", "device reads"],
+                [[way, step_s[way], batch_size / step_s[way], ways[way][1]] for way in ways],
+            )
+        )
+        key = size.replace("-", "_")
+        figures[f"{key}_fixed_costs_speedup"] = step_s["before"] / step_s["after"]
+        figures[f"{key}_device_reads_before"] = ways["before"][1]
+        figures[f"{key}_device_reads_after"] = ways["after"][1]
     emit(figures)
 
 

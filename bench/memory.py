@@ -6,7 +6,7 @@ resident memory, with its DataLoader workers, the parent samples every 20 ms:
   writer   the stage's host side at large-v3 shape, fed as fast as it takes it: batches of
            precompute.batch_size float16 windows (B, 1500, 1280) handed to precompute's own
            BackgroundWriter exactly as the stage's `deliver` hands them (per batch, the sums that
-           stages.precompute.batch_sums makes on the device, then views of the speech frames of the
+           stages.precompute_device.batch_sums makes on the device, then views of the speech frames of the
            host copy, which holds the batch's first Tmax frames only), Common-Voice-like clip lengths. The encoder is left out (it runs on the GPU), so
            the writers are the bottleneck and their queues stay full: the worst case for host memory.
   stage    the whole `stages.precompute.run` with a random tiny-sized (or, with --device cuda,
@@ -64,7 +64,7 @@ def writer_child(
     import torch
 
     from stages.background_writer import BackgroundWriter
-    from stages.precompute import batch_sums
+    from stages.precompute_device import batch_sums
     from store import StoreSpec, StoreWriter, TeacherInfo
 
     results.put(("imported", own_rss()))

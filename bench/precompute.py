@@ -125,7 +125,7 @@ def profile_steps(
     import soundfile
     import soxr
 
-    from stages.precompute import batch_sums
+    from stages.precompute_device import batch_sums
     from store import StoreSpec, StoreWriter
     from whistle_pipeline.teacher import LogMel, speech_frames
 

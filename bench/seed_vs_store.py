@@ -24,7 +24,6 @@ The teacher is a random-weight Whisper encoder of a released size (same FLOPs as
 
 from __future__ import annotations
 
-import functools
 import shutil
 import tempfile
 import time
@@ -86,7 +85,7 @@ def seed_epoch(trainer: Trainer, encoder, geometry, config, batch_size: int, epo
         batch_size=batch_size,
         shuffle=True,
         num_workers=1,
-        collate_fn=functools.partial(collate, n_samples=geometry.n_samples),
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(epoch),
     )
     began = time.perf_counter()

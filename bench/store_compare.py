@@ -6,7 +6,7 @@ length mix (log-normal around 5 s, clipped to 2-15 s), written and read back by:
   whistle-speech   the store, speech frames + tail template (the default), through precompute's own
                    BackgroundWriter as precompute feeds it: speech frames (ShardWriter.add(summed=True))
                    and one set of tail + statistics sums per batch of 16 (add_sums; precompute makes them
-                   on the GPU with stages.precompute.batch_sums, so here they are made before the clock
+                   on the GPU with stages.precompute_device.batch_sums, so here they are made before the clock
                    starts); shard close on 2 threads; blosc-zstd. Its writes are also timed the way
                    precompute wrote before (every tail handed to ShardWriter.add, all sums made on the
                    writer threads): the before/after.
@@ -83,7 +83,7 @@ from _common import (
 from datasets import Array2D, Dataset, Features, Value, concatenate_datasets, disable_progress_bars
 
 from stages.background_writer import BackgroundWriter  # imported here: torch's import must not count as writing
-from stages.precompute import batch_sums
+from stages.precompute_device import batch_sums
 from store import StoreReader, StoreSpec, StoreWriter, TeacherInfo
 from store.format import checked_compressors
 from store.reader import INDEX_ARRAYS

@@ -1,8 +1,9 @@
 """precompute's worker side: source rows -> decoded, padded clips, batched in DataLoader workers.
 
 Each worker reads its rows from the source, decodes them (soundfile), resamples them (soxr), applies
-the augmentation and pads them to the teacher's window; the main process gets a pinned `Batch` and
-only runs the encoder. A row that cannot be read becomes a SourceReject with its reason, never an
+the augmentation and pads them to the batch's longest clip; the main process gets a pinned `Batch`
+and only runs the encoder (teacher_states pads to the window on the device: a 5 s clip crosses to
+the device as 5 s of samples, not Whisper's 30 s). A row that cannot be read becomes a SourceReject with its reason, never an
 exception that ends the run.
 """
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 class Batch:
     """What a DataLoader worker hands over: padded audio of the usable rows and the rejected rows."""
 
-    audio: torch.Tensor  # (B, n_samples) float32, zero-padded 30 s windows
+    audio: torch.Tensor  # (B, N) float32, zero-padded to the longest clip (N <= the window's samples)
     clips: list[Clip]  # the usable rows, without their encoded audio (its samples are in `audio`)
     n_samples: list[int]  # per clip, at the teacher's rate, before padding to the window
     rejects: list[SourceReject]
@@ -73,9 +74,10 @@ class ClipDataset(Dataset):
         return dataclasses.replace(item, audio=""), audio
 
 
-def collate(items: list[tuple[Clip, np.ndarray] | SourceReject], n_samples: int) -> Batch:
+def collate(items: list[tuple[Clip, np.ndarray] | SourceReject]) -> Batch:
     clips = [item for item in items if not isinstance(item, SourceReject)]
-    audio = torch.zeros(len(clips), n_samples)  # (B, n_samples): Whisper pads with silence
+    longest = max((samples.shape[0] for _, samples in clips), default=0)
+    audio = torch.zeros(len(clips), longest)  # (B, N): Whisper pads with silence (to the window, on the device)
     for i, (_, samples) in enumerate(clips):
         audio[i, : samples.shape[0]] = torch.from_numpy(samples)
     return Batch(

@@ -44,6 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from accelerate.utils import set_seed
 
 from stages.finetune_checkpoints import (
@@ -97,6 +98,7 @@ from whistle_pipeline.windows import (
 log = logging.getLogger(__name__)
 
 BEST_DIR = "best"
+HOST = torch.device("cpu")  # where the frozen encoder waits while the decoder trains
 TRAIN_COLUMNS = [
     "step",
     "epoch_text",
@@ -267,6 +269,7 @@ def train(
     window = TrainWindow()
     last_scores: list[Any] = []
     model.train()
+    encoder_to(training.whisper, HOST)
     while training.step < settings.steps:
         for micro in range(settings.grad_accum):
             examples = next_examples(
@@ -295,8 +298,8 @@ def train(
                 per_token = token_losses(logits, text.labels, settings.label_smoothing)  # (B, S)
                 loss = per_token.sum() / (text.labels != IGNORE_INDEX).sum()
                 kinds = [e.kind for e in examples]
-                losses = kind_losses(per_token, text.labels, kinds)
-                terms = {"loss": loss.item(), **{f"loss_{k}": total / max(n, 1) for k, (total, n) in losses.items()}}
+                loss_value, losses = kind_losses(loss, per_token, text.labels, kinds)
+                terms = {"loss": loss_value, **{f"loss_{k}": total / max(n, 1) for k, (total, n) in losses.items()}}
                 check_finite(training.step + 1, terms)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -321,15 +324,26 @@ def train(
             window = TrainWindow(grad_norm=window.grad_norm)
         if step % settings.val_every == 0 or step == settings.steps:
             if accelerator.is_main_process:
+                encoder_to(training.whisper, device)
                 last_scores = validate_step(setup, inputs, training, val_data, logs)
+                encoder_to(training.whisper, HOST)
             accelerator.wait_for_everyone()
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             history["examples"] = seen
             checkpoint(setup, training, streams)
     bar.close()
     history["examples"] = seen
+    encoder_to(training.whisper, device)
     accelerator.wait_for_everyone()
     return last_scores
+
+
+def encoder_to(whisper: Any, device: torch.device) -> None:
+    """Move the frozen encoder: training never runs it (its states come from the TLE and the stores; val_audio's
+    were made once), so it waits in host memory while training, leaving the accelerator's memory to the batches,
+    and comes back for validation and saving (generate() and device lookups follow the model's first weight,
+    the encoder's). A no-op on a CPU run."""
+    whisper.model.encoder.to(device)
 
 
 def checkpoint(setup: Setup, training: Training, streams: dict[str, Any]) -> None:

@@ -54,8 +54,8 @@ class HeldOut:
 class StoreStream:
     """Stored utterances for one kind, forever: a new epoch starts when this rank's share runs out.
 
-    `position` (epoch, items taken this epoch) is saved in checkpoints; resuming replays the epoch's
-    order and skips the items already taken (read and dropped).
+    `position` (epoch, items taken this epoch) is saved in checkpoints; resuming seeks there without reading
+    the items already taken (FeatureDataset.set_epoch).
     """
 
     def __init__(

@@ -6,8 +6,8 @@ The GPU is the cost, so nothing else may hold it up:
     (audio_batches)            (this module)                           (background_writer)
     decode (soundfile)   ──►   log-mel + encoder on the device   ──►   ShardWriter.add / close
     resample (soxr)            float16, non-blocking copy to           (stats, compression, writes;
-    augment, pad to 30 s       pinned host memory, one batch of        bounded queues hold the
-    (pinned batches)           lag before the host touches it          encoder back if they fall behind)
+    augment, pad to the        pinned host memory, one batch of        bounded queues hold the
+    longest clip (pinned)      lag before the host touches it          encoder back if they fall behind)
 
 In speech mode only the speech frames cross to the host: the frames after the speech (what the
 store's tail template is summed from) and the speech frames' per-channel statistics are summed over
@@ -20,13 +20,16 @@ Shard k holds source rows [k*S, (k+1)*S) and belongs to process k % W, so `accel
 `torchrun` on any number of GPUs (or gloo CPU processes) write one store with no coordination but
 one barrier at the start (rank 0 creates or overwrites the store) and one at the end (the run
 record). Complete shards are skipped on a rerun and incomplete ones redone: resume is free.
+With precompute.claim = "dynamic" on a store with shard locks (StoreWriter.locks: a local or
+lock-capable file system), a process that has written its own shards goes on to the other processes'
+shards from the end (their owners go from the start), taking each that no one has claimed: the
+run ends when the work does, not when its slowest process does. Object stores keep the static split.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import json
 import logging
 import math
@@ -39,8 +42,9 @@ import torch
 from accelerate import PartialState
 from torch.utils.data import DataLoader
 
-from stages.audio_batches import Batch, ClipDataset, collate, quiet_worker
+from stages.audio_batches import ClipDataset, collate, quiet_worker
 from stages.background_writer import BackgroundWriter
+from stages.precompute_device import InFlight, compile_layers, launch
 from stages.precompute_result import PrecomputeResult, RankStats, combined_result
 from store import ShardRecord, StoreReader, StoreSpec, StoreWriter, TeacherInfo
 from whistle_pipeline import preflight
@@ -53,7 +57,6 @@ from whistle_pipeline.teacher import (
     load_teacher,
     non_finite_reason,
     speech_frames,
-    teacher_states,
 )
 
 log = logging.getLogger(__name__)
@@ -65,17 +68,42 @@ END_OF_RUN_TIMEOUT = datetime.timedelta(days=7)  # how long finished processes w
 # --- the shards' batches ------------------------------------------------------------------------
 
 
+def shard_order(rank: int, world: int, n_shards: int, complete: set[int], dynamic: bool) -> list[int]:
+    """The shards process `rank` of `world` tries to claim, in order: its own (k % world == rank) that are not
+    complete, then with `dynamic` claiming the other processes' from the end (their owners go from the start)."""
+    order = [k for k in range(rank, n_shards, world) if k not in complete]
+    if dynamic and world > 1:
+        order += [k for k in reversed(range(n_shards)) if k % world != rank and k not in complete]
+    return order
+
+
+@dataclass
+class _Claims:
+    """What the loader met as it claimed the shards (see _batches)."""
+
+    own: set[int]  # this process's static share: shards k with k % W == its rank
+    rows: int = 0  # source rows of the shards it claimed
+    busy: list[int] = field(default_factory=list)  # of its own shards, those another process had claimed
+    taken_over: list[int] = field(default_factory=list)  # of the other processes' shares, those it claimed
+
+
 def _batches(
-    store: StoreWriter, shards: list[range], shard_size: int, batch_size: int, busy: list[int]
+    store: StoreWriter, shards: list[range], shard_size: int, batch_size: int, claims: _Claims
 ) -> Iterator[list[int]]:
     """Batches within each shard, so a shard's clips are batched alike whichever process runs it and
     whether or not the run is resumed (identical inputs -> identical states). Each shard is claimed
-    when the loader reaches it; one another live run is writing (or has completed since) is skipped
-    and listed in `busy`, so two runs started on one store share the work instead of corrupting it."""
+    when the loader reaches it; one another live process is writing (or has completed since) is skipped,
+    so two runs started on one store share the work instead of corrupting it, and a process that has run
+    out of its own shards takes the ones of slower processes that nobody has started (dynamic claiming)."""
     for rows in shards:
-        if not store.claim(rows.start // shard_size):
-            busy.append(rows.start // shard_size)
+        shard = rows.start // shard_size
+        if not store.claim(shard):
+            if shard in claims.own:
+                claims.busy.append(shard)
             continue
+        claims.rows += len(rows)
+        if shard not in claims.own:
+            claims.taken_over.append(shard)
         yield from (list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size))
 
 
@@ -172,6 +200,8 @@ def run(config: PipelineConfig) -> PrecomputeResult:
             config.teacher.attn_implementation,
         )
         encoder, geometry = teacher.model, teacher.geometry
+    if config.precompute.compile:
+        compile_layers(encoder)
     if state.is_main_process:
         used = {name: dataclasses.asdict(getattr(config, name)) for name in ("teacher", "data", "store", "precompute")}
         log.info("resolved configuration: %s", json.dumps(used))
@@ -182,17 +212,19 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     shard_size = config.store.shard_size
     n_shards = math.ceil(len(source) / shard_size)
     complete = store.complete_shards()
-    mine = range(state.process_index, n_shards, state.num_processes)
-    todo = [k for k in mine if k not in complete]
-    stats = RankStats(rank=state.process_index, shards_skipped=len(mine) - len(todo))
+    rank, world = state.process_index, state.num_processes
+    mine = range(rank, n_shards, world)
+    dynamic = config.precompute.claim == "dynamic" and store.locks
+    todo = shard_order(rank, world, n_shards, complete, dynamic)
+    claims = _Claims(own={k for k in todo if k % world == rank})
+    stats = RankStats(rank=rank, shards_skipped=len(mine) - len(claims.own))
     if stats.shards_skipped:
-        log.info(
-            "rank %d: %d of its %d shards are complete and kept", state.process_index, stats.shards_skipped, len(mine)
-        )
+        log.info("rank %d: %d of its %d shards are complete and kept", rank, stats.shards_skipped, len(mine))
     shards = [range(k * shard_size, min((k + 1) * shard_size, len(source))) for k in todo]
-    stats.rows = sum(len(rows) for rows in shards)
 
-    records = _encode_rows(config, source, encoder, geometry, store, device, shards, stats, state.is_main_process)
+    records = _encode_rows(
+        config, source, encoder, geometry, store, device, shards, stats, claims, state.is_main_process
+    )
     stats.shards_written = len(records)
     stats.nbytes = sum(record.nbytes for record in records)
     stats.seconds = time.perf_counter() - started
@@ -223,19 +255,6 @@ def run(config: PipelineConfig) -> PrecomputeResult:
     return result
 
 
-@dataclass
-class _InFlight:
-    """A batch whose states are on their way to host memory."""
-
-    batch: Batch
-    states: torch.Tensor | None  # (B, F, D) float16 on the host (pinned when copied from a GPU); F = max_frames in
-    #                              full mode, the batch's most speech frames in speech mode
-    copied: torch.cuda.Event | None
-    finite: torch.Tensor | None = None  # (B,) bool: no inf/nan in the window
-    sums: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # shard -> ShardWriter.add_sums
-    #                              arguments (speech mode; see batch_sums)
-
-
 def _encode_rows(
     config: PipelineConfig,
     source: Source,
@@ -245,26 +264,29 @@ def _encode_rows(
     device: torch.device,
     shards: list[range],
     stats: RankStats,
+    claims: _Claims,
     main: bool,
 ) -> list[ShardRecord]:
-    """Encode the rows of `shards` and hand them to the writer threads; the records of the shards written."""
+    """Encode the rows of the `shards` this process claims and hand them to the writer threads; the records of
+    the shards written."""
     if not shards:
         return []
     options = config.precompute
     shard_size = config.store.shard_size
-    busy: list[int] = []
-    loader = _loader(config, source, geometry, store, shards, device, busy)
+    loader = _loader(config, source, geometry, store, shards, device, claims)
     writer = BackgroundWriter(store, options.write_threads, options.write_queue)
-    progress = _progress(stats.rows, enabled=main and options.progress)
+    own_rows = sum(len(rows) for rows in shards if rows.start // shard_size in claims.own)
+    progress = _progress(own_rows, enabled=main and options.progress)
     deliver = _Delivery(writer, stats, geometry, config, shards, progress, encoder.dtype)
     speech = None if deliver.full else (deliver.margin, shard_size)
-    in_flight: _InFlight | None = None
+    copies = torch.cuda.Stream(device) if device.type == "cuda" else None
+    in_flight: InFlight | None = None
     began = time.perf_counter()
     try:
         waited = began
         for batch in loader:
             stats.input_wait_seconds += time.perf_counter() - waited
-            current = _launch(batch, encoder, geometry, device, speech)
+            current = launch(batch, encoder, geometry, device, speech, copies)
             if in_flight is not None:
                 deliver(in_flight)  # overlaps the copy (and on GPU the encoder) of `current`
             in_flight = current
@@ -274,14 +296,17 @@ def _encode_rows(
         records = writer.finish()
         stats.pipeline_seconds = time.perf_counter() - began
         stats.write_wait_seconds = writer.wait_seconds
-        if busy:
-            log.warning(
-                "%d shard(s) were being written by another run on this store and were left to it: %s",
-                len(busy),
-                ", ".join(map(str, busy[:10])) + (", ..." if len(busy) > 10 else ""),
+        if claims.busy:
+            sharing = any(rows.start // shard_size not in claims.own for rows in shards)  # dynamic claiming
+            log.log(
+                logging.INFO if sharing else logging.WARNING,
+                "%d of this process's shard(s) were claimed by another process (%s) and were left to it: %s",
+                len(claims.busy),
+                "a faster one of this run, or another run on this store" if sharing else "another run on this store",
+                ", ".join(map(str, claims.busy[:10])) + (", ..." if len(claims.busy) > 10 else ""),
             )
-        stats.shards_busy = len(busy)
-        stats.rows -= sum(len(rows) for rows in shards if rows.start // shard_size in busy)
+        stats.shards_busy, stats.shards_taken_over = len(claims.busy), len(claims.taken_over)
+        stats.rows = claims.rows
     except BaseException:
         writer.abandon()
         raise
@@ -297,17 +322,17 @@ def _loader(
     store: StoreWriter,
     shards: list[range],
     device: torch.device,
-    busy: list[int],
+    claims: _Claims,
 ) -> DataLoader:
     """Batches of decoded, padded clips from DataLoader workers (shards claimed as the loader reaches them)."""
     options = config.precompute
     workers = options.num_workers
     return DataLoader(
         ClipDataset(source, geometry, options.augment),
-        batch_sampler=_batches(store, shards, config.store.shard_size, options.batch_size, busy),
+        batch_sampler=_batches(store, shards, config.store.shard_size, options.batch_size, claims),
         num_workers=workers,
         prefetch_factor=options.prefetch_factor if workers else None,
-        collate_fn=functools.partial(collate, n_samples=geometry.n_samples),
+        collate_fn=collate,
         pin_memory=device.type == "cuda",
         worker_init_fn=quiet_worker if workers else None,
     )
@@ -333,7 +358,7 @@ class _Delivery:
         self.margin, self.full = config.store.speech_margin_frames, config.store.frames == "full"
         self.left = {rows.start // self.shard_size: len(rows) for rows in shards}  # rows each shard still waits for
 
-    def __call__(self, flight: _InFlight) -> None:
+    def __call__(self, flight: InFlight) -> None:
         writer, stats, geometry = self.writer, self.stats, self.geometry
         if flight.copied is not None:
             flight.copied.synchronize()
@@ -377,78 +402,6 @@ class _Delivery:
         self.progress.update(len(done))
         elapsed = time.perf_counter() - self.began
         self.progress.set_postfix_str(f"{stats.audio_seconds / elapsed:.0f} audio-h/h", refresh=False)
-
-
-def _launch(
-    batch: Batch, encoder, geometry: TeacherGeometry, device: torch.device, speech: tuple[int, int] | None
-) -> _InFlight:
-    """Start the encoder on a batch and the non-blocking copies of its results to host memory.
-
-    `speech` = (margin frames, shard size) in speech mode: then each window is checked for inf/nan and summed
-    into its shard's sums on the device (batch_sums), and only the speech frames are copied.
-    """
-    if not batch.clips:
-        return _InFlight(batch, None, None)
-    audio = batch.audio.to(device, non_blocking=True)  # (B, n_samples)
-    states = teacher_states(encoder, audio, geometry).to(torch.float16)  # (B, M, D), the store's dtype
-    if speech is None:
-        finite, sums = torch.isfinite(states.sum(dim=(1, 2), dtype=torch.float32)), {}  # (B,), as in batch_sums
-    else:
-        margin, shard_size = speech
-        frames = [speech_frames(n_samples, geometry, margin) for n_samples in batch.n_samples]
-        finite, sums = batch_sums(states, frames, [clip.row // shard_size for clip in batch.clips])
-        states = states[:, : max(frames)]  # (B, Tmax, D): only speech frames cross to the host
-    if device.type != "cuda":
-        return _InFlight(batch, states.cpu(), None, finite.cpu(), sums)
-    host_states, host_finite = _pinned_copy(states), _pinned_copy(finite)
-    host_sums = {
-        shard: {name: _pinned_copy(values) for name, values in shard_sums.items()} for shard, shard_sums in sums.items()
-    }
-    copied = torch.cuda.Event()
-    copied.record()
-    return _InFlight(batch, host_states, copied, host_finite, host_sums)
-
-
-def batch_sums(
-    states: torch.Tensor, frames: list[int], shards: list[int]
-) -> tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]]:
-    """Where the states are (the GPU): which windows are finite, and per shard the sums ShardWriter would make
-    from the finite ones (ShardWriter.add_sums arguments), so that only speech frames need reach the host.
-
-    states (B, M, D) float16, frames[b] speech frames of window b, shards[b] its shard -> finite (B,) bool,
-    {shard: {tail_sum (M, D), tail_count (M,) int64, stat_sum (D,), stat_sqsum (D,), stat_count () int64}}
-    (sums float32).
-    """
-    _, max_frames, d_model = states.shape
-    device = states.device
-    # float32 sums of float16 cannot overflow, so a window's sum is finite exactly when all its values are
-    finite = torch.isfinite(states.sum(dim=(1, 2), dtype=torch.float32))  # (B,)
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    for b, (n_frames, shard) in enumerate(zip(frames, shards)):
-        if shard not in out:
-            out[shard] = {
-                "tail_sum": torch.zeros(max_frames, d_model, device=device),
-                "tail_count": torch.zeros(max_frames, dtype=torch.int64, device=device),
-                "stat_sum": torch.zeros(d_model, device=device),
-                "stat_sqsum": torch.zeros(d_model, device=device),
-                "stat_count": torch.zeros((), dtype=torch.int64, device=device),
-            }
-        sums = out[shard]
-        # torch.where, not a multiply: a non-finite window must add nothing (0 x inf is nan)
-        sums["tail_sum"][n_frames:] += torch.where(finite[b], states[b, n_frames:], 0.0)  # (M - T, D)
-        sums["tail_count"][n_frames:] += finite[b]
-        speech = torch.where(finite[b], states[b, :n_frames], 0.0).float()  # (T, D)
-        sums["stat_sum"] += speech.sum(dim=0)
-        sums["stat_sqsum"] += (speech * speech).sum(dim=0)
-        sums["stat_count"] += finite[b] * n_frames
-    return finite, out
-
-
-def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A non-blocking copy of a device tensor into pinned host memory (read it after the copy's event)."""
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -21,7 +21,8 @@ class RankStats:
     rejects: dict[str, int] = field(default_factory=dict)  # by kind (the reason up to its first colon)
     shards_written: int = 0
     shards_skipped: int = 0
-    shards_busy: int = 0  # left to another run that was writing them (see StoreWriter.claim)
+    shards_busy: int = 0  # of its own share, left to another process that had claimed them (StoreWriter.claim)
+    shards_taken_over: int = 0  # of the other processes' shares, written by this one (dynamic claiming)
     nbytes: int = 0
     seconds: float = 0.0  # the whole run, model loading included
     pipeline_seconds: float = 0.0  # first batch requested -> last shard written (the steady-state work)
@@ -45,7 +46,8 @@ class PrecomputeResult:
     shards_total: int
     shards_written: int
     shards_skipped: int
-    shards_busy: int
+    shards_busy: int  # left to another run on the store that was writing them
+    shards_taken_over: int  # written by another process of this run than their owner (dynamic claiming)
     rows: int
     clips: int
     audio_seconds: float
@@ -77,8 +79,9 @@ class PrecomputeResult:
             f"precompute: {self.source} -> {self.store}",
             f"  teacher     {self.teacher} on {self.device} ({self.dtype}), {self.frames} frames, "
             f"{self.world_size} process(es)",
-            f"  shards      {self.shards_written} written, {self.shards_skipped} skipped (complete from an earlier "
-            f"run), "
+            f"  shards      {self.shards_written} written"
+            + (f" ({self.shards_taken_over} taken over from slower processes)" if self.shards_taken_over else "")
+            + f", {self.shards_skipped} skipped (complete from an earlier run), "
             + (f"{self.shards_busy} left to another run writing them, " if self.shards_busy else "")
             + f"{self.shards_total} in all",
             f"  this run    {self.rows} rows: {self.clips} clips stored, {rejected} rejected"
@@ -137,7 +140,9 @@ def combined_result(
         shards_total=n_shards,
         shards_written=sum(s.shards_written for s in everyone),
         shards_skipped=sum(s.shards_skipped for s in everyone),
-        shards_busy=sum(s.shards_busy for s in everyone),
+        # an owner counts a shard another process of the run took over as busy too
+        shards_busy=max(0, sum(s.shards_busy for s in everyone) - sum(s.shards_taken_over for s in everyone)),
+        shards_taken_over=sum(s.shards_taken_over for s in everyone),
         rows=sum(s.rows for s in everyone),
         clips=sum(s.clips for s in everyone),
         audio_seconds=sum(s.audio_seconds for s in everyone),

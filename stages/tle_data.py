@@ -239,7 +239,7 @@ def stream_batches(
     dataset: FeatureDataset, collate: Collate, batch_size: int, num_workers: int, seed: int, epoch: int, skip: int
 ) -> Iterator[tuple[int, int, TrainBatch]]:
     """(epoch, batches read this epoch, batch) forever: a new epoch starts when this rank's share runs out.
-    `skip` batches of the first epoch are read and dropped (resuming at a data position)."""
+    The first epoch starts after its first `skip` batches, without reading them (resuming at a data position)."""
     return endless_epochs(
         dataset, seed, epoch, skip, batch_size=batch_size, collate_fn=collate, num_workers=num_workers
     )

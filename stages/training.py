@@ -128,15 +128,24 @@ def build_optimizer(
     model: torch.nn.Module, settings: Any
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable weights (no weight decay on biases, norms and embeddings) with linear warmup
-    over settings.warmup_steps, then cosine decay to FINAL_LR_FRACTION of the peak at settings.steps."""
+    over settings.warmup_steps, then cosine decay to FINAL_LR_FRACTION of the peak at settings.steps.
+
+    The fused AdamW (one kernel over all weights) where torch has it for the weights' device and dtypes (CUDA
+    and CPU): torch's default steps weight by weight, which at finetune's sizes costs as much as the decoder
+    (bench/RESULTS.md, finetune_step)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 and "embed" not in name else no_decay).append(parameter)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.learning_rate,
-    )
+
+    def groups() -> list[dict[str, Any]]:  # new dicts each time: an optimiser writes its defaults into them
+        return [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    try:
+        optimizer = torch.optim.AdamW(groups(), lr=settings.learning_rate, fused=True)
+    except RuntimeError as err:  # a device or dtype without the fused kernel
+        log.info("fused AdamW is not available here (%s): using torch's default AdamW", err)
+        optimizer = torch.optim.AdamW(groups(), lr=settings.learning_rate)
     warmup, total = settings.warmup_steps, settings.steps
 
     def lr_factor(step: int) -> float:

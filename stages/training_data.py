@@ -26,19 +26,32 @@ log = logging.getLogger(__name__)
 
 
 def endless_epochs(
-    dataset: Any, seed: int, epoch: int, skip: int, **loader_options: Any
+    dataset: Any,
+    seed: int,
+    epoch: int,
+    skip: int,
+    *,
+    batch_size: int | None,
+    num_workers: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> Iterator[tuple[int, int, Any]]:
-    """(epoch, items read this epoch, item) forever from DataLoader(dataset, **loader_options): a new epoch
-    starts when this rank's share runs out; the first `skip` items of the first epoch are read and dropped
-    (resuming at a data position). `dataset` is a FeatureDataset (or anything with set_epoch and url)."""
+    """(epoch, items read this epoch, item) forever from a DataLoader over `dataset`: a new epoch starts when
+    this rank's share runs out. Resuming at a data position, the first epoch starts after its first `skip`
+    items (or batches), which are not read: the dataset seeks there (FeatureDataset.set_epoch). `dataset` is
+    a FeatureDataset (or anything with its set_epoch and url)."""
     while True:
-        dataset.set_epoch(epoch)
+        dataset.set_epoch(epoch, skip, batch_size=batch_size, num_workers=num_workers)
         # its own generator, so starting workers never draws from the global RNG (exact resume)
-        loader = DataLoader(dataset, generator=torch.Generator().manual_seed(seed + epoch), **loader_options)
-        seen = 0
-        for seen, item in enumerate(loader, start=1):
-            if seen > skip:
-                yield epoch, seen, item
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(seed + epoch),
+        )
+        seen = skip
+        for seen, item in enumerate(loader, start=skip + 1):
+            yield epoch, seen, item
         if seen == 0:
             raise WhistleError(
                 f"this process got no training utterances from {dataset.url}: the store has fewer "

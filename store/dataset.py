@@ -29,6 +29,15 @@ DataLoader forms — have similar lengths and little padding; N should be severa
 `set_epoch` changes this object in the main process: DataLoader workers see it when they start,
 so create the DataLoader without `persistent_workers` (or anew each epoch).
 
+Resuming mid-epoch: `set_epoch(epoch, taken, batch_size=, num_workers=)` with the number of items (or
+batches) this rank's DataLoader had given in the epoch seeks there without reading what came before.
+(epoch, taken) fixes everything else: the DataLoader takes its workers' outputs round-robin (skipping
+exhausted workers), so each worker's share of `taken` follows from the lengths of their streams, and
+a worker passes its first items through the same shuffle buffer and length pools as metadata only
+(ids and frame counts from the shards' small arrays; the shuffle's draws never depend on the data),
+then reads on: sequentially from where it stopped, and by random access the few items still held in
+the buffer and pool. The resumed stream is the uninterrupted one, item for item.
+
 A shard found damaged while reading (see `whistle inspect-store --check`) ends the iteration with a
 DamagedShardError naming it and the repair; with `skip_damaged=True` it is logged as an error and the
 worker moves on to its next unit instead (the caller must say so to the user: the data shrank).
@@ -40,6 +49,8 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -53,6 +64,24 @@ from store.reader import DamagedShardError, StoreReader, Utterance
 log = logging.getLogger(__name__)
 
 Unit = tuple[int, int, int]  # (shard, first utterance, stop utterance)
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """An utterance passed while seeking: its place in the shuffle is known, its states are read if it is yielded."""
+
+    shard: int
+    index: int  # position within the shard
+    n_frames: int
+
+
+class _Seek:
+    """Shared by a worker's stream and its consumer: utterances are passed unread while `seeking`; those passed
+    and not yet yielded (held in the shuffle buffer and length pool) are in `passed`."""
+
+    def __init__(self, seeking: bool) -> None:
+        self.seeking = seeking
+        self.passed: dict[tuple[int, int], _Unread] = {}  # (shard, index) -> item
 
 
 class FeatureDataset(IterableDataset):
@@ -96,10 +125,39 @@ class FeatureDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.skip_damaged = skip_damaged
         self.epoch = 0
+        self.skips: dict[int, int] = {}  # consumer -> its items to pass unread this epoch
+        self.rotation = 0  # DataLoader worker j plays worker (j + rotation) % num_workers of the epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the shard order and shuffle of this epoch (call it before iterating, on every rank)."""
+    def set_epoch(self, epoch: int, taken: int = 0, *, batch_size: int | None = None, num_workers: int = 0) -> None:
+        """Choose the shard order and shuffle of this epoch (call it before iterating, on every rank).
+
+        `taken` > 0 resumes the epoch after the first `taken` outputs (items, or batches of `batch_size`)
+        of this rank's DataLoader with `num_workers` workers, without reading them: this reads the small
+        arrays of the rank's shards here, to know how long each worker's stream is.
+        """
         self.epoch = epoch
+        self.skips, self.rotation = self._seek(taken, batch_size or 1, max(num_workers, 1)) if taken else ({}, 0)
+
+    def _seek(self, taken: int, batch_size: int, num_workers: int) -> tuple[dict[int, int], int]:
+        """Items each of this rank's consumers gave in the first `taken` outputs of its DataLoader, and the
+        worker whose output came next: DataLoader worker j plays that worker + j, so that the new DataLoader,
+        which starts its round-robin at worker 0, takes the outputs in the order the first one did."""
+        rank, world_size = self._world()
+        reader = StoreReader(self.url)
+        items = np.array(
+            [
+                _kept_count(
+                    reader, self.assigned_units(rank, world_size, worker, num_workers), self.keep, self.skip_damaged
+                )
+                for worker in range(num_workers)
+            ]
+        )  # (workers,)
+        outputs = -(-items // batch_size)  # (workers,) a worker batches its own stream; the last batch may be short
+        counts, following = round_robin_position(outputs, min(taken, int(outputs.sum())))
+        skips = {
+            rank * num_workers + worker: min(int(n) * batch_size, int(items[worker])) for worker, n in enumerate(counts)
+        }
+        return skips, following
 
     def __len__(self) -> int:
         """Utterances in the store (before `keep`), over all ranks."""
@@ -133,16 +191,28 @@ class FeatureDataset(IterableDataset):
         rank, world_size = self._world()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (worker + self.rotation) % num_workers
+        consumer = rank * num_workers + worker
         units = self.assigned_units(rank, world_size, worker, num_workers)
         # Opened here, in the worker: zarr stores and their event loop do not survive a fork.
         reader = StoreReader(self.url)
-        stream: Iterable[Utterance] = _read_units(reader, units, self.keep, self.skip_damaged)
+        skip = self.skips.get(consumer, 0)
+        seek = _Seek(skip > 0)
+        stream: Iterable[Utterance | _Unread] = _read_units(reader, units, self.keep, self.skip_damaged, seek)
         if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch, rank * num_workers + worker])
+            rng = np.random.default_rng([self.seed, self.epoch, consumer])
             stream = _shuffled(stream, self.shuffle_buffer, rng)
         if self.length_bucket:
             stream = _length_grouped(stream, self.length_bucket)
-        for utt in stream:
+        stream = iter(stream)
+        for item in islice(stream, skip):
+            del seek.passed[item.shard, item.index]
+        seek.seeking = False  # from here on the stream reads what it passes
+        held = _read_held(reader, seek.passed.values(), self.skip_damaged)
+        for item in stream:
+            utt = item if isinstance(item, Utterance) else held.pop((item.shard, item.index), None)
+            if utt is None:  # in a damaged shard, under skip_damaged
+                continue
             yield {
                 "id": utt.id,
                 "text": utt.text,
@@ -154,21 +224,109 @@ class FeatureDataset(IterableDataset):
             }
 
 
-def _read_units(
-    reader: StoreReader, units: list[Unit], keep: Callable[[str], bool] | None, skip_damaged: bool
-) -> Iterator[Utterance]:
+def round_robin_position(lengths: np.ndarray, taken: int) -> tuple[np.ndarray, int]:
+    """After the first `taken` outputs of a round-robin over streams of `lengths`: how many each stream gave,
+    and which stream gives the next output (0 when none is left).
+
+    This is the order in which a DataLoader takes its workers' outputs from an IterableDataset: one from
+    each worker in turn, skipping the workers whose stream has ended.
+    """
+    if not 0 <= taken <= lengths.sum():
+        raise ValueError(f"{taken} outputs cannot be taken from streams of {lengths.sum()} in all")
+    ordered = np.sort(lengths)
+    per_round = len(lengths) - np.searchsorted(ordered, np.arange(lengths.max() + 1), side="right")  # (max + 1,)
+    before = np.concatenate([[0], np.cumsum(per_round)])  # (max + 2,) outputs before each round
+    full_rounds = int(np.searchsorted(before, taken, side="right")) - 1
+    counts = np.minimum(lengths, full_rounds)
+    in_round = np.flatnonzero(lengths > full_rounds)  # the streams that give an output in this round
+    done = taken - int(before[full_rounds])
+    counts[in_round[:done]] += 1
+    following = np.concatenate([in_round[done:], np.flatnonzero(lengths > full_rounds + 1)])
+    return counts, int(following[0]) if len(following) else 0
+
+
+def _kept_count(reader: StoreReader, units: list[Unit], keep: Callable[[str], bool] | None, skip_damaged: bool) -> int:
+    """Utterances of `units` that `keep` accepts, from the shards' ids. Under skip_damaged each shard's index is
+    read and checked, since `_read_units` skips a shard whose index is damaged: it counts none."""
+    if keep is None and not skip_damaged:
+        return sum(stop - first for _, first, stop in units)
+    count = 0
     for shard, first, stop in units:
         try:
-            yield from reader.iter_shard(shard, first, stop, keep=keep)
+            ids = (reader.index(shard).ids if skip_damaged else reader.ids(shard))[first:stop]
+        except DamagedShardError:
+            if not skip_damaged:
+                raise
+            continue
+        count += len(ids) if keep is None else sum(map(keep, ids))
+    return count
+
+
+def _read_units(
+    reader: StoreReader,
+    units: list[Unit],
+    keep: Callable[[str], bool] | None,
+    skip_damaged: bool,
+    seek: _Seek,
+) -> Iterator[Utterance | _Unread]:
+    """The units' utterances in order: unread while `seek.seeking`, then read sequentially from there."""
+    for shard, first, stop in units:
+        try:
+            index = reader.index(shard)
+            i = first
+            while seek.seeking and i < stop:
+                if keep is None or keep(index.ids[i]):
+                    item = _Unread(shard, i, int(index.offsets[i + 1] - index.offsets[i]))
+                    seek.passed[shard, i] = item
+                    yield item
+                i += 1
+            yield from reader.iter_shard(shard, i, stop, keep=keep)
         except DamagedShardError as err:
             if not skip_damaged:
                 raise
             log.error("skipping the rest of utterances %d-%d of shard %d: %s", first, stop - 1, shard, err)
 
 
-def _shuffled(stream: Iterable[Utterance], size: int, rng: np.random.Generator) -> Iterator[Utterance]:
+def _read_held(reader: StoreReader, items: Iterable[_Unread], skip_damaged: bool) -> dict[tuple[int, int], Utterance]:
+    """The utterances of items passed while seeking, read in store order, decoding each chunk that holds one of
+    them once and no chunk that holds none; those of a damaged shard are left out under skip_damaged."""
+    by_shard: dict[int, list[int]] = {}
+    for item in items:
+        by_shard.setdefault(item.shard, []).append(item.index)
+    held = {}
+    for shard, positions in sorted(by_shard.items()):
+        try:
+            index = reader.index(shard)
+            wanted = {index.ids[i] for i in positions}
+            for first, last in _chunk_runs(sorted(positions), index.offsets, index.states.chunks[0]):
+                for utt in reader.iter_shard(shard, first, last + 1, keep=wanted.__contains__):
+                    held[shard, utt.index] = utt
+        except DamagedShardError as err:
+            if not skip_damaged:
+                raise
+            log.error("skipping %d utterances of shard %d: %s", len(positions), shard, err)
+    return held
+
+
+def _chunk_runs(positions: list[int], offsets: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
+    """Sorted utterance positions grouped into runs (first, last) whose rows span no chunk that holds none of them."""
+    runs: list[list[int]] = []  # [first, last, last chunk]
+    for i in positions:
+        first_chunk, last_chunk = int(offsets[i]) // chunk_rows, (int(offsets[i + 1]) - 1) // chunk_rows
+        if runs and first_chunk <= runs[-1][2] + 1:
+            runs[-1][1:] = [i, max(runs[-1][2], last_chunk)]
+        else:
+            runs.append([i, i, last_chunk])
+    return [(first, last) for first, last, _ in runs]
+
+
+def _n_frames(item: Utterance | _Unread) -> int:
+    return len(item.states) if isinstance(item, Utterance) else item.n_frames
+
+
+def _shuffled(stream: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
     """A bounded shuffle: hold `size` items, emit a random one as each new item arrives."""
-    buffer: list[Utterance] = []
+    buffer: list[Any] = []
     for utt in stream:
         if len(buffer) < size:
             buffer.append(utt)
@@ -180,16 +338,16 @@ def _shuffled(stream: Iterable[Utterance], size: int, rng: np.random.Generator) 
     yield from buffer
 
 
-def _length_grouped(stream: Iterable[Utterance], pool_size: int) -> Iterator[Utterance]:
+def _length_grouped(stream: Iterable[Utterance | _Unread], pool_size: int) -> Iterator[Utterance | _Unread]:
     """Pools of `pool_size` items sorted by length, ascending then descending (no jump between pools)."""
-    pool: list[Utterance] = []
+    pool: list[Utterance | _Unread] = []
     descending = False
     for utt in stream:
         pool.append(utt)
         if len(pool) == pool_size:
-            yield from sorted(pool, key=lambda u: len(u.states), reverse=descending)
+            yield from sorted(pool, key=_n_frames, reverse=descending)
             pool, descending = [], not descending
-    yield from sorted(pool, key=lambda u: len(u.states), reverse=descending)
+    yield from sorted(pool, key=_n_frames, reverse=descending)
 
 
 def pad_batch(items: list[dict[str, Any]], dtype: torch.dtype = torch.float32) -> dict[str, Any]:

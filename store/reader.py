@@ -248,6 +248,17 @@ class StoreReader:
             self._layouts.pop(evicted, None)
         return index
 
+    def ids(self, shard: int) -> list[str]:
+        """The utterance ids of a complete shard, reading that array only (unless its index is cached)."""
+        if shard in self._indexes:
+            return self._indexes[shard].ids
+        if shard not in self._complete:
+            raise StoreError(f"shard {shard_name(shard)} is not a complete shard of store {self.url}")
+        try:
+            return self.root[f"{SHARDS_GROUP}/{shard_name(shard)}/ids"][...].tolist()
+        except Exception as err:
+            raise self._damaged(shard, array_damage("ids", err)) from err
+
     def layout(self, shard: int) -> ShardLayout | None:
         """The sharding index of a shard's states object (read once), or None when zarr must read the array."""
         index = self.index(shard)

@@ -188,13 +188,18 @@ class StoreWriter:
         """Indices of the shards marked complete (they are skipped on resume)."""
         return {index for index, attrs in shard_attrs(self.root).items() if attrs.get("complete") is True}
 
+    @property
+    def locks(self) -> bool:
+        """Whether claims are exclusive across processes (an OS lock per shard: local stores on POSIX)."""
+        return fcntl is not None and isinstance(self.store, LocalStore)
+
     def claim(self, index: int) -> bool:
         """Take shard `index` for this process (idempotent); False when another live process is writing
         it or it is complete. The claim lasts until its ShardWriter closes or this process ends."""
         if index in self._claims:
             return True
         handle = None
-        if fcntl is not None and isinstance(self.store, LocalStore):
+        if self.locks:
             folder = os.path.join(str(self.store.root), LOCKS_DIR)
             os.makedirs(folder, exist_ok=True)
             handle = open(os.path.join(folder, shard_name(index)), "a")  # noqa: SIM115 — held until release()

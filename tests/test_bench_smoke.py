@@ -84,3 +84,14 @@ def test_pronunciation_quick():
     # the first 200 lexicon sentences: their words, each counted once at its first token
     assert (int(values["sentences"]), int(values["words"]), int(values["distinct_words"])) == (200, 1790, 1675)
     assert float(values["cold_seconds"]) > 0 and float(values["cached_phonemes_per_s"]) > 0
+
+
+def test_resume_quick():
+    values = run_bench("resume.py")  # the script itself checks that seeking gives the replayed batch
+    assert float(values["replay_s_10x"]) > 0 and float(values["seek_s_10x"]) > 0
+
+
+def test_claiming_quick():
+    values = run_bench("claiming.py")  # the script itself checks that every shard was written once
+    for name in ("static", "dynamic"):
+        assert float(values[f"wall_s_{name}"]) > 0 and 0 <= float(values[f"tail_idle_pct_{name}"]) < 100

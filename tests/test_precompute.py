@@ -329,13 +329,30 @@ def test_gpu_bfloat16_run_matches_the_float32_cpu_run(tiny_whisper_dir, audio_fo
         assert cosine.min() > 0.99, utt_id
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiling on a CPU takes minutes)")
+def test_compiled_encoder_layers_store_what_eager_ones_store(tiny_whisper_dir, audio_folder, tmp_path):
+    """precompute.compile (torch.compile per encoder layer) and the copies on their own stream: the same clips and
+    states as an eager run, to compiled kernels' rounding."""
+    data = manifest(audio_folder)
+    cuda = {"device": "cuda", "dtype": "float32"}
+    run(make_config(tiny_whisper_dir, data, tmp_path / "eager", teacher=cuda))
+    run(make_config(tiny_whisper_dir, data, tmp_path / "compiled", teacher=cuda, precompute={"compile": True}))
+    eager, compiled = stored(tmp_path / "eager"), stored(tmp_path / "compiled")
+    assert sorted(eager) == sorted(compiled)
+    for utt_id, utt in eager.items():
+        np.testing.assert_allclose(
+            compiled[utt_id].states.astype(np.float32), utt.states.astype(np.float32), atol=1e-2, err_msg=utt_id
+        )
+
+
 def test_sums_made_on_the_device_equal_the_writers_own(tmp_path):
     """precompute sums each batch where the encoder ran (batch_sums -> ShardWriter.add_sums) and sends only speech
     frames; the store equals one written the old way, every tail handed to ShardWriter.add, within float32
     rounding."""
     from conftest import store_spec, synthetic_utterances, write_synthetic_store
 
-    from stages.precompute import batch_sums
+    from stages.precompute_device import batch_sums
     from store import StoreWriter
     from store.writer import NON_FINITE_REASON
 
@@ -388,3 +405,19 @@ def test_sums_made_on_the_device_equal_the_writers_own(tmp_path):
     np.testing.assert_allclose(new.tail_template(), old.tail_template(), rtol=1e-6, atol=1e-6)
     for ours, theirs in zip(new.statistics(), old.statistics()):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+def test_batch_sums_of_a_batch_over_two_shards_are_each_shards_own():
+    from stages.precompute_device import batch_sums
+
+    windows = torch.from_numpy(np.random.default_rng(3).normal(size=(3, 20, 4)).astype(np.float16))  # (B, M, D)
+    windows[1, 15, 2] = float("inf")  # in the tail: the window adds nothing
+    frames = [5, 7, 20]
+    finite, sums = batch_sums(windows, frames, [0, 0, 1])
+    assert finite.tolist() == [True, False, True] and list(sums) == [0, 1]
+    for shard, rows in ((0, [0, 1]), (1, [2])):
+        _, own = batch_sums(windows[rows], [frames[r] for r in rows], [shard] * len(rows))
+        for name, values in own[shard].items():
+            assert torch.equal(sums[shard][name], values), (shard, name)
+    assert sums[0]["stat_count"] == 5 and sums[0]["tail_count"].tolist() == [0] * 5 + [1] * 15
+    assert torch.equal(sums[0]["tail_sum"][5:], windows[0, 5:].float())

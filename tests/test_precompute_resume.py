@@ -158,6 +158,8 @@ def test_two_processes_write_the_same_store_as_one(teacher, clips_manifest, tmp_
             "-m",
             "whistle_pipeline",
             *arguments(teacher, manifest, tmp_path / "two"),
+            "--set",
+            "precompute.claim=static",  # shard k to process k % 2, and no other
         ],
         capture_output=True,
         text=True,
@@ -180,6 +182,62 @@ def test_two_processes_write_the_same_store_as_one(teacher, clips_manifest, tmp_
     record = StoreReader(str(tmp_path / "two")).record("precompute.json")
     assert record["world_size"] == 2 and [r["shards_written"] for r in record["per_rank"]] == [4, 4]
     assert record["clips"] == 15 and record["rejects"] == {"audio not found": 1}
+
+
+SLOW_SECOND_PROCESS = """
+import os, sys, time
+import torch
+from whistle_pipeline.cli import main
+if os.environ["RANK"] == "1":  # this process's encoder takes 3 s a batch
+    torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: time.sleep(3) if type(module).__name__ == "TeacherEncoder" else None
+    )
+main()
+"""
+
+
+def test_a_process_that_ran_out_takes_over_the_shards_of_a_slow_one(teacher, clips_manifest, tmp_path):
+    """Dynamic claiming (the default): with one process made slow, the other writes its own shards, then those
+    of the slow one that it has not started, from the end; the store is the one a single process writes."""
+    manifest = clips_manifest.with_name("first-16.jsonl")
+    manifest.write_text("\n".join(clips_manifest.read_text().splitlines()[:16]), encoding="utf-8")
+    script = tmp_path / "slow_second_process.py"
+    script.write_text(SLOW_SECOND_PROCESS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            *arguments(teacher, manifest, tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, "-m", "whistle_pipeline", *arguments(teacher, manifest, tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    assert_same_store(contents(tmp_path / "two"), contents(tmp_path / "one"))
+    record = StoreReader(str(tmp_path / "two")).record("precompute.json")
+    fast, slow = record["per_rank"]
+    assert fast["shards_written"] + slow["shards_written"] == 8 and fast["shards_taken_over"] >= 1
+    assert fast["shards_written"] == 4 + fast["shards_taken_over"] and slow["shards_taken_over"] == 0
+    assert slow["shards_busy"] == fast["shards_taken_over"] and record["shards_busy"] == 0
+    assert record["rows"] == 16 and record["clips"] == 15
+    assert f"8 written ({record['shards_taken_over']} taken over from slower processes)" in two.stdout
 
 
 def test_a_resume_with_other_teacher_weights_is_refused_and_the_same_weights_elsewhere_are_not(

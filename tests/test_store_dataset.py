@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import store_spec, synthetic_utterances, write_synthetic_store
 from torch.utils.data import DataLoader
+from zarr.storage import LocalStore
 
-from store.dataset import FeatureDataset, pad_batch
+from store.dataset import FeatureDataset, pad_batch, round_robin_position
 from store.reader import DamagedShardError
 
 
@@ -87,6 +88,73 @@ def test_length_grouping_sorts_pools(tmp_path):
     assert lengths[16:24] == sorted(lengths[16:24])
 
 
+def loader_ids(dataset, epoch, taken=0, batch_size=None, num_workers=2):
+    """The ids a DataLoader over `dataset` gives in `epoch`, resumed after its first `taken` outputs."""
+    dataset.set_epoch(epoch, taken, batch_size=batch_size, num_workers=num_workers)
+    collate = None if batch_size is None else pad_batch
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    return [item["id"] if batch_size is None else tuple(item["ids"]) for item in loader]
+
+
+def test_round_robin_position_skips_the_streams_that_ended():
+    lengths = np.array([1, 3, 2])  # a DataLoader takes a1 b1 c1 b2 c2 b3
+    positions = [round_robin_position(lengths, n) for n in range(7)]
+    assert [counts.tolist() for counts, _ in positions] == [
+        [0, 0, 0],
+        [1, 0, 0],
+        [1, 1, 0],
+        [1, 1, 1],
+        [1, 2, 1],
+        [1, 2, 2],
+        [1, 3, 2],
+    ]
+    assert [following for _, following in positions] == [0, 1, 2, 1, 2, 1, 0]
+    with pytest.raises(ValueError, match="7 outputs"):
+        round_robin_position(lengths, 7)
+
+
+# 2 workers over shards of 6 and 6 + 4 (held-out rows dropped): the streams end at different times.
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_a_resumed_epoch_is_the_rest_of_the_uninterrupted_one(tmp_path, batch_size):
+    url, _ = make_store(tmp_path, 16, 6)
+    dataset = FeatureDataset(url, seed=5, shuffle_buffer=3, length_bucket=4, keep=odd_rows, rank=0, world_size=1)
+    whole = loader_ids(dataset, 1, batch_size=batch_size)
+    for taken in range(len(whole) + 1):
+        assert loader_ids(dataset, 1, taken, batch_size=batch_size) == whole[taken:], taken
+    single = loader_ids(dataset, 1, batch_size=batch_size, num_workers=0)  # one stream, read in the process
+    assert loader_ids(dataset, 1, 3, batch_size=batch_size, num_workers=0) == single[3:]
+
+
+class CountingStore(LocalStore):
+    """A local zarr store that records which shards' states objects are read."""
+
+    def __init__(self, root, shards_read):
+        super().__init__(root, read_only=True)
+        self.shards_read = shards_read
+
+    async def get(self, key, prototype, byte_range=None):
+        if "/states/c" in key:  # the states' chunks, not their metadata
+            self.shards_read.add(int(key.split("/")[1]))
+        return await super().get(key, prototype, byte_range)
+
+
+def test_resuming_reads_no_state_it_passes(tmp_path):
+    """Seeking past 4 of 5 shards reads the states of the shards it yields from, not those before."""
+    url, _ = make_store(tmp_path, 30, 6)
+    shards_read: set[int] = set()
+    dataset = FeatureDataset(CountingStore(url, shards_read), seed=1, shuffle_buffer=2, rank=0, world_size=1)
+    dataset.set_epoch(0)
+    whole = list(dataset)
+    assert shards_read == {0, 1, 2, 3, 4}
+    shards_read.clear()
+    dataset.set_epoch(0, 24)
+    rest = list(dataset)
+    assert [item["id"] for item in rest] == [item["id"] for item in whole[24:]]
+    shard_of = {f"utt{i:04d}": i // 6 for i in range(30)}
+    assert shards_read == {shard_of[item["id"]] for item in rest}  # the last shard and a straggler or two
+    assert len(shards_read) < 5
+
+
 def test_items_and_pad_batch(tmp_path):
     url, utts = make_store(tmp_path, 6, 6)
     by_id = {u["id"]: u for u in utts}
@@ -131,3 +199,6 @@ def test_a_damaged_shard_fails_the_iteration_or_is_skipped_when_asked(tmp_path, 
         ids = sorted(item["id"] for item in FeatureDataset(url, skip_damaged=True))
     assert ids == sorted(u["id"] for i, u in enumerate(utts) if not 6 <= i < 12)
     assert "shard 00001" in caplog.text and "speech_frames" in caplog.text
+    dataset = FeatureDataset(url, skip_damaged=True, shuffle_buffer=4, rank=0, world_size=1)
+    whole = loader_ids(dataset, 0)  # resuming counts what the damaged shard no longer gives
+    assert all(loader_ids(dataset, 0, taken) == whole[taken:] for taken in (1, 5, 9))

@@ -124,6 +124,8 @@ class PrecomputeConfig:
     write_threads: int
     write_queue: int
     augment: Literal["none", "telephone"]
+    claim: Literal["dynamic", "static"]
+    compile: bool
     strict: bool
     overwrite: bool
     progress: bool

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -88,14 +89,13 @@ class Windows:
                 window, lengths = self.null_windows(len(rows))
             else:
                 template = self.templates[kind]  # (F, D)
-                lengths = torch.tensor([len(examples[i].states) for i in rows], device=template.device)  # (b,)
-                states = torch.zeros(len(rows), int(lengths.max()), template.shape[1], device=template.device)
-                for b, i in enumerate(rows):
-                    states[b, : lengths[b]] = examples[i].states.to(template.device)  # (T, D) float16 -> float32
+                states, lengths = stacked_states([examples[i].states for i in rows], template.device)
                 window = assemble_window(states, lengths, template)  # (b, F, D)
+                longest = max(longest, states.shape[1])
             parts.append(window)
             groups.append((rows[0], rows[-1] + 1))
-            longest = max(longest, int(lengths.max()))
+            if kind == "text":
+                longest = max(longest, int(lengths.max()))  # the TLE's lengths: one read from the device
         return torch.cat(parts), CommonTail(longest, tuple(groups))  # (B, F, D)
 
     def null_windows(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +128,20 @@ class Windows:
             pronunciation=pronunciation,
         )  # (b, T, D), (b,)
         return tle.full_window(speech, lengths), lengths  # (b, F, D), (b,)
+
+
+def stacked_states(states: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored speech frames (T_b, D) float16 of one batch, zero-padded on the host into one tensor (pinned when it
+    goes to a GPU) and sent to `device` in one copy: (b, T, D) float32 there, and their lengths (b,) there.
+    One transfer per batch, not one per example, and no read back from the device."""
+    lengths = [len(frames) for frames in states]
+    host = torch.zeros(
+        len(states), max(lengths), states[0].shape[1], dtype=states[0].dtype, pin_memory=device.type == "cuda"
+    )
+    for b, frames in enumerate(states):
+        host[b, : lengths[b]] = frames
+    lengths_host = torch.tensor(lengths, pin_memory=device.type == "cuda")  # (b,)
+    return host.to(device, non_blocking=True).float(), lengths_host.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -196,12 +210,20 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: fl
     )
 
 
-def kind_losses(per_token: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]) -> dict[str, tuple[float, int]]:
-    """kind -> (summed token loss, label tokens) over a batch, for logging."""
-    per_example = per_token.detach().sum(1)  # (B,)
-    counts = (labels != IGNORE_INDEX).sum(1)  # (B,)
-    out: dict[str, tuple[float, int]] = {}
-    for b, kind in enumerate(kinds):
-        total, n = out.get(kind, (0.0, 0))
-        out[kind] = (total + float(per_example[b]), n + int(counts[b]))
-    return out
+def kind_losses(
+    loss: torch.Tensor, per_token: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]
+) -> tuple[float, dict[str, tuple[float, int]]]:
+    """The batch loss, and kind -> (summed token loss, label tokens) over the batch, for logging: one read from
+    the device for all of them (a read per example would wait on the device B times a step). The kinds' rows
+    are taken as slices (examples come grouped by kind), so nothing is sent to the device either."""
+    per_example = per_token.detach().sum(1).double()  # (B,)
+    counts = (labels != IGNORE_INDEX).sum(1).double()  # (B,)
+    runs: dict[str, list[slice]] = {}
+    start = 0
+    for kind, run in groupby(kinds):
+        end = start + len(list(run))
+        runs.setdefault(kind, []).append(slice(start, end))
+        start = end
+    sums = [sum(values[rows].sum() for rows in slices) for slices in runs.values() for values in (per_example, counts)]
+    read = torch.stack([loss.detach().double(), *sums]).tolist()  # [loss, total_1, count_1, total_2, ...]
+    return read[0], {kind: (read[1 + 2 * k], int(read[2 + 2 * k])) for k, kind in enumerate(runs)}
