@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,15 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.training_data import endless_epochs, held_out_items
-from store import StoreReader
+from store import StoreReader, Utterance
 from store.dataset import FeatureDataset, pad_batch
-from whistle_pipeline.alignment import align_batch, alignment_heads
+from whistle_pipeline.alignment import alignment_costs, alignment_heads, durations_from_costs
 from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import FrozenTeacher, decoder_cross_entropy, greedy_transcribe
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import corpus_wer
 from whistle_pipeline.text import TextBatch, encode_texts, transcript_problem
-from whistle_pipeline.tle import TLEModel, masked_cosine, masked_mse
+from whistle_pipeline.tle import TLEModel, assemble_window, masked_cosine, masked_mse
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +82,32 @@ def alignment_fingerprint(reader: StoreReader, teacher_name: str, teacher: Froze
 
 
 def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_size: int) -> dict[str, Any]:
-    """Durations of one shard's utterances from the teacher reading their real full windows."""
-    heads = alignment_heads(teacher.model)
-    record: dict[str, Any] = {"durations": {}, "languages": {}, "rejects": {}}
-    pending = []
-    speech_mode = reader.spec.frames == "speech"  # then every window's tail is this store's template
-    if speech_mode:
-        teacher.set_tail_template(torch.tensor(reader.tail_template()))
+    """Durations of one shard's utterances from the teacher reading their real full windows.
 
-    def flush() -> None:
-        windows = torch.from_numpy(np.stack([reader.full_window(u.states) for u in pending]))  # (B, F, D)
-        windows = windows.to(teacher.model.device)
+    The stored float16 frames go to the device as they are and become full windows there; each batch's
+    DTW runs on a worker thread while the device reads the next batch."""
+    heads = alignment_heads(teacher.model)
+    device = teacher.model.device
+    record: dict[str, Any] = {"durations": {}, "languages": {}, "rejects": {}}
+    speech_mode = reader.spec.frames == "speech"  # then every window's tail is this store's template
+    template = torch.tensor(reader.tail_template(), device=device)  # (F, D) float32
+    if speech_mode:
+        teacher.set_tail_template(template)
+    template = template.to(teacher.model.dtype)
+    pending: list[Utterance] = []
+    # in store order: (utterance id, why it is unusable), or (a batch's ids and speech frames, the future of
+    # its DTW on the worker)
+    outcomes: list[tuple[str, str] | tuple[list[tuple[str, int]], Future]] = []
+
+    def flush(worker: ThreadPoolExecutor) -> None:
+        stored = torch.tensor([len(u.states) for u in pending])  # (B,) stored frames
+        states = torch.zeros(len(pending), int(stored.max()), template.shape[1], dtype=torch.float16)  # (B, T, D)
+        for b, utt in enumerate(pending):
+            states[b, : len(utt.states)] = torch.from_numpy(utt.states)
+        if device.type == "cuda":
+            states = states.pin_memory()
+        states = states.to(device, non_blocking=True).to(template.dtype)
+        windows = assemble_window(states, stored.to(device), template)  # (B, F, D) in the teacher's dtype
         batch = encode_texts(
             teacher.tokenizer,
             teacher.specials,
@@ -99,27 +115,35 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
             [u.language for u in pending],
             teacher.max_positions,
         )
-        lengths = torch.tensor([u.speech_frames for u in pending])
-        speech_frames = max(len(u.states) for u in pending) if speech_mode else None
-        aligned = align_batch(teacher, heads, windows, batch.to(windows.device), lengths, speech_frames)
-        for utt, durations in zip(pending, aligned):
-            if durations is None:
-                record["rejects"][utt.id] = f"{utt.speech_frames} speech frames for more text tokens"
-            else:
-                record["durations"][utt.id] = durations.tolist()
+        lengths = torch.tensor([u.speech_frames for u in pending])  # (B,)
+        speech_frames = states.shape[1] if speech_mode else None
+        costs = alignment_costs(teacher, heads, windows, batch.to(device), lengths, speech_frames)
+        outcomes.append(([(u.id, u.speech_frames) for u in pending], worker.submit(durations_from_costs, costs)))
         pending.clear()
 
-    for utt in reader.iter_shard(shard):
-        record["languages"][utt.id] = utt.language
-        problem = transcript_problem(teacher.tokenizer, teacher.specials, utt.text, utt.language, teacher.max_positions)
-        if problem:
-            record["rejects"][utt.id] = problem
-            continue
-        pending.append(utt)
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtw") as worker:
+        for utt in reader.iter_shard(shard):
+            record["languages"][utt.id] = utt.language
+            problem = transcript_problem(
+                teacher.tokenizer, teacher.specials, utt.text, utt.language, teacher.max_positions
+            )
+            if problem:
+                outcomes.append((utt.id, problem))
+                continue
+            pending.append(utt)
+            if len(pending) == batch_size:
+                flush(worker)
+        if pending:
+            flush(worker)
+        for first, second in outcomes:
+            if isinstance(first, str):
+                record["rejects"][first] = second
+                continue
+            for (utt_id, speech_frames), durations in zip(first, second.result()):
+                if durations is None:
+                    record["rejects"][utt_id] = f"{speech_frames} speech frames for more text tokens"
+                else:
+                    record["durations"][utt_id] = durations.tolist()
     return record
 
 
