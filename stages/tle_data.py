@@ -207,19 +207,45 @@ class KeepSplit:
 
 @dataclass
 class TrainBatch:
-    states: torch.Tensor  # (B, T, D) teacher-scale speech frames, zero-padded
+    states: torch.Tensor  # (B, T, D) teacher-scale speech frames, zero-padded: float16 (the store's) until `to`
     durations: torch.Tensor  # (B, L) frames per TLE token; row sums are the speech frames
     language_ids: torch.Tensor  # (B,)
     text: TextBatch
     ids: list[str]
+    frames: int  # speech frames in the batch (the sum of `durations`), known on the host
+
+    def pin_memory(self) -> TrainBatch:
+        """The same batch in page-locked memory (the DataLoader's pin_memory calls this): copies to the GPU
+        then run asynchronously."""
+        text = self.text
+        pinned = TextBatch(
+            text.tle_tokens.pin_memory(),
+            text.tle_mask.pin_memory(),
+            text.decoder_input_ids.pin_memory(),
+            text.labels.pin_memory(),
+            text.prefix_length,
+            text.texts,
+            text.languages,
+        )
+        return TrainBatch(
+            self.states.pin_memory(),
+            self.durations.pin_memory(),
+            self.language_ids.pin_memory(),
+            pinned,
+            self.ids,
+            self.frames,
+        )
 
     def to(self, device: torch.device) -> TrainBatch:
+        """The batch on `device`, its states float32 there (float16 is half the bytes to copy; the values are
+        the store's either way)."""
         return TrainBatch(
-            self.states.to(device, non_blocking=True),
-            self.durations.to(device),
-            self.language_ids.to(device),
+            self.states.to(device, non_blocking=True).float(),
+            self.durations.to(device, non_blocking=True),
+            self.language_ids.to(device, non_blocking=True),
             self.text.to(device),
             self.ids,
+            self.frames,
         )
 
 
@@ -233,7 +259,7 @@ class Collate:
         self.languages, self.max_positions = languages, max_positions
 
     def __call__(self, items: list[dict[str, Any]]) -> TrainBatch:
-        padded = pad_batch(items)
+        padded = pad_batch(items, torch.float16)
         text = encode_texts(self.tokenizer, self.specials, padded["texts"], padded["languages"], self.max_positions)
         durations = torch.zeros_like(text.tle_tokens)  # (B, L)
         for b, utt_id in enumerate(padded["ids"]):
@@ -246,16 +272,32 @@ class Collate:
             durations[b, : len(row)] = torch.from_numpy(row)
         speech = int(padded["speech_frames"].max())  # full-window stores: only the speech frames are targets
         language_ids = torch.tensor([self.languages.index(code) for code in padded["languages"]])
-        return TrainBatch(padded["states"][:, :speech], durations, language_ids, text, padded["ids"])
+        frames = int(padded["speech_frames"].sum())
+        return TrainBatch(padded["states"][:, :speech], durations, language_ids, text, padded["ids"], frames)
 
 
 def stream_batches(
-    dataset: FeatureDataset, collate: Collate, batch_size: int, num_workers: int, seed: int, epoch: int, skip: int
+    dataset: FeatureDataset,
+    collate: Collate,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    epoch: int,
+    skip: int,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[int, int, TrainBatch]]:
     """(epoch, batches read this epoch, batch) forever: a new epoch starts when this rank's share runs out.
-    `skip` batches of the first epoch are read and dropped (resuming at a data position)."""
+    `skip` batches of the first epoch are read and dropped (resuming at a data position). pin_memory: batches
+    in page-locked memory (for a GPU: their copies then overlap the step)."""
     return endless_epochs(
-        dataset, seed, epoch, skip, batch_size=batch_size, collate_fn=collate, num_workers=num_workers
+        dataset,
+        seed,
+        epoch,
+        skip,
+        batch_size=batch_size,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
     )
 
 

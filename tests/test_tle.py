@@ -271,8 +271,8 @@ def test_tle_loss_combines_weighted_terms():
     ce = torch.tensor(2.0)
     weights = LossWeights(mse=1.0, cosine=0.5, length=0.1, beta=0.0, free_bits=0.0, decoder_ce=0.3, decoder_kl=0.7)
     terms = tle_loss(out, target, durations, mask, weights, decoder_ce=ce, decoder_kl=torch.tensor(0.5))
-    expected = terms.mse + 0.5 * (1 - terms.cosine) + 0.1 * terms.length + 0.3 * 2.0 + 0.7 * 0.5
-    assert terms.decoder_kl == pytest.approx(0.5)
+    expected = float(terms.mse) + 0.5 * (1 - float(terms.cosine)) + 0.1 * float(terms.length) + 0.3 * 2.0 + 0.7 * 0.5
+    assert float(terms.decoder_kl) == pytest.approx(0.5)
     assert terms.total.item() == pytest.approx(expected, rel=1e-5)
     terms.total.backward()
     assert model.output.weight.grad.abs().sum() > 0
