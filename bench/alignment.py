@@ -57,9 +57,9 @@ def _tests_on_path() -> None:
         sys.path.insert(0, str(TESTS))
 
 
-def save_teacher(size: str, folder: Path) -> Path:
-    """A random-weight Whisper of `size` (real vocabulary size and window) with the tests' small tokenizer and
-    openai's alignment heads of that size, saved like a checkpoint."""
+def save_teacher(size: str, folder: Path, dtype: torch.dtype = torch.float32, **shape: int) -> Path:
+    """A random-weight Whisper of `size` (real vocabulary size and window; `shape` overrides its config) with the
+    tests' small tokenizer and openai's alignment heads of that size, saved like a checkpoint in `dtype`."""
     from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     _tests_on_path()
@@ -76,9 +76,10 @@ def save_teacher(size: str, folder: Path) -> Path:
         eos_token_id=end,
         decoder_start_token_id=start,
         begin_suppress_tokens=None,
+        **shape,
     )
     torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config)
+    model = WhisperForConditionalGeneration(config).to(dtype)
     model.generation_config = GenerationConfig(
         decoder_start_token_id=start,
         eos_token_id=end,
