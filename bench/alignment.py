@@ -3,8 +3,10 @@ windows built on the host, every decoder layer and the logits run eagerly with o
 one utterance at a time on the main thread) vs stages/tle_data.align_shard now (float16 frames to the device,
 full windows built there, the decoder run only up to its last alignment layer and only the alignment heads'
 attention over the speech frames computed, one batched DTW per batch on a worker thread), same teacher, same
-store shard, same batches, timed round-robin in one run. The durations are checked equal (tests/test_tle.py
-holds the reference and the same check on the tiny test teacher).
+store shard, timed round-robin in one run. The durations are checked equal (tests/test_tle.py holds the
+reference and the same check on the tiny test teacher). `dtw_*`: the host side alone (DTW + durations) on
+random costs of the store's shapes (3.3 tokens per second of speech), per utterance as first written vs one
+batched pass per batch: what bounds a GPU's alignment rate once the decoder is fast.
 
 The teacher is a random-weight Whisper of a released size (tiny by default) with the tests' small tokenizer,
 so the vocabulary (logits) and the 1500-frame window are real; the store holds random float16 states of
@@ -130,6 +132,39 @@ def align_shard_as_first_written(reader: StoreReader, shard: int, teacher, batch
     return durations
 
 
+def dtw_rates(costs: list[np.ndarray], batch_size: int, repeats: int) -> tuple[float, float]:
+    """Utterances per second of the host side alone (DTW + durations) on the same costs: one utterance at a
+    time as first written (tests/test_tle.py's reference path) vs one batched pass per batch now."""
+    _tests_on_path()
+    from test_tle import first_columns, reference_dtw_path
+
+    from whistle_pipeline.alignment import AlignmentCosts, durations_from_costs, durations_from_first_columns
+
+    def first() -> None:
+        for cost in costs:
+            rows, cols = reference_dtw_path(cost)
+            durations_from_first_columns(first_columns(rows, cols, cost.shape[0]), cost.shape[0], cost.shape[1])
+
+    def now() -> None:
+        for start in range(0, len(costs), batch_size):
+            chunk = costs[start : start + batch_size]
+            padded = np.zeros((len(chunk), max(c.shape[0] for c in chunk), max(c.shape[1] for c in chunk)))
+            for b, cost in enumerate(chunk):
+                padded[b, : cost.shape[0], : cost.shape[1]] = cost
+            shapes = np.array([c.shape for c in chunk])
+            durations_from_costs(AlignmentCosts(padded, shapes[:, 0], shapes[:, 1]))
+
+    rates = []
+    for path in (first, now):
+        seconds = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            path()
+            seconds.append(time.perf_counter() - began)
+        rates.append(len(costs) / median(seconds))
+    return rates[0], rates[1]
+
+
 @click.command()
 @click.option("--size", default="tiny", show_default=True, type=click.Choice(sorted(ALIGNMENT_HEADS)))
 @click.option("--utterances", default=96, show_default=True, help="Utterances in the aligned shard.")
@@ -147,7 +182,9 @@ def main(size: str, utterances: int, batch_size: int, repeats: int, device: str,
         config = whisper_config(size)
         seconds = clip_seconds(utterances, np.random.default_rng(0))
         write_store(folder / "store", seconds, config.d_model, shard_size=utterances)
-        teacher = load_frozen_teacher(str(save_teacher(size, folder / "teacher")), "main", device, dtype)
+        with torch.device(device):  # random initialisation on the device
+            save_teacher(size, folder / "teacher")
+        teacher = load_frozen_teacher(str(folder / "teacher"), "main", device, dtype)
         reader = StoreReader(folder / "store")
         sync = synchronizer(device)
         paths = {
@@ -163,6 +200,10 @@ def main(size: str, utterances: int, batch_size: int, repeats: int, device: str,
                 path()
                 sync()
                 seconds_taken[name].append(time.perf_counter() - began)
+    rng = np.random.default_rng(1)
+    frames = (seconds * 50).astype(int) + 2  # speech frames of the store's clips
+    costs = [rng.normal(size=(max(2, int(f / 50 * 3.3)) + 1, f)) for f in frames]  # 3.3 tokens/s + the end token
+    dtw_first, dtw_now = dtw_rates(costs, batch_size, repeats)
     aligned = len(results["now"])
     same = sum(results["first"].get(utt_id) == row for utt_id, row in results["now"].items())
     tokens = np.mean([len(row) for row in results["now"].values()])
@@ -181,6 +222,9 @@ def main(size: str, utterances: int, batch_size: int, repeats: int, device: str,
             "first_utt_per_s": first,
             "now_utt_per_s": now,
             "speedup": now / first,
+            "dtw_first_utt_per_s": dtw_first,
+            "dtw_now_utt_per_s": dtw_now,
+            "dtw_speedup": dtw_now / dtw_first,
         }
     )
 

@@ -81,28 +81,32 @@ def alignment_fingerprint(reader: StoreReader, teacher_name: str, teacher: Froze
     )
 
 
+POOL_BATCHES = 8  # batches' worth of utterances grouped by length at a time: little padding per batch
+
+
 def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_size: int) -> dict[str, Any]:
     """Durations of one shard's utterances from the teacher reading their real full windows.
 
-    The stored float16 frames go to the device as they are and become full windows there; each batch's
-    DTW runs on a worker thread while the device reads the next batch."""
+    Utterances are batched by length within pools of POOL_BATCHES batches (the decoder projects the speech
+    frames up to each batch's longest); the stored float16 frames go to the device as they are and become full
+    windows there; each batch's DTW runs on a worker thread while the device reads the next batch. The record
+    lists the utterances in store order."""
     heads = alignment_heads(teacher.model)
     device = teacher.model.device
-    record: dict[str, Any] = {"durations": {}, "languages": {}, "rejects": {}}
     speech_mode = reader.spec.frames == "speech"  # then every window's tail is this store's template
     template = torch.tensor(reader.tail_template(), device=device)  # (F, D) float32
     if speech_mode:
         teacher.set_tail_template(template)
     template = template.to(teacher.model.dtype)
-    pending: list[Utterance] = []
-    # in store order: (utterance id, why it is unusable), or (a batch's ids and speech frames, the future of
-    # its DTW on the worker)
-    outcomes: list[tuple[str, str] | tuple[list[tuple[str, int]], Future]] = []
+    languages: dict[str, str] = {}
+    problems: dict[str, str] = {}  # transcripts the teacher cannot read
+    pool: list[Utterance] = []
+    aligning: list[tuple[list[tuple[str, int]], Future]] = []  # (ids and speech frames, DTW on the worker)
 
-    def flush(worker: ThreadPoolExecutor) -> None:
-        stored = torch.tensor([len(u.states) for u in pending])  # (B,) stored frames
-        states = torch.zeros(len(pending), int(stored.max()), template.shape[1], dtype=torch.float16)  # (B, T, D)
-        for b, utt in enumerate(pending):
+    def flush(utterances: list[Utterance], worker: ThreadPoolExecutor) -> None:
+        stored = torch.tensor([len(u.states) for u in utterances])  # (B,) stored frames
+        states = torch.zeros(len(utterances), int(stored.max()), template.shape[1], dtype=torch.float16)  # (B, T, D)
+        for b, utt in enumerate(utterances):
             states[b, : len(utt.states)] = torch.from_numpy(utt.states)
         if device.type == "cuda":
             states = states.pin_memory()
@@ -111,39 +115,50 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
         batch = encode_texts(
             teacher.tokenizer,
             teacher.specials,
-            [u.text for u in pending],
-            [u.language for u in pending],
+            [u.text for u in utterances],
+            [u.language for u in utterances],
             teacher.max_positions,
         )
-        lengths = torch.tensor([u.speech_frames for u in pending])  # (B,)
+        lengths = torch.tensor([u.speech_frames for u in utterances])  # (B,)
         speech_frames = states.shape[1] if speech_mode else None
         costs = alignment_costs(teacher, heads, windows, batch.to(device), lengths, speech_frames)
-        outcomes.append(([(u.id, u.speech_frames) for u in pending], worker.submit(durations_from_costs, costs)))
-        pending.clear()
+        ids = [(u.id, u.speech_frames) for u in utterances]
+        aligning.append((ids, worker.submit(durations_from_costs, costs)))
+
+    def flush_pool(worker: ThreadPoolExecutor) -> None:
+        pool.sort(key=lambda u: len(u.states))
+        for start in range(0, len(pool), batch_size):
+            flush(pool[start : start + batch_size], worker)
+        pool.clear()
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtw") as worker:
         for utt in reader.iter_shard(shard):
-            record["languages"][utt.id] = utt.language
+            languages[utt.id] = utt.language
             problem = transcript_problem(
                 teacher.tokenizer, teacher.specials, utt.text, utt.language, teacher.max_positions
             )
             if problem:
-                outcomes.append((utt.id, problem))
+                problems[utt.id] = problem
                 continue
-            pending.append(utt)
-            if len(pending) == batch_size:
-                flush(worker)
-        if pending:
-            flush(worker)
-        for first, second in outcomes:
-            if isinstance(first, str):
-                record["rejects"][first] = second
-                continue
-            for (utt_id, speech_frames), durations in zip(first, second.result()):
-                if durations is None:
-                    record["rejects"][utt_id] = f"{speech_frames} speech frames for more text tokens"
-                else:
-                    record["durations"][utt_id] = durations.tolist()
+            pool.append(utt)
+            if len(pool) == batch_size * POOL_BATCHES:
+                flush_pool(worker)
+        flush_pool(worker)
+        aligned = {
+            utt_id: (speech_frames, durations)
+            for ids, future in aligning
+            for (utt_id, speech_frames), durations in zip(ids, future.result())
+        }
+    record: dict[str, Any] = {"durations": {}, "languages": languages, "rejects": {}}
+    for utt_id in languages:  # store order
+        if utt_id in problems:
+            record["rejects"][utt_id] = problems[utt_id]
+            continue
+        speech_frames, durations = aligned[utt_id]
+        if durations is None:
+            record["rejects"][utt_id] = f"{speech_frames} speech frames for more text tokens"
+        else:
+            record["durations"][utt_id] = durations.tolist()
     return record
 
 

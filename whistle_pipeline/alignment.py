@@ -200,19 +200,27 @@ def alignment_costs(
     # the heads in `heads` order (averaged below, so the order only fixes the float rounding)
     order = [(layer, head) for layer in sorted(by_layer) for head in by_layer[layer]]
     weights = torch.cat(weights, 1)[:, [order.index(pair) for pair in heads]]  # (B, A, S, T)
+    similarity = _similarity(weights, first_row, n_tokens, lengths)  # (B, L, T)
+    return AlignmentCosts(-similarity.cpu().double().numpy(), n_tokens.cpu().numpy(), lengths.cpu().numpy())
+
+
+def _similarity(weights: torch.Tensor, first_row: int, n_tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Alignment heads' weights (B, A, S, T) -> token x frame similarity (B, L, T): each sample's real rows (the
+    prompt and its n_tokens) standardised per frame, median-filtered over its lengths[b] frames, averaged over
+    the heads, from the row that predicts t_1 on."""
+    B, _, S, T = weights.shape
     rows = first_row + n_tokens  # (B,) real rows: the prompt and the TLE tokens
-    row_mask = (torch.arange(S, device=ids.device) < rows[:, None])[:, None, :, None]  # (B, 1, S, 1)
+    row_mask = (torch.arange(S, device=weights.device) < rows[:, None])[:, None, :, None]  # (B, 1, S, 1)
     count = rows[:, None, None, None].to(weights.dtype)
     mean = (weights * row_mask).sum(-2, keepdim=True) / count  # (B, A, 1, T)
     std = (((weights - mean) ** 2 * row_mask).sum(-2, keepdim=True) / count).sqrt()  # (B, A, 1, T)
     standard = (weights - mean) / std.clamp(min=1e-9)  # (B, A, S, T)
     L = int(n_tokens.max())
     similarity = torch.zeros(B, L, T, device=weights.device)  # (B, L, T)
-    for a in range(len(heads)):  # one head at a time: the filter's window copy is 7x the head's weights
-        filtered = _median_filter(standard[:, a, : first_row + L], lengths, MEDIAN_FILTER_WIDTH)
+    for head in range(weights.shape[1]):  # one head at a time: the filter's window copy is 7x the head's weights
+        filtered = _median_filter(standard[:, head, : first_row + L], lengths, MEDIAN_FILTER_WIDTH)
         similarity += filtered[:, first_row:]
-    similarity /= len(heads)
-    return AlignmentCosts(-similarity.double().cpu().numpy(), n_tokens.cpu().numpy(), lengths.cpu().numpy())
+    return similarity / weights.shape[1]
 
 
 def align_batch(
