@@ -6,7 +6,8 @@ attention over the speech frames computed, one batched DTW per batch on a worker
 store shard, timed round-robin in one run. The durations are checked equal (tests/test_tle.py holds the
 reference and the same check on the tiny test teacher). `dtw_*`: the host side alone (DTW + durations) on
 random costs of the store's shapes (3.3 tokens per second of speech), per utterance as first written vs one
-batched pass per batch: what bounds a GPU's alignment rate once the decoder is fast.
+batched pass per batch of similar lengths (as align_shard batches them): what bounds a GPU's alignment rate
+once the decoder is fast.
 
 The teacher is a random-weight Whisper of a released size (tiny by default) with the tests' small tokenizer,
 so the vocabulary (logits) and the 1500-frame window are real; the store holds random float16 states of
@@ -145,9 +146,11 @@ def dtw_rates(costs: list[np.ndarray], batch_size: int, repeats: int) -> tuple[f
             rows, cols = reference_dtw_path(cost)
             durations_from_first_columns(first_columns(rows, cols, cost.shape[0]), cost.shape[0], cost.shape[1])
 
+    by_length = sorted(costs, key=lambda cost: cost.shape[1])  # align_shard batches by length
+
     def now() -> None:
-        for start in range(0, len(costs), batch_size):
-            chunk = costs[start : start + batch_size]
+        for start in range(0, len(by_length), batch_size):
+            chunk = by_length[start : start + batch_size]
             padded = np.zeros((len(chunk), max(c.shape[0] for c in chunk), max(c.shape[1] for c in chunk)))
             for b, cost in enumerate(chunk):
                 padded[b, : cost.shape[0], : cost.shape[1]] = cost
