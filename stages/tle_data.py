@@ -82,6 +82,7 @@ def alignment_fingerprint(reader: StoreReader, teacher_name: str, teacher: Froze
 
 
 POOL_BATCHES = 8  # batches' worth of utterances grouped by length at a time: little padding per batch
+DTW_THREADS = 2  # batches whose DTW runs at once beside the device (numpy releases the GIL in its loops)
 
 
 def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_size: int) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
             flush(pool[start : start + batch_size], worker)
         pool.clear()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dtw") as worker:
+    with ThreadPoolExecutor(max_workers=DTW_THREADS, thread_name_prefix="dtw") as worker:
         for utt in reader.iter_shard(shard):
             languages[utt.id] = utt.language
             problem = transcript_problem(

@@ -62,36 +62,33 @@ def dtw_first_columns(cost: np.ndarray, n_rows: np.ndarray, n_cols: np.ndarray) 
     running sum of cost[i], so each row is one cumulative minimum over the batch. A cell's values depend
     only on the cells above and to its left, so the padding (rows >= n_rows[b], columns >= n_cols[b])
     changes nothing. Walking back, the path leaves row i at the nearest column <= j whose left neighbour
-    is not strictly cheaper than both cells above it: one lookup per row, N numpy steps for the batch.
+    is not strictly cheaper than a_j (kept per row as it is computed): one lookup per row, N numpy steps.
     """
     B, N, M = cost.shape
-    acc = np.empty((B, N, M))
-    acc[:, 0] = np.cumsum(cost[:, 0], -1)
-    inf_column = np.full((B, 1), np.inf)
+    columns = np.arange(M)
+    run_end = np.zeros((B, N, M), np.int64)  # where a leftward run through (i, j) ends (row 0: at column 0)
+    takes_diagonal = np.zeros((B, N, M), bool)  # leaving (i, j) upward: diagonally (else straight up)
+    previous = np.cumsum(cost[:, 0], -1)  # acc[0] (B, M)
     for i in range(1, N):
-        from_above = np.minimum(acc[:, i - 1], np.concatenate([inf_column, acc[:, i - 1, :-1]], 1))  # a_j (B, M)
+        diagonal = np.concatenate([np.full((B, 1), np.inf), previous[:, :-1]], 1)  # acc[i-1, j-1]
+        from_above = np.minimum(previous, diagonal)  # a_j
         running = np.cumsum(cost[:, i], -1)  # C_j
         before = np.concatenate([np.zeros((B, 1)), running[:, :-1]], 1)  # C_{j-1}
-        acc[:, i] = running + np.minimum.accumulate(from_above - before, -1)
-    diagonal = np.full((B, N, M), np.inf)  # acc[i-1, j-1]
-    diagonal[:, 1:, 1:] = acc[:, :-1, :-1]
-    above = np.full((B, N, M), np.inf)  # acc[i-1, j]
-    above[:, 1:] = acc[:, :-1]
-    left = np.full((B, N, M), np.inf)  # acc[i, j-1]
-    left[:, :, 1:] = acc[:, :, :-1]
-    goes_left = left < np.minimum(diagonal, above)  # (B, N, M)
-    takes_diagonal = diagonal <= above  # (B, N, M): how it leaves a row
-    # where a leftward run through (i, j) ends: the last column <= j that does not go left
-    run_end = np.maximum.accumulate(np.where(goes_left, -1, np.arange(M)), -1)  # (B, N, M)
+        row = running + np.minimum.accumulate(from_above - before, -1)  # acc[i]
+        goes_left = np.zeros((B, M), bool)
+        goes_left[:, 1:] = row[:, :-1] < from_above[:, 1:]
+        run_end[:, i] = np.maximum.accumulate(np.where(goes_left, -1, columns), -1)
+        takes_diagonal[:, i] = diagonal <= previous
+        previous = row
     first = np.zeros((B, N), np.int64)
     column = np.asarray(n_cols, np.int64) - 1  # (B,)
     n_rows = np.asarray(n_rows, np.int64)
     for step in range(int(n_rows.max(initial=0))):
-        row = n_rows - 1 - step  # (B,) every sample's path leaves one row per step
-        on = np.flatnonzero(row >= 0)
-        start = run_end[on, row[on], column[on]]
-        first[on, row[on]] = start
-        column[on] = start - (takes_diagonal[on, row[on], start] & (row[on] > 0))
+        row_index = n_rows - 1 - step  # (B,) every sample's path leaves one row per step
+        on = np.flatnonzero(row_index >= 0)
+        start = run_end[on, row_index[on], column[on]]
+        first[on, row_index[on]] = start
+        column[on] = start - takes_diagonal[on, row_index[on], start]
     return first
 
 
