@@ -90,7 +90,7 @@ def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_s
 
     Utterances are batched by length within pools of POOL_BATCHES batches (the decoder projects the speech
     frames up to each batch's longest); the stored float16 frames go to the device as they are and become full
-    windows there; each batch's DTW runs on a worker thread while the device reads the next batch. The record
+    windows there; each batch's DTW runs on worker threads while the device reads the next batches. The record
     lists the utterances in store order."""
     heads = alignment_heads(teacher.model)
     device = teacher.model.device
