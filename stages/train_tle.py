@@ -361,7 +361,7 @@ def train(
             guard.add(
                 training.step + 1,
                 values,
-                None if norm is None or accelerator.scaler is not None else torch.as_tensor(norm),
+                None if norm is None or accelerator.scaler is not None else torch.as_tensor(norm, device=device),
             )
             optimizer.step()  # no-ops between accumulation boundaries
             optimizer.zero_grad()
