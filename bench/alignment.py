@@ -157,15 +157,13 @@ def dtw_rates(costs: list[np.ndarray], batch_size: int, repeats: int) -> tuple[f
             shapes = np.array([c.shape for c in chunk])
             durations_from_costs(AlignmentCosts(padded, shapes[:, 0], shapes[:, 1]))
 
-    rates = []
-    for path in (first, now):
-        seconds = []
-        for _ in range(repeats):
+    seconds: dict[str, list[float]] = {"first": [], "now": []}
+    for _ in range(repeats):  # round-robin: both share the load of the moment
+        for name, path in (("first", first), ("now", now)):
             began = time.perf_counter()
             path()
-            seconds.append(time.perf_counter() - began)
-        rates.append(len(costs) / median(seconds))
-    return rates[0], rates[1]
+            seconds[name].append(time.perf_counter() - began)
+    return len(costs) / median(seconds["first"]), len(costs) / median(seconds["now"])
 
 
 @click.command()
