@@ -26,7 +26,7 @@ AdamW, bf16 autocast, on the store's batches and the alignment's durations), `fi
 stored-states decoder update with the tail shared), `loader` (FeatureDataset + DataLoader over the store:
 `loader_frames_per_s` vs `tle_phase2_frames_per_s`, the speech frames a phase-2 step consumes per second).
 
-    python bench/gpu.py                 # on a GPU: about 5-8 minutes on one H100
+    python bench/gpu.py                 # on a GPU: sized for under 8 minutes on one H100 (not yet run on one)
     python bench/gpu.py --quick         # CPU, whisper-tiny shapes, a few clips: the smoke test CI runs
 """
 
