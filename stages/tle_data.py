@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.training_data import endless_epochs, held_out_items
-from store import StoreReader
+from store import StoreReader, Utterance
 from store.dataset import FeatureDataset, pad_batch
-from whistle_pipeline.alignment import align_batch, alignment_heads
+from whistle_pipeline.alignment import alignment_costs, alignment_heads, durations_from_costs
 from whistle_pipeline.corpus import is_held_out
 from whistle_pipeline.decoder import FrozenTeacher, decoder_cross_entropy, greedy_transcribe
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import corpus_wer
 from whistle_pipeline.pronunciation import PronunciationFrontEnd
 from whistle_pipeline.text import TextBatch, encode_texts, transcript_problem
-from whistle_pipeline.tle import TLEModel, masked_cosine, masked_mse
+from whistle_pipeline.tle import TLEModel, assemble_window, masked_cosine, masked_mse
 
 log = logging.getLogger(__name__)
 
@@ -81,46 +82,85 @@ def alignment_fingerprint(reader: StoreReader, teacher_name: str, teacher: Froze
     )
 
 
-def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_size: int) -> dict[str, Any]:
-    """Durations of one shard's utterances from the teacher reading their real full windows."""
-    heads = alignment_heads(teacher.model)
-    record: dict[str, Any] = {"durations": {}, "languages": {}, "rejects": {}}
-    pending = []
-    speech_mode = reader.spec.frames == "speech"  # then every window's tail is this store's template
-    if speech_mode:
-        teacher.set_tail_template(torch.tensor(reader.tail_template()))
+POOL_BATCHES = 8  # batches' worth of utterances grouped by length at a time: little padding per batch
+DTW_THREADS = 2  # batches whose DTW runs at once beside the device (numpy releases the GIL in its loops)
 
-    def flush() -> None:
-        windows = torch.from_numpy(np.stack([reader.full_window(u.states) for u in pending]))  # (B, F, D)
-        windows = windows.to(teacher.model.device)
+
+def align_shard(reader: StoreReader, shard: int, teacher: FrozenTeacher, batch_size: int) -> dict[str, Any]:
+    """Durations of one shard's utterances from the teacher reading their real full windows.
+
+    Utterances are batched by length within pools of POOL_BATCHES batches (the decoder projects the speech
+    frames up to each batch's longest); the stored float16 frames go to the device as they are and become full
+    windows there; each batch's DTW runs on worker threads while the device reads the next batches. The record
+    lists the utterances in store order."""
+    heads = alignment_heads(teacher.model)
+    device = teacher.model.device
+    speech_mode = reader.spec.frames == "speech"  # then every window's tail is this store's template
+    template = torch.tensor(reader.tail_template(), device=device)  # (F, D) float32
+    if speech_mode:
+        teacher.set_tail_template(template)
+    template = template.to(teacher.model.dtype)
+    languages: dict[str, str] = {}
+    problems: dict[str, str] = {}  # transcripts the teacher cannot read
+    pool: list[Utterance] = []
+    aligning: list[tuple[list[tuple[str, int]], Future]] = []  # (ids and speech frames, DTW on the worker)
+
+    def flush(utterances: list[Utterance], worker: ThreadPoolExecutor) -> None:
+        stored = torch.tensor([len(u.states) for u in utterances])  # (B,) stored frames
+        states = torch.zeros(len(utterances), int(stored.max()), template.shape[1], dtype=torch.float16)  # (B, T, D)
+        for b, utt in enumerate(utterances):
+            states[b, : len(utt.states)] = torch.from_numpy(utt.states)
+        if device.type == "cuda":
+            states = states.pin_memory()
+        states = states.to(device, non_blocking=True).to(template.dtype)
+        windows = assemble_window(states, stored.to(device), template)  # (B, F, D) in the teacher's dtype
         batch = encode_texts(
             teacher.tokenizer,
             teacher.specials,
-            [u.text for u in pending],
-            [u.language for u in pending],
+            [u.text for u in utterances],
+            [u.language for u in utterances],
             teacher.max_positions,
         )
-        lengths = torch.tensor([u.speech_frames for u in pending])
-        speech_frames = max(len(u.states) for u in pending) if speech_mode else None
-        aligned = align_batch(teacher, heads, windows, batch.to(windows.device), lengths, speech_frames)
-        for utt, durations in zip(pending, aligned):
-            if durations is None:
-                record["rejects"][utt.id] = f"{utt.speech_frames} speech frames for more text tokens"
-            else:
-                record["durations"][utt.id] = durations.tolist()
-        pending.clear()
+        lengths = torch.tensor([u.speech_frames for u in utterances])  # (B,)
+        speech_frames = states.shape[1] if speech_mode else None
+        costs = alignment_costs(teacher, heads, windows, batch.to(device), lengths, speech_frames)
+        ids = [(u.id, u.speech_frames) for u in utterances]
+        aligning.append((ids, worker.submit(durations_from_costs, costs)))
 
-    for utt in reader.iter_shard(shard):
-        record["languages"][utt.id] = utt.language
-        problem = transcript_problem(teacher.tokenizer, teacher.specials, utt.text, utt.language, teacher.max_positions)
-        if problem:
-            record["rejects"][utt.id] = problem
+    def flush_pool(worker: ThreadPoolExecutor) -> None:
+        pool.sort(key=lambda u: len(u.states))
+        for start in range(0, len(pool), batch_size):
+            flush(pool[start : start + batch_size], worker)
+        pool.clear()
+
+    with ThreadPoolExecutor(max_workers=DTW_THREADS, thread_name_prefix="dtw") as worker:
+        for utt in reader.iter_shard(shard):
+            languages[utt.id] = utt.language
+            problem = transcript_problem(
+                teacher.tokenizer, teacher.specials, utt.text, utt.language, teacher.max_positions
+            )
+            if problem:
+                problems[utt.id] = problem
+                continue
+            pool.append(utt)
+            if len(pool) == batch_size * POOL_BATCHES:
+                flush_pool(worker)
+        flush_pool(worker)
+        aligned = {
+            utt_id: (speech_frames, durations)
+            for ids, future in aligning
+            for (utt_id, speech_frames), durations in zip(ids, future.result())
+        }
+    record: dict[str, Any] = {"durations": {}, "languages": languages, "rejects": {}}
+    for utt_id in languages:  # store order
+        if utt_id in problems:
+            record["rejects"][utt_id] = problems[utt_id]
             continue
-        pending.append(utt)
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
+        speech_frames, durations = aligned[utt_id]
+        if durations is None:
+            record["rejects"][utt_id] = f"{speech_frames} speech frames for more text tokens"
+        else:
+            record["durations"][utt_id] = durations.tolist()
     return record
 
 
@@ -184,19 +224,45 @@ class KeepSplit:
 
 @dataclass
 class TrainBatch:
-    states: torch.Tensor  # (B, T, D) teacher-scale speech frames, zero-padded
+    states: torch.Tensor  # (B, T, D) teacher-scale speech frames, zero-padded: float16 (the store's) until `to`
     durations: torch.Tensor  # (B, L) frames per TLE token; row sums are the speech frames
     language_ids: torch.Tensor  # (B,)
     text: TextBatch
     ids: list[str]
+    frames: int  # speech frames in the batch (the sum of `durations`), known on the host
+
+    def pin_memory(self) -> TrainBatch:
+        """The same batch in page-locked memory (the DataLoader's pin_memory calls this): copies to the GPU
+        then run asynchronously."""
+        text = self.text
+        pinned = TextBatch(
+            text.tle_tokens.pin_memory(),
+            text.tle_mask.pin_memory(),
+            text.decoder_input_ids.pin_memory(),
+            text.labels.pin_memory(),
+            text.prefix_length,
+            text.texts,
+            text.languages,
+        )
+        return TrainBatch(
+            self.states.pin_memory(),
+            self.durations.pin_memory(),
+            self.language_ids.pin_memory(),
+            pinned,
+            self.ids,
+            self.frames,
+        )
 
     def to(self, device: torch.device) -> TrainBatch:
+        """The batch on `device`, its states float32 there (float16 is half the bytes to copy; the values are
+        the store's either way)."""
         return TrainBatch(
-            self.states.to(device, non_blocking=True),
-            self.durations.to(device),
-            self.language_ids.to(device),
+            self.states.to(device, non_blocking=True).float(),
+            self.durations.to(device, non_blocking=True),
+            self.language_ids.to(device, non_blocking=True),
             self.text.to(device),
             self.ids,
+            self.frames,
         )
 
 
@@ -217,7 +283,7 @@ class Collate:
         self.languages, self.max_positions, self.front_end = languages, max_positions, front_end
 
     def __call__(self, items: list[dict[str, Any]]) -> TrainBatch:
-        padded = pad_batch(items)
+        padded = pad_batch(items, torch.float16)
         text = encode_texts(
             self.tokenizer, self.specials, padded["texts"], padded["languages"], self.max_positions, self.front_end
         )
@@ -232,16 +298,32 @@ class Collate:
             durations[b, : len(row)] = torch.from_numpy(row)
         speech = int(padded["speech_frames"].max())  # full-window stores: only the speech frames are targets
         language_ids = torch.tensor([self.languages.index(code) for code in padded["languages"]])
-        return TrainBatch(padded["states"][:, :speech], durations, language_ids, text, padded["ids"])
+        frames = int(padded["speech_frames"].sum())
+        return TrainBatch(padded["states"][:, :speech], durations, language_ids, text, padded["ids"], frames)
 
 
 def stream_batches(
-    dataset: FeatureDataset, collate: Collate, batch_size: int, num_workers: int, seed: int, epoch: int, skip: int
+    dataset: FeatureDataset,
+    collate: Collate,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    epoch: int,
+    skip: int,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[int, int, TrainBatch]]:
     """(epoch, batches read this epoch, batch) forever: a new epoch starts when this rank's share runs out.
-    The first epoch starts after its first `skip` batches, without reading them (resuming at a data position)."""
+    The first epoch starts after its first `skip` batches, without reading them (resuming at a data position).
+    pin_memory: batches in page-locked memory (for a GPU: their copies then overlap the step)."""
     return endless_epochs(
-        dataset, seed, epoch, skip, batch_size=batch_size, collate_fn=collate, num_workers=num_workers
+        dataset,
+        seed,
+        epoch,
+        skip,
+        batch_size=batch_size,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
     )
 
 

@@ -87,10 +87,11 @@ def loss_weights(settings: Any, step: int) -> LossWeights:
     )
 
 
-def step_values(terms: LossTerms, decoder: DecoderTerms | None, length_error: float) -> dict[str, float]:
-    """What one micro-batch adds to the train log: the loss, its terms, and the decoder's CE in phase 2."""
+def step_values(terms: LossTerms, decoder: DecoderTerms | None, length_error: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What one micro-batch adds to the train log, as () tensors on the device (read back when logged): the loss,
+    its terms, and the decoder's CE in phase 2."""
     values = {
-        "loss": terms.total.item(),
+        "loss": terms.total.detach(),
         "mse": terms.mse,
         "cosine": terms.cosine,
         "kl": terms.kl,
@@ -98,9 +99,9 @@ def step_values(terms: LossTerms, decoder: DecoderTerms | None, length_error: fl
         "length_error": length_error,
     }
     if decoder is not None:
-        values["decoder_ce"] = decoder.ce.item()
+        values["decoder_ce"] = decoder.ce.detach()
         if decoder.kl is not None:
-            values["decoder_kl"] = decoder.kl.item()
+            values["decoder_kl"] = decoder.kl.detach()
         if decoder.real_ce is not None:
-            values["real_decoder_ce"] = decoder.real_ce.item()
+            values["real_decoder_ce"] = decoder.real_ce.detach()
     return values

@@ -37,6 +37,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -64,11 +65,10 @@ from stages.training import (
     CHECKPOINTS_DIR,
     TRAIN_LOG,
     VALIDATION_LOG,
+    FiniteGuard,
     Logs,
     Setup,
     build_optimizer,
-    check_finite,
-    clip_and_check,
     latest_checkpoint,
     load_checkpoint,
     open_logs,
@@ -305,6 +305,7 @@ def open_batches(setup: Setup, inputs: Inputs, training: Training) -> Iterator[t
         settings.seed,
         training.epoch,
         training.position,
+        pin_memory=setup.accelerator.device.type == "cuda",
     )
 
 
@@ -344,6 +345,7 @@ def train(
         settings.steps, "train-tle", "step", settings.progress and accelerator.is_main_process, initial=training.step
     )
     window = TrainWindow()
+    guard = FiniteGuard(device)  # checked before anything is logged, validated or saved
     validation: dict[str, float] = {}
     model.train()
     while training.step < settings.steps:
@@ -351,37 +353,22 @@ def train(
         training.epoch, training.position, batch = next(batches)
         batch = batch.to(device)
         with accelerator.accumulate(model), accelerator.autocast():
-            target = tle.normalise(batch.states)  # (B, T, D)
-            out = model(
-                batch.text.tle_tokens,
-                batch.text.tle_mask,
-                batch.language_ids,
-                durations=batch.durations,
-                target=target,
-                pronunciation=batch.text.pronunciation,
-            )
-            decoder = None
-            if weights.decoder_ce > 0 or weights.decoder_kl > 0:  # phase 2
-                decoder = phase_2_terms(
-                    inputs.teacher, tle, out, batch.states, batch.text, settings.decoder_ce_floor, weights.decoder_kl
+            total, values = micro_batch_losses(inputs.teacher, model, tle, batch, weights, settings.decoder_ce_floor)
+            accelerator.backward(total)
+            norm = None
+            if accelerator.sync_gradients:  # inf: the norm only
+                norm = accelerator.clip_grad_norm_(
+                    model.parameters(), settings.grad_clip if settings.grad_clip > 0 else math.inf
                 )
-            terms = tle_loss(
-                out,
-                target,
-                batch.durations,
-                batch.text.tle_mask,
-                weights,
-                None if decoder is None else decoder.charged_ce,
-                None if decoder is None else decoder.kl,
+            # fp16's gradient scaler skips its overflowing steps itself: only the losses are tested then
+            guard.add(
+                training.step + 1,
+                values,
+                None if norm is None or accelerator.scaler is not None else torch.as_tensor(norm, device=device),
             )
-            values = step_values(terms, decoder, length_error(tle, out, batch))
-            check_finite(training.step + 1, values)
-            accelerator.backward(terms.total)
-            if accelerator.sync_gradients:
-                clip_and_check(accelerator, model.parameters(), settings.grad_clip, training.step + 1, values)
             optimizer.step()  # no-ops between accumulation boundaries
             optimizer.zero_grad()
-        window.add(values, float(out.lengths.sum()))
+        window.add(values, batch.frames)
         if not accelerator.sync_gradients:
             continue
         scheduler.step()
@@ -389,6 +376,7 @@ def train(
         step = training.step
         bar.update(1)
         if step % settings.log_every == 0 or step == settings.steps:
+            guard.check()
             frames = accelerator.reduce(torch.tensor(window.frames, device=device), "sum").item()
             row = window.row(step, training.epoch, weights, scheduler.get_last_lr()[0], frames)
             if accelerator.is_main_process:
@@ -399,14 +387,47 @@ def train(
                 )
             window = TrainWindow()
         if step % settings.val_every == 0 or step == settings.steps:
+            guard.check()
             if accelerator.is_main_process:
                 validation = validate_step(setup, inputs, training, val_batches, logs, validation)
             accelerator.wait_for_everyone()
         if step % settings.checkpoint_every == 0 or step == settings.steps:
+            guard.check()
             checkpoint(setup, training)
     bar.close()
     accelerator.wait_for_everyone()
     return validation
+
+
+def micro_batch_losses(
+    teacher: FrozenTeacher, model: Any, tle: TLEModel, batch: TrainBatch, weights: LossWeights, ce_floor: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's forward: (the loss to back-propagate, what it adds to the train log as () tensors
+    on the device). Phase 2 (a decoder weight > 0) adds the frozen decoder's terms. Nothing is read back."""
+    target = tle.normalise(batch.states)  # (B, T, D)
+    text = batch.text
+    out = model(
+        text.tle_tokens,
+        text.tle_mask,
+        batch.language_ids,
+        durations=batch.durations,
+        target=target,
+        longest=batch.states.shape[1],  # the collate cut the states to the longest speech
+        pronunciation=text.pronunciation,
+    )
+    decoder = None
+    if weights.decoder_ce > 0 or weights.decoder_kl > 0:  # phase 2
+        decoder = phase_2_terms(teacher, tle, out, batch.states, text, ce_floor, weights.decoder_kl)
+    terms = tle_loss(
+        out,
+        target,
+        batch.durations,
+        text.tle_mask,
+        weights,
+        None if decoder is None else decoder.charged_ce,
+        None if decoder is None else decoder.kl,
+    )
+    return terms.total, step_values(terms, decoder, length_error(tle, out, batch))
 
 
 def checkpoint(setup: Setup, training: Training) -> None:
@@ -424,30 +445,31 @@ def checkpoint(setup: Setup, training: Training) -> None:
 
 
 @torch.no_grad()
-def length_error(tle: TLEModel, out: Any, batch: TrainBatch) -> float:
-    """|predicted - true| / true speech frames of a training batch, its mean."""
+def length_error(tle: TLEModel, out: Any, batch: TrainBatch) -> torch.Tensor:
+    """|predicted - true| / true speech frames of a training batch, its mean () on the device."""
     predicted = tle.durations_from_log(out.log_durations.detach(), batch.text.tle_mask).sum(1)  # (B,)
-    return ((predicted - out.lengths).abs() / out.lengths).float().mean().item()
+    return ((predicted - out.lengths).abs() / out.lengths).float().mean()
 
 
 @dataclass
 class TrainWindow:
-    """What the micro-batches since the last log row add up to."""
+    """What the micro-batches since the last log row add up to (sums kept on the device until the row)."""
 
-    sums: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
     count: int = 0
-    frames: float = 0.0  # this rank's speech frames
+    frames: int = 0  # this rank's speech frames
     started: float = field(default_factory=time.time)
 
-    def add(self, values: dict[str, float], frames: float) -> None:
+    def add(self, values: dict[str, torch.Tensor], frames: int) -> None:
         for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.count += 1
         self.frames += frames
 
     def row(self, step: int, epoch: int, weights: LossWeights, lr: float, frames: float) -> dict[str, Any]:
-        """A train_log.csv row: the means since the last row; `frames` summed over the ranks."""
-        row: dict[str, Any] = {name: value / self.count for name, value in self.sums.items()}
+        """A train_log.csv row: the means since the last row (one read-back); `frames` summed over the ranks."""
+        sums = torch.stack(list(self.sums.values())).tolist() if self.sums else []
+        row: dict[str, Any] = {name: value / self.count for name, value in zip(self.sums, sums)}
         row.update(
             step=step,
             epoch=epoch,

@@ -175,20 +175,67 @@ def check_finite(step: int, losses: dict[str, float], grad_norm: float | None = 
     """Raise NonFiniteStep when a loss term of optimiser step `step` (or its gradient norm) is inf/nan, before the
     optimiser applies it: nothing is stepped or saved after it, so the last checkpoint keeps the last good weights
     (a NaN that training went on with would reach every weight and the saved model)."""
+    error = non_finite_step(step, losses, grad_norm, "the run stopped before applying it and saved nothing more")
+    if error is not None:
+        raise error
+
+
+def non_finite_step(step: int, losses: dict[str, float], grad_norm: float | None, stopped: str) -> NonFiniteStep | None:
+    """The NonFiniteStep error of optimiser step `step` when a loss term (or its gradient norm) is inf/nan, else
+    None; `stopped` says what the run did about it."""
     bad = [name for name, value in losses.items() if not math.isfinite(value)]
     if grad_norm is not None and not math.isfinite(grad_norm):
         bad.append("gradient norm")
     if not bad:
-        return
+        return None
     terms = ", ".join(f"{name} {value:.4g}" for name, value in losses.items())
     norm = "" if grad_norm is None else f", gradient norm {grad_norm:.4g}"
-    raise NonFiniteStep(
-        f"step {step}: non-finite {', '.join(bad)} ({terms}{norm}); the run stopped before applying it and saved "
-        "nothing more (the last checkpoint holds the last good weights). Likely causes: a learning rate too high "
+    return NonFiniteStep(
+        f"step {step}: non-finite {', '.join(bad)} ({terms}{norm}); {stopped} (the last checkpoint holds the last "
+        "good weights). Likely causes: a learning rate too high "
         '(lower learning_rate, or raise warmup_steps), a mixed-precision overflow (set mixed_precision = "no"), or '
         "a damaged input (`whistle inspect-store --check` on the stores). Fix it and run again (changed settings "
         "start over: --no-resume)."
     )
+
+
+class FiniteGuard:
+    """check_finite without a read-back per step: each micro-batch's loss terms (and, at an optimiser step,
+    the gradient norm) are tested on their device, and the first non-finite step's number and values are kept
+    there. `check()` reads them back once and raises NonFiniteStep naming that step. The loop calls it
+    before it logs, validates or saves anything, so nothing non-finite is logged or saved; the steps after
+    the bad one run until then (their weights are never saved)."""
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)  # -1: every step finite so far
+        self.names: list[str] = []  # the loss terms `values` holds, in order
+        self.values: torch.Tensor | None = None  # (terms + 2,) the first bad step's terms, gradient norm, has-norm
+
+    def add(self, step: int, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor | None = None) -> None:
+        """Test optimiser step `step`'s loss terms (() tensors) and gradient norm (None: not at hand)."""
+        if list(losses) != self.names:  # the terms change once, when phase 2 starts: settle the old ones
+            self.check()
+            self.names, self.values = list(losses), None
+        norm = torch.zeros((), device=self.first_step.device) if grad_norm is None else grad_norm.detach().float()
+        has_norm = torch.ones_like(norm) if grad_norm is not None else torch.zeros_like(norm)
+        values = torch.stack([value.detach().float() for value in losses.values()] + [norm, has_norm])  # (terms + 2,)
+        first = (self.first_step < 0) & ~torch.isfinite(values).all()  # () this is the first bad step
+        self.values = values if self.values is None else torch.where(first, values, self.values)
+        self.first_step = torch.where(first, step, self.first_step)
+
+    def check(self) -> None:
+        """Raise NonFiniteStep if a step since the run started was non-finite (one read-back)."""
+        if self.values is None or int(self.first_step) < 0:
+            return
+        *terms, norm, has_norm = self.values.tolist()
+        error = non_finite_step(
+            int(self.first_step),
+            dict(zip(self.names, terms)),
+            norm if has_norm else None,
+            "the run stopped at its next check and saved nothing after it",
+        )
+        if error is not None:
+            raise error
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------

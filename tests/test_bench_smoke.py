@@ -95,3 +95,26 @@ def test_claiming_quick():
     values = run_bench("claiming.py")  # the script itself checks that every shard was written once
     for name in ("static", "dynamic"):
         assert float(values[f"wall_s_{name}"]) > 0 and 0 <= float(values[f"tail_idle_pct_{name}"]) < 100
+
+
+def test_alignment_quick():
+    values = run_bench("alignment.py")
+    # the alignment as first written and now give the same durations
+    assert values["same_durations"] == values["utterances"] and int(values["utterances"]) > 0
+    assert float(values["first_utt_per_s"]) > 0 and float(values["now_utt_per_s"]) > 0
+
+
+def test_tle_step_quick():
+    values = run_bench("tle_step.py")
+    for phase in (1, 2):
+        assert float(values[f"phase{phase}_now_steps_per_s"]) > 0
+        assert float(values[f"phase{phase}_now_syncs_per_step"]) == 0  # train-tle's step reads nothing back
+
+
+def test_gpu_quick_runs_every_stage_on_the_cpu():
+    values = run_bench("gpu.py")
+    assert values["device"] == "cpu" and values["size"] == "tiny"
+    for stage in ("encoder", "precompute", "alignment", "tle_phase1", "tle_phase2", "finetune"):
+        assert float(values[f"{stage}_per_s"]) > 0 and float(values[f"{stage}_tflop"]) > 0, stage
+        assert values[f"{stage}_mfu"] == "nan" and float(values[f"{stage}_mfu_measured"]) > 0, stage
+    assert float(values["tle_phase2_syncs"]) == 0 and float(values["loader_vs_step"]) > 0

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from whistle_pipeline.alignment import align_batch, alignment_heads, dtw_path, durations_from_path
+from whistle_pipeline.alignment import (
+    MEDIAN_FILTER_WIDTH,
+    align_batch,
+    alignment_heads,
+    dtw_first_columns,
+    durations_from_first_columns,
+)
 from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import corpus_wer
 from whistle_pipeline.tle import (
@@ -269,8 +275,8 @@ def test_tle_loss_combines_weighted_terms():
     ce = torch.tensor(2.0)
     weights = LossWeights(mse=1.0, cosine=0.5, length=0.1, beta=0.0, free_bits=0.0, decoder_ce=0.3, decoder_kl=0.7)
     terms = tle_loss(out, target, durations, mask, weights, decoder_ce=ce, decoder_kl=torch.tensor(0.5))
-    expected = terms.mse + 0.5 * (1 - terms.cosine) + 0.1 * terms.length + 0.3 * 2.0 + 0.7 * 0.5
-    assert terms.decoder_kl == pytest.approx(0.5)
+    expected = float(terms.mse) + 0.5 * (1 - float(terms.cosine)) + 0.1 * float(terms.length) + 0.3 * 2.0 + 0.7 * 0.5
+    assert float(terms.decoder_kl) == pytest.approx(0.5)
     assert terms.total.item() == pytest.approx(expected, rel=1e-5)
     terms.total.backward()
     assert model.output.weight.grad.abs().sum() > 0
@@ -295,11 +301,41 @@ def test_decoder_kl_matches_the_definition_over_label_positions_only():
     assert logits.grad[0, 2].abs().sum() == 0 and logits.grad[0, 0].abs().sum() > 0
 
 
+def reference_dtw_path(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cheapest monotonic path through cost (N, M) -> (rows, cols) in order, walked back cell by cell
+    preferring (1, 1), (1, 0), (0, 1) on ties: the per-utterance DTW the batched one replaced, as it was."""
+    N, M = cost.shape
+    acc = np.empty((N, M))
+    acc[0] = np.cumsum(cost[0])
+    for i in range(1, N):
+        from_above = np.minimum(acc[i - 1], np.concatenate([[np.inf], acc[i - 1, :-1]]))
+        running = np.cumsum(cost[i])
+        before = np.concatenate([[0.0], running[:-1]])
+        acc[i] = running + np.minimum.accumulate(from_above - before)
+    rows, cols = [N - 1], [M - 1]
+    i, j = N - 1, M - 1
+    while i > 0 or j > 0:
+        options = [
+            (acc[i - 1, j - 1] if i > 0 and j > 0 else np.inf, i - 1, j - 1),
+            (acc[i - 1, j] if i > 0 else np.inf, i - 1, j),
+            (acc[i, j - 1] if j > 0 else np.inf, i, j - 1),
+        ]
+        _, i, j = min(options, key=lambda option: option[0])
+        rows.append(i)
+        cols.append(j)
+    return np.array(rows[::-1]), np.array(cols[::-1])
+
+
+def first_columns(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> np.ndarray:
+    """The first column of each row on a path."""
+    return np.array([cols[rows == i].min() for i in range(n_rows)])
+
+
 def test_dtw_path_is_monotonic_and_cheapest():
     rng = np.random.default_rng(0)
     for _ in range(20):
         cost = rng.normal(size=(int(rng.integers(1, 6)), int(rng.integers(1, 25))))
-        rows, cols = dtw_path(cost)
+        rows, cols = reference_dtw_path(cost)
         N, M = cost.shape
         best = np.full((N + 1, M + 1), np.inf)  # the textbook recurrence
         best[0, 0] = 0
@@ -310,17 +346,106 @@ def test_dtw_path_is_monotonic_and_cheapest():
         assert (rows[0], cols[0], rows[-1], cols[-1]) == (0, 0, N - 1, M - 1)
         steps = np.stack([np.diff(rows), np.diff(cols)], 1)
         assert ((steps >= 0) & (steps <= 1)).all() and (steps.sum(1) >= 1).all()
+        batched = dtw_first_columns(cost[None], np.array([N]), np.array([M]))[0]
+        assert batched.tolist() == first_columns(rows, cols, N).tolist()
+
+
+def test_batched_dtw_equals_one_utterance_at_a_time():
+    """Samples of other sizes padded into one batch (padding of any value), and ties (integer costs): each
+    sample's first columns are those of its own path, ties broken as Whisper breaks them."""
+    rng = np.random.default_rng(1)
+    for trial in range(10):
+        sizes = [(int(rng.integers(1, 8)), int(rng.integers(1, 30))) for _ in range(6)]
+        costs = [rng.integers(-2, 3, size) if trial % 2 else rng.normal(size=size) for size in sizes]
+        N, M = max(n for n, _ in sizes), max(m for _, m in sizes)
+        batch = rng.normal(size=(len(sizes), N, M)) * 100
+        for b, cost in enumerate(costs):
+            batch[b, : cost.shape[0], : cost.shape[1]] = cost
+        first = dtw_first_columns(batch, np.array([n for n, _ in sizes]), np.array([m for _, m in sizes]))
+        for b, cost in enumerate(costs):
+            rows, cols = reference_dtw_path(cost.astype(float))
+            assert first[b, : cost.shape[0]].tolist() == first_columns(rows, cols, cost.shape[0]).tolist()
 
 
 def test_durations_follow_a_clear_alignment():
     similarity = np.zeros((4, 20))  # 3 text tokens + the end token
     for i, (start, stop) in enumerate([(0, 5), (5, 12), (12, 18), (18, 20)]):
         similarity[i, start:stop] = 1.0
-    rows, cols = dtw_path(-similarity)
-    assert durations_from_path(rows, cols, 4, 20).tolist() == [5, 7, 6, 2]
+    first = dtw_first_columns(-similarity[None], np.array([4]), np.array([20]))[0]
+    assert durations_from_first_columns(first, 4, 20).tolist() == [5, 7, 6, 2]
     # a path that gives a text token no frame is repaired: every text token keeps one frame
-    assert durations_from_path(np.array([0, 1, 2, 3]), np.array([0, 0, 0, 0]), 4, 3).tolist() == [1, 1, 1, 0]
-    assert durations_from_path(np.array([0, 1, 2, 3]), np.array([0, 0, 1, 1]), 4, 2) is None
+    assert durations_from_first_columns(np.array([0, 0, 0, 0]), 4, 3).tolist() == [1, 1, 1, 0]
+    assert durations_from_first_columns(np.array([0, 0, 1, 1]), 4, 2) is None
+
+
+def reference_align_batch(teacher, heads, window, batch, lengths, speech_frames=None):
+    """The alignment as it was first written: every decoder layer and the logits run eagerly with
+    output_attentions, the weights over the whole window renormalised over the speech frames, one utterance
+    at a time (filter and DTW) -> durations per sample."""
+    from whistle_pipeline.decoder import decoder_logits
+
+    def median_filter(x, width):
+        if x.shape[-1] <= width // 2:
+            return x
+        padded = torch.nn.functional.pad(x.reshape(-1, 1, x.shape[-1]), (width // 2, width // 2), mode="reflect")
+        return padded.unfold(-1, width, 1).median(-1).values.reshape(x.shape)
+
+    model = teacher.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            cross = decoder_logits(teacher, window, batch, speech_frames, output_attentions=True).cross_attentions
+    finally:
+        model.set_attn_implementation(previous)
+    weights = torch.stack([cross[layer][:, head] for layer, head in heads], 1).float()  # (B, A, S, F)
+    first_row = batch.prefix_length - 1
+    out = []
+    for b in range(window.shape[0]):
+        n_tokens, n_frames = int(batch.tle_mask[b].sum()), int(lengths[b])
+        w = weights[b, :, : first_row + n_tokens, :n_frames]
+        w = w / w.sum(-1, keepdim=True).clamp(min=1e-9)
+        std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
+        w = median_filter((w - mean) / std.clamp(min=1e-9), MEDIAN_FILTER_WIDTH)
+        rows, cols = reference_dtw_path(-w.mean(0)[first_row:].double().numpy())
+        out.append(durations_from_first_columns(first_columns(rows, cols, n_tokens), n_tokens, n_frames))
+    return out
+
+
+def test_alignment_reads_only_its_heads_and_gives_the_reference_durations(tiny_teacher_dir):
+    """The alignment that runs the decoder only up to its last alignment layer, reads only the alignment heads
+    over the speech frames and runs one batched DTW gives the durations of the reference (every layer with
+    output_attentions, one utterance at a time) on the tiny teacher: its own heads (the last layer), heads in
+    both layers out of order (a layer that holds heads runs whole), with and without the tail-template promise,
+    utterances too short for their text."""
+    from whistle_pipeline.decoder import load_frozen_teacher
+    from whistle_pipeline.text import encode_texts
+
+    teacher = load_frozen_teacher(str(tiny_teacher_dir), "main", "cpu", torch.float32)
+    texts = ["hello world", "the quick brown fox", "one two three four five six", "one", "der fuchs"]
+    batch = encode_texts(teacher.tokenizer, teacher.specials, texts, ["en"] * 5, teacher.max_positions)
+    torch.manual_seed(3)
+    template = torch.randn(100, 32)
+    teacher.set_tail_template(template)
+    lengths = torch.tensor(
+        [30, 61, 2, 3, 17]
+    )  # the third is too short for its text; the fourth: 3 frames, not filtered
+    speech = torch.randn(5, 61, 32) * 2
+    window = torch.where(
+        (torch.arange(100) < lengths[:, None])[..., None], torch.nn.functional.pad(speech, (0, 0, 0, 39)), template
+    )
+    compared = 0
+    for heads in (alignment_heads(teacher.model), [(1, 1), (0, 0), (0, 1)]):
+        for speech_frames in (None, 61):
+            new = align_batch(teacher, heads, window, batch, lengths, speech_frames)
+            reference = reference_align_batch(teacher, heads, window, batch, lengths, speech_frames)
+            for got, expected in zip(new, reference):
+                assert (got is None) == (expected is None)
+                if got is not None:
+                    assert got.tolist() == expected.tolist()
+                    compared += 1
+    assert compared == 16  # 4 utterances long enough x 4 settings
+    assert teacher.model.config._attn_implementation != "eager"
 
 
 def test_teacher_helpers_on_a_tiny_whisper(tiny_teacher_dir):

@@ -1,10 +1,11 @@
-"""stages/training.py: the trackers a run logs to, chosen by the loop's `log_with` setting."""
+"""stages/training.py: the trackers a run logs to, chosen by the loop's `log_with` setting; the lazy non-finite guard."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from whistle_pipeline.config import ConfigError, load_config
 
@@ -84,3 +85,26 @@ def test_float32_training_on_a_cpu_with_bf16_in_hardware_is_told_how_much_faster
     bf16 = load_config(overrides=[*base, "train_tle.mixed_precision=bf16", "train_tle.resume=false"])
     assert start_run(bf16, "train_tle", ["teacher"]).precision_hint() == ""
     assert bf16_hint("cuda", "float32", "--dtype bfloat16") == bf16_hint("cpu", "bfloat16", "--dtype bfloat16") == ""
+
+
+def test_finite_guard_names_the_first_non_finite_step_when_checked():
+    """Steps are tested on the device and read back at check(): the first bad step is named with its terms and
+    gradient norm, whatever the steps after it held; a change of terms (phase 2) settles the old ones first."""
+    from stages.training import FiniteGuard, NonFiniteStep
+
+    guard = FiniteGuard(torch.device("cpu"))
+    guard.check()  # nothing added yet
+    for step in (1, 2):
+        guard.add(step, {"loss": torch.tensor(1.0), "mse": torch.tensor(0.5)})
+    guard.add(2, {"loss": torch.tensor(1.0), "mse": torch.tensor(0.5)}, grad_norm=torch.tensor(3.0))
+    guard.check()
+    guard.add(3, {"loss": torch.tensor(2.0), "mse": torch.tensor(0.25)}, grad_norm=torch.tensor(float("inf")))
+    guard.add(4, {"loss": torch.tensor(float("nan")), "mse": torch.tensor(float("nan"))})
+    with pytest.raises(
+        NonFiniteStep, match=r"^step 3: non-finite gradient norm \(loss 2, mse 0.25, gradient norm inf\)"
+    ):
+        guard.check()
+    phased = FiniteGuard(torch.device("cpu"))
+    phased.add(1, {"loss": torch.tensor(float("nan"))})
+    with pytest.raises(NonFiniteStep, match=r"^step 1: non-finite loss \(loss nan\); the run stopped"):
+        phased.add(2, {"loss": torch.tensor(1.0), "decoder_ce": torch.tensor(2.0)})

@@ -211,17 +211,20 @@ class PhonemeEncoder(nn.Module):
         return self.projection(sound) + index + count + self.spelled(pronunciation.spelled.long())  # (B, L, H)
 
 
-def length_regulate(token_states: torch.Tensor, durations: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def length_regulate(
+    token_states: torch.Tensor, durations: torch.Tensor, longest: int | None = None
+) -> tuple[torch.Tensor, ...]:
     """Repeat token i of each sample durations[b, i] times, over that sample's own frames only.
 
     token_states (B, L, H), durations (B, L) long (0 on padded tokens) ->
       frames (B, T, H), token_index (B, T), offset (B, T) frames since the token's start,
-      token_duration (B, T), frame_mask (B, T), lengths (B,); T = the longest sample.
+      token_duration (B, T), frame_mask (B, T), lengths (B,); T = the longest sample, `longest` when the
+      caller knows it (the largest row sum of durations: reading it back from a GPU waits for the GPU).
     """
     B, L, H = token_states.shape
     ends = durations.cumsum(1)  # (B, L)
     lengths = ends[:, -1]  # (B,)
-    T = max(int(lengths.max()), 1)
+    T = max(int(lengths.max()) if longest is None else longest, 1)
     t = torch.arange(T, device=durations.device).expand(B, T)  # (B, T)
     token_index = torch.searchsorted(ends, t.contiguous(), right=True).clamp(max=L - 1)  # (B, T)
     starts = ends - durations  # (B, L)
@@ -457,10 +460,12 @@ class TLEModel(PreTrainedModel):
         latent: torch.Tensor | None = None,
         sample_latent: bool | None = None,
         pronunciation: PronunciationBatch | None = None,
+        longest: int | None = None,
     ) -> TLEOutput:
         """Predict normalised speech frames.
 
-        tokens, token_mask (B, L); language_ids (B,); durations (B, L) frames per token (None: predicted);
+        tokens, token_mask (B, L); language_ids (B,); durations (B, L) frames per token (None: predicted),
+        longest: the largest row sum of the given durations when the caller knows it (no read-back);
         target (B, T, D) normalised teacher frames aligned with `durations` (training: feeds the posterior);
         latent (B, Z) a given z (else posterior sample in training, prior mean in eval, prior sample if
         sample_latent); pronunciation: the tokens' PronunciationBatch, required with a front end.
@@ -483,7 +488,9 @@ class TLEModel(PreTrainedModel):
             durations = self.durations_from_log(log_durations, token_mask)
         durations = durations * token_mask  # padded tokens get no frames
 
-        x, _, offset, token_duration, frame_mask, lengths = length_regulate(token_states, durations)  # (B, T, H)
+        x, _, offset, token_duration, frame_mask, lengths = length_regulate(  # (B, T, H)
+            token_states, durations, longest
+        )
         T = x.shape[1]
         position = torch.cat(
             [
@@ -618,15 +625,16 @@ class LossWeights:
 
 @dataclass
 class LossTerms:
-    """The total loss and its parts (detached floats except `total`)."""
+    """The total loss and its parts: () tensors on the loss's device, detached except `total` (read them
+    back when they are logged, not every step: each read waits for the GPU)."""
 
     total: torch.Tensor
-    mse: float
-    cosine: float
-    kl: float
-    length: float
-    decoder_ce: float | None
-    decoder_kl: float | None = None
+    mse: torch.Tensor
+    cosine: torch.Tensor
+    kl: torch.Tensor
+    length: torch.Tensor
+    decoder_ce: torch.Tensor | None
+    decoder_kl: torch.Tensor | None = None
 
 
 def tle_loss(
@@ -656,10 +664,10 @@ def tle_loss(
         total = total + weights.decoder_kl * decoder_kl
     return LossTerms(
         total=total,
-        mse=mse.item(),
-        cosine=cosine.item(),
-        kl=kl.sum(1).mean().item(),
-        length=length.item(),
-        decoder_ce=None if decoder_ce is None else decoder_ce.item(),
-        decoder_kl=None if decoder_kl is None else decoder_kl.item(),
+        mse=mse.detach(),
+        cosine=cosine.detach(),
+        kl=kl.sum(1).mean().detach(),
+        length=length.detach(),
+        decoder_ce=None if decoder_ce is None else decoder_ce.detach(),
+        decoder_kl=None if decoder_kl is None else decoder_kl.detach(),
     )
