@@ -34,11 +34,13 @@ def endless_epochs(
     batch_size: int | None,
     num_workers: int,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[int, int, Any]]:
     """(epoch, items read this epoch, item) forever from a DataLoader over `dataset`: a new epoch starts when
     this rank's share runs out. Resuming at a data position, the first epoch starts after its first `skip`
     items (or batches), which are not read: the dataset seeks there (FeatureDataset.set_epoch). `dataset` is
-    a FeatureDataset (or anything with its set_epoch and url)."""
+    a FeatureDataset (or anything with its set_epoch and url); pin_memory: the DataLoader's (batches in
+    page-locked memory, for a GPU)."""
     while True:
         dataset.set_epoch(epoch, skip, batch_size=batch_size, num_workers=num_workers)
         # its own generator, so starting workers never draws from the global RNG (exact resume)
@@ -47,6 +49,7 @@ def endless_epochs(
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=collate_fn,
+            pin_memory=pin_memory,
             generator=torch.Generator().manual_seed(seed + epoch),
         )
         seen = skip
