@@ -703,10 +703,9 @@ def demo_command(workdir: str, quick: bool, overrides: tuple[str, ...], progress
     stores, trains the TLE, fine-tunes five arms at one step budget, two seeds each (text-null, the
     source-only control, WhisTLE text-only, TTS-only, WhisTLE + TTS) and scores them on source and target
     test audio beside the unadapted model and WhisTLE with a decoder prompt and with shallow fusion, with
-    the term error rate: report.json, report.md, report.png. The previous plan (four arms, one seed, no
-    aids) took 25.4-25.9 min in two runs on a 2-core AMD EPYC (Zen 5, bfloat16 in hardware;
-    bench/RESULTS.md); this one is sized for about 45 minutes there, not yet measured. A rerun skips
-    the steps that finished.
+    the term error rate: report.json, report.md, report.png. Sized for about 45 minutes on 2 CPU cores;
+    the measured wall time and every figure: bench/RESULTS.md, "demo". A rerun skips the steps that
+    finished.
 
     \b
     Examples:
