@@ -333,6 +333,7 @@ def default_tle(d_model: int, vocab_size: int, embedding_size: int | None = None
     (frozen teacher-sized token embeddings), with unit statistics and a zero tail template."""
     import torch
 
+    from stages.tle_model import network_sizes
     from whistle_pipeline.config import load_config
     from whistle_pipeline.tle import TLEConfig, TLEModel
 
@@ -340,16 +341,7 @@ def default_tle(d_model: int, vocab_size: int, embedding_size: int | None = None
     config = TLEConfig(
         vocab_size=vocab_size,
         embedding_size=embedding_size or d_model,
-        hidden_size=arch.hidden_size,
-        text_layers=arch.text_layers,
-        frame_layers=arch.frame_layers,
-        num_heads=arch.num_heads,
-        ffn_multiplier=arch.ffn_multiplier,
-        latent_size=arch.latent_size,
-        conv_kernel=arch.conv_kernel,
-        conv_layers=arch.conv_layers,
-        dropout=arch.dropout,
-        posterior=arch.posterior,
+        **network_sizes(arch),
         languages=["en"],
         d_model=d_model,
         max_frames=MAX_FRAMES,

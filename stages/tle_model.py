@@ -26,6 +26,13 @@ def pronunciation_front_end(kind: str, languages: list[str]) -> PronunciationFro
     return front_end
 
 
+def network_sizes(arch: Any) -> dict[str, Any]:
+    """The TLEConfig fields that [tle] (`arch`, config.tle) sizes the network with, as keywords."""
+    names = ("hidden_size", "text_layers", "frame_layers", "num_heads", "ffn_multiplier", "latent_size")
+    names += ("conv_kernel", "conv_layers", "dropout", "posterior")
+    return {name: getattr(arch, name) for name in names}
+
+
 def build_model(
     config: PipelineConfig,
     reader: StoreReader,
@@ -40,16 +47,7 @@ def build_model(
     tle_config = TLEConfig(
         vocab_size=decoder_embeddings.shape[0],
         embedding_size=decoder_embeddings.shape[1],
-        hidden_size=arch.hidden_size,
-        text_layers=arch.text_layers,
-        frame_layers=arch.frame_layers,
-        num_heads=arch.num_heads,
-        ffn_multiplier=arch.ffn_multiplier,
-        latent_size=arch.latent_size,
-        conv_kernel=arch.conv_kernel,
-        conv_layers=arch.conv_layers,
-        dropout=arch.dropout,
-        posterior=arch.posterior,
+        **network_sizes(arch),
         languages=languages,
         d_model=reader.teacher.d_model,
         max_frames=reader.teacher.max_frames,
