@@ -18,7 +18,8 @@ decoder's layers (select_trainable) — and differs in where the full windows co
 
 Fixed costs (--fixed-costs, the default on): finetune's stored step as stages/finetune.py runs it now (fused
 AdamW from build_optimizer, a batch's states padded on the host and sent in one copy by Windows.build_with_tail,
-the loss and per-kind sums read from the device once by kind_losses) against the same step as it ran before
+the loss, the per-kind sums and the gradient norm kept on the device by kind_sums and FiniteGuard, read once
+per log row) against the same step as it ran before
 (torch's default AdamW, one host-to-device copy per example, the loss and every example's loss and token count
 read one by one), interleaved on the same model and batches: steps/s, and the reads from the device per step
 (aten::_local_scalar_dense in torch's profiler: each waits for the device on a GPU).
@@ -74,7 +75,7 @@ from whistle_pipeline.windows import (
     Example,
     SharedTail,
     Windows,
-    kind_losses,
+    kind_sums,
     select_trainable,
     token_losses,
 )
@@ -243,9 +244,11 @@ def fixed_cost_steps(tuner: Finetuner, steps: int) -> dict[str, tuple[list[float
         if way == "before":
             losses_before(loss, per_token, text.labels)
         else:
-            kind_losses(loss, per_token, text.labels, [e.kind for e in examples])
+            kind_sums(per_token, text.labels, [e.kind for e in examples])  # read once per log row
         loss.backward()
-        float(torch.nn.utils.clip_grad_norm_(model.parameters(), tuner.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tuner.grad_clip)
+        if way == "before":
+            float(norm)  # the non-finite test read it every step; FiniteGuard tests it on the device
 
     def step(way: str, i: int) -> None:
         loss_and_gradients(way, i)

@@ -72,11 +72,10 @@ from stages.training import (
     CHECKPOINTS_DIR,
     TRAIN_LOG,
     VALIDATION_LOG,
+    FiniteGuard,
     Logs,
     Setup,
     build_optimizer,
-    check_finite,
-    clip_and_check,
     latest_checkpoint,
     open_logs,
     start_run,
@@ -90,7 +89,7 @@ from whistle_pipeline.text import IGNORE_INDEX, encode_texts
 from whistle_pipeline.windows import (
     Example,
     SharedTail,
-    kind_losses,
+    kind_sums,
     select_trainable,
     token_losses,
 )
@@ -267,6 +266,8 @@ def train(
     )
     seen = {k: history["examples"].get(k, 0) for k in KINDS}
     window = TrainWindow()
+    guard = FiniteGuard(device)  # checked before anything is logged, validated or saved
+    zero = torch.zeros(2, dtype=torch.float64, device=device)  # (2,) the sums of a kind a batch lacks
     last_scores: list[Any] = []
     model.train()
     encoder_to(training.whisper, HOST)
@@ -298,17 +299,28 @@ def train(
                 per_token = token_losses(logits, text.labels, settings.label_smoothing)  # (B, S)
                 loss = per_token.sum() / (text.labels != IGNORE_INDEX).sum()
                 kinds = [e.kind for e in examples]
-                loss_value, losses = kind_losses(loss, per_token, text.labels, kinds)
-                terms = {"loss": loss_value, **{f"loss_{k}": total / max(n, 1) for k, (total, n) in losses.items()}}
-                check_finite(training.step + 1, terms)
+                sums = kind_sums(per_token, text.labels, kinds)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    window.grad_norm = clip_and_check(
-                        accelerator, model.parameters(), settings.grad_clip, training.step + 1, terms
+                norm = None
+                if accelerator.sync_gradients:  # inf: the norm only
+                    norm = accelerator.clip_grad_norm_(
+                        model.parameters(), settings.grad_clip if settings.grad_clip > 0 else math.inf
                     )
+                    window.grad_norm = torch.as_tensor(norm, device=device).detach()
+                # the same term names every step (a kind this batch lacks counts 0 of 0); fp16's gradient
+                # scaler skips its overflowing steps itself: only the losses are tested then
+                pairs = {k: sums.get(k, zero) for k in KINDS if k in streams}
+                guard.add(
+                    training.step + 1,
+                    {
+                        "loss": loss.detach(),
+                        **{f"loss_{k}": pair[0] / pair[1].clamp(min=1) for k, pair in pairs.items()},
+                    },
+                    None if norm is None or accelerator.scaler is not None else window.grad_norm,
+                )
                 optimizer.step()  # no-ops between accumulation boundaries
                 optimizer.zero_grad()
-            window.add(losses, len(examples) * accelerator.num_processes)
+            window.add(sums, len(examples) * accelerator.num_processes)
             for kind in set(kinds):
                 seen[kind] += kinds.count(kind) * accelerator.num_processes
         scheduler.step()
@@ -316,6 +328,7 @@ def train(
         step = training.step
         bar.update(1)
         if step % settings.log_every == 0 or step == settings.steps:
+            guard.check()
             row = window.row(step, scheduler.get_last_lr()[0], streams["text"].epoch if "text" in streams else "")
             if accelerator.is_main_process:
                 logs.train.write(row)
@@ -323,12 +336,14 @@ def train(
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
             window = TrainWindow(grad_norm=window.grad_norm)
         if step % settings.val_every == 0 or step == settings.steps:
+            guard.check()
             if accelerator.is_main_process:
                 encoder_to(training.whisper, device)
                 last_scores = validate_step(setup, inputs, training, val_data, logs)
                 encoder_to(training.whisper, HOST)
             accelerator.wait_for_everyone()
         if step % settings.checkpoint_every == 0 or step == settings.steps:
+            guard.check()
             history["examples"] = seen
             checkpoint(setup, training, streams)
     bar.close()
@@ -374,28 +389,33 @@ def next_examples(streams: dict[str, Any], counts: dict[str, int]) -> list[Examp
 
 @dataclass
 class TrainWindow:
-    """What the steps since the last log row add up to."""
+    """What the steps since the last log row add up to (sums kept on the device until the row)."""
 
-    losses: dict[str, tuple[float, int]] = field(default_factory=dict)  # kind -> (summed token loss, tokens)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (2,) summed token loss, tokens
     examples: int = 0  # all ranks
     started: float = field(default_factory=time.time)
-    grad_norm: float = math.nan  # of the last optimiser step
+    grad_norm: torch.Tensor | None = None  # () of the last optimiser step
 
-    def add(self, losses: dict[str, tuple[float, int]], examples: int) -> None:
-        for kind, (total, n) in losses.items():
-            old = self.losses.get(kind, (0.0, 0))
-            self.losses[kind] = (old[0] + total, old[1] + n)
+    def add(self, sums: dict[str, torch.Tensor], examples: int) -> None:
+        for kind, pair in sums.items():
+            self.sums[kind] = self.sums[kind] + pair if kind in self.sums else pair
         self.examples += examples
 
     def row(self, step: int, lr: float, epoch_text: Any) -> dict[str, Any]:
-        """A train_log.csv row: the loss per label token, overall and per kind."""
-        row: dict[str, Any] = {f"loss_{k}": total / max(n, 1) for k, (total, n) in self.losses.items()}
-        tokens = sum(n for _, n in self.losses.values())
+        """A train_log.csv row: the loss per label token, overall and per kind (one read-back)."""
+        parts = list(self.sums.values())  # (2,) each
+        if self.grad_norm is not None:
+            parts.append(self.grad_norm.to(torch.float64).reshape(1))
+        read = torch.cat(parts).tolist() if parts else []
+        pairs = [(read[2 * k], read[2 * k + 1]) for k in range(len(self.sums))]
+        grad_norm = read[-1] if self.grad_norm is not None else math.nan
+        row: dict[str, Any] = {f"loss_{k}": total / max(n, 1) for k, (total, n) in zip(self.sums, pairs)}
+        tokens = sum(n for _, n in pairs)
         row.update(
             step=step,
-            loss=sum(t for t, _ in self.losses.values()) / max(1, tokens),
+            loss=sum(total for total, _ in pairs) / max(1, tokens),
             lr=lr,
-            grad_norm=self.grad_norm,
+            grad_norm=grad_norm,
             examples_per_s=self.examples / (time.time() - self.started),
             epoch_text=epoch_text,
         )

@@ -158,26 +158,8 @@ def build_optimizer(
 
 
 class NonFiniteStep(WhistleError):
-    """A training step whose loss or gradient norm is inf/nan: the run stops before applying it."""
-
-
-def clip_and_check(accelerator: Any, parameters: Any, grad_clip: float, step: int, losses: dict[str, float]) -> float:
-    """At an optimiser step (accelerator.sync_gradients): clip the gradients to `grad_clip` (0: no clipping) and
-    return their norm, stopping the run (check_finite) when it is inf/nan — except under fp16's gradient scaler,
-    whose overflowing steps are expected and skipped by the scaler itself."""
-    norm = float(accelerator.clip_grad_norm_(parameters, grad_clip if grad_clip > 0 else math.inf))  # inf: norm only
-    if accelerator.scaler is None:
-        check_finite(step, losses, norm)
-    return norm
-
-
-def check_finite(step: int, losses: dict[str, float], grad_norm: float | None = None) -> None:
-    """Raise NonFiniteStep when a loss term of optimiser step `step` (or its gradient norm) is inf/nan, before the
-    optimiser applies it: nothing is stepped or saved after it, so the last checkpoint keeps the last good weights
-    (a NaN that training went on with would reach every weight and the saved model)."""
-    error = non_finite_step(step, losses, grad_norm, "the run stopped before applying it and saved nothing more")
-    if error is not None:
-        raise error
+    """A training step whose loss or gradient norm is inf/nan: the run stops at its next check (FiniteGuard)
+    and saves nothing after it."""
 
 
 def non_finite_step(step: int, losses: dict[str, float], grad_norm: float | None, stopped: str) -> NonFiniteStep | None:
@@ -200,11 +182,12 @@ def non_finite_step(step: int, losses: dict[str, float], grad_norm: float | None
 
 
 class FiniteGuard:
-    """check_finite without a read-back per step: each micro-batch's loss terms (and, at an optimiser step,
-    the gradient norm) are tested on their device, and the first non-finite step's number and values are kept
-    there. `check()` reads them back once and raises NonFiniteStep naming that step. The loop calls it
-    before it logs, validates or saves anything, so nothing non-finite is logged or saved; the steps after
-    the bad one run until then (their weights are never saved)."""
+    """The non-finite test of every step (train-tle and finetune), without a read-back per step: each
+    micro-batch's loss terms (and, at an optimiser step, the gradient norm) are tested on their device, and the
+    first non-finite step's number and values are kept there. `check()` reads them back once and raises
+    NonFiniteStep naming that step. The loop calls it before it logs, validates or saves anything, so nothing
+    non-finite is logged or saved; the steps after the bad one run until then (their weights are never saved).
+    A read per step would make the host wait for the device every step."""
 
     def __init__(self, device: torch.device):
         self.first_step = torch.full((), -1, dtype=torch.long, device=device)  # -1: every step finite so far
@@ -213,7 +196,7 @@ class FiniteGuard:
 
     def add(self, step: int, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor | None = None) -> None:
         """Test optimiser step `step`'s loss terms (() tensors) and gradient norm (None: not at hand)."""
-        if list(losses) != self.names:  # the terms change once, when phase 2 starts: settle the old ones
+        if list(losses) != self.names:  # train-tle's change once, when phase 2 starts: settle the old ones
             self.check()
             self.names, self.values = list(losses), None
         norm = torch.zeros((), device=self.first_step.device) if grad_norm is None else grad_norm.detach().float()

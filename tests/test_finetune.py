@@ -286,6 +286,19 @@ def test_mix_counts_hold_the_fractions_exactly():
     assert mix_counts(8, 0.5, 0.5, 3) == {"audio": 4, "tts": 4, "text": 0}
 
 
+def test_kind_sums_add_each_kinds_token_losses_and_label_tokens_on_the_device():
+    """Per kind, the summed token loss and the label-token count of its rows (a kind's rows may come in
+    several runs), as (2,) tensors: no float read back for the log or the non-finite guard."""
+    from whistle_pipeline.text import IGNORE_INDEX
+    from whistle_pipeline.windows import kind_sums
+
+    per_token = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 0.0], [4.0, 4.0, 4.0], [8.0, 0.0, 0.0]])  # (4, 3)
+    labels = torch.tensor([[5, 6, IGNORE_INDEX], [7, IGNORE_INDEX, IGNORE_INDEX], [1, 2, 3], [9, IGNORE_INDEX, 0]])
+    sums = kind_sums(per_token, labels, ["audio", "audio", "text", "audio"])
+    assert list(sums) == ["audio", "text"] and all(isinstance(pair, torch.Tensor) for pair in sums.values())
+    assert sums["audio"].tolist() == [1.0 + 2.0 + 0.5 + 8.0, 2 + 1 + 2] and sums["text"].tolist() == [12.0, 3]
+
+
 def test_labels_prefix_and_language_tokens_come_from_the_tokenizer(world, tmp_path):
     """A multilingual teacher: the decoder gets <|sot|> <|lang|> <|transcribe|> <|notimestamps|> + text,
     padding never reaches the inputs as -100, and the loss skips the prefix."""

@@ -2,7 +2,7 @@
 
     examples ──► Windows.build_with_tail ──► (B, max_frames, D) windows + where their tail repeats (CommonTail)
              ──► WhisperForConditionalGeneration(encoder_outputs=window) inside `with SharedTail(model)(tail):`
-             ──► token_losses (B, S) ──► kind_losses for the log
+             ──► token_losses (B, S) ──► kind_sums for the log and the non-finite guard
 
 A text example's window comes from the frozen TLE (speech frames at the predicted length + the
 TLE's tail template), a stored example's from its store's states + that store's tail template.
@@ -210,20 +210,18 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: fl
     )
 
 
-def kind_losses(
-    loss: torch.Tensor, per_token: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]
-) -> tuple[float, dict[str, tuple[float, int]]]:
-    """The batch loss, and kind -> (summed token loss, label tokens) over the batch, for logging: one read from
-    the device for all of them (a read per example would wait on the device B times a step). The kinds' rows
-    are taken as slices (examples come grouped by kind), so nothing is sent to the device either."""
+def kind_sums(per_token: torch.Tensor, labels: torch.Tensor, kinds: Sequence[str]) -> dict[str, torch.Tensor]:
+    """kind -> its (summed token loss, label tokens) over the batch, one (2,) tensor on the device: for the log
+    and the non-finite guard, with nothing read back (a read waits on the device; the loop reads a log row's
+    sums once, at log_every). The kinds' rows are taken as slices (examples come grouped by kind), so nothing
+    is sent to the device either."""
     per_example = per_token.detach().sum(1).double()  # (B,)
     counts = (labels != IGNORE_INDEX).sum(1).double()  # (B,)
-    runs: dict[str, list[slice]] = {}
+    sums: dict[str, torch.Tensor] = {}
     start = 0
     for kind, run in groupby(kinds):
         end = start + len(list(run))
-        runs.setdefault(kind, []).append(slice(start, end))
+        pair = torch.stack([per_example[start:end].sum(), counts[start:end].sum()])  # (2,)
+        sums[kind] = sums[kind] + pair if kind in sums else pair
         start = end
-    sums = [sum(values[rows].sum() for rows in slices) for slices in runs.values() for values in (per_example, counts)]
-    read = torch.stack([loss.detach().double(), *sums]).tolist()  # [loss, total_1, count_1, total_2, ...]
-    return read[0], {kind: (read[1 + 2 * k], int(read[2 + 2 * k])) for k, kind in enumerate(runs)}
+    return sums
