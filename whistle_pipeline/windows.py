@@ -160,8 +160,9 @@ class SharedTail:
     frame, so its output there is the same too. Inside `with shared(tail):` each k_proj/v_proj projects
     frames [0, tail.start) of every row and frames [tail.start, F) of one row per group, expanded to the
     group (gradients reach the weights through both parts, as before). Exact: the same logits and
-    gradients as projecting every frame (tested); bench/finetune_step.py measured 1.35-1.7x cheaper
-    steps. The modules are not replaced (their forward is, on the instance), so state-dict keys and
+    gradients as projecting every frame (tested). On a 2-core CPU the whole finetune step was 1.2x faster
+    with it in float32 and the same in bfloat16 (bench/RESULTS.md, finetune_step); the projections it saves
+    grow with the batch and the model. The modules are not replaced (their forward is, on the instance), so state-dict keys and
     save_pretrained are untouched, and outside the context they are plain nn.Linear calls. (train-tle's
     frozen decoder goes further: whistle_pipeline.decoder.TailTemplateProjection projects its one
     template once for the whole run; here the weights train, so the tail is projected every step.)
