@@ -683,14 +683,17 @@ def test_stored_utterances_the_decoder_cannot_take_are_left_out_and_counted(worl
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_no_model(world, tmp_path):
     """finetune.learning_rate=inf is refused by the config; 1e30 (finite) trains NaN from step 2: the run stops
-    there, names the step and the loss terms, and writes no model (it used to save 50 of 74 tensors NaN)."""
+    at its next check, names that step, the loss terms and the gradient norm, and writes no model (it used to
+    save 50 of 74 tensors NaN)."""
     from stages.finetune import run
     from stages.training import NonFiniteStep
 
     with pytest.raises(ConfigError, match="finetune.learning_rate = inf should be a finite number"):
         finetune_config(world, tmp_path / "inf", "finetune.learning_rate=inf")
     out = tmp_path / "nan"
-    with pytest.raises(NonFiniteStep, match=r"^step 2: non-finite loss, loss_audio, loss_tts, loss_text \(loss nan"):
+    with pytest.raises(
+        NonFiniteStep, match=r"^step 2: non-finite loss, loss_audio, loss_tts, loss_text, gradient norm \(loss nan"
+    ):
         run(
             finetune_config(
                 world,
