@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,10 @@ def write_clip(path: Path, seconds: float, rate: int, channels: int = 1, seed: i
     samples = np.stack(voices, axis=1).astype(np.float32)  # (N, C)
     soundfile.write(path, samples, rate, **soundfile_options)
     return samples
+
+
+# `torchrun --standalone --nproc_per_node 2`: what the multi-process tests put before their program
+TORCHRUN_TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def load_bench(name: str):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_bench, make_tiny_whisper, write_clip
+from conftest import TORCHRUN_TWO, load_bench, make_tiny_whisper, write_clip
 
 from stages.precompute import run
 from store import StoreReader
@@ -143,32 +143,25 @@ def test_killed_run_resumes_to_the_same_store(teacher, clips_manifest, tmp_path)
     assert_same_store(contents(store), contents(tmp_path / "clean"))
 
 
-def test_two_processes_write_the_same_store_as_one(teacher, clips_manifest, tmp_path):
+def first_16(clips_manifest: Path) -> Path:
+    """A manifest of the first 16 rows (8 shards of 2)."""
     manifest = clips_manifest.with_name("first-16.jsonl")
     manifest.write_text("\n".join(clips_manifest.read_text().splitlines()[:16]), encoding="utf-8")
+    return manifest
+
+
+def two_then_one(program: list[str], teacher: Path, manifest: Path, tmp_path: Path, *options: str) -> str:
+    """`program` (what follows torchrun) in 2 processes with `options`, writing tmp_path/two, then one plain
+    process writing tmp_path/one: both succeed and write the same store. Returns the 2 processes' stdout."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets; the reference runs alike
     two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "whistle_pipeline",
-            *arguments(teacher, manifest, tmp_path / "two"),
-            "--set",
-            "precompute.claim=static",  # shard k to process k % 2, and no other
-        ],
+        [*TORCHRUN_TWO, *program, *arguments(teacher, manifest, tmp_path / "two"), *options],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 process(es)" in two.stdout and "8 written, 0 skipped" in two.stdout
-    assert "precompute rank 1/2: done" in two.stdout
     one = subprocess.run(
         [sys.executable, "-m", "whistle_pipeline", *arguments(teacher, manifest, tmp_path / "one")],
         capture_output=True,
@@ -177,8 +170,21 @@ def test_two_processes_write_the_same_store_as_one(teacher, clips_manifest, tmp_
         timeout=300,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-
     assert_same_store(contents(tmp_path / "two"), contents(tmp_path / "one"))
+    return two.stdout
+
+
+def test_two_processes_write_the_same_store_as_one(teacher, clips_manifest, tmp_path):
+    stdout = two_then_one(
+        ["-m", "whistle_pipeline"],
+        teacher,
+        first_16(clips_manifest),
+        tmp_path,
+        "--set",
+        "precompute.claim=static",  # shard k to process k % 2, and no other
+    )
+    assert "2 process(es)" in stdout and "8 written, 0 skipped" in stdout
+    assert "precompute rank 1/2: done" in stdout
     record = StoreReader(str(tmp_path / "two")).record("precompute.json")
     assert record["world_size"] == 2 and [r["shards_written"] for r in record["per_rank"]] == [4, 4]
     assert record["clips"] == 15 and record["rejects"] == {"audio not found": 1}
@@ -199,45 +205,16 @@ main()
 def test_a_process_that_ran_out_takes_over_the_shards_of_a_slow_one(teacher, clips_manifest, tmp_path):
     """Dynamic claiming (the default): with one process made slow, the other writes its own shards, then those
     of the slow one that it has not started, from the end; the store is the one a single process writes."""
-    manifest = clips_manifest.with_name("first-16.jsonl")
-    manifest.write_text("\n".join(clips_manifest.read_text().splitlines()[:16]), encoding="utf-8")
     script = tmp_path / "slow_second_process.py"
     script.write_text(SLOW_SECOND_PROCESS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(script),
-            *arguments(teacher, manifest, tmp_path / "two"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run(
-        [sys.executable, "-m", "whistle_pipeline", *arguments(teacher, manifest, tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-
-    assert_same_store(contents(tmp_path / "two"), contents(tmp_path / "one"))
+    stdout = two_then_one([str(script)], teacher, first_16(clips_manifest), tmp_path)
     record = StoreReader(str(tmp_path / "two")).record("precompute.json")
     fast, slow = record["per_rank"]
     assert fast["shards_written"] + slow["shards_written"] == 8 and fast["shards_taken_over"] >= 1
     assert fast["shards_written"] == 4 + fast["shards_taken_over"] and slow["shards_taken_over"] == 0
     assert slow["shards_busy"] == fast["shards_taken_over"] and record["shards_busy"] == 0
     assert record["rows"] == 16 and record["clips"] == 15
-    assert f"8 written ({record['shards_taken_over']} taken over from slower processes)" in two.stdout
+    assert f"8 written ({record['shards_taken_over']} taken over from slower processes)" in stdout
 
 
 def test_a_resume_with_other_teacher_weights_is_refused_and_the_same_weights_elsewhere_are_not(

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import store_spec, synthetic_utterances
+from conftest import TORCHRUN_TWO, store_spec, synthetic_utterances
 
 from store import StoreReader
 
@@ -43,16 +42,7 @@ def torchrun_writers(script: Path, store: Path) -> None:
         "OMP_NUM_THREADS": "1",
     }
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(script),
-            str(store),
-        ],
+        [*TORCHRUN_TWO, str(script), str(store)],
         capture_output=True,
         text=True,
         env=env,
