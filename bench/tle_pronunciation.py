@@ -31,6 +31,8 @@ set is skipped, and said so.
     python bench/tle_pronunciation.py --demo demo-run --out bench-pron    # tle.pronunciation=espeak
     python bench/tle_pronunciation.py --demo demo-run --out bench-pron-32 --arm-set tle.spelling_channels=32
     python bench/tle_pronunciation.py --demo demo-run --out bench-check --arm-set none  # today's recipe again
+    python bench/tle_pronunciation.py --demo demo-run --out bench-paired --reuse bench-pron \
+        --arm-set store.path=paired-store    # only the new recipe runs: the rest is bench-pron's
     python bench/tle_pronunciation.py --quick --demo /tmp/demo-smoke --out /tmp/pron-smoke  # a smoke run
 """
 
@@ -100,6 +102,27 @@ class Ledger:
         self.path.write_text(json.dumps(self.state, indent=2) + "\n")
         log.info("%s: done in %.0f s", name, self.state["steps"][name]["seconds"])
         return result
+
+    def adopt(self, other: Path, names: Sequence[str]) -> None:
+        """Take the steps `names` as another OUT's ledger recorded them (--reuse): that OUT must be a run on
+        the same demo, seeds and flite with those steps finished."""
+        path = other / "steps.json"
+        if not path.is_file():
+            raise click.ClickException(f"--reuse {other}: no {path.name} there (not an OUT of this script)")
+        previous = json.loads(path.read_text())
+        for key in ("demo", "quick", "flite"):
+            if previous.get(key) != self.state[key]:
+                raise click.ClickException(
+                    f"--reuse {other}: it measured {key} = {previous.get(key)!r}, this run {self.state[key]!r}"
+                )
+        unfinished = [name for name in names if name not in previous["steps"]]
+        if unfinished:
+            raise click.ClickException(
+                f"--reuse {other}: it has not finished {', '.join(unfinished)}: rerun it to the end first"
+            )
+        for name in names:
+            self.state["steps"].setdefault(name, {**previous["steps"][name], "reused_from": str(other)})
+        self.path.write_text(json.dumps(self.state, indent=2) + "\n")
 
     def seconds(self) -> dict[str, float]:
         return {name: step["seconds"] for name, step in self.state["steps"].items()}
@@ -277,13 +300,28 @@ class Measurement:
     """The steps, each through the ledger, in the order `main` takes them: speech and stores, today's TLE's
     validation, the new TLE and its validation, the new arm's fine-tuning, the evaluation."""
 
-    def __init__(self, demo: Demo, out: Path, arm_sets: Sequence[str], flite: str | None, quick: bool, ledger: Ledger):
+    def __init__(
+        self,
+        demo: Demo,
+        out: Path,
+        arm_sets: Sequence[str],
+        flite: str | None,
+        quick: bool,
+        ledger: Ledger,
+        shared: Path | None = None,
+    ):
+        """`shared`: the OUT of an earlier measurement on the same demo whose test speech, stores, today's
+        validation and the re-used arms' scores this one takes (--reuse); else `out` makes its own."""
         self.demo, self.out, self.arm_sets, self.flite, self.ledger = demo, out, arm_sets, flite, ledger
         self.seeds = 1 if quick else demo.seeds
         self.limit = QUICK_CLIPS if quick else 0  # clips of each test set; 0: all
-        self.manifests = {"espeak": demo.audio("target-test"), "flite": out / "audio" / "flite-target-test" / MANIFEST}
+        shared = shared or out
+        self.manifests = {
+            "espeak": demo.audio("target-test"),
+            "flite": shared / "audio" / "flite-target-test" / MANIFEST,
+        }
         self.synthesizers = SYNTHESIZERS if flite else SYNTHESIZERS[:1]
-        self.stores = {name: out / "stores" / f"target-test-{name}" for name in self.synthesizers}
+        self.stores = {name: shared / "stores" / f"target-test-{name}" for name in self.synthesizers}
         self.tles = {TODAY: demo.tle, NEW: out / "tle-new"}
 
     def speech(self) -> dict[str, Any] | None:
@@ -369,30 +407,34 @@ class Measurement:
             )
 
     def evaluate(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """evaluate_scores of the unadapted model and every arm's runs on the test sets, greedy."""
+        """evaluate_scores of the unadapted model and every arm's runs on the test sets, greedy: the demo's
+        models (the same for every recipe, so --reuse takes them) and the new arm's, in two steps."""
         demo, runs = self.demo, range(self.seeds)
-        models = [f"{BASELINE}={demo.teacher}"]
-        models += [f"{run_label(arm, s)}={demo.adapted(run_label(arm, s))}" for arm in REUSED_ARMS for s in runs]
-        models += [f"{run_label(NEW_ARM, s)}={self.out / 'adapted' / run_label(NEW_ARM, s)}" for s in runs]
+        reused = [f"{BASELINE}={demo.teacher}"]
+        reused += [f"{run_label(arm, s)}={demo.adapted(run_label(arm, s))}" for arm in REUSED_ARMS for s in runs]
+        new = [f"{run_label(NEW_ARM, s)}={self.out / 'adapted' / run_label(NEW_ARM, s)}" for s in runs]
         sets = {f"target-{name}": self.manifests[name] for name in self.synthesizers}
         sets["source"] = demo.audio("source-test")
-        return self.ledger.run(
-            "evaluate",
-            f"greedy WER of {len(models)} models on {', '.join(sets)}",
-            lambda: evaluate_scores(
-                demo.config(
-                    demo.work / "eval" / "config.toml",
-                    evaluate={
-                        "models": models,
-                        "sets": [f"{label}={path}" for label, path in sets.items()],
-                        "variants": ["plain"],
-                        "num_beams": 1,
-                        "max_clips": self.limit,
-                        "output_dir": str(self.out / "eval"),
-                    },
-                )
-            ),
-        )
+        scores: dict[str, dict[str, dict[str, Any]]] = {}
+        for step, models in (("evaluate-reused", reused), ("evaluate-new", new)):
+            scores |= self.ledger.run(
+                step,
+                f"greedy WER of {len(models)} models on {', '.join(sets)}",
+                lambda step=step, models=models: evaluate_scores(
+                    demo.config(
+                        demo.work / "eval" / "config.toml",
+                        evaluate={
+                            "models": models,
+                            "sets": [f"{label}={path}" for label, path in sets.items()],
+                            "variants": ["plain"],
+                            "num_beams": 1,
+                            "max_clips": self.limit,
+                            "output_dir": str(self.out / step),
+                        },
+                    )
+                ),
+            )
+        return scores
 
 
 # --- the report ---------------------------------------------------------------------------------------------
@@ -515,7 +557,14 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
 )
 @click.option("--flite", default="flite", show_default=True, help="The flite program (skipped when missing).")
 @click.option("--quick", is_flag=True, help=f"A smoke run: one seed, the first {QUICK_CLIPS} clips of each test set.")
-def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: bool) -> None:
+@click.option(
+    "--reuse",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A finished OUT of this script on the same demo: take its test speech and stores, today's TLE's "
+    "validation and the demo arms' scores instead of measuring them again (only the new recipe runs).",
+)
+def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: bool, reuse: str | None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -538,7 +587,16 @@ def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: 
     ledger = Ledger(
         out_dir, {"demo": str(workdir), "arm_sets": list(arm_sets), "quick": quick, "flite": bool(flite_path)}
     )
-    measurement = Measurement(demo, out_dir, arm_sets, flite_path, quick, ledger)
+    shared = Path(reuse).resolve() if reuse else None
+    if shared is not None:
+        synthesizers = SYNTHESIZERS if flite_path else SYNTHESIZERS[:1]
+        ledger.adopt(
+            shared,
+            [*(["flite"] if flite_path else []), *(f"precompute-{name}" for name in synthesizers)]
+            + [f"validate-{TODAY}-{name}" for name in synthesizers]
+            + ["evaluate-reused"],
+        )
+    measurement = Measurement(demo, out_dir, arm_sets, flite_path, quick, ledger, shared)
     flite_record = measurement.speech()
     validation = {TODAY: measurement.validate(TODAY)}
     measurement.train_tle()
