@@ -12,6 +12,8 @@ whistle arm, all seeds. Into OUT it adds, each step skipped when a rerun finds i
   validate-tle  today's TLE on both test stores: normalised cosine to the   validate/today-<synthesizer>.json
                 teacher's states (true durations), length error, the frozen
                 decoder's round-trip WER at true and predicted lengths
+  states        the cosine at true and at predicted durations (stretched    (steps.json)
+                to the true length), nothing decoded: seconds
   train-tle     the new TLE: the demo's [tle] and [train_tle] (DEMO/tle's   tle-new/
                 saved config) plus the --arm-set overrides
   validate-tle  the new TLE, the same way                                   validate/new-<synthesizer>.json
@@ -19,9 +21,10 @@ whistle arm, all seeds. Into OUT it adds, each step skipped when a rerun finds i
                 saved whistle config with only tle_path and output_dir changed
                 (and the --arm-set overrides; finetune takes the TLE's own
                 settings from the TLE, so tle.* keys change nothing there)
-  evaluate      greedy WER of the unadapted model, the control, text-null,  eval/
-                today's and the new whistle arm on eSpeak and flite target
-                test speech and on the source test speech
+  evaluate      greedy WER of the unadapted model, the control, text-null,  evaluate-reused/,
+                today's whistle arm (the demo's models: --reuse takes them) evaluate-new/
+                and the new whistle arm, on eSpeak and flite target test
+                speech and on the source test speech
 
 and writes results.json and table.md: per set each arm's WER (mean and range over the seeds), the points it
 is below the control and below text-null, its change relative to the unadapted model; and the
@@ -366,11 +369,13 @@ class Measurement:
         )
 
     def validate(self, tle: str) -> dict[str, Any]:
-        """validate-tle's metrics of the TLE `tle` (TODAY or NEW) on each test store: {synthesizer: metrics}."""
+        """validate-tle's metrics of the TLE `tle` (TODAY or NEW) on each test store, with the cosines at true
+        and predicted lengths from a step of their own (it costs seconds): {synthesizer: metrics}."""
         path = self.tles[tle]
         (self.out / "validate").mkdir(exist_ok=True)
-        return {
-            name: self.ledger.run(
+        figures = {}
+        for name in self.synthesizers:
+            figures[name] = self.ledger.run(
                 f"validate-{tle}-{name}",
                 f"validate-tle {tle}'s TLE on the {name} target test store",
                 lambda name=name: validation_figures(
@@ -381,8 +386,14 @@ class Measurement:
                     self.out / "validate" / f"{tle}-{name}.json",
                 ),
             )
-            for name in self.synthesizers
-        }
+            figures[name] |= self.ledger.run(
+                f"states-{tle}-{name}",
+                f"{tle}'s TLE states against the {name} target test store's (cosine at true and predicted lengths)",
+                lambda name=name: validate_tle.state_figures(
+                    self.demo.config(path / "config.toml"), str(path), str(self.stores[name])
+                ),
+            )
+        return figures
 
     def finetune(self) -> None:
         """The whistle arm on the new TLE: each seed's demo whistle run with only the TLE and the output moved."""
@@ -454,6 +465,7 @@ def arm_figures(scores: dict[str, Any], seeds: int) -> dict[str, Any]:
 
 TLE_COLUMNS = (  # validate-tle figure, the table's header, its cell
     ("cosine", "cosine (true durations)", "{:.3f}"),
+    ("cosine_predicted", "cosine (predicted durations, stretched)", "{:.3f}"),
     ("length_error", "length error", "{:.3f}"),
     ("wer_true", "round-trip WER % (true lengths)", "{:.1%}"),
     ("wer_predicted", "round-trip WER % (predicted)", "{:.1%}"),
@@ -524,7 +536,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     }
     for tle, by_synthesizer in results["tle_validation"].items():
         for name, m in by_synthesizer.items():
-            for key in ("cosine", "wer_true", "wer_predicted", "real_wer"):
+            for key in ("cosine", "cosine_predicted", "wer_true", "wer_predicted", "real_wer"):
                 figures[f"tle_{tle}_{name}_{key}"] = m[key]
     for method, by_set in results["arms"].items():
         for audio_set, cell in by_set.items():
@@ -593,7 +605,7 @@ def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: 
         ledger.adopt(
             shared,
             [*(["flite"] if flite_path else []), *(f"precompute-{name}" for name in synthesizers)]
-            + [f"validate-{TODAY}-{name}" for name in synthesizers]
+            + [f"{step}-{TODAY}-{name}" for step in ("validate", "states") for name in synthesizers]
             + ["evaluate-reused"],
         )
     measurement = Measurement(demo, out_dir, arm_sets, flite_path, quick, ledger, shared)

@@ -31,7 +31,7 @@ from whistle_pipeline.errors import WhistleError
 from whistle_pipeline.metrics import corpus_wer
 from whistle_pipeline.pronunciation import PronunciationFrontEnd
 from whistle_pipeline.text import TextBatch, encode_texts, transcript_problem
-from whistle_pipeline.tle import TLEModel, assemble_window, masked_cosine, masked_mse
+from whistle_pipeline.tle import TLEModel, assemble_window, masked_cosine, masked_mse, stretched_cosine
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,9 @@ def validate(
 ) -> dict[str, float]:
     """Held-out metrics of the text-only TLE (z = prior mean, no posterior); the teacher's tail template
     must be the model's (teacher.set_tail_template(model.tail_template)):
-    mse, cosine (normalised space, true durations); length_error (|predicted - true| / true frames);
+    mse, cosine (normalised space, true durations); cosine_predicted (the frames at the TLE's own predicted
+    durations, each utterance stretched linearly in time to its true length); length_error (|predicted - true|
+    / true frames);
     duration_mae (frames per token); decoder_ce on the TLE full window at true and predicted lengths;
     wer_predicted: greedy round trip text -> TLE -> decoder at predicted lengths on the first
     `wer_size` utterances. `reference` (real_decoder_ce, real_wer on the real states) is computed when
@@ -387,6 +389,11 @@ def validate(
         add("decoder_ce", decoder_cross_entropy(teacher, window, text, out.states.shape[1])[0].item(), n)
         speech, lengths = model.speech_frames(
             text.tle_tokens, mask, batch.language_ids, pronunciation=text.pronunciation
+        )
+        add(
+            "cosine_predicted",
+            stretched_cosine(model.normalise(speech), lengths, target, true_lengths).item(),
+            int(true_lengths.sum()),
         )
         predicted_window = model.full_window(speech, lengths)
         add(

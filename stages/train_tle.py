@@ -112,6 +112,7 @@ VALIDATION_COLUMNS = [
     "step",
     "mse",
     "cosine",
+    "cosine_predicted",
     "length_error",
     "duration_mae",
     "decoder_ce",

@@ -4,6 +4,8 @@ For every utterance of an evaluation store (sentences the TLE never saw), with t
 
   cosine, mse        TLE frames vs the teacher's, in the store's normalised space, at the true durations
                      (per-token durations from the teacher's alignment heads + DTW, as train-tle uses)
+  cosine_predicted   the same cosine of the TLE's frames at its own predicted durations, each utterance
+                     stretched linearly in time to its true length (text alone, as finetune uses the TLE)
   length_error       |predicted - true| / true speech frames;  duration_mae: frames per token
   decoder_ce         the frozen decoder's cross-entropy per label token reading the TLE full window
                      (true / predicted lengths) — the baseline is the same on the real states
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 # the summary's table: label, the TLE's figure, the real audio's figure on the same utterances
 TABLE = [
     ("cosine to teacher (normalised)", "cosine", None),
+    ("cosine, predicted lengths (stretched to true)", "cosine_predicted", None),
     ("masked MSE (normalised)", "mse", None),
     ("length error (predicted vs true)", "length_error", None),
     ("duration MAE (frames/token)", "duration_mae", None),
@@ -132,13 +135,9 @@ def run(config: PipelineConfig, options: ValidateTLEOptions) -> ValidateTLEResul
     started = time.time()
     # the voices manifest is read (any manifest format) and matched to the store before anything is computed
     voice_of = read_voices(options.voices, stored_ids(options.store), config) if options.voices else None
-    device = resolve_device(config.teacher.device)
-    teacher = load_frozen_teacher(
-        config.teacher.name_or_path, config.teacher.revision, device, torch.float32, config.teacher.attn_implementation
+    device, teacher, tle, batches, ids, rejects = prepared(
+        config, options.tle_dir, options.weights, options.store, options.batch_size
     )
-    tle = load_tle(options.tle_dir, options.weights, device)
-    batches, ids, rejects = aligned_batches(options.store, teacher, tle, options.batch_size)
-    teacher.set_tail_template(tle.tail_template)  # align_shard set the evaluation store's
     metrics = validate(tle, teacher, batches, len(ids), device)
     trips = round_trips(tle, teacher, batches, device)
     languages = [language for batch in batches for language in batch.text.languages]
@@ -177,6 +176,27 @@ def run(config: PipelineConfig, options: ValidateTLEOptions) -> ValidateTLEResul
     if options.figure:
         plot_example(tle, batches[0], options.figure)
     return result
+
+
+def state_figures(config: PipelineConfig, tle_dir: str, store: str, batch_size: int = 16) -> dict[str, Any]:
+    """`run`'s figures of the TLE's states alone, with nothing decoded (seconds where `run` takes minutes):
+    mse, cosine (true durations), cosine_predicted, length_error, duration_mae, decoder_ce(_predicted),
+    utterances."""
+    device, teacher, tle, batches, ids, _ = prepared(config, tle_dir, None, store, batch_size)
+    return {**validate(tle, teacher, batches, 0, device, reference={}), "utterances": len(ids)}
+
+
+def prepared(config: PipelineConfig, tle_dir: str, weights: str | None, store: str, batch_size: int):
+    """The device, the frozen teacher (holding the TLE's tail template), the TLE and the store's aligned
+    batches, their ids and the alignment's rejects."""
+    device = resolve_device(config.teacher.device)
+    teacher = load_frozen_teacher(
+        config.teacher.name_or_path, config.teacher.revision, device, torch.float32, config.teacher.attn_implementation
+    )
+    tle = load_tle(tle_dir, weights, device)
+    batches, ids, rejects = aligned_batches(store, teacher, tle, batch_size)
+    teacher.set_tail_template(tle.tail_template)  # align_shard set the evaluation store's
+    return device, teacher, tle, batches, ids, rejects
 
 
 def load_tle(tle_dir: str, weights: str | None, device: torch.device) -> TLEModel:

@@ -30,6 +30,7 @@ from whistle_pipeline.tle import (
     masked_cosine,
     masked_mse,
     round_durations,
+    stretched_cosine,
     tle_loss,
 )
 
@@ -251,6 +252,29 @@ def test_masked_losses_ignore_padding():
     assert masked_mse(prediction, target, mask).item() == pytest.approx(1.0)
     assert masked_cosine(target, target * 3, mask).item() == pytest.approx(1.0)
     assert masked_cosine(-target, target, mask).item() == pytest.approx(-1.0)
+
+
+def test_stretched_cosine_compares_frames_made_at_another_length_over_the_true_frames():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # sample 0: 2 predicted frames [e1, e2] stretched to 3 are [e1, (e1 + e2) / 2, e2]; sample 1: the same
+    # length, so nothing moves; sample 2: no predicted frame, its 2 true frames count as 0
+    prediction = torch.stack([torch.stack([e1, e2, e2]), torch.stack([e1, -e2, e1]), torch.stack([e1, e1, e1])])
+    lengths = torch.tensor([2, 3, 0])
+    target = torch.stack(
+        [torch.stack([e1, e1 + e2, e2, e2]), torch.stack([e1, e2, e1, e2]), torch.stack([e1, e1, e1, e1])]
+    )
+    target_lengths = torch.tensor([3, 3, 2])
+    # per frame: 1, 1, 1 | 1, -1, 1 | (none) -> 4 over 8 true frames
+    assert stretched_cosine(prediction, lengths, target, target_lengths).item() == pytest.approx(4 / 8)
+    # at equal lengths it is masked_cosine
+    same = torch.tensor([3, 3, 3])
+    mask = torch.arange(3)[None] < same[:, None]
+    assert stretched_cosine(prediction, same, target[:, :3], same).item() == pytest.approx(
+        masked_cosine(prediction, target[:, :3], mask).item()
+    )
+    # one predicted frame is held over the whole utterance
+    one = stretched_cosine(prediction[:1], torch.tensor([1]), target[:1], torch.tensor([3]))
+    assert one.item() == pytest.approx((1 + 2**-0.5 + 0) / 3)
 
 
 def test_kl_and_free_bits():

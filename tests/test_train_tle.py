@@ -156,6 +156,7 @@ def test_tiny_tle_overfits_a_tiny_store(tle_store, tiny_teacher_dir, tmp_path):
     validation = read_log(out / "validation.csv")
     assert [int(r["step"]) for r in validation] == [50, 100]
     assert float(validation[-1]["cosine"]) > 0.5  # held-out sentences: the same words in new orders
+    assert 0 < float(validation[-1]["cosine_predicted"]) <= 1  # the same at the TLE's own durations
     assert {"wer_predicted", "real_wer", "real_decoder_ce", "cosine", "length_error"} <= set(result.validation)
     assert result.steps == 100 and result.train_utterances + result.held_out_utterances == 32
     for name in ("config.json", "model.safetensors", "config.toml", "loss_curves.png", "summary.json"):
@@ -548,8 +549,10 @@ def test_cli_validates_a_tle_against_the_real_states(tle_store, tiny_teacher_dir
     assert "round-trip WER, predicted length" in result.output and "real audio per voice" in result.output
     assert "utterances=32" in result.output
     figures = json.loads((tmp_path / "v.json").read_text())
+    assert "cosine, predicted lengths (stretched to true)" in result.output
     assert {
         "cosine",
+        "cosine_predicted",
         "decoder_ce",
         "real_decoder_ce",
         "wer_true",

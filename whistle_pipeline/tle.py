@@ -580,6 +580,27 @@ def masked_cosine(prediction: torch.Tensor, target: torch.Tensor, frame_mask: to
     return (cosine * keep).sum() / keep.sum().clamp(min=1.0)
 
 
+def stretched_cosine(
+    prediction: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor, target_lengths: torch.Tensor
+) -> torch.Tensor:
+    """Mean per-frame cosine of frames made at other lengths: each sample's prediction[b, :lengths[b]] is
+    stretched linearly in time to target_lengths[b] frames and compared with target[b, :target_lengths[b]];
+    the mean is over all target frames, as masked_cosine's. A sample predicted with no frame scores 0.
+    (B, T, D), (B,), (B, T', D), (B,) -> ()."""
+    total, frames = torch.zeros((), device=target.device), 0
+    for row, length, real, real_length in zip(prediction, lengths.tolist(), target, target_lengths.tolist()):
+        frames += int(real_length)
+        if length < 1 or real_length < 1:
+            continue
+        frames_in_time = row[:length].float().T[None]  # (1, D, length)
+        if length == 1:
+            stretched = frames_in_time.expand(-1, -1, int(real_length))
+        else:
+            stretched = F.interpolate(frames_in_time, size=int(real_length), mode="linear", align_corners=True)
+        total = total + F.cosine_similarity(stretched[0].T, real[:real_length].float(), dim=-1).sum()
+    return total / max(frames, 1)
+
+
 def duration_loss(log_durations: torch.Tensor, durations: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """MSE of log(1 + frames) per token, plus the squared log error of each sample's total length -> ().
 
