@@ -14,6 +14,11 @@ whistle arm, all seeds. Into OUT it adds, each step skipped when a rerun finds i
                 decoder's round-trip WER at true and predicted lengths
   states        the cosine at true and at predicted durations (stretched    (steps.json)
                 to the true length), nothing decoded: seconds
+  espeak-other  the scale of the cosine: the target test sentences spoken   audio/espeak-other-target-test/,
+  voices        by eSpeak again with other voice draws, and the cosine of   stores/target-test-espeak-other
+                real speech to real speech of the same sentence re-timed
+                token by token (other eSpeak voices -> the test speech,
+                eSpeak -> flite)
   train-tle     the new TLE: the demo's [tle] and [train_tle] (DEMO/tle's   tle-new/
                 saved config) plus the --arm-set overrides
   validate-tle  the new TLE, the same way                                   validate/new-<synthesizer>.json
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -61,6 +67,7 @@ from _common import describe_machine, emit, table
 from stages import evaluate, finetune, precompute, train_tle, validate_tle
 from stages.demo_plan import STATE
 from stages.demo_report import BASELINE, CONTROL, method_figures, run_label
+from whistle_pipeline import tts
 from whistle_pipeline.config import ConfigError, PipelineConfig, load_config
 from whistle_pipeline.tts import MANIFEST, MAX_WINDOW_S
 
@@ -75,6 +82,7 @@ REUSED_ARMS = (CONTROL, "text-null", "whistle")  # the demo's runs, every seed
 SYNTHESIZERS = ("espeak", "flite")
 NO_FLITE = "the second synthesizer's test set is skipped, no figure on flite speech"
 QUICK_CLIPS = 6  # --quick: the first sentences of each test set
+OTHER_VOICES_SEED = 7  # the target test sentences spoken again by eSpeak, with other voice draws than the demo's
 
 
 class Ledger:
@@ -318,7 +326,7 @@ class Measurement:
         self.demo, self.out, self.arm_sets, self.flite, self.ledger = demo, out, arm_sets, flite, ledger
         self.seeds = 1 if quick else demo.seeds
         self.limit = QUICK_CLIPS if quick else 0  # clips of each test set; 0: all
-        shared = shared or out
+        self.shared = shared = shared or out
         self.manifests = {
             "espeak": demo.audio("target-test"),
             "flite": shared / "audio" / "flite-target-test" / MANIFEST,
@@ -352,6 +360,41 @@ class Measurement:
                 ),
             )
         return record
+
+    def voice_scale(self) -> dict[str, Any]:
+        """The cosine scale: real speech against real speech of the same sentences, re-timed token by token
+        (validate_tle.voice_cosine) — eSpeak's other voices against the eSpeak test speech, and eSpeak
+        against flite. {reference: {cosine, utterances, unmatched}}."""
+        demo, folder = self.demo, self.shared / "audio" / "espeak-other-target-test"
+        store = self.shared / "stores" / "target-test-espeak-other"
+
+        def speak() -> int:
+            lines = (demo.work / "texts" / "target-test.txt").read_text(encoding="utf-8").splitlines()
+            texts = self.shared / "espeak-other-target-test.txt"
+            texts.write_text("\n".join(lines[: self.limit or None]) + "\n", encoding="utf-8")
+            tts.synthesize(texts, folder, seed=OTHER_VOICES_SEED, workers=os.cpu_count() or 1, overwrite=True)
+            return len((folder / MANIFEST).read_text(encoding="utf-8").splitlines())
+
+        self.ledger.run(
+            "espeak-other", f"speak the target test sentences with eSpeak, voices of seed {OTHER_VOICES_SEED}", speak
+        )
+        self.ledger.run(
+            "precompute-espeak-other",
+            f"the teacher's states of that speech into {store}",
+            lambda: precompute.run(demo.precompute_config(folder / MANIFEST, store, self.limit)).store_utterances,
+        )
+        pairs = {"espeak other voices -> espeak": (self.stores["espeak"], store)}
+        if "flite" in self.stores:
+            pairs["espeak -> flite"] = (self.stores["flite"], self.stores["espeak"])
+        config = demo.config(demo.tle / "config.toml")
+        return self.ledger.run(
+            "voices",
+            "the cosine of real speech to real speech of the same sentences, re-timed token by token",
+            lambda: {
+                label: validate_tle.voice_cosine(config, str(demo.tle), str(target), str(other))
+                for label, (target, other) in pairs.items()
+            },
+        )
 
     def train_tle(self) -> None:
         self.ledger.run(
@@ -483,6 +526,13 @@ def tle_rows(validation: dict[str, dict[str, Any]]) -> list[list[str]]:
     ]
 
 
+SCALE_HEADERS = ["speech -> test speech", "cosine (normalised)", "utterances"]
+
+
+def scale_rows(scale: dict[str, dict[str, Any]]) -> list[list[str]]:
+    return [[label, f"{m['cosine']:.3f}", str(m["utterances"])] for label, m in scale.items()]
+
+
 def arm_rows(figures: dict[str, Any], audio_set: str) -> list[list[Any]]:
     rows = []
     for method, by_set in figures.items():
@@ -517,6 +567,10 @@ def markdown(results: dict[str, Any]) -> str:
         "## TLE states vs the teacher's states of real speech of unseen target sentences",
         "",
         *grid(TLE_HEADERS, tle_rows(results["tle_validation"])),
+        "",
+        "The scale: real speech against real speech of the same sentences, re-timed token by token:",
+        "",
+        *grid(SCALE_HEADERS, scale_rows(results["voice_scale"])),
     ]
     for audio_set in results["sets"]:
         lines += [
@@ -538,6 +592,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         for name, m in by_synthesizer.items():
             for key in ("cosine", "cosine_predicted", "wer_true", "wer_predicted", "real_wer"):
                 figures[f"tle_{tle}_{name}_{key}"] = m[key]
+    for label, m in results["voice_scale"].items():
+        figures[f"voice_{label.replace(' -> ', '_to_').replace(' ', '_')}_cosine"] = m["cosine"]
     for method, by_set in results["arms"].items():
         for audio_set, cell in by_set.items():
             if not isinstance(cell, dict):
@@ -606,10 +662,11 @@ def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: 
             shared,
             [*(["flite"] if flite_path else []), *(f"precompute-{name}" for name in synthesizers)]
             + [f"{step}-{TODAY}-{name}" for step in ("validate", "states") for name in synthesizers]
-            + ["evaluate-reused"],
+            + ["espeak-other", "precompute-espeak-other", "voices", "evaluate-reused"],
         )
     measurement = Measurement(demo, out_dir, arm_sets, flite_path, quick, ledger, shared)
     flite_record = measurement.speech()
+    scale = measurement.voice_scale()
     validation = {TODAY: measurement.validate(TODAY)}
     measurement.train_tle()
     validation[NEW] = measurement.validate(NEW)
@@ -625,6 +682,7 @@ def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: 
         "flite": {"missing": missing} if missing else flite_record,
         "sets": list(scores[BASELINE]),
         "tle_validation": validation,
+        "voice_scale": scale,
         "arms": figures,
         "scores": scores,
         "machine": describe_machine(),
@@ -634,6 +692,8 @@ def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: 
     (out_dir / "table.md").write_text(markdown(results), encoding="utf-8")
     click.echo("\nTLE states vs real speech of unseen target sentences (validate-tle):")
     click.echo(table(TLE_HEADERS, tle_rows(validation)))
+    click.echo("\nThe scale: real speech against real speech of the same sentences, re-timed token by token:")
+    click.echo(table(SCALE_HEADERS, scale_rows(scale)))
     for audio_set in results["sets"]:
         click.echo(f"\n{audio_set} test speech, {seeds} seed(s) per arm:")
         click.echo(table(ARM_HEADERS, arm_rows(figures, audio_set)))

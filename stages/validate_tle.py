@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from stages.tle_data import Collate, DurationTable, TrainBatch, align_shard, validate
@@ -44,7 +45,7 @@ from whistle_pipeline.metrics import corpus_wer
 from whistle_pipeline.sources import open_source
 from whistle_pipeline.teacher import resolve_device
 from whistle_pipeline.text import IGNORE_INDEX, encode_texts
-from whistle_pipeline.tle import TLEModel
+from whistle_pipeline.tle import TLEModel, retimed
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,35 @@ def state_figures(config: PipelineConfig, tle_dir: str, store: str, batch_size: 
     utterances."""
     device, teacher, tle, batches, ids, _ = prepared(config, tle_dir, None, store, batch_size)
     return {**validate(tle, teacher, batches, 0, device, reference={}), "utterances": len(ids)}
+
+
+def voice_cosine(
+    config: PipelineConfig, tle_dir: str, store: str, other_store: str, batch_size: int = 16
+) -> dict[str, Any]:
+    """The normalised cosine of real speech to real speech, the scale a TLE's cosine is read on: each
+    utterance of `other_store` (the same sentences spoken otherwise: other voices, another synthesizer;
+    matched by id and tokens) re-timed token by token to `store`'s durations (both from the teacher's
+    alignment), against `store`'s states, in the TLE's normalised space -> cosine, utterances, unmatched."""
+    device, teacher, tle, batches, ids, _ = prepared(config, tle_dir, None, store, batch_size)
+    other: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for batch in aligned_batches(other_store, teacher, tle, batch_size)[0]:
+        for row, uid in enumerate(batch.ids):
+            keep = batch.text.tle_mask[row]
+            frames = int(batch.durations[row].sum())
+            other[uid] = (batch.text.tle_tokens[row][keep], batch.durations[row][keep], batch.states[row, :frames])
+    total, frames, matched = 0.0, 0, 0
+    for batch in batches:
+        for row, uid in enumerate(batch.ids):
+            keep = batch.text.tle_mask[row]
+            tokens, durations = batch.text.tle_tokens[row][keep], batch.durations[row][keep]
+            if uid not in other or not torch.equal(other[uid][0], tokens):
+                continue
+            length = int(durations.sum())
+            target = tle.normalise(batch.states[row, :length].float().to(device))
+            moved = tle.normalise(retimed(other[uid][2], other[uid][1], durations).to(device))
+            total += F.cosine_similarity(moved, target, dim=-1).sum().item()
+            frames, matched = frames + length, matched + 1
+    return {"cosine": total / max(frames, 1), "utterances": matched, "unmatched": len(ids) - matched}
 
 
 def prepared(config: PipelineConfig, tle_dir: str, weights: str | None, store: str, batch_size: int):

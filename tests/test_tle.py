@@ -29,6 +29,7 @@ from whistle_pipeline.tle import (
     length_regulate,
     masked_cosine,
     masked_mse,
+    retimed,
     round_durations,
     stretched_cosine,
     tle_loss,
@@ -275,6 +276,17 @@ def test_stretched_cosine_compares_frames_made_at_another_length_over_the_true_f
     # one predicted frame is held over the whole utterance
     one = stretched_cosine(prediction[:1], torch.tensor([1]), target[:1], torch.tensor([3]))
     assert one.item() == pytest.approx((1 + 2**-0.5 + 0) / 3)
+
+
+def test_retimed_moves_each_tokens_frames_to_its_new_length():
+    states = torch.tensor([[0.0], [2.0], [10.0], [20.0], [30.0]])  # tokens of 2, 0 and 3 frames
+    # token 0: 2 frames -> 3 (0, 1, 2); token 1: no frame -> 1, holds the frame where it falls (10);
+    # token 2: 3 frames -> 2 (its ends)
+    moved = retimed(states, torch.tensor([2, 0, 3]), torch.tensor([3, 1, 2]))
+    assert moved[:, 0].tolist() == pytest.approx([0.0, 1.0, 2.0, 10.0, 10.0, 30.0])
+    # the same durations give the same frames; a token given no frame drops out
+    assert torch.equal(retimed(states, torch.tensor([2, 0, 3]), torch.tensor([2, 0, 3])), states)
+    assert retimed(states, torch.tensor([2, 0, 3]), torch.tensor([0, 0, 1]))[:, 0].tolist() == [10.0]
 
 
 def test_kl_and_free_bits():

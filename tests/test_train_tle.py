@@ -510,6 +510,25 @@ def test_validate_tle_reads_any_manifest_format_before_computing(tle_store, tmp_
     assert failed.exit_code == 1 and "voices.csv has no 'voice' column" in failed.output, failed.output
 
 
+def test_state_figures_and_the_voice_cosine_need_no_decoding(tle_store, tiny_teacher_dir, tmp_path):
+    """state_figures gives validate-tle's cosines without decoding; voice_cosine of a store against itself
+    (every utterance matched by id, re-timed to its own durations) is 1."""
+    from stages.train_tle import run
+    from stages.validate_tle import ValidateTLEOptions, state_figures, voice_cosine
+    from stages.validate_tle import run as validate_run
+
+    out = tmp_path / "tle"
+    config = tle_config(tle_store, tiny_teacher_dir, out, "train_tle.steps=3", "train_tle.val_wer_size=0")
+    run(config)
+    figures = state_figures(config, str(out), str(tle_store))
+    validated = validate_run(config, ValidateTLEOptions(tle_dir=str(out), store=str(tle_store))).metrics
+    for name in ("cosine", "cosine_predicted", "mse", "length_error", "decoder_ce", "decoder_ce_predicted"):
+        assert figures[name] == pytest.approx(validated[name], rel=1e-5), name
+    assert figures["utterances"] == validated["utterances"] > 0 and "wer_predicted" not in figures
+    same = voice_cosine(config, str(out), str(tle_store), str(tle_store))
+    assert same == {"cosine": pytest.approx(1.0, abs=1e-5), "utterances": figures["utterances"], "unmatched": 0}
+
+
 def test_cli_validates_a_tle_against_the_real_states(tle_store, tiny_teacher_dir, tmp_path):
     """`whistle validate-tle`: the table beside the real states' figures, the text-only round trip, per-voice
     figures and the JSON; a voice manifest that lacks the store's clips fails with the reason."""

@@ -601,6 +601,25 @@ def stretched_cosine(
     return total / max(frames, 1)
 
 
+def retimed(states: torch.Tensor, durations: torch.Tensor, new_durations: torch.Tensor) -> torch.Tensor:
+    """One utterance's frames (T, D), whose tokens last `durations` (L,) frames, re-timed token by token to
+    `new_durations` (L,): each token's frames stretched linearly in time to its new length (a token with no
+    frame holds the frame where it falls) -> (sum(new_durations), D). Compares two recordings of one text at
+    one timing: another voice's states re-timed to this voice's token durations."""
+    pieces, start, last = [], 0, max(len(states) - 1, 0)
+    for frames, new_frames in zip(durations.tolist(), new_durations.tolist()):
+        if new_frames > 0:
+            piece = states[start : start + frames] if frames > 0 else states[min(start, last)][None]
+            piece = piece.float().T[None]  # (1, D, frames)
+            if piece.shape[-1] == 1:
+                piece = piece.expand(-1, -1, int(new_frames))
+            else:
+                piece = F.interpolate(piece, size=int(new_frames), mode="linear", align_corners=True)
+            pieces.append(piece[0].T)
+        start += int(frames)
+    return torch.cat(pieces) if pieces else states.new_zeros((0, states.shape[-1]), dtype=torch.float32)
+
+
 def duration_loss(log_durations: torch.Tensor, durations: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """MSE of log(1 + frames) per token, plus the squared log error of each sample's total length -> ().
 
