@@ -370,7 +370,8 @@ class Measurement:
 
         def speak() -> int:
             lines = (demo.work / "texts" / "target-test.txt").read_text(encoding="utf-8").splitlines()
-            texts = self.shared / "espeak-other-target-test.txt"
+            texts = self.shared / "texts" / "target-test.txt"  # its name gives the clips the test set's ids
+            texts.parent.mkdir(parents=True, exist_ok=True)
             texts.write_text("\n".join(lines[: self.limit or None]) + "\n", encoding="utf-8")
             tts.synthesize(texts, folder, seed=OTHER_VOICES_SEED, workers=os.cpu_count() or 1, overwrite=True)
             return len((folder / MANIFEST).read_text(encoding="utf-8").splitlines())

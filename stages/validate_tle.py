@@ -213,7 +213,12 @@ def voice_cosine(
             moved = tle.normalise(retimed(other[uid][2], other[uid][1], durations).to(device))
             total += F.cosine_similarity(moved, target, dim=-1).sum().item()
             frames, matched = frames + length, matched + 1
-    return {"cosine": total / max(frames, 1), "utterances": matched, "unmatched": len(ids) - matched}
+    if not matched:
+        raise WhistleError(
+            f"no utterance of {other_store} matches one of {store} (same id, same tokens): give a store of the "
+            "same sentences with the same ids"
+        )
+    return {"cosine": total / frames, "utterances": matched, "unmatched": len(ids) - matched}
 
 
 def prepared(config: PipelineConfig, tle_dir: str, weights: str | None, store: str, batch_size: int):

@@ -527,6 +527,9 @@ def test_state_figures_and_the_voice_cosine_need_no_decoding(tle_store, tiny_tea
     assert figures["utterances"] == validated["utterances"] > 0 and "wer_predicted" not in figures
     same = voice_cosine(config, str(out), str(tle_store), str(tle_store))
     assert same == {"cosine": pytest.approx(1.0, abs=1e-5), "utterances": figures["utterances"], "unmatched": 0}
+    other_store = write_tle_store(tmp_path / "other", tiny_teacher_dir, n=8, seed=1)  # the ids, other sentences
+    with pytest.raises(WhistleError, match="no utterance of .* matches one of"):
+        voice_cosine(config, str(out), str(tle_store), str(other_store))
 
 
 def test_cli_validates_a_tle_against_the_real_states(tle_store, tiny_teacher_dir, tmp_path):
