@@ -580,6 +580,15 @@ def masked_cosine(prediction: torch.Tensor, target: torch.Tensor, frame_mask: to
     return (cosine * keep).sum() / keep.sum().clamp(min=1.0)
 
 
+def stretch(frames: torch.Tensor, length: int) -> torch.Tensor:
+    """Frames (n, D), n >= 1, stretched linearly in time to `length` frames, the first and last kept (one
+    frame is held throughout) -> (length, D) float32."""
+    in_time = frames.float().T[None]  # (1, D, n)
+    if in_time.shape[-1] == 1:
+        return in_time.expand(-1, -1, length)[0].T
+    return F.interpolate(in_time, size=length, mode="linear", align_corners=True)[0].T
+
+
 def stretched_cosine(
     prediction: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor, target_lengths: torch.Tensor
 ) -> torch.Tensor:
@@ -590,14 +599,9 @@ def stretched_cosine(
     total, frames = torch.zeros((), device=target.device), 0
     for row, length, real, real_length in zip(prediction, lengths.tolist(), target, target_lengths.tolist()):
         frames += int(real_length)
-        if length < 1 or real_length < 1:
-            continue
-        frames_in_time = row[:length].float().T[None]  # (1, D, length)
-        if length == 1:
-            stretched = frames_in_time.expand(-1, -1, int(real_length))
-        else:
-            stretched = F.interpolate(frames_in_time, size=int(real_length), mode="linear", align_corners=True)
-        total = total + F.cosine_similarity(stretched[0].T, real[:real_length].float(), dim=-1).sum()
+        if length >= 1 and real_length >= 1:
+            stretched = stretch(row[:length], int(real_length))
+            total = total + F.cosine_similarity(stretched, real[:real_length].float(), dim=-1).sum()
     return total / max(frames, 1)
 
 
@@ -610,12 +614,7 @@ def retimed(states: torch.Tensor, durations: torch.Tensor, new_durations: torch.
     for frames, new_frames in zip(durations.tolist(), new_durations.tolist()):
         if new_frames > 0:
             piece = states[start : start + frames] if frames > 0 else states[min(start, last)][None]
-            piece = piece.float().T[None]  # (1, D, frames)
-            if piece.shape[-1] == 1:
-                piece = piece.expand(-1, -1, int(new_frames))
-            else:
-                piece = F.interpolate(piece, size=int(new_frames), mode="linear", align_corners=True)
-            pieces.append(piece[0].T)
+            pieces.append(stretch(piece, int(new_frames)))
         start += int(frames)
     return torch.cat(pieces) if pieces else states.new_zeros((0, states.shape[-1]), dtype=torch.float32)
 
