@@ -10,10 +10,9 @@ whistle arm, all seeds. Into OUT it adds, each step skipped when a rerun finds i
   precompute    the teacher's states of the target test speech, eSpeak      stores/target-test-espeak,
                 (the demo's audio) and flite, with the demo's settings      stores/target-test-flite
   validate-tle  today's TLE on both test stores: normalised cosine to the   validate/today-<synthesizer>.json
-                teacher's states (true durations), length error, the frozen
+                teacher's states (at the true durations, and at the TLE's
+                own stretched to the true length), length error, the frozen
                 decoder's round-trip WER at true and predicted lengths
-  states        the cosine at true and at predicted durations (stretched    (steps.json)
-                to the true length), nothing decoded: seconds
   espeak-other  the scale of the cosine: the target test sentences spoken   audio/espeak-other-target-test/,
   voices        by eSpeak again with other voice draws, and the cosine of   stores/target-test-espeak-other
                 real speech to real speech of the same sentence re-timed
@@ -413,13 +412,11 @@ class Measurement:
         )
 
     def validate(self, tle: str) -> dict[str, Any]:
-        """validate-tle's metrics of the TLE `tle` (TODAY or NEW) on each test store, with the cosines at true
-        and predicted lengths from a step of their own (it costs seconds): {synthesizer: metrics}."""
+        """validate-tle's metrics of the TLE `tle` (TODAY or NEW) on each test store: {synthesizer: metrics}."""
         path = self.tles[tle]
         (self.out / "validate").mkdir(exist_ok=True)
-        figures = {}
-        for name in self.synthesizers:
-            figures[name] = self.ledger.run(
+        return {
+            name: self.ledger.run(
                 f"validate-{tle}-{name}",
                 f"validate-tle {tle}'s TLE on the {name} target test store",
                 lambda name=name: validation_figures(
@@ -430,14 +427,14 @@ class Measurement:
                     self.out / "validate" / f"{tle}-{name}.json",
                 ),
             )
-            figures[name] |= self.ledger.run(
-                f"states-{tle}-{name}",
-                f"{tle}'s TLE states against the {name} target test store's (cosine at true and predicted lengths)",
-                lambda name=name: validate_tle.state_figures(
-                    self.demo.config(path / "config.toml"), str(path), str(self.stores[name])
-                ),
-            )
-        return figures
+            for name in self.synthesizers
+        }
+
+    def shared_steps(self) -> list[str]:
+        """The steps that do not depend on the recipe: what --reuse takes from another run."""
+        steps = (["flite"] if self.flite else []) + [f"precompute-{name}" for name in self.synthesizers]
+        steps += [f"validate-{TODAY}-{name}" for name in self.synthesizers]
+        return steps + ["espeak-other", "precompute-espeak-other", "voices", "evaluate-reused"]
 
     def finetune(self) -> None:
         """The whistle arm on the new TLE: each seed's demo whistle run with only the TLE and the output moved."""
@@ -657,15 +654,9 @@ def main(demo_dir: str, out: str, arm_sets: tuple[str, ...], flite: str, quick: 
         out_dir, {"demo": str(workdir), "arm_sets": list(arm_sets), "quick": quick, "flite": bool(flite_path)}
     )
     shared = Path(reuse).resolve() if reuse else None
-    if shared is not None:
-        synthesizers = SYNTHESIZERS if flite_path else SYNTHESIZERS[:1]
-        ledger.adopt(
-            shared,
-            [*(["flite"] if flite_path else []), *(f"precompute-{name}" for name in synthesizers)]
-            + [f"{step}-{TODAY}-{name}" for step in ("validate", "states") for name in synthesizers]
-            + ["espeak-other", "precompute-espeak-other", "voices", "evaluate-reused"],
-        )
     measurement = Measurement(demo, out_dir, arm_sets, flite_path, quick, ledger, shared)
+    if shared is not None:
+        ledger.adopt(shared, measurement.shared_steps())
     flite_record = measurement.speech()
     scale = measurement.voice_scale()
     validation = {TODAY: measurement.validate(TODAY)}

@@ -179,14 +179,6 @@ def run(config: PipelineConfig, options: ValidateTLEOptions) -> ValidateTLEResul
     return result
 
 
-def state_figures(config: PipelineConfig, tle_dir: str, store: str, batch_size: int = 16) -> dict[str, Any]:
-    """`run`'s figures of the TLE's states alone, with nothing decoded (seconds where `run` takes minutes):
-    mse, cosine (true durations), cosine_predicted, length_error, duration_mae, decoder_ce(_predicted),
-    utterances."""
-    device, teacher, tle, batches, ids, _ = prepared(config, tle_dir, None, store, batch_size)
-    return {**validate(tle, teacher, batches, 0, device, reference={}), "utterances": len(ids)}
-
-
 def voice_cosine(
     config: PipelineConfig, tle_dir: str, store: str, other_store: str, batch_size: int = 16
 ) -> dict[str, Any]:
